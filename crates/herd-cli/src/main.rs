@@ -1,0 +1,105 @@
+//! `herd`: the command-line front end. Thin by design: it parses flags and calls the crates that
+//! do the work.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use herd_formats::npy;
+use herd_models::{Batch, load_hf_dir};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "herd",
+    version,
+    about = "Run Mixture-of-Experts language models (Llama 4 first)"
+)]
+struct Cli {
+    /// Log more (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one forward pass over given token ids and write the logits as a float32 .npy file
+    /// of shape [n_tokens, vocab], to compare herd with another implementation.
+    Logits {
+        /// Hugging Face model directory (config.json + safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids, e.g. 1,2,3.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+        /// Output .npy file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write hidden states [n_tokens, hidden] to this directory: hidden_00.npy is the
+        /// embedding output, hidden_{i+1} the output of layer i, the last one after the final norm.
+        #[arg(long)]
+        hidden_states: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Logits {
+            model,
+            tokens,
+            out,
+            hidden_states,
+        } => logits(&model, &tokens, &out, hidden_states.as_deref()),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn logits(model_dir: &Path, tokens: &[u32], out: &Path, hidden_dir: Option<&Path>) -> Result<()> {
+    if tokens.is_empty() {
+        bail!("--tokens needs at least one token id");
+    }
+    let model =
+        load_hf_dir(model_dir).with_context(|| format!("loading {}", model_dir.display()))?;
+    let mut cache = model.new_cache();
+    let mut trace = Vec::new();
+    let batch = Batch::sequence(0, tokens, 0);
+    let logits = model.forward(
+        &batch,
+        &mut cache,
+        hidden_dir.is_some().then_some(&mut trace),
+    )?;
+    npy::write_f32(out, &[tokens.len(), model.vocab_size()], &logits)?;
+    if let Some(dir) = hidden_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (i, state) in trace.iter().enumerate() {
+            npy::write_f32(
+                &dir.join(format!("hidden_{i:02}.npy")),
+                &[tokens.len(), model.hidden_size()],
+                state,
+            )?;
+        }
+    }
+    eprintln!(
+        "wrote logits [{}, {}] to {}",
+        tokens.len(),
+        model.vocab_size(),
+        out.display()
+    );
+    Ok(())
+}

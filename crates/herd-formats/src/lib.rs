@@ -1,0 +1,57 @@
+//! Reading (and writing) the files models come in: safetensors (single and sharded, memory
+//! mapped), Hugging Face model directories, and `.npy` arrays for exchanging results with other
+//! implementations. GGUF joins with its own issue.
+//!
+//! Nothing here knows what a tensor means: names, shapes and element types come out, and the
+//! model crates decide what to do with them. Every file is validated before any byte of it is
+//! trusted; bad files give an [`Error`] that names the file, never a panic.
+
+mod bytes;
+pub mod hf;
+pub mod npy;
+pub mod safetensors;
+
+pub use bytes::TensorBytes;
+pub use hf::HfModelDir;
+pub use safetensors::{TensorInfo, TensorSet};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Safetensors { path: PathBuf, reason: String },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: shard {shard} named in the index is missing")]
+    MissingShard { path: PathBuf, shard: String },
+    #[error("tensor {name} is present in both {first} and {second}")]
+    DuplicateTensor {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error(
+        "{path}: no safetensors weights found (expected model.safetensors or model.safetensors.index.json)"
+    )]
+    NoWeights { path: PathBuf },
+    #[error("{path}: {reason}")]
+    Npy { path: PathBuf, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}

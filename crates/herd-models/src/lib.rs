@@ -1,0 +1,53 @@
+//! Model architectures: typed configs whose defaults mirror Hugging Face's config classes, weight
+//! loading by tensor name with shape checks, and forward passes that read like the reference
+//! notes in `shared/reference/`.
+//!
+//! A model turns a [`Batch`] of tokens (many sequences flattened, with positions) plus its
+//! [`KvCache`] into logits. It knows nothing of tokenizers, sampling, scheduling or HTTP, and
+//! does no arithmetic of its own below the level of a layer: the kernels live in `herd-kernels`.
+
+pub mod batch;
+pub mod config_json;
+pub mod error;
+pub mod kv_cache;
+pub mod llama4;
+pub mod weights;
+
+pub use batch::{Batch, SeqId};
+pub use error::{Error, Result};
+pub use kv_cache::KvCache;
+
+use std::path::Path;
+
+use herd_formats::HfModelDir;
+
+/// A decoder-only language model.
+pub trait CausalLm: Send + Sync {
+    fn vocab_size(&self) -> usize;
+    fn hidden_size(&self) -> usize;
+    fn num_layers(&self) -> usize;
+    /// An empty cache shaped for this model.
+    fn new_cache(&self) -> KvCache;
+    /// Run `batch` and return the logits of the rows it asks for, `[n_logit_rows, vocab]`.
+    /// With `trace`, also record the hidden state `[n_tokens, hidden]` after the embedding,
+    /// after each decoder layer and after the final norm.
+    fn forward(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        trace: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<Vec<f32>>;
+}
+
+/// Architectures this build can load from a Hugging Face directory, by `model_type`.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama4", "llama4_text"];
+
+/// Load a Hugging Face model directory, choosing the architecture from `config.json`.
+pub fn load_hf_dir(path: &Path) -> Result<Box<dyn CausalLm>> {
+    let dir = HfModelDir::open(path)?;
+    let model_type = config_json::model_type(&dir.config)?;
+    match model_type.as_str() {
+        "llama4" | "llama4_text" => Ok(Box::new(llama4::Llama4::from_hf(&dir)?)),
+        _ => Err(Error::UnknownArchitecture { model_type }),
+    }
+}

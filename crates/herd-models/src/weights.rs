@@ -1,0 +1,116 @@
+//! Weights looked up by name, with their shapes checked against the config, kept in place
+//! (memory-mapped) and viewed as matrices for the kernels.
+
+use herd_formats::{TensorBytes, TensorSet};
+use herd_kernels::{DType, Layout, MatRef};
+
+use crate::{Error, Result};
+
+/// A stored weight matrix: bytes in place plus how to read them.
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    bytes: TensorBytes,
+    dtype: DType,
+    pub in_features: usize,
+    pub out_features: usize,
+    layout: Layout,
+}
+
+impl Matrix {
+    pub fn as_ref(&self) -> MatRef<'_> {
+        MatRef {
+            bytes: self.bytes.as_slice(),
+            dtype: self.dtype,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            layout: self.layout,
+        }
+    }
+
+    /// `out = x · W` for `n_rows` activation rows.
+    pub fn matmul(&self, x: &[f32], n_rows: usize) -> Vec<f32> {
+        let mut out = vec![0.0; n_rows * self.out_features];
+        herd_kernels::matmul::matmul(x, n_rows, &self.as_ref(), &mut out);
+        out
+    }
+}
+
+/// Looks tensors up under a name prefix (`language_model.` for multimodal checkpoints).
+#[derive(Debug)]
+pub struct WeightLoader<'a> {
+    tensors: &'a TensorSet,
+    prefix: String,
+}
+
+impl<'a> WeightLoader<'a> {
+    pub fn new(tensors: &'a TensorSet, prefix: impl Into<String>) -> Self {
+        Self {
+            tensors,
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains(&format!("{}{name}", self.prefix))
+    }
+
+    /// The tensor `name` with exactly `shape`, and its element type.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<(TensorBytes, DType)> {
+        let full = format!("{}{name}", self.prefix);
+        let t = self
+            .tensors
+            .get(&full)
+            .ok_or_else(|| Error::MissingTensor { name: full.clone() })?;
+        if t.shape != shape {
+            return Err(Error::TensorShape {
+                name: full,
+                expected: shape.to_vec(),
+                found: t.shape.clone(),
+            });
+        }
+        let dtype = t
+            .dtype
+            .clone()
+            .map_err(|dtype| Error::TensorDtype { name: full, dtype })?;
+        Ok((t.bytes.clone(), dtype))
+    }
+
+    /// An `nn.Linear` weight `[out, in]`.
+    pub fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
+        let (bytes, dtype) = self.tensor(name, &[out_features, in_features])?;
+        Ok(Matrix {
+            bytes,
+            dtype,
+            in_features,
+            out_features,
+            layout: Layout::OutMajor,
+        })
+    }
+
+    /// A stack of `n` input-major matrices `[n, in, out]` (Llama 4's fused experts), one view each.
+    pub fn stacked_in_major(
+        &self,
+        name: &str,
+        n: usize,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<Vec<Matrix>> {
+        let (bytes, dtype) = self.tensor(name, &[n, in_features, out_features])?;
+        let each = dtype.bytes_for(in_features * out_features);
+        Ok((0..n)
+            .map(|e| Matrix {
+                bytes: bytes.slice(e * each..(e + 1) * each),
+                dtype,
+                in_features,
+                out_features,
+                layout: Layout::InMajor,
+            })
+            .collect())
+    }
+
+    /// A 1-D weight (norms), decoded to f32.
+    pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        let (bytes, dtype) = self.tensor(name, &[n])?;
+        Ok(herd_kernels::dtype::decode(dtype, bytes.as_slice(), n))
+    }
+}
