@@ -403,7 +403,7 @@ mod tests {
     fn maverick_interleaving_and_null_head_dim() {
         let c = parse(
             json!({"model_type": "llama4_text", "interleave_moe_layer_step": 2,
-            "num_hidden_layers": 6, "hidden_size": 64, "num_attention_heads": 4, "head_dim": null,
+            "num_hidden_layers": 6, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": null,
             "no_rope_layers": []}),
         )
         .unwrap();
