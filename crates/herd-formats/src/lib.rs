@@ -1,17 +1,19 @@
 //! Reading (and writing) the files models come in: safetensors (single and sharded, memory
 //! mapped), Hugging Face model directories, and `.npy` arrays for exchanging results with other
-//! implementations. GGUF joins with its own issue.
+//! implementations, and GGUF (read in place from the memory map, and written).
 //!
 //! Nothing here knows what a tensor means: names, shapes and element types come out, and the
 //! model crates decide what to do with them. Every file is validated before any byte of it is
 //! trusted; bad files give an [`Error`] that names the file, never a panic.
 
 mod bytes;
+pub mod gguf;
 pub mod hf;
 pub mod npy;
 pub mod safetensors;
 
 pub use bytes::TensorBytes;
+pub use gguf::GgufFile;
 pub use hf::HfModelDir;
 pub use safetensors::{TensorInfo, TensorSet};
 
@@ -45,6 +47,8 @@ pub enum Error {
         "{path}: no safetensors weights found (expected model.safetensors or model.safetensors.index.json)"
     )]
     NoWeights { path: PathBuf },
+    #[error("{path}: not a valid GGUF file: {reason}")]
+    Gguf { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Npy { path: PathBuf, reason: String },
 }

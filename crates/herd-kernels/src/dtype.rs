@@ -1,30 +1,166 @@
-//! Element types of stored weights, and decoding them to `f32`.
+//! Element types of stored tensors (plain floats and ggml's quantized block formats), and
+//! decoding them to `f32`.
 
 use std::fmt;
 
-/// How the elements of a stored tensor are encoded. Quantized block formats join this list
-/// with the GGUF issue; every type decodes to `f32` rows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+use crate::quant;
+
+/// How the elements of a stored tensor are encoded. Quantized types store `block_size()`
+/// elements in `type_size()` bytes with the exact GGUF layout (see `quant`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DType {
     F32,
     F16,
     BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    /// Activation-side: Q8_0 plus the scaled sum of each block (for Q4_1 / Q5_1 dot products).
+    Q8_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    /// Activation-side: 256 int8 values with an f32 scale and 16-element sums.
+    Q8K,
 }
 
 impl DType {
-    /// Bytes taken by `n` elements.
-    pub fn bytes_for(self, n: usize) -> usize {
-        n * match self {
+    pub const ALL: [DType; 15] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q8_0,
+        DType::Q8_1,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+        DType::Q8K,
+    ];
+
+    /// The type id in GGUF files (`ggml_type`).
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Q4_0 => 2,
+            DType::Q4_1 => 3,
+            DType::Q5_0 => 6,
+            DType::Q5_1 => 7,
+            DType::Q8_0 => 8,
+            DType::Q8_1 => 9,
+            DType::Q2K => 10,
+            DType::Q3K => 11,
+            DType::Q4K => 12,
+            DType::Q5K => 13,
+            DType::Q6K => 14,
+            DType::Q8K => 15,
+            DType::BF16 => 30,
+        }
+    }
+
+    pub fn from_ggml_id(id: u32) -> Option<DType> {
+        DType::ALL.into_iter().find(|t| t.ggml_id() == id)
+    }
+
+    /// Elements per block (1 for plain floats).
+    pub fn block_size(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q8_1 => 32,
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::Q8K => 256,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
+            DType::Q8_0 => 34,
+            DType::Q8_1 => 36,
+            DType::Q2K => 84,
+            DType::Q3K => 110,
+            DType::Q4K => 144,
+            DType::Q5K => 176,
+            DType::Q6K => 210,
+            DType::Q8K => 292,
         }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
+    /// Bytes taken by `n` elements (`n` a multiple of the block size).
+    pub fn bytes_for(self, n: usize) -> usize {
+        debug_assert_eq!(
+            n % self.block_size(),
+            0,
+            "{self}: {n} elements is not whole blocks"
+        );
+        n / self.block_size() * self.type_size()
+    }
+
+    /// Checked form of [`bytes_for`](Self::bytes_for) for sizes read from files.
+    pub fn checked_bytes_for(self, n: u64) -> Option<u64> {
+        let bs = self.block_size() as u64;
+        if n % bs != 0 {
+            return None;
+        }
+        (n / bs).checked_mul(self.type_size() as u64)
     }
 
     pub fn name(self) -> &'static str {
         match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
+            DType::Q8_0 => "Q8_0",
+            DType::Q8_1 => "Q8_1",
+            DType::Q2K => "Q2_K",
+            DType::Q3K => "Q3_K",
+            DType::Q4K => "Q4_K",
+            DType::Q5K => "Q5_K",
+            DType::Q6K => "Q6_K",
+            DType::Q8K => "Q8_K",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<DType> {
+        DType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
+    /// The activation type this weight type's integer dot product takes (ggml's `vec_dot_type`);
+    /// plain-float weights take f32.
+    pub fn vec_dot_type(self) -> DType {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => DType::F32,
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => DType::Q8_0,
+            DType::Q4_1 | DType::Q5_1 => DType::Q8_1,
+            DType::Q8_1 => DType::Q8_1,
+            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::Q8K => {
+                DType::Q8K
+            }
         }
     }
 }
@@ -62,6 +198,7 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 *o = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16);
             }
         }
+        _ => quant::dequantize(dtype, bytes, out),
     }
 }
 
@@ -77,7 +214,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn decodes_each_type() {
+    fn decodes_each_float_type() {
         let v = [1.5f32, -2.25, 0.0, 65504.0];
         let f32_bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(decode(DType::F32, &f32_bytes, 4), v);
@@ -101,5 +238,15 @@ mod tests {
         let mut bytes = vec![0u8];
         bytes.extend_from_slice(&3.0f32.to_le_bytes());
         assert_eq!(decode(DType::F32, &bytes[1..], 1), [3.0]);
+    }
+
+    #[test]
+    fn ggml_ids_round_trip_and_sizes_match_the_spec() {
+        for t in DType::ALL {
+            assert_eq!(DType::from_ggml_id(t.ggml_id()), Some(t));
+            assert_eq!(DType::from_name(t.name()), Some(t));
+        }
+        assert_eq!(DType::Q4K.bytes_for(512), 288);
+        assert_eq!(DType::from_ggml_id(4), None, "removed Q4_2");
     }
 }

@@ -1,0 +1,679 @@
+//! GGUF v2/v3 files (`shared/reference/gguf.md` §a, §h): a validating reader that exposes the
+//! metadata and the tensors in place from the memory map, and a writer.
+//!
+//! Every size in a file is treated as hostile: counts are bounded by the bytes that remain,
+//! arithmetic is checked, tensors must lie inside the data section without overlapping. A bad
+//! file is an error naming what is wrong, never a panic or an out-of-bounds read.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use herd_kernels::DType;
+use memmap2::Mmap;
+
+use crate::{Error, Result, TensorBytes, io_err};
+
+pub const MAGIC: &[u8; 4] = b"GGUF";
+pub const DEFAULT_ALIGNMENT: u64 = 32;
+const MAX_ALIGNMENT: u64 = 1 << 20;
+const MAX_DIMS: usize = 4;
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    /// Raw bytes: the spec says UTF-8 but readers must not assume it.
+    String(Vec<u8>),
+    /// Element type id and the elements (never nested).
+    Array(u32, Vec<Value>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl Value {
+    pub fn type_id(&self) -> u32 {
+        match self {
+            Value::U8(_) => 0,
+            Value::I8(_) => 1,
+            Value::U16(_) => 2,
+            Value::I16(_) => 3,
+            Value::U32(_) => 4,
+            Value::I32(_) => 5,
+            Value::F32(_) => 6,
+            Value::Bool(_) => 7,
+            Value::String(_) => 8,
+            Value::Array(..) => 9,
+            Value::U64(_) => 10,
+            Value::I64(_) => 11,
+            Value::F64(_) => 12,
+        }
+    }
+
+    /// Any integer type, if non-negative.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v.into()),
+            Value::U16(v) => Some(v.into()),
+            Value::U32(v) => Some(v.into()),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            Value::I8(v) => Some(v.into()),
+            Value::I16(v) => Some(v.into()),
+            Value::I32(v) => Some(v.into()),
+            Value::I64(v) => Some(v),
+            _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v.into()),
+            Value::F64(v) => Some(v),
+            _ => self.as_i64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(b) => std::str::from_utf8(b).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(_, items) => Some(items),
+            _ => None,
+        }
+    }
+
+    pub fn string(s: &str) -> Value {
+        Value::String(s.as_bytes().to_vec())
+    }
+}
+
+/// A tensor's description as stored in the file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// ggml order: `dims[0]` is the row length (fastest varying); PyTorch order is the reverse.
+    pub dims: Vec<u64>,
+    pub dtype: DType,
+    /// Relative to the start of the data section.
+    pub offset: u64,
+    pub n_bytes: u64,
+}
+
+impl TensorInfo {
+    pub fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// The parsed header of a GGUF file: everything but the tensor data.
+#[derive(Clone, Debug)]
+pub struct Header {
+    pub version: u32,
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<TensorInfo>,
+    pub alignment: u64,
+    /// Absolute offset of the data section.
+    pub data_start: u64,
+}
+
+/// An open GGUF file: header plus the memory map its tensors live in.
+#[derive(Debug)]
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub header: Header,
+    map: Arc<Mmap>,
+    index: HashMap<String, usize>,
+    meta_index: HashMap<String, usize>,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(io_err(path))?;
+        // SAFETY: read-only map; like every mmap loader we rely on the file not being truncated
+        // or rewritten while it is in use.
+        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io_err(path))?);
+        let header = parse_header(&map).map_err(|reason| Error::Gguf {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        let index = header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let meta_index = header
+            .metadata
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (k.clone(), i))
+            .collect();
+        tracing::debug!(path = %path.display(), tensors = header.tensors.len(), "opened gguf");
+        Ok(Self {
+            path: path.to_path_buf(),
+            header,
+            map,
+            index,
+            meta_index,
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.meta_index
+            .get(key)
+            .map(|&i| &self.header.metadata[i].1)
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.header.tensors[i])
+    }
+
+    /// The bytes of a tensor, in place in the memory map.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> TensorBytes {
+        // parse_header checked that the range lies inside the file.
+        let start = (self.header.data_start + info.offset) as usize;
+        TensorBytes::mapped(self.map.clone(), start..start + info.n_bytes as usize)
+    }
+
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.header.tensors
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.map.len() as u64
+    }
+}
+
+/// A bounds-checked little-endian cursor.
+struct Cursor<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> std::result::Result<&'a [u8], String> {
+        if n > self.remaining() {
+            return Err(format!(
+                "truncated: {what} needs {n} bytes at offset {}, {} left",
+                self.pos,
+                self.remaining()
+            ));
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u32(&mut self, what: &str) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap()))
+    }
+
+    fn u64(&mut self, what: &str) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+    }
+
+    /// A count of items each at least `min_size` bytes: bounded by what remains.
+    fn count(&mut self, min_size: usize, what: &str) -> std::result::Result<usize, String> {
+        let n = self.u64(what)?;
+        let max = (self.remaining() / min_size.max(1)) as u64;
+        if n > max {
+            return Err(format!(
+                "{what} {n} cannot fit in the {} bytes that remain",
+                self.remaining()
+            ));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &str) -> std::result::Result<Vec<u8>, String> {
+        let n = self.count(1, &format!("length of {what}"))?;
+        Ok(self.take(n, what)?.to_vec())
+    }
+
+    fn value(&mut self, ty: u32, in_array: bool) -> std::result::Result<Value, String> {
+        let b = |c: &mut Self, n| c.take(n, "metadata value");
+        Ok(match ty {
+            0 => Value::U8(b(self, 1)?[0]),
+            1 => Value::I8(b(self, 1)?[0] as i8),
+            2 => Value::U16(u16::from_le_bytes(b(self, 2)?.try_into().unwrap())),
+            3 => Value::I16(i16::from_le_bytes(b(self, 2)?.try_into().unwrap())),
+            4 => Value::U32(u32::from_le_bytes(b(self, 4)?.try_into().unwrap())),
+            5 => Value::I32(i32::from_le_bytes(b(self, 4)?.try_into().unwrap())),
+            6 => Value::F32(f32::from_le_bytes(b(self, 4)?.try_into().unwrap())),
+            7 => match b(self, 1)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                v => return Err(format!("invalid boolean byte {v}")),
+            },
+            8 => Value::String(self.string("string value")?),
+            9 if in_array => return Err("nested arrays are not supported".into()),
+            9 => {
+                let elem = self.u32("array element type")?;
+                let min = match elem {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => return Err("nested arrays are not supported".into()),
+                    t => return Err(format!("unknown array element type {t}")),
+                };
+                let n = self.count(min, "array length")?;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.value(elem, true)?);
+                }
+                Value::Array(elem, items)
+            }
+            10 => Value::U64(u64::from_le_bytes(b(self, 8)?.try_into().unwrap())),
+            11 => Value::I64(i64::from_le_bytes(b(self, 8)?.try_into().unwrap())),
+            12 => Value::F64(f64::from_le_bytes(b(self, 8)?.try_into().unwrap())),
+            t => return Err(format!("unknown metadata value type {t}")),
+        })
+    }
+}
+
+fn align_up(x: u64, a: u64) -> Option<u64> {
+    x.checked_add((a - x % a) % a)
+}
+
+/// Parse and validate a whole file's header against its length. Public so fuzzers can drive it.
+pub fn parse_header(data: &[u8]) -> std::result::Result<Header, String> {
+    let mut c = Cursor { data, pos: 0 };
+    if c.take(4, "magic")? != MAGIC {
+        return Err("not a GGUF file (bad magic)".into());
+    }
+    let version = c.u32("version")?;
+    if version & 0xFFFF == 0 && version != 0 {
+        return Err(format!(
+            "version {version:#x} looks byte-swapped: big-endian GGUF is not supported"
+        ));
+    }
+    if !(2..=3).contains(&version) {
+        return Err(format!(
+            "unsupported GGUF version {version} (2 and 3 are supported)"
+        ));
+    }
+    let n_tensors = c.count(32, "tensor count")?;
+    let n_kv = c.count(13, "metadata count")?;
+
+    let mut metadata = Vec::with_capacity(n_kv);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..n_kv {
+        let key = String::from_utf8(c.string("metadata key")?)
+            .map_err(|_| "metadata key is not valid UTF-8".to_string())?;
+        if key.is_empty() {
+            return Err("empty metadata key".into());
+        }
+        if !seen.insert(key.clone()) {
+            return Err(format!("duplicate metadata key {key}"));
+        }
+        let ty = c.u32("metadata value type")?;
+        let value = c.value(ty, false).map_err(|e| format!("key {key}: {e}"))?;
+        metadata.push((key, value));
+    }
+    let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some((_, Value::U32(a))) => {
+            let a = u64::from(*a);
+            if a == 0 || !a.is_power_of_two() || a > MAX_ALIGNMENT {
+                return Err(format!(
+                    "general.alignment {a} must be a power of two up to {MAX_ALIGNMENT}"
+                ));
+            }
+            a
+        }
+        Some((_, v)) => return Err(format!("general.alignment must be a u32, got {v:?}")),
+    };
+
+    let mut tensors = Vec::with_capacity(n_tensors);
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..n_tensors {
+        let name = String::from_utf8(c.string("tensor name")?)
+            .map_err(|_| "tensor name is not valid UTF-8".to_string())?;
+        if !names.insert(name.clone()) {
+            return Err(format!("duplicate tensor {name}"));
+        }
+        let bad = |msg: String| format!("tensor {name}: {msg}");
+        let n_dims = c.u32("tensor dimension count")? as usize;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(bad(format!(
+                "{n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims);
+        for _ in 0..n_dims {
+            dims.push(c.u64("tensor dimension")?);
+        }
+        let type_id = c.u32("tensor type")?;
+        let dtype = DType::from_ggml_id(type_id)
+            .ok_or_else(|| bad(format!("unknown or unsupported tensor type {type_id}")))?;
+        let offset = c.u64("tensor offset")?;
+        let n_elements = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
+        if dims[0] % dtype.block_size() as u64 != 0 {
+            return Err(bad(format!(
+                "row length {} is not a multiple of the {dtype} block size",
+                dims[0]
+            )));
+        }
+        let n_bytes = dtype
+            .checked_bytes_for(n_elements)
+            .ok_or_else(|| bad(format!("size of {n_elements} {dtype} elements overflows")))?;
+        if offset % alignment != 0 {
+            return Err(bad(format!(
+                "offset {offset} is not a multiple of the alignment {alignment}"
+            )));
+        }
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            dtype,
+            offset,
+            n_bytes,
+        });
+    }
+
+    let data_start = align_up(c.pos as u64, alignment).ok_or("data section offset overflows")?;
+    let file_len = data.len() as u64;
+    if n_tensors > 0 && data_start > file_len {
+        return Err(format!(
+            "truncated: data section starts at {data_start}, file has {file_len} bytes"
+        ));
+    }
+    let data_len = file_len.saturating_sub(data_start);
+    let mut ranges: Vec<(u64, u64, &str)> = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        let end = t.offset.checked_add(t.n_bytes).filter(|&e| e <= data_len).ok_or_else(|| {
+            format!(
+                "tensor {}: {} bytes at data offset {} run past the end of the file ({} data bytes)",
+                t.name, t.n_bytes, t.offset, data_len
+            )
+        })?;
+        ranges.push((t.offset, end, &t.name));
+    }
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(format!("tensors {} and {} overlap", w[0].2, w[1].2));
+        }
+    }
+    Ok(Header {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_start,
+    })
+}
+
+/// Writes a GGUF v3 file: metadata and tensor descriptions first, then each tensor's bytes,
+/// produced on demand so large models stream through without being held in memory.
+#[derive(Debug, Default)]
+pub struct GgufWriter {
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, Vec<u64>, DType)>,
+}
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Set a key (replacing an earlier value of the same key).
+    pub fn set(&mut self, key: &str, value: Value) {
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.metadata.push((key.to_string(), value)),
+        }
+    }
+
+    /// Declare a tensor (ggml dimension order). Data comes from the callback given to `write`.
+    pub fn add_tensor(&mut self, name: &str, dims: &[u64], dtype: DType) {
+        self.tensors.push((name.to_string(), dims.to_vec(), dtype));
+    }
+
+    fn alignment(&self) -> u64 {
+        match self.metadata.iter().find(|(k, _)| k == "general.alignment") {
+            Some((_, Value::U32(a))) => u64::from(*a),
+            _ => DEFAULT_ALIGNMENT,
+        }
+    }
+
+    /// Write to `path` (through a temporary file renamed at the end, so a failed write never
+    /// leaves a file that looks complete). `data(i)` returns tensor `i`'s bytes.
+    pub fn write(&self, path: &Path, mut data: impl FnMut(usize) -> Result<Vec<u8>>) -> Result<()> {
+        let tmp = path.with_extension("gguf.partial");
+        let result = (|| {
+            let file = File::create(&tmp).map_err(io_err(&tmp))?;
+            let mut w = BufWriter::new(file);
+            let mut header = Vec::new();
+            header.extend_from_slice(MAGIC);
+            header.extend_from_slice(&3u32.to_le_bytes());
+            header.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+            header.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+            for (k, v) in &self.metadata {
+                put_string(&mut header, k.as_bytes());
+                header.extend_from_slice(&v.type_id().to_le_bytes());
+                put_value(&mut header, v);
+            }
+            let align = self.alignment();
+            let mut offset = 0u64;
+            let mut sizes = Vec::with_capacity(self.tensors.len());
+            for (name, dims, dtype) in &self.tensors {
+                put_string(&mut header, name.as_bytes());
+                header.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+                for d in dims {
+                    header.extend_from_slice(&d.to_le_bytes());
+                }
+                header.extend_from_slice(&dtype.ggml_id().to_le_bytes());
+                header.extend_from_slice(&offset.to_le_bytes());
+                let n = dtype.bytes_for(dims.iter().product::<u64>() as usize) as u64;
+                sizes.push(n);
+                offset = align_up(offset + n, align).expect("tensor sizes fit in u64");
+            }
+            let pad = |len: u64| vec![0u8; ((align - len % align) % align) as usize];
+            let header_len = header.len() as u64;
+            header.extend(pad(header_len));
+            w.write_all(&header).map_err(io_err(&tmp))?;
+            for (i, (name, _, _)) in self.tensors.iter().enumerate() {
+                let bytes = data(i)?;
+                assert_eq!(
+                    bytes.len() as u64,
+                    sizes[i],
+                    "tensor {name}: wrong byte count from writer callback"
+                );
+                w.write_all(&bytes).map_err(io_err(&tmp))?;
+                w.write_all(&pad(sizes[i])).map_err(io_err(&tmp))?;
+            }
+            w.flush().map_err(io_err(&tmp))?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => std::fs::rename(&tmp, path).map_err(io_err(path)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    out.extend_from_slice(s);
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.push(*x as u8),
+        Value::U16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => out.push(u8::from(*x)),
+        Value::String(s) => put_string(out, s),
+        Value::Array(elem, items) => {
+            out.extend_from_slice(&elem.to_le_bytes());
+            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for it in items {
+                put_value(out, it);
+            }
+        }
+        Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        let mut w = GgufWriter::new();
+        w.set("general.architecture", Value::string("test"));
+        w.set("test.count", Value::U32(7));
+        w.set(
+            "test.list",
+            Value::Array(8, vec![Value::string("a"), Value::string("bc")]),
+        );
+        w.set("test.f", Value::F64(0.5));
+        w.add_tensor("a", &[4, 2], DType::F32);
+        w.add_tensor("b", &[32], DType::Q8_0);
+        w.write(&path, |i| {
+            Ok(if i == 0 {
+                (0..32u8).collect()
+            } else {
+                vec![1u8; 34]
+            })
+        })
+        .unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn round_trips_metadata_and_tensors() {
+        let (_d, path) = sample();
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.header.version, 3);
+        assert_eq!(
+            f.get("general.architecture").unwrap().as_str(),
+            Some("test")
+        );
+        assert_eq!(f.get("test.count").unwrap().as_u64(), Some(7));
+        assert_eq!(
+            f.get("test.list").unwrap().as_array().unwrap()[1].as_str(),
+            Some("bc")
+        );
+        assert_eq!(f.get("test.f").unwrap().as_f64(), Some(0.5));
+        let a = f.tensor_info("a").unwrap();
+        assert_eq!(
+            (a.dims.as_slice(), a.dtype, a.n_bytes),
+            (&[4u64, 2][..], DType::F32, 32)
+        );
+        assert_eq!(f.tensor_bytes(a).as_slice(), (0..32u8).collect::<Vec<_>>());
+        let b = f.tensor_info("b").unwrap();
+        assert_eq!(b.offset % 32, 0);
+        assert_eq!(f.tensor_bytes(b).as_slice(), [1u8; 34]);
+        assert!(!path.with_extension("gguf.partial").exists());
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let (_d, path) = sample();
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in 0..bytes.len() {
+            // The last tensor's padding is not needed to read it.
+            if cut >= bytes.len() - 30 {
+                continue;
+            }
+            assert!(parse_header(&bytes[..cut]).is_err(), "cut at {cut} parsed");
+        }
+    }
+
+    #[test]
+    fn hostile_headers_are_errors() {
+        let (_d, path) = sample();
+        let good = std::fs::read(&path).unwrap();
+        let mut bad_magic = good.clone();
+        bad_magic[0] = b'X';
+        assert!(parse_header(&bad_magic).unwrap_err().contains("magic"));
+        let mut v1 = good.clone();
+        v1[4..8].copy_from_slice(&1u32.to_le_bytes());
+        assert!(parse_header(&v1).unwrap_err().contains("version"));
+        let mut huge_count = good.clone();
+        huge_count[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(
+            parse_header(&huge_count)
+                .unwrap_err()
+                .contains("cannot fit")
+        );
+        let mut huge_kv = good.clone();
+        huge_kv[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(parse_header(&huge_kv).is_err());
+    }
+
+    #[test]
+    fn offsets_past_the_end_and_unknown_types_are_errors() {
+        let mut w = GgufWriter::new();
+        w.add_tensor("x", &[8], DType::F32);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gguf");
+        w.write(&path, |_| Ok(vec![0; 32])).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        // Tensor info: name (8 + 1), n_dims 4, dim 8, type 4, offset 8, right after the 24-byte header.
+        let type_at = 24 + 9 + 4 + 8;
+        let mut unknown = good.clone();
+        unknown[type_at..type_at + 4].copy_from_slice(&99u32.to_le_bytes());
+        assert!(parse_header(&unknown).unwrap_err().contains("unknown"));
+        let mut past_end = good.clone();
+        past_end[type_at + 4..type_at + 12].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        assert!(parse_header(&past_end).is_err());
+        let mut wrapping = good.clone();
+        wrapping[type_at - 8..type_at].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        assert!(parse_header(&wrapping).is_err());
+        assert!(parse_header(&good).is_ok());
+    }
+}

@@ -1,0 +1,77 @@
+//! ggml's quantized block formats: byte layouts, dequantization, quantization and the integer
+//! dot products of weights against 8-bit activations (`shared/reference/gguf.md` §c–§e).
+//!
+//! Blocks are parsed by byte offset from plain `&[u8]` (memory-mapped files are not aligned for
+//! wider reads). The scalar code here is the reference; `avx2` must agree with it exactly.
+
+mod dequant;
+mod dot;
+mod quantize;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+pub use dequant::dequantize;
+pub use dot::{vec_dot, vec_dot_scalar};
+pub use quantize::{quantize, quantize_supported};
+
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+
+#[inline]
+pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
+    half::f16::from_le_bytes([b[off], b[off + 1]]).to_f32()
+}
+
+#[inline]
+pub(crate) fn f32_at(b: &[u8], off: usize) -> f32 {
+    f32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+#[inline]
+pub(crate) fn put_f16(b: &mut [u8], off: usize, v: f32) {
+    b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+}
+
+/// ggml's `nearest_int`: round half to even (valid for |x| ≤ 4194303).
+#[inline]
+pub(crate) fn nearest_int(x: f32) -> i32 {
+    x.round_ties_even() as i32
+}
+
+/// The 6-bit scale and min `j` (0..8) of a Q4_K / Q5_K block from its 12 packed bytes.
+#[inline]
+pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The 16 signed 6-bit scales of a Q3_K block (already offset by −32).
+#[inline]
+pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
+    let mut out = [0i8; 16];
+    for (j, o) in out.iter_mut().enumerate() {
+        let low = if j < 8 { s[j] & 15 } else { s[j - 8] >> 4 };
+        let high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        *o = (low | (high << 4)) as i8 - 32;
+    }
+    out
+}
+
+/// Is the AVX2 + FMA path usable on this CPU? Checked once.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::env::var_os("HERD_NO_SIMD").is_none()
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+    })
+}

@@ -1,0 +1,444 @@
+//! f32 → blocks, following ggml's reference quantizers (`quantize_row_*_ref`) step for step, so
+//! the bytes equal what llama.cpp writes without an importance matrix. ggml builds these in plain
+//! f32 without fused multiply-add; Rust never fuses implicitly, so the arithmetic matches.
+
+use super::{QK_K, nearest_int, put_f16, scale_min_k4};
+use crate::DType;
+
+/// Types [`quantize`] can produce.
+pub fn quantize_supported(dtype: DType) -> bool {
+    !matches!(dtype, DType::Q2K | DType::Q3K)
+}
+
+/// Quantize `x` (a whole number of blocks) into `out` (exactly `dtype.bytes_for(x.len())` bytes).
+pub fn quantize(dtype: DType, x: &[f32], out: &mut [u8]) {
+    assert_eq!(
+        out.len(),
+        dtype.bytes_for(x.len()),
+        "quantize: length mismatch"
+    );
+    let f: fn(&[f32], &mut [u8]) = match dtype {
+        DType::F32 => {
+            for (o, v) in out.chunks_exact_mut(4).zip(x) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+            return;
+        }
+        DType::F16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+            }
+            return;
+        }
+        DType::BF16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(x) {
+                o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+            }
+            return;
+        }
+        DType::Q4_0 => q4_0,
+        DType::Q4_1 => q4_1,
+        DType::Q5_0 => q5_0,
+        DType::Q5_1 => q5_1,
+        DType::Q8_0 => q8_0,
+        DType::Q8_1 => q8_1,
+        DType::Q4K => q4_k,
+        DType::Q5K => q5_k,
+        DType::Q6K => q6_k,
+        DType::Q8K => q8_k,
+        DType::Q2K | DType::Q3K => panic!("quantization to {dtype} is not implemented"),
+    };
+    let (bs, ts) = (dtype.block_size(), dtype.type_size());
+    for (xb, ob) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
+        f(xb, ob);
+    }
+}
+
+/// The element of largest magnitude, sign kept (the first one on ties), and that magnitude.
+fn signed_absmax(x: &[f32]) -> (f32, f32) {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
+fn q8_0(x: &[f32], b: &mut [u8]) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(b, 0, d);
+    for j in 0..32 {
+        // roundf: half away from zero.
+        b[2 + j] = (x[j] * id).round() as i8 as u8;
+    }
+}
+
+fn q8_1(x: &[f32], b: &mut [u8]) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(b, 0, d);
+    let mut sum = 0i32;
+    for j in 0..32 {
+        let q = (x[j] * id).round() as i8;
+        b[4 + j] = q as u8;
+        sum += q as i32;
+    }
+    put_f16(b, 2, sum as f32 * d);
+}
+
+fn q4_0(x: &[f32], b: &mut [u8]) {
+    let (max, _) = signed_absmax(x);
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(b, 0, d);
+    for j in 0..16 {
+        // C: (int8_t)(x*id + 8.5f), truncation toward zero, then MIN(15, ·).
+        let q0 = ((x[j] * id + 8.5) as i8).min(15) as u8;
+        let q1 = ((x[j + 16] * id + 8.5) as i8).min(15) as u8;
+        b[2 + j] = q0 | (q1 << 4);
+    }
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    x.iter()
+        .fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+}
+
+fn q4_1(x: &[f32], b: &mut [u8]) {
+    let (min, max) = min_max(x);
+    let d = (max - min) / 15.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(b, 0, d);
+    put_f16(b, 2, min);
+    for j in 0..16 {
+        let q0 = ((((x[j] - min) * id) + 0.5) as i8).min(15) as u8;
+        let q1 = ((((x[j + 16] - min) * id) + 0.5) as i8).min(15) as u8;
+        b[4 + j] = q0 | (q1 << 4);
+    }
+}
+
+/// Pack 32 five-bit values: nibbles at `qs`, fifth bits into the u32 at `qh`.
+fn pack_five_bit(q: &[u8; 32], b: &mut [u8], qh_off: usize, qs_off: usize) {
+    let mut qh = 0u32;
+    for j in 0..16 {
+        b[qs_off + j] = (q[j] & 0xF) | ((q[j + 16] & 0xF) << 4);
+        qh |= (((q[j] & 0x10) >> 4) as u32) << j;
+        qh |= (((q[j + 16] & 0x10) >> 4) as u32) << (j + 16);
+    }
+    b[qh_off..qh_off + 4].copy_from_slice(&qh.to_le_bytes());
+}
+
+fn q5_0(x: &[f32], b: &mut [u8]) {
+    let (max, _) = signed_absmax(x);
+    let d = max / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(b, 0, d);
+    let mut q = [0u8; 32];
+    for j in 0..32 {
+        q[j] = ((x[j] * id + 16.5) as i8).min(31) as u8;
+    }
+    pack_five_bit(&q, b, 2, 6);
+}
+
+fn q5_1(x: &[f32], b: &mut [u8]) {
+    let (min, max) = min_max(x);
+    let d = (max - min) / 31.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(b, 0, d);
+    put_f16(b, 2, min);
+    let mut q = [0u8; 32];
+    for j in 0..32 {
+        q[j] = (((x[j] - min) * id) + 0.5) as u8;
+    }
+    pack_five_bit(&q, b, 4, 8);
+}
+
+fn q8_k(x: &[f32], b: &mut [u8]) {
+    let (max, amax) = signed_absmax(x);
+    if amax == 0.0 {
+        b.fill(0);
+        return;
+    }
+    // −127, not −128: keeps every value within ±127.
+    let iscale = -127.0 / max;
+    for j in 0..QK_K {
+        b[4 + j] = nearest_int(iscale * x[j]).min(127) as i8 as u8;
+    }
+    for g in 0..16 {
+        let sum: i32 = (0..16).map(|i| b[4 + 16 * g + i] as i8 as i32).sum();
+        b[260 + 2 * g..262 + 2 * g].copy_from_slice(&(sum as i16).to_le_bytes());
+    }
+    b[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+}
+
+/// ggml's `make_qkx2_quants`: the (scale, −min) pair for one sub-block minimising the weighted
+/// squared error, searching `nstep + 1` candidate inverse scales. Fills `l` with 0..=nmax.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    w: &[f32],
+    l: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = w[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.fill(0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0.0f32;
+    for i in 0..n {
+        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l[i] = q as u8;
+        let diff = scale * l[i] as f32 + min - x[i];
+        best_error += w[i] * (diff * diff);
+    }
+    let mut laux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        for i in 0..n {
+            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = q as u8;
+            let lf = q as f32;
+            sum_l += w[i] * lf;
+            sum_l2 += w[i] * lf * lf;
+            sum_xl += w[i] * lf * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0.0f32;
+            for i in 0..n {
+                let diff = this_scale * laux[i] as f32 + this_min - x[i];
+                cur_error += w[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..n].copy_from_slice(&laux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// Shared part of Q4_K and Q5_K: per 32-element sub-block (scale, min) search, 6-bit codes packed
+/// into `scales`, fp16 super-scales, and the final 0..=nmax values in `l`.
+fn k_quant_asymmetric(
+    x: &[f32],
+    b: &mut [u8],
+    nmax: i32,
+    rmin: f32,
+    nstep: i32,
+    l: &mut [u8; QK_K],
+) {
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * j + 32];
+        let sum_x2: f32 = xs.iter().fold(0.0, |s, v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        let mut w = [0f32; 32];
+        for (wi, v) in w.iter_mut().zip(xs) {
+            *wi = av_x + v.abs();
+        }
+        let (s, m) = make_qkx2_quants(nmax, xs, &w, &mut l[32 * j..32 * j + 32], rmin, 0.1, nstep);
+        scales[j] = s;
+        mins[j] = m;
+        if s > max_scale {
+            max_scale = s;
+        }
+        if m > max_min {
+            max_min = m;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let packed = &mut b[4..16];
+    packed.fill(0);
+    for j in 0..8 {
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            packed[j] = ls;
+            packed[j + 4] = lm;
+        } else {
+            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            packed[j - 4] |= (ls >> 4) << 6;
+            packed[j] |= (lm >> 4) << 6;
+        }
+    }
+    put_f16(b, 0, max_scale / 63.0);
+    put_f16(b, 2, max_min / 63.0);
+    let (d, dmin) = (super::f16_at(b, 0), super::f16_at(b, 2));
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, &b[4..16]);
+        let dj = d * sc as f32;
+        if dj == 0.0 {
+            continue; // keeps the search's values, as ggml does
+        }
+        let dm = dmin * m as f32;
+        for i in 0..32 {
+            l[32 * j + i] = nearest_int((x[32 * j + i] + dm) / dj).clamp(0, nmax) as u8;
+        }
+    }
+}
+
+fn q4_k(x: &[f32], b: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    k_quant_asymmetric(x, b, 15, -1.0, 20, &mut l);
+    for c in 0..4 {
+        for i in 0..32 {
+            b[16 + 32 * c + i] = l[64 * c + i] | (l[64 * c + 32 + i] << 4);
+        }
+    }
+}
+
+fn q5_k(x: &[f32], b: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    k_quant_asymmetric(x, b, 31, -0.5, 15, &mut l);
+    let (qh, ql) = b[16..176].split_at_mut(32);
+    qh.fill(0);
+    for c in 0..4 {
+        let (m1, m2) = (1u8 << (2 * c), 2u8 << (2 * c));
+        for j in 0..32 {
+            let (mut l1, mut l2) = (l[64 * c + j], l[64 * c + 32 + j]);
+            if l1 > 15 {
+                l1 -= 16;
+                qh[j] |= m1;
+            }
+            if l2 > 15 {
+                l2 -= 16;
+                qh[j] |= m2;
+            }
+            ql[32 * c + j] = l1 | (l2 << 4);
+        }
+    }
+}
+
+/// ggml's `make_qx_quants` with rmse_type 1 (weights x²): a signed scale for one sub-block.
+fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    let (max, amax) = signed_absmax(x);
+    if amax < 1e-15 {
+        l.fill(0);
+        return 0.0;
+    }
+    let mut iscale = -(nmax as f32) / max;
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for i in 0..x.len() {
+        let q = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
+        l[i] = (q + nmax) as i8;
+        let w = x[i] * x[i];
+        sumlx += w * x[i] * q as f32;
+        suml2 += w * q as f32 * q as f32;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        sumlx = 0.0;
+        suml2 = 0.0;
+        for &v in x {
+            let q = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+            let w = v * v;
+            sumlx += w * v * q as f32;
+            suml2 += w * q as f32 * q as f32;
+        }
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for i in 0..x.len() {
+                l[i] = (nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1) + nmax) as i8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+fn q6_k(x: &[f32], b: &mut [u8]) {
+    let mut l = [0i8; QK_K];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
+    for ib in 0..16 {
+        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+        scales[ib] = s;
+        if s.abs() > max_abs_scale {
+            max_abs_scale = s.abs();
+            max_scale = s;
+        }
+    }
+    if max_abs_scale < 1e-15 {
+        b.fill(0);
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    put_f16(b, 208, 1.0 / iscale);
+    for ib in 0..16 {
+        b[192 + ib] = nearest_int(iscale * scales[ib]).min(127) as i8 as u8;
+    }
+    let d = super::f16_at(b, 208);
+    for j in 0..16 {
+        let dj = d * b[192 + j] as i8 as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        for i in 0..16 {
+            l[16 * j + i] = (nearest_int(x[16 * j + i] / dj).clamp(-32, 31) + 32) as i8;
+        }
+    }
+    for half in 0..2 {
+        let lh = &l[128 * half..128 * half + 128];
+        for i in 0..32 {
+            let (q1, q2, q3, q4) = (
+                lh[i] as u8,
+                lh[i + 32] as u8,
+                lh[i + 64] as u8,
+                lh[i + 96] as u8,
+            );
+            b[64 * half + i] = (q1 & 0xF) | ((q3 & 0xF) << 4);
+            b[64 * half + 32 + i] = (q2 & 0xF) | ((q4 & 0xF) << 4);
+            b[128 + 32 * half + i] =
+                (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+        }
+    }
+}
