@@ -8,6 +8,7 @@
 pub mod dtype;
 pub mod matmul;
 pub mod ops;
+pub mod pool;
 pub mod quant;
 
 pub use dtype::DType;

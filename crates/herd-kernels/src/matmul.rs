@@ -8,6 +8,8 @@
 //! so batching never changes results.
 
 use crate::dtype::{DType, decode_into};
+use crate::pool::{self, SharedMut, ThreadPool};
+use crate::quant;
 
 /// How a 2-D weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,32 +72,86 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// `out[n_rows, out_features] = x[n_rows, in_features] · W` (W as its layout says).
+/// `out[n_rows, out_features] = x[n_rows, in_features] · W` (W as its layout says), split over
+/// the global thread pool by output columns.
 pub fn matmul(x: &[f32], n_rows: usize, w: &MatRef<'_>, out: &mut [f32]) {
+    matmul_with(pool::global(), x, n_rows, w, out)
+}
+
+/// [`matmul`] on a given pool.
+pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, out: &mut [f32]) {
     let (k, n) = (w.in_features, w.out_features);
     assert_eq!(x.len(), n_rows * k, "matmul: input shape");
     assert_eq!(out.len(), n_rows * n, "matmul: output shape");
+    if n_rows == 0 || n == 0 {
+        return;
+    }
+    let chunk = chunk_size(n, pool.n_threads());
+    let n_chunks = n.div_ceil(chunk);
+    let shared = SharedMut::new(out);
     match w.layout {
-        Layout::OutMajor => {
+        Layout::OutMajor if w.dtype.is_quantized() => {
+            // Quantize each activation row once to the weight type's dot-product partner.
+            let at = w.dtype.vec_dot_type();
+            let row_bytes = at.bytes_for(k);
+            let mut act = vec![0u8; n_rows * row_bytes];
+            for (xr, ar) in x.chunks_exact(k).zip(act.chunks_exact_mut(row_bytes)) {
+                quant::quantize(at, xr, ar);
+            }
+            let w_row = w.dtype.bytes_for(k);
+            pool.run(n_chunks, |c| {
+                for o in c * chunk..((c + 1) * chunk).min(n) {
+                    let wr = &w.bytes[o * w_row..(o + 1) * w_row];
+                    for (t, ar) in act.chunks_exact(row_bytes).enumerate() {
+                        // SAFETY: chunks own disjoint output columns o.
+                        unsafe {
+                            shared.slice(t * n + o, 1)[0] = quant::vec_dot(w.dtype, wr, ar, k)
+                        };
+                    }
+                }
+            });
+        }
+        Layout::OutMajor => pool.run(n_chunks, |c| {
             let mut row = vec![0.0f32; k];
-            for o in 0..n {
+            for o in c * chunk..((c + 1) * chunk).min(n) {
                 w.decode_row(o, &mut row);
                 for t in 0..n_rows {
-                    out[t * n + o] = dot(&x[t * k..(t + 1) * k], &row);
+                    // SAFETY: chunks own disjoint output columns o.
+                    unsafe { shared.slice(t * n + o, 1)[0] = dot(&x[t * k..(t + 1) * k], &row) };
                 }
             }
-        }
+        }),
         Layout::InMajor => {
-            out.fill(0.0);
-            let mut row = vec![0.0f32; n];
-            for i in 0..k {
-                w.decode_row(i, &mut row);
+            assert!(
+                !w.dtype.is_quantized(),
+                "input-major weights must be plain floats"
+            );
+            pool.run(n_chunks, |c| {
+                let cols = c * chunk..((c + 1) * chunk).min(n);
+                let width = cols.len();
+                let elem = w.dtype.bytes_for(1);
+                let mut row = vec![0.0f32; width];
                 for t in 0..n_rows {
-                    axpy(x[t * k + i], &row, &mut out[t * n..(t + 1) * n]);
+                    // SAFETY: chunks own disjoint output column ranges.
+                    unsafe { shared.slice(t * n + cols.start, width).fill(0.0) };
                 }
-            }
+                for i in 0..k {
+                    let start = (i * n + cols.start) * elem;
+                    decode_into(w.dtype, &w.bytes[start..start + width * elem], &mut row);
+                    for t in 0..n_rows {
+                        // SAFETY: as above.
+                        let o = unsafe { shared.slice(t * n + cols.start, width) };
+                        axpy(x[t * k + i], &row, o);
+                    }
+                }
+            });
         }
     }
+}
+
+/// Output columns per task: a few tasks per thread for balance, at least 16 columns each.
+fn chunk_size(n: usize, threads: usize) -> usize {
+    n.div_ceil(threads * 4).max(16)
 }
 
 /// Sequential dot product (the reference reduction order).
@@ -137,5 +193,44 @@ mod tests {
     #[test]
     fn rejects_wrong_byte_length() {
         assert!(MatRef::new(&[0u8; 7], DType::F32, 1, 2, Layout::OutMajor).is_none());
+    }
+}
+
+#[cfg(test)]
+mod quantized_tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Quantized matmul equals per-element scalar dot products, for any thread count and any
+    /// batch size (each output is computed the same way whatever else is in the batch).
+    #[test]
+    fn quantized_matmul_is_thread_and_batch_invariant() {
+        let (k, n) = (512, 37);
+        for wt in [DType::Q8_0, DType::Q4_0, DType::Q4K, DType::Q6K, DType::Q5K] {
+            let wf = rand_vec(k * n, 3);
+            let mut wq = vec![0u8; wt.bytes_for(k * n)];
+            quant::quantize(wt, &wf, &mut wq);
+            let w = MatRef::new(&wq, wt, k, n, Layout::OutMajor).unwrap();
+            let x = rand_vec(3 * k, 4);
+            let mut one = vec![0.0; 3 * n];
+            matmul_with(&ThreadPool::new(1), &x, 3, &w, &mut one);
+            let mut three = vec![0.0; 3 * n];
+            matmul_with(&ThreadPool::new(3), &x, 3, &w, &mut three);
+            assert_eq!(one, three, "{wt}: thread count changed results");
+            let mut single = vec![0.0; n];
+            matmul_with(&ThreadPool::new(2), &x[k..2 * k], 1, &w, &mut single);
+            assert_eq!(&one[n..2 * n], &single[..], "{wt}: batch changed results");
+        }
     }
 }

@@ -1,0 +1,244 @@
+//! A persistent thread pool for splitting one kernel call across cores.
+//!
+//! Workers sleep on a condition variable between jobs (no spinning: on a 2-core machine a
+//! spinning worker steals the other core from the main thread). `run` hands out task indices
+//! through an atomic counter; the calling thread works too and returns only when every task is
+//! done, which is what lets tasks borrow from the caller's stack.
+
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+type Task<'a> = dyn Fn(usize) + Sync + 'a;
+
+/// One job: a task function called with indices `0..n_tasks`.
+#[derive(Clone, Copy)]
+struct Job {
+    /// Lifetime-erased pointer to the caller's closure (see the SAFETY note in `run`).
+    f: *const Task<'static>,
+    n_tasks: usize,
+}
+
+// SAFETY: the pointee is `Sync` and outlives every use (run() waits for all workers).
+unsafe impl Send for Job {}
+
+struct State {
+    job: Option<Job>,
+    generation: u64,
+    busy_workers: usize,
+    panicked: bool,
+    shutdown: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    work: Condvar,
+    done: Condvar,
+    next: AtomicUsize,
+}
+
+pub struct ThreadPool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Serialises callers: one job at a time.
+    run_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for ThreadPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ThreadPool({} threads)", self.n_threads())
+    }
+}
+
+impl ThreadPool {
+    /// A pool using `n_threads` threads in all (the caller counts as one).
+    pub fn new(n_threads: usize) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                job: None,
+                generation: 0,
+                busy_workers: 0,
+                panicked: false,
+                shutdown: false,
+            }),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            next: AtomicUsize::new(0),
+        });
+        let workers = (1..n_threads.max(1))
+            .map(|i| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("herd-worker-{i}"))
+                    .spawn(move || worker(&shared))
+                    .expect("spawn worker thread")
+            })
+            .collect();
+        Self {
+            shared,
+            workers,
+            run_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// Call `f(i)` for every `i` in `0..n_tasks`, spread over the pool; returns when all are done.
+    pub fn run<F: Fn(usize) + Sync>(&self, n_tasks: usize, f: F) {
+        if n_tasks == 0 {
+            return;
+        }
+        if self.workers.is_empty() || n_tasks == 1 {
+            (0..n_tasks).for_each(f);
+            return;
+        }
+        let _one_job = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let task: &Task<'_> = &f;
+        // SAFETY: we erase the closure's lifetime to share it with the workers. This function
+        // does not return (and `f` is not dropped) until `busy_workers` is back to zero, i.e.
+        // until no worker can touch the pointer again; the job is cleared before we return.
+        let task: *const Task<'static> = unsafe { std::mem::transmute(task as *const Task<'_>) };
+        self.shared.next.store(0, Ordering::SeqCst);
+        {
+            let mut st = self.shared.state.lock().unwrap();
+            st.job = Some(Job { f: task, n_tasks });
+            st.generation += 1;
+            st.busy_workers = self.workers.len();
+            st.panicked = false;
+        }
+        self.shared.work.notify_all();
+        let mine = catch_unwind(AssertUnwindSafe(|| {
+            claim_tasks(&self.shared.next, n_tasks, &f)
+        }));
+        let mut st = self.shared.state.lock().unwrap();
+        while st.busy_workers > 0 {
+            st = self.shared.done.wait(st).unwrap();
+        }
+        st.job = None;
+        let worker_panicked = st.panicked;
+        drop(st);
+        if let Err(p) = mine {
+            resume_unwind(p);
+        }
+        assert!(!worker_panicked, "a thread-pool task panicked");
+    }
+}
+
+fn claim_tasks(next: &AtomicUsize, n: usize, f: &(dyn Fn(usize) + Sync + '_)) {
+    loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        f(i);
+    }
+}
+
+fn worker(shared: &Shared) {
+    let mut seen = 0u64;
+    loop {
+        let job = {
+            let mut st = shared.state.lock().unwrap();
+            while st.generation == seen && !st.shutdown {
+                st = shared.work.wait(st).unwrap();
+            }
+            if st.shutdown {
+                return;
+            }
+            seen = st.generation;
+            st.job
+        };
+        let ok = match job {
+            // SAFETY: the job's closure is alive until we decrement busy_workers below.
+            Some(job) => catch_unwind(AssertUnwindSafe(|| {
+                claim_tasks(&shared.next, job.n_tasks, unsafe { &*job.f })
+            }))
+            .is_ok(),
+            None => true,
+        };
+        let mut st = shared.state.lock().unwrap();
+        st.panicked |= !ok;
+        st.busy_workers -= 1;
+        if st.busy_workers == 0 {
+            shared.done.notify_all();
+        }
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.state.lock().unwrap().shutdown = true;
+        self.shared.work.notify_all();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The process-wide pool: `HERD_THREADS` threads, or one per available CPU.
+pub fn global() -> &'static ThreadPool {
+    static POOL: OnceLock<ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::env::var("HERD_THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        ThreadPool::new(n)
+    })
+}
+
+/// A raw pointer that tasks may share when each writes a disjoint part of the pointee.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedMut<T>(*mut T);
+
+// SAFETY: users promise disjoint writes (documented at each use).
+unsafe impl<T: Send> Send for SharedMut<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    pub fn new(slice: &mut [T]) -> Self {
+        Self(slice.as_mut_ptr())
+    }
+
+    /// # Safety
+    /// `range` must be in bounds of the original slice, and no other task may access it
+    /// while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        // SAFETY: forwarded to the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_every_task_once() {
+        let pool = ThreadPool::new(3);
+        for n in [0, 1, 2, 7, 100] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(n, |i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn a_panicking_task_propagates_and_the_pool_survives() {
+        let pool = ThreadPool::new(2);
+        let r = catch_unwind(AssertUnwindSafe(|| pool.run(8, |i| assert!(i != 5))));
+        assert!(r.is_err());
+        let count = AtomicUsize::new(0);
+        pool.run(4, |_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 4);
+    }
+}
