@@ -152,9 +152,10 @@ fn worker(shared: &Shared) {
             st.job
         };
         let ok = match job {
-            // SAFETY: the job's closure is alive until we decrement busy_workers below.
             Some(job) => catch_unwind(AssertUnwindSafe(|| {
-                claim_tasks(&shared.next, job.n_tasks, unsafe { &*job.f })
+                // SAFETY: the job's closure is alive until we decrement busy_workers below.
+                let f = unsafe { &*job.f };
+                claim_tasks(&shared.next, job.n_tasks, f)
             }))
             .is_ok(),
             None => true,
