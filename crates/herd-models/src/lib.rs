@@ -19,7 +19,7 @@ pub use kv_cache::KvCache;
 
 use std::path::Path;
 
-use herd_formats::HfModelDir;
+use herd_formats::{GgufFile, HfModelDir};
 
 /// A decoder-only language model.
 pub trait CausalLm: Send + Sync {
@@ -41,6 +41,28 @@ pub trait CausalLm: Send + Sync {
 
 /// Architectures this build can load from a Hugging Face directory, by `model_type`.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama4", "llama4_text"];
+
+/// Architectures this build can load from GGUF, by `general.architecture`.
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama4"];
+
+/// Load a model from a GGUF file or a Hugging Face directory.
+pub fn load_model(path: &Path) -> Result<Box<dyn CausalLm>> {
+    if path.is_dir() { load_hf_dir(path) } else { load_gguf(path) }
+}
+
+/// Load a GGUF file, choosing the architecture from `general.architecture`.
+pub fn load_gguf(path: &Path) -> Result<Box<dyn CausalLm>> {
+    let file = GgufFile::open(path)?;
+    let arch = file
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| Error::Config(format!("{}: GGUF key general.architecture is missing", path.display())))?
+        .to_string();
+    match arch.as_str() {
+        "llama4" => Ok(Box::new(llama4::Llama4::from_gguf(&file)?)),
+        _ => Err(Error::UnknownArchitecture { model_type: arch }),
+    }
+}
 
 /// Load a Hugging Face model directory, choosing the architecture from `config.json`.
 pub fn load_hf_dir(path: &Path) -> Result<Box<dyn CausalLm>> {

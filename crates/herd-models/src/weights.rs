@@ -1,6 +1,7 @@
 //! Weights looked up by name, with their shapes checked against the config, kept in place
 //! (memory-mapped) and viewed as matrices for the kernels.
 
+use herd_formats::gguf::GgufFile;
 use herd_formats::{TensorBytes, TensorSet};
 use herd_kernels::{DType, Layout, MatRef};
 
@@ -17,6 +18,15 @@ pub struct Matrix {
 }
 
 impl Matrix {
+    pub fn new(bytes: TensorBytes, dtype: DType, in_features: usize, out_features: usize, layout: Layout) -> Self {
+        assert_eq!(bytes.len(), dtype.bytes_for(in_features * out_features), "Matrix::new: size");
+        Self { bytes, dtype, in_features, out_features, layout }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn as_ref(&self) -> MatRef<'_> {
         MatRef {
             bytes: self.bytes.as_slice(),
@@ -109,6 +119,57 @@ impl<'a> WeightLoader<'a> {
     }
 
     /// A 1-D weight (norms), decoded to f32.
+    pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        let (bytes, dtype) = self.tensor(name, &[n])?;
+        Ok(herd_kernels::dtype::decode(dtype, bytes.as_slice(), n))
+    }
+}
+
+/// Looks tensors up in a GGUF file by their GGUF names, checking ggml dimensions.
+#[derive(Debug)]
+pub struct GgufLoader<'a> {
+    pub file: &'a GgufFile,
+}
+
+impl GgufLoader<'_> {
+    pub fn has(&self, name: &str) -> bool {
+        self.file.tensor_info(name).is_some()
+    }
+
+    /// A tensor with exactly `dims` (ggml order, row length first).
+    fn tensor(&self, name: &str, dims: &[usize]) -> Result<(TensorBytes, DType)> {
+        let t = self.file.tensor_info(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        if t.dims.iter().map(|&d| d as usize).ne(dims.iter().copied()) {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                expected: dims.to_vec(),
+                found: t.dims.iter().map(|&d| d as usize).collect(),
+            });
+        }
+        Ok((self.file.tensor_bytes(t), t.dtype))
+    }
+
+    /// A weight `{in, out}` in ggml order, i.e. `[out, in]` rows of `in` elements.
+    pub fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
+        let (bytes, dtype) = self.tensor(name, &[in_features, out_features])?;
+        Ok(Matrix { bytes, dtype, in_features, out_features, layout: Layout::OutMajor })
+    }
+
+    /// A stack `{in, out, n}` of `n` row-major `[out, in]` matrices (llama.cpp's expert tensors).
+    pub fn stacked(&self, name: &str, n: usize, out_features: usize, in_features: usize) -> Result<Vec<Matrix>> {
+        let (bytes, dtype) = self.tensor(name, &[in_features, out_features, n])?;
+        let each = dtype.bytes_for(in_features * out_features);
+        Ok((0..n)
+            .map(|e| Matrix {
+                bytes: bytes.slice(e * each..(e + 1) * each),
+                dtype,
+                in_features,
+                out_features,
+                layout: Layout::OutMajor,
+            })
+            .collect())
+    }
+
     pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
         let (bytes, dtype) = self.tensor(name, &[n])?;
         Ok(herd_kernels::dtype::decode(dtype, bytes.as_slice(), n))

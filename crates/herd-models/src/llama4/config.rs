@@ -511,3 +511,106 @@ mod tests {
         ));
     }
 }
+
+/// Llama 4 hyperparameters as llama.cpp reads them from a GGUF file (`arch = llama4`).
+///
+/// llama.cpp fixes several values instead of reading them (reference note §e.14-16), and so does
+/// this loader, so that a GGUF file means the same model here as there: chunk 8192, temperature
+/// floor 8192 and scale 0.1 on every NoPE layer, NoPE on every 4th layer, q/k norm unless the
+/// model has 128 experts. `attention.sliding_window = 0` turns chunking off (MobileLLM-style).
+pub mod gguf {
+    use herd_formats::gguf::{GgufFile, Value};
+
+    use super::{AttentionKind, Llama4Config};
+    use crate::{Error, Result};
+
+    fn key<'a>(f: &'a GgufFile, k: &str) -> Option<&'a Value> {
+        f.get(&format!("llama4.{k}"))
+    }
+
+    fn required(f: &GgufFile, k: &str) -> Result<usize> {
+        let v = key(f, k).ok_or_else(|| Error::Config(format!("GGUF key llama4.{k} is missing")))?;
+        v.as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| Error::Config(format!("GGUF key llama4.{k} must be a non-negative integer")))
+    }
+
+    fn optional(f: &GgufFile, k: &str) -> Result<Option<usize>> {
+        key(f, k).map(|_| required(f, k)).transpose()
+    }
+
+    fn float(f: &GgufFile, k: &str, default: f64) -> Result<f64> {
+        match key(f, k) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| Error::Config(format!("GGUF key llama4.{k} must be a number"))),
+        }
+    }
+
+    fn token_id(f: &GgufFile, k: &str) -> Vec<u32> {
+        f.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).into_iter().collect()
+    }
+
+    pub fn config(f: &GgufFile) -> Result<Llama4Config> {
+        let hidden_size = required(f, "embedding_length")?;
+        let n_layers = required(f, "block_count")?;
+        let n_heads = required(f, "attention.head_count")?;
+        let n_experts = required(f, "expert_count")?;
+        let head_dim = match optional(f, "rope.dimension_count")? {
+            Some(d) => d,
+            None => optional(f, "attention.key_length")?.unwrap_or(hidden_size / n_heads.max(1)),
+        };
+        let vocab_size = match f.tensor_info("token_embd.weight") {
+            Some(t) if t.dims.len() == 2 => t.dims[1] as usize,
+            _ => return Err(Error::MissingTensor { name: "token_embd.weight".into() }),
+        };
+        let step = required(f, "interleave_moe_layer_step")?;
+        let chunking = optional(f, "attention.sliding_window")? != Some(0);
+        let (use_rope, layer_types): (Vec<bool>, Vec<AttentionKind>) = if chunking {
+            let chunked: Vec<bool> = match key(f, "attention.sliding_window_pattern") {
+                Some(Value::Array(_, items)) => items.iter().map(|v| v.as_bool().unwrap_or(false)).collect(),
+                Some(v) => {
+                    let p = v.as_u64().filter(|&p| p > 0).ok_or_else(|| {
+                        Error::Config("llama4.attention.sliding_window_pattern must be positive".into())
+                    })? as usize;
+                    (0..n_layers).map(|i| (i + 1) % p != 0).collect()
+                }
+                None => (0..n_layers).map(|i| (i + 1) % 4 != 0).collect(),
+            };
+            let kinds = chunked.iter().map(|&c| if c { AttentionKind::Chunked } else { AttentionKind::Full }).collect();
+            ((0..n_layers).map(|i| (i + 1) % 4 != 0).collect(), kinds)
+        } else {
+            // llama.cpp sets the NoPE step to the layer count: only the last layer skips RoPE.
+            ((0..n_layers).map(|i| (i + 1) % n_layers != 0).collect(), vec![AttentionKind::Full; n_layers])
+        };
+        let config = Llama4Config {
+            vocab_size,
+            hidden_size,
+            num_hidden_layers: n_layers,
+            num_attention_heads: n_heads,
+            num_key_value_heads: optional(f, "attention.head_count_kv")?.unwrap_or(n_heads),
+            head_dim,
+            intermediate_size: required(f, "expert_feed_forward_length")?,
+            intermediate_size_mlp: optional(f, "feed_forward_length")?.unwrap_or(0),
+            num_local_experts: n_experts,
+            num_experts_per_tok: required(f, "expert_used_count")?,
+            moe_layers: if step == 0 { Vec::new() } else { (step - 1..n_layers).step_by(step).collect() },
+            rms_norm_eps: float(f, "attention.layer_norm_rms_epsilon", 1e-5)?,
+            rope_theta: float(f, "rope.freq_base", 10000.0)?,
+            // llama3 scaling arrives as the rope_freqs tensor, applied by the model.
+            rope_scaling: None,
+            max_position_embeddings: optional(f, "context_length")?.unwrap_or(8192),
+            attention_chunk_size: chunking.then_some(8192),
+            use_rope,
+            layer_types,
+            use_qk_norm: n_experts != 128,
+            attn_temperature_tuning: chunking,
+            floor_scale: 8192.0,
+            attn_scale: 0.1,
+            tie_word_embeddings: f.tensor_info("output.weight").is_none(),
+            bos_token_id: token_id(f, "tokenizer.ggml.bos_token_id"),
+            eos_token_id: token_id(f, "tokenizer.ggml.eos_token_id"),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}

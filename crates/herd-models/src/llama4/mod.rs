@@ -12,10 +12,11 @@ pub mod config;
 pub use config::{AttentionKind, Llama4Config};
 
 use herd_formats::HfModelDir;
+use herd_formats::gguf::GgufFile;
 use herd_kernels::matmul::{axpy, dot};
 use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved, sigmoid, silu, softmax};
 
-use crate::weights::{Matrix, WeightLoader};
+use crate::weights::{GgufLoader, Matrix, WeightLoader};
 use crate::{Batch, CausalLm, Error, KvCache, Result};
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))` (dense layers and the shared expert).
@@ -26,13 +27,13 @@ struct Mlp {
     down: Matrix,
 }
 
-/// One routed expert, stored input-major as in HF: `gate_up` `[hidden, 2·I]` (gate first), `down` `[I, hidden]`.
+/// One routed expert. HF checkpoints fuse gate and up input-major (`gate_up` `[hidden, 2·I]`,
+/// gate first; `down` `[I, hidden]`); GGUF files store three `[out, in]` matrices per expert.
 #[derive(Debug)]
-struct Expert {
-    gate_up: Matrix,
-    down: Matrix,
+enum Expert {
+    Fused { gate_up: Matrix, down: Matrix },
+    Split(Mlp),
 }
-
 #[derive(Debug)]
 struct Moe {
     router: Matrix,
@@ -71,32 +72,153 @@ pub struct Llama4 {
     inv_freq: Vec<f32>,
 }
 
-/// Where a checkpoint keeps the decoder (`…embed_tokens`, `…layers`) and the output head.
-fn find_prefixes(dir: &HfModelDir) -> Result<(&'static str, &'static str)> {
-    const LAYOUTS: [(&str, &str); 3] = [
-        ("model.", ""),                               // Llama4ForCausalLM
-        ("language_model.model.", "language_model."), // Llama4ForConditionalGeneration
-        ("model.language_model.", ""),                // transformers 5 multimodal layout
-    ];
-    LAYOUTS
-        .into_iter()
-        .find(|(decoder, _)| {
-            dir.tensors
-                .contains(&format!("{decoder}embed_tokens.weight"))
-        })
-        .ok_or_else(|| Error::MissingTensor {
-            name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)".into(),
-        })
+/// Where Llama 4 weights come from. Names are the HF ones without the decoder prefix
+/// (`layers.3.self_attn.q_proj.weight`); each source translates to its own naming and layout.
+trait Source {
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix>;
+    fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>>;
+    /// The routed experts of MoE layer `layer`.
+    fn experts(&self, layer: usize, c: &Llama4Config) -> Result<Vec<Expert>>;
+    fn has_lm_head(&self) -> bool;
+    /// Per-frequency divisors of the RoPE angles (GGUF `rope_freqs`), if the file carries them.
+    fn rope_freq_factors(&self, n: usize) -> Result<Option<Vec<f32>>>;
+}
+
+/// A Hugging Face checkpoint: `Llama4ForCausalLM` (`model.…`, `lm_head.weight`) or the
+/// multimodal `Llama4ForConditionalGeneration` (`language_model.model.…`).
+struct HfSource<'a> {
+    decoder: WeightLoader<'a>,
+    head: WeightLoader<'a>,
+}
+
+impl<'a> HfSource<'a> {
+    fn new(dir: &'a HfModelDir) -> Result<Self> {
+        const LAYOUTS: [(&str, &str); 3] = [
+            ("model.", ""),                               // Llama4ForCausalLM
+            ("language_model.model.", "language_model."), // Llama4ForConditionalGeneration
+            ("model.language_model.", ""),                // transformers 5 multimodal layout
+        ];
+        let (decoder, head) = LAYOUTS
+            .into_iter()
+            .find(|(decoder, _)| dir.tensors.contains(&format!("{decoder}embed_tokens.weight")))
+            .ok_or_else(|| Error::MissingTensor {
+                name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)".into(),
+            })?;
+        Ok(Self { decoder: WeightLoader::new(&dir.tensors, decoder), head: WeightLoader::new(&dir.tensors, head) })
+    }
+}
+
+impl Source for HfSource<'_> {
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
+        let loader = if name == "lm_head.weight" { &self.head } else { &self.decoder };
+        loader.linear(name, out_features, in_features)
+    }
+
+    fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        self.decoder.vector(name, n)
+    }
+
+    fn experts(&self, layer: usize, c: &Llama4Config) -> Result<Vec<Expert>> {
+        let (e, h, inter) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
+        let f = format!("layers.{layer}.feed_forward.experts");
+        let gate_up = self.decoder.stacked_in_major(&format!("{f}.gate_up_proj"), e, h, 2 * inter)?;
+        let down = self.decoder.stacked_in_major(&format!("{f}.down_proj"), e, inter, h)?;
+        Ok(gate_up.into_iter().zip(down).map(|(gate_up, down)| Expert::Fused { gate_up, down }).collect())
+    }
+
+    fn has_lm_head(&self) -> bool {
+        self.head.has("lm_head.weight")
+    }
+
+    fn rope_freq_factors(&self, _n: usize) -> Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
+}
+
+/// A GGUF file with llama.cpp's `llama4` tensor names (reference note §c.2).
+struct GgufSource<'a> {
+    file: GgufLoader<'a>,
+}
+
+impl GgufSource<'_> {
+    /// The GGUF name of an HF-style weight name.
+    fn gguf_name(name: &str) -> String {
+        let Some(rest) = name.strip_prefix("layers.") else {
+            return match name {
+                "embed_tokens.weight" => "token_embd.weight",
+                "norm.weight" => "output_norm.weight",
+                "lm_head.weight" => "output.weight",
+                other => other,
+            }
+            .to_string();
+        };
+        let (layer, part) = rest.split_once('.').unwrap_or((rest, ""));
+        let part = match part {
+            "input_layernorm.weight" => "attn_norm.weight",
+            "post_attention_layernorm.weight" => "ffn_norm.weight",
+            "self_attn.q_proj.weight" => "attn_q.weight",
+            "self_attn.k_proj.weight" => "attn_k.weight",
+            "self_attn.v_proj.weight" => "attn_v.weight",
+            "self_attn.o_proj.weight" => "attn_output.weight",
+            "feed_forward.router.weight" => "ffn_gate_inp.weight",
+            "feed_forward.gate_proj.weight" => "ffn_gate.weight",
+            "feed_forward.up_proj.weight" => "ffn_up.weight",
+            "feed_forward.down_proj.weight" => "ffn_down.weight",
+            "feed_forward.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
+            "feed_forward.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
+            "feed_forward.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
+            other => other,
+        };
+        format!("blk.{layer}.{part}")
+    }
+}
+
+impl Source for GgufSource<'_> {
+    fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
+        self.file.linear(&Self::gguf_name(name), out_features, in_features)
+    }
+
+    fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        self.file.vector(&Self::gguf_name(name), n)
+    }
+
+    fn experts(&self, layer: usize, c: &Llama4Config) -> Result<Vec<Expert>> {
+        let (e, h, inter) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
+        let gate = self.file.stacked(&format!("blk.{layer}.ffn_gate_exps.weight"), e, inter, h)?;
+        let up = self.file.stacked(&format!("blk.{layer}.ffn_up_exps.weight"), e, inter, h)?;
+        let down = self.file.stacked(&format!("blk.{layer}.ffn_down_exps.weight"), e, h, inter)?;
+        Ok(gate.into_iter().zip(up).zip(down).map(|((gate, up), down)| Expert::Split(Mlp { gate, up, down })).collect())
+    }
+
+    fn has_lm_head(&self) -> bool {
+        self.file.has("output.weight")
+    }
+
+    fn rope_freq_factors(&self, n: usize) -> Result<Option<Vec<f32>>> {
+        if !self.file.has("rope_freqs.weight") {
+            return Ok(None);
+        }
+        self.file.vector("rope_freqs.weight", n).map(Some)
+    }
 }
 
 impl Llama4 {
+    /// Load from a Hugging Face directory.
     pub fn from_hf(dir: &HfModelDir) -> Result<Self> {
         let config = Llama4Config::from_json(&dir.config)?;
-        let (decoder_prefix, head_prefix) = find_prefixes(dir)?;
-        let w = WeightLoader::new(&dir.tensors, decoder_prefix);
+        Self::build(config, &HfSource::new(dir)?)
+    }
+
+    /// Load from a GGUF file (`general.architecture = llama4`), weights in place in the map.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let config = config::gguf::config(file)?;
+        Self::build(config, &GgufSource { file: GgufLoader { file } })
+    }
+
+    fn build(config: Llama4Config, w: &dyn Source) -> Result<Self> {
         let c = &config;
         let (h, d) = (c.hidden_size, c.head_dim);
-        let mlp = |w: &WeightLoader, p: &str, width: usize| -> Result<Mlp> {
+        let mlp = |p: &str, width: usize| -> Result<Mlp> {
             Ok(Mlp {
                 gate: w.linear(&format!("{p}.gate_proj.weight"), width, h)?,
                 up: w.linear(&format!("{p}.up_proj.weight"), width, h)?,
@@ -107,51 +229,21 @@ impl Llama4 {
         for i in 0..c.num_hidden_layers {
             let p = format!("layers.{i}");
             let ffn = if c.is_moe_layer(i) {
-                let (e, inter) = (c.num_local_experts, c.intermediate_size);
-                let f = format!("{p}.feed_forward");
-                let gate_up =
-                    w.stacked_in_major(&format!("{f}.experts.gate_up_proj"), e, h, 2 * inter)?;
-                let down = w.stacked_in_major(&format!("{f}.experts.down_proj"), e, inter, h)?;
                 FeedForward::Moe(Moe {
-                    router: w.linear(&format!("{f}.router.weight"), e, h)?,
-                    experts: gate_up
-                        .into_iter()
-                        .zip(down)
-                        .map(|(gate_up, down)| Expert { gate_up, down })
-                        .collect(),
-                    shared: mlp(&w, &format!("{f}.shared_expert"), inter)?,
+                    router: w.linear(&format!("{p}.feed_forward.router.weight"), c.num_local_experts, h)?,
+                    experts: w.experts(i, c)?,
+                    shared: mlp(&format!("{p}.feed_forward.shared_expert"), c.intermediate_size)?,
                 })
             } else {
-                FeedForward::Dense(mlp(
-                    &w,
-                    &format!("{p}.feed_forward"),
-                    c.intermediate_size_mlp,
-                )?)
+                FeedForward::Dense(mlp(&format!("{p}.feed_forward"), c.intermediate_size_mlp)?)
             };
             layers.push(Layer {
                 input_norm: w.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                q: w.linear(
-                    &format!("{p}.self_attn.q_proj.weight"),
-                    c.num_attention_heads * d,
-                    h,
-                )?,
-                k: w.linear(
-                    &format!("{p}.self_attn.k_proj.weight"),
-                    c.num_key_value_heads * d,
-                    h,
-                )?,
-                v: w.linear(
-                    &format!("{p}.self_attn.v_proj.weight"),
-                    c.num_key_value_heads * d,
-                    h,
-                )?,
-                o: w.linear(
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    h,
-                    c.num_attention_heads * d,
-                )?,
-                post_attention_norm: w
-                    .vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                q: w.linear(&format!("{p}.self_attn.q_proj.weight"), c.num_attention_heads * d, h)?,
+                k: w.linear(&format!("{p}.self_attn.k_proj.weight"), c.num_key_value_heads * d, h)?,
+                v: w.linear(&format!("{p}.self_attn.v_proj.weight"), c.num_key_value_heads * d, h)?,
+                o: w.linear(&format!("{p}.self_attn.o_proj.weight"), h, c.num_attention_heads * d)?,
+                post_attention_norm: w.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 ffn,
                 use_rope: c.use_rope[i],
                 qk_norm: c.use_qk_norm && c.use_rope[i],
@@ -159,28 +251,24 @@ impl Llama4 {
             });
         }
         let embed = w.linear("embed_tokens.weight", c.vocab_size, h)?;
-        let head = WeightLoader::new(&dir.tensors, head_prefix);
-        let lm_head = if c.tie_word_embeddings && !head.has("lm_head.weight") {
+        let lm_head = if c.tie_word_embeddings && !w.has_lm_head() {
             embed.clone()
         } else {
-            head.linear("lm_head.weight", c.vocab_size, h)?
+            w.linear("lm_head.weight", c.vocab_size, h)?
         };
         let norm = w.vector("norm.weight", h)?;
-        let inv_freq = config.rope_inv_freq();
+        let mut inv_freq = config.rope_inv_freq();
+        if let Some(factors) = w.rope_freq_factors(d / 2)? {
+            inv_freq.iter_mut().zip(&factors).for_each(|(f, k)| *f /= k);
+        }
         tracing::info!(
             layers = c.num_hidden_layers,
             experts = c.num_local_experts,
             moe_layers = c.moe_layers.len(),
+            weights = %embed.dtype(),
             "loaded llama4"
         );
-        Ok(Self {
-            config,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            inv_freq,
-        })
+        Ok(Self { config, embed, layers, norm, lm_head, inv_freq })
     }
 
     fn eps(&self) -> f32 {
@@ -292,16 +380,20 @@ impl Llama4 {
             for &(tok, score) in tokens {
                 input.extend(x[tok * h..(tok + 1) * h].iter().map(|v| v * score));
             }
-            let gate_up = expert.gate_up.matmul(&input, n);
-            let mut act = vec![0.0f32; n * inter];
-            for (r, a) in act.chunks_exact_mut(inter).enumerate() {
-                let gu = &gate_up[r * 2 * inter..(r + 1) * 2 * inter];
-                let (gate, up) = gu.split_at(inter);
-                for ((a, g), u) in a.iter_mut().zip(gate).zip(up) {
-                    *a = u * silu(*g);
+            let y = match expert {
+                Expert::Fused { gate_up, down } => {
+                    let gate_up = gate_up.matmul(&input, n);
+                    let mut act = vec![0.0f32; n * inter];
+                    for (r, a) in act.chunks_exact_mut(inter).enumerate() {
+                        let (gate, up) = gate_up[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
+                        for ((a, g), u) in a.iter_mut().zip(gate).zip(up) {
+                            *a = u * silu(*g);
+                        }
+                    }
+                    down.matmul(&act, n)
                 }
-            }
-            let y = expert.down.matmul(&act, n);
+                Expert::Split(mlp) => Self::mlp(mlp, &input, n),
+            };
             for (r, &(tok, _)) in tokens.iter().enumerate() {
                 for (o, v) in routed[tok * h..(tok + 1) * h]
                     .iter_mut()
