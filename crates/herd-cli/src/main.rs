@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use herd_formats::npy;
-use herd_models::{Batch, load_hf_dir};
+use herd_models::{Batch, load_model};
+
+mod inspect;
+mod quantize;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,7 +30,7 @@ enum Command {
     /// Run one forward pass over given token ids and write the logits as a float32 .npy file
     /// of shape [n_tokens, vocab], to compare herd with another implementation.
     Logits {
-        /// Hugging Face model directory (config.json + safetensors).
+        /// A GGUF file or a Hugging Face model directory (config.json + safetensors).
         #[arg(long)]
         model: PathBuf,
         /// Comma-separated token ids, e.g. 1,2,3.
@@ -41,18 +44,53 @@ enum Command {
         #[arg(long)]
         hidden_states: Option<PathBuf>,
     },
+    /// Print a GGUF file's metadata and tensor table (name, type, shape, bytes).
+    Inspect {
+        file: PathBuf,
+        /// Print every element of long arrays (the vocabulary, say) instead of the first few.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Write a quantized GGUF from a GGUF file or a Hugging Face directory, choosing each
+    /// tensor's type as llama-quantize does (no importance matrix).
+    Quantize {
+        input: PathBuf,
+        output: PathBuf,
+        /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k
+        #[arg(long = "type", short = 't')]
+        file_type: String,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    match cli.command {
+    match run(cli.command) {
+        // A closed stdout (`herd inspect f | head`) is the reader's choice, not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>().map(|e| e.kind())
+                == Some(std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Logits {
             model,
             tokens,
             out,
             hidden_states,
         } => logits(&model, &tokens, &out, hidden_states.as_deref()),
+        Command::Inspect { file, full } => inspect::run(&file, full),
+        Command::Quantize {
+            input,
+            output,
+            file_type,
+        } => quantize::run(&input, &output, &file_type),
     }
 }
 
@@ -75,7 +113,7 @@ fn logits(model_dir: &Path, tokens: &[u32], out: &Path, hidden_dir: Option<&Path
         bail!("--tokens needs at least one token id");
     }
     let model =
-        load_hf_dir(model_dir).with_context(|| format!("loading {}", model_dir.display()))?;
+        load_model(model_dir).with_context(|| format!("loading {}", model_dir.display()))?;
     let mut cache = model.new_cache();
     let mut trace = Vec::new();
     let batch = Batch::sequence(0, tokens, 0);

@@ -90,7 +90,7 @@ fn bad_input_is_a_clear_error_not_a_panic() {
                 "--tokens".into(),
                 "1".into(),
             ],
-            "config.json",
+            "/nonexistent/model",
         ),
         (
             vec![

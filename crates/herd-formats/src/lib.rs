@@ -10,6 +10,7 @@ mod bytes;
 pub mod gguf;
 pub mod hf;
 pub mod npy;
+pub mod quantize;
 pub mod safetensors;
 
 pub use bytes::TensorBytes;
@@ -49,6 +50,10 @@ pub enum Error {
     NoWeights { path: PathBuf },
     #[error("{path}: not a valid GGUF file: {reason}")]
     Gguf { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("quantize: {0}")]
+    Quantize(String),
     #[error("{path}: {reason}")]
     Npy { path: PathBuf, reason: String },
 }

@@ -118,7 +118,7 @@ impl DType {
     /// Checked form of [`bytes_for`](Self::bytes_for) for sizes read from files.
     pub fn checked_bytes_for(self, n: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        if n % bs != 0 {
+        if !n.is_multiple_of(bs) {
             return None;
         }
         (n / bs).checked_mul(self.type_size() as u64)

@@ -47,7 +47,11 @@ pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama4"];
 
 /// Load a model from a GGUF file or a Hugging Face directory.
 pub fn load_model(path: &Path) -> Result<Box<dyn CausalLm>> {
-    if path.is_dir() { load_hf_dir(path) } else { load_gguf(path) }
+    if path.is_dir() {
+        load_hf_dir(path)
+    } else {
+        load_gguf(path)
+    }
 }
 
 /// Load a GGUF file, choosing the architecture from `general.architecture`.
@@ -56,7 +60,12 @@ pub fn load_gguf(path: &Path) -> Result<Box<dyn CausalLm>> {
     let arch = file
         .get("general.architecture")
         .and_then(|v| v.as_str())
-        .ok_or_else(|| Error::Config(format!("{}: GGUF key general.architecture is missing", path.display())))?
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "{}: GGUF key general.architecture is missing",
+                path.display()
+            ))
+        })?
         .to_string();
     match arch.as_str() {
         "llama4" => Ok(Box::new(llama4::Llama4::from_gguf(&file)?)),

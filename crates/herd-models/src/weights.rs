@@ -18,9 +18,25 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    pub fn new(bytes: TensorBytes, dtype: DType, in_features: usize, out_features: usize, layout: Layout) -> Self {
-        assert_eq!(bytes.len(), dtype.bytes_for(in_features * out_features), "Matrix::new: size");
-        Self { bytes, dtype, in_features, out_features, layout }
+    pub fn new(
+        bytes: TensorBytes,
+        dtype: DType,
+        in_features: usize,
+        out_features: usize,
+        layout: Layout,
+    ) -> Self {
+        assert_eq!(
+            bytes.len(),
+            dtype.bytes_for(in_features * out_features),
+            "Matrix::new: size"
+        );
+        Self {
+            bytes,
+            dtype,
+            in_features,
+            out_features,
+            layout,
+        }
     }
 
     pub fn dtype(&self) -> DType {
@@ -138,7 +154,12 @@ impl GgufLoader<'_> {
 
     /// A tensor with exactly `dims` (ggml order, row length first).
     fn tensor(&self, name: &str, dims: &[usize]) -> Result<(TensorBytes, DType)> {
-        let t = self.file.tensor_info(name).ok_or_else(|| Error::MissingTensor { name: name.to_string() })?;
+        let t = self
+            .file
+            .tensor_info(name)
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.to_string(),
+            })?;
         if t.dims.iter().map(|&d| d as usize).ne(dims.iter().copied()) {
             return Err(Error::TensorShape {
                 name: name.to_string(),
@@ -152,11 +173,23 @@ impl GgufLoader<'_> {
     /// A weight `{in, out}` in ggml order, i.e. `[out, in]` rows of `in` elements.
     pub fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
         let (bytes, dtype) = self.tensor(name, &[in_features, out_features])?;
-        Ok(Matrix { bytes, dtype, in_features, out_features, layout: Layout::OutMajor })
+        Ok(Matrix {
+            bytes,
+            dtype,
+            in_features,
+            out_features,
+            layout: Layout::OutMajor,
+        })
     }
 
     /// A stack `{in, out, n}` of `n` row-major `[out, in]` matrices (llama.cpp's expert tensors).
-    pub fn stacked(&self, name: &str, n: usize, out_features: usize, in_features: usize) -> Result<Vec<Matrix>> {
+    pub fn stacked(
+        &self,
+        name: &str,
+        n: usize,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Vec<Matrix>> {
         let (bytes, dtype) = self.tensor(name, &[in_features, out_features, n])?;
         let each = dtype.bytes_for(in_features * out_features);
         Ok((0..n)

@@ -15,7 +15,12 @@ fn dir() -> PathBuf {
 fn tokens() -> Vec<u32> {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir().join("oracle.json")).unwrap()).unwrap();
-    meta["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    meta["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn oracle(name: &str) -> Vec<f32> {
@@ -26,25 +31,39 @@ fn oracle(name: &str) -> Vec<f32> {
 
 fn logits(model: &dyn CausalLm, tokens: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache();
-    model.forward(&Batch::sequence(0, tokens, 0), &mut cache, None).unwrap()
+    model
+        .forward(&Batch::sequence(0, tokens, 0), &mut cache, None)
+        .unwrap()
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     let max_ref = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / max_ref
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / max_ref
 }
 
 fn argmax(logits: &[f32], vocab: usize) -> Vec<usize> {
     logits
         .chunks_exact(vocab)
-        .map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0
+        })
         .collect()
 }
 
 #[test]
 fn f32_gguf_equals_safetensors_transformers_and_llama_cpp() {
     let tokens = tokens();
-    let from_gguf = logits(load_model(&dir().join("tiny-f32.gguf")).unwrap().as_ref(), &tokens);
+    let from_gguf = logits(
+        load_model(&dir().join("tiny-f32.gguf")).unwrap().as_ref(),
+        &tokens,
+    );
     let from_st = logits(load_model(&dir()).unwrap().as_ref(), &tokens);
     let e = rel_err(&from_gguf, &from_st);
     assert!(e < 1e-5, "GGUF f32 vs safetensors: {e:e}");
@@ -68,5 +87,25 @@ fn q8_0_gguf_equals_llama_cpp() {
     let e = rel_err(&got, &want);
     eprintln!("q8_0 vs llama.cpp: relative error {e:.2e}");
     assert!(e < Q8_TOLERANCE, "q8_0 vs llama.cpp: {e:e}");
-    assert_eq!(argmax(&got, 128), argmax(&want, 128), "argmax at every position");
+    assert_eq!(
+        argmax(&got, 128),
+        argmax(&want, 128),
+        "argmax at every position"
+    );
+}
+
+/// llama-quantize's Q4_K_M of the tiny model (rows of 32 fall back to Q5_0 and Q8_0).
+#[test]
+fn q4_k_m_gguf_equals_llama_cpp() {
+    let tokens = tokens();
+    let model = load_model(&dir().join("tiny-q4_k_m.llama-quantize.gguf")).unwrap();
+    let got = logits(model.as_ref(), &tokens);
+    let want = oracle("llama_cpp_q4_k_m");
+    let e = rel_err(&got, &want);
+    assert!(e < Q8_TOLERANCE, "q4_k_m vs llama.cpp: {e:e}");
+    assert_eq!(
+        argmax(&got, 128),
+        argmax(&want, 128),
+        "argmax at every position"
+    );
 }

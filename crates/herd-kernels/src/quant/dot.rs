@@ -11,10 +11,10 @@ use crate::DType;
 /// `wtype.vec_dot_type()`. Uses the fastest kernel this CPU supports.
 pub fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() {
-        if let Some(v) = super::avx2::vec_dot(wtype, w, a, n) {
-            return v;
-        }
+    if super::has_avx2()
+        && let Some(v) = super::avx2::vec_dot(wtype, w, a, n)
+    {
+        return v;
     }
     vec_dot_scalar(wtype, w, a, n)
 }

@@ -200,13 +200,16 @@ impl Llama4Config {
                 return bad(format!("{key} must be positive"));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim ({}) must be even for RoPE",
                 self.head_dim
@@ -529,10 +532,15 @@ pub mod gguf {
     }
 
     fn required(f: &GgufFile, k: &str) -> Result<usize> {
-        let v = key(f, k).ok_or_else(|| Error::Config(format!("GGUF key llama4.{k} is missing")))?;
+        let v =
+            key(f, k).ok_or_else(|| Error::Config(format!("GGUF key llama4.{k} is missing")))?;
         v.as_u64()
             .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| Error::Config(format!("GGUF key llama4.{k} must be a non-negative integer")))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "GGUF key llama4.{k} must be a non-negative integer"
+                ))
+            })
     }
 
     fn optional(f: &GgufFile, k: &str) -> Result<Option<usize>> {
@@ -542,12 +550,18 @@ pub mod gguf {
     fn float(f: &GgufFile, k: &str, default: f64) -> Result<f64> {
         match key(f, k) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| Error::Config(format!("GGUF key llama4.{k} must be a number"))),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| Error::Config(format!("GGUF key llama4.{k} must be a number"))),
         }
     }
 
     fn token_id(f: &GgufFile, k: &str) -> Vec<u32> {
-        f.get(k).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok()).into_iter().collect()
+        f.get(k)
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .into_iter()
+            .collect()
     }
 
     pub fn config(f: &GgufFile) -> Result<Llama4Config> {
@@ -561,26 +575,46 @@ pub mod gguf {
         };
         let vocab_size = match f.tensor_info("token_embd.weight") {
             Some(t) if t.dims.len() == 2 => t.dims[1] as usize,
-            _ => return Err(Error::MissingTensor { name: "token_embd.weight".into() }),
+            _ => {
+                return Err(Error::MissingTensor {
+                    name: "token_embd.weight".into(),
+                });
+            }
         };
         let step = required(f, "interleave_moe_layer_step")?;
         let chunking = optional(f, "attention.sliding_window")? != Some(0);
         let (use_rope, layer_types): (Vec<bool>, Vec<AttentionKind>) = if chunking {
             let chunked: Vec<bool> = match key(f, "attention.sliding_window_pattern") {
-                Some(Value::Array(_, items)) => items.iter().map(|v| v.as_bool().unwrap_or(false)).collect(),
+                Some(Value::Array(_, items)) => {
+                    items.iter().map(|v| v.as_bool().unwrap_or(false)).collect()
+                }
                 Some(v) => {
                     let p = v.as_u64().filter(|&p| p > 0).ok_or_else(|| {
-                        Error::Config("llama4.attention.sliding_window_pattern must be positive".into())
+                        Error::Config(
+                            "llama4.attention.sliding_window_pattern must be positive".into(),
+                        )
                     })? as usize;
                     (0..n_layers).map(|i| (i + 1) % p != 0).collect()
                 }
                 None => (0..n_layers).map(|i| (i + 1) % 4 != 0).collect(),
             };
-            let kinds = chunked.iter().map(|&c| if c { AttentionKind::Chunked } else { AttentionKind::Full }).collect();
+            let kinds = chunked
+                .iter()
+                .map(|&c| {
+                    if c {
+                        AttentionKind::Chunked
+                    } else {
+                        AttentionKind::Full
+                    }
+                })
+                .collect();
             ((0..n_layers).map(|i| (i + 1) % 4 != 0).collect(), kinds)
         } else {
             // llama.cpp sets the NoPE step to the layer count: only the last layer skips RoPE.
-            ((0..n_layers).map(|i| (i + 1) % n_layers != 0).collect(), vec![AttentionKind::Full; n_layers])
+            (
+                (0..n_layers).map(|i| (i + 1) % n_layers != 0).collect(),
+                vec![AttentionKind::Full; n_layers],
+            )
         };
         let config = Llama4Config {
             vocab_size,
@@ -593,7 +627,11 @@ pub mod gguf {
             intermediate_size_mlp: optional(f, "feed_forward_length")?.unwrap_or(0),
             num_local_experts: n_experts,
             num_experts_per_tok: required(f, "expert_used_count")?,
-            moe_layers: if step == 0 { Vec::new() } else { (step - 1..n_layers).step_by(step).collect() },
+            moe_layers: if step == 0 {
+                Vec::new()
+            } else {
+                (step - 1..n_layers).step_by(step).collect()
+            },
             rms_norm_eps: float(f, "attention.layer_norm_rms_epsilon", 1e-5)?,
             rope_theta: float(f, "rope.freq_base", 10000.0)?,
             // llama3 scaling arrives as the rope_freqs tensor, applied by the model.

@@ -8,6 +8,7 @@
 //! ```
 
 pub mod config;
+pub mod export;
 
 pub use config::{AttentionKind, Llama4Config};
 
@@ -100,17 +101,28 @@ impl<'a> HfSource<'a> {
         ];
         let (decoder, head) = LAYOUTS
             .into_iter()
-            .find(|(decoder, _)| dir.tensors.contains(&format!("{decoder}embed_tokens.weight")))
+            .find(|(decoder, _)| {
+                dir.tensors
+                    .contains(&format!("{decoder}embed_tokens.weight"))
+            })
             .ok_or_else(|| Error::MissingTensor {
-                name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)".into(),
+                name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)"
+                    .into(),
             })?;
-        Ok(Self { decoder: WeightLoader::new(&dir.tensors, decoder), head: WeightLoader::new(&dir.tensors, head) })
+        Ok(Self {
+            decoder: WeightLoader::new(&dir.tensors, decoder),
+            head: WeightLoader::new(&dir.tensors, head),
+        })
     }
 }
 
 impl Source for HfSource<'_> {
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
-        let loader = if name == "lm_head.weight" { &self.head } else { &self.decoder };
+        let loader = if name == "lm_head.weight" {
+            &self.head
+        } else {
+            &self.decoder
+        };
         loader.linear(name, out_features, in_features)
     }
 
@@ -121,9 +133,17 @@ impl Source for HfSource<'_> {
     fn experts(&self, layer: usize, c: &Llama4Config) -> Result<Vec<Expert>> {
         let (e, h, inter) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
         let f = format!("layers.{layer}.feed_forward.experts");
-        let gate_up = self.decoder.stacked_in_major(&format!("{f}.gate_up_proj"), e, h, 2 * inter)?;
-        let down = self.decoder.stacked_in_major(&format!("{f}.down_proj"), e, inter, h)?;
-        Ok(gate_up.into_iter().zip(down).map(|(gate_up, down)| Expert::Fused { gate_up, down }).collect())
+        let gate_up =
+            self.decoder
+                .stacked_in_major(&format!("{f}.gate_up_proj"), e, h, 2 * inter)?;
+        let down = self
+            .decoder
+            .stacked_in_major(&format!("{f}.down_proj"), e, inter, h)?;
+        Ok(gate_up
+            .into_iter()
+            .zip(down)
+            .map(|(gate_up, down)| Expert::Fused { gate_up, down })
+            .collect())
     }
 
     fn has_lm_head(&self) -> bool {
@@ -175,7 +195,8 @@ impl GgufSource<'_> {
 
 impl Source for GgufSource<'_> {
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
-        self.file.linear(&Self::gguf_name(name), out_features, in_features)
+        self.file
+            .linear(&Self::gguf_name(name), out_features, in_features)
     }
 
     fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
@@ -184,10 +205,21 @@ impl Source for GgufSource<'_> {
 
     fn experts(&self, layer: usize, c: &Llama4Config) -> Result<Vec<Expert>> {
         let (e, h, inter) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
-        let gate = self.file.stacked(&format!("blk.{layer}.ffn_gate_exps.weight"), e, inter, h)?;
-        let up = self.file.stacked(&format!("blk.{layer}.ffn_up_exps.weight"), e, inter, h)?;
-        let down = self.file.stacked(&format!("blk.{layer}.ffn_down_exps.weight"), e, h, inter)?;
-        Ok(gate.into_iter().zip(up).zip(down).map(|((gate, up), down)| Expert::Split(Mlp { gate, up, down })).collect())
+        let gate = self
+            .file
+            .stacked(&format!("blk.{layer}.ffn_gate_exps.weight"), e, inter, h)?;
+        let up = self
+            .file
+            .stacked(&format!("blk.{layer}.ffn_up_exps.weight"), e, inter, h)?;
+        let down = self
+            .file
+            .stacked(&format!("blk.{layer}.ffn_down_exps.weight"), e, h, inter)?;
+        Ok(gate
+            .into_iter()
+            .zip(up)
+            .zip(down)
+            .map(|((gate, up), down)| Expert::Split(Mlp { gate, up, down }))
+            .collect())
     }
 
     fn has_lm_head(&self) -> bool {
@@ -212,7 +244,12 @@ impl Llama4 {
     /// Load from a GGUF file (`general.architecture = llama4`), weights in place in the map.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let config = config::gguf::config(file)?;
-        Self::build(config, &GgufSource { file: GgufLoader { file } })
+        Self::build(
+            config,
+            &GgufSource {
+                file: GgufLoader { file },
+            },
+        )
     }
 
     fn build(config: Llama4Config, w: &dyn Source) -> Result<Self> {
@@ -230,20 +267,44 @@ impl Llama4 {
             let p = format!("layers.{i}");
             let ffn = if c.is_moe_layer(i) {
                 FeedForward::Moe(Moe {
-                    router: w.linear(&format!("{p}.feed_forward.router.weight"), c.num_local_experts, h)?,
+                    router: w.linear(
+                        &format!("{p}.feed_forward.router.weight"),
+                        c.num_local_experts,
+                        h,
+                    )?,
                     experts: w.experts(i, c)?,
-                    shared: mlp(&format!("{p}.feed_forward.shared_expert"), c.intermediate_size)?,
+                    shared: mlp(
+                        &format!("{p}.feed_forward.shared_expert"),
+                        c.intermediate_size,
+                    )?,
                 })
             } else {
                 FeedForward::Dense(mlp(&format!("{p}.feed_forward"), c.intermediate_size_mlp)?)
             };
             layers.push(Layer {
                 input_norm: w.vector(&format!("{p}.input_layernorm.weight"), h)?,
-                q: w.linear(&format!("{p}.self_attn.q_proj.weight"), c.num_attention_heads * d, h)?,
-                k: w.linear(&format!("{p}.self_attn.k_proj.weight"), c.num_key_value_heads * d, h)?,
-                v: w.linear(&format!("{p}.self_attn.v_proj.weight"), c.num_key_value_heads * d, h)?,
-                o: w.linear(&format!("{p}.self_attn.o_proj.weight"), h, c.num_attention_heads * d)?,
-                post_attention_norm: w.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                q: w.linear(
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    c.num_attention_heads * d,
+                    h,
+                )?,
+                k: w.linear(
+                    &format!("{p}.self_attn.k_proj.weight"),
+                    c.num_key_value_heads * d,
+                    h,
+                )?,
+                v: w.linear(
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    c.num_key_value_heads * d,
+                    h,
+                )?,
+                o: w.linear(
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    h,
+                    c.num_attention_heads * d,
+                )?,
+                post_attention_norm: w
+                    .vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 ffn,
                 use_rope: c.use_rope[i],
                 qk_norm: c.use_qk_norm && c.use_rope[i],
@@ -268,7 +329,14 @@ impl Llama4 {
             weights = %embed.dtype(),
             "loaded llama4"
         );
-        Ok(Self { config, embed, layers, norm, lm_head, inv_freq })
+        Ok(Self {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 
     fn eps(&self) -> f32 {
@@ -385,7 +453,8 @@ impl Llama4 {
                     let gate_up = gate_up.matmul(&input, n);
                     let mut act = vec![0.0f32; n * inter];
                     for (r, a) in act.chunks_exact_mut(inter).enumerate() {
-                        let (gate, up) = gate_up[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
+                        let (gate, up) =
+                            gate_up[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
                         for ((a, g), u) in a.iter_mut().zip(gate).zip(up) {
                             *a = u * silu(*g);
                         }

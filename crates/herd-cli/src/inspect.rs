@@ -1,0 +1,89 @@
+//! `herd inspect`: what a GGUF file holds.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use herd_formats::GgufFile;
+use herd_formats::gguf::Value;
+
+pub fn run(path: &Path, full: bool) -> Result<()> {
+    let f = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let h = &f.header;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}: GGUF v{}, {} metadata keys, {} tensors, alignment {}",
+        path.display(),
+        h.version,
+        h.metadata.len(),
+        h.tensors.len(),
+        h.alignment
+    )?;
+    writeln!(out)?;
+    for (key, value) in &h.metadata {
+        writeln!(out, "{key:<48} {}", show(value, full))?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<40} {:>6} {:>24} {:>14}",
+        "tensor", "type", "shape (ggml order)", "bytes"
+    )?;
+    let mut total = 0u64;
+    for t in &h.tensors {
+        let dims: Vec<String> = t.dims.iter().map(u64::to_string).collect();
+        writeln!(
+            out,
+            "{:<40} {:>6} {:>24} {:>14}",
+            t.name,
+            t.dtype.name(),
+            dims.join(" x "),
+            t.n_bytes
+        )?;
+        total += t.n_bytes;
+    }
+    let params: u64 = h.tensors.iter().map(|t| t.n_elements()).sum();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{} tensors, {params} parameters, {total} bytes of tensor data ({:.2} bits per weight)",
+        h.tensors.len(),
+        total as f64 * 8.0 / params.max(1) as f64
+    )?;
+    Ok(())
+}
+
+fn show(v: &Value, full: bool) -> String {
+    match v {
+        Value::String(b) => match std::str::from_utf8(b) {
+            Ok(s) if s.len() > 120 && !full => format!(
+                "{:?}… ({} bytes)",
+                &s[..s.floor_char_boundary(100)],
+                s.len()
+            ),
+            Ok(s) => format!("{s:?}"),
+            Err(_) => format!("<{} bytes, not UTF-8>", b.len()),
+        },
+        Value::Array(_, items) => {
+            let shown = if full {
+                items.len()
+            } else {
+                items.len().min(8)
+            };
+            let parts: Vec<String> = items[..shown].iter().map(|i| show(i, full)).collect();
+            let more = if shown < items.len() {
+                format!(", … ({} items)", items.len())
+            } else {
+                String::new()
+            };
+            format!("[{}{more}]", parts.join(", "))
+        }
+        Value::Bool(b) => b.to_string(),
+        Value::F32(x) => x.to_string(),
+        Value::F64(x) => x.to_string(),
+        other => other
+            .as_i64()
+            .map_or_else(|| format!("{other:?}"), |i| i.to_string()),
+    }
+}

@@ -1,0 +1,112 @@
+//! `herd quantize`: GGUF or Hugging Face directory in, quantized GGUF out.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use herd_formats::quantize::{FileType, GgufPlan, ModelShape, SourceTensor, write_quantized};
+use herd_formats::{GgufFile, HfModelDir};
+
+pub fn run(input: &Path, output: &Path, file_type: &str) -> Result<()> {
+    let ft = FileType::from_name(file_type).ok_or_else(|| {
+        let names: Vec<&str> = FileType::ALL.iter().map(|t| t.name()).collect();
+        anyhow!(
+            "unknown --type {file_type:?}; choose one of {}",
+            names.join(", ")
+        )
+    })?;
+    if output.exists() && output.canonicalize().ok() == input.canonicalize().ok() {
+        bail!("output would overwrite the input");
+    }
+    let plan = if input.is_dir() {
+        let dir = HfModelDir::open(input)?;
+        let model_type = herd_models::config_json::model_type(&dir.config)?;
+        if !matches!(model_type.as_str(), "llama4" | "llama4_text") {
+            bail!("converting {model_type} checkpoints to GGUF is not supported (llama4 is)");
+        }
+        herd_models::llama4::export::gguf_from_hf(&dir)?
+    } else {
+        let f = GgufFile::open(input).with_context(|| format!("reading {}", input.display()))?;
+        from_gguf(&f)?
+    };
+    let tensors = &plan.tensors;
+    let requantized = tensors.iter().filter(|t| t.dtype.is_quantized()).count();
+    if requantized > 0 {
+        eprintln!(
+            "warning: {requantized} input tensors are already quantized; requantizing loses precision"
+        );
+    }
+    let start = Instant::now();
+    let bar = indicatif::ProgressBar::new(tensors.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {msg}")
+            .expect("valid template"),
+    );
+    let summary = write_quantized(output, &plan, ft, |i, _, name| {
+        bar.set_position(i as u64);
+        bar.set_message(name.to_string());
+    })?;
+    bar.finish_and_clear();
+    let mut by_type = std::collections::BTreeMap::new();
+    for (_, t, bytes) in &summary.tensors {
+        let e = by_type.entry(t.name()).or_insert((0, 0u64));
+        e.0 += 1;
+        e.1 += bytes;
+    }
+    for (t, (n, bytes)) in by_type {
+        eprintln!("  {t:>6}: {n:>4} tensors, {bytes:>12} bytes");
+    }
+    eprintln!(
+        "wrote {} ({} bytes, {}) in {:.1}s",
+        output.display(),
+        summary.bytes,
+        ft.name(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// A GGUF file's metadata (minus the keys the writer sets) and tensors, read in place.
+fn from_gguf(f: &GgufFile) -> Result<GgufPlan> {
+    let skip = [
+        "general.file_type",
+        "general.quantization_version",
+        "general.alignment",
+    ];
+    let meta: Vec<_> = f
+        .header
+        .metadata
+        .iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    let arch = f
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let key = |k: &str| {
+        f.get(&format!("{arch}.{k}"))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+    };
+    let tensors: Vec<SourceTensor> = f
+        .tensors()
+        .iter()
+        .map(|t| SourceTensor::stored(&t.name, t.dims.clone(), t.dtype, f.tensor_bytes(t)))
+        .collect();
+    let shape = ModelShape {
+        n_layers: key("block_count")
+            .ok_or_else(|| anyhow!("GGUF key {arch}.block_count is missing"))?,
+        n_experts: key("expert_count").unwrap_or(0),
+        n_attn_v: tensors
+            .iter()
+            .filter(|t| t.name.contains("attn_v.weight"))
+            .count(),
+        tied_embeddings: f.tensor_info("output.weight").is_none(),
+    };
+    Ok(GgufPlan {
+        metadata: meta,
+        tensors,
+        shape,
+    })
+}

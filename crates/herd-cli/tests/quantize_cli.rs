@@ -1,0 +1,139 @@
+//! `herd quantize` writes what llama.cpp's tools write: the same tensor types and bytes as
+//! `llama-quantize` (GGUF in) and as `convert_hf_to_gguf.py` (HF directory in).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use herd_formats::GgufFile;
+use herd_formats::gguf::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/llama4_gguf")
+        .join(name)
+}
+
+fn quantize(input: &Path, ty: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .arg("quantize")
+        .arg(input)
+        .arg(&out)
+        .args(["--type", ty])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (tmp, out)
+}
+
+/// Tensors by name: (type, dims, bytes).
+fn tensors(f: &GgufFile) -> BTreeMap<String, (String, Vec<u64>, Vec<u8>)> {
+    f.tensors()
+        .iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                (
+                    t.dtype.name().to_string(),
+                    t.dims.clone(),
+                    f.tensor_bytes(t).as_slice().to_vec(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn assert_same_tensors(ours: &GgufFile, theirs: &GgufFile) {
+    let (a, b) = (tensors(ours), tensors(theirs));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "tensor names"
+    );
+    for (name, (ty, dims, bytes)) in &a {
+        let (tty, tdims, tbytes) = &b[name];
+        assert_eq!((ty, dims), (tty, tdims), "{name}: type and shape");
+        assert!(bytes == tbytes, "{name}: {ty} bytes differ");
+    }
+}
+
+/// Every key we write that llama.cpp's file also has carries the same value; the keys llama.cpp
+/// needs to load the model are all there.
+fn assert_same_metadata(ours: &GgufFile, theirs: &GgufFile, ignore: &[&str]) {
+    for (k, v) in &ours.header.metadata {
+        if ignore.contains(&k.as_str()) {
+            continue;
+        }
+        let want = theirs
+            .get(k)
+            .unwrap_or_else(|| panic!("we write {k}, llama.cpp does not"));
+        let close = match (v, want) {
+            (Value::F32(a), Value::F32(b)) => a == b,
+            _ => v == want,
+        };
+        assert!(close, "{k}: {v:?} vs llama.cpp {want:?}");
+    }
+    for (k, _) in &theirs.header.metadata {
+        let needed =
+            k.starts_with("llama4.") || k.starts_with("tokenizer.") || k == "general.architecture";
+        if needed && !ignore.contains(&k.as_str()) {
+            assert!(ours.get(k).is_some(), "llama.cpp writes {k}, we do not");
+        }
+    }
+}
+
+#[test]
+fn gguf_to_q4_k_m_equals_llama_quantize() {
+    let (_tmp, out) = quantize(&fixture("tiny-f32.gguf"), "q4_k_m");
+    let ours = GgufFile::open(&out).unwrap();
+    let theirs = GgufFile::open(&fixture("tiny-q4_k_m.llama-quantize.gguf")).unwrap();
+    assert_same_tensors(&ours, &theirs);
+    assert_same_metadata(&ours, &theirs, &[]);
+}
+
+#[test]
+fn hf_directory_to_q8_0_and_f32_equals_the_converter() {
+    for (ty, file) in [("q8_0", "tiny-q8_0.gguf"), ("f32", "tiny-f32.gguf")] {
+        let (_tmp, out) = quantize(&fixture(""), ty);
+        let ours = GgufFile::open(&out).unwrap();
+        let theirs = GgufFile::open(&fixture(file)).unwrap();
+        assert_same_tensors(&ours, &theirs);
+        // The converter names the model after its directory and sizes it; those are labels.
+        assert_same_metadata(&ours, &theirs, &["general.name", "general.size_label"]);
+    }
+}
+
+#[test]
+fn bad_requests_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o.gguf");
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .arg("quantize")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let f32 = fixture("tiny-f32.gguf");
+    let (code, err) = run(&[
+        f32.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--type",
+        "q3_xyz",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("unknown --type") && err.contains("q4_k_m"),
+        "{err}"
+    );
+    let (code, err) = run(&["/nonexistent.gguf", out.to_str().unwrap(), "--type", "q8_0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("nonexistent"), "{err}");
+    assert!(!out.exists() && !out.with_extension("gguf.partial").exists());
+}

@@ -1,0 +1,409 @@
+//! Choosing a type per tensor and writing a quantized GGUF, as `llama-quantize` does without an
+//! importance matrix (`shared/reference/gguf.md` §f): the same mixtures (Q4_K_M, Q5_K_M, …), the
+//! same per-tensor rules and fallbacks, ggml's reference quantizers (see `herd_kernels::quant`).
+
+use std::path::Path;
+
+use herd_kernels::{DType, pool, quant};
+
+use crate::gguf::{GgufWriter, Value};
+use crate::{Error, Result, TensorBytes};
+
+/// A whole-file quantization recipe (`general.file_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4KS,
+    Q4KM,
+    Q5KS,
+    Q5KM,
+    Q6K,
+}
+
+impl FileType {
+    pub const ALL: [FileType; 13] = [
+        FileType::F32,
+        FileType::F16,
+        FileType::BF16,
+        FileType::Q4_0,
+        FileType::Q4_1,
+        FileType::Q5_0,
+        FileType::Q5_1,
+        FileType::Q8_0,
+        FileType::Q4KS,
+        FileType::Q4KM,
+        FileType::Q5KS,
+        FileType::Q5KM,
+        FileType::Q6K,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FileType::F32 => "f32",
+            FileType::F16 => "f16",
+            FileType::BF16 => "bf16",
+            FileType::Q4_0 => "q4_0",
+            FileType::Q4_1 => "q4_1",
+            FileType::Q5_0 => "q5_0",
+            FileType::Q5_1 => "q5_1",
+            FileType::Q8_0 => "q8_0",
+            FileType::Q4KS => "q4_k_s",
+            FileType::Q4KM => "q4_k_m",
+            FileType::Q5KS => "q5_k_s",
+            FileType::Q5KM => "q5_k_m",
+            FileType::Q6K => "q6_k",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<FileType> {
+        FileType::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+    }
+
+    /// `general.file_type` (llama.cpp's `llama_ftype`).
+    pub fn id(self) -> u32 {
+        match self {
+            FileType::F32 => 0,
+            FileType::F16 => 1,
+            FileType::Q4_0 => 2,
+            FileType::Q4_1 => 3,
+            FileType::Q8_0 => 7,
+            FileType::Q5_0 => 8,
+            FileType::Q5_1 => 9,
+            FileType::Q4KS => 14,
+            FileType::Q4KM => 15,
+            FileType::Q5KS => 16,
+            FileType::Q5KM => 17,
+            FileType::Q6K => 18,
+            FileType::BF16 => 32,
+        }
+    }
+
+    /// The type most tensors get.
+    pub fn default_type(self) -> DType {
+        match self {
+            FileType::F32 => DType::F32,
+            FileType::F16 => DType::F16,
+            FileType::BF16 => DType::BF16,
+            FileType::Q4_0 => DType::Q4_0,
+            FileType::Q4_1 => DType::Q4_1,
+            FileType::Q5_0 => DType::Q5_0,
+            FileType::Q5_1 => DType::Q5_1,
+            FileType::Q8_0 => DType::Q8_0,
+            FileType::Q4KS | FileType::Q4KM => DType::Q4K,
+            FileType::Q5KS | FileType::Q5KM => DType::Q5K,
+            FileType::Q6K => DType::Q6K,
+        }
+    }
+}
+
+/// What the rules need to know about the model.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelShape {
+    pub n_layers: usize,
+    pub n_experts: usize,
+    /// Number of `attn_v` tensors in the file.
+    pub n_attn_v: usize,
+    /// True when there is no `output.weight` (the embedding doubles as the output head).
+    pub tied_embeddings: bool,
+}
+
+/// llama.cpp's `tensor_allows_quantization` for the tensor names of the architectures we read.
+pub fn allows_quantization(name: &str, n_dims: usize) -> bool {
+    n_dims >= 2
+        && name.ends_with("weight")
+        && !name.contains("_norm.weight")
+        && !name.contains("ffn_gate_inp.weight")
+        && !name.contains("altup")
+        && !name.contains("laurel")
+        && !name.contains("per_layer_model_proj")
+}
+
+fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i as isize - (n / 8) as isize).rem_euclid(3) == 2
+}
+
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// The type llama.cpp's `llama_tensor_get_type` picks for one tensor. `attn_v_index` counts the
+/// `attn_v` tensors before this one.
+pub fn choose_type(
+    ft: FileType,
+    shape: &ModelShape,
+    name: &str,
+    dims: &[u64],
+    current: DType,
+    attn_v_index: usize,
+) -> DType {
+    if !allows_quantization(name, dims.len()) {
+        return current;
+    }
+    let mut t = ft.default_type();
+    if !t.is_quantized() {
+        return t;
+    }
+    let k_mix = matches!(ft, FileType::Q4KM | FileType::Q5KM);
+    let is_output =
+        name == "output.weight" || (shape.tied_embeddings && name == "token_embd.weight");
+    if is_output {
+        if !dims[0].is_multiple_of(t.block_size() as u64) {
+            t = DType::Q8_0;
+        } else if t != DType::Q8_0 {
+            t = DType::Q6K;
+        }
+    } else if name.contains("attn_v.weight") {
+        if k_mix && use_more_bits(attn_v_index, shape.n_attn_v) {
+            t = DType::Q6K;
+        } else if ft == FileType::Q4KS && attn_v_index < 4 {
+            t = DType::Q5K;
+        }
+        if shape.n_experts == 8 {
+            t = DType::Q8_0;
+        }
+    } else if name.contains("attn_k.weight") {
+        if shape.n_experts == 8 {
+            t = DType::Q8_0;
+        }
+    } else if name.contains("ffn_down") {
+        let i = layer_of(name).unwrap_or(0);
+        let n = shape.n_layers;
+        if k_mix && use_more_bits(i, n) {
+            t = DType::Q6K;
+        } else if ft == FileType::Q4KS && i < n / 8 {
+            t = DType::Q5K;
+        }
+    } else if name.contains("attn_output.weight")
+        && shape.n_experts == 8
+        && matches!(ft, FileType::Q4KS | FileType::Q4KM)
+    {
+        t = DType::Q5K;
+    }
+    fallback(t, dims[0])
+}
+
+/// llama.cpp's `tensor_type_fallback`: rows that are not whole blocks get a smaller block.
+fn fallback(t: DType, ncols: u64) -> DType {
+    if ncols.is_multiple_of(t.block_size() as u64) {
+        return t;
+    }
+    let smaller = match t {
+        DType::Q4K => DType::Q5_0,
+        DType::Q5K => DType::Q5_1,
+        DType::Q6K => DType::Q8_0,
+        other => other,
+    };
+    if ncols.is_multiple_of(smaller.block_size() as u64) {
+        smaller
+    } else {
+        DType::F16
+    }
+}
+
+/// One tensor to write: its description and where its data comes from.
+pub struct SourceTensor {
+    pub name: String,
+    /// ggml order.
+    pub dims: Vec<u64>,
+    pub dtype: DType,
+    /// The stored bytes, copied through unchanged when the type stays the same.
+    pub raw: Option<TensorBytes>,
+    /// The values as f32 in ggml order (row length `dims[0]`), for quantizing.
+    pub read: Box<dyn Fn() -> Result<Vec<f32>> + Send + Sync>,
+}
+
+impl std::fmt::Debug for SourceTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SourceTensor({} {:?} {})",
+            self.name, self.dims, self.dtype
+        )
+    }
+}
+
+impl SourceTensor {
+    /// A tensor stored in a file, readable by dequantizing its bytes.
+    pub fn stored(name: &str, dims: Vec<u64>, dtype: DType, bytes: TensorBytes) -> Self {
+        let n = dims.iter().product::<u64>() as usize;
+        let b = bytes.clone();
+        Self {
+            name: name.to_string(),
+            dims,
+            dtype,
+            raw: Some(bytes),
+            read: Box::new(move || Ok(herd_kernels::dtype::decode(dtype, b.as_slice(), n))),
+        }
+    }
+}
+
+/// A model ready to be written as GGUF: metadata, tensors in file order, and the facts the
+/// type rules need.
+#[derive(Debug)]
+pub struct GgufPlan {
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<SourceTensor>,
+    pub shape: ModelShape,
+}
+
+/// What was written.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub tensors: Vec<(String, DType, u64)>,
+    pub bytes: u64,
+}
+
+/// Write the plan's tensors to `out` with types chosen by `ft`, its metadata plus the file-type keys.
+/// `progress(done, total, name)` is called before each tensor.
+pub fn write_quantized(
+    out: &Path,
+    plan: &GgufPlan,
+    ft: FileType,
+    mut progress: impl FnMut(usize, usize, &str),
+) -> Result<Summary> {
+    let (tensors, shape) = (&plan.tensors, &plan.shape);
+    let mut writer = GgufWriter::new();
+    for (k, v) in &plan.metadata {
+        writer.set(k, v.clone());
+    }
+    writer.set("general.file_type", Value::U32(ft.id()));
+    writer.set("general.quantization_version", Value::U32(2));
+    let mut attn_v = 0;
+    let mut targets = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let target = choose_type(ft, shape, &t.name, &t.dims, t.dtype, attn_v);
+        if t.name.contains("attn_v.weight") {
+            attn_v += 1;
+        }
+        writer.add_tensor(&t.name, &t.dims, target);
+        targets.push(target);
+    }
+    let mut summary = Summary::default();
+    writer.write(out, |i| {
+        let (t, target) = (&tensors[i], targets[i]);
+        progress(i, tensors.len(), &t.name);
+        let bytes = match &t.raw {
+            Some(raw) if t.dtype == target => raw.as_slice().to_vec(),
+            _ => quantize_rows(&(t.read)()?, t.dims[0] as usize, target, &t.name)?,
+        };
+        summary.bytes += bytes.len() as u64;
+        summary
+            .tensors
+            .push((t.name.clone(), target, bytes.len() as u64));
+        Ok(bytes)
+    })?;
+    Ok(summary)
+}
+
+/// Quantize rows of `row_len` values in parallel (each row independently, so the result does not
+/// depend on the thread count).
+fn quantize_rows(values: &[f32], row_len: usize, target: DType, name: &str) -> Result<Vec<u8>> {
+    if row_len == 0
+        || !values.len().is_multiple_of(row_len)
+        || !row_len.is_multiple_of(target.block_size())
+    {
+        return Err(Error::Quantize(format!(
+            "{name}: rows of {row_len} cannot be stored as {target}"
+        )));
+    }
+    if target.is_quantized() && !quant::quantize_supported(target) {
+        return Err(Error::Quantize(format!(
+            "{name}: quantizing to {target} is not supported"
+        )));
+    }
+    let n_rows = values.len() / row_len;
+    let row_bytes = target.bytes_for(row_len);
+    let mut out = vec![0u8; n_rows * row_bytes];
+    let rows_per_task = (n_rows / (pool::global().n_threads() * 8)).max(1);
+    let shared = pool::SharedMut::new(&mut out);
+    pool::global().run(n_rows.div_ceil(rows_per_task), |task| {
+        let first = task * rows_per_task;
+        let last = (first + rows_per_task).min(n_rows);
+        // SAFETY: tasks write disjoint row ranges.
+        let dst = unsafe { shared.slice(first * row_bytes, (last - first) * row_bytes) };
+        quant::quantize(target, &values[first * row_len..last * row_len], dst);
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(n_layers: usize) -> ModelShape {
+        ModelShape {
+            n_layers,
+            n_experts: 16,
+            n_attn_v: n_layers,
+            tied_embeddings: false,
+        }
+    }
+
+    #[test]
+    fn q4_k_m_follows_llama_cpp_rules() {
+        let s = shape(32);
+        let pick = |name: &str, ne0: u64, v: usize| {
+            choose_type(FileType::Q4KM, &s, name, &[ne0, 4096], DType::F32, v)
+        };
+        assert_eq!(pick("output.weight", 4096, 0), DType::Q6K);
+        assert_eq!(pick("token_embd.weight", 4096, 0), DType::Q4K);
+        assert_eq!(pick("blk.5.attn_q.weight", 4096, 0), DType::Q4K);
+        // use_more_bits for 32: 0-3, 28-31 and 6, 9, …, 27.
+        let more: Vec<usize> = (0..32)
+            .filter(|&i| pick(&format!("blk.{i}.ffn_down.weight"), 4096, 0) == DType::Q6K)
+            .collect();
+        assert_eq!(
+            more,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
+        assert_eq!(pick("blk.3.attn_v.weight", 4096, 3), DType::Q6K);
+        assert_eq!(pick("blk.4.attn_v.weight", 4096, 4), DType::Q4K);
+        assert_eq!(
+            pick("blk.4.attn_norm.weight", 4096, 0),
+            DType::F32,
+            "norms are never quantized"
+        );
+        assert_eq!(
+            choose_type(
+                FileType::Q4KM,
+                &s,
+                "blk.1.ffn_gate_inp.weight",
+                &[4096, 16],
+                DType::F32,
+                0
+            ),
+            DType::F32,
+            "routers are never quantized"
+        );
+        // Fallbacks for rows that are not whole 256-blocks.
+        assert_eq!(pick("blk.5.attn_q.weight", 96, 0), DType::Q5_0);
+        assert_eq!(pick("blk.0.ffn_down.weight", 96, 0), DType::Q8_0);
+        assert_eq!(pick("blk.5.attn_q.weight", 48, 0), DType::F16);
+    }
+
+    #[test]
+    fn q8_0_quantizes_everything_the_same() {
+        let s = shape(4);
+        for name in [
+            "output.weight",
+            "token_embd.weight",
+            "blk.0.attn_v.weight",
+            "blk.0.ffn_down_exps.weight",
+        ] {
+            assert_eq!(
+                choose_type(FileType::Q8_0, &s, name, &[256, 8], DType::F32, 0),
+                DType::Q8_0,
+                "{name}"
+            );
+        }
+    }
+}
