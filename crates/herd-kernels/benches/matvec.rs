@@ -1,0 +1,78 @@
+//! Quantized matrix-vector products (one decode step's shape), reported as GB/s of weights
+//! streamed, next to a plain memory-read benchmark of this machine on the same run.
+//!
+//! `cargo bench -p herd-kernels --bench matvec` (HERD_THREADS sets the thread count).
+
+use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
+use herd_kernels::matmul::matmul;
+use herd_kernels::quant::quantize;
+use herd_kernels::{DType, Layout, MatRef};
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Read bandwidth: sum 512 MiB of u64 with a few independent accumulators, split over the
+/// same pool the kernels use.
+fn memory_read(c: &mut Criterion) {
+    let words = 64 << 20;
+    let data: Vec<u64> = (0..words as u64).collect();
+    let pool = herd_kernels::pool::global();
+    let threads = pool.n_threads();
+    let mut g = c.benchmark_group("memory");
+    g.throughput(Throughput::Bytes((words * 8) as u64));
+    g.sample_size(10);
+    g.bench_function(format!("read_{threads}t"), |b| {
+        b.iter(|| {
+            let chunk = words / threads;
+            let sums: Vec<std::sync::atomic::AtomicU64> =
+                (0..threads).map(|_| Default::default()).collect();
+            pool.run(threads, |t| {
+                let s = &data[t * chunk..(t + 1) * chunk];
+                let mut acc = [0u64; 4];
+                for w in s.chunks_exact(4) {
+                    for k in 0..4 {
+                        acc[k] = acc[k].wrapping_add(w[k]);
+                    }
+                }
+                sums[t].store(
+                    acc.iter().fold(0, |a, b| a.wrapping_add(*b)),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            });
+            black_box(sums)
+        })
+    });
+    g.finish();
+}
+
+fn matvec(c: &mut Criterion) {
+    // Scout-shaped expert / attention matrix: 2048 in, 8192 out (decoding one token).
+    let (k, n) = (2048, 8192);
+    let w = rand_vec(k * n, 1);
+    let x = rand_vec(k, 2);
+    let mut g = c.benchmark_group("matvec_2048x8192");
+    g.sample_size(20);
+    for t in [DType::Q4K, DType::Q6K, DType::Q8_0, DType::Q4_0] {
+        let mut q = vec![0u8; t.bytes_for(k * n)];
+        quantize(t, &w, &mut q);
+        let m = MatRef::new(&q, t, k, n, Layout::OutMajor).unwrap();
+        let mut out = vec![0.0f32; n];
+        g.throughput(Throughput::Bytes(q.len() as u64));
+        g.bench_function(t.name(), |b| {
+            b.iter(|| matmul(black_box(&x), 1, &m, &mut out))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, memory_read, matvec);
+criterion_main!(benches);
