@@ -9,6 +9,7 @@ use herd_formats::npy;
 use herd_models::{Batch, load_model};
 
 mod inspect;
+mod plan;
 mod quantize;
 
 #[derive(Parser, Debug)]
@@ -51,6 +52,8 @@ enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// Will a model fit this hardware, where should each part live, how fast can it run.
+    Plan(plan::PlanArgs),
     /// Write a quantized GGUF from a GGUF file or a Hugging Face directory, choosing each
     /// tensor's type as llama-quantize does (no importance matrix).
     Quantize {
@@ -86,6 +89,7 @@ fn run(command: Command) -> Result<()> {
             hidden_states,
         } => logits(&model, &tokens, &out, hidden_states.as_deref()),
         Command::Inspect { file, full } => inspect::run(&file, full),
+        Command::Plan(args) => plan::run(&args),
         Command::Quantize {
             input,
             output,
@@ -139,5 +143,22 @@ fn logits(model_dir: &Path, tokens: &[u32], out: &Path, hidden_dir: Option<&Path
         model.vocab_size(),
         out.display()
     );
+    if let Some(peak) = peak_resident_bytes() {
+        eprintln!("peak resident memory: {peak} bytes");
+    }
     Ok(())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), for comparing with `herd plan`.
+fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }

@@ -1,0 +1,115 @@
+//! `herd plan`: will it fit, where should each part live, how fast can it run.
+
+use anyhow::{Result, bail};
+use herd_formats::quantize::FileType;
+use herd_plan::hardware::{self, GIB};
+use herd_plan::{Hardware, KvType, Request};
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    /// A GGUF file, an HF directory, or an alias (llama4:scout, llama4:maverick).
+    model: String,
+    /// Weight type to plan for (bf16, q8_0, q4_k_m, …); default: as stored (GGUF) or bf16.
+    #[arg(long = "type", short = 't')]
+    weight_type: Option<String>,
+    /// Context length per sequence.
+    #[arg(long, default_value_t = 8192)]
+    context: usize,
+    /// Concurrent sequences.
+    #[arg(long, default_value_t = 1)]
+    sequences: usize,
+    /// KV cache element type: f16, bf16, f32, q8_0.
+    #[arg(long, default_value = "f16")]
+    kv_type: String,
+    /// GPU from the catalog, optionally with a count: rtx4090, h100x4.
+    #[arg(long)]
+    gpu: Option<String>,
+    /// GPU memory per device (instead of or overriding the catalog's), e.g. 24GiB.
+    #[arg(long)]
+    gpu_mem: Option<String>,
+    /// System memory, e.g. 128GiB.
+    #[arg(long)]
+    ram: Option<String>,
+    /// System memory read bandwidth, e.g. 90GB/s.
+    #[arg(long)]
+    mem_bandwidth: Option<String>,
+    /// CPU compute for prefill bounds, in TFLOP/s.
+    #[arg(long)]
+    cpu_tflops: Option<f64>,
+    /// Read this machine's RAM and measure its memory bandwidth (about a second).
+    #[arg(long)]
+    this_machine: bool,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: &PlanArgs) -> Result<()> {
+    let ft = match &a.weight_type {
+        Some(t) => Some(FileType::from_name(t).ok_or_else(|| {
+            let names: Vec<&str> = FileType::ALL.iter().map(|t| t.name()).collect();
+            anyhow::anyhow!("unknown --type {t:?}; choose one of {}", names.join(", "))
+        })?),
+        None => None,
+    };
+    let facts = herd_plan::resolve(&a.model, ft)?;
+    let mut hw = Hardware::default();
+    if let Some(spec) = &a.gpu {
+        let (gpu, n) = hardware::parse_gpu(spec)?;
+        hw.gpu = Some(gpu);
+        hw.gpu_count = n;
+    }
+    if let Some(mem) = &a.gpu_mem {
+        let bytes = hardware::parse_bytes(mem)?;
+        if bytes <= GIB {
+            bail!("--gpu-mem {mem}: a GPU needs more than the 1 GiB its runtime takes");
+        }
+        match &mut hw.gpu {
+            Some(g) => g.memory = bytes,
+            None => {
+                hw.gpu = Some(hardware::Gpu {
+                    name: format!("GPU with {mem}"),
+                    memory: bytes,
+                    bandwidth: 1e12,
+                    flops: 1e14,
+                });
+                hw.gpu_count = 1;
+                eprintln!(
+                    "note: --gpu-mem without --gpu assumes 1 TB/s and 100 TFLOP/s; name a GPU for real bounds"
+                );
+            }
+        }
+    }
+    if a.this_machine {
+        hw.ram = Some(hardware::this_machine_ram()?);
+        hw.ram_bandwidth = Some(hardware::measure_read_bandwidth());
+        let threads = herd_kernels::pool::global().n_threads() as f64;
+        // AVX2 FMA: 2 × 8 f32 lanes × 2 FLOPs per cycle per core, at an assumed 3 GHz.
+        hw.cpu_flops = Some(threads * 32.0 * 3e9);
+    }
+    if let Some(r) = &a.ram {
+        hw.ram = Some(hardware::parse_bytes(r)?);
+    }
+    if let Some(b) = &a.mem_bandwidth {
+        hw.ram_bandwidth = Some(hardware::parse_bandwidth(b)?);
+    }
+    if let Some(t) = a.cpu_tflops {
+        if !(t.is_finite() && t > 0.0) {
+            bail!("--cpu-tflops must be positive");
+        }
+        hw.cpu_flops = Some(t * 1e12);
+    }
+    let req = Request {
+        context: a.context,
+        sequences: a.sequences,
+        kv_type: KvType::parse(&a.kv_type)?,
+        hardware: hw,
+    };
+    let report = herd_plan::plan(&facts, &req)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", herd_plan::render::text(&report));
+    }
+    Ok(())
+}

@@ -1,0 +1,191 @@
+//! `herd plan` from the command line, and its memory prediction against a real herd process.
+
+use std::path::Path;
+use std::process::Command;
+
+use herd_formats::gguf::{GgufWriter, Value};
+use herd_kernels::DType;
+
+fn herd(args: &[&str]) -> (Option<i32>, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+#[test]
+fn scout_on_a_24_gb_gpu_from_the_command_line() {
+    let (code, out, err) = herd(&[
+        "plan",
+        "llama4:scout",
+        "--type",
+        "q4_k_m",
+        "--gpu",
+        "rtx4090",
+        "--ram",
+        "128GiB",
+        "--mem-bandwidth",
+        "90GB/s",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("all on GPU") && out.contains("does NOT fit"),
+        "{out}"
+    );
+    assert!(
+        out.contains("recommendation: routed experts in system RAM"),
+        "{out}"
+    );
+    let (code, out, _) = herd(&["plan", "llama4:maverick", "--json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["params_total"].as_u64().unwrap() > 400_000_000_000);
+    assert!(
+        v["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"].as_str().unwrap().starts_with("CPU only"))
+    );
+    for (args, needle) in [
+        (
+            vec!["plan", "llama4:scout", "--gpu", "rtx9999"],
+            "unknown GPU",
+        ),
+        (
+            vec!["plan", "llama4:scout", "--gpu-mem", "0GiB"],
+            "positive",
+        ),
+        (
+            vec!["plan", "llama4:scout", "--context", "99999999"],
+            "maximum",
+        ),
+        (
+            vec!["plan", "llama4:scout", "--type", "q9_9"],
+            "unknown --type",
+        ),
+    ] {
+        let (code, _, err) = herd(&args);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+/// A Llama 4 GGUF of about 140 MB with random f32 weights (top-4 of 4 experts, so every weight is
+/// touched by the forward pass).
+fn write_model(path: &Path) {
+    let (h, layers, heads, kv, d, e, inter, vocab) =
+        (512u64, 4usize, 4u64, 2u64, 128u64, 4u64, 1024u64, 1024u64);
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::string("llama4"));
+    for (k, v) in [
+        ("block_count", layers as u64),
+        ("context_length", 256),
+        ("embedding_length", h),
+        ("feed_forward_length", 2048),
+        ("attention.head_count", heads),
+        ("attention.head_count_kv", kv),
+        ("rope.dimension_count", d),
+        ("expert_count", e),
+        ("expert_used_count", e),
+        ("expert_feed_forward_length", inter),
+        ("interleave_moe_layer_step", 1),
+    ] {
+        w.set(&format!("llama4.{k}"), Value::U32(v as u32));
+    }
+    w.set("llama4.rope.freq_base", Value::F32(500000.0));
+    w.set("llama4.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
+    let mut tensors: Vec<(String, Vec<u64>)> = vec![
+        ("token_embd.weight".into(), vec![h, vocab]),
+        ("output.weight".into(), vec![h, vocab]),
+        ("output_norm.weight".into(), vec![h]),
+    ];
+    for l in 0..layers {
+        for (n, dims) in [
+            ("attn_norm", vec![h]),
+            ("attn_q", vec![h, heads * d]),
+            ("attn_k", vec![h, kv * d]),
+            ("attn_v", vec![h, kv * d]),
+            ("attn_output", vec![heads * d, h]),
+            ("ffn_norm", vec![h]),
+            ("ffn_gate_inp", vec![h, e]),
+            ("ffn_gate_shexp", vec![h, inter]),
+            ("ffn_up_shexp", vec![h, inter]),
+            ("ffn_down_shexp", vec![inter, h]),
+            ("ffn_gate_exps", vec![h, inter, e]),
+            ("ffn_up_exps", vec![h, inter, e]),
+            ("ffn_down_exps", vec![inter, h, e]),
+        ] {
+            tensors.push((format!("blk.{l}.{n}.weight"), dims));
+        }
+    }
+    for (n, dims) in &tensors {
+        w.add_tensor(n, dims, DType::F32);
+    }
+    let mut seed = 1u64;
+    w.write(path, |i| {
+        let (name, dims) = &tensors[i];
+        let n: u64 = dims.iter().product();
+        let norm = name.contains("norm");
+        let mut out = Vec::with_capacity(n as usize * 4);
+        for _ in 0..n {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+            out.extend_from_slice(&(if norm { 1.0 + r } else { r }).to_le_bytes());
+        }
+        Ok(out)
+    })
+    .unwrap();
+}
+
+#[test]
+fn predicted_resident_memory_matches_a_real_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m.gguf");
+    write_model(&model);
+    let tokens: Vec<String> = (0..16).map(|t| (t * 37 % 1024).to_string()).collect();
+    let (code, out, err) = herd(&[
+        "plan",
+        model.to_str().unwrap(),
+        "--context",
+        "16",
+        "--kv-type",
+        "f32",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let predicted = plan["cpu_process_bytes"].as_f64().unwrap();
+    let npy = tmp.path().join("l.npy");
+    let (code, _, err) = herd(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        &tokens.join(","),
+        "--out",
+        npy.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let measured: f64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("peak resident memory: "))
+        .and_then(|l| l.trim_end_matches(" bytes").parse().ok())
+        .expect("herd logits reports its peak resident memory");
+    let rel = (measured - predicted).abs() / predicted;
+    eprintln!(
+        "predicted {predicted:.0} bytes, measured {measured:.0} bytes ({:.1}%)",
+        rel * 100.0
+    );
+    assert!(
+        rel <= 0.10,
+        "predicted {predicted:.0}, measured {measured:.0}"
+    );
+}

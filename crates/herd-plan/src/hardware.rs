@@ -1,0 +1,225 @@
+//! Hardware: a catalog of GPUs (memory, bandwidth, bf16 compute) and system memory, user-
+//! extensible from a JSON file, and measurement of this machine.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+pub const GIB: f64 = (1u64 << 30) as f64;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub name: String,
+    /// Bytes of device memory.
+    pub memory: f64,
+    /// Bytes per second.
+    pub bandwidth: f64,
+    /// Dense bf16 FLOP/s.
+    pub flops: f64,
+}
+
+/// Built-in GPUs: name, memory GiB (as sold, GB where vendors quote GB), bandwidth GB/s, dense
+/// bf16 TFLOP/s. Vendor datasheet figures.
+const GPUS: &[(&str, f64, f64, f64)] = &[
+    ("rtx3060", 12.0, 360.0, 51.0),
+    ("rtx3080", 10.0, 760.0, 119.0),
+    ("rtx3090", 24.0, 936.0, 142.0),
+    ("rtx4060ti", 16.0, 288.0, 88.0),
+    ("rtx4070", 12.0, 504.0, 117.0),
+    ("rtx4080", 16.0, 717.0, 195.0),
+    ("rtx4090", 24.0, 1008.0, 330.0),
+    ("rtx5070", 12.0, 672.0, 247.0),
+    ("rtx5080", 16.0, 960.0, 450.0),
+    ("rtx5090", 32.0, 1792.0, 838.0),
+    ("l40s", 48.0, 864.0, 362.0),
+    ("a100-40gb", 40.0, 1555.0, 312.0),
+    ("a100-80gb", 80.0, 2039.0, 312.0),
+    ("h100-pcie", 80.0, 2000.0, 756.0),
+    ("h100-sxm", 80.0, 3350.0, 989.0),
+    ("h100", 80.0, 3350.0, 989.0),
+    ("h200", 141.0, 4800.0, 989.0),
+    ("b200", 180.0, 8000.0, 2250.0),
+    ("mi300x", 192.0, 5300.0, 1307.0),
+    // Apple unified memory: the "GPU" is the SoC; memory is what the machine has.
+    ("m2-max", 96.0, 400.0, 27.0),
+    ("m2-ultra", 192.0, 800.0, 54.0),
+    ("m3-max", 128.0, 400.0, 28.0),
+    ("m4-max", 128.0, 546.0, 34.0),
+];
+
+/// The catalog, plus entries from the JSON file in `HERD_HARDWARE` (a list of
+/// `{"name", "memory_gib", "bandwidth_gbs", "tflops"}`), which may add or override.
+pub fn catalog() -> Result<Vec<Gpu>> {
+    let mut gpus: Vec<Gpu> = GPUS
+        .iter()
+        .map(|&(name, mem, bw, tf)| Gpu {
+            name: name.into(),
+            memory: mem * GIB,
+            bandwidth: bw * 1e9,
+            flops: tf * 1e12,
+        })
+        .collect();
+    if let Ok(path) = std::env::var("HERD_HARDWARE") {
+        #[derive(Deserialize)]
+        struct Entry {
+            name: String,
+            memory_gib: f64,
+            bandwidth_gbs: f64,
+            tflops: f64,
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| Error::Hardware(format!("{path}: {e}")))?;
+        let extra: Vec<Entry> =
+            serde_json::from_str(&text).map_err(|e| Error::Hardware(format!("{path}: {e}")))?;
+        for e in extra {
+            gpus.retain(|g| g.name != e.name);
+            gpus.push(Gpu {
+                name: e.name,
+                memory: e.memory_gib * GIB,
+                bandwidth: e.bandwidth_gbs * 1e9,
+                flops: e.tflops * 1e12,
+            });
+        }
+    }
+    Ok(gpus)
+}
+
+/// `rtx4090`, `h100x4`, `2xa100-80gb`: a catalog GPU and a count.
+pub fn parse_gpu(spec: &str) -> Result<(Gpu, usize)> {
+    let s = spec.trim().to_ascii_lowercase();
+    let catalog = catalog()?;
+    let find = |name: &str| catalog.iter().find(|g| g.name == name).cloned();
+    if let Some(g) = find(&s) {
+        return Ok((g, 1));
+    }
+    // `NAMExN` or `NxNAME`.
+    let suffix = s
+        .rsplit_once('x')
+        .and_then(|(n, c)| Some((n, c.parse::<usize>().ok()?)));
+    let prefix = s
+        .split_once('x')
+        .and_then(|(c, n)| Some((n, c.parse::<usize>().ok()?)));
+    for (name, count) in [suffix, prefix].into_iter().flatten() {
+        if let Some(g) = find(name).filter(|_| count > 0) {
+            return Ok((g, count));
+        }
+    }
+    Err(unknown_gpu(spec, &catalog))
+}
+
+fn unknown_gpu(spec: &str, catalog: &[Gpu]) -> Error {
+    let names: Vec<&str> = catalog.iter().map(|g| g.name.as_str()).collect();
+    Error::Hardware(format!(
+        "unknown GPU {spec:?}; known: {} (add more with a JSON file in HERD_HARDWARE)",
+        names.join(", ")
+    ))
+}
+
+/// `24GiB`, `24GB`, `512MiB`, `1.5TiB`, or plain bytes.
+pub fn parse_bytes(s: &str) -> Result<f64> {
+    let t = s.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| Error::Hardware(format!("cannot read a size from {s:?}")))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => GIB,
+        "tib" => GIB * 1024.0,
+        other => {
+            return Err(Error::Hardware(format!(
+                "unknown size unit {other:?} in {s:?}"
+            )));
+        }
+    };
+    if !(v.is_finite() && v > 0.0) {
+        return Err(Error::Hardware(format!("{s:?}: sizes must be positive")));
+    }
+    Ok(v * mult)
+}
+
+/// `90GB/s`, `22.5 GB/s`, `800GiB/s`.
+pub fn parse_bandwidth(s: &str) -> Result<f64> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("/s")
+        .or_else(|| t.strip_suffix("ps"))
+        .unwrap_or(t);
+    parse_bytes(t)
+}
+
+/// System RAM of this machine, bytes (`MemTotal`).
+pub fn this_machine_ram() -> Result<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| Error::Hardware(format!("/proc/meminfo: {e}")))?;
+    let kb = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .ok_or_else(|| Error::Hardware("no MemTotal in /proc/meminfo".into()))?;
+    Ok(kb * 1024.0)
+}
+
+/// Memory read bandwidth of this machine, bytes/s: all threads summing a 256 MiB buffer for
+/// about a second, best of several passes.
+pub fn measure_read_bandwidth() -> f64 {
+    let words = 32usize << 20;
+    let data: Vec<u64> = (0..words as u64).collect();
+    let pool = herd_kernels::pool::global();
+    let threads = pool.n_threads();
+    let chunk = words / threads;
+    let mut best = 0.0f64;
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs_f64() < 1.0 {
+        let t0 = std::time::Instant::now();
+        let sink = std::sync::atomic::AtomicU64::new(0);
+        pool.run(threads, |t| {
+            let mut acc = [0u64; 4];
+            for w in data[t * chunk..(t + 1) * chunk].chunks_exact(4) {
+                for k in 0..4 {
+                    acc[k] = acc[k].wrapping_add(w[k]);
+                }
+            }
+            sink.fetch_add(
+                acc.iter().fold(0, |a, b| a.wrapping_add(*b)),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        });
+        std::hint::black_box(sink.load(std::sync::atomic::Ordering::Relaxed));
+        best = best.max((chunk * threads * 8) as f64 / t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_gpu_specs_and_sizes() {
+        let (g, n) = parse_gpu("h100x4").unwrap();
+        assert_eq!((g.name.as_str(), n), ("h100", 4));
+        assert_eq!(parse_gpu("2xrtx4090").unwrap().1, 2);
+        assert_eq!(parse_gpu("RTX4090").unwrap().0.memory, 24.0 * GIB);
+        assert!(
+            parse_gpu("rtx9999")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown GPU")
+        );
+        assert!(parse_gpu("h100x0").is_err());
+        assert_eq!(parse_bytes("24GiB").unwrap(), 24.0 * GIB);
+        assert_eq!(parse_bytes("512 MB").unwrap(), 512e6);
+        assert_eq!(parse_bandwidth("90GB/s").unwrap(), 90e9);
+        assert!(parse_bytes("0GiB").is_err());
+        assert!(parse_bytes("lots").is_err());
+    }
+}

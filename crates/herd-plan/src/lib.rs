@@ -1,0 +1,107 @@
+//! Will a model fit, where should each part live, and how fast can it run: answered from a
+//! config or a GGUF header alone, before anything is downloaded or loaded.
+//!
+//! Memory follows the total parameter count (every expert must be resident), speed follows the
+//! bytes a token reads (its routed experts, not all of them). Bounds are physics, not
+//! predictions: decode ≤ bandwidth ÷ bytes read per token, prefill ≤ FLOP/s ÷ FLOPs per token.
+//! This crate does not run models.
+
+pub mod hardware;
+pub mod model;
+pub mod plan;
+pub mod render;
+
+use std::path::Path;
+
+use herd_formats::GgufFile;
+use herd_formats::quantize::FileType;
+use herd_models::llama4::Llama4Config;
+
+pub use model::ModelFacts;
+pub use plan::{Hardware, KvType, Report, Request, plan};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Hardware(String),
+    #[error("{0}")]
+    Model(String),
+    #[error("{0}")]
+    Request(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Released Llama 4 text configs (reference note §a.1), for planning without a download.
+const SCOUT: &str = r#"{"model_type": "llama4_text", "vocab_size": 202048, "hidden_size": 5120,
+  "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+  "intermediate_size": 8192, "intermediate_size_mlp": 16384, "num_local_experts": 16,
+  "num_experts_per_tok": 1, "interleave_moe_layer_step": 1, "max_position_embeddings": 10485760,
+  "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 16.0,
+  "low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+  "attention_chunk_size": 8192, "use_qk_norm": true}"#;
+const MAVERICK: &str = r#"{"model_type": "llama4_text", "vocab_size": 202048, "hidden_size": 5120,
+  "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
+  "intermediate_size": 8192, "intermediate_size_mlp": 16384, "num_local_experts": 128,
+  "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "max_position_embeddings": 1048576,
+  "rope_theta": 500000.0, "attention_chunk_size": 8192, "use_qk_norm": false}"#;
+
+/// Aliases the planner knows without a file.
+pub const ALIASES: &[&str] = &["llama4:scout", "llama4:maverick"];
+
+/// Resolve a model reference: a built-in alias, a GGUF file (exact tensor table; `ft` ignored
+/// unless given, then predicted as if requantized) or an HF directory (`ft` defaults to bf16).
+pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
+    let config_json = match reference {
+        "llama4:scout" => Some(SCOUT),
+        "llama4:maverick" => Some(MAVERICK),
+        _ => None,
+    };
+    if let Some(text) = config_json {
+        let c = Llama4Config::from_json(
+            &serde_json::from_str(text).expect("built-in config is valid JSON"),
+        )
+        .map_err(|e| Error::Model(e.to_string()))?;
+        return Ok(ModelFacts::from_llama4(
+            reference,
+            &c,
+            ft.unwrap_or(FileType::BF16),
+        ));
+    }
+    if reference.starts_with("hf:") {
+        return Err(Error::Model(format!(
+            "{reference}: planning from the Hugging Face hub needs network access, which this build does not have yet; \
+             download config.json (or the GGUF header) and pass its directory or file"
+        )));
+    }
+    let path = Path::new(reference);
+    if path.is_dir() {
+        let config = herd_formats::hf::read_json(&path.join("config.json"))
+            .map_err(|e| Error::Model(e.to_string()))?;
+        let c = Llama4Config::from_json(&config).map_err(|e| Error::Model(e.to_string()))?;
+        return Ok(ModelFacts::from_llama4(
+            reference,
+            &c,
+            ft.unwrap_or(FileType::BF16),
+        ));
+    }
+    if path.is_file() {
+        let f = GgufFile::open(path).map_err(|e| Error::Model(e.to_string()))?;
+        let facts = ModelFacts::from_gguf(reference, &f)?;
+        if let Some(ft) = ft {
+            if f.get("general.architecture").and_then(|v| v.as_str()) == Some("llama4") {
+                let c = herd_models::llama4::config::gguf::config(&f)
+                    .map_err(|e| Error::Model(e.to_string()))?;
+                return Ok(ModelFacts::from_llama4(reference, &c, ft));
+            }
+            return Err(Error::Model(
+                "--type with a GGUF file is supported for llama4 files".into(),
+            ));
+        }
+        return Ok(facts);
+    }
+    Err(Error::Model(format!(
+        "{reference:?} is not a GGUF file, a model directory, or a known alias ({})",
+        ALIASES.join(", ")
+    )))
+}
