@@ -621,6 +621,57 @@ mod tests {
     }
 
     #[test]
+    fn every_value_type_round_trips_and_version_2_reads() {
+        let values = vec![
+            Value::U8(1),
+            Value::I8(-2),
+            Value::U16(3),
+            Value::I16(-4),
+            Value::U32(5),
+            Value::I32(-6),
+            Value::F32(7.5),
+            Value::Bool(true),
+            Value::string("eight"),
+            Value::Array(5, vec![Value::I32(9), Value::I32(-9)]),
+            Value::U64(10),
+            Value::I64(-11),
+            Value::F64(12.25),
+            Value::String(vec![0xff, 0xfe]),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.gguf");
+        let mut w = GgufWriter::new();
+        for (i, v) in values.iter().enumerate() {
+            w.set(&format!("k.{i}"), v.clone());
+        }
+        w.write(&path, |_| unreachable!()).unwrap();
+        let f = GgufFile::open(&path).unwrap();
+        for (i, v) in values.iter().enumerate() {
+            assert_eq!(f.get(&format!("k.{i}")), Some(v));
+        }
+        assert_eq!(
+            f.get("k.13").unwrap().as_str(),
+            None,
+            "invalid UTF-8 stays bytes"
+        );
+        // Version 2 has the same layout.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(parse_header(&bytes).unwrap().version, 2);
+        // Nested arrays are refused, not looped over.
+        let mut w = GgufWriter::new();
+        w.set("nested", Value::Array(9, vec![Value::Array(4, vec![])]));
+        let nested = dir.path().join("n.gguf");
+        w.write(&nested, |_| unreachable!()).unwrap();
+        assert!(
+            GgufFile::open(&nested)
+                .unwrap_err()
+                .to_string()
+                .contains("nested")
+        );
+    }
+
+    #[test]
     fn every_truncation_is_an_error() {
         let (_d, path) = sample();
         let bytes = std::fs::read(&path).unwrap();
