@@ -1,0 +1,450 @@
+//! Text ↔ token ids, from a Hugging Face `tokenizer.json` (through the `tokenizers` crate) or
+//! from the vocabulary embedded in a GGUF file (byte-level BPE like llama.cpp's `gpt2` model, or
+//! SentencePiece-style like its `llama` model), with the special-token facts generation needs.
+
+mod gguf_bpe;
+mod spm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use herd_formats::GgufFile;
+use herd_formats::gguf::Value;
+
+use crate::{Error, Result};
+
+/// GGUF `tokenizer.ggml.token_type` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenType {
+    Normal,
+    Unknown,
+    Control,
+    UserDefined,
+    Unused,
+    Byte,
+}
+
+impl TokenType {
+    fn from_gguf(v: i64) -> TokenType {
+        match v {
+            2 => TokenType::Unknown,
+            3 => TokenType::Control,
+            4 => TokenType::UserDefined,
+            5 => TokenType::Unused,
+            6 => TokenType::Byte,
+            _ => TokenType::Normal,
+        }
+    }
+}
+
+enum Backend {
+    Hf(Box<tokenizers::Tokenizer>),
+    Spm(SpmVocab),
+}
+
+/// A GGUF SentencePiece vocabulary.
+struct SpmVocab {
+    tokens: Vec<String>,
+    types: Vec<TokenType>,
+    scores: Vec<f32>,
+    token_to_id: HashMap<String, u32>,
+    byte_tokens: [Option<u32>; 256],
+    /// Control and user-defined tokens, longest first: matched in the text before SPM runs.
+    specials: Vec<(String, u32, TokenType)>,
+    add_space_prefix: bool,
+}
+
+pub struct Tokenizer {
+    backend: Backend,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Ids that end a generated turn (EOS, end-of-turn, end-of-message, …).
+    pub stop_ids: Vec<u32>,
+    pub pad: Option<u32>,
+    /// Whether encoding with special tokens prepends BOS.
+    pub add_bos: bool,
+    /// The chat template shipped with the tokenizer, if any.
+    pub chat_template: Option<String>,
+    source: PathBuf,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tokenizer({}, vocab {})",
+            self.source.display(),
+            self.vocab_size()
+        )
+    }
+}
+
+fn json_token_id(tok: &tokenizers::Tokenizer, v: Option<&serde_json::Value>) -> Option<u32> {
+    match v? {
+        serde_json::Value::String(s) => tok.token_to_id(s),
+        serde_json::Value::Object(o) => tok.token_to_id(o.get("content")?.as_str()?),
+        serde_json::Value::Number(n) => n.as_u64().map(|n| n as u32),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// From a Hugging Face directory: `tokenizer.json`, plus `tokenizer_config.json` (special
+    /// tokens, BOS policy, chat template) and `generation_config.json` / `config.json` (stop ids).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let bad = |reason: String| Error::Tokenizer {
+            path: path.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+        let tok = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        let read = |name: &str| -> Option<serde_json::Value> {
+            std::fs::read_to_string(dir.join(name))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+        };
+        let tc = read("tokenizer_config.json").unwrap_or(serde_json::Value::Null);
+        let bos = json_token_id(&tok, tc.get("bos_token"));
+        let eos = json_token_id(&tok, tc.get("eos_token"));
+        let pad = json_token_id(&tok, tc.get("pad_token"));
+        // Does the post-processor add BOS? Ask it rather than trust a flag.
+        let add_bos = match (bos, tok.encode("a", true)) {
+            (Some(b), Ok(enc)) => enc.get_ids().first() == Some(&b),
+            _ => false,
+        };
+        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        for name in ["generation_config.json", "config.json"] {
+            if let Some(v) = read(name) {
+                let v = v.get("text_config").cloned().unwrap_or(v);
+                match v.get("eos_token_id") {
+                    Some(serde_json::Value::Array(a)) => {
+                        stop_ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32))
+                    }
+                    Some(x) => stop_ids.extend(x.as_u64().map(|x| x as u32)),
+                    None => {}
+                }
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        let chat_template = match tc.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            // A list of named templates: the default one.
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_owned)),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        Ok(Self {
+            backend: Backend::Hf(Box::new(tok)),
+            bos,
+            eos,
+            stop_ids,
+            pad,
+            add_bos,
+            chat_template,
+            source: path,
+        })
+    }
+
+    /// From the vocabulary embedded in a GGUF file.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self> {
+        let path = f.path.clone();
+        let bad = |reason: String| Error::Tokenizer {
+            path: path.clone(),
+            reason,
+        };
+        let model = f
+            .get("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no tokenizer.ggml.model".into()))?;
+        let tokens: Vec<String> = match f.get("tokenizer.ggml.tokens").and_then(Value::as_array) {
+            Some(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| bad(format!("token {i} is not valid UTF-8")))
+                })
+                .collect::<Result<_>>()?,
+            None => return Err(bad("no tokenizer.ggml.tokens".into())),
+        };
+        let types: Vec<TokenType> =
+            match f.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+                Some(items) => items
+                    .iter()
+                    .map(|v| TokenType::from_gguf(v.as_i64().unwrap_or(1)))
+                    .collect(),
+                None => vec![TokenType::Normal; tokens.len()],
+            };
+        if types.len() != tokens.len() {
+            return Err(bad(format!(
+                "{} token types for {} tokens",
+                types.len(),
+                tokens.len()
+            )));
+        }
+        let n = tokens.len() as u64;
+        let id = |key: &str| -> Result<Option<u32>> {
+            match f.get(key).and_then(Value::as_u64) {
+                Some(v) if v < n => Ok(Some(v as u32)),
+                Some(v) => Err(bad(format!("{key} = {v} is outside the vocabulary ({n})"))),
+                None => Ok(None),
+            }
+        };
+        let (bos, eos, pad) = (
+            id("tokenizer.ggml.bos_token_id")?,
+            id("tokenizer.ggml.eos_token_id")?,
+            id("tokenizer.ggml.padding_token_id")?,
+        );
+        let mut stop_ids: Vec<u32> = [
+            eos,
+            id("tokenizer.ggml.eot_token_id")?,
+            id("tokenizer.ggml.eom_token_id")?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        let flag = |key: &str| f.get(key).and_then(Value::as_bool);
+        let chat_template = f
+            .get("tokenizer.chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let backend = match model {
+            "gpt2" => {
+                let merges: Vec<String> = f
+                    .get("tokenizer.ggml.merges")
+                    .and_then(Value::as_array)
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|v| v.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let pre = f
+                    .get("tokenizer.ggml.pre")
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
+                Backend::Hf(Box::new(
+                    gguf_bpe::build(&tokens, &types, &merges, pre).map_err(bad)?,
+                ))
+            }
+            "llama" => {
+                let scores: Vec<f32> =
+                    match f.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+                        Some(items) => items
+                            .iter()
+                            .map(|v| v.as_f64().unwrap_or(0.0) as f32)
+                            .collect(),
+                        None => vec![0.0; tokens.len()],
+                    };
+                let mut token_to_id = HashMap::with_capacity(tokens.len());
+                let mut byte_tokens = [None; 256];
+                let mut specials = Vec::new();
+                for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+                    token_to_id.entry(t.clone()).or_insert(i as u32);
+                    match ty {
+                        TokenType::Byte => {
+                            if let Some(b) = t
+                                .strip_prefix("<0x")
+                                .and_then(|h| h.strip_suffix('>'))
+                                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                            {
+                                byte_tokens[b as usize] = Some(i as u32);
+                            }
+                        }
+                        TokenType::Control | TokenType::UserDefined if !t.is_empty() => {
+                            specials.push((t.clone(), i as u32, *ty))
+                        }
+                        _ => {}
+                    }
+                }
+                specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+                Backend::Spm(SpmVocab {
+                    tokens,
+                    types,
+                    scores,
+                    token_to_id,
+                    byte_tokens,
+                    specials,
+                    add_space_prefix: flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
+                })
+            }
+            other => {
+                return Err(bad(format!(
+                    "tokenizer model {other:?} is not supported (gpt2 and llama are)"
+                )));
+            }
+        };
+        let add_bos =
+            flag("tokenizer.ggml.add_bos_token").unwrap_or(bos.is_some() && model == "llama");
+        Ok(Self {
+            backend,
+            bos,
+            eos,
+            stop_ids,
+            pad,
+            add_bos,
+            chat_template,
+            source: path,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match &self.backend {
+            Backend::Hf(t) => t.get_vocab_size(true),
+            Backend::Spm(v) => v.tokens.len(),
+        }
+    }
+
+    /// The id of a token given by its text (e.g. `<|eot|>`).
+    pub fn token_id(&self, text: &str) -> Result<u32> {
+        let id = match &self.backend {
+            Backend::Hf(t) => t.token_to_id(text),
+            Backend::Spm(v) => v.token_to_id.get(text).copied(),
+        };
+        id.ok_or_else(|| Error::Encode(format!("unknown token {text:?}")))
+    }
+
+    /// The text of a token id, if it exists.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        match &self.backend {
+            Backend::Hf(t) => t.id_to_token(id),
+            Backend::Spm(v) => v.tokens.get(id as usize).cloned(),
+        }
+    }
+
+    /// Encode `text`; special-token text in it (`<|eot|>`) becomes the special token. With
+    /// `add_special`, BOS is prepended when the tokenizer adds one.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        match &self.backend {
+            Backend::Hf(t) => {
+                // GGUF-built tokenizers have no post-processor; add BOS ourselves there.
+                let has_post = t.get_post_processor().is_some();
+                let enc = t
+                    .encode(text, add_special && has_post)
+                    .map_err(|e| Error::Encode(e.to_string()))?;
+                let mut ids = enc.get_ids().to_vec();
+                if add_special && !has_post && self.add_bos {
+                    ids.insert(
+                        0,
+                        self.bos.ok_or_else(|| {
+                            Error::Encode("tokenizer adds BOS but has no BOS id".into())
+                        })?,
+                    );
+                }
+                Ok(ids)
+            }
+            Backend::Spm(v) => {
+                let mut out = Vec::new();
+                if add_special && self.add_bos {
+                    out.push(self.bos.ok_or_else(|| {
+                        Error::Encode("tokenizer adds BOS but has no BOS id".into())
+                    })?);
+                }
+                v.encode(text, &mut out);
+                Ok(out)
+            }
+        }
+    }
+
+    /// Encode a rendered chat prompt: special tokens parsed, BOS added only if the template did
+    /// not already write it (so it is never doubled).
+    pub fn encode_prompt(&self, rendered: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(rendered, false)?;
+        if self.add_bos {
+            if let Some(bos) = self.bos {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decode ids to text (special tokens dropped when `skip_special`).
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        match &self.backend {
+            Backend::Hf(t) => t
+                .decode(ids, skip_special)
+                .map_err(|e| Error::Encode(e.to_string())),
+            Backend::Spm(v) => Ok(v.decode(ids, skip_special)),
+        }
+    }
+
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+}
+
+impl SpmVocab {
+    fn encode(&self, text: &str, out: &mut Vec<u32>) {
+        let spm = spm::Spm {
+            token_to_id: &self.token_to_id,
+            scores: &self.scores,
+            byte_tokens: &self.byte_tokens,
+        };
+        let mut rest = text;
+        while !rest.is_empty() {
+            // The earliest special token in the rest of the text (longest on ties).
+            let hit = self
+                .specials
+                .iter()
+                .filter_map(|(t, id, _)| rest.find(t.as_str()).map(|pos| (pos, t.len(), *id)))
+                .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            let (raw, special) = match hit {
+                Some((pos, len, id)) => (&rest[..pos], Some((id, pos + len))),
+                None => (rest, None),
+            };
+            if !raw.is_empty() {
+                // Raw text always starts the input or follows a special token: llama.cpp
+                // prefixes a space there when the vocabulary asks for it.
+                let mut piece = String::with_capacity(raw.len() + 3);
+                if self.add_space_prefix {
+                    piece.push(' ');
+                }
+                piece.push_str(raw);
+                spm.tokenize(&piece.replace(' ', "\u{2581}"), out);
+            }
+            match special {
+                Some((id, end)) => {
+                    out.push(id);
+                    rest = &rest[end..];
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn decode(&self, ids: &[u32], skip_special: bool) -> String {
+        let mut bytes = Vec::new();
+        for &id in ids {
+            let Some(t) = self.tokens.get(id as usize) else {
+                continue;
+            };
+            match self.types[id as usize] {
+                TokenType::Byte => {
+                    if let Some(b) = t
+                        .strip_prefix("<0x")
+                        .and_then(|h| h.strip_suffix('>'))
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    {
+                        bytes.push(b);
+                    }
+                }
+                TokenType::Control | TokenType::Unknown | TokenType::Unused if skip_special => {}
+                _ => bytes.extend_from_slice(t.replace('\u{2581}', " ").as_bytes()),
+            }
+        }
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        if self.add_space_prefix && text.starts_with(' ') {
+            text.remove(0);
+        }
+        text
+    }
+}
