@@ -25,6 +25,15 @@ pub struct ChatTemplate {
     env: Environment<'static>,
 }
 
+/// Where a model's template came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemplateSource {
+    /// Shipped with the model (tokenizer_config.json or GGUF `tokenizer.chat_template`).
+    Model,
+    /// herd's built-in template for the model's family (the file has none).
+    Builtin,
+}
+
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ChatTemplate")
@@ -62,6 +71,18 @@ impl ChatTemplate {
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(describe(&e)))?;
         Ok(Self { env })
+    }
+
+    /// The model's own template, or else the built-in one of its `family` (`llama4`, `gemma3`);
+    /// never a foreign format: a family without a built-in template is an error.
+    pub fn for_model(shipped: Option<&str>, family: &str) -> Result<(Self, TemplateSource)> {
+        match (shipped, builtin(family)) {
+            (Some(t), _) => Ok((Self::new(t)?, TemplateSource::Model)),
+            (None, Some(t)) => Ok((Self::new(t)?, TemplateSource::Builtin)),
+            (None, None) => Err(Error::Template(format!(
+                "the model has no chat template and herd has no built-in one for the {family:?} family"
+            ))),
+        }
     }
 
     /// Render `messages`; an exception raised by the template is an error carrying its message.
@@ -241,20 +262,16 @@ mod tests {
 
     #[test]
     fn python_style_tojson() {
-        let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}").unwrap();
-        let msgs = [];
-        let mut opts = RenderOptions::default();
-        opts.tools = None;
-        let env_t =
+        let opts = RenderOptions::default();
+        let compact =
             ChatTemplate::new("{{ {'b': 1, 'a': [1.5, 'é\"'], 'c': none} | tojson }}").unwrap();
         assert_eq!(
-            env_t.render(&msgs, &opts).unwrap(),
+            compact.render(&[], &opts).unwrap(),
             r#"{"b": 1, "a": [1.5, "é\""], "c": null}"#
         );
-        drop(t);
         let pretty = ChatTemplate::new("{{ {'a': [1, 2]} | tojson(indent=2) }}").unwrap();
         assert_eq!(
-            pretty.render(&msgs, &opts).unwrap(),
+            pretty.render(&[], &opts).unwrap(),
             "{\n  \"a\": [\n    1,\n    2\n  ]\n}"
         );
     }
@@ -270,6 +287,33 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("roles must alternate"), "{err}");
         assert!(ChatTemplate::new("{% if %}").is_err());
+    }
+
+    #[test]
+    fn model_template_first_then_family_builtin() {
+        let (_, src) = ChatTemplate::for_model(Some("{{ bos_token }}"), "gemma3").unwrap();
+        assert_eq!(src, TemplateSource::Model);
+        let (t, src) = ChatTemplate::for_model(None, "gemma3").unwrap();
+        assert_eq!(src, TemplateSource::Builtin);
+        let out = t
+            .render(
+                &[json!({"role": "user", "content": "Hi"})],
+                &RenderOptions {
+                    add_generation_prompt: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert!(
+            ChatTemplate::for_model(None, "falcon")
+                .unwrap_err()
+                .to_string()
+                .contains("no built-in")
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl TokenType {
 
 enum Backend {
     Hf(Box<tokenizers::Tokenizer>),
-    Spm(SpmVocab),
+    Spm(Box<SpmVocab>),
 }
 
 /// A GGUF SentencePiece vocabulary.
@@ -208,6 +208,23 @@ impl Tokenizer {
         .into_iter()
         .flatten()
         .collect();
+        // Files often omit the end-of-turn id; like llama.cpp, recognise the usual markers.
+        const TURN_ENDS: [&str; 7] = [
+            "<|eot_id|>",
+            "<|eot|>",
+            "<|eom|>",
+            "<end_of_turn>",
+            "<|im_end|>",
+            "<|end|>",
+            "<|endoftext|>",
+        ];
+        for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+            if matches!(ty, TokenType::Control | TokenType::UserDefined)
+                && TURN_ENDS.contains(&t.as_str())
+            {
+                stop_ids.push(i as u32);
+            }
+        }
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let flag = |key: &str| f.get(key).and_then(Value::as_bool);
@@ -265,7 +282,7 @@ impl Tokenizer {
                     }
                 }
                 specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-                Backend::Spm(SpmVocab {
+                Backend::Spm(Box::new(SpmVocab {
                     tokens,
                     types,
                     scores,
@@ -273,7 +290,7 @@ impl Tokenizer {
                     byte_tokens,
                     specials,
                     add_space_prefix: flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
-                })
+                }))
             }
             other => {
                 return Err(bad(format!(
@@ -357,12 +374,11 @@ impl Tokenizer {
     /// not already write it (so it is never doubled).
     pub fn encode_prompt(&self, rendered: &str) -> Result<Vec<u32>> {
         let mut ids = self.encode(rendered, false)?;
-        if self.add_bos {
-            if let Some(bos) = self.bos {
-                if ids.first() != Some(&bos) {
-                    ids.insert(0, bos);
-                }
-            }
+        if self.add_bos
+            && let Some(bos) = self.bos
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
         }
         Ok(ids)
     }

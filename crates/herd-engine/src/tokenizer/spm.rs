@@ -75,16 +75,16 @@ impl Spm<'_> {
             }
             let (l, r) = (l as usize, r as usize);
             let piece = &text[symbols[l].start..symbols[l].start + symbols[l].len + symbols[r].len];
-            if let Some(&id) = self.token_to_id.get(piece) {
-                if let Some(&score) = self.scores.get(id as usize) {
-                    queue.push(Bigram {
-                        left: l,
-                        right: r,
-                        score,
-                        size: piece.len(),
-                    });
-                    rev.insert(piece, (l, r));
-                }
+            if let Some(&id) = self.token_to_id.get(piece)
+                && let Some(&score) = self.scores.get(id as usize)
+            {
+                queue.push(Bigram {
+                    left: l,
+                    right: r,
+                    score,
+                    size: piece.len(),
+                });
+                rev.insert(piece, (l, r));
             }
         };
         for i in 1..symbols.len() {

@@ -1,0 +1,257 @@
+//! Token ids against HF `tokenizers` and llama.cpp on real tokenizer files
+//! (tests/fixtures/tokenizers/ids.json from tests/fixtures/gen/gen_tokenizers.py; the files
+//! themselves come from tests/fixtures/fetch.sh, which .ci/run runs).
+
+use std::path::{Path, PathBuf};
+
+use herd_engine::{StreamDecoder, Tokenizer};
+use herd_formats::GgufFile;
+use herd_formats::gguf::{GgufWriter, Value};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn downloaded(rel: &str) -> PathBuf {
+    let p = fixtures().join("downloaded").join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: run tests/fixtures/fetch.sh",
+        p.display()
+    );
+    p
+}
+
+fn expected() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizers/ids.json")).unwrap())
+        .unwrap()
+}
+
+fn texts(e: &serde_json::Value, name: &str) -> Vec<String> {
+    let mut t: Vec<String> = e["corpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    t.extend(
+        e["special"][name]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string()),
+    );
+    t
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn check(
+    tok: &Tokenizer,
+    texts: &[String],
+    want: &serde_json::Value,
+    add_special: bool,
+    what: &str,
+) {
+    let want = want.as_array().unwrap();
+    let mut bad = Vec::new();
+    for (text, w) in texts.iter().zip(want) {
+        let got = tok.encode(text, add_special).unwrap();
+        if got != ids(w) {
+            bad.push(format!("{text:?}:\n  herd {got:?}\n  want {:?}", ids(w)));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} texts differ\n{}",
+        bad.len(),
+        texts.len(),
+        bad.join("\n")
+    );
+}
+
+/// decode(encode(text)) is the text, and streamed deltas add up to the same decode.
+fn round_trips(tok: &Tokenizer, texts: &[String], what: &str) {
+    for text in texts {
+        let ids = tok.encode(text, false).unwrap();
+        let full = tok.decode(&ids, false).unwrap();
+        assert_eq!(&full, text, "{what}: round trip");
+        let mut dec = StreamDecoder::new(false);
+        let mut streamed = String::new();
+        for &id in &ids {
+            streamed.push_str(&dec.push(tok, id).unwrap());
+        }
+        streamed.push_str(&dec.finish(tok).unwrap());
+        assert_eq!(streamed, full, "{what}: streamed deltas");
+    }
+}
+
+#[test]
+fn llama3_and_gemma3_tokenizer_json_match_hf() {
+    let e = expected();
+    for name in ["llama3", "gemma3"] {
+        let tok = Tokenizer::from_hf_dir(&downloaded(&format!("tokenizers/{name}"))).unwrap();
+        let t = texts(&e, name);
+        check(&tok, &t, &e["hf"][name]["plain"], false, name);
+        check(
+            &tok,
+            &t,
+            &e["hf"][name]["with_special"],
+            true,
+            &format!("{name} with special tokens"),
+        );
+        round_trips(&tok, &t, name);
+    }
+}
+
+#[test]
+fn gemma3_gguf_vocabulary_matches_llama_cpp() {
+    let e = expected();
+    let f = GgufFile::open(&downloaded("gemma-3-270m-q4_k_m.gguf")).unwrap();
+    let tok = Tokenizer::from_gguf(&f).unwrap();
+    let t = texts(&e, "gemma3");
+    check(
+        &tok,
+        &t,
+        &e["llama_cpp_gemma3_gguf"]["plain"],
+        false,
+        "gemma3 GGUF",
+    );
+    check(
+        &tok,
+        &t,
+        &e["llama_cpp_gemma3_gguf"]["with_bos"],
+        true,
+        "gemma3 GGUF with BOS",
+    );
+    round_trips(&tok, &t, "gemma3 GGUF");
+    assert_eq!((tok.bos, tok.eos), (Some(2), Some(1)));
+    assert!(
+        tok.stop_ids
+            .contains(&tok.token_id("<end_of_turn>").unwrap()),
+        "end of turn stops generation"
+    );
+}
+
+/// The llama3 vocabulary written into GGUF metadata (as llama.cpp's converter does) and read back
+/// as a byte-level BPE tokenizer gives HF's ids.
+#[test]
+fn gpt2_style_gguf_vocabulary_matches_hf() {
+    let e = expected();
+    let dir = downloaded("tokenizers/llama3");
+    let config = serde_json::json!({"bos_token_id": 128000, "eos_token_id": 128001});
+    let meta =
+        herd_formats::hf::bpe_tokenizer_gguf_metadata(&dir, "llama-bpe", 128256, &config).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("vocab.gguf");
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::string("llama"));
+    for (k, v) in meta {
+        w.set(&k, v);
+    }
+    // This tokenizer.json's post-processor adds no BOS; say the same in the GGUF.
+    w.set("tokenizer.ggml.add_bos_token", Value::Bool(false));
+    w.write(&path, |_| unreachable!()).unwrap();
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let t = texts(&e, "llama3");
+    check(
+        &tok,
+        &t,
+        &e["hf"]["llama3"]["plain"],
+        false,
+        "llama3 vocabulary from GGUF",
+    );
+    check(
+        &tok,
+        &t,
+        &e["hf"]["llama3"]["with_special"],
+        true,
+        "llama3 vocabulary from GGUF, special tokens",
+    );
+    round_trips(&tok, &t, "llama3 GGUF");
+}
+
+#[test]
+fn streaming_never_splits_a_character() {
+    let tok =
+        Tokenizer::from_gguf(&GgufFile::open(&downloaded("gemma-3-270m-q4_k_m.gguf")).unwrap())
+            .unwrap();
+    // Rare characters fall back to byte tokens: each delta must still be whole characters.
+    let text = "𓀀𓀁 ok 🧬";
+    let ids = tok.encode(text, false).unwrap();
+    assert!(ids.len() > 4, "expected byte-fallback pieces, got {ids:?}");
+    let mut dec = StreamDecoder::new(false);
+    let mut out = String::new();
+    for id in ids {
+        let delta = dec.push(&tok, id).unwrap();
+        assert!(
+            !delta.contains('\u{FFFD}'),
+            "delta {delta:?} splits a character"
+        );
+        out.push_str(&delta);
+    }
+    out.push_str(&dec.finish(&tok).unwrap());
+    assert_eq!(out, text);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let tok = Tokenizer::from_hf_dir(&downloaded("tokenizers/llama3")).unwrap();
+    let err = tok.token_id("<|no_such_token|>").unwrap_err();
+    assert!(err.to_string().contains("unknown token"), "{err}");
+
+    // A vocabulary entry that is not UTF-8.
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bad.gguf");
+    let mut w = GgufWriter::new();
+    w.set("tokenizer.ggml.model", Value::string("llama"));
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::Array(8, vec![Value::string("a"), Value::String(vec![0xff, 0x41])]),
+    );
+    w.write(&path, |_| unreachable!()).unwrap();
+    let err = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap_err();
+    assert!(
+        err.to_string().contains("token 1 is not valid UTF-8"),
+        "{err}"
+    );
+
+    // Unknown tokenizer models and ids outside the vocabulary.
+    let mut w = GgufWriter::new();
+    w.set("tokenizer.ggml.model", Value::string("t5"));
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::Array(8, vec![Value::string("a")]),
+    );
+    w.write(&path, |_| unreachable!()).unwrap();
+    assert!(
+        Tokenizer::from_gguf(&GgufFile::open(&path).unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("not supported")
+    );
+    let mut w = GgufWriter::new();
+    w.set("tokenizer.ggml.model", Value::string("llama"));
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::Array(8, vec![Value::string("a")]),
+    );
+    w.set("tokenizer.ggml.bos_token_id", Value::U32(5));
+    w.write(&path, |_| unreachable!()).unwrap();
+    assert!(
+        Tokenizer::from_gguf(&GgufFile::open(&path).unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("outside the vocabulary")
+    );
+
+    // A directory without tokenizer.json.
+    let err = Tokenizer::from_hf_dir(tmp.path()).unwrap_err();
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+}
