@@ -96,7 +96,7 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
             let row_bytes = at.bytes_for(k);
             let mut act = vec![0u8; n_rows * row_bytes];
             for (xr, ar) in x.chunks_exact(k).zip(act.chunks_exact_mut(row_bytes)) {
-                quant::quantize(at, xr, ar);
+                quant::quantize_activation(at, xr, ar);
             }
             let w_row = w.dtype.bytes_for(k);
             pool.run(n_chunks, |c| {

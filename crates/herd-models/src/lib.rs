@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod config_json;
 pub mod error;
+pub mod gemma3;
 pub mod kv_cache;
 pub mod llama4;
 pub mod weights;
@@ -40,10 +41,10 @@ pub trait CausalLm: Send + Sync {
 }
 
 /// Architectures this build can load from a Hugging Face directory, by `model_type`.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama4", "llama4_text"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama4", "llama4_text", "gemma3", "gemma3_text"];
 
 /// Architectures this build can load from GGUF, by `general.architecture`.
-pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama4"];
+pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama4", "gemma3"];
 
 /// Load a model from a GGUF file or a Hugging Face directory.
 pub fn load_model(path: &Path) -> Result<Box<dyn CausalLm>> {
@@ -69,6 +70,7 @@ pub fn load_gguf(path: &Path) -> Result<Box<dyn CausalLm>> {
         .to_string();
     match arch.as_str() {
         "llama4" => Ok(Box::new(llama4::Llama4::from_gguf(&file)?)),
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::from_gguf(&file)?)),
         _ => Err(Error::UnknownArchitecture { model_type: arch }),
     }
 }
@@ -79,6 +81,7 @@ pub fn load_hf_dir(path: &Path) -> Result<Box<dyn CausalLm>> {
     let model_type = config_json::model_type(&dir.config)?;
     match model_type.as_str() {
         "llama4" | "llama4_text" => Ok(Box::new(llama4::Llama4::from_hf(&dir)?)),
+        "gemma3" | "gemma3_text" => Ok(Box::new(gemma3::Gemma3::from_hf(&dir)?)),
         _ => Err(Error::UnknownArchitecture { model_type }),
     }
 }

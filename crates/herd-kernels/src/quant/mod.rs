@@ -13,7 +13,7 @@ mod avx2;
 
 pub use dequant::dequantize;
 pub use dot::{vec_dot, vec_dot_scalar};
-pub use quantize::{quantize, quantize_supported};
+pub use quantize::{quantize, quantize_activation, quantize_supported};
 
 /// Elements per K-quant super-block.
 pub const QK_K: usize = 256;

@@ -54,6 +54,40 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// Quantize one activation row for the integer dot products. Q8_0 and Q8_1 follow ggml's CPU
+/// path (`quantize_row_q8_0`: scale `127/amax`, round half to even) rather than the reference
+/// file quantizer (`1/(amax/127)`, round half away from zero), so that a GGUF model computes the
+/// same activations here as in llama.cpp; Q8_K's CPU path is the reference one.
+pub fn quantize_activation(dtype: DType, x: &[f32], out: &mut [u8]) {
+    let (bs, ts) = (dtype.block_size(), dtype.type_size());
+    assert_eq!(
+        out.len(),
+        dtype.bytes_for(x.len()),
+        "quantize_activation: length mismatch"
+    );
+    match dtype {
+        DType::Q8_0 | DType::Q8_1 => {
+            let values_at = if dtype == DType::Q8_0 { 2 } else { 4 };
+            for (xb, b) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
+                let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                put_f16(b, 0, d);
+                let mut sum = 0i32;
+                for j in 0..32 {
+                    let q = (xb[j] * id).round_ties_even() as i32;
+                    b[values_at + j] = q as i8 as u8;
+                    sum += q;
+                }
+                if dtype == DType::Q8_1 {
+                    put_f16(b, 2, sum as f32 * d);
+                }
+            }
+        }
+        _ => quantize(dtype, x, out),
+    }
+}
+
 /// The element of largest magnitude, sign kept (the first one on ties), and that magnitude.
 fn signed_absmax(x: &[f32]) -> (f32, f32) {
     let (mut amax, mut max) = (0.0f32, 0.0f32);

@@ -1,0 +1,306 @@
+//! Gemma 3 text decoder (270M … 27B), as in `shared/reference/gemma3.md` §b:
+//!
+//! ```text
+//! h = embed[ids] · sqrt(hidden)
+//! for each layer:  h += post_attn_norm(attention(in_norm(h)))    (q/k norms, NeoX RoPE; sliding
+//!                                                                  window and local base on sliding layers)
+//!                  h += post_ffn_norm(down(gelu_tanh(gate(x)) ⊙ up(x))),  x = pre_ffn_norm(h)
+//! logits = norm(h) · embedᵀ                                       (tied)
+//! ```
+//! RMS norms scale by `(1 + w)` with HF weights; GGUF files store `1 + w` already.
+
+pub mod config;
+
+pub use config::Gemma3Config;
+
+use herd_formats::HfModelDir;
+use herd_formats::gguf::GgufFile;
+use herd_kernels::matmul::{axpy, dot};
+use herd_kernels::ops::{gelu_tanh, gelu_tanh_f16_table, rms_norm, rope_neox, softcap, softmax};
+
+use crate::weights::{GgufLoader, Matrix, WeightLoader};
+use crate::{Batch, CausalLm, Error, KvCache, Result};
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: Vec<f32>,
+    q: Matrix,
+    k: Matrix,
+    v: Matrix,
+    o: Matrix,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    post_attention_norm: Vec<f32>,
+    pre_ffn_norm: Vec<f32>,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
+    post_ffn_norm: Vec<f32>,
+    sliding: bool,
+}
+
+#[derive(Debug)]
+pub struct Gemma3 {
+    pub config: Gemma3Config,
+    embed: Matrix,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    inv_freq_local: Vec<f32>,
+    inv_freq_global: Vec<f32>,
+    /// GELU as ggml evaluates it (GGUF files: llama.cpp's numbers), or exactly (HF checkpoints).
+    gelu: fn(f32) -> f32,
+}
+
+/// Weights by (HF name, GGUF name) within a layer, or whole-model names.
+enum Source<'a> {
+    Hf(WeightLoader<'a>),
+    Gguf(GgufLoader<'a>),
+}
+
+impl Source<'_> {
+    fn linear(&self, hf: &str, gguf: &str, out: usize, inp: usize) -> Result<Matrix> {
+        match self {
+            Source::Hf(w) => w.linear(hf, out, inp),
+            Source::Gguf(g) => g.linear(gguf, out, inp),
+        }
+    }
+
+    /// A norm's effective gain: HF stores the offset from 1, GGUF the gain itself.
+    fn norm(&self, hf: &str, gguf: &str, n: usize) -> Result<Vec<f32>> {
+        match self {
+            Source::Hf(w) => Ok(w.vector(hf, n)?.into_iter().map(|v| 1.0 + v).collect()),
+            Source::Gguf(g) => g.vector(gguf, n),
+        }
+    }
+}
+
+impl Gemma3 {
+    pub fn from_hf(dir: &HfModelDir) -> Result<Self> {
+        let config = Gemma3Config::from_json(&dir.config)?;
+        let prefix = ["model.", "language_model.model.", "model.language_model."]
+            .into_iter()
+            .find(|p| dir.tensors.contains(&format!("{p}embed_tokens.weight")))
+            .ok_or_else(|| Error::MissingTensor {
+                name: "model.embed_tokens.weight".into(),
+            })?;
+        Self::build(
+            config,
+            &Source::Hf(WeightLoader::new(&dir.tensors, prefix)),
+            gelu_tanh,
+        )
+    }
+
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let config = Gemma3Config::from_gguf(file)?;
+        Self::build(
+            config,
+            &Source::Gguf(GgufLoader { file }),
+            gelu_tanh_f16_table,
+        )
+    }
+
+    fn build(config: Gemma3Config, w: &Source, gelu: fn(f32) -> f32) -> Result<Self> {
+        let c = &config;
+        let (h, d, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let hf = |n: &str| format!("layers.{i}.{n}");
+            let gg = |n: &str| format!("blk.{i}.{n}");
+            layers.push(Layer {
+                input_norm: w.norm(&hf("input_layernorm.weight"), &gg("attn_norm.weight"), h)?,
+                q: w.linear(&hf("self_attn.q_proj.weight"), &gg("attn_q.weight"), qd, h)?,
+                k: w.linear(&hf("self_attn.k_proj.weight"), &gg("attn_k.weight"), kvd, h)?,
+                v: w.linear(&hf("self_attn.v_proj.weight"), &gg("attn_v.weight"), kvd, h)?,
+                o: w.linear(
+                    &hf("self_attn.o_proj.weight"),
+                    &gg("attn_output.weight"),
+                    h,
+                    qd,
+                )?,
+                q_norm: w.norm(&hf("self_attn.q_norm.weight"), &gg("attn_q_norm.weight"), d)?,
+                k_norm: w.norm(&hf("self_attn.k_norm.weight"), &gg("attn_k_norm.weight"), d)?,
+                post_attention_norm: w.norm(
+                    &hf("post_attention_layernorm.weight"),
+                    &gg("post_attention_norm.weight"),
+                    h,
+                )?,
+                pre_ffn_norm: w.norm(
+                    &hf("pre_feedforward_layernorm.weight"),
+                    &gg("ffn_norm.weight"),
+                    h,
+                )?,
+                gate: w.linear(&hf("mlp.gate_proj.weight"), &gg("ffn_gate.weight"), f, h)?,
+                up: w.linear(&hf("mlp.up_proj.weight"), &gg("ffn_up.weight"), f, h)?,
+                down: w.linear(&hf("mlp.down_proj.weight"), &gg("ffn_down.weight"), h, f)?,
+                post_ffn_norm: w.norm(
+                    &hf("post_feedforward_layernorm.weight"),
+                    &gg("post_ffw_norm.weight"),
+                    h,
+                )?,
+                sliding: c.sliding[i],
+            });
+        }
+        let embed = w.linear("embed_tokens.weight", "token_embd.weight", c.vocab_size, h)?;
+        let norm = w.norm("norm.weight", "output_norm.weight", h)?;
+        tracing::info!(layers = c.num_hidden_layers, weights = %embed.dtype(), "loaded gemma3");
+        Ok(Self {
+            inv_freq_local: config.inv_freq(true),
+            inv_freq_global: config.inv_freq(false),
+            config,
+            embed,
+            layers,
+            norm,
+            gelu,
+        })
+    }
+
+    fn eps(&self) -> f32 {
+        self.config.rms_norm_eps as f32
+    }
+
+    fn attention(
+        &self,
+        li: usize,
+        layer: &Layer,
+        x: &[f32],
+        batch: &Batch,
+        cache: &mut KvCache,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let (t, d) = (batch.len(), c.head_dim);
+        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let mut q = layer.q.matmul(x, t);
+        let mut k = layer.k.matmul(x, t);
+        let v = layer.v.matmul(x, t);
+        rms_norm(&mut q, &layer.q_norm, self.eps());
+        rms_norm(&mut k, &layer.k_norm, self.eps());
+        let inv_freq = if layer.sliding {
+            &self.inv_freq_local
+        } else {
+            &self.inv_freq_global
+        };
+        for (row, &pos) in batch.positions.iter().enumerate() {
+            rope_neox(&mut q[row * nh * d..(row + 1) * nh * d], d, pos, inv_freq);
+            rope_neox(&mut k[row * nkv * d..(row + 1) * nkv * d], d, pos, inv_freq);
+        }
+        for (row, &seq) in batch.seq_ids.iter().enumerate() {
+            let r = row * nkv * d..(row + 1) * nkv * d;
+            cache.append(seq, li, &k[r.clone()], &v[r]);
+        }
+        let scale = (c.query_pre_attn_scalar as f32).powf(-0.5);
+        let group = nh / nkv;
+        let mut out = vec![0.0f32; t * nh * d];
+        let mut scores = Vec::new();
+        for (row, (&seq, &pos)) in batch.seq_ids.iter().zip(&batch.positions).enumerate() {
+            // Sliding layers: the last `sliding_window` positions, the query's own included.
+            let start = if layer.sliding {
+                (pos + 1).saturating_sub(c.sliding_window)
+            } else {
+                0
+            };
+            let (keys, values) = cache.range(seq, li, start, pos);
+            let n_keys = pos - start + 1;
+            for head in 0..nh {
+                let kvh = head / group;
+                let qh = &q[(row * nh + head) * d..(row * nh + head + 1) * d];
+                scores.clear();
+                scores.extend(
+                    (0..n_keys).map(|j| {
+                        dot(qh, &keys[(j * nkv + kvh) * d..(j * nkv + kvh + 1) * d]) * scale
+                    }),
+                );
+                softmax(&mut scores);
+                let oh = &mut out[(row * nh + head) * d..(row * nh + head + 1) * d];
+                for (j, &p) in scores.iter().enumerate() {
+                    axpy(p, &values[(j * nkv + kvh) * d..(j * nkv + kvh + 1) * d], oh);
+                }
+            }
+        }
+        layer.o.matmul(&out, t)
+    }
+}
+
+impl CausalLm for Gemma3 {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn num_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    fn new_cache(&self) -> KvCache {
+        let c = &self.config;
+        KvCache::new(c.num_hidden_layers, c.num_key_value_heads * c.head_dim)
+    }
+
+    fn forward(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        mut trace: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        cache.check_batch(batch)?;
+        if let Some(&bad) = batch
+            .tokens
+            .iter()
+            .find(|&&tok| tok as usize >= c.vocab_size)
+        {
+            return Err(Error::Batch(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                c.vocab_size
+            )));
+        }
+        let (t, h) = (batch.len(), c.hidden_size);
+        let scale = (h as f32).sqrt();
+        let mut hidden = vec![0.0f32; t * h];
+        for (row, &tok) in hidden.chunks_exact_mut(h).zip(&batch.tokens) {
+            self.embed.as_ref().decode_row(tok as usize, row);
+            row.iter_mut().for_each(|v| *v *= scale);
+        }
+        let mut record = |s: &[f32]| {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push(s.to_vec());
+            }
+        };
+        record(&hidden);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut x = hidden.clone();
+            rms_norm(&mut x, &layer.input_norm, self.eps());
+            let mut a = self.attention(li, layer, &x, batch, cache);
+            rms_norm(&mut a, &layer.post_attention_norm, self.eps());
+            hidden.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
+
+            let mut x = hidden.clone();
+            rms_norm(&mut x, &layer.pre_ffn_norm, self.eps());
+            let gate = layer.gate.matmul(&x, t);
+            let mut act = layer.up.matmul(&x, t);
+            act.iter_mut()
+                .zip(&gate)
+                .for_each(|(u, g)| *u *= (self.gelu)(*g));
+            let mut m = layer.down.matmul(&act, t);
+            rms_norm(&mut m, &layer.post_ffn_norm, self.eps());
+            hidden.iter_mut().zip(&m).for_each(|(h, m)| *h += m);
+            record(&hidden);
+        }
+        rms_norm(&mut hidden, &self.norm, self.eps());
+        record(&hidden);
+        let rows: Vec<f32> = hidden
+            .chunks_exact(h)
+            .zip(&batch.logits)
+            .filter(|(_, want)| **want)
+            .flat_map(|(row, _)| row.iter().copied())
+            .collect();
+        let mut logits = self.embed.matmul(&rows, batch.n_logit_rows());
+        if let Some(cap) = c.final_logit_softcapping {
+            softcap(&mut logits, cap as f32);
+        }
+        Ok(logits)
+    }
+}
