@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use herd_formats::npy;
 use herd_models::{Batch, load_model};
 
+mod generate;
 mod inspect;
 mod plan;
 mod quantize;
@@ -45,6 +46,28 @@ enum Command {
         #[arg(long)]
         hidden_states: Option<PathBuf>,
     },
+    /// Generate a continuation of a prompt, streamed to stdout (speeds on stderr).
+    Run {
+        /// A GGUF file, an HF directory or a catalog alias (see `herd models`), e.g. gemma3:270m.
+        model: String,
+        prompt: String,
+        #[command(flatten)]
+        sampling: generate::SamplingArgs,
+    },
+    /// Chat interactively, multi-turn, through the model's chat template.
+    Chat {
+        #[arg(default_value = herd_engine::registry::DEFAULT_MODEL)]
+        model: String,
+        /// A system message.
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: generate::SamplingArgs,
+    },
+    /// Download a catalog model into the cache (once) and print its path.
+    Pull { model: String },
+    /// List the model catalog and the cache directory.
+    Models,
     /// Print a GGUF file's metadata and tensor table (name, type, shape, bytes).
     Inspect {
         file: PathBuf,
@@ -90,6 +113,18 @@ fn run(command: Command) -> Result<()> {
         } => logits(&model, &tokens, &out, hidden_states.as_deref()),
         Command::Inspect { file, full } => inspect::run(&file, full),
         Command::Plan(args) => plan::run(&args),
+        Command::Run {
+            model,
+            prompt,
+            sampling,
+        } => generate::run(&model, &prompt, &sampling),
+        Command::Chat {
+            model,
+            system,
+            sampling,
+        } => generate::chat(&model, system.as_deref(), &sampling),
+        Command::Pull { model } => generate::pull(&model),
+        Command::Models => generate::list(),
         Command::Quantize {
             input,
             output,
@@ -161,4 +196,13 @@ fn peak_resident_bytes() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

