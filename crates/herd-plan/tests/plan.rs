@@ -227,3 +227,27 @@ fn impossible_requests_are_clear_errors() {
             .contains("network")
     );
 }
+
+/// The default model's file (tests/fixtures/fetch.sh) plans at exactly its tensor bytes, and its
+/// parameter count is the 268.1M the reference note gives.
+#[test]
+fn default_model_plans_at_its_file_size() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/downloaded/gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run tests/fixtures/fetch.sh",
+        path.display()
+    );
+    let r = plan(
+        &resolve(path.to_str().unwrap(), None).unwrap(),
+        &request(Hardware::default()),
+    )
+    .unwrap();
+    assert_eq!(r.weight_bytes, file_bytes(&path));
+    assert!(
+        within(r.params_total as f64, 268.1e6, 1e-3),
+        "{}",
+        r.params_total
+    );
+}
