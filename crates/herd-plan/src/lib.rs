@@ -49,8 +49,56 @@ const MAVERICK: &str = r#"{"model_type": "llama4_text", "vocab_size": 202048, "h
 /// Aliases the planner knows without a file.
 pub const ALIASES: &[&str] = &["llama4:scout", "llama4:maverick"];
 
+/// `hf:org/repo` (its config.json) or `hf:org/repo:file.gguf` (the file's header only, by
+/// ranged requests): nothing else is downloaded.
+fn resolve_hub(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
+    let model_err = |e: String| Error::Model(format!("{reference}: {e}"));
+    let (repo, file) = herd_formats::hub::parse_reference(reference)
+        .ok_or_else(|| model_err("expected hf:org/repo or hf:org/repo:file.gguf".into()))?;
+    let hub = herd_formats::hub::Hub::from_env();
+    match file {
+        Some(f) if f.ends_with(".gguf") => {
+            let gguf = hub
+                .gguf_header(&repo, &f)
+                .map_err(|e| model_err(e.to_string()))?;
+            facts_from_gguf(reference, &gguf, ft)
+        }
+        Some(f) => Err(model_err(format!(
+            "{f}: planning needs a .gguf file or the repository's config.json"
+        ))),
+        None => {
+            let bytes = hub
+                .read(&repo, "config.json")
+                .map_err(|e| model_err(e.to_string()))?;
+            let config: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| model_err(format!("config.json: {e}")))?;
+            let c = Llama4Config::from_json(&config).map_err(|e| model_err(e.to_string()))?;
+            Ok(ModelFacts::from_llama4(
+                reference,
+                &c,
+                ft.unwrap_or(FileType::BF16),
+            ))
+        }
+    }
+}
+
+fn facts_from_gguf(reference: &str, f: &GgufFile, ft: Option<FileType>) -> Result<ModelFacts> {
+    let Some(ft) = ft else {
+        return ModelFacts::from_gguf(reference, f);
+    };
+    if f.get("general.architecture").and_then(|v| v.as_str()) != Some("llama4") {
+        return Err(Error::Model(
+            "--type with a GGUF file is supported for llama4 files".into(),
+        ));
+    }
+    let c =
+        herd_models::llama4::config::gguf::config(f).map_err(|e| Error::Model(e.to_string()))?;
+    Ok(ModelFacts::from_llama4(reference, &c, ft))
+}
+
 /// Resolve a model reference: a built-in alias, a GGUF file (exact tensor table; `ft` ignored
-/// unless given, then predicted as if requantized) or an HF directory (`ft` defaults to bf16).
+/// unless given, then predicted as if requantized), an HF directory (`ft` defaults to bf16), or
+/// `hf:org/repo[:file.gguf]` (config.json or the GGUF header, fetched from `HF_ENDPOINT`).
 pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
     let config_json = match reference {
         "llama4:scout" => Some(SCOUT),
@@ -69,10 +117,7 @@ pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
         ));
     }
     if reference.starts_with("hf:") {
-        return Err(Error::Model(format!(
-            "{reference}: planning from the Hugging Face hub needs network access, which this build does not have yet; \
-             download config.json (or the GGUF header) and pass its directory or file"
-        )));
+        return resolve_hub(reference, ft);
     }
     let path = Path::new(reference);
     if path.is_dir() {

@@ -1,0 +1,296 @@
+//! Files from a Hugging Face hub (`HF_ENDPOINT`, default huggingface.co; `HF_TOKEN` for gated
+//! repositories): whole files downloaded resumably and checked against the hub's SHA-256, or the
+//! first bytes of a file (a config, a GGUF header) without downloading the rest.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct Hub {
+    pub endpoint: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+fn hub_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Hub(format!("{what}: {e}"))
+}
+
+impl Hub {
+    /// From `HF_ENDPOINT` and `HF_TOKEN`.
+    pub fn from_env() -> Self {
+        let endpoint =
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+        Self::new(
+            &endpoint,
+            std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()),
+        )
+    }
+
+    pub fn new(endpoint: &str, token: Option<String>) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Self {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token,
+            agent,
+        }
+    }
+
+    /// A GGUF file's header, fetched by growing prefixes (1 MiB, doubling up to 256 MiB) rather
+    /// than downloading the file.
+    pub fn gguf_header(&self, repo: &str, file: &str) -> Result<crate::GgufFile> {
+        let label = format!("hf:{repo}:{file}");
+        let mut n = 1u64 << 20;
+        loop {
+            let (bytes, total) = self.head_bytes(repo, file, n)?;
+            match crate::GgufFile::from_prefix(&label, &bytes, total) {
+                Ok(f) => return Ok(f),
+                Err(Error::Gguf { reason, .. })
+                    if reason.starts_with("truncated")
+                        && (bytes.len() as u64) < total
+                        && n < (256 << 20) =>
+                {
+                    n *= 4;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn url(&self, repo: &str, file: &str) -> String {
+        format!("{}/{repo}/resolve/main/{file}", self.endpoint)
+    }
+
+    fn get(&self, url: &str, range: Option<String>) -> Result<ureq::http::Response<ureq::Body>> {
+        let mut req = self.agent.get(url);
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        if let Some(r) = range {
+            req = req.header("Range", r);
+        }
+        let resp = req.call().map_err(|e| hub_err(url, e))?;
+        match resp.status().as_u16() {
+            200 | 206 => Ok(resp),
+            401 | 403 => Err(Error::Hub(format!(
+                "{url}: access denied (gated or private: set HF_TOKEN)"
+            ))),
+            404 => Err(Error::Hub(format!("{url}: not found"))),
+            code => Err(Error::Hub(format!("{url}: HTTP {code}"))),
+        }
+    }
+
+    /// The first `n` bytes of a file (fewer if it is shorter), and the file's total length.
+    pub fn head_bytes(&self, repo: &str, file: &str, n: u64) -> Result<(Vec<u8>, u64)> {
+        let url = self.url(repo, file);
+        let mut resp = self.get(&url, Some(format!("bytes=0-{}", n.saturating_sub(1))))?;
+        let total = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit('/').next())
+            .and_then(|v| v.parse().ok());
+        let mut body = Vec::new();
+        resp.body_mut()
+            .as_reader()
+            .take(n)
+            .read_to_end(&mut body)
+            .map_err(|e| hub_err(&url, e))?;
+        let total = total.unwrap_or(body.len() as u64);
+        Ok((body, total))
+    }
+
+    /// A whole (small) file.
+    pub fn read(&self, repo: &str, file: &str) -> Result<Vec<u8>> {
+        let url = self.url(repo, file);
+        let mut resp = self.get(&url, None)?;
+        let mut body = Vec::new();
+        resp.body_mut()
+            .as_reader()
+            .read_to_end(&mut body)
+            .map_err(|e| hub_err(&url, e))?;
+        Ok(body)
+    }
+
+    /// Download to `dest`, resuming a `.partial` left by an earlier attempt, verifying the
+    /// SHA-256 the hub reports for large files (`X-Linked-ETag` / `ETag`), and renaming into place
+    /// only when complete. `progress(done, total)` is called as bytes arrive.
+    pub fn download(
+        &self,
+        repo: &str,
+        file: &str,
+        dest: &Path,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<PathBuf> {
+        let url = self.url(repo, file);
+        let partial = PathBuf::from(format!("{}.partial", dest.display()));
+        let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
+        let mut resp = self.get(&url, (have > 0).then(|| format!("bytes={have}-")))?;
+        let resumed = resp.status().as_u16() == 206;
+        let etag = ["x-linked-etag", "etag"]
+            .iter()
+            .find_map(|h| resp.headers().get(*h).and_then(|v| v.to_str().ok()))
+            .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string());
+        let len: u64 = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let start = if resumed { have } else { 0 };
+        let total = start + len;
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(resumed)
+            .write(true)
+            .truncate(!resumed)
+            .open(&partial)
+            .map_err(|e| hub_err(&partial.display().to_string(), e))?;
+        let mut reader = resp.body_mut().as_reader();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = start;
+        loop {
+            let n = reader.read(&mut buf).map_err(|e| hub_err(&url, e))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n])
+                .map_err(|e| hub_err(&partial.display().to_string(), e))?;
+            done += n as u64;
+            progress(done, total);
+        }
+        out.flush()
+            .map_err(|e| hub_err(&partial.display().to_string(), e))?;
+        drop(out);
+        if let Some(want) =
+            etag.filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            let got = sha256_file(&partial)?;
+            if got != want {
+                let _ = std::fs::remove_file(&partial);
+                return Err(Error::Hub(format!(
+                    "{url}: checksum mismatch (got {got}, hub says {want}); the download was removed"
+                )));
+            }
+        }
+        std::fs::rename(&partial, dest).map_err(|e| hub_err(&dest.display().to_string(), e))?;
+        Ok(dest.to_path_buf())
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| hub_err(&path.display().to_string(), e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| hub_err(&path.display().to_string(), e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `hf:org/repo[:file]` → (repo, file).
+pub fn parse_reference(reference: &str) -> Option<(String, Option<String>)> {
+    let rest = reference.strip_prefix("hf:")?;
+    let (repo, file) = match rest.split_once(':') {
+        Some((r, f)) => (r, Some(f.to_string())),
+        None => (rest, None),
+    };
+    (repo.split('/').count() == 2 && !repo.starts_with('/') && !repo.ends_with('/'))
+        .then(|| (repo.to_string(), file))
+}
+
+/// A local stand-in for the hub endpoints this client uses, for tests and offline mirrors.
+#[doc(hidden)]
+pub mod mock {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use super::sha256_file;
+
+    /// Serve the files of `root` on 127.0.0.1 for `requests` connections, at
+    /// `/{org}/{repo}/resolve/main/{file}`, with Range support and SHA-256 ETags (wrong ones with
+    /// `wrong_etag`). Returns the endpoint URL.
+    pub fn serve(root: PathBuf, wrong_etag: bool, requests: usize) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a local port");
+        let addr = listener.local_addr().expect("local address");
+        let root = Arc::new(root);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(requests) {
+                let Ok(mut stream) = stream else { continue };
+                let Ok(clone) = stream.try_clone() else {
+                    continue;
+                };
+                let mut reader = BufReader::new(clone);
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let mut range = None;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).map_or(true, |n| n == 0) || h.trim().is_empty() {
+                        break;
+                    }
+                    let spec = h.to_ascii_lowercase();
+                    if let Some((a, b)) = spec
+                        .strip_prefix("range: bytes=")
+                        .and_then(|v| v.trim().split_once('-'))
+                    {
+                        range = a.parse::<u64>().ok().map(|a| (a, b.parse::<u64>().ok()));
+                    }
+                }
+                // /org/repo/resolve/main/file
+                let file = path.splitn(6, '/').nth(5).unwrap_or("");
+                let full = root.join(file);
+                let Ok(bytes) = std::fs::read(&full) else {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                };
+                let etag = if wrong_etag {
+                    "0".repeat(64)
+                } else {
+                    sha256_file(&full).unwrap_or_default()
+                };
+                let total = bytes.len() as u64;
+                let (status, body, extra) = match range {
+                    Some((a, b)) => {
+                        let end = b.map_or(total, |b| (b + 1).min(total));
+                        let a = a.min(end);
+                        (
+                            206,
+                            &bytes[a as usize..end as usize],
+                            format!("Content-Range: bytes {a}-{}/{total}\r\n", end - 1),
+                        )
+                    }
+                    None => (200, &bytes[..], String::new()),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status} OK\r\nContent-Length: {}\r\nX-Linked-ETag: \"{etag}\"\r\n{extra}Connection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(body);
+            }
+        });
+        format!("http://{addr}")
+    }
+}
