@@ -221,10 +221,10 @@ fn impossible_requests_are_clear_errors() {
             .contains("known alias")
     );
     assert!(
-        resolve("hf:meta-llama/Llama-4-Scout-17B-16E", None)
+        resolve("hf:not-a-repo", None)
             .unwrap_err()
             .to_string()
-            .contains("network")
+            .contains("expected hf:org/repo")
     );
 }
 
