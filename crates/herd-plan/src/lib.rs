@@ -46,8 +46,14 @@ const MAVERICK: &str = r#"{"model_type": "llama4_text", "vocab_size": 202048, "h
   "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "max_position_embeddings": 1048576,
   "rope_theta": 500000.0, "attention_chunk_size": 8192, "use_qk_norm": false}"#;
 
-/// Aliases the planner knows without a file.
-pub const ALIASES: &[&str] = &["llama4:scout", "llama4:maverick"];
+/// Gemma 3 270M's text config (the default model; reference note gemma3 §a.1).
+const GEMMA3_270M: &str = r#"{"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
+  "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
+  "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512, "rope_theta": 1000000.0,
+  "rope_local_base_freq": 10000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}"#;
+
+/// Aliases the planner knows without a file (the catalog's models).
+pub const ALIASES: &[&str] = &["llama4:scout", "llama4:maverick", "gemma3:270m"];
 
 /// `hf:org/repo` (its config.json) or `hf:org/repo:file.gguf` (the file's header only, by
 /// ranged requests): nothing else is downloaded.
@@ -105,6 +111,17 @@ pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
         "llama4:maverick" => Some(MAVERICK),
         _ => None,
     };
+    if reference == "gemma3:270m" {
+        let config = serde_json::from_str(GEMMA3_270M).expect("built-in config is valid JSON");
+        let c = herd_models::gemma3::Gemma3Config::from_json(&config)
+            .map_err(|e| Error::Model(e.to_string()))?;
+        // The published default model is Q4_K_M.
+        return Ok(ModelFacts::from_gemma3(
+            reference,
+            &c,
+            ft.unwrap_or(FileType::Q4KM),
+        ));
+    }
     if let Some(text) = config_json {
         let c = Llama4Config::from_json(
             &serde_json::from_str(text).expect("built-in config is valid JSON"),

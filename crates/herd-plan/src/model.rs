@@ -187,6 +187,75 @@ impl ModelFacts {
         }
     }
 
+    /// From a Gemma 3 config, with tensor types for `ft` as llama-quantize picks them (the
+    /// embedding doubles as the output head, so it takes the output's type).
+    pub fn from_gemma3(name: &str, c: &herd_models::gemma3::Gemma3Config, ft: FileType) -> Self {
+        let (h, d, v, f) = (
+            c.hidden_size as u64,
+            c.head_dim as u64,
+            c.vocab_size as u64,
+            c.intermediate_size as u64,
+        );
+        let (nh, nkv) = (c.num_attention_heads as u64, c.num_key_value_heads as u64);
+        let mut list: Vec<(String, Vec<u64>)> = vec![
+            ("token_embd.weight".into(), vec![h, v]),
+            ("output_norm.weight".into(), vec![h]),
+        ];
+        for l in 0..c.num_hidden_layers {
+            let b = |n: &str| format!("blk.{l}.{n}.weight");
+            for (n, dims) in [
+                ("attn_norm", vec![h]),
+                ("attn_q", vec![h, nh * d]),
+                ("attn_k", vec![h, nkv * d]),
+                ("attn_v", vec![h, nkv * d]),
+                ("attn_output", vec![nh * d, h]),
+                ("attn_q_norm", vec![d]),
+                ("attn_k_norm", vec![d]),
+                ("post_attention_norm", vec![h]),
+                ("ffn_norm", vec![h]),
+                ("ffn_gate", vec![h, f]),
+                ("ffn_up", vec![h, f]),
+                ("ffn_down", vec![f, h]),
+                ("post_ffw_norm", vec![h]),
+            ] {
+                list.push((b(n), dims));
+            }
+        }
+        let shape = ModelShape {
+            n_layers: c.num_hidden_layers,
+            n_experts: 0,
+            n_attn_v: c.num_hidden_layers,
+            tied_embeddings: true,
+        };
+        let mut attn_v = 0;
+        let tensors = list
+            .into_iter()
+            .map(|(name, dims)| {
+                let dtype = choose_type(ft, &shape, &name, &dims, DType::F32, attn_v);
+                if name.contains("attn_v.weight") {
+                    attn_v += 1;
+                }
+                Tensor { name, dims, dtype }
+            })
+            .collect();
+        Self {
+            name: name.to_string(),
+            tensors,
+            n_layers: c.num_hidden_layers,
+            n_experts: 0,
+            n_experts_used: 0,
+            vocab: c.vocab_size,
+            hidden: c.hidden_size,
+            head_dim: c.head_dim,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            // Sliding layers keep at most one window, like chunked layers keep one chunk.
+            chunked: c.sliding.clone(),
+            chunk: Some(c.sliding_window),
+            max_context: c.max_position_embeddings,
+        }
+    }
+
     /// From a GGUF file: the exact tensor table, and the architecture's keys.
     pub fn from_gguf(name: &str, f: &GgufFile) -> crate::Result<Self> {
         let arch = f

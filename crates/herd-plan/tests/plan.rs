@@ -251,3 +251,29 @@ fn default_model_plans_at_its_file_size() {
         r.params_total
     );
 }
+
+/// The default model predicted from its config alone at Q4_K_M equals the published file exactly,
+/// tensor by tensor: llama-quantize's rules, including its fallbacks for rows of 640.
+#[test]
+fn default_model_alias_predicts_the_published_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/downloaded/gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run tests/fixtures/fetch.sh",
+        path.display()
+    );
+    let facts = resolve("gemma3:270m", None).unwrap();
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(facts.tensors.len(), f.tensors().len());
+    for t in f.tensors() {
+        let p = facts
+            .tensors
+            .iter()
+            .find(|p| p.name == t.name)
+            .unwrap_or_else(|| panic!("{}", t.name));
+        assert_eq!((p.dtype, &p.dims), (t.dtype, &t.dims), "{}", t.name);
+    }
+    let r = plan(&facts, &request(Hardware::default())).unwrap();
+    assert_eq!(r.weight_bytes, file_bytes(&path));
+}
