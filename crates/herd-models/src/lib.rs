@@ -6,6 +6,7 @@
 //! [`KvCache`] into logits. It knows nothing of tokenizers, sampling, scheduling or HTTP, and
 //! does no arithmetic of its own below the level of a layer: the kernels live in `herd-kernels`.
 
+mod attention;
 pub mod batch;
 pub mod config_json;
 pub mod error;

@@ -15,9 +15,9 @@ pub use config::Gemma3Config;
 
 use herd_formats::HfModelDir;
 use herd_formats::gguf::GgufFile;
-use herd_kernels::matmul::{axpy, dot};
-use herd_kernels::ops::{gelu_tanh, gelu_tanh_f16_table, rms_norm, rope_neox, softcap, softmax};
+use herd_kernels::ops::{gelu_tanh, gelu_tanh_f16_table, rms_norm, rope_neox, softcap};
 
+use crate::attention::{Heads, attend, cache_rows, check_batch, logit_rows};
 use crate::weights::{GgufLoader, Matrix, WeightLoader};
 use crate::{Batch, CausalLm, Error, KvCache, Result};
 
@@ -184,39 +184,22 @@ impl Gemma3 {
             rope_neox(&mut q[row * nh * d..(row + 1) * nh * d], d, pos, inv_freq);
             rope_neox(&mut k[row * nkv * d..(row + 1) * nkv * d], d, pos, inv_freq);
         }
-        for (row, &seq) in batch.seq_ids.iter().enumerate() {
-            let r = row * nkv * d..(row + 1) * nkv * d;
-            cache.append(seq, li, &k[r.clone()], &v[r]);
-        }
+        cache_rows(&k, &v, batch, cache, li, nkv * d);
         let scale = (c.query_pre_attn_scalar as f32).powf(-0.5);
-        let group = nh / nkv;
-        let mut out = vec![0.0f32; t * nh * d];
-        let mut scores = Vec::new();
-        for (row, (&seq, &pos)) in batch.seq_ids.iter().zip(&batch.positions).enumerate() {
-            // Sliding layers: the last `sliding_window` positions, the query's own included.
-            let start = if layer.sliding {
-                (pos + 1).saturating_sub(c.sliding_window)
-            } else {
-                0
-            };
-            let (keys, values) = cache.range(seq, li, start, pos);
-            let n_keys = pos - start + 1;
-            for head in 0..nh {
-                let kvh = head / group;
-                let qh = &q[(row * nh + head) * d..(row * nh + head + 1) * d];
-                scores.clear();
-                scores.extend(
-                    (0..n_keys).map(|j| {
-                        dot(qh, &keys[(j * nkv + kvh) * d..(j * nkv + kvh + 1) * d]) * scale
-                    }),
-                );
-                softmax(&mut scores);
-                let oh = &mut out[(row * nh + head) * d..(row * nh + head + 1) * d];
-                for (j, &p) in scores.iter().enumerate() {
-                    axpy(p, &values[(j * nkv + kvh) * d..(j * nkv + kvh + 1) * d], oh);
-                }
-            }
-        }
+        let heads = Heads {
+            q: nh,
+            kv: nkv,
+            dim: d,
+        };
+        // Sliding layers see the last `sliding_window` positions, the query's own included.
+        let window = if layer.sliding {
+            c.sliding_window
+        } else {
+            usize::MAX
+        };
+        let out = attend(&q, batch, cache, li, heads, scale, |pos| {
+            (pos + 1).saturating_sub(window)
+        });
         layer.o.matmul(&out, t)
     }
 }
@@ -246,17 +229,7 @@ impl CausalLm for Gemma3 {
         mut trace: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        cache.check_batch(batch)?;
-        if let Some(&bad) = batch
-            .tokens
-            .iter()
-            .find(|&&tok| tok as usize >= c.vocab_size)
-        {
-            return Err(Error::Batch(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                c.vocab_size
-            )));
-        }
+        check_batch(batch, cache, c.vocab_size)?;
         let (t, h) = (batch.len(), c.hidden_size);
         let scale = (h as f32).sqrt();
         let mut hidden = vec![0.0f32; t * h];
@@ -291,12 +264,7 @@ impl CausalLm for Gemma3 {
         }
         rms_norm(&mut hidden, &self.norm, self.eps());
         record(&hidden);
-        let rows: Vec<f32> = hidden
-            .chunks_exact(h)
-            .zip(&batch.logits)
-            .filter(|(_, want)| **want)
-            .flat_map(|(row, _)| row.iter().copied())
-            .collect();
+        let rows = logit_rows(&hidden, batch, h);
         let mut logits = self.embed.matmul(&rows, batch.n_logit_rows());
         if let Some(cap) = c.final_logit_softcapping {
             softcap(&mut logits, cap as f32);

@@ -14,9 +14,9 @@ pub use config::{AttentionKind, Llama4Config};
 
 use herd_formats::HfModelDir;
 use herd_formats::gguf::GgufFile;
-use herd_kernels::matmul::{axpy, dot};
-use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved, sigmoid, silu, softmax};
+use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved, sigmoid, silu};
 
+use crate::attention::{Heads, attend, cache_rows, check_batch, logit_rows};
 use crate::weights::{GgufLoader, Matrix, WeightLoader};
 use crate::{Batch, CausalLm, Error, KvCache, Result};
 
@@ -374,39 +374,21 @@ impl Llama4 {
                 qr.iter_mut().for_each(|v| *v *= s);
             }
         }
-        for (row, &seq) in batch.seq_ids.iter().enumerate() {
-            let r = row * nkv * d..(row + 1) * nkv * d;
-            cache.append(seq, li, &k[r.clone()], &v[r]);
-        }
-
+        cache_rows(&k, &v, batch, cache, li, nkv * d);
         let scale = 1.0 / (d as f32).sqrt();
-        let group = nh / nkv;
-        let mut out = vec![0.0f32; t * nh * d];
-        let mut scores = Vec::new();
-        for (row, (&seq, &pos)) in batch.seq_ids.iter().zip(&batch.positions).enumerate() {
-            // Keys a query sees: causal, and on chunked layers only its own position-aligned chunk.
-            let start = match (layer.kind, c.attention_chunk_size) {
-                (AttentionKind::Chunked, Some(chunk)) => pos / chunk * chunk,
-                _ => 0,
-            };
-            let (keys, values) = cache.range(seq, li, start, pos);
-            let n_keys = pos - start + 1;
-            for head in 0..nh {
-                let kvh = head / group;
-                let qh = &q[(row * nh + head) * d..(row * nh + head + 1) * d];
-                scores.clear();
-                scores.extend(
-                    (0..n_keys).map(|j| {
-                        dot(qh, &keys[(j * nkv + kvh) * d..(j * nkv + kvh + 1) * d]) * scale
-                    }),
-                );
-                softmax(&mut scores);
-                let oh = &mut out[(row * nh + head) * d..(row * nh + head + 1) * d];
-                for (j, &p) in scores.iter().enumerate() {
-                    axpy(p, &values[(j * nkv + kvh) * d..(j * nkv + kvh + 1) * d], oh);
-                }
-            }
-        }
+        let heads = Heads {
+            q: nh,
+            kv: nkv,
+            dim: d,
+        };
+        // Keys a query sees: causal, and on chunked layers only its own position-aligned chunk.
+        let chunk = match (layer.kind, c.attention_chunk_size) {
+            (AttentionKind::Chunked, Some(chunk)) => chunk,
+            _ => usize::MAX,
+        };
+        let out = attend(&q, batch, cache, li, heads, scale, |pos| {
+            pos / chunk * chunk
+        });
         layer.o.matmul(&out, t)
     }
 
@@ -505,17 +487,7 @@ impl CausalLm for Llama4 {
         mut trace: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        cache.check_batch(batch)?;
-        if let Some(&bad) = batch
-            .tokens
-            .iter()
-            .find(|&&tok| tok as usize >= c.vocab_size)
-        {
-            return Err(Error::Batch(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                c.vocab_size
-            )));
-        }
+        check_batch(batch, cache, c.vocab_size)?;
         let (t, h) = (batch.len(), c.hidden_size);
         let mut hidden = vec![0.0f32; t * h];
         for (row, &tok) in hidden.chunks_exact_mut(h).zip(&batch.tokens) {
@@ -545,12 +517,7 @@ impl CausalLm for Llama4 {
         rms_norm(&mut hidden, &self.norm, self.eps());
         record(&hidden);
 
-        let rows: Vec<f32> = hidden
-            .chunks_exact(h)
-            .zip(&batch.logits)
-            .filter(|(_, want)| **want)
-            .flat_map(|(row, _)| row.iter().copied())
-            .collect();
+        let rows = logit_rows(&hidden, batch, h);
         Ok(self.lm_head.matmul(&rows, batch.n_logit_rows()))
     }
 }

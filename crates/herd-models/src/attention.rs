@@ -1,0 +1,87 @@
+//! The pieces every decoder shares around its own layer math: validating a batch against the
+//! cache, caching keys and values, scaled dot-product attention over cached keys, and picking
+//! the rows that need logits.
+
+use herd_kernels::matmul::{axpy, dot};
+use herd_kernels::ops::softmax;
+
+use crate::{Batch, Error, KvCache, Result};
+
+/// Head counts and size of one attention layer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heads {
+    pub q: usize,
+    pub kv: usize,
+    pub dim: usize,
+}
+
+/// The batch continues each sequence's cache and uses only token ids of the vocabulary.
+pub(crate) fn check_batch(batch: &Batch, cache: &KvCache, vocab: usize) -> Result<()> {
+    cache.check_batch(batch)?;
+    match batch.tokens.iter().find(|&&tok| tok as usize >= vocab) {
+        Some(&bad) => Err(Error::Batch(format!(
+            "token id {bad} is outside the vocabulary ({vocab})"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Append each row's key and value (`[T, kv·dim]` each) to its sequence's cache for `layer`.
+pub(crate) fn cache_rows(
+    k: &[f32],
+    v: &[f32],
+    batch: &Batch,
+    cache: &mut KvCache,
+    layer: usize,
+    kv_dim: usize,
+) {
+    for (row, &seq) in batch.seq_ids.iter().enumerate() {
+        let r = row * kv_dim..(row + 1) * kv_dim;
+        cache.append(seq, layer, &k[r.clone()], &v[r]);
+    }
+}
+
+/// `softmax(q·kᵀ·scale)·v` for every row and query head, over the cached positions
+/// `first_key(pos)..=pos` of the row's sequence. Consecutive query heads share a kv head (GQA).
+/// Returns `[T, q·dim]`.
+pub(crate) fn attend(
+    q: &[f32],
+    batch: &Batch,
+    cache: &KvCache,
+    layer: usize,
+    heads: Heads,
+    scale: f32,
+    first_key: impl Fn(usize) -> usize,
+) -> Vec<f32> {
+    let (nh, nkv, d) = (heads.q, heads.kv, heads.dim);
+    let group = nh / nkv;
+    let mut out = vec![0.0f32; batch.len() * nh * d];
+    let mut scores = Vec::new();
+    for (row, (&seq, &pos)) in batch.seq_ids.iter().zip(&batch.positions).enumerate() {
+        let start = first_key(pos);
+        let (keys, values) = cache.range(seq, layer, start, pos);
+        let key = |j: usize, h: usize| (j * nkv + h) * d..(j * nkv + h + 1) * d;
+        for head in 0..nh {
+            let kvh = head / group;
+            let qh = &q[(row * nh + head) * d..(row * nh + head + 1) * d];
+            scores.clear();
+            scores.extend((0..=pos - start).map(|j| dot(qh, &keys[key(j, kvh)]) * scale));
+            softmax(&mut scores);
+            let oh = &mut out[(row * nh + head) * d..(row * nh + head + 1) * d];
+            for (j, &p) in scores.iter().enumerate() {
+                axpy(p, &values[key(j, kvh)], oh);
+            }
+        }
+    }
+    out
+}
+
+/// The rows of `hidden` (`[T, h]`) whose logits the batch asks for, concatenated.
+pub(crate) fn logit_rows(hidden: &[f32], batch: &Batch, h: usize) -> Vec<f32> {
+    hidden
+        .chunks_exact(h)
+        .zip(&batch.logits)
+        .filter(|(_, want)| **want)
+        .flat_map(|(row, _)| row.iter().copied())
+        .collect()
+}
