@@ -191,6 +191,25 @@ pub fn choose_type(
     fallback(t, dims[0])
 }
 
+/// The type of every tensor of a file, in file order, counting `attn_v` tensors as they come.
+pub fn choose_types<'a>(
+    ft: FileType,
+    shape: &ModelShape,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [u64], DType)>,
+) -> Vec<DType> {
+    let mut attn_v = 0;
+    tensors
+        .into_iter()
+        .map(|(name, dims, current)| {
+            let t = choose_type(ft, shape, name, dims, current, attn_v);
+            if name.contains("attn_v.weight") {
+                attn_v += 1;
+            }
+            t
+        })
+        .collect()
+}
+
 /// llama.cpp's `tensor_type_fallback`: rows that are not whole blocks get a smaller block.
 fn fallback(t: DType, ncols: u64) -> DType {
     if ncols.is_multiple_of(t.block_size() as u64) {
@@ -277,15 +296,15 @@ pub fn write_quantized(
     }
     writer.set("general.file_type", Value::U32(ft.id()));
     writer.set("general.quantization_version", Value::U32(2));
-    let mut attn_v = 0;
-    let mut targets = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let target = choose_type(ft, shape, &t.name, &t.dims, t.dtype, attn_v);
-        if t.name.contains("attn_v.weight") {
-            attn_v += 1;
-        }
+    let targets = choose_types(
+        ft,
+        shape,
+        tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.dims.as_slice(), t.dtype)),
+    );
+    for (t, &target) in tensors.iter().zip(&targets) {
         writer.add_tensor(&t.name, &t.dims, target);
-        targets.push(target);
     }
     let mut summary = Summary::default();
     writer.write(out, |i| {

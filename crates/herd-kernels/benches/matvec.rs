@@ -6,19 +6,8 @@
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
 use herd_kernels::matmul::matmul;
 use herd_kernels::quant::quantize;
+use herd_kernels::testing::rand_vec;
 use herd_kernels::{DType, Layout, MatRef};
-
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// Read bandwidth: sum 512 MiB of u64 with a few independent accumulators, split over the
 /// same pool the kernels use.
@@ -57,8 +46,8 @@ fn memory_read(c: &mut Criterion) {
 fn matvec(c: &mut Criterion) {
     // Scout-shaped expert / attention matrix: 2048 in, 8192 out (decoding one token).
     let (k, n) = (2048, 8192);
-    let w = rand_vec(k * n, 1);
-    let x = rand_vec(k, 2);
+    let w = rand_vec(k * n, 1, 1.0);
+    let x = rand_vec(k, 2, 1.0);
     let mut g = c.benchmark_group("matvec_2048x8192");
     g.sample_size(20);
     for t in [DType::Q4K, DType::Q6K, DType::Q8_0, DType::Q4_0] {

@@ -199,18 +199,7 @@ mod tests {
 #[cfg(test)]
 mod quantized_tests {
     use super::*;
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::rand_vec;
 
     /// Quantized matmul equals per-element scalar dot products, for any thread count and any
     /// batch size (each output is computed the same way whatever else is in the batch).
@@ -218,11 +207,11 @@ mod quantized_tests {
     fn quantized_matmul_is_thread_and_batch_invariant() {
         let (k, n) = (512, 37);
         for wt in [DType::Q8_0, DType::Q4_0, DType::Q4K, DType::Q6K, DType::Q5K] {
-            let wf = rand_vec(k * n, 3);
+            let wf = rand_vec(k * n, 3, 1.0);
             let mut wq = vec![0u8; wt.bytes_for(k * n)];
             quant::quantize(wt, &wf, &mut wq);
             let w = MatRef::new(&wq, wt, k, n, Layout::OutMajor).unwrap();
-            let x = rand_vec(3 * k, 4);
+            let x = rand_vec(3 * k, 4, 1.0);
             let mut one = vec![0.0; 3 * n];
             matmul_with(&ThreadPool::new(1), &x, 3, &w, &mut one);
             let mut three = vec![0.0; 3 * n];

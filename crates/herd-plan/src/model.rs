@@ -3,7 +3,7 @@
 //! facts per token (which parts every token reads, which experts).
 
 use herd_formats::GgufFile;
-use herd_formats::quantize::{FileType, ModelShape, choose_type};
+use herd_formats::quantize::{FileType, ModelShape, choose_types};
 use herd_kernels::DType;
 use herd_models::llama4::{AttentionKind, Llama4Config};
 use serde::Serialize;
@@ -87,6 +87,21 @@ impl Tensor {
     }
 }
 
+/// Types for a derived tensor list, as llama-quantize picks them for `ft` (tensors the rules
+/// never quantize are written as f32 by the converter).
+fn with_types(list: Vec<(String, Vec<u64>)>, shape: &ModelShape, ft: FileType) -> Vec<Tensor> {
+    let types = choose_types(
+        ft,
+        shape,
+        list.iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice(), DType::F32)),
+    );
+    list.into_iter()
+        .zip(types)
+        .map(|((name, dims), dtype)| Tensor { name, dims, dtype })
+        .collect()
+}
+
 /// A model as the planner sees it.
 #[derive(Clone, Debug)]
 pub struct ModelFacts {
@@ -154,18 +169,7 @@ impl ModelFacts {
             n_attn_v: c.num_hidden_layers,
             tied_embeddings: c.tie_word_embeddings,
         };
-        let mut attn_v = 0;
-        let tensors = list
-            .into_iter()
-            .map(|(name, dims)| {
-                // Tensors the rules never quantize are written as f32 by the converter.
-                let dtype = choose_type(ft, &shape, &name, &dims, DType::F32, attn_v);
-                if name.contains("attn_v.weight") {
-                    attn_v += 1;
-                }
-                Tensor { name, dims, dtype }
-            })
-            .collect();
+        let tensors = with_types(list, &shape, ft);
         Self {
             name: name.to_string(),
             tensors,
@@ -227,17 +231,7 @@ impl ModelFacts {
             n_attn_v: c.num_hidden_layers,
             tied_embeddings: true,
         };
-        let mut attn_v = 0;
-        let tensors = list
-            .into_iter()
-            .map(|(name, dims)| {
-                let dtype = choose_type(ft, &shape, &name, &dims, DType::F32, attn_v);
-                if name.contains("attn_v.weight") {
-                    attn_v += 1;
-                }
-                Tensor { name, dims, dtype }
-            })
-            .collect();
+        let tensors = with_types(list, &shape, ft);
         Self {
             name: name.to_string(),
             tensors,

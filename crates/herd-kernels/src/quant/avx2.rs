@@ -230,18 +230,7 @@ unsafe fn q6_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
 mod tests {
     use super::*;
     use crate::quant::{quantize, vec_dot_scalar};
-
-    fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0) * scale
-            })
-            .collect()
-    }
+    use crate::testing::rand_vec;
 
     /// Every AVX2 kernel returns exactly the scalar reference's bits, on random data of several
     /// scales and every row length from one block up (ragged block counts).

@@ -232,18 +232,7 @@ pub(crate) fn q2_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
 mod tests {
     use super::*;
     use crate::quant::{dequantize, quantize};
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::rand_vec;
 
     /// The integer dot product equals the f32 dot of the two dequantized rows (up to rounding).
     #[test]
@@ -259,8 +248,8 @@ mod tests {
             DType::Q5K,
             DType::Q6K,
         ] {
-            let x = rand_vec(n, 1);
-            let y = rand_vec(n, 2);
+            let x = rand_vec(n, 1, 1.0);
+            let y = rand_vec(n, 2, 1.0);
             let mut wq = vec![0u8; wt.bytes_for(n)];
             quantize(wt, &x, &mut wq);
             let at = wt.vec_dot_type();
