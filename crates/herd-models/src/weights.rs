@@ -61,6 +61,23 @@ impl Matrix {
     }
 }
 
+/// Where an HF checkpoint keeps its decoder (`…embed_tokens`, `…layers`) and its output head:
+/// `(decoder prefix, head prefix)` for the causal-LM class, the multimodal class of
+/// transformers 4 (`language_model.model.`) and of transformers 5 (`model.language_model.`).
+pub fn hf_prefixes(tensors: &TensorSet) -> Result<(&'static str, &'static str)> {
+    const LAYOUTS: [(&str, &str); 3] = [
+        ("model.", ""),
+        ("language_model.model.", "language_model."),
+        ("model.language_model.", ""),
+    ];
+    LAYOUTS
+        .into_iter()
+        .find(|(decoder, _)| tensors.contains(&format!("{decoder}embed_tokens.weight")))
+        .ok_or_else(|| Error::MissingTensor {
+            name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)".into(),
+        })
+}
+
 /// Looks tensors up under a name prefix (`language_model.` for multimodal checkpoints).
 #[derive(Debug)]
 pub struct WeightLoader<'a> {

@@ -18,8 +18,8 @@ use herd_formats::gguf::GgufFile;
 use herd_kernels::ops::{gelu_tanh, gelu_tanh_f16_table, rms_norm, rope_neox, softcap};
 
 use crate::attention::{Heads, attend, cache_rows, check_batch, logit_rows};
-use crate::weights::{GgufLoader, Matrix, WeightLoader};
-use crate::{Batch, CausalLm, Error, KvCache, Result};
+use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
+use crate::{Batch, CausalLm, KvCache, Result};
 
 #[derive(Debug)]
 struct Layer {
@@ -77,12 +77,7 @@ impl Source<'_> {
 impl Gemma3 {
     pub fn from_hf(dir: &HfModelDir) -> Result<Self> {
         let config = Gemma3Config::from_json(&dir.config)?;
-        let prefix = ["model.", "language_model.model.", "model.language_model."]
-            .into_iter()
-            .find(|p| dir.tensors.contains(&format!("{p}embed_tokens.weight")))
-            .ok_or_else(|| Error::MissingTensor {
-                name: "model.embed_tokens.weight".into(),
-            })?;
+        let (prefix, _) = hf_prefixes(&dir.tensors)?;
         Self::build(
             config,
             &Source::Hf(WeightLoader::new(&dir.tensors, prefix)),

@@ -15,17 +15,9 @@ use crate::{Error, Result};
 /// Metadata, tensors (in the converter's order) and the shape facts the quantizer needs.
 pub fn gguf_from_hf(dir: &HfModelDir) -> Result<GgufPlan> {
     let c = Llama4Config::from_json(&dir.config)?;
-    let prefix = ["model.", "language_model.model.", "model.language_model."]
-        .into_iter()
-        .find(|p| dir.tensors.contains(&format!("{p}embed_tokens.weight")))
-        .ok_or_else(|| Error::MissingTensor {
-            name: "model.embed_tokens.weight".into(),
-        })?;
-    let head = if prefix == "language_model.model." {
-        "language_model.lm_head.weight"
-    } else {
-        "lm_head.weight"
-    };
+    let (prefix, head_prefix) = crate::weights::hf_prefixes(&dir.tensors)?;
+    let head = format!("{head_prefix}lm_head.weight");
+    let head = head.as_str();
 
     let mut tensors = Vec::new();
     if c.rope_scaling.is_some() {

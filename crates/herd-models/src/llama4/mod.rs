@@ -17,8 +17,8 @@ use herd_formats::gguf::GgufFile;
 use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved, sigmoid, silu};
 
 use crate::attention::{Heads, attend, cache_rows, check_batch, logit_rows};
-use crate::weights::{GgufLoader, Matrix, WeightLoader};
-use crate::{Batch, CausalLm, Error, KvCache, Result};
+use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
+use crate::{Batch, CausalLm, KvCache, Result};
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))` (dense layers and the shared expert).
 #[derive(Debug)]
@@ -94,21 +94,7 @@ struct HfSource<'a> {
 
 impl<'a> HfSource<'a> {
     fn new(dir: &'a HfModelDir) -> Result<Self> {
-        const LAYOUTS: [(&str, &str); 3] = [
-            ("model.", ""),                               // Llama4ForCausalLM
-            ("language_model.model.", "language_model."), // Llama4ForConditionalGeneration
-            ("model.language_model.", ""),                // transformers 5 multimodal layout
-        ];
-        let (decoder, head) = LAYOUTS
-            .into_iter()
-            .find(|(decoder, _)| {
-                dir.tensors
-                    .contains(&format!("{decoder}embed_tokens.weight"))
-            })
-            .ok_or_else(|| Error::MissingTensor {
-                name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)"
-                    .into(),
-            })?;
+        let (decoder, head) = hf_prefixes(&dir.tensors)?;
         Ok(Self {
             decoder: WeightLoader::new(&dir.tensors, decoder),
             head: WeightLoader::new(&dir.tensors, head),
