@@ -79,16 +79,8 @@ fn from_gguf(f: &GgufFile) -> Result<GgufPlan> {
         .filter(|(k, _)| !skip.contains(&k.as_str()))
         .cloned()
         .collect();
-    let arch = f
-        .get("general.architecture")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_string();
-    let key = |k: &str| {
-        f.get(&format!("{arch}.{k}"))
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-    };
+    let arch = f.architecture().unwrap_or_default();
+    let key = |k: &str| f.arch_usize(k);
     let tensors: Vec<SourceTensor> = f
         .tensors()
         .iter()

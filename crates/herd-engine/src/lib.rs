@@ -69,8 +69,7 @@ pub fn load(reference: &str) -> Result<Loaded> {
     } else {
         let file = herd_formats::GgufFile::open(&path)?;
         let family = file
-            .get("general.architecture")
-            .and_then(|v| v.as_str())
+            .architecture()
             .map(str::to_owned)
             .or(resolved.family.map(str::to_owned))
             .unwrap_or_default();

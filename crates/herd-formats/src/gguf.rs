@@ -224,6 +224,20 @@ impl GgufFile {
             .map(|&i| &self.header.metadata[i].1)
     }
 
+    /// `general.architecture` (`llama4`, `gemma3`, …).
+    pub fn architecture(&self) -> Option<&str> {
+        self.get("general.architecture").and_then(Value::as_str)
+    }
+
+    /// An integer key in the architecture's namespace: `arch_usize("block_count")` reads
+    /// `{arch}.block_count`.
+    pub fn arch_usize(&self, key: &str) -> Option<usize> {
+        let arch = self.architecture()?;
+        self.get(&format!("{arch}.{key}"))
+            .and_then(Value::as_u64)
+            .and_then(|v| usize::try_from(v).ok())
+    }
+
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
         self.index.get(name).map(|&i| &self.header.tensors[i])
     }

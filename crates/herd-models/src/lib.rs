@@ -60,8 +60,7 @@ pub fn load_model(path: &Path) -> Result<Box<dyn CausalLm>> {
 pub fn load_gguf(path: &Path) -> Result<Box<dyn CausalLm>> {
     let file = GgufFile::open(path)?;
     let arch = file
-        .get("general.architecture")
-        .and_then(|v| v.as_str())
+        .architecture()
         .ok_or_else(|| {
             Error::Config(format!(
                 "{}: GGUF key general.architecture is missing",

@@ -92,7 +92,7 @@ fn facts_from_gguf(reference: &str, f: &GgufFile, ft: Option<FileType>) -> Resul
     let Some(ft) = ft else {
         return ModelFacts::from_gguf(reference, f);
     };
-    if f.get("general.architecture").and_then(|v| v.as_str()) != Some("llama4") {
+    if f.architecture() != Some("llama4") {
         return Err(Error::Model(
             "--type with a GGUF file is supported for llama4 files".into(),
         ));
@@ -149,18 +149,7 @@ pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
     }
     if path.is_file() {
         let f = GgufFile::open(path).map_err(|e| Error::Model(e.to_string()))?;
-        let facts = ModelFacts::from_gguf(reference, &f)?;
-        if let Some(ft) = ft {
-            if f.get("general.architecture").and_then(|v| v.as_str()) == Some("llama4") {
-                let c = herd_models::llama4::config::gguf::config(&f)
-                    .map_err(|e| Error::Model(e.to_string()))?;
-                return Ok(ModelFacts::from_llama4(reference, &c, ft));
-            }
-            return Err(Error::Model(
-                "--type with a GGUF file is supported for llama4 files".into(),
-            ));
-        }
-        return Ok(facts);
+        return facts_from_gguf(reference, &f, ft);
     }
     Err(Error::Model(format!(
         "{reference:?} is not a GGUF file, a model directory, or a known alias ({})",

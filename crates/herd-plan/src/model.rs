@@ -252,16 +252,8 @@ impl ModelFacts {
 
     /// From a GGUF file: the exact tensor table, and the architecture's keys.
     pub fn from_gguf(name: &str, f: &GgufFile) -> crate::Result<Self> {
-        let arch = f
-            .get("general.architecture")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string();
-        let key = |k: &str| {
-            f.get(&format!("{arch}.{k}"))
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-        };
+        let arch = f.architecture().unwrap_or_default().to_string();
+        let key = |k: &str| f.arch_usize(k);
         let need = |k: &str| {
             key(k).ok_or_else(|| crate::Error::Model(format!("GGUF key {arch}.{k} is missing")))
         };
