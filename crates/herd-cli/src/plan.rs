@@ -33,6 +33,10 @@ pub struct PlanArgs {
     /// System memory read bandwidth, e.g. 90GB/s.
     #[arg(long)]
     mem_bandwidth: Option<String>,
+    /// System memory as configured: ddr5-4800x12 (type, MT/s, channels) or a platform name
+    /// (epyc-genoa, xeon-sapphire-rapids, desktop-ddr5, …); sets the bandwidth.
+    #[arg(long)]
+    cpu_mem: Option<String>,
     /// CPU compute for prefill bounds, in TFLOP/s.
     #[arg(long)]
     cpu_tflops: Option<f64>,
@@ -89,6 +93,9 @@ pub fn run(a: &PlanArgs) -> Result<()> {
     }
     if let Some(r) = &a.ram {
         hw.ram = Some(hardware::parse_bytes(r)?);
+    }
+    if let Some(m) = &a.cpu_mem {
+        hw.ram_bandwidth = Some(hardware::parse_cpu_memory(m)?);
     }
     if let Some(b) = &a.mem_bandwidth {
         hw.ram_bandwidth = Some(hardware::parse_bandwidth(b)?);

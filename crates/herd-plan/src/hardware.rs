@@ -156,6 +156,45 @@ pub fn parse_bandwidth(s: &str) -> Result<f64> {
     parse_bytes(t)
 }
 
+/// System memory bandwidth from its configuration, `ddr5-4800x12` (type, MT/s, channels): each
+/// channel moves 8 bytes per transfer. Common platforms by name too (`epyc-genoa`, …).
+pub fn parse_cpu_memory(spec: &str) -> Result<f64> {
+    let s = spec.trim().to_ascii_lowercase();
+    let named = match s.as_str() {
+        "desktop-ddr4" => Some("ddr4-3200x2"),
+        "desktop-ddr5" => Some("ddr5-5600x2"),
+        "threadripper-7000" => Some("ddr5-5200x4"),
+        "threadripper-pro-7000" => Some("ddr5-5200x8"),
+        "xeon-sapphire-rapids" => Some("ddr5-4800x8"),
+        "xeon-granite-rapids" => Some("ddr5-6400x12"),
+        "epyc-genoa" => Some("ddr5-4800x12"),
+        "epyc-turin" => Some("ddr5-6000x12"),
+        _ => None,
+    };
+    let s = named.map_or(s.clone(), str::to_owned);
+    let bad = || {
+        Error::Hardware(format!(
+            "cannot read CPU memory {spec:?}: use ddrN-SPEEDxCHANNELS (e.g. ddr5-4800x12) or one of \
+             desktop-ddr4, desktop-ddr5, threadripper-7000, threadripper-pro-7000, xeon-sapphire-rapids, \
+             xeon-granite-rapids, epyc-genoa, epyc-turin"
+        ))
+    };
+    let rest = s
+        .strip_prefix("ddr")
+        .and_then(|r| r.split_once('-'))
+        .map(|(_, r)| r)
+        .ok_or_else(bad)?;
+    let (speed, channels) = rest.split_once('x').ok_or_else(bad)?;
+    let (speed, channels): (f64, f64) = (
+        speed.parse().map_err(|_| bad())?,
+        channels.parse().map_err(|_| bad())?,
+    );
+    if speed <= 0.0 || channels <= 0.0 {
+        return Err(bad());
+    }
+    Ok(speed * 1e6 * 8.0 * channels)
+}
+
 /// System RAM of this machine, bytes (`MemTotal`).
 pub fn this_machine_ram() -> Result<f64> {
     let text = std::fs::read_to_string("/proc/meminfo")
@@ -221,5 +260,11 @@ mod tests {
         assert_eq!(parse_bandwidth("90GB/s").unwrap(), 90e9);
         assert!(parse_bytes("0GiB").is_err());
         assert!(parse_bytes("lots").is_err());
+        assert_eq!(
+            parse_cpu_memory("ddr5-4800x12").unwrap(),
+            4800e6 * 8.0 * 12.0
+        );
+        assert_eq!(parse_cpu_memory("epyc-genoa").unwrap(), 460.8e9);
+        assert!(parse_cpu_memory("ddr5-fastx2").is_err());
     }
 }
