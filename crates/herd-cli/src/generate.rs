@@ -63,7 +63,7 @@ impl SamplingArgs {
 /// `herd run MODEL PROMPT`: the prompt as raw text (BOS added as the tokenizer says), the answer
 /// streamed to stdout, speeds to stderr.
 pub fn run(model: &str, prompt: &str, s: &SamplingArgs) -> Result<()> {
-    let loaded = herd_engine::load(model).with_context(|| format!("loading {model}"))?;
+    let loaded = herd_engine::load(model).context("loading the model")?;
     let ids = loaded.tokenizer.encode(prompt, true)?;
     let req = Request {
         prompt: ids,
@@ -99,7 +99,7 @@ fn report(g: &herd_engine::generate::Generation) {
 
 /// `herd chat MODEL`: multi-turn through the model's chat template (or its family's built-in one).
 pub fn chat(model: &str, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
-    let loaded = herd_engine::load(model).with_context(|| format!("loading {model}"))?;
+    let loaded = herd_engine::load(model).context("loading the model")?;
     let tok = &loaded.tokenizer;
     let (template, source) = ChatTemplate::for_model(tok.chat_template.as_deref(), &loaded.family)?;
     if source == TemplateSource::Builtin {

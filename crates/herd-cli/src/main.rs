@@ -88,18 +88,23 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         // A closed stdout (`herd inspect f | head`) is the reader's choice, not an error.
         Err(e)
             if e.downcast_ref::<std::io::Error>().map(|e| e.kind())
                 == Some(std::io::ErrorKind::BrokenPipe) =>
         {
-            Ok(())
+            std::process::ExitCode::SUCCESS
         }
-        other => other,
+        Err(e) => {
+            // The whole cause chain on one line, no backtrace: errors here are the user's to read.
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
