@@ -17,6 +17,7 @@ pub(crate) fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> Option<f32>
         match wtype {
             DType::Q8_0 => Some(q8_0_q8_0(w, a, nb)),
             DType::Q4_0 => Some(q4_0_q8_0(w, a, nb)),
+            DType::Q5_0 => Some(q5_0_q8_0(w, a, nb)),
             DType::Q4K => Some(q4_k_q8_k(w, a, nb)),
             DType::Q5K => Some(q5_k_q8_k(w, a, nb)),
             DType::Q6K => Some(q6_k_q8_k(w, a, nb)),
@@ -76,6 +77,46 @@ unsafe fn q4_0_q8_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
         let lo = _mm_and_si128(q, _mm256_castsi256_si128(low));
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), _mm256_castsi256_si128(low));
         let x = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), eight);
+        // SAFETY: bytes 2..34 of the Q8_0 block.
+        let y = unsafe { load(ab, 2) };
+        let sumi = hsum_i32(dot_i8(x, y));
+        sum += sumi as f32 * (f16_at(wb, 0) * f16_at(ab, 0));
+    }
+    sum
+}
+
+/// 32 bytes, 0xFF where bit `k` of `x` is set (byte `k` tests bit `k`).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn bytes_from_bits(x: u32) -> __m256i {
+    // Byte k takes byte k/8 of x, then every bit but bit k%8 is forced on: all ones iff set.
+    let spread = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), spread);
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q5_0_q8_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0.0f32;
+    let low = _mm_set1_epi8(0x0F);
+    for i in 0..nb {
+        let (wb, ab) = (&w[22 * i..22 * i + 22], &a[34 * i..34 * i + 34]);
+        // SAFETY: 16 nibble bytes at 6..22 of the 22-byte block.
+        let q = unsafe { _mm_loadu_si128(wb.as_ptr().add(6) as *const __m128i) };
+        let lo = _mm_and_si128(q, low);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low);
+        let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
+        let fifth = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
+        let x = _mm256_sub_epi8(
+            _mm256_or_si256(_mm256_set_m128i(hi, lo), fifth),
+            _mm256_set1_epi8(16),
+        );
         // SAFETY: bytes 2..34 of the Q8_0 block.
         let y = unsafe { load(ab, 2) };
         let sumi = hsum_i32(dot_i8(x, y));
@@ -240,7 +281,14 @@ mod tests {
             eprintln!("no AVX2 on this CPU: nothing to compare");
             return;
         }
-        for wt in [DType::Q8_0, DType::Q4_0, DType::Q4K, DType::Q5K, DType::Q6K] {
+        for wt in [
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::Q4K,
+            DType::Q5K,
+            DType::Q6K,
+        ] {
             let bs = wt.block_size();
             for blocks in 1..=9 {
                 let n = blocks * bs;
