@@ -52,7 +52,7 @@ fn q4_1(b: &[u8], y: &mut [f32]) {
 }
 
 /// The 5-bit values of a Q5_0 / Q5_1 block: nibbles at `qs`, fifth bits in the u32 at `qh`.
-fn five_bit(b: &[u8], qh_off: usize, qs_off: usize) -> [u8; 32] {
+pub(crate) fn five_bit(b: &[u8], qh_off: usize, qs_off: usize) -> [u8; 32] {
     let qh = u32::from_le_bytes([b[qh_off], b[qh_off + 1], b[qh_off + 2], b[qh_off + 3]]);
     let mut q = [0u8; 32];
     for j in 0..16 {

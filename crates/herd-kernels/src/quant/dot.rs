@@ -4,6 +4,7 @@
 //! The f32 part is evaluated block by block in a fixed order, identical in the SIMD kernels, so
 //! every kernel returns the same bits as this scalar reference.
 
+use super::dequant::five_bit;
 use super::{f16_at, f32_at, q3k_scales, scale_min_k4};
 use crate::DType;
 
@@ -66,22 +67,12 @@ pub(crate) fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     sumi as f32 * (f16_at(w, 0) * f16_at(a, 0))
 }
 
-fn five_bit_values(w: &[u8], qh_off: usize, qs_off: usize) -> [i32; 32] {
-    let qh = u32::from_le_bytes([w[qh_off], w[qh_off + 1], w[qh_off + 2], w[qh_off + 3]]);
-    let mut q = [0i32; 32];
-    for j in 0..16 {
-        q[j] = ((w[qs_off + j] & 0xF) as u32 | (((qh >> j) & 1) << 4)) as i32;
-        q[j + 16] = ((w[qs_off + j] >> 4) as u32 | (((qh >> (j + 16)) & 1) << 4)) as i32;
-    }
-    q
-}
-
 pub(crate) fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let q = five_bit_values(w, 2, 6);
+    let q = five_bit(w, 2, 6);
     let sumi: i32 = q
         .iter()
         .zip(i8s(&a[2..34]))
-        .map(|(x, y)| (x - 16) * y)
+        .map(|(&x, y)| (x as i32 - 16) * y)
         .sum();
     sumi as f32 * (f16_at(w, 0) * f16_at(a, 0))
 }
@@ -98,8 +89,12 @@ pub(crate) fn q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
 }
 
 pub(crate) fn q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
-    let q = five_bit_values(w, 4, 8);
-    let sumi: i32 = q.iter().zip(i8s(&a[4..36])).map(|(x, y)| x * y).sum();
+    let q = five_bit(w, 4, 8);
+    let sumi: i32 = q
+        .iter()
+        .zip(i8s(&a[4..36]))
+        .map(|(&x, y)| x as i32 * y)
+        .sum();
     (f16_at(w, 0) * f16_at(a, 0)) * sumi as f32 + f16_at(w, 2) * f16_at(a, 2)
 }
 
