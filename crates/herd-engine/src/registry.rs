@@ -201,18 +201,10 @@ fn fetch_hub(repo: &str, file: &str) -> Result<PathBuf> {
     Ok(dest)
 }
 
-/// Move `partial` to `dest` only if its checksum is `sha256`; otherwise delete it.
+/// `hub::commit_verified`, then record the verified checksum beside the file (so later runs
+/// need not hash it again).
 pub fn verify_and_commit(partial: &Path, dest: &Path, sha256: &str) -> Result<()> {
-    let got = herd_formats::hub::sha256_file(partial)?;
-    if got != sha256 {
-        let _ = std::fs::remove_file(partial);
-        return Err(Error::Registry(format!(
-            "{}: checksum mismatch (got {got}, expected {sha256}); the partial download was removed",
-            dest.display()
-        )));
-    }
-    std::fs::rename(partial, dest)
-        .map_err(|e| Error::Registry(format!("{}: {e}", dest.display())))?;
+    herd_formats::hub::commit_verified(partial, dest, Some(sha256))?;
     std::fs::write(dest.with_extension("sha256"), format!("{sha256}\n"))
         .map_err(|e| Error::Registry(e.to_string()))
 }

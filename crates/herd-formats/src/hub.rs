@@ -169,20 +169,27 @@ impl Hub {
         out.flush()
             .map_err(|e| hub_err(&partial.display().to_string(), e))?;
         drop(out);
-        if let Some(want) =
-            etag.filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            let got = sha256_file(&partial)?;
-            if got != want {
-                let _ = std::fs::remove_file(&partial);
-                return Err(Error::Hub(format!(
-                    "{url}: checksum mismatch (got {got}, hub says {want}); the download was removed"
-                )));
-            }
-        }
-        std::fs::rename(&partial, dest).map_err(|e| hub_err(&dest.display().to_string(), e))?;
+        let want = etag.filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()));
+        commit_verified(&partial, dest, want.as_deref())
+            .map_err(|e| Error::Hub(format!("{url}: {e}")))?;
         Ok(dest.to_path_buf())
     }
+}
+
+/// Move a finished download `partial` to `dest` if its SHA-256 is `sha256` (when one is known);
+/// on a mismatch delete it, so nothing incomplete or corrupt ever looks like a finished file.
+pub fn commit_verified(partial: &Path, dest: &Path, sha256: Option<&str>) -> Result<()> {
+    if let Some(want) = sha256 {
+        let got = sha256_file(partial)?;
+        if got != want {
+            let _ = std::fs::remove_file(partial);
+            return Err(Error::Hub(format!(
+                "{}: checksum mismatch (got {got}, expected {want}); the download was removed",
+                dest.display()
+            )));
+        }
+    }
+    std::fs::rename(partial, dest).map_err(|e| hub_err(&dest.display().to_string(), e))
 }
 
 /// SHA-256 of a file, hex.
