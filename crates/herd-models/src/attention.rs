@@ -15,18 +15,18 @@ pub(crate) struct Heads {
     pub dim: usize,
 }
 
-/// The batch continues each sequence's cache and uses only token ids of the vocabulary.
-pub(crate) fn check_batch(batch: &Batch, cache: &KvCache, vocab: usize) -> Result<()> {
-    cache.check_batch(batch)?;
-    match batch.tokens.iter().find(|&&tok| tok as usize >= vocab) {
-        Some(&bad) => Err(Error::Batch(format!(
+/// Check that the batch uses only token ids of the vocabulary and continues each sequence's
+/// cache, and reserve its positions there. Nothing changes on error.
+pub(crate) fn begin_step(batch: &Batch, cache: &mut KvCache, vocab: usize) -> Result<()> {
+    if let Some(&bad) = batch.tokens.iter().find(|&&tok| tok as usize >= vocab) {
+        return Err(Error::Batch(format!(
             "token id {bad} is outside the vocabulary ({vocab})"
-        ))),
-        None => Ok(()),
+        )));
     }
+    cache.reserve(batch)
 }
 
-/// Append each row's key and value (`[T, kv·dim]` each) to its sequence's cache for `layer`.
+/// Store each row's key and value (`[T, kv·dim]` each) at its position in the cache for `layer`.
 pub(crate) fn cache_rows(
     k: &[f32],
     v: &[f32],
@@ -35,9 +35,9 @@ pub(crate) fn cache_rows(
     layer: usize,
     kv_dim: usize,
 ) {
-    for (row, &seq) in batch.seq_ids.iter().enumerate() {
+    for (row, (&seq, &pos)) in batch.seq_ids.iter().zip(&batch.positions).enumerate() {
         let r = row * kv_dim..(row + 1) * kv_dim;
-        cache.append(seq, layer, &k[r.clone()], &v[r]);
+        cache.write(seq, layer, pos, &k[r.clone()], &v[r]);
     }
 }
 
@@ -59,17 +59,28 @@ pub(crate) fn attend(
     let mut scores = Vec::new();
     for (row, (&seq, &pos)) in batch.seq_ids.iter().zip(&batch.positions).enumerate() {
         let start = first_key(pos);
-        let (keys, values) = cache.range(seq, layer, start, pos);
+        // Head h of cached position j within a run of positions.
         let key = |j: usize, h: usize| (j * nkv + h) * d..(j * nkv + h + 1) * d;
+        let runs = || cache.runs(seq, layer, start, pos);
         for head in 0..nh {
             let kvh = head / group;
             let qh = &q[(row * nh + head) * d..(row * nh + head + 1) * d];
             scores.clear();
-            scores.extend((0..=pos - start).map(|j| dot(qh, &keys[key(j, kvh)]) * scale));
+            for (keys, _) in runs() {
+                let n = keys.len() / (nkv * d);
+                scores.extend((0..n).map(|j| dot(qh, &keys[key(j, kvh)]) * scale));
+            }
             softmax(&mut scores);
             let oh = &mut out[(row * nh + head) * d..(row * nh + head + 1) * d];
-            for (j, &p) in scores.iter().enumerate() {
-                axpy(p, &values[key(j, kvh)], oh);
+            let mut p = scores.iter();
+            for (_, values) in runs() {
+                for j in 0..values.len() / (nkv * d) {
+                    axpy(
+                        *p.next().expect("one score per key"),
+                        &values[key(j, kvh)],
+                        oh,
+                    );
+                }
             }
         }
     }

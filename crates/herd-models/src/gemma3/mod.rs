@@ -17,7 +17,7 @@ use herd_formats::HfModelDir;
 use herd_formats::gguf::GgufFile;
 use herd_kernels::ops::{gelu_tanh, gelu_tanh_f16_table, rms_norm, rope_neox, softcap};
 
-use crate::attention::{Heads, attend, cache_rows, check_batch, logit_rows};
+use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
 use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
 use crate::{Batch, CausalLm, KvCache, Result};
 
@@ -224,7 +224,7 @@ impl CausalLm for Gemma3 {
         mut trace: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        check_batch(batch, cache, c.vocab_size)?;
+        begin_step(batch, cache, c.vocab_size)?;
         let (t, h) = (batch.len(), c.hidden_size);
         let scale = (h as f32).sqrt();
         let mut hidden = vec![0.0f32; t * h];

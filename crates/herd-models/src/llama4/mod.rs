@@ -16,7 +16,7 @@ use herd_formats::HfModelDir;
 use herd_formats::gguf::GgufFile;
 use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved, sigmoid, silu};
 
-use crate::attention::{Heads, attend, cache_rows, check_batch, logit_rows};
+use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
 use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
 use crate::{Batch, CausalLm, KvCache, Result};
 
@@ -473,7 +473,7 @@ impl CausalLm for Llama4 {
         mut trace: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        check_batch(batch, cache, c.vocab_size)?;
+        begin_step(batch, cache, c.vocab_size)?;
         let (t, h) = (batch.len(), c.hidden_size);
         let mut hidden = vec![0.0f32; t * h];
         for (row, &tok) in hidden.chunks_exact_mut(h).zip(&batch.tokens) {
