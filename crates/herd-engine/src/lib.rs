@@ -9,6 +9,7 @@ pub mod detokenize;
 pub mod generate;
 pub mod registry;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};

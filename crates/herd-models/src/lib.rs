@@ -28,8 +28,18 @@ pub trait CausalLm: Send + Sync {
     fn vocab_size(&self) -> usize;
     fn hidden_size(&self) -> usize;
     fn num_layers(&self) -> usize;
-    /// An empty cache shaped for this model.
-    fn new_cache(&self) -> KvCache;
+    /// Floats cached per token and layer for keys (and for values): kv heads × head dim.
+    fn kv_dim(&self) -> usize;
+    /// Positions the model was trained for (its context length).
+    fn max_context(&self) -> usize;
+    /// An empty cache shaped for this model that grows as needed.
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.num_layers(), self.kv_dim())
+    }
+    /// An empty cache shaped for this model with a fixed pool of blocks.
+    fn new_paged_cache(&self, block_size: usize, num_blocks: usize) -> KvCache {
+        KvCache::with_capacity(self.num_layers(), self.kv_dim(), block_size, num_blocks)
+    }
     /// Run `batch` and return the logits of the rows it asks for, `[n_logit_rows, vocab]`.
     /// With `trace`, also record the hidden state `[n_tokens, hidden]` after the embedding,
     /// after each decoder layer and after the final norm.

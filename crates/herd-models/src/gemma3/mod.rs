@@ -212,9 +212,12 @@ impl CausalLm for Gemma3 {
         self.config.num_hidden_layers
     }
 
-    fn new_cache(&self) -> KvCache {
-        let c = &self.config;
-        KvCache::new(c.num_hidden_layers, c.num_key_value_heads * c.head_dim)
+    fn kv_dim(&self) -> usize {
+        self.config.num_key_value_heads * self.config.head_dim
+    }
+
+    fn max_context(&self) -> usize {
+        self.config.max_position_embeddings
     }
 
     fn forward(

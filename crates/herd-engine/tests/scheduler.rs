@@ -1,0 +1,283 @@
+//! Continuous batching on the real default model (Gemma 3 270M Q4_K_M from
+//! tests/fixtures/fetch.sh): concurrent, chunked, prefix-shared and preempted requests produce
+//! exactly what each request produces alone with `generate`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, channel};
+
+use herd_engine::generate::{FinishReason, Request, generate};
+use herd_engine::sampler::SamplingParams;
+use herd_engine::scheduler::{
+    Event, GenerationRequest, Scheduler, SchedulerConfig, SubmitError, Usage,
+};
+use herd_engine::{Loaded, Tokenizer};
+
+fn model_path() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/downloaded/gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run tests/fixtures/fetch.sh",
+        p.display()
+    );
+    p
+}
+
+fn load() -> Loaded {
+    herd_engine::load(model_path().to_str().unwrap()).unwrap()
+}
+
+const PROMPTS: [&str; 6] = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 4, 5,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+];
+
+struct Outcome {
+    tokens: Vec<u32>,
+    text: String,
+    finish: FinishReason,
+    usage: Usage,
+}
+
+fn submit(
+    s: &Scheduler,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> Receiver<Event> {
+    let (tx, rx) = channel();
+    s.submit(GenerationRequest {
+        prompt,
+        max_tokens,
+        stop: Vec::new(),
+        sampling,
+        sink: Box::new(move |e| tx.send(e).is_ok()),
+    })
+    .unwrap();
+    rx
+}
+
+fn collect(rx: Receiver<Event>) -> Outcome {
+    let (mut tokens, mut text) = (Vec::new(), String::new());
+    for e in rx {
+        match e {
+            Event::Token { sampled, text: t } => {
+                tokens.push(sampled.token);
+                text.push_str(&t);
+            }
+            Event::Done {
+                text: t,
+                finish,
+                usage,
+            } => {
+                text.push_str(&t);
+                return Outcome {
+                    tokens,
+                    text,
+                    finish,
+                    usage,
+                };
+            }
+            Event::Failed(why) => panic!("request failed: {why}"),
+        }
+    }
+    panic!("the event stream ended without Done")
+}
+
+fn alone(
+    l: &Loaded,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: SamplingParams,
+) -> (Vec<u32>, String) {
+    let g = generate(
+        l.model.as_ref(),
+        &l.tokenizer,
+        &Request {
+            prompt: prompt.to_vec(),
+            max_tokens,
+            stop: Vec::new(),
+            sampling,
+        },
+        |_| {},
+    )
+    .unwrap();
+    (g.tokens.iter().map(|s| s.token).collect(), g.text)
+}
+
+fn encode(t: &Tokenizer, s: &str) -> Vec<u32> {
+    t.encode(s, true).unwrap()
+}
+
+fn sampled(seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        seed,
+        ..SamplingParams::default()
+    }
+}
+
+#[test]
+fn concurrent_requests_equal_the_same_requests_alone() {
+    let reference = load();
+    let Loaded {
+        model, tokenizer, ..
+    } = load();
+    let tok = Arc::new(tokenizer);
+    // Small steps and a small pool: prompts are prefilled in chunks beside decoding streams, and
+    // the pool runs out so that sequences are preempted and recomputed.
+    let config = SchedulerConfig {
+        block_size: 4,
+        kv_blocks: 14,
+        step_tokens: 7,
+        ..SchedulerConfig::default()
+    };
+    let s = Scheduler::start(model, tok.clone(), config);
+    let mut jobs = Vec::new();
+    for (i, p) in PROMPTS.iter().enumerate() {
+        let ids = encode(&tok, p);
+        let params = if i % 2 == 0 {
+            SamplingParams::default()
+        } else {
+            sampled(i as u64)
+        };
+        let rx = submit(&s, ids.clone(), 12, params.clone());
+        jobs.push((ids, params, rx));
+    }
+    for (ids, params, rx) in jobs {
+        let got = collect(rx);
+        let (want_tokens, want_text) = alone(&reference, &ids, 12, params);
+        assert_eq!(got.tokens, want_tokens, "prompt {ids:?}");
+        assert_eq!(got.text, want_text);
+        assert_eq!(got.usage.prompt_tokens, ids.len());
+        assert_eq!(got.usage.completion_tokens, got.tokens.len());
+        if got.finish == FinishReason::Length {
+            assert_eq!(got.tokens.len(), 12);
+        }
+    }
+    let st = s.stats();
+    assert!(
+        st.preemptions > 0,
+        "the small pool should have forced preemption: {st:?}"
+    );
+    assert_eq!((st.running, st.waiting, st.kv_blocks_used), (0, 0, 0));
+}
+
+#[test]
+fn a_shared_prompt_prefix_is_not_computed_twice() {
+    let reference = load();
+    let Loaded {
+        model, tokenizer, ..
+    } = load();
+    let tok = Arc::new(tokenizer);
+    let s = Scheduler::start(model, tok.clone(), SchedulerConfig::default());
+    let system = "You are a careful assistant. Answer briefly and precisely. ".repeat(6);
+    let first = encode(&tok, &format!("{system}Question: what is two plus two?"));
+    let second = encode(&tok, &format!("{system}Question: name a colour."));
+    let a = collect(submit(&s, first.clone(), 6, SamplingParams::default()));
+    assert_eq!(a.usage.cached_tokens, 0);
+    let b = collect(submit(&s, second.clone(), 6, SamplingParams::default()));
+    let common = first
+        .iter()
+        .zip(&second)
+        .take_while(|(x, y)| x == y)
+        .count();
+    let block = s.config().block_size;
+    assert_eq!(b.usage.cached_tokens, common / block * block);
+    assert!(b.usage.cached_tokens >= 64, "{:?}", b.usage);
+    assert_eq!(
+        b.tokens,
+        alone(&reference, &second, 6, SamplingParams::default()).0
+    );
+    let st = s.stats();
+    assert_eq!(st.prefix_hit_tokens as usize, b.usage.cached_tokens);
+    assert_eq!(st.prompt_tokens as usize, first.len() + second.len());
+}
+
+#[test]
+fn a_cancelled_or_abandoned_request_frees_its_blocks() {
+    let Loaded {
+        model, tokenizer, ..
+    } = load();
+    let tok = Arc::new(tokenizer);
+    let s = Scheduler::start(model, tok.clone(), SchedulerConfig::default());
+    let prompt = encode(&tok, PROMPTS[2]);
+    // The receiver goes away after two tokens: the engine notices on its next event.
+    let rx = submit(&s, prompt.clone(), 1000, SamplingParams::default());
+    for _ in 0..2 {
+        assert!(matches!(rx.recv().unwrap(), Event::Token { .. }));
+    }
+    drop(rx);
+    // An explicit cancel.
+    let (tx, rx2) = channel();
+    let id = s
+        .submit(GenerationRequest {
+            prompt,
+            max_tokens: 1000,
+            stop: Vec::new(),
+            sampling: SamplingParams::default(),
+            sink: Box::new(move |e| tx.send(e).is_ok()),
+        })
+        .unwrap();
+    assert!(matches!(rx2.recv().unwrap(), Event::Token { .. }));
+    s.cancel(id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let st = s.stats();
+        if st.running == 0 && st.kv_blocks_used == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "blocks still held: {st:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(s.stats().generated_tokens < 100);
+}
+
+#[test]
+fn requests_that_cannot_run_are_refused_up_front() {
+    let Loaded {
+        model, tokenizer, ..
+    } = load();
+    let tok = Arc::new(tokenizer);
+    let config = SchedulerConfig {
+        context: 32,
+        kv_blocks: 4,
+        block_size: 4,
+        ..SchedulerConfig::default()
+    };
+    let s = Scheduler::start(model, tok, config);
+    let req = |n: usize| GenerationRequest {
+        prompt: vec![2; n],
+        max_tokens: 4,
+        stop: Vec::new(),
+        sampling: SamplingParams::default(),
+        sink: Box::new(|_| true),
+    };
+    assert_eq!(s.submit(req(0)).unwrap_err(), SubmitError::EmptyPrompt);
+    assert_eq!(
+        s.submit(req(32)).unwrap_err(),
+        SubmitError::PromptTooLong {
+            prompt: 32,
+            context: 32
+        }
+    );
+    assert_eq!(
+        s.submit(req(20)).unwrap_err(),
+        SubmitError::TooLargeForCache {
+            needed: 6,
+            total: 4
+        }
+    );
+    s.shutdown(true);
+    assert_eq!(s.submit(req(3)).unwrap_err(), SubmitError::Stopped);
+}
