@@ -12,6 +12,7 @@ mod generate;
 mod inspect;
 mod plan;
 mod quantize;
+mod serve;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -64,6 +65,8 @@ enum Command {
         #[command(flatten)]
         sampling: generate::SamplingArgs,
     },
+    /// Serve the OpenAI API (chat, completions, streaming) with continuous batching.
+    Serve(serve::ServeArgs),
     /// Download a catalog model into the cache (once) and print its path.
     Pull { model: String },
     /// List the model catalog and the cache directory.
@@ -128,6 +131,7 @@ fn run(command: Command) -> Result<()> {
             system,
             sampling,
         } => generate::chat(&model, system.as_deref(), &sampling),
+        Command::Serve(args) => serve::run(&args),
         Command::Pull { model } => generate::pull(&model),
         Command::Models => generate::list(),
         Command::Quantize {

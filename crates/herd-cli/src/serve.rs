@@ -1,0 +1,150 @@
+//! `herd serve MODEL`: the OpenAI-compatible server.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use herd_engine::scheduler::SchedulerConfig;
+use herd_server::AppState;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// A GGUF file, an HF directory or a catalog alias, e.g. gemma3:270m.
+    #[arg(default_value = herd_engine::registry::DEFAULT_MODEL)]
+    model: String,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// The model name clients send and /v1/models lists (default: the model argument).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1 (repeatable). HERD_API_KEY also sets one.
+    #[arg(long, env = "HERD_API_KEY")]
+    api_key: Vec<String>,
+    /// A file of accepted keys, one per line.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Positions per sequence (prompt + output); capped at the model's context length.
+    #[arg(long, default_value_t = 8192)]
+    ctx_size: usize,
+    /// Positions the KV cache holds in all (shared by all sequences and cached prefixes).
+    #[arg(long, default_value_t = 65536)]
+    kv_tokens: usize,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Sequences decoding at once.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// Tokens per engine step (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = 512)]
+    step_tokens: usize,
+    /// Requests allowed to wait for a place; more get 503.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: usize,
+}
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let mut keys = args.api_key.clone();
+    if let Some(f) = &args.api_key_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the API key file {}", f.display()))?;
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+        if keys.is_empty() {
+            bail!("{} holds no keys", f.display());
+        }
+    }
+    if args.block_size == 0 || args.kv_tokens < args.block_size {
+        bail!("--kv-tokens must hold at least one block of --block-size positions");
+    }
+    let config = SchedulerConfig {
+        block_size: args.block_size,
+        kv_blocks: args.kv_tokens / args.block_size,
+        max_running: args.max_running,
+        step_tokens: args.step_tokens,
+        max_waiting: args.max_waiting,
+        context: args.ctx_size,
+    };
+    let name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| args.model.clone());
+    let state = AppState::new(name, keys);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        eprintln!(
+            "herd: listening on http://{} (loading {})",
+            listener.local_addr()?,
+            args.model
+        );
+        // Load in the background: /health answers 503 until the engine is set.
+        let (model, st) = (args.model.clone(), state.clone());
+        let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
+        tokio::task::spawn_blocking(move || {
+            let loaded = herd_engine::load(&model).map_err(|e| e.to_string());
+            match loaded.and_then(|l| herd_server::engine(l, config).map_err(|e| e.to_string())) {
+                Ok(engine) => {
+                    let ctx = engine.scheduler.config().context;
+                    let _ = st.engine.set(engine);
+                    eprintln!("herd: {model} ready (context {ctx} tokens)");
+                }
+                Err(e) => {
+                    let _ = fail_tx.send(e);
+                }
+            }
+        });
+        let shutdown = shutdown_signal(fail_rx.map_or_pending());
+        herd_server::serve(state.clone(), listener, shutdown).await?;
+        if state.engine.get().is_none() {
+            bail!("the model did not load");
+        }
+        eprintln!("herd: stopped");
+        Ok(())
+    })
+}
+
+trait OrPending {
+    fn map_or_pending(self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl OrPending for tokio::sync::oneshot::Receiver<String> {
+    /// Resolves when loading failed (after printing why); never when it succeeded.
+    async fn map_or_pending(self) {
+        match self.await {
+            Ok(why) => eprintln!("Error: loading the model: {why}"),
+            Err(_) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+async fn shutdown_signal(load_failed: impl std::future::Future<Output = ()>) {
+    let term = async {
+        #[cfg(unix)]
+        {
+            if let Ok(mut s) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                s.recv().await;
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => eprintln!("herd: interrupted, finishing in-flight requests"),
+        _ = term => eprintln!("herd: SIGTERM, finishing in-flight requests"),
+        _ = load_failed => {},
+    }
+}

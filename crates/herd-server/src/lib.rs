@@ -1,0 +1,680 @@
+//! `herd serve`: the OpenAI HTTP API over the continuous-batching scheduler.
+//!
+//! The listener opens before the model loads (`/health` answers 503 until it is ready). Each
+//! request is validated (`openai`), rendered through the chat template, tokenized and submitted
+//! to the scheduler once per choice; its events come back over a channel and become one JSON
+//! response or a stream of server-sent events shaped exactly like OpenAI's. A client that goes
+//! away cancels its sequences at once, freeing their KV blocks.
+
+pub mod metrics;
+pub mod openai;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use herd_engine::chat::{ChatTemplate, RenderOptions};
+use herd_engine::generate::FinishReason;
+use herd_engine::scheduler::{Event, GenerationRequest, Scheduler, SubmitError, Usage};
+use herd_engine::{Tokenizer, scheduler::SchedulerConfig};
+use herd_models::SeqId;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::openai::{ApiError, ApiResult, Endpoint, Job, PromptSource};
+
+/// What the server needs once the model is loaded.
+pub struct Engine {
+    pub scheduler: Scheduler,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The chat template (the model's, or its family's built-in one).
+    pub template: Option<ChatTemplate>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+pub struct AppState {
+    /// The name clients use for the model (`model` field, `/v1/models`).
+    pub model_name: String,
+    /// Accepted bearer keys; empty means no authentication.
+    pub api_keys: Vec<String>,
+    pub engine: OnceLock<Engine>,
+    pub metrics: Metrics,
+    pub started: u64,
+}
+
+impl AppState {
+    pub fn new(model_name: String, api_keys: Vec<String>) -> Arc<Self> {
+        Arc::new(Self {
+            model_name,
+            api_keys,
+            engine: OnceLock::new(),
+            metrics: Metrics::default(),
+            started: unix_now(),
+        })
+    }
+}
+
+/// Build the engine for a loaded model.
+pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engine::Result<Engine> {
+    let herd_engine::Loaded {
+        model,
+        tokenizer,
+        family,
+        ..
+    } = loaded;
+    let template = match ChatTemplate::for_model(tokenizer.chat_template.as_deref(), &family) {
+        Ok((t, source)) => {
+            if source == herd_engine::chat::TemplateSource::Builtin {
+                tracing::info!(
+                    family,
+                    "the model has no chat template; using herd's built-in one for its family"
+                );
+            }
+            Some(t)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no chat template: /v1/chat/completions will answer 400");
+            None
+        }
+    };
+    let tokenizer = Arc::new(tokenizer);
+    Ok(Engine {
+        scheduler: Scheduler::start(model, tokenizer.clone(), config),
+        tokenizer,
+        template,
+    })
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn error_response(e: &ApiError) -> Response {
+    (e.status, axum::Json(e.body())).into_response()
+}
+
+async fn not_found() -> Response {
+    error_response(
+        &ApiError::bad_request("no such endpoint").status(StatusCode::NOT_FOUND, "not_found_error"),
+    )
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    if st.engine.get().is_some() {
+        (StatusCode::OK, axum::Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading"})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let stats = st.engine.get().map(|e| e.scheduler.stats());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(stats.as_ref()),
+    )
+        .into_response()
+}
+
+fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    if st.api_keys.is_empty() {
+        return Ok(());
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(k) if st.api_keys.iter().any(|key| key == k) => Ok(()),
+        _ => Err(ApiError::bad_request(
+            "a valid API key is required (Authorization: Bearer <key>)",
+        )
+        .status(StatusCode::UNAUTHORIZED, "authentication_error")
+        .code("invalid_api_key")),
+    }
+}
+
+fn ready(st: &AppState) -> ApiResult<&Engine> {
+    st.engine.get().ok_or_else(|| {
+        ApiError::bad_request("the model is still loading")
+            .status(StatusCode::SERVICE_UNAVAILABLE, "server_error")
+    })
+}
+
+async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&st, &headers) {
+        return error_response(&e);
+    }
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": st.model_name, "object": "model", "created": st.started, "owned_by": "herd"}],
+    }))
+    .into_response()
+}
+
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(st, headers, body, Endpoint::Chat).await
+}
+
+async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    handle(st, headers, body, Endpoint::Completions).await
+}
+
+async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint) -> Response {
+    let arrived = Instant::now();
+    let prepared = authorize(&st, &headers)
+        .and_then(|()| openai::parse(&body, ep))
+        .and_then(|job| prepare(&st, job));
+    let (job, prompt) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+            return error_response(&e);
+        }
+    };
+    let run = match submit(&st, &job, &prompt, arrived) {
+        Ok(r) => r,
+        Err(e) => {
+            st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+            return error_response(&e);
+        }
+    };
+    let created = unix_now();
+    let id = format!(
+        "{}-{:x}{:x}",
+        if ep == Endpoint::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        created,
+        run.guard.ids[0]
+    );
+    let meta = Meta {
+        id,
+        created,
+        model: st.model_name.clone(),
+        endpoint: ep,
+        logprobs: job.logprobs,
+        include_usage: job.include_usage,
+        prompt_tokens: prompt.len(),
+    };
+    if job.stream {
+        stream_response(st, run, meta)
+    } else {
+        whole_response(st, run, meta, job.n).await
+    }
+}
+
+/// Check the model name and build the prompt's token ids.
+fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
+    let engine = ready(st)?;
+    if job.model != st.model_name {
+        return Err(ApiError::bad_request(format!(
+            "the model '{}' does not exist here; this server serves '{}'",
+            job.model, st.model_name
+        ))
+        .param("model")
+        .code("model_not_found")
+        .status(StatusCode::NOT_FOUND, "invalid_request_error"));
+    }
+    let tok = &engine.tokenizer;
+    let enc = |e: herd_engine::Error| ApiError::bad_request(e.to_string());
+    let prompt = match &job.prompt_source {
+        PromptSource::Messages(messages) => {
+            let template = engine.template.as_ref().ok_or_else(|| {
+                ApiError::bad_request("this model has no chat template: use /v1/completions")
+            })?;
+            let name = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+            let opts = RenderOptions {
+                add_generation_prompt: true,
+                bos_token: name(tok.bos),
+                eos_token: name(tok.eos),
+                tools: None,
+            };
+            let text = template.render(messages, &opts).map_err(enc)?;
+            tok.encode_prompt(&text).map_err(enc)?
+        }
+        PromptSource::Text(t) => tok.encode(t, true).map_err(enc)?,
+        PromptSource::Tokens(ids) => {
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= tok.vocab_size()) {
+                return Err(ApiError::bad_request(format!(
+                    "token id {bad} is outside the vocabulary"
+                ))
+                .param("prompt"));
+            }
+            ids.clone()
+        }
+    };
+    Ok((job, prompt))
+}
+
+/// Cancels a request's sequences unless it finished; dropped with the response (a client that
+/// disconnects drops it).
+struct CancelGuard {
+    state: Arc<AppState>,
+    ids: Vec<SeqId>,
+    finished: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Some(e) = self.state.engine.get() {
+                for &id in &self.ids {
+                    e.scheduler.cancel(id);
+                }
+            }
+            self.state
+                .metrics
+                .requests_cancelled
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Running {
+    rx: mpsc::UnboundedReceiver<(usize, Event, Instant)>,
+    guard: CancelGuard,
+    arrived: Instant,
+}
+
+fn submit(st: &Arc<AppState>, job: &Job, prompt: &[u32], arrived: Instant) -> ApiResult<Running> {
+    let engine = ready(st)?;
+    let context = engine.scheduler.config().context;
+    if prompt.len() >= context {
+        return Err(ApiError::bad_request(format!(
+            "the prompt has {} tokens; this server's context is {context} tokens",
+            prompt.len()
+        ))
+        .param("messages")
+        .code("context_length_exceeded"));
+    }
+    let max_tokens = job.max_tokens.unwrap_or(context - prompt.len());
+    let seed = job.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut guard = CancelGuard {
+        state: st.clone(),
+        ids: Vec::new(),
+        finished: false,
+    };
+    for index in 0..job.n {
+        let tx = tx.clone();
+        let mut sampling = job.sampling.clone();
+        sampling.seed = seed.wrapping_add(index as u64);
+        let req = GenerationRequest {
+            prompt: prompt.to_vec(),
+            max_tokens,
+            stop: job.stop.clone(),
+            sampling,
+            sink: Box::new(move |e| tx.send((index, e, Instant::now())).is_ok()),
+        };
+        match engine.scheduler.submit(req) {
+            Ok(id) => guard.ids.push(id),
+            Err(e) => {
+                // Cancel the choices already queued (the guard does it on drop).
+                let status = match e {
+                    SubmitError::QueueFull(_) | SubmitError::Stopped => {
+                        ApiError::bad_request(e.to_string())
+                            .status(StatusCode::SERVICE_UNAVAILABLE, "server_error")
+                    }
+                    SubmitError::PromptTooLong { .. } | SubmitError::TooLargeForCache { .. } => {
+                        ApiError::bad_request(e.to_string()).code("context_length_exceeded")
+                    }
+                    SubmitError::EmptyPrompt => ApiError::bad_request(e.to_string()),
+                };
+                guard.finished = guard.ids.is_empty();
+                return Err(status);
+            }
+        }
+    }
+    Ok(Running { rx, guard, arrived })
+}
+
+/// Response fields shared by every chunk of one request.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    logprobs: bool,
+    include_usage: bool,
+    prompt_tokens: usize,
+}
+
+/// Per-choice timing for the latency histograms.
+struct Timing {
+    last: Vec<Option<Instant>>,
+}
+
+impl Timing {
+    fn token(&mut self, st: &AppState, arrived: Instant, index: usize, at: Instant) {
+        match self.last[index] {
+            None => st
+                .metrics
+                .time_to_first_token
+                .observe((at - arrived).as_secs_f64()),
+            Some(prev) => st
+                .metrics
+                .inter_token_latency
+                .observe((at - prev).as_secs_f64()),
+        }
+        self.last[index] = Some(at);
+    }
+}
+
+#[derive(Default)]
+struct Choice {
+    text: String,
+    logprobs: Vec<Value>,
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top: Vec<Value>,
+    finish: Option<FinishReason>,
+    usage: Usage,
+}
+
+impl Choice {
+    fn record(&mut self, tok: &Tokenizer, s: &herd_engine::sampler::Sampled, text: &str) {
+        self.text.push_str(text);
+        self.logprobs.push(openai::chat_logprob(tok, s));
+        self.tokens.push(openai::token_text(tok, s.token));
+        self.token_logprobs.push(s.logprob);
+        let top: serde_json::Map<String, Value> = s
+            .top
+            .iter()
+            .map(|&(id, lp)| (openai::token_text(tok, id), Value::from(lp)))
+            .collect();
+        self.top.push(Value::Object(top));
+    }
+}
+
+fn finish_str(f: Option<FinishReason>) -> Value {
+    f.map_or(Value::Null, |f| Value::from(f.as_str()))
+}
+
+async fn whole_response(st: Arc<AppState>, mut run: Running, meta: Meta, n: usize) -> Response {
+    let tok = match st.engine.get() {
+        Some(e) => e.tokenizer.clone(),
+        None => return error_response(&ApiError::bad_request("the engine is gone")),
+    };
+    let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
+    let mut timing = Timing {
+        last: vec![None; n],
+    };
+    let mut open = n;
+    while open > 0 {
+        let Some((i, event, at)) = run.rx.recv().await else {
+            break;
+        };
+        match event {
+            Event::Token { sampled, text } => {
+                timing.token(&st, run.arrived, i, at);
+                choices[i].record(&tok, &sampled, &text);
+            }
+            Event::Done {
+                text,
+                finish,
+                usage,
+            } => {
+                choices[i].text.push_str(&text);
+                choices[i].finish = Some(finish);
+                choices[i].usage = usage;
+                open -= 1;
+            }
+            Event::Failed(why) => {
+                st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+                run.guard.finished = false;
+                return error_response(
+                    &ApiError::bad_request(why)
+                        .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+                );
+            }
+        }
+    }
+    if open > 0 {
+        return error_response(
+            &ApiError::bad_request("the engine stopped")
+                .status(StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+        );
+    }
+    run.guard.finished = true;
+    st.metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
+    let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
+    let cached = choices
+        .iter()
+        .map(|c| c.usage.cached_tokens)
+        .max()
+        .unwrap_or(0);
+    let usage = openai::usage_json(meta.prompt_tokens, completion, cached);
+    let body = match meta.endpoint {
+        Endpoint::Chat => json!({
+            "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": if meta.logprobs { json!({"content": c.logprobs}) } else { Value::Null },
+                "finish_reason": finish_str(c.finish),
+            })).collect::<Vec<_>>(),
+            "usage": usage,
+        }),
+        Endpoint::Completions => json!({
+            "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "text": c.text,
+                "logprobs": if meta.logprobs { completion_logprobs(c) } else { Value::Null },
+                "finish_reason": finish_str(c.finish),
+            })).collect::<Vec<_>>(),
+            "usage": usage,
+        }),
+    };
+    axum::Json(body).into_response()
+}
+
+fn completion_logprobs(c: &Choice) -> Value {
+    let mut offset = 0;
+    let offsets: Vec<usize> = c
+        .tokens
+        .iter()
+        .map(|t| {
+            let o = offset;
+            offset += t.len();
+            o
+        })
+        .collect();
+    json!({"tokens": c.tokens, "token_logprobs": c.token_logprobs, "top_logprobs": c.top, "text_offset": offsets})
+}
+
+/// Server-sent events as OpenAI sends them: per choice a role chunk first (chat), content
+/// chunks, a chunk with the finish reason; then with `include_usage` a chunk with empty choices
+/// and the usage; then `[DONE]`.
+fn stream_response(st: Arc<AppState>, run: Running, meta: Meta) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
+    tokio::spawn(pump(st, run, meta, tx));
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn pump(
+    st: Arc<AppState>,
+    mut run: Running,
+    meta: Meta,
+    tx: mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
+) {
+    let Some(tok) = st.engine.get().map(|e| e.tokenizer.clone()) else {
+        return;
+    };
+    let n = run.guard.ids.len();
+    let usage_field = |u: Value| if meta.include_usage { u } else { Value::Null };
+    let chunk = |choices: Vec<Value>, usage: Value| -> Bytes {
+        let object = match meta.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completions => "text_completion",
+        };
+        let mut v = json!({"id": meta.id, "object": object, "created": meta.created,
+                           "model": meta.model, "choices": choices});
+        if meta.include_usage {
+            v["usage"] = usage;
+        }
+        Bytes::from(format!("data: {v}\n\n"))
+    };
+    let send = |b: Bytes| {
+        let tx = tx.clone();
+        async move { tx.send(Ok(b)).await.is_ok() }
+    };
+    if meta.endpoint == Endpoint::Chat {
+        for i in 0..n {
+            let c = json!({"index": i, "delta": {"role": "assistant", "content": ""},
+                           "logprobs": null, "finish_reason": null});
+            if !send(chunk(vec![c], usage_field(Value::Null))).await {
+                return;
+            }
+        }
+    }
+    let piece = |i: usize, text: &str, lp: Value, finish: Value| match meta.endpoint {
+        Endpoint::Chat => {
+            let delta = if finish.is_null() {
+                json!({"content": text})
+            } else {
+                json!({})
+            };
+            json!({"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish})
+        }
+        Endpoint::Completions => {
+            json!({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+        }
+    };
+    let mut timing = Timing {
+        last: vec![None; n],
+    };
+    let (mut open, mut completion, mut cached) = (n, 0, 0);
+    while open > 0 {
+        let Some((i, event, at)) = run.rx.recv().await else {
+            return;
+        };
+        let ok = match event {
+            Event::Token { sampled, text } => {
+                timing.token(&st, run.arrived, i, at);
+                let lp = if !meta.logprobs {
+                    Value::Null
+                } else if meta.endpoint == Endpoint::Chat {
+                    json!({"content": [openai::chat_logprob(&tok, &sampled)]})
+                } else {
+                    let mut c = Choice::default();
+                    c.record(&tok, &sampled, &text);
+                    completion_logprobs(&c)
+                };
+                // Held-back text (a partial character or stop string) sends nothing yet, unless
+                // logprobs are asked for: every token then has its chunk.
+                if text.is_empty() && lp.is_null() {
+                    true
+                } else {
+                    send(chunk(
+                        vec![piece(i, &text, lp, Value::Null)],
+                        usage_field(Value::Null),
+                    ))
+                    .await
+                }
+            }
+            Event::Done {
+                text,
+                finish,
+                usage,
+            } => {
+                open -= 1;
+                completion += usage.completion_tokens;
+                cached = cached.max(usage.cached_tokens);
+                let mut ok = true;
+                if !text.is_empty() {
+                    ok = send(chunk(
+                        vec![piece(i, &text, Value::Null, Value::Null)],
+                        usage_field(Value::Null),
+                    ))
+                    .await;
+                }
+                ok && send(chunk(
+                    vec![piece(i, "", Value::Null, Value::from(finish.as_str()))],
+                    usage_field(Value::Null),
+                ))
+                .await
+            }
+            Event::Failed(why) => {
+                st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+                let e = ApiError::bad_request(why)
+                    .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error");
+                let _ = send(Bytes::from(format!("data: {}\n\n", e.body()))).await;
+                return;
+            }
+        };
+        if !ok {
+            // The client went away: the guard cancels the sequences when this task ends.
+            return;
+        }
+    }
+    if meta.include_usage {
+        let u = openai::usage_json(meta.prompt_tokens, completion, cached);
+        if !send(chunk(Vec::new(), u)).await {
+            return;
+        }
+    }
+    if send(Bytes::from_static(b"data: [DONE]\n\n")).await {
+        run.guard.finished = true;
+        st.metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Serve on `listener` until `shutdown` resolves; then stop accepting, let in-flight requests
+/// finish, and stop the engine.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    if let Some(e) = state.engine.get() {
+        e.scheduler.shutdown(true);
+    }
+    Ok(())
+}

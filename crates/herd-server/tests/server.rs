@@ -1,0 +1,431 @@
+//! The HTTP server on 127.0.0.1 with the real default model (tests/fixtures/fetch.sh): response
+//! shapes, errors, batching invariance over HTTP, prefix reuse and disconnects.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herd_engine::generate::{Request, generate};
+use herd_engine::sampler::SamplingParams;
+use herd_engine::scheduler::SchedulerConfig;
+use herd_server::AppState;
+use serde_json::{Value, json};
+
+const MODEL: &str = "../../tests/fixtures/downloaded/gemma-3-270m-q4_k_m.gguf";
+
+struct Server {
+    base: String,
+    state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn model_path() -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL);
+    assert!(
+        p.exists(),
+        "{} is missing: run tests/fixtures/fetch.sh",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
+}
+
+fn start(config: SchedulerConfig, keys: Vec<String>) -> Server {
+    let state = AppState::new("gemma3:270m".into(), keys);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let st = state.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            let loader = st.clone();
+            tokio::task::spawn_blocking(move || {
+                let loaded = herd_engine::load(&model_path()).unwrap();
+                let _ = loader
+                    .engine
+                    .set(herd_server::engine(loaded, config).unwrap());
+            });
+            herd_server::serve(st, listener, async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let addr = addr_rx.recv().unwrap();
+    let base = format!("http://{addr}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while get(&base, "/health").0 != 200 {
+        assert!(Instant::now() < deadline, "the server did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server {
+        base,
+        state,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn get(base: &str, path: &str) -> (u16, String) {
+    let mut r = agent().get(format!("{base}{path}")).call().unwrap();
+    let body = r.body_mut().read_to_string().unwrap_or_default();
+    (r.status().as_u16(), body)
+}
+
+fn post_raw(base: &str, path: &str, body: &str, key: Option<&str>) -> (u16, String) {
+    let mut req = agent()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let mut r = req.send(body).unwrap();
+    let text = r.body_mut().read_to_string().unwrap();
+    (r.status().as_u16(), text)
+}
+
+fn post(base: &str, path: &str, body: &Value) -> Value {
+    let (status, text) = post_raw(base, path, &body.to_string(), None);
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The `data:` payloads of an SSE body, `[DONE]` included as a string.
+fn events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::from(d)))
+        .collect()
+}
+
+fn metric(base: &str, name: &str) -> f64 {
+    let (_, text) = get(base, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("metric {name} missing"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn completions_match_generate_streaming_or_not() {
+    let s = start(SchedulerConfig::default(), Vec::new());
+    let prompt = "The capital of France is";
+    let loaded = herd_engine::load(&model_path()).unwrap();
+    let ids = loaded.tokenizer.encode(prompt, true).unwrap();
+    for (temperature, seed) in [(0.0, 0), (0.9, 42)] {
+        let want = generate(
+            loaded.model.as_ref(),
+            &loaded.tokenizer,
+            &Request {
+                prompt: ids.clone(),
+                max_tokens: 10,
+                stop: Vec::new(),
+                sampling: SamplingParams {
+                    temperature,
+                    seed,
+                    ..SamplingParams::default()
+                },
+            },
+            |_| {},
+        )
+        .unwrap();
+        let body = json!({"model": "gemma3:270m", "prompt": prompt, "max_tokens": 10,
+                          "temperature": temperature, "seed": seed});
+        let r = post(&s.base, "/v1/completions", &body);
+        assert_eq!(r["object"], "text_completion");
+        assert_eq!(r["choices"][0]["text"], want.text.as_str());
+        assert_eq!(r["choices"][0]["finish_reason"], "length");
+        assert_eq!(r["usage"]["prompt_tokens"], ids.len());
+        assert_eq!(r["usage"]["completion_tokens"], 10);
+        assert_eq!(r["usage"]["total_tokens"], ids.len() + 10);
+
+        let mut sb = body.clone();
+        sb["stream"] = json!(true);
+        sb["stream_options"] = json!({"include_usage": true});
+        let (status, text) = post_raw(&s.base, "/v1/completions", &sb.to_string(), None);
+        assert_eq!(status, 200);
+        let ev = events(&text);
+        assert_eq!(ev.last().unwrap(), "[DONE]");
+        let usage = &ev[ev.len() - 2];
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["completion_tokens"], 10);
+        let streamed: String = ev[..ev.len() - 2]
+            .iter()
+            .map(|e| e["choices"][0]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(streamed, want.text);
+        assert_eq!(ev[ev.len() - 3]["choices"][0]["finish_reason"], "length");
+    }
+}
+
+#[test]
+fn chat_streams_role_first_then_content_then_finish() {
+    let s = start(SchedulerConfig::default(), Vec::new());
+    let body = json!({"model": "gemma3:270m", "max_completion_tokens": 8, "temperature": 0,
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Name a fruit."}]}],
+        "logprobs": true, "top_logprobs": 2});
+    let whole = post(&s.base, "/v1/chat/completions", &body);
+    assert_eq!(whole["object"], "chat.completion");
+    let msg = &whole["choices"][0]["message"];
+    assert_eq!(msg["role"], "assistant");
+    let lps = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        lps.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    for lp in lps {
+        assert!(lp["logprob"].as_f64().unwrap() <= 0.0);
+        assert_eq!(lp["top_logprobs"].as_array().unwrap().len(), 2);
+    }
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (_, text) = post_raw(&s.base, "/v1/chat/completions", &sb.to_string(), None);
+    let ev = events(&text);
+    assert_eq!(ev[0]["object"], "chat.completion.chunk");
+    assert_eq!(
+        ev[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    assert!(ev[0].get("usage").is_none());
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let fin = &ev[ev.len() - 2]["choices"][0];
+    assert_eq!(fin["delta"], json!({}));
+    assert_eq!(fin["finish_reason"], whole["choices"][0]["finish_reason"]);
+    let streamed: String = ev[1..ev.len() - 2]
+        .iter()
+        .map(|e| e["choices"][0]["delta"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, msg["content"].as_str().unwrap());
+
+    // n = 3 greedy choices are identical; the prompt is counted once.
+    let mut nb = body.clone();
+    nb["n"] = json!(3);
+    let r = post(&s.base, "/v1/chat/completions", &nb);
+    let choices = r["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    assert!(choices.iter().all(|c| c["message"] == *msg));
+    assert_eq!(r["usage"]["prompt_tokens"], whole["usage"]["prompt_tokens"]);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let config = SchedulerConfig {
+        context: 64,
+        ..SchedulerConfig::default()
+    };
+    let s = start(config, vec!["sekrit".into()]);
+    let ok = r#"{"model":"gemma3:270m","prompt":"Hello","max_tokens":2}"#;
+    let cases: Vec<(&str, String, Option<&str>, u16, &str)> = vec![
+        ("no key", ok.into(), None, 401, "invalid_api_key"),
+        ("wrong key", ok.into(), Some("nope"), 401, "invalid_api_key"),
+        (
+            "malformed JSON",
+            r#"{"model": "#.into(),
+            Some("sekrit"),
+            400,
+            "",
+        ),
+        (
+            "unsupported field",
+            r#"{"model":"gemma3:270m","prompt":"Hello","suffix":"x"}"#.into(),
+            Some("sekrit"),
+            400,
+            "unsupported_field",
+        ),
+        (
+            "unknown model",
+            r#"{"model":"gpt-5","prompt":"Hello"}"#.into(),
+            Some("sekrit"),
+            404,
+            "model_not_found",
+        ),
+        (
+            "prompt over the context",
+            json!({"model": "gemma3:270m", "prompt": "word ".repeat(100)}).to_string(),
+            Some("sekrit"),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "bad temperature",
+            r#"{"model":"gemma3:270m","prompt":"x","temperature":-1}"#.into(),
+            Some("sekrit"),
+            400,
+            "",
+        ),
+    ];
+    for (what, body, key, status, code) in cases {
+        let (got, text) = post_raw(&s.base, "/v1/completions", &body, key);
+        assert_eq!(got, status, "{what}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
+        if !code.is_empty() {
+            assert_eq!(v["error"]["code"], code, "{what}");
+        }
+    }
+    let (status, text) = post_raw(&s.base, "/v1/completions", ok, Some("sekrit"));
+    assert_eq!(status, 200, "{text}");
+    let (status, _) = get(&s.base, "/v1/models");
+    assert_eq!(status, 401);
+    let mut r = agent()
+        .get(format!("{}/v1/models", s.base))
+        .header("authorization", "Bearer sekrit")
+        .call()
+        .unwrap();
+    let models: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(models["data"][0]["id"], "gemma3:270m");
+}
+
+#[test]
+fn concurrent_streams_equal_the_same_requests_one_at_a_time() {
+    let s = start(SchedulerConfig::default(), Vec::new());
+    let subjects = [
+        "the sea",
+        "a mountain",
+        "the city",
+        "a forest",
+        "winter",
+        "the moon",
+        "a river",
+        "bread",
+    ];
+    let bodies: Vec<Value> = (0..32)
+        .map(|i| {
+            let temperature = if i % 2 == 0 { 0.0 } else { 0.8 };
+            json!({"model": "gemma3:270m", "max_tokens": 8, "temperature": temperature, "seed": i,
+                   "prompt": format!("A short note about {}:", subjects[i % subjects.len()]),
+                   "stream": true})
+        })
+        .collect();
+    let text_of = |body: &Value, base: &str| -> String {
+        let (status, text) = post_raw(base, "/v1/completions", &body.to_string(), None);
+        assert_eq!(status, 200, "{text}");
+        let ev = events(&text);
+        assert_eq!(ev.last().unwrap(), "[DONE]");
+        ev[..ev.len() - 1]
+            .iter()
+            .map(|e| e["choices"][0]["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let alone: Vec<String> = bodies.iter().map(|b| text_of(b, &s.base)).collect();
+    let base = s.base.clone();
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|b| {
+                let base = base.clone();
+                sc.spawn(move || text_of(b, &base))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    assert_eq!(metric(&s.base, "herd_kv_blocks_used"), 0.0);
+    assert_eq!(metric(&s.base, "herd_requests_running"), 0.0);
+}
+
+#[test]
+fn a_repeated_system_prompt_is_served_from_the_prefix_cache() {
+    let s = start(SchedulerConfig::default(), Vec::new());
+    let system = "You are the assistant of a small bakery. You answer questions about bread, \
+                  opening hours and prices, politely and in one sentence. "
+        .repeat(8);
+    let ask = |q: &str| {
+        let t = Instant::now();
+        let r = post(
+            &s.base,
+            "/v1/chat/completions",
+            &json!({"model": "gemma3:270m", "max_tokens": 1, "temperature": 0,
+                    "messages": [{"role": "system", "content": system},
+                                 {"role": "user", "content": q}]}),
+        );
+        (r, t.elapsed())
+    };
+    let (first, cold) = ask("When do you open?");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (second, warm) = ask("Do you sell rye bread?");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached >= 128 && cached < prompt, "{cached} of {prompt}");
+    assert_eq!(
+        metric(&s.base, "herd_prefix_cache_hit_tokens_total"),
+        cached as f64
+    );
+    assert!(metric(&s.base, "herd_prefix_cache_hit_rate") > 0.0);
+    // Prefill is most of a one-token request: skipping most of the prompt must show.
+    assert!(warm < cold, "warm {warm:?} vs cold {cold:?}");
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_blocks() {
+    let s = start(SchedulerConfig::default(), Vec::new());
+    let body = json!({"model": "gemma3:270m", "prompt": "Once upon a time", "max_tokens": 4000,
+                      "temperature": 0.7, "seed": 1, "stream": true});
+    let mut r = agent()
+        .post(format!("{}/v1/completions", s.base))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .unwrap();
+    let mut lines = BufReader::new(r.body_mut().as_reader()).lines();
+    let mut seen = 0;
+    while seen < 3 {
+        let line = lines.next().unwrap().unwrap();
+        seen += usize::from(line.starts_with("data: "));
+    }
+    assert!(metric(&s.base, "herd_kv_blocks_used") > 0.0);
+    drop(lines);
+    drop(r);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&s.base, "herd_kv_blocks_used") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "blocks still held after the disconnect"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(&s.base, "herd_requests_running"), 0.0);
+    assert!(metric(&s.base, "herd_generation_tokens_total") < 4000.0);
+    let cancelled = s
+        .state
+        .metrics
+        .requests_cancelled
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(cancelled, 1);
+}
