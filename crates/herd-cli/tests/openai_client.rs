@@ -1,0 +1,94 @@
+//! The official `openai` Python client (tests/fixtures/fetch.sh installs it) against a real
+//! `herd serve` on 127.0.0.1, started and stopped here: tests/openai/test_client.py checks chat
+//! and completions (whole and streamed) against each other and against `herd run`, 32 concurrent
+//! streams against sequential runs, the error statuses and a disconnect. Then SIGTERM must stop
+//! the server cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn health(port: u16) -> Option<u16> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .call()
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+#[test]
+fn official_openai_client_against_herd_serve() {
+    let root = root();
+    let model = root.join("tests/fixtures/downloaded/gemma-3-270m-q4_k_m.gguf");
+    let python = root.join("tests/fixtures/downloaded/venv/bin/python");
+    assert!(
+        model.exists() && python.exists(),
+        "run tests/fixtures/fetch.sh first (model and openai client)"
+    );
+    let herd = env!("CARGO_BIN_EXE_herd");
+    let mut server = Command::new(herd)
+        .args(["serve", model.to_str().unwrap(), "--port", "0"])
+        .args([
+            "--served-model-name",
+            "gemma3:270m",
+            "--api-key",
+            "test-key",
+        ])
+        .args(["--ctx-size", "2048"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(server.stderr.take().unwrap()).lines();
+    let first = log.next().unwrap().unwrap();
+    let port: u16 = first
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {first:?}"));
+    // Keep draining the server's stderr so it never blocks on a full pipe.
+    let drain = std::thread::spawn(move || log.map_while(Result::ok).collect::<Vec<_>>());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while health(port) != Some(200) {
+        assert!(Instant::now() < deadline, "herd serve did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = Command::new(&python)
+        .arg(root.join("tests/openai/test_client.py"))
+        .args([
+            &format!("http://127.0.0.1:{port}"),
+            "gemma3:270m",
+            "test-key",
+            herd,
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+
+    let term = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = server.wait().unwrap();
+    let log = drain.join().unwrap();
+    assert!(out.status.success(), "the openai client checks failed");
+    assert!(stdout.contains("all checks passed"));
+    assert!(
+        status.success(),
+        "herd serve exited with {status} after SIGTERM: {log:?}"
+    );
+    assert!(log.iter().any(|l| l.contains("SIGTERM")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("herd: stopped")), "{log:?}");
+}

@@ -1,0 +1,132 @@
+"""The official openai Python client against a running `herd serve` (started by
+crates/herd-cli/tests/openai_client.rs). Usage: test_client.py BASE_URL MODEL API_KEY HERD_BIN MODEL_FILE
+
+Every check raises on failure; the script prints one line per check.
+"""
+import asyncio
+import subprocess
+import sys
+import urllib.request
+
+import openai
+from openai import AsyncOpenAI, OpenAI
+
+base, model, key, herd_bin, model_file = sys.argv[1:6]
+client = OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def check(name, cond, detail=""):
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print("ok:", name, flush=True)
+
+
+def metric(name):
+    text = urllib.request.urlopen(base + "/metrics").read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+check("models.list names the served model", [m.id for m in client.models.list()] == [model])
+
+# Chat, whole and streamed, greedy: same text, exact usage.
+messages = [{"role": "system", "content": "Answer in one short sentence."},
+            {"role": "user", "content": "What colour is the sky?"}]
+whole = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+check("chat completion shape", whole.object == "chat.completion" and whole.choices[0].message.role == "assistant")
+parts, usage, finish = [], None, None
+stream = client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                        stream=True, stream_options={"include_usage": True})
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for c in chunk.choices:
+        if c.delta.content:
+            parts.append(c.delta.content)
+        if c.finish_reason:
+            finish = c.finish_reason
+check("streamed chat equals the whole response", "".join(parts) == whole.choices[0].message.content,
+      f"{''.join(parts)!r} vs {whole.choices[0].message.content!r}")
+check("finish reasons agree", finish == whole.choices[0].finish_reason)
+check("usage is exact and equal", usage is not None and usage.prompt_tokens == whole.usage.prompt_tokens
+      and usage.completion_tokens == whole.usage.completion_tokens
+      and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens, f"{usage} vs {whole.usage}")
+
+# Completions equal `herd run` for the same seed (sampled, not greedy).
+prompt = "The old lighthouse keeper"
+run = subprocess.run([herd_bin, "run", model_file, prompt, "-n", "10", "--temperature", "0.8", "--seed", "7"],
+                     capture_output=True, text=True, check=True)
+herd_run_text = run.stdout[:-1]  # herd run ends the answer with a newline
+comp = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0.8, seed=7)
+check("completion equals herd run with the same seed", comp.choices[0].text == herd_run_text,
+      f"{comp.choices[0].text!r} vs {herd_run_text!r}")
+check("completion usage", comp.usage.completion_tokens == 10 and comp.choices[0].finish_reason == "length")
+streamed = "".join(c.choices[0].text for c in client.completions.create(
+    model=model, prompt=prompt, max_tokens=10, temperature=0.8, seed=7, stream=True) if c.choices)
+check("streamed completion equals herd run", streamed == herd_run_text)
+
+lp = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0, logprobs=3)
+check("completion logprobs", len(lp.choices[0].logprobs.tokens) == 4
+      and all(len(t) >= 1 for t in lp.choices[0].logprobs.top_logprobs))
+
+# 32 concurrent streams equal the same requests one at a time.
+async def concurrent():
+    aclient = AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=600)
+    reqs = [dict(model=model, prompt=f"Item {i}: a list of", max_tokens=6, seed=i,
+                 temperature=0 if i % 2 else 0.9) for i in range(32)]
+
+    async def one(r):
+        out = []
+        async for c in await aclient.completions.create(stream=True, **r):
+            out.extend(ch.text for ch in c.choices)
+        return "".join(out)
+
+    alone = [await one(r) for r in reqs]
+    together = await asyncio.gather(*(one(r) for r in reqs))
+    await aclient.close()
+    return alone, together
+
+alone, together = asyncio.run(concurrent())
+check("32 concurrent streams equal the sequential runs", alone == list(together))
+
+# Errors.
+def raises(name, exc, fn, code=None):
+    try:
+        fn()
+    except exc as e:
+        check(name, code is None or (e.body or {}).get("code") == code, f"{e}")
+        return
+    raise AssertionError(f"{name}: no {exc.__name__}")
+
+raises("unsupported field is a 400 naming it", openai.BadRequestError,
+       lambda: client.chat.completions.create(model=model, messages=messages, extra_body={"mirostat": 2}),
+       "unsupported_field")
+raises("tools are refused until implemented", openai.BadRequestError,
+       lambda: client.chat.completions.create(model=model, messages=messages, tools=[{"type": "function",
+           "function": {"name": "f", "parameters": {"type": "object"}}}]), "unsupported_field")
+raises("unknown model is a 404", openai.NotFoundError,
+       lambda: client.chat.completions.create(model="nope", messages=messages), "model_not_found")
+raises("prompt over the context is a 400", openai.BadRequestError,
+       lambda: client.completions.create(model=model, prompt="many words " * 3000, max_tokens=1),
+       "context_length_exceeded")
+raises("a wrong key is a 401", openai.AuthenticationError,
+       lambda: OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list())
+
+# A client that goes away mid-stream frees its blocks.
+s = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3000, temperature=0.7,
+                              seed=3, stream=True)
+for i, _ in enumerate(s):
+    if i == 3:
+        break
+check("blocks are held while streaming", metric("herd_kv_blocks_used") > 0)
+s.close()
+import time
+deadline = time.time() + 20
+while metric("herd_kv_blocks_used") > 0:
+    if time.time() > deadline:
+        raise AssertionError("blocks still used after the client disconnected")
+    time.sleep(0.05)
+check("disconnect freed every block", metric("herd_requests_running") == 0)
+print("all checks passed")
