@@ -1,15 +1,22 @@
 //! Keys and values of past tokens, paged and prefix-shared.
 //!
-//! Storage is a pool of fixed-size blocks (`block_size` positions × every layer); each sequence
-//! owns a block table mapping its positions to blocks. Full blocks are indexed by a hash chain
-//! over the tokens they hold (parent block's hash, then the block's own tokens), so a new
-//! sequence whose prompt starts with the same tokens attaches those blocks instead of computing
-//! them again (`attach_prefix`). Blocks are reference counted; a block no sequence uses stays
-//! indexed, and so reusable, until the pool needs room and evicts the least recently used one.
+//! Storage is pools of fixed-size blocks (`block_size` positions); each sequence owns block
+//! tables mapping its positions to blocks. Layers that see the same window of keys form a group
+//! with its own pool and tables: full-attention layers keep every block, while sliding-window
+//! (Gemma 3 local layers) and chunked (Llama 4 RoPE layers) groups release the blocks no future
+//! query of the sequence can see, so a long sequence holds only a window's worth of them.
+//!
+//! Full blocks are indexed by a hash chain over the tokens they hold (parent block's hash, then
+//! the block's own tokens), so a new sequence whose prompt starts with the same tokens attaches
+//! those blocks instead of computing them again (`attach_prefix`). Blocks are reference counted;
+//! a block no sequence uses stays indexed, and so reusable, until its pool needs room and evicts
+//! the least recently used one.
 //!
 //! A cache made with [`KvCache::new`] grows without bound (one-shot generation, tests); one made
-//! with [`KvCache::with_capacity`] has a fixed pool, and `reserve` fails with
-//! [`Error::CacheFull`] when a step needs more blocks than are free or evictable.
+//! with [`KvCache::with_capacity`] has fixed pools of `num_blocks` each, and `reserve` fails
+//! with [`Error::CacheFull`] when a step needs more blocks than are free or evictable. Pools are
+//! zeroed allocations the OS backs lazily, and freed blocks are reused first, so memory follows
+//! the blocks actually in use.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
@@ -19,6 +26,28 @@ use crate::{Batch, Error, Result, SeqId};
 
 /// Positions per block unless a cache says otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// Which cached keys a layer's query at position `p` attends to (besides causality).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Window {
+    /// Every earlier position.
+    Full,
+    /// The last `n` positions, the query's own included.
+    Sliding(usize),
+    /// Positions of the query's own aligned chunk of `n`.
+    Chunked(usize),
+}
+
+impl Window {
+    /// The first position a query at `pos` sees.
+    pub fn first_visible(self, pos: usize) -> usize {
+        match self {
+            Window::Full => 0,
+            Window::Sliding(n) => (pos + 1).saturating_sub(n),
+            Window::Chunked(n) => pos / n * n,
+        }
+    }
+}
 
 type BlockId = usize;
 
@@ -31,9 +60,64 @@ struct Block {
     released_at: u64,
 }
 
+/// The layers sharing one window, with their pool of blocks.
+#[derive(Debug)]
+struct Group {
+    window: Window,
+    /// Per layer of the group: keys and values of every block, `[blocks · block_size, kv_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    blocks: Vec<Block>,
+    free: Vec<BlockId>,
+    /// Unused but indexed blocks by (release time, id): the oldest is evicted first.
+    evictable: BTreeSet<(u64, BlockId)>,
+    index: HashMap<u64, BlockId>,
+}
+
+impl Group {
+    fn available(&self, capacity: Option<usize>) -> usize {
+        match capacity {
+            Some(_) => self.free.len() + self.evictable.len(),
+            None => usize::MAX,
+        }
+    }
+
+    fn release(&mut self, b: BlockId, clock: u64) {
+        let block = &mut self.blocks[b];
+        block.refs -= 1;
+        if block.refs == 0 {
+            if block.indexed.is_some() {
+                block.released_at = clock;
+                self.evictable.insert((clock, b));
+            } else {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// The indexed block for chain hash `h` (parent `parent`, tokens `toks`), if any.
+    fn lookup(&self, h: u64, parent: u64, toks: &[u32]) -> Option<BlockId> {
+        let &b = self.index.get(&h)?;
+        match &self.blocks[b].indexed {
+            Some((_, p, t)) if *p == parent && t == toks => Some(b),
+            _ => None,
+        }
+    }
+
+    fn acquire(&mut self, b: BlockId) {
+        let block = &mut self.blocks[b];
+        if block.refs == 0 {
+            self.evictable.remove(&(block.released_at, b));
+        }
+        block.refs += 1;
+    }
+}
+
 #[derive(Debug, Default)]
 struct Seq {
-    blocks: Vec<BlockId>,
+    /// Per group: block of each block-sized span of positions (`None`: released, out of every
+    /// future query's window).
+    tables: Vec<Vec<Option<BlockId>>>,
     /// Token of every reserved position.
     tokens: Vec<u32>,
     /// Positions written by the last layer (the sequence's length once a step completes).
@@ -57,56 +141,94 @@ pub struct KvCache {
     /// Floats per token per layer for K (and for V): kv_heads × head_dim.
     kv_dim: usize,
     block_size: usize,
-    /// Fixed pool size, or `None` to grow on demand.
+    /// Fixed pool size per group, or `None` to grow on demand.
     capacity: Option<usize>,
-    /// Per layer: keys and values of every block, `[blocks · block_size, kv_dim]`.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    blocks: Vec<Block>,
-    free: Vec<BlockId>,
-    /// Unused but indexed blocks by (release time, id): the oldest is evicted first.
-    evictable: BTreeSet<(u64, BlockId)>,
-    index: HashMap<u64, BlockId>,
+    groups: Vec<Group>,
+    /// Per layer: (group, index within the group).
+    layer_slot: Vec<(usize, usize)>,
+    /// The group whose counts metrics report: full attention if any layer has it.
+    primary: usize,
     seqs: HashMap<SeqId, Seq>,
     clock: u64,
     stats: PrefixStats,
 }
 
 impl KvCache {
-    /// A cache that grows as sequences need blocks.
+    /// A growing cache whose layers all see every earlier position.
     pub fn new(n_layers: usize, kv_dim: usize) -> Self {
-        Self::build(n_layers, kv_dim, DEFAULT_BLOCK_SIZE, None)
+        Self::windowed(
+            &vec![Window::Full; n_layers],
+            kv_dim,
+            DEFAULT_BLOCK_SIZE,
+            None,
+        )
     }
 
-    /// A cache with a fixed pool of `num_blocks` blocks of `block_size` positions.
+    /// A cache with fixed pools of `num_blocks` blocks of `block_size` positions.
     pub fn with_capacity(
         n_layers: usize,
         kv_dim: usize,
         block_size: usize,
         num_blocks: usize,
     ) -> Self {
-        let mut c = Self::build(n_layers, kv_dim, block_size.max(1), Some(num_blocks));
-        let floats = num_blocks * c.block_size * kv_dim;
-        // Zeroed allocations are lazily backed by the OS: untouched blocks cost no memory.
-        c.k = (0..n_layers).map(|_| vec![0.0; floats]).collect();
-        c.v = (0..n_layers).map(|_| vec![0.0; floats]).collect();
-        c.blocks = (0..num_blocks).map(|_| Block::default()).collect();
-        c.free = (0..num_blocks).rev().collect();
-        c
-    }
-
-    fn build(n_layers: usize, kv_dim: usize, block_size: usize, cap: Option<usize>) -> Self {
-        Self {
-            n_layers,
+        Self::windowed(
+            &vec![Window::Full; n_layers],
             kv_dim,
             block_size,
-            capacity: cap,
-            k: vec![Vec::new(); n_layers],
-            v: vec![Vec::new(); n_layers],
-            blocks: Vec::new(),
-            free: Vec::new(),
-            evictable: BTreeSet::new(),
-            index: HashMap::new(),
+            Some(num_blocks),
+        )
+    }
+
+    /// A cache for layers with the given windows (`num_blocks`: fixed pools, else growing).
+    pub fn windowed(
+        windows: &[Window],
+        kv_dim: usize,
+        block_size: usize,
+        num_blocks: Option<usize>,
+    ) -> Self {
+        let block_size = block_size.max(1);
+        let mut groups: Vec<Group> = Vec::new();
+        let mut layer_slot = Vec::with_capacity(windows.len());
+        for &w in windows {
+            let g = match groups.iter().position(|g| g.window == w) {
+                Some(g) => g,
+                None => {
+                    groups.push(Group {
+                        window: w,
+                        k: Vec::new(),
+                        v: Vec::new(),
+                        blocks: Vec::new(),
+                        free: Vec::new(),
+                        evictable: BTreeSet::new(),
+                        index: HashMap::new(),
+                    });
+                    groups.len() - 1
+                }
+            };
+            let floats = num_blocks.unwrap_or(0) * block_size * kv_dim;
+            // Zeroed allocations are lazily backed by the OS: untouched blocks cost no memory.
+            groups[g].k.push(vec![0.0; floats]);
+            groups[g].v.push(vec![0.0; floats]);
+            layer_slot.push((g, groups[g].k.len() - 1));
+        }
+        if let Some(n) = num_blocks {
+            for g in &mut groups {
+                g.blocks = (0..n).map(|_| Block::default()).collect();
+                g.free = (0..n).rev().collect();
+            }
+        }
+        let primary = groups
+            .iter()
+            .position(|g| g.window == Window::Full)
+            .unwrap_or(0);
+        Self {
+            n_layers: windows.len(),
+            kv_dim,
+            block_size,
+            capacity: num_blocks,
+            groups,
+            layer_slot,
+            primary,
             seqs: HashMap::new(),
             clock: 0,
             stats: PrefixStats::default(),
@@ -117,27 +239,42 @@ impl KvCache {
         self.block_size
     }
 
-    /// Blocks in the pool (for a growing cache: allocated so far).
+    /// Blocks in a pool (for a growing cache: allocated so far in the largest).
     pub fn num_blocks(&self) -> usize {
-        self.capacity.unwrap_or(self.blocks.len())
+        self.capacity.unwrap_or_else(|| {
+            self.groups
+                .iter()
+                .map(|g| g.blocks.len())
+                .max()
+                .unwrap_or(0)
+        })
     }
 
-    /// Blocks held by at least one sequence.
+    /// Blocks held by at least one sequence (in the full-attention pool, which holds the most).
     pub fn blocks_used(&self) -> usize {
-        self.blocks.iter().filter(|b| b.refs > 0).count()
+        self.blocks_used_by_window()[self.primary].1
     }
 
-    /// Blocks a new step can take: free ones and unused cached ones.
+    /// Blocks held, per window kind.
+    pub fn blocks_used_by_window(&self) -> Vec<(Window, usize)> {
+        self.groups
+            .iter()
+            .map(|g| (g.window, g.blocks.iter().filter(|b| b.refs > 0).count()))
+            .collect()
+    }
+
+    /// Blocks a new step can take in every pool: free ones and unused cached ones.
     pub fn blocks_available(&self) -> usize {
-        match self.capacity {
-            Some(_) => self.free.len() + self.evictable.len(),
-            None => usize::MAX,
-        }
+        self.groups
+            .iter()
+            .map(|g| g.available(self.capacity))
+            .min()
+            .unwrap_or(usize::MAX)
     }
 
-    /// Unused blocks kept for their prefix.
+    /// Unused blocks kept for their prefix (full-attention pool).
     pub fn blocks_cached(&self) -> usize {
-        self.evictable.len()
+        self.groups[self.primary].evictable.len()
     }
 
     pub fn prefix_stats(&self) -> PrefixStats {
@@ -177,67 +314,100 @@ impl KvCache {
 
     fn release(&mut self, s: Seq) {
         self.clock += 1;
-        for b in s.blocks {
-            let block = &mut self.blocks[b];
-            block.refs -= 1;
-            if block.refs == 0 {
-                if block.indexed.is_some() {
-                    block.released_at = self.clock;
-                    self.evictable.insert((self.clock, b));
-                } else {
-                    self.free.push(b);
-                }
+        for (g, table) in s.tables.into_iter().enumerate() {
+            for b in table.into_iter().flatten() {
+                self.groups[g].release(b, self.clock);
             }
         }
     }
 
     /// Start a new sequence `seq` on the longest run of cached full blocks that begins `prompt`,
-    /// leaving at least the prompt's last token to compute (its logits are needed). Returns the
-    /// number of positions reused; the caller feeds the prompt from there.
+    /// leaving at least the prompt's last token to compute (its logits are needed). Windowed
+    /// groups need only the blocks the first computed position can see. Returns the number of
+    /// positions reused; the caller feeds the prompt from there.
     pub fn attach_prefix(&mut self, seq: SeqId, prompt: &[u32]) -> Result<usize> {
         if self.seqs.contains_key(&seq) {
             return Err(Error::Batch(format!("sequence {seq} already exists")));
         }
         let bs = self.block_size;
-        let mut s = Seq::default();
+        // Chain hashes of the prompt's full blocks (its last token excluded).
+        let chunks: Vec<&[u32]> = prompt[..prompt.len().saturating_sub(1)]
+            .chunks_exact(bs)
+            .collect();
+        let mut hashes = Vec::with_capacity(chunks.len());
         let mut parent = 0u64;
-        for chunk in prompt[..prompt.len().saturating_sub(1)].chunks_exact(bs) {
-            let h = chain_hash(parent, chunk);
-            let Some(&b) = self.index.get(&h) else { break };
-            match &self.blocks[b].indexed {
-                Some((_, p, toks)) if *p == parent && toks == chunk => {}
-                _ => break,
-            }
-            let block = &mut self.blocks[b];
-            if block.refs == 0 {
-                self.evictable.remove(&(block.released_at, b));
-            }
-            block.refs += 1;
-            s.blocks.push(b);
-            s.hashes.push(h);
-            s.tokens.extend_from_slice(chunk);
-            parent = h;
+        for c in &chunks {
+            parent = chain_hash(parent, c);
+            hashes.push(parent);
         }
-        s.len = s.tokens.len();
-        let reused = s.len;
+        let parent_of = |i: usize| if i == 0 { 0 } else { hashes[i - 1] };
+        // The longest m such that every group has the blocks among the first m that position
+        // m·bs (the first one computed) can see.
+        let found = |g: &Group, i: usize| g.lookup(hashes[i], parent_of(i), chunks[i]);
+        let mut m = chunks.len();
+        while m > 0 {
+            let ok = self.groups.iter().all(|g| {
+                let first = g.window.first_visible(m * bs) / bs;
+                (first..m).all(|i| found(g, i).is_some())
+            });
+            if ok {
+                break;
+            }
+            m -= 1;
+        }
+        let mut s = Seq {
+            tables: vec![Vec::new(); self.groups.len()],
+            ..Seq::default()
+        };
+        for (gi, g) in self.groups.iter_mut().enumerate() {
+            let first = g.window.first_visible(m * bs) / bs;
+            for i in 0..m {
+                let b = if i >= first {
+                    let b = g.lookup(hashes[i], parent_of(i), chunks[i]);
+                    if let Some(b) = b {
+                        g.acquire(b);
+                    }
+                    b
+                } else {
+                    None
+                };
+                s.tables[gi].push(b);
+            }
+        }
+        s.hashes = hashes[..m].to_vec();
+        s.tokens = prompt[..m * bs].to_vec();
+        s.len = m * bs;
         self.stats.queried_tokens += prompt.len() as u64;
-        self.stats.hit_tokens += reused as u64;
+        self.stats.hit_tokens += s.len as u64;
         self.seqs.insert(seq, s);
-        Ok(reused)
+        Ok(m * bs)
     }
 
-    /// Check that every sequence's tokens in `batch` continue its cache without gaps, then
-    /// reserve their positions (taking blocks from the pool). Nothing changes on error.
+    /// Check that every sequence's tokens in `batch` continue its cache without gaps, release
+    /// the blocks its windowed layers no longer need, then reserve the batch's positions
+    /// (taking blocks from the pools). On error no position is reserved.
     pub fn reserve(&mut self, batch: &Batch) -> Result<()> {
         self.check_batch(batch)?;
         let mut new_len: HashMap<SeqId, usize> = HashMap::new();
         for &seq in &batch.seq_ids {
             *new_len.entry(seq).or_insert_with(|| self.seq_len(seq)) += 1;
         }
+        self.clock += 1;
+        for &seq in new_len.keys() {
+            if let Some(mut s) = self.seqs.remove(&seq) {
+                // Earlier steps of this sequence completed: their full blocks can be shared now.
+                self.index_full_blocks(&mut s);
+                self.drop_invisible(&mut s);
+                self.seqs.insert(seq, s);
+            }
+        }
         let needed: usize = new_len
             .iter()
             .map(|(seq, &len)| {
-                let have = self.seqs.get(seq).map_or(0, |s| s.blocks.len());
+                let have = self
+                    .seqs
+                    .get(seq)
+                    .map_or(0, |s| s.tokens.len().div_ceil(self.block_size));
                 self.blocks_for(len).saturating_sub(have)
             })
             .sum();
@@ -247,18 +417,34 @@ impl KvCache {
                 available: self.blocks_available(),
             });
         }
+        let groups = self.groups.len();
         for (&seq, &tok) in batch.seq_ids.iter().zip(&batch.tokens) {
-            let mut s = self.seqs.remove(&seq).unwrap_or_default();
-            // Earlier steps of this sequence completed: their full blocks can be shared now.
-            self.index_full_blocks(&mut s);
-            if s.tokens.len() == s.blocks.len() * self.block_size {
-                let b = self.take_block();
-                s.blocks.push(b);
+            let mut s = self.seqs.remove(&seq).unwrap_or_else(|| Seq {
+                tables: vec![Vec::new(); groups],
+                ..Seq::default()
+            });
+            if s.tokens.len() == s.tables[0].len() * self.block_size {
+                for g in 0..groups {
+                    let b = self.take_block(g);
+                    s.tables[g].push(Some(b));
+                }
             }
             s.tokens.push(tok);
             self.seqs.insert(seq, s);
         }
         Ok(())
+    }
+
+    /// Release blocks of windowed groups that no query from position `len` on can see.
+    fn drop_invisible(&mut self, s: &mut Seq) {
+        for (g, table) in s.tables.iter_mut().enumerate() {
+            let first = self.groups[g].window.first_visible(s.len) / self.block_size;
+            for slot in table.iter_mut().take(first) {
+                if let Some(b) = slot.take() {
+                    self.groups[g].release(b, self.clock);
+                }
+            }
+        }
     }
 
     /// Tokens of `batch` follow each sequence's cached positions.
@@ -282,28 +468,30 @@ impl KvCache {
         Ok(())
     }
 
-    fn take_block(&mut self) -> BlockId {
-        let b = if let Some(b) = self.free.pop() {
+    fn take_block(&mut self, g: usize) -> BlockId {
+        let floats = self.block_size * self.kv_dim;
+        let capacity = self.capacity;
+        let group = &mut self.groups[g];
+        let b = if let Some(b) = group.free.pop() {
             b
-        } else if let Some((_, b)) = self.evictable.pop_first() {
-            if let Some((h, _, _)) = self.blocks[b].indexed.take() {
-                self.index.remove(&h);
+        } else if let Some((_, b)) = group.evictable.pop_first() {
+            if let Some((h, _, _)) = group.blocks[b].indexed.take() {
+                group.index.remove(&h);
             }
             b
         } else {
-            debug_assert!(self.capacity.is_none(), "reserve checked the pool");
-            let floats = self.block_size * self.kv_dim;
-            for arena in self.k.iter_mut().chain(self.v.iter_mut()) {
+            debug_assert!(capacity.is_none(), "reserve checked the pool");
+            for arena in group.k.iter_mut().chain(group.v.iter_mut()) {
                 arena.resize(arena.len() + floats, 0.0);
             }
-            self.blocks.push(Block::default());
-            self.blocks.len() - 1
+            group.blocks.push(Block::default());
+            group.blocks.len() - 1
         };
-        self.blocks[b].refs = 1;
+        group.blocks[b].refs = 1;
         b
     }
 
-    /// Put the sequence's completed full blocks into the prefix index.
+    /// Put the sequence's completed full blocks into the prefix indexes.
     fn index_full_blocks(&mut self, s: &mut Seq) {
         let bs = self.block_size;
         while s.hashes.len() < s.len / bs {
@@ -312,34 +500,36 @@ impl KvCache {
             let toks = &s.tokens[i * bs..(i + 1) * bs];
             let h = chain_hash(parent, toks);
             s.hashes.push(h);
-            let b = s.blocks[i];
-            // An identical block may already be indexed (two equal prompts at once): keep that one.
-            if self.blocks[b].indexed.is_none() && !self.index.contains_key(&h) {
-                self.blocks[b].indexed = Some((h, parent, toks.to_vec()));
-                self.index.insert(h, b);
+            for (g, group) in self.groups.iter_mut().enumerate() {
+                let Some(b) = s.tables[g][i] else { continue };
+                // An identical block may already be indexed (equal prompts at once): keep that.
+                if group.blocks[b].indexed.is_none() && !group.index.contains_key(&h) {
+                    group.blocks[b].indexed = Some((h, parent, toks.to_vec()));
+                    group.index.insert(h, b);
+                }
             }
         }
-    }
-
-    fn slot(&self, seq: SeqId, pos: usize) -> usize {
-        let s = &self.seqs[&seq];
-        s.blocks[pos / self.block_size] * self.block_size + pos % self.block_size
     }
 
     /// Store the key and value of `seq`'s position `pos` (reserved) for `layer`.
     pub(crate) fn write(&mut self, seq: SeqId, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         debug_assert!(k.len() == self.kv_dim && v.len() == self.kv_dim);
-        let r = self.slot(seq, pos) * self.kv_dim..(self.slot(seq, pos) + 1) * self.kv_dim;
-        self.k[layer][r.clone()].copy_from_slice(k);
-        self.v[layer][r].copy_from_slice(v);
+        let (g, l) = self.layer_slot[layer];
+        let (bs, d) = (self.block_size, self.kv_dim);
+        let s = self.seqs.get_mut(&seq).expect("reserved sequence");
+        let b = s.tables[g][pos / bs].expect("a reserved position's block is held");
+        let slot = b * bs + pos % bs;
+        let r = slot * d..(slot + 1) * d;
+        self.groups[g].k[l][r.clone()].copy_from_slice(k);
+        self.groups[g].v[l][r].copy_from_slice(v);
         if layer + 1 == self.n_layers {
-            let s = self.seqs.get_mut(&seq).expect("reserved sequence");
             s.len = s.len.max(pos + 1);
         }
     }
 
     /// Keys and values of positions `start..=end` of `seq` in `layer`, as runs of consecutive
-    /// positions (`[n, kv_dim]` each), in position order.
+    /// positions (`[n, kv_dim]` each), in position order. The positions must be visible to a
+    /// query of the sequence (not released).
     pub(crate) fn runs(
         &self,
         seq: SeqId,
@@ -347,13 +537,14 @@ impl KvCache {
         start: usize,
         end: usize,
     ) -> impl Iterator<Item = (&[f32], &[f32])> + '_ {
+        let (g, l) = self.layer_slot[layer];
         let (bs, d) = (self.block_size, self.kv_dim);
-        let blocks = &self.seqs[&seq].blocks;
-        let (k, v) = (&self.k[layer], &self.v[layer]);
+        let table = &self.seqs[&seq].tables[g];
+        let (k, v) = (&self.groups[g].k[l], &self.groups[g].v[l]);
         (start / bs..=end / bs).map(move |bi| {
             let lo = (bi * bs).max(start) - bi * bs;
             let hi = ((bi + 1) * bs).min(end + 1) - bi * bs;
-            let base = blocks[bi] * bs;
+            let base = table[bi].expect("visible positions are held") * bs;
             let r = (base + lo) * d..(base + hi) * d;
             (&k[r.clone()], &v[r])
         })
@@ -454,6 +645,55 @@ mod tests {
         assert_eq!(c.num_seqs(), 1);
         c.remove(1);
         assert_eq!(c.blocks_available(), 2);
+    }
+
+    #[test]
+    fn windowed_layers_keep_only_visible_blocks() {
+        let windows = [Window::Full, Window::Sliding(6), Window::Chunked(8)];
+        let mut c = KvCache::windowed(&windows, 2, 4, Some(16));
+        let prompt: Vec<u32> = (100..120).collect();
+        fill(&mut c, 1, &prompt, 0);
+        fill(&mut c, 1, &[120], 20);
+        // Position 20 (and later) sees 15.. on the sliding layer and 16.. on the chunked one.
+        let used = c.blocks_used_by_window();
+        assert_eq!(
+            used,
+            [
+                (Window::Full, 6),
+                (Window::Sliding(6), 3),
+                (Window::Chunked(8), 2)
+            ]
+        );
+        assert_eq!(c.blocks_used(), 6);
+        let visible: Vec<f32> = c
+            .runs(1, 1, 15, 20)
+            .flat_map(|(k, _)| k.iter().step_by(2).copied())
+            .collect();
+        assert_eq!(
+            visible,
+            (115..=120).map(|t| (t + 1000) as f32).collect::<Vec<_>>()
+        );
+        c.remove(1);
+        // A new sequence on the same 20 tokens needs, on the windowed layers, only the blocks
+        // position 20 sees: they are still indexed, so all 20 positions are reused.
+        let mut again = prompt.clone();
+        again.push(7);
+        assert_eq!(c.attach_prefix(2, &again).unwrap(), 20);
+        let used = c.blocks_used_by_window();
+        assert_eq!(
+            used,
+            [
+                (Window::Full, 5),
+                (Window::Sliding(6), 2),
+                (Window::Chunked(8), 1)
+            ]
+        );
+        fill(&mut c, 2, &[7], 20);
+        let keys: Vec<f32> = c
+            .runs(2, 2, 16, 20)
+            .flat_map(|(k, _)| k.iter().step_by(2).copied())
+            .collect();
+        assert_eq!(keys, [116.0, 117.0, 118.0, 119.0, 7.0].map(|t| t + 2000.0));
     }
 
     #[test]

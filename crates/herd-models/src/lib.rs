@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use batch::{Batch, SeqId};
 pub use error::{Error, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, Window};
 
 use std::path::Path;
 
@@ -32,13 +32,25 @@ pub trait CausalLm: Send + Sync {
     fn kv_dim(&self) -> usize;
     /// Positions the model was trained for (its context length).
     fn max_context(&self) -> usize;
+    /// Which keys each layer's queries see (full, sliding window, chunk).
+    fn layer_windows(&self) -> Vec<Window>;
     /// An empty cache shaped for this model that grows as needed.
     fn new_cache(&self) -> KvCache {
-        KvCache::new(self.num_layers(), self.kv_dim())
+        KvCache::windowed(
+            &self.layer_windows(),
+            self.kv_dim(),
+            kv_cache::DEFAULT_BLOCK_SIZE,
+            None,
+        )
     }
-    /// An empty cache shaped for this model with a fixed pool of blocks.
+    /// An empty cache shaped for this model with fixed pools of blocks.
     fn new_paged_cache(&self, block_size: usize, num_blocks: usize) -> KvCache {
-        KvCache::with_capacity(self.num_layers(), self.kv_dim(), block_size, num_blocks)
+        KvCache::windowed(
+            &self.layer_windows(),
+            self.kv_dim(),
+            block_size,
+            Some(num_blocks),
+        )
     }
     /// Run `batch` and return the logits of the rows it asks for, `[n_logit_rows, vocab]`.
     /// With `trace`, also record the hidden state `[n_tokens, hidden]` after the embedding,

@@ -84,6 +84,15 @@ fn tiny_models_match_transformers_layer_by_layer() {
             step.extend(model.forward(&b, &mut cache, None).unwrap());
         }
         assert!(rel_err(&step, &logits) <= 1e-5, "{name}: decode vs prefill");
+        // Sliding layers hold only the blocks a next query can see; full layers hold them all.
+        let bs = cache.block_size();
+        for (window, used) in cache.blocks_used_by_window() {
+            let held = match window {
+                herd_models::Window::Full => tokens.len().div_ceil(bs),
+                w => tokens.len().div_ceil(bs) - w.first_visible(tokens.len() - 1) / bs,
+            };
+            assert_eq!(used, held, "{name}: blocks held for {window:?}");
+        }
     }
 }
 

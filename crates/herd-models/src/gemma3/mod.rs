@@ -19,7 +19,7 @@ use herd_kernels::ops::{gelu_tanh, gelu_tanh_f16_table, rms_norm, rope_neox, sof
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
 use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
-use crate::{Batch, CausalLm, KvCache, Result};
+use crate::{Batch, CausalLm, KvCache, Result, Window};
 
 #[derive(Debug)]
 struct Layer {
@@ -150,6 +150,15 @@ impl Gemma3 {
         })
     }
 
+    /// Sliding layers see the last `sliding_window` positions, the query's own included.
+    fn window(&self, layer: &Layer) -> Window {
+        if layer.sliding {
+            Window::Sliding(self.config.sliding_window)
+        } else {
+            Window::Full
+        }
+    }
+
     fn eps(&self) -> f32 {
         self.config.rms_norm_eps as f32
     }
@@ -186,14 +195,9 @@ impl Gemma3 {
             kv: nkv,
             dim: d,
         };
-        // Sliding layers see the last `sliding_window` positions, the query's own included.
-        let window = if layer.sliding {
-            c.sliding_window
-        } else {
-            usize::MAX
-        };
+        let window = self.window(layer);
         let out = attend(&q, batch, cache, li, heads, scale, |pos| {
-            (pos + 1).saturating_sub(window)
+            window.first_visible(pos)
         });
         layer.o.matmul(&out, t)
     }
@@ -214,6 +218,10 @@ impl CausalLm for Gemma3 {
 
     fn kv_dim(&self) -> usize {
         self.config.num_key_value_heads * self.config.head_dim
+    }
+
+    fn layer_windows(&self) -> Vec<Window> {
+        self.layers.iter().map(|l| self.window(l)).collect()
     }
 
     fn max_context(&self) -> usize {

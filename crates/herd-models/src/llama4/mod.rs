@@ -18,7 +18,7 @@ use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved, sigmoid
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
 use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
-use crate::{Batch, CausalLm, KvCache, Result};
+use crate::{Batch, CausalLm, KvCache, Result, Window};
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))` (dense layers and the shared expert).
 #[derive(Debug)]
@@ -325,6 +325,14 @@ impl Llama4 {
         })
     }
 
+    /// Keys a query sees: causal, and on chunked layers only its own position-aligned chunk.
+    fn window(&self, layer: &Layer) -> Window {
+        match (layer.kind, self.config.attention_chunk_size) {
+            (AttentionKind::Chunked, Some(chunk)) => Window::Chunked(chunk),
+            _ => Window::Full,
+        }
+    }
+
     fn eps(&self) -> f32 {
         self.config.rms_norm_eps as f32
     }
@@ -367,13 +375,9 @@ impl Llama4 {
             kv: nkv,
             dim: d,
         };
-        // Keys a query sees: causal, and on chunked layers only its own position-aligned chunk.
-        let chunk = match (layer.kind, c.attention_chunk_size) {
-            (AttentionKind::Chunked, Some(chunk)) => chunk,
-            _ => usize::MAX,
-        };
+        let window = self.window(layer);
         let out = attend(&q, batch, cache, li, heads, scale, |pos| {
-            pos / chunk * chunk
+            window.first_visible(pos)
         });
         layer.o.matmul(&out, t)
     }
@@ -463,6 +467,10 @@ impl CausalLm for Llama4 {
 
     fn kv_dim(&self) -> usize {
         self.config.num_key_value_heads * self.config.head_dim
+    }
+
+    fn layer_windows(&self) -> Vec<Window> {
+        self.layers.iter().map(|l| self.window(l)).collect()
     }
 
     fn max_context(&self) -> usize {
