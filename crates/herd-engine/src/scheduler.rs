@@ -92,6 +92,8 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// Keep generating through end-of-generation tokens (benchmarks: a fixed output length).
+    pub ignore_eos: bool,
     pub sink: Sink,
 }
 
@@ -475,7 +477,7 @@ impl Loop {
             self.counters.generated_tokens += 1;
             let at_limit =
                 s.generated >= s.req.max_tokens || s.tokens.len() + 1 >= self.config.context;
-            if self.tokenizer.stop_ids.contains(&token) {
+            if !s.req.ignore_eos && self.tokenizer.stop_ids.contains(&token) {
                 let tail = s.decoder.finish(&self.tokenizer).unwrap_or_default();
                 let text = match s.stops.push(&tail) {
                     StopResult::Continue(out) | StopResult::Stop(out) => out,

@@ -56,6 +56,7 @@ fn submit(
         max_tokens,
         stop: Vec::new(),
         sampling,
+        ignore_eos: false,
         sink: Box::new(move |e| tx.send(e).is_ok()),
     })
     .unwrap();
@@ -223,6 +224,7 @@ fn a_cancelled_or_abandoned_request_frees_its_blocks() {
             max_tokens: 1000,
             stop: Vec::new(),
             sampling: SamplingParams::default(),
+            ignore_eos: false,
             sink: Box::new(move |e| tx.send(e).is_ok()),
         })
         .unwrap();
@@ -261,6 +263,7 @@ fn requests_that_cannot_run_are_refused_up_front() {
         max_tokens: 4,
         stop: Vec::new(),
         sampling: SamplingParams::default(),
+        ignore_eos: false,
         sink: Box::new(|_| true),
     };
     assert_eq!(s.submit(req(0)).unwrap_err(), SubmitError::EmptyPrompt);

@@ -341,6 +341,7 @@ fn submit(st: &Arc<AppState>, job: &Job, prompt: &[u32], arrived: Instant) -> Ap
             max_tokens,
             stop: job.stop.clone(),
             sampling,
+            ignore_eos: job.ignore_eos,
             sink: Box::new(move |e| tx.send((index, e, Instant::now())).is_ok()),
         };
         match engine.scheduler.submit(req) {

@@ -85,6 +85,8 @@ const COMMON_FIELDS: &[&str] = &[
     "user",
     "stream",
     "stream_options",
+    // Extension (vLLM, llama.cpp): generate through end-of-generation tokens.
+    "ignore_eos",
 ];
 const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "top_logprobs"];
 const COMPLETION_FIELDS: &[&str] = &["prompt"];
@@ -104,6 +106,7 @@ pub struct Job {
     pub logprobs: bool,
     pub stream: bool,
     pub include_usage: bool,
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -317,6 +320,11 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
                 .param("stream_options"),
         );
     }
+    let ignore_eos = match obj.get("ignore_eos") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad_request("'ignore_eos' must be a boolean").param("ignore_eos")),
+    };
     match obj.get("user") {
         None | Some(Value::Null) | Some(Value::String(_)) => {}
         Some(_) => return Err(ApiError::bad_request("'user' must be a string").param("user")),
@@ -353,6 +361,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
         logprobs,
         stream,
         include_usage,
+        ignore_eos,
     })
 }
 
@@ -477,7 +486,7 @@ mod tests {
         let ok = parse(
             br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0.5,
                 "stop":"x","seed":7,"n":2,"logprobs":true,"top_logprobs":3,"user":"u",
-                "logit_bias":{"5":-100},"max_completion_tokens":9}"#,
+                "logit_bias":{"5":-100},"max_completion_tokens":9,"ignore_eos":true}"#,
             Endpoint::Chat,
         )
         .unwrap();
@@ -486,6 +495,7 @@ mod tests {
         assert_eq!(ok.stop, ["x"]);
         assert_eq!(ok.sampling.top_logprobs, 3);
         assert_eq!(ok.sampling.logit_bias[&5], -100.0);
+        assert!(ok.ignore_eos);
 
         let e = err(
             r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[]}"#,
