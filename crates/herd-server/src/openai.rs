@@ -323,7 +323,9 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
     let ignore_eos = match obj.get("ignore_eos") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::bad_request("'ignore_eos' must be a boolean").param("ignore_eos")),
+        Some(_) => {
+            return Err(ApiError::bad_request("'ignore_eos' must be a boolean").param("ignore_eos"));
+        }
     };
     match obj.get("user") {
         None | Some(Value::Null) | Some(Value::String(_)) => {}
