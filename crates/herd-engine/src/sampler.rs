@@ -134,18 +134,21 @@ impl Sampler {
                 .total_cmp(&logits[*a as usize])
                 .then(a.cmp(b))
         };
+        if p.temperature <= 0.0 {
+            // Greedy: the argmax (lowest id on ties), one pass, no copy of the vocabulary.
+            let mut best: Option<u32> = None;
+            for (i, &l) in logits.iter().enumerate() {
+                if !l.is_nan() && best.is_none_or(|b| logits[b as usize].total_cmp(&l).is_lt()) {
+                    best = Some(i as u32);
+                }
+            }
+            return best.map(|b| vec![(b, 1.0)]).unwrap_or_default();
+        }
         let mut order: Vec<u32> = (0..logits.len() as u32)
             .filter(|&i| !logits[i as usize].is_nan())
             .collect();
         if order.is_empty() {
             return Vec::new();
-        }
-        if p.temperature <= 0.0 {
-            // Greedy: the argmax (lowest id on ties), no sorting of the vocabulary.
-            return vec![(
-                order.iter().copied().min_by(better).expect("non-empty"),
-                1.0,
-            )];
         }
         if p.top_k > 0 && p.top_k < order.len() {
             order.select_nth_unstable_by(p.top_k - 1, better);

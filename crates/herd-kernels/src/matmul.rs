@@ -100,13 +100,21 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
             }
             let w_row = w.dtype.bytes_for(k);
             pool.run(n_chunks, |c| {
-                for o in c * chunk..((c + 1) * chunk).min(n) {
-                    let wr = &w.bytes[o * w_row..(o + 1) * w_row];
-                    for (t, ar) in act.chunks_exact(row_bytes).enumerate() {
+                // The chunk's (output, row) pairs, output-major, four at a time: a batch's rows
+                // share each weight row; a single row takes four outputs at once. The last
+                // group repeats its final pair to fill four lanes.
+                let first = c * chunk;
+                let pairs = (((c + 1) * chunk).min(n) - first) * n_rows;
+                let pair = |p: usize| (first + p / n_rows, p % n_rows);
+                for g in (0..pairs).step_by(4) {
+                    let idx: [usize; 4] = std::array::from_fn(|i| (g + i).min(pairs - 1));
+                    let wr = idx.map(|p| &w.bytes[pair(p).0 * w_row..(pair(p).0 + 1) * w_row]);
+                    let ar = idx.map(|p| &act[pair(p).1 * row_bytes..(pair(p).1 + 1) * row_bytes]);
+                    let v = quant::vec_dot_x4(w.dtype, wr, ar, k);
+                    for (i, &p) in idx.iter().enumerate().take(pairs - g) {
+                        let (o, t) = pair(p);
                         // SAFETY: chunks own disjoint output columns o.
-                        unsafe {
-                            shared.slice(t * n + o, 1)[0] = quant::vec_dot(w.dtype, wr, ar, k)
-                        };
+                        unsafe { shared.slice(t * n + o, 1)[0] = v[i] };
                     }
                 }
             });

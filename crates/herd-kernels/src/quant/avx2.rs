@@ -26,6 +26,117 @@ pub(crate) fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> Option<f32>
     }
 }
 
+/// Four dot products at once, pairs `(w[r], a[r])`, for the types with a four-pair kernel. Each
+/// result has the bits of the one-pair kernel: the block sums are exact integers (any reduction
+/// order gives them), and the f32 part is the same multiply and add, one lane per pair.
+pub(crate) fn vec_dot_x4(wtype: DType, w: [&[u8]; 4], a: [&[u8]; 4], n: usize) -> Option<[f32; 4]> {
+    let nb = n / wtype.block_size();
+    let (wt, at) = (wtype.type_size(), wtype.vec_dot_type().type_size());
+    assert!(w.iter().all(|r| r.len() >= nb * wt) && a.iter().all(|r| r.len() >= nb * at));
+    // Weight blocks are unpacked once when all four pairs share the weight row (a batch).
+    let same_w = w.iter().all(|r| std::ptr::eq(r.as_ptr(), w[0].as_ptr()));
+    // SAFETY: has_avx2() confirmed AVX2, FMA and F16C at run time; every row holds nb whole
+    // blocks (asserted above) and every load below stays inside its block.
+    unsafe {
+        match wtype {
+            DType::Q8_0 => Some(q8_0_q8_0_x4(w, a, nb)),
+            DType::Q5_0 => Some(q5_0_q8_0_x4(w, a, nb, same_w)),
+            _ => None,
+        }
+    }
+}
+
+/// Lane r: the sum of the eight i32 lanes of `s[r]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum4_i32(s: [__m256i; 4]) -> __m128i {
+    let h01 = _mm256_hadd_epi32(s[0], s[1]);
+    let h23 = _mm256_hadd_epi32(s[2], s[3]);
+    let h = _mm256_hadd_epi32(h01, h23);
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
+}
+
+/// Four f16 values (raw bits) as f32 lanes (exact).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn f16x4(h: [i16; 4]) -> __m128 {
+    _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h[3], h[2], h[1], h[0]))
+}
+
+/// The f16 at byte `off` of row `r`, as raw bits.
+#[inline(always)]
+fn f16_bits(r: &[u8], off: usize) -> i16 {
+    i16::from_le_bytes([r[off], r[off + 1]])
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store4(v: __m128) -> [f32; 4] {
+    let mut out = [0.0f32; 4];
+    // SAFETY: out holds four f32; unaligned store.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), v) };
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_q8_0_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
+    let mut acc = _mm_setzero_ps();
+    for i in 0..nb {
+        let o = 34 * i;
+        let mut s = [_mm256_setzero_si256(); 4];
+        for r in 0..4 {
+            // SAFETY: bytes 2..34 of block i of each row.
+            let (x, y) = unsafe { (load(w[r], o + 2), load(a[r], o + 2)) };
+            s[r] = dot_i8(x, y);
+        }
+        let dw = f16x4([0, 1, 2, 3].map(|r| f16_bits(w[r], o)));
+        let da = f16x4([0, 1, 2, 3].map(|r| f16_bits(a[r], o)));
+        let d = _mm_mul_ps(dw, da);
+        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_cvtepi32_ps(hsum4_i32(s)), d));
+    }
+    store4(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_0_q8_0_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize, same_w: bool) -> [f32; 4] {
+    let mut acc = _mm_setzero_ps();
+    for i in 0..nb {
+        let (ow, oa) = (22 * i, 34 * i);
+        let mut s = [_mm256_setzero_si256(); 4];
+        let mut x = _mm256_setzero_si256();
+        for r in 0..4 {
+            if r == 0 || !same_w {
+                x = unpack_q5_0(&w[r][ow..ow + 22]);
+            }
+            // SAFETY: bytes 2..34 of activation block i.
+            let y = unsafe { load(a[r], oa + 2) };
+            s[r] = dot_i8(x, y);
+        }
+        let dw = f16x4([0, 1, 2, 3].map(|r| f16_bits(w[r], ow)));
+        let da = f16x4([0, 1, 2, 3].map(|r| f16_bits(a[r], oa)));
+        let d = _mm_mul_ps(dw, da);
+        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_cvtepi32_ps(hsum4_i32(s)), d));
+    }
+    store4(acc)
+}
+
+/// The 32 signed 5-bit weights of a Q5_0 block (−16..15) as bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn unpack_q5_0(wb: &[u8]) -> __m256i {
+    let low = _mm_set1_epi8(0x0F);
+    // SAFETY: 16 nibble bytes at 6..22 of the 22-byte block.
+    let q = unsafe { _mm_loadu_si128(wb.as_ptr().add(6) as *const __m128i) };
+    let lo = _mm_and_si128(q, low);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low);
+    let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
+    let fifth = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
+    _mm256_sub_epi8(
+        _mm256_or_si256(_mm256_set_m128i(hi, lo), fifth),
+        _mm256_set1_epi8(16),
+    )
+}
+
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn load(p: &[u8], off: usize) -> __m256i {
@@ -104,19 +215,9 @@ fn bytes_from_bits(x: u32) -> __m256i {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q5_0_q8_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
     let mut sum = 0.0f32;
-    let low = _mm_set1_epi8(0x0F);
     for i in 0..nb {
         let (wb, ab) = (&w[22 * i..22 * i + 22], &a[34 * i..34 * i + 34]);
-        // SAFETY: 16 nibble bytes at 6..22 of the 22-byte block.
-        let q = unsafe { _mm_loadu_si128(wb.as_ptr().add(6) as *const __m128i) };
-        let lo = _mm_and_si128(q, low);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low);
-        let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
-        let fifth = _mm256_and_si256(bytes_from_bits(qh), _mm256_set1_epi8(0x10));
-        let x = _mm256_sub_epi8(
-            _mm256_or_si256(_mm256_set_m128i(hi, lo), fifth),
-            _mm256_set1_epi8(16),
-        );
+        let x = unpack_q5_0(wb);
         // SAFETY: bytes 2..34 of the Q8_0 block.
         let y = unsafe { load(ab, 2) };
         let sumi = hsum_i32(dot_i8(x, y));
@@ -275,6 +376,45 @@ mod tests {
 
     /// Every AVX2 kernel returns exactly the scalar reference's bits, on random data of several
     /// scales and every row length from one block up (ragged block counts).
+    #[test]
+    fn four_pair_kernels_equal_scalar() {
+        if !super::super::has_avx2() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        for wt in [DType::Q8_0, DType::Q5_0] {
+            let at = wt.vec_dot_type();
+            for blocks in [1, 2, 5, 9, 20] {
+                let n = blocks * wt.block_size();
+                let rows = |seed: u64, t: DType| -> Vec<Vec<u8>> {
+                    (0..4)
+                        .map(|r| {
+                            let scale = [1.0, 1e-3, 40.0, 3.0][r];
+                            let x = rand_vec(n, seed + r as u64, scale);
+                            let mut q = vec![0u8; t.bytes_for(n)];
+                            quantize(t, &x, &mut q);
+                            q
+                        })
+                        .collect()
+                };
+                let (ws, acts) = (rows(blocks as u64, wt), rows(100 + blocks as u64, at));
+                let a = [0, 1, 2, 3].map(|r| acts[r].as_slice());
+                // Four different weight rows (decode), then one weight row for four
+                // activation rows (a batch).
+                for w in [
+                    [0, 1, 2, 3].map(|r| ws[r].as_slice()),
+                    [ws[2].as_slice(); 4],
+                ] {
+                    let fast = vec_dot_x4(wt, w, a, n).unwrap();
+                    for r in 0..4 {
+                        let slow = vec_dot_scalar(wt, w[r], a[r], n);
+                        assert_eq!(fast[r].to_bits(), slow.to_bits(), "{wt} n={n} pair {r}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn avx2_equals_scalar() {
         if !super::super::has_avx2() {

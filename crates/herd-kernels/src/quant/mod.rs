@@ -12,7 +12,7 @@ mod quantize;
 mod avx2;
 
 pub use dequant::dequantize;
-pub use dot::{vec_dot, vec_dot_scalar};
+pub use dot::{vec_dot, vec_dot_scalar, vec_dot_x4};
 pub use quantize::{quantize, quantize_activation, quantize_supported};
 
 /// Elements per K-quant super-block.
@@ -73,5 +73,6 @@ pub(crate) fn has_avx2() -> bool {
         std::env::var_os("HERD_NO_SIMD").is_none()
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     })
 }
