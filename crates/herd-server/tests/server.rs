@@ -195,6 +195,38 @@ fn chat_streams_role_first_then_content_then_finish() {
     let whole = post(&s.base, "/v1/chat/completions", &body);
     assert_eq!(whole["object"], "chat.completion");
     let msg = &whole["choices"][0]["message"];
+    // The same conversation through the chat template and `generate` gives the same text.
+    let l = herd_engine::load(&model_path()).unwrap();
+    let tok = &l.tokenizer;
+    let (template, _) =
+        herd_engine::ChatTemplate::for_model(tok.chat_template.as_deref(), &l.family).unwrap();
+    let name = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+    let rendered = template
+        .render(
+            body["messages"].as_array().unwrap(),
+            &herd_engine::chat::RenderOptions {
+                add_generation_prompt: true,
+                bos_token: name(tok.bos),
+                eos_token: name(tok.eos),
+                tools: None,
+            },
+        )
+        .unwrap();
+    let prompt = tok.encode_prompt(&rendered).unwrap();
+    assert_eq!(whole["usage"]["prompt_tokens"], prompt.len());
+    let want = generate(
+        l.model.as_ref(),
+        tok,
+        &Request {
+            prompt,
+            max_tokens: 8,
+            stop: Vec::new(),
+            sampling: SamplingParams::default(),
+        },
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(msg["content"], want.text.as_str());
     assert_eq!(msg["role"], "assistant");
     let lps = whole["choices"][0]["logprobs"]["content"]
         .as_array()
@@ -428,4 +460,51 @@ fn a_client_that_disconnects_frees_its_blocks() {
         .requests_cancelled
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(cancelled, 1);
+}
+
+#[test]
+fn health_is_503_until_the_model_is_loaded_and_a_full_queue_is_503() {
+    // A server whose engine never loads.
+    let state = AppState::new("gemma3:270m".into(), Vec::new());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(herd_server::serve(state, listener, async {
+        let _ = stopped.await;
+    }));
+    let (status, body) = get(&base, "/health");
+    assert_eq!((status, body.as_str()), (503, r#"{"status":"loading"}"#));
+    let (status, body) = post_raw(
+        &base,
+        "/v1/completions",
+        r#"{"model":"gemma3:270m","prompt":"x"}"#,
+        None,
+    );
+    assert_eq!(status, 503, "{body}");
+    let _ = stop.send(());
+    rt.block_on(server).unwrap().unwrap();
+
+    // No room to wait: every request is turned away with 503, and the server stays up.
+    let s = start(
+        SchedulerConfig {
+            max_waiting: 0,
+            ..SchedulerConfig::default()
+        },
+        Vec::new(),
+    );
+    let (status, body) = post_raw(
+        &s.base,
+        "/v1/completions",
+        r#"{"model":"gemma3:270m","prompt":"x","max_tokens":1}"#,
+        None,
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(get(&s.base, "/health").0, 200);
 }
