@@ -1,8 +1,9 @@
 //! The official `openai` Python client (tests/fixtures/fetch.sh installs it) against a real
 //! `herd serve` on 127.0.0.1, started and stopped here: tests/openai/test_client.py checks chat
 //! and completions (whole and streamed) against each other and against `herd run`, 32 concurrent
-//! streams against sequential runs, the error statuses and a disconnect. Then SIGTERM must stop
-//! the server cleanly.
+//! streams against sequential runs, the error statuses and a disconnect;
+//! tests/openai/test_structured.py checks 30 JSON schemas (validated with `jsonschema`), JSON
+//! mode, regex and Lark grammars and schema errors. Then SIGTERM must stop the server cleanly.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -75,6 +76,20 @@ fn official_openai_client_against_herd_serve() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let structured = Command::new(&python)
+        .arg(root.join("tests/openai/test_structured.py"))
+        .args([
+            &format!("http://127.0.0.1:{port}"),
+            "gemma3:270m",
+            "test-key",
+        ])
+        .output()
+        .unwrap();
+    let structured_out = String::from_utf8_lossy(&structured.stdout);
+    eprintln!(
+        "{structured_out}{}",
+        String::from_utf8_lossy(&structured.stderr)
+    );
 
     let term = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
@@ -85,6 +100,11 @@ fn official_openai_client_against_herd_serve() {
     let log = drain.join().unwrap();
     assert!(out.status.success(), "the openai client checks failed");
     assert!(stdout.contains("all checks passed"));
+    assert!(
+        structured.status.success(),
+        "the structured output checks failed"
+    );
+    assert!(structured_out.contains("all checks passed"));
     assert!(
         status.success(),
         "herd serve exited with {status} after SIGTERM: {log:?}"

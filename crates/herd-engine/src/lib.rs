@@ -5,6 +5,7 @@
 //! HTTP (that is `herd-server`).
 
 pub mod chat;
+pub mod constraint;
 pub mod detokenize;
 pub mod generate;
 pub mod registry;

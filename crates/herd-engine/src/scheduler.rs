@@ -23,6 +23,7 @@ use std::time::Duration;
 use herd_models::{Batch, CausalLm, KvCache, SeqId};
 
 use crate::Tokenizer;
+use crate::constraint::Constraint;
 use crate::detokenize::{StopMatcher, StopResult, StreamDecoder};
 use crate::generate::FinishReason;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
@@ -94,6 +95,8 @@ pub struct GenerationRequest {
     pub sampling: SamplingParams,
     /// Keep generating through end-of-generation tokens (benchmarks: a fixed output length).
     pub ignore_eos: bool,
+    /// A grammar the output must follow (JSON schema, regex, Lark).
+    pub constraint: Option<Constraint>,
     pub sink: Sink,
 }
 
@@ -135,10 +138,13 @@ pub struct SchedulerStats {
     pub generated_tokens: u64,
     pub steps: u64,
     pub preemptions: u64,
+    /// Grammar masks computed, and the time they took.
+    pub masks: u64,
+    pub mask_seconds: f64,
 }
 
 enum Command {
-    Submit(SeqId, GenerationRequest),
+    Submit(SeqId, Box<GenerationRequest>),
     Cancel(SeqId),
     Shutdown { drain: bool },
 }
@@ -226,7 +232,7 @@ impl Scheduler {
             *n
         };
         self.tx
-            .send(Command::Submit(id, req))
+            .send(Command::Submit(id, Box::new(req)))
             .map_err(|_| SubmitError::Stopped)?;
         Ok(id)
     }
@@ -359,7 +365,7 @@ impl Loop {
             };
             match cmd {
                 Command::Submit(id, req) => {
-                    let mut seq = Sequence::new(id, req);
+                    let mut seq = Sequence::new(id, *req);
                     if self.draining {
                         (seq.req.sink)(Event::Failed("the server is shutting down".into()));
                     } else {
@@ -471,8 +477,26 @@ impl Loop {
         for (row, i) in samplers.into_iter().enumerate() {
             let s = &mut self.running[i];
             let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+            if let Some(c) = &mut s.req.constraint {
+                let (n, t) = (c.masks, c.mask_time);
+                let masked = c.mask_logits(&mut l);
+                self.counters.masks += c.masks - n;
+                self.counters.mask_seconds += (c.mask_time - t).as_secs_f64();
+                if let Err(e) = masked {
+                    (s.req.sink)(Event::Failed(format!("grammar: {e}")));
+                    finished.push(i);
+                    continue;
+                }
+            }
             let sampled = s.sampler.sample(&mut l);
             let token = sampled.token;
+            if let Some(c) = &mut s.req.constraint
+                && let Err(e) = c.commit(token)
+            {
+                (s.req.sink)(Event::Failed(format!("grammar: {e}")));
+                finished.push(i);
+                continue;
+            }
             s.generated += 1;
             self.counters.generated_tokens += 1;
             let at_limit =

@@ -57,6 +57,7 @@ fn submit(
         stop: Vec::new(),
         sampling,
         ignore_eos: false,
+        constraint: None,
         sink: Box::new(move |e| tx.send(e).is_ok()),
     })
     .unwrap();
@@ -225,6 +226,7 @@ fn a_cancelled_or_abandoned_request_frees_its_blocks() {
             stop: Vec::new(),
             sampling: SamplingParams::default(),
             ignore_eos: false,
+            constraint: None,
             sink: Box::new(move |e| tx.send(e).is_ok()),
         })
         .unwrap();
@@ -264,6 +266,7 @@ fn requests_that_cannot_run_are_refused_up_front() {
         stop: Vec::new(),
         sampling: SamplingParams::default(),
         ignore_eos: false,
+        constraint: None,
         sink: Box::new(|_| true),
     };
     assert_eq!(s.submit(req(0)).unwrap_err(), SubmitError::EmptyPrompt);

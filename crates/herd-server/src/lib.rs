@@ -20,6 +20,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herd_engine::chat::{ChatTemplate, RenderOptions};
+use herd_engine::constraint::ConstraintCompiler;
 use herd_engine::generate::FinishReason;
 use herd_engine::scheduler::{Event, GenerationRequest, Scheduler, SubmitError, Usage};
 use herd_engine::{Tokenizer, scheduler::SchedulerConfig};
@@ -36,6 +37,8 @@ pub struct Engine {
     pub tokenizer: Arc<Tokenizer>,
     /// The chat template (the model's, or its family's built-in one).
     pub template: Option<ChatTemplate>,
+    /// Grammar compiler over the model's vocabulary (`response_format` and friends).
+    pub constraints: ConstraintCompiler,
 }
 
 impl std::fmt::Debug for Engine {
@@ -90,11 +93,13 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
             None
         }
     };
+    let constraints = ConstraintCompiler::new(&tokenizer)?;
     let tokenizer = Arc::new(tokenizer);
     Ok(Engine {
         scheduler: Scheduler::start(model, tokenizer.clone(), config),
         tokenizer,
         template,
+        constraints,
     })
 }
 
@@ -321,6 +326,14 @@ fn submit(st: &Arc<AppState>, job: &Job, prompt: &[u32], arrived: Instant) -> Ap
         .code("context_length_exceeded"));
     }
     let max_tokens = job.max_tokens.unwrap_or(context - prompt.len());
+    let constraint = match &job.grammar {
+        None => None,
+        Some(g) => Some(engine.constraints.compile(g).map_err(|e| {
+            ApiError::bad_request(format!("the output constraint cannot be enforced: {e}"))
+                .param("response_format")
+                .code("invalid_grammar")
+        })?),
+    };
     let seed = job.seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -342,6 +355,7 @@ fn submit(st: &Arc<AppState>, job: &Job, prompt: &[u32], arrived: Instant) -> Ap
             stop: job.stop.clone(),
             sampling,
             ignore_eos: job.ignore_eos,
+            constraint: constraint.clone(),
             sink: Box::new(move |e| tx.send((index, e, Instant::now())).is_ok()),
         };
         match engine.scheduler.submit(req) {

@@ -158,6 +158,18 @@ impl Metrics {
             rate,
         );
         gauge(
+            "herd_grammar_masks_total",
+            "Token masks computed for constrained requests.",
+            "counter",
+            s.masks as f64,
+        );
+        gauge(
+            "herd_grammar_mask_seconds_total",
+            "Time spent computing those masks.",
+            "counter",
+            s.mask_seconds,
+        );
+        gauge(
             "herd_preemptions_total",
             "Sequences sent back to the queue when the KV cache ran out.",
             "counter",

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use axum::http::StatusCode;
+use herd_engine::constraint::Grammar;
 use herd_engine::sampler::{Sampled, SamplingParams};
 use herd_engine::{Message, Tokenizer};
 use serde_json::{Map, Value, json};
@@ -85,8 +86,12 @@ const COMMON_FIELDS: &[&str] = &[
     "user",
     "stream",
     "stream_options",
-    // Extension (vLLM, llama.cpp): generate through end-of-generation tokens.
+    "response_format",
+    // Extensions (vLLM's names): generate through end-of-generation tokens; constrain the
+    // output to a regular expression or a Lark grammar.
     "ignore_eos",
+    "guided_regex",
+    "guided_grammar",
 ];
 const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "top_logprobs"];
 const COMPLETION_FIELDS: &[&str] = &["prompt"];
@@ -107,6 +112,8 @@ pub struct Job {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
+    /// What the output must follow (`response_format`, `guided_regex`, `guided_grammar`).
+    pub grammar: Option<Grammar>,
 }
 
 #[derive(Debug, Clone)]
@@ -364,7 +371,80 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
         stream,
         include_usage,
         ignore_eos,
+        grammar: grammar(&obj)?,
     })
+}
+
+/// The output constraint a request asks for, if any (at most one).
+fn grammar(obj: &Map<String, Value>) -> ApiResult<Option<Grammar>> {
+    let mut found: Vec<(&str, Grammar)> = Vec::new();
+    match obj.get("response_format") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(rf)) => {
+            let bad = |m: String| Err(ApiError::bad_request(m).param("response_format"));
+            match rf.get("type").and_then(Value::as_str) {
+                Some("text") => {}
+                Some("json_object") => found.push(("response_format", Grammar::json_object())),
+                Some("json_schema") => {
+                    let Some(Value::Object(js)) = rf.get("json_schema") else {
+                        return bad("response_format.json_schema must be an object".into());
+                    };
+                    if let Some(k) = js.keys().find(|k| {
+                        !["name", "description", "schema", "strict"].contains(&k.as_str())
+                    }) {
+                        return bad(format!(
+                            "unsupported field 'response_format.json_schema.{k}'"
+                        ));
+                    }
+                    match js.get("schema") {
+                        Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                            found.push(("response_format", Grammar::JsonSchema(schema.clone())))
+                        }
+                        _ => {
+                            return bad(
+                                "response_format.json_schema.schema (an object) is required".into(),
+                            );
+                        }
+                    }
+                }
+                other => {
+                    return bad(format!(
+                        "response_format type {other:?} is not supported (text, json_object, json_schema)"
+                    ));
+                }
+            }
+            if let Some(k) = rf
+                .keys()
+                .find(|k| !["type", "json_schema"].contains(&k.as_str()))
+            {
+                return bad(format!("unsupported field 'response_format.{k}'"));
+            }
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request("'response_format' must be an object")
+                .param("response_format"));
+        }
+    }
+    for (key, make) in [
+        ("guided_regex", Grammar::Regex as fn(String) -> Grammar),
+        ("guided_grammar", Grammar::Lark),
+    ] {
+        match obj.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => found.push((key, make(s.clone()))),
+            Some(_) => {
+                return Err(ApiError::bad_request(format!("'{key}' must be a string")).param(key));
+            }
+        }
+    }
+    if found.len() > 1 {
+        return Err(ApiError::bad_request(format!(
+            "at most one output constraint per request; got {}",
+            found.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+        ))
+        .param(found[1].0));
+    }
+    Ok(found.pop().map(|(_, g)| g))
 }
 
 fn messages(v: Option<&Value>) -> ApiResult<Vec<Message>> {

@@ -396,6 +396,85 @@ impl Tokenizer {
     pub fn source(&self) -> &Path {
         &self.source
     }
+
+    /// Every token's bytes as it adds them to text (no leading-space stripping), and whether it
+    /// is a special token (control, unknown, unused, added special) that text never contains.
+    /// Constrained decoding matches grammars against these bytes.
+    pub fn token_bytes(&self) -> Vec<(Vec<u8>, bool)> {
+        match &self.backend {
+            Backend::Spm(v) => v
+                .tokens
+                .iter()
+                .zip(&v.types)
+                .map(|(t, ty)| match ty {
+                    TokenType::Byte => (byte_token(t).map(|b| vec![b]).unwrap_or_default(), false),
+                    TokenType::Control | TokenType::Unknown | TokenType::Unused => {
+                        (t.as_bytes().to_vec(), true)
+                    }
+                    _ => (t.replace('\u{2581}', " ").into_bytes(), false),
+                })
+                .collect(),
+            Backend::Hf(t) => {
+                let byte_level = matches!(
+                    t.get_decoder(),
+                    Some(tokenizers::DecoderWrapper::ByteLevel(_))
+                );
+                let specials: std::collections::HashSet<u32> = t
+                    .get_added_tokens_decoder()
+                    .iter()
+                    .filter(|(_, a)| a.special)
+                    .map(|(&id, _)| id)
+                    .collect();
+                let unbyte = gpt2_unicode_to_byte();
+                (0..t.get_vocab_size(true) as u32)
+                    .map(|id| {
+                        let text = t.id_to_token(id).unwrap_or_default();
+                        if specials.contains(&id) {
+                            return (text.into_bytes(), true);
+                        }
+                        if byte_level {
+                            if let Some(bytes) =
+                                text.chars().map(|c| unbyte.get(&c).copied()).collect()
+                            {
+                                return (bytes, false);
+                            }
+                            return (text.into_bytes(), false);
+                        }
+                        match byte_token(&text) {
+                            Some(b) => (vec![b], false),
+                            None => (text.replace('\u{2581}', " ").into_bytes(), false),
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// `<0xAB>` → 0xAB (SentencePiece byte-fallback tokens).
+fn byte_token(t: &str) -> Option<u8> {
+    t.strip_prefix("<0x")
+        .and_then(|h| h.strip_suffix('>'))
+        .and_then(|h| u8::from_str_radix(h, 16).ok())
+}
+
+/// GPT-2's byte-level alphabet, reversed: printable bytes stand for themselves, the others for
+/// code points from 256 on, in byte order.
+fn gpt2_unicode_to_byte() -> HashMap<char, u8> {
+    let mut map = HashMap::with_capacity(256);
+    let mut next = 256u32;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        let c = if printable {
+            char::from(b)
+        } else {
+            let c = char::from_u32(next).expect("valid code point");
+            next += 1;
+            c
+        };
+        map.insert(c, b);
+    }
+    map
 }
 
 impl SpmVocab {
@@ -444,15 +523,7 @@ impl SpmVocab {
                 continue;
             };
             match self.types[id as usize] {
-                TokenType::Byte => {
-                    if let Some(b) = t
-                        .strip_prefix("<0x")
-                        .and_then(|h| h.strip_suffix('>'))
-                        .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    {
-                        bytes.push(b);
-                    }
-                }
+                TokenType::Byte => bytes.extend(byte_token(t)),
                 TokenType::Control | TokenType::Unknown | TokenType::Unused if skip_special => {}
                 _ => bytes.extend_from_slice(t.replace('\u{2581}', " ").as_bytes()),
             }

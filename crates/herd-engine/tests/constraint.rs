@@ -1,0 +1,118 @@
+//! Constrained decoding on real vocabularies (tests/fixtures/fetch.sh): token bytes that
+//! concatenate to the text, grammars that only let valid output through, and clear errors.
+
+use std::path::{Path, PathBuf};
+
+use herd_engine::Tokenizer;
+use herd_engine::constraint::{ConstraintCompiler, Grammar};
+use herd_formats::GgufFile;
+use serde_json::json;
+
+fn downloaded(p: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/downloaded")
+        .join(p);
+    assert!(
+        path.exists(),
+        "{} is missing: run tests/fixtures/fetch.sh",
+        path.display()
+    );
+    path
+}
+
+fn tokenizers() -> Vec<Tokenizer> {
+    vec![
+        Tokenizer::from_gguf(&GgufFile::open(&downloaded("gemma-3-270m-q4_k_m.gguf")).unwrap())
+            .unwrap(),
+        Tokenizer::from_hf_dir(&downloaded("tokenizers/llama3")).unwrap(),
+        Tokenizer::from_hf_dir(&downloaded("tokenizers/gemma3")).unwrap(),
+    ]
+}
+
+#[test]
+fn token_bytes_concatenate_to_the_text() {
+    for tok in tokenizers() {
+        let table = tok.token_bytes();
+        assert_eq!(table.len(), tok.vocab_size());
+        for text in [
+            "Hello, world! {\"a\": [1, 2.5, true]}",
+            "naïve café — 日本語 🎉\n\ttabs",
+            "  leading spaces and trailing  ",
+        ] {
+            let ids = tok.encode(text, false).unwrap();
+            let bytes: Vec<u8> = ids
+                .iter()
+                .flat_map(|&i| table[i as usize].0.clone())
+                .collect();
+            assert_eq!(String::from_utf8_lossy(&bytes), text, "{tok:?}");
+            assert!(ids.iter().all(|&i| !table[i as usize].1));
+        }
+        if let Some(eos) = tok.eos {
+            assert!(table[eos as usize].1, "EOS is special");
+        }
+    }
+}
+
+/// Drive a constraint with "logits" that prefer the highest token id: the grammar alone decides
+/// what is valid, so the text must satisfy it whatever the preferences.
+fn generate_under(tok: &Tokenizer, g: &Grammar) -> String {
+    let compiler = ConstraintCompiler::new(tok).unwrap();
+    let mut c = compiler.compile(g).unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        let mut logits: Vec<f32> = (0..tok.vocab_size()).map(|i| (i % 97) as f32).collect();
+        c.mask_logits(&mut logits).unwrap();
+        let next = logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0 as u32;
+        if tok.stop_ids.contains(&next) {
+            return tok.decode(&ids, true).unwrap();
+        }
+        c.commit(next).unwrap();
+        ids.push(next);
+    }
+    panic!("no end within 200 tokens: {:?}", tok.decode(&ids, true));
+}
+
+#[test]
+fn grammars_only_let_valid_text_through() {
+    let tok = &tokenizers()[0];
+    let schema = json!({"type": "object", "properties": {
+        "n": {"type": "integer", "minimum": 3, "maximum": 7},
+        "c": {"enum": ["red", "blue"]}}, "required": ["n", "c"], "additionalProperties": false});
+    let text = generate_under(tok, &Grammar::JsonSchema(schema));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let n = v["n"].as_i64().unwrap();
+    assert!((3..=7).contains(&n) && ["red", "blue"].contains(&v["c"].as_str().unwrap()));
+    assert_eq!(v.as_object().unwrap().len(), 2, "{text}");
+
+    let text = generate_under(tok, &Grammar::Regex("[a-c]{2}-[0-9]".into()));
+    assert!(text.len() == 4 && text.as_bytes()[2] == b'-', "{text}");
+    let text = generate_under(tok, &Grammar::Lark(r#"start: "yes" | "no""#.into()));
+    assert!(text == "yes" || text == "no", "{text}");
+}
+
+#[test]
+fn unenforceable_or_malformed_grammars_are_errors() {
+    let tok = &tokenizers()[0];
+    let compiler = ConstraintCompiler::new(tok).unwrap();
+    let err = |g: Grammar| compiler.compile(&g).unwrap_err();
+    let e = err(Grammar::JsonSchema(
+        json!({"type": "array", "uniqueItems": true}),
+    ));
+    assert!(e.contains("uniqueItems"), "{e}");
+    let e = err(Grammar::JsonSchema(json!({"not": {"type": "string"}})));
+    assert!(e.contains("not"), "{e}");
+    assert!(
+        !err(Grammar::JsonSchema(
+            json!({"type": "object", "properties": 5})
+        ))
+        .is_empty()
+    );
+    assert!(!err(Grammar::JsonSchema(json!(["not", "a", "schema"]))).is_empty());
+    assert!(!err(Grammar::Regex("[unclosed".into())).is_empty());
+    assert!(!err(Grammar::Lark("start: undefined_rule".into())).is_empty());
+}
