@@ -108,13 +108,7 @@ pub fn chat(model: &str, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
             loaded.family
         );
     }
-    let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
-    let opts = RenderOptions {
-        add_generation_prompt: true,
-        bos_token: text_of(tok.bos),
-        eos_token: text_of(tok.eos),
-        tools: None,
-    };
+    let opts = RenderOptions::generation(tok);
     let mut messages = Vec::new();
     if let Some(sys) = system {
         messages.push(serde_json::json!({"role": "system", "content": sys}));

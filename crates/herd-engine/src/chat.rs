@@ -50,6 +50,20 @@ pub struct RenderOptions {
     pub tools: Option<Vec<serde_json::Value>>,
 }
 
+impl RenderOptions {
+    /// Options for a prompt that ends where the assistant's answer begins, with the tokenizer's
+    /// BOS and EOS texts.
+    pub fn generation(tok: &crate::Tokenizer) -> Self {
+        let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+        Self {
+            add_generation_prompt: true,
+            bos_token: text(tok.bos),
+            eos_token: text(tok.eos),
+            tools: None,
+        }
+    }
+}
+
 impl ChatTemplate {
     /// Compile a template; syntax errors are reported here, not at first use.
     pub fn new(source: &str) -> Result<Self> {

@@ -296,6 +296,16 @@ impl Sequence {
         }
     }
 
+    /// Report the end (with any text released at the end).
+    fn done(&mut self, text: String, finish: FinishReason) {
+        let usage = self.usage();
+        (self.req.sink)(Event::Done {
+            text,
+            finish,
+            usage,
+        });
+    }
+
     fn usage(&self) -> Usage {
         Usage {
             prompt_tokens: self.prompt_len,
@@ -506,12 +516,7 @@ impl Loop {
                 let text = match s.stops.push(&tail) {
                     StopResult::Continue(out) | StopResult::Stop(out) => out,
                 };
-                let usage = s.usage();
-                (s.req.sink)(Event::Done {
-                    text,
-                    finish: FinishReason::Stop,
-                    usage,
-                });
+                s.done(text, FinishReason::Stop);
                 finished.push(i);
                 continue;
             }
@@ -532,12 +537,7 @@ impl Loop {
             if !alive {
                 finished.push(i);
             } else if stopped {
-                let usage = s.usage();
-                (s.req.sink)(Event::Done {
-                    text: String::new(),
-                    finish: FinishReason::Stop,
-                    usage,
-                });
+                s.done(String::new(), FinishReason::Stop);
                 finished.push(i);
             } else if at_limit {
                 let rest = s.decoder.finish(&self.tokenizer).unwrap_or_default();
@@ -545,12 +545,7 @@ impl Loop {
                     StopResult::Continue(out) => out + &s.stops.finish(),
                     StopResult::Stop(out) => out,
                 };
-                let usage = s.usage();
-                (s.req.sink)(Event::Done {
-                    text,
-                    finish: FinishReason::Length,
-                    usage,
-                });
+                s.done(text, FinishReason::Length);
                 finished.push(i);
             }
         }

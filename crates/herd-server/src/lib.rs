@@ -260,14 +260,9 @@ fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
             let template = engine.template.as_ref().ok_or_else(|| {
                 ApiError::bad_request("this model has no chat template: use /v1/completions")
             })?;
-            let name = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
-            let opts = RenderOptions {
-                add_generation_prompt: true,
-                bos_token: name(tok.bos),
-                eos_token: name(tok.eos),
-                tools: None,
-            };
-            let text = template.render(messages, &opts).map_err(enc)?;
+            let text = template
+                .render(messages, &RenderOptions::generation(tok))
+                .map_err(enc)?;
             tok.encode_prompt(&text).map_err(enc)?
         }
         PromptSource::Text(t) => tok.encode(t, true).map_err(enc)?,

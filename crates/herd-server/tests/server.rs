@@ -200,16 +200,10 @@ fn chat_streams_role_first_then_content_then_finish() {
     let tok = &l.tokenizer;
     let (template, _) =
         herd_engine::ChatTemplate::for_model(tok.chat_template.as_deref(), &l.family).unwrap();
-    let name = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
     let rendered = template
         .render(
             body["messages"].as_array().unwrap(),
-            &herd_engine::chat::RenderOptions {
-                add_generation_prompt: true,
-                bos_token: name(tok.bos),
-                eos_token: name(tok.eos),
-                tools: None,
-            },
+            &herd_engine::chat::RenderOptions::generation(tok),
         )
         .unwrap();
     let prompt = tok.encode_prompt(&rendered).unwrap();
