@@ -55,6 +55,7 @@ impl SamplingArgs {
             frequency_penalty: self.frequency_penalty,
             logit_bias: HashMap::new(),
             seed: self.seed,
+            logprobs: false,
             top_logprobs: 0,
         })
     }

@@ -24,6 +24,9 @@ pub struct SamplingParams {
     /// Added to the logits of the given tokens (OpenAI `logit_bias`, −100…100).
     pub logit_bias: HashMap<u32, f32>,
     pub seed: u64,
+    /// Compute each sampled token's log-probability (a log-softmax over the vocabulary per
+    /// token; implied by `top_logprobs > 0`).
+    pub logprobs: bool,
     /// Return this many most likely alternatives with each token's log-probability.
     pub top_logprobs: usize,
 }
@@ -40,6 +43,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: HashMap::new(),
             seed: 0,
+            logprobs: false,
             top_logprobs: 0,
         }
     }
@@ -49,7 +53,8 @@ impl Default for SamplingParams {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    /// Log-probability of the token under the penalised, biased distribution at temperature 1.
+    /// Log-probability of the token under the penalised, biased distribution at temperature 1
+    /// (NaN unless the parameters ask for log-probabilities).
     pub logprob: f32,
     /// The most likely alternatives under the same distribution.
     pub top: Vec<(u32, f32)>,
@@ -208,7 +213,11 @@ impl Sampler {
             }
             pick
         };
-        let (logprob, top) = log_probs(logits, token, self.params.top_logprobs);
+        let (logprob, top) = if self.params.logprobs || self.params.top_logprobs > 0 {
+            log_probs(logits, token, self.params.top_logprobs)
+        } else {
+            (f32::NAN, Vec::new())
+        };
         *self.counts.entry(token).or_default() += 1;
         self.seen.insert(token);
         Sampled {

@@ -357,6 +357,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
         frequency_penalty: frequency.unwrap_or(0.0) as f32,
         logit_bias,
         seed: 0,
+        logprobs,
         top_logprobs: top_logprobs as usize,
     };
     Ok(Job {
