@@ -4,6 +4,7 @@ crates/herd-cli/tests/openai_client.rs). Usage: test_client.py BASE_URL MODEL AP
 Every check raises on failure; the script prints one line per check.
 """
 import asyncio
+import json
 import subprocess
 import sys
 import urllib.request
@@ -91,6 +92,65 @@ async def concurrent():
 alone, together = asyncio.run(concurrent())
 check("32 concurrent streams equal the sequential runs", alone == list(together))
 
+# Tools: forced calls always carry valid arguments; a full round trip, whole and streamed.
+import jsonschema  # noqa: E402
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                    "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"],
+                    "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two integers",
+     "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": -1000, "maximum": 1000},
+                    "b": {"type": "integer", "minimum": -1000, "maximum": 1000}}, "required": ["a", "b"],
+                    "additionalProperties": False}}},
+]
+SCHEMA = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+for i, choice in enumerate(["required", {"type": "function", "function": {"name": "add"}}] * 3):
+    r = client.chat.completions.create(model=model, messages=ask, tools=TOOLS, tool_choice=choice,
+                                       temperature=1.0, seed=i, max_tokens=400)
+    c = r.choices[0]
+    check(f"tool_choice {choice} (seed {i}) gives tool calls", c.finish_reason == "tool_calls"
+          and c.message.tool_calls, f"{c}")
+    for call in c.message.tool_calls:
+        if isinstance(choice, dict):
+            assert call.function.name == "add", call
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMA[call.function.name])
+check("forced tool arguments always validate", True)
+
+first = client.chat.completions.create(model=model, messages=ask, tools=TOOLS, tool_choice="required",
+                                       parallel_tool_calls=False, temperature=0, max_tokens=200)
+call = first.choices[0].message.tool_calls[0]
+check("parallel_tool_calls false gives one call", len(first.choices[0].message.tool_calls) == 1)
+followup = ask + [first.choices[0].message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+final = client.chat.completions.create(model=model, messages=followup, tools=TOOLS, tool_choice="none",
+                                       temperature=0, max_tokens=24)
+check("round trip: the tool result flows back and the model answers in text",
+      final.choices[0].message.content and not final.choices[0].message.tool_calls
+      and final.usage.prompt_tokens > first.usage.prompt_tokens, f"{final}")
+
+# Streaming: tool-call deltas accumulate to the same calls as the whole response.
+acc, finish = {}, None
+for chunk in client.chat.completions.create(model=model, messages=ask, tools=TOOLS, tool_choice="required",
+                                            temperature=0, max_tokens=400, stream=True):
+    for ch in chunk.choices:
+        for d in ch.delta.tool_calls or []:
+            slot = acc.setdefault(d.index, {"name": "", "arguments": ""})
+            slot["name"] += d.function.name or ""
+            slot["arguments"] += d.function.arguments or ""
+        finish = ch.finish_reason or finish
+whole = client.chat.completions.create(model=model, messages=ask, tools=TOOLS, tool_choice="required",
+                                       temperature=0, max_tokens=400)
+check("streamed tool calls equal the whole response", finish == "tool_calls" and
+      [(a["name"], a["arguments"]) for _, a in sorted(acc.items())] ==
+      [(t.function.name, t.function.arguments) for t in whole.choices[0].message.tool_calls], f"{acc}")
+stream = client.chat.completions.create(model=model, messages=followup, tools=TOOLS, tool_choice="none",
+                                        temperature=0, max_tokens=24, stream=True)
+text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+check("streamed round trip answers in text", text == final.choices[0].message.content, repr(text))
+
 # Errors.
 def raises(name, exc, fn, code=None):
     try:
@@ -103,9 +163,9 @@ def raises(name, exc, fn, code=None):
 raises("unsupported field is a 400 naming it", openai.BadRequestError,
        lambda: client.chat.completions.create(model=model, messages=messages, extra_body={"mirostat": 2}),
        "unsupported_field")
-raises("tools are refused until implemented", openai.BadRequestError,
-       lambda: client.chat.completions.create(model=model, messages=messages, tools=[{"type": "function",
-           "function": {"name": "f", "parameters": {"type": "object"}}}]), "unsupported_field")
+raises("a tool_choice naming an unknown function is a 400", openai.BadRequestError,
+       lambda: client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
+                                              tool_choice={"type": "function", "function": {"name": "nope"}}))
 raises("unknown model is a 404", openai.NotFoundError,
        lambda: client.chat.completions.create(model="nope", messages=messages), "model_not_found")
 raises("prompt over the context is a 400", openai.BadRequestError,

@@ -8,6 +8,7 @@
 
 pub mod metrics;
 pub mod openai;
+pub mod tools;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -39,6 +40,8 @@ pub struct Engine {
     pub template: Option<ChatTemplate>,
     /// Grammar compiler over the model's vocabulary (`response_format` and friends).
     pub constraints: ConstraintCompiler,
+    /// The model family (whose call format and template tools follow).
+    pub family: String,
 }
 
 impl std::fmt::Debug for Engine {
@@ -100,6 +103,7 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
         tokenizer,
         template,
         constraints,
+        family,
     })
 }
 
@@ -229,6 +233,7 @@ async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint
         id,
         created,
         model: st.model_name.clone(),
+        tools: job.tools.clone().filter(tools::Tools::active),
         endpoint: ep,
         logprobs: job.logprobs,
         include_usage: job.include_usage,
@@ -260,9 +265,34 @@ fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
             let template = engine.template.as_ref().ok_or_else(|| {
                 ApiError::bad_request("this model has no chat template: use /v1/completions")
             })?;
-            let text = template
-                .render(messages, &RenderOptions::generation(tok))
-                .map_err(enc)?;
+            let mut opts = RenderOptions::generation(tok);
+            let messages = match &job.tools {
+                // Llama 4's template renders tools, calls and results itself.
+                Some(t) if engine.family == "llama4" => {
+                    opts.tools = Some(
+                        t.functions
+                            .iter()
+                            .map(|f| json!({"type": "function", "function": f}))
+                            .collect(),
+                    );
+                    tools::Tools::template_messages(messages)
+                }
+                Some(t) => t.adapt_messages(messages),
+                None if messages.iter().any(|m| m["role"] == "tool") => {
+                    let none = tools::Tools {
+                        functions: Vec::new(),
+                        choice: tools::ToolChoice::None,
+                        parallel: false,
+                    };
+                    if engine.family == "llama4" {
+                        tools::Tools::template_messages(messages)
+                    } else {
+                        none.adapt_messages(messages)
+                    }
+                }
+                None => messages.clone(),
+            };
+            let text = template.render(&messages, &opts).map_err(enc)?;
             tok.encode_prompt(&text).map_err(enc)?
         }
         PromptSource::Text(t) => tok.encode(t, true).map_err(enc)?,
@@ -378,6 +408,8 @@ fn submit(st: &Arc<AppState>, job: &Job, prompt: &[u32], arrived: Instant) -> Ap
 /// Response fields shared by every chunk of one request.
 struct Meta {
     id: String,
+    /// Tools in play: output that parses as calls becomes `tool_calls`.
+    tools: Option<tools::Tools>,
     created: u64,
     model: String,
     endpoint: Endpoint,
@@ -494,12 +526,23 @@ async fn whole_response(st: Arc<AppState>, mut run: Running, meta: Meta, n: usiz
     let body = match meta.endpoint {
         Endpoint::Chat => json!({
             "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-            "choices": choices.iter().enumerate().map(|(i, c)| json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": if meta.logprobs { json!({"content": c.logprobs}) } else { Value::Null },
-                "finish_reason": finish_str(c.finish),
-            })).collect::<Vec<_>>(),
+            "choices": choices.iter().enumerate().map(|(i, c)| {
+                let calls = meta.tools.as_ref().and_then(|t| t.parse_calls(&c.text));
+                let (message, finish) = match calls {
+                    Some(calls) => (
+                        json!({"role": "assistant", "content": null,
+                               "tool_calls": tool_calls_json(&meta.id, i, &calls, false)}),
+                        Value::from("tool_calls"),
+                    ),
+                    None => (json!({"role": "assistant", "content": c.text}), finish_str(c.finish)),
+                };
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": if meta.logprobs { json!({"content": c.logprobs}) } else { Value::Null },
+                    "finish_reason": finish,
+                })
+            }).collect::<Vec<_>>(),
             "usage": usage,
         }),
         Endpoint::Completions => json!({
@@ -514,6 +557,23 @@ async fn whole_response(st: Arc<AppState>, mut run: Running, meta: Meta, n: usiz
         }),
     };
     axum::Json(body).into_response()
+}
+
+/// OpenAI `tool_calls` entries (with `index` in stream deltas).
+fn tool_calls_json(id: &str, choice: usize, calls: &[tools::Call], delta: bool) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let mut v = json!({"id": format!("call_{}_{choice}_{k}", id.rsplit('-').next().unwrap_or("0")),
+                               "type": "function",
+                               "function": {"name": c.name, "arguments": c.arguments}});
+            if delta {
+                v["index"] = Value::from(k);
+            }
+            v
+        })
+        .collect()
 }
 
 fn completion_logprobs(c: &Choice) -> Value {
@@ -597,11 +657,67 @@ async fn pump(
         last: vec![None; n],
     };
     let (mut open, mut completion, mut cached) = (n, 0, 0);
+    // With tools in play, a choice's text is held back while it may be a call: from the start
+    // when a call is forced, else until its first non-blank character shows whether it opens
+    // JSON. Held text that parses as calls is sent as `tool_calls` at the end.
+    let forced = meta
+        .tools
+        .as_ref()
+        .is_some_and(|t| t.forced_schema().is_some());
+    let mut held: Vec<Option<String>> = vec![meta.tools.as_ref().map(|_| String::new()); n];
+    let mut undecided = vec![meta.tools.is_some() && !forced; n];
     while open > 0 {
         let Some((i, event, at)) = run.rx.recv().await else {
             return;
         };
         let ok = match event {
+            Event::Token { text, .. } if held[i].is_some() => {
+                timing.token(&st, run.arrived, i, at);
+                let buf = held[i].as_mut().expect("held");
+                buf.push_str(&text);
+                match buf.trim_start().chars().next() {
+                    Some(c) if undecided[i] && c != '{' && c != '[' => {
+                        // Plain text after all: send what was held and stream from here.
+                        let text = held[i].take().unwrap_or_default();
+                        send(chunk(
+                            vec![piece(i, &text, Value::Null, Value::Null)],
+                            usage_field(Value::Null),
+                        ))
+                        .await
+                    }
+                    Some(_) => {
+                        undecided[i] = false;
+                        true
+                    }
+                    None => true,
+                }
+            }
+            Event::Done {
+                text,
+                finish,
+                usage,
+            } if held[i].is_some() => {
+                open -= 1;
+                completion += usage.completion_tokens;
+                cached = cached.max(usage.cached_tokens);
+                let mut buf = held[i].take().unwrap_or_default();
+                buf.push_str(&text);
+                let calls = meta.tools.as_ref().and_then(|t| t.parse_calls(&buf));
+                let (body, reason) = match calls {
+                    Some(calls) => (
+                        json!({"index": i, "delta": {"tool_calls": tool_calls_json(&meta.id, i, &calls, true)},
+                               "logprobs": null, "finish_reason": null}),
+                        "tool_calls",
+                    ),
+                    None => (piece(i, &buf, Value::Null, Value::Null), finish.as_str()),
+                };
+                send(chunk(vec![body], usage_field(Value::Null))).await
+                    && send(chunk(
+                        vec![piece(i, "", Value::Null, Value::from(reason))],
+                        usage_field(Value::Null),
+                    ))
+                    .await
+            }
             Event::Token { sampled, text } => {
                 timing.token(&st, run.arrived, i, at);
                 let lp = if !meta.logprobs {

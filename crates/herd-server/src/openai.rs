@@ -8,6 +8,8 @@ use std::collections::HashMap;
 
 use axum::http::StatusCode;
 use herd_engine::constraint::Grammar;
+
+use crate::tools::Tools;
 use herd_engine::sampler::{Sampled, SamplingParams};
 use herd_engine::{Message, Tokenizer};
 use serde_json::{Map, Value, json};
@@ -93,7 +95,14 @@ const COMMON_FIELDS: &[&str] = &[
     "guided_regex",
     "guided_grammar",
 ];
-const CHAT_FIELDS: &[&str] = &["messages", "max_completion_tokens", "top_logprobs"];
+const CHAT_FIELDS: &[&str] = &[
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
 const COMPLETION_FIELDS: &[&str] = &["prompt"];
 
 /// A validated generation request, ready for the scheduler.
@@ -112,8 +121,11 @@ pub struct Job {
     pub stream: bool,
     pub include_usage: bool,
     pub ignore_eos: bool,
-    /// What the output must follow (`response_format`, `guided_regex`, `guided_grammar`).
+    /// What the output must follow (`response_format`, `guided_regex`, `guided_grammar`, or
+    /// the call schema of a forced tool choice).
     pub grammar: Option<Grammar>,
+    /// Chat: the tools offered and how they may be used.
+    pub tools: Option<Tools>,
 }
 
 #[derive(Debug, Clone)]
@@ -347,6 +359,20 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
                 .ok_or_else(|| ApiError::bad_request("'seed' must be an integer").param("seed"))?,
         ),
     };
+    let tools = match endpoint {
+        Endpoint::Chat => crate::tools::parse(&obj)?,
+        Endpoint::Completions => None,
+    };
+    let mut grammar = grammar(&obj)?;
+    if let Some(schema) = tools.as_ref().and_then(Tools::forced_schema) {
+        if grammar.is_some() {
+            return Err(ApiError::bad_request(
+                "a forced tool_choice and an output constraint cannot be combined",
+            )
+            .param("tool_choice"));
+        }
+        grammar = Some(Grammar::JsonSchema(schema));
+    }
     let sampling = SamplingParams {
         temperature: temperature.unwrap_or(1.0) as f32,
         top_k: top_k.unwrap_or(0) as usize,
@@ -372,7 +398,8 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
         stream,
         include_usage,
         ignore_eos,
-        grammar: grammar(&obj)?,
+        grammar,
+        tools,
     })
 }
 
@@ -463,12 +490,20 @@ fn messages(v: Option<&Value>) -> ApiResult<Vec<Message>> {
                     .param("messages"),
             );
         }
-        if m.get("tool_calls").is_some_and(|t| !t.is_null()) || role == "tool" {
-            return Err(ApiError::bad_request(format!(
-                "messages[{i}]: tool calls and tool results are not supported by this server yet"
-            ))
-            .param("messages")
-            .code("unsupported_field"));
+        if let Some(calls) = m.get("tool_calls").filter(|t| !t.is_null()) {
+            let ok = role == "assistant"
+                && calls.as_array().is_some_and(|a| {
+                    a.iter().all(|c| {
+                        c["function"]["name"].is_string() && c["function"]["arguments"].is_string()
+                    })
+                });
+            if !ok {
+                return Err(ApiError::bad_request(format!(
+                    "messages[{i}]: tool_calls must be an assistant's list of {{\"function\": {{\"name\", \"arguments\"}}}}"
+                ))
+                .param("messages"));
+            }
+            continue;
         }
         match m.get("content") {
             Some(Value::String(_)) => {}
@@ -581,11 +616,11 @@ mod tests {
         assert!(ok.ignore_eos);
 
         let e = err(
-            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"tools":[]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"functions":[]}"#,
             Endpoint::Chat,
         );
-        assert_eq!(e.param.as_deref(), Some("tools"));
-        assert!(e.message.contains("'tools'"));
+        assert_eq!(e.param.as_deref(), Some("functions"));
+        assert!(e.message.contains("'functions'"));
         let e = err(
             r#"{"model":"m","prompt":"x","echo":true}"#,
             Endpoint::Completions,

@@ -1,0 +1,380 @@
+//! Tool calling: OpenAI `tools` / `tool_choice` / `parallel_tool_calls` mapped onto the call
+//! format of the model's family, and the model's calls parsed back into `tool_calls`.
+//!
+//! Both families herd serves write a call as JSON, `{"name": …, "parameters": {…}}` (Llama 4's
+//! template asks for exactly that; Gemma 3's official template has no tool support, so herd
+//! describes the tools in the first turn in the same words and feeds tool results back as user
+//! turns). Several parallel calls are a JSON array of such objects. With `tool_choice`
+//! `required` or a named function, the call is generated under a JSON schema built from the
+//! functions' parameter schemas, so the arguments always parse and validate; with `auto` the
+//! model writes freely and output that parses as calls to the given tools becomes `tool_calls`.
+
+use serde_json::{Map, Value, json};
+
+use crate::openai::{ApiError, ApiResult};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Tools {
+    /// The `function` objects as the client sent them (what templates render).
+    pub functions: Vec<Value>,
+    pub choice: ToolChoice,
+    pub parallel: bool,
+}
+
+/// A parsed call: function name and its arguments as a JSON string (OpenAI's shape).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    pub name: String,
+    pub arguments: String,
+}
+
+const CALL_FORMAT: &str = "Respond in the format {\"name\": function name, \"parameters\": \
+    dictionary of argument name and its value}. Do not use variables.";
+
+/// Read `tools`, `tool_choice` and `parallel_tool_calls`; `None` when no tools are given.
+pub fn parse(obj: &Map<String, Value>) -> ApiResult<Option<Tools>> {
+    let bad = |m: String, p: &str| Err(ApiError::bad_request(m).param(p));
+    let functions: Vec<Value> = match obj.get("tools") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => {
+            let mut out = Vec::new();
+            for (i, t) in list.iter().enumerate() {
+                if t.get("type").and_then(Value::as_str) != Some("function") {
+                    return bad(
+                        format!("tools[{i}]: only type 'function' is supported"),
+                        "tools",
+                    );
+                }
+                let Some(Value::Object(f)) = t.get("function") else {
+                    return bad(format!("tools[{i}].function must be an object"), "tools");
+                };
+                if !f.get("name").is_some_and(Value::is_string) {
+                    return bad(format!("tools[{i}].function.name is required"), "tools");
+                }
+                if let Some(k) = f.keys().find(|k| {
+                    !["name", "description", "parameters", "strict"].contains(&k.as_str())
+                }) {
+                    return bad(
+                        format!("unsupported field 'tools[{i}].function.{k}'"),
+                        "tools",
+                    );
+                }
+                if f.get("parameters").is_some_and(|p| !p.is_object()) {
+                    return bad(
+                        format!("tools[{i}].function.parameters must be an object"),
+                        "tools",
+                    );
+                }
+                out.push(Value::Object(f.clone()));
+            }
+            out
+        }
+        Some(_) => return bad("'tools' must be a list".into(), "tools"),
+    };
+    let choice = match obj.get("tool_choice") {
+        None | Some(Value::Null) => {
+            if functions.is_empty() {
+                ToolChoice::None
+            } else {
+                ToolChoice::Auto
+            }
+        }
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => return bad(format!("unknown tool_choice {other:?}"), "tool_choice"),
+        },
+        Some(Value::Object(o)) => {
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str);
+            match (o.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(n)) => ToolChoice::Named(n.to_string()),
+                _ => {
+                    return bad(
+                        "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}".into(),
+                        "tool_choice",
+                    );
+                }
+            }
+        }
+        Some(_) => return bad("invalid tool_choice".into(), "tool_choice"),
+    };
+    let parallel = match obj.get("parallel_tool_calls") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return bad(
+                "'parallel_tool_calls' must be a boolean".into(),
+                "parallel_tool_calls",
+            );
+        }
+    };
+    if functions.is_empty() {
+        if matches!(choice, ToolChoice::Required | ToolChoice::Named(_)) {
+            return bad("tool_choice needs 'tools'".into(), "tool_choice");
+        }
+        return Ok(None);
+    }
+    if let ToolChoice::Named(n) = &choice
+        && !functions.iter().any(|f| f["name"] == n.as_str())
+    {
+        return bad(
+            format!("tool_choice names '{n}', which is not in 'tools'"),
+            "tool_choice",
+        );
+    }
+    Ok(Some(Tools {
+        functions,
+        choice,
+        parallel,
+    }))
+}
+
+impl Tools {
+    fn call_schema(f: &Value) -> Value {
+        let params = f
+            .get("parameters")
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object"}));
+        json!({"type": "object", "properties": {"name": {"const": f["name"]}, "parameters": params},
+               "required": ["name", "parameters"], "additionalProperties": false})
+    }
+
+    /// The schema calls are generated under (`required` or a named function), if any.
+    pub fn forced_schema(&self) -> Option<Value> {
+        let one = match &self.choice {
+            ToolChoice::Required => {
+                let all: Vec<Value> = self.functions.iter().map(Self::call_schema).collect();
+                if all.len() == 1 {
+                    all.into_iter().next().unwrap_or_default()
+                } else {
+                    json!({"anyOf": all})
+                }
+            }
+            ToolChoice::Named(n) => {
+                Self::call_schema(self.functions.iter().find(|f| f["name"] == n.as_str())?)
+            }
+            _ => return None,
+        };
+        Some(if self.parallel {
+            json!({"type": "array", "items": one, "minItems": 1, "maxItems": 8})
+        } else {
+            one
+        })
+    }
+
+    /// Whether tools take part in this request at all (`tool_choice: none` keeps them out).
+    pub fn active(&self) -> bool {
+        self.choice != ToolChoice::None
+    }
+
+    /// The calls in generated text: one call object, or an array of them, naming given tools.
+    pub fn parse_calls(&self, text: &str) -> Option<Vec<Call>> {
+        let v: Value = serde_json::from_str(text.trim()).ok()?;
+        let list = match v {
+            Value::Array(a) => a,
+            obj @ Value::Object(_) => vec![obj],
+            _ => return None,
+        };
+        if list.is_empty() {
+            return None;
+        }
+        list.into_iter()
+            .map(|c| {
+                let name = c.get("name")?.as_str()?.to_string();
+                if !self.functions.iter().any(|f| f["name"] == name.as_str()) {
+                    return None;
+                }
+                let args = c.get("parameters").or_else(|| c.get("arguments"))?;
+                Some(Call {
+                    name,
+                    arguments: args.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Messages for templates that do not know tools (Gemma 3): the tools and the call format
+    /// go into the first system (or user) message; assistant calls become their JSON text; tool
+    /// results become user turns (consecutive results merged into one).
+    pub fn adapt_messages(&self, messages: &[Value]) -> Vec<Value> {
+        let mut intro = String::from(
+            "You have access to the following functions. To call a function, respond with JSON \
+             for a function call. ",
+        );
+        intro.push_str(CALL_FORMAT);
+        intro.push_str("\n\n");
+        for f in &self.functions {
+            intro.push_str(&serde_json::to_string_pretty(f).unwrap_or_default());
+            intro.push_str("\n\n");
+        }
+        let mut out: Vec<Value> = Vec::new();
+        let mut introduced = false;
+        for m in messages {
+            let role = m["role"].as_str().unwrap_or("");
+            match role {
+                "system" if !introduced && !self.functions.is_empty() => {
+                    let text = format!("{intro}{}", text_of(&m["content"]));
+                    out.push(json!({"role": "system", "content": text}));
+                    introduced = true;
+                }
+                "tool" => {
+                    let piece = format!("Function result: {}", text_of(&m["content"]));
+                    match out.last_mut() {
+                        Some(last) if last["role"] == "user" => {
+                            let joined = format!("{}\n{piece}", text_of(&last["content"]));
+                            last["content"] = Value::from(joined);
+                        }
+                        _ => out.push(json!({"role": "user", "content": piece})),
+                    }
+                }
+                "assistant" if m.get("tool_calls").is_some_and(|t| !t.is_null()) => {
+                    let calls: Vec<Value> = m["tool_calls"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| {
+                            let args = c["function"]["arguments"]
+                                .as_str()
+                                .and_then(|a| serde_json::from_str(a).ok())
+                                .unwrap_or(Value::Null);
+                            json!({"name": c["function"]["name"], "parameters": args})
+                        })
+                        .collect();
+                    let text = if calls.len() == 1 {
+                        calls[0].to_string()
+                    } else {
+                        Value::Array(calls).to_string()
+                    };
+                    out.push(json!({"role": "assistant", "content": text}));
+                }
+                _ => out.push(m.clone()),
+            }
+        }
+        if !introduced && !self.functions.is_empty() {
+            out.insert(0, json!({"role": "system", "content": intro.trim_end()}));
+        }
+        out
+    }
+
+    /// Messages for templates that render tools themselves (Llama 4): call arguments, a JSON
+    /// string in OpenAI's shape, become the object the template writes out.
+    pub fn template_messages(messages: &[Value]) -> Vec<Value> {
+        messages
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if let Some(Value::Array(calls)) = m.get_mut("tool_calls") {
+                    for c in calls {
+                        if let Some(a) = c["function"]["arguments"].as_str()
+                            && let Ok(v) = serde_json::from_str::<Value>(a)
+                        {
+                            c["function"]["arguments"] = v;
+                        }
+                    }
+                }
+                m
+            })
+            .collect()
+    }
+}
+
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tools(choice: Value, parallel: bool) -> Tools {
+        let obj = json!({"tools": [
+            {"type": "function", "function": {"name": "weather", "parameters": {"type": "object",
+             "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "time"}}],
+            "tool_choice": choice, "parallel_tool_calls": parallel});
+        parse(obj.as_object().unwrap()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn choices_schemas_and_parsing() {
+        let t = tools(json!("required"), false);
+        let s = t.forced_schema().unwrap();
+        assert_eq!(s["anyOf"].as_array().unwrap().len(), 2);
+        let named = tools(
+            json!({"type": "function", "function": {"name": "weather"}}),
+            true,
+        );
+        let s = named.forced_schema().unwrap();
+        assert_eq!(s["type"], "array");
+        assert_eq!(s["items"]["properties"]["name"]["const"], "weather");
+        assert_eq!(tools(json!("auto"), true).forced_schema(), None);
+        assert!(!tools(json!("none"), true).active());
+
+        let calls = t
+            .parse_calls(r#" [{"name": "weather", "parameters": {"city": "Oslo"}}, {"name": "time", "parameters": {}}] "#)
+            .unwrap();
+        assert_eq!(calls[0].arguments, r#"{"city":"Oslo"}"#);
+        assert_eq!(calls[1].name, "time");
+        assert_eq!(t.parse_calls(r#"{"name": "nope", "parameters": {}}"#), None);
+        assert_eq!(t.parse_calls("It is sunny."), None);
+
+        let bad = |v: Value| parse(v.as_object().unwrap()).unwrap_err().param;
+        assert_eq!(
+            bad(json!({"tools": [{"type": "retrieval"}]})).as_deref(),
+            Some("tools")
+        );
+        assert_eq!(
+            bad(json!({"tools": [], "tool_choice": "required"})).as_deref(),
+            Some("tool_choice")
+        );
+        assert_eq!(
+            bad(
+                json!({"tools": [{"type": "function", "function": {"name": "a"}}],
+                       "tool_choice": {"type": "function", "function": {"name": "b"}}})
+            )
+            .as_deref(),
+            Some("tool_choice")
+        );
+    }
+
+    #[test]
+    fn gemma_style_adaptation_keeps_turns_alternating() {
+        let t = tools(json!("auto"), true);
+        let msgs = vec![
+            json!({"role": "user", "content": "Weather in Oslo?"}),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                   "function": {"name": "weather", "arguments": "{\"city\": \"Oslo\"}"}}]}),
+            json!({"role": "tool", "tool_call_id": "c1", "content": "12 C"}),
+        ];
+        let out = t.adapt_messages(&msgs);
+        let roles: Vec<&str> = out.iter().map(|m| m["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user"]);
+        assert!(out[0]["content"].as_str().unwrap().contains("\"weather\""));
+        assert_eq!(
+            out[2]["content"],
+            r#"{"name":"weather","parameters":{"city":"Oslo"}}"#
+        );
+        assert_eq!(out[3]["content"], "Function result: 12 C");
+    }
+}
