@@ -134,21 +134,50 @@ impl std::fmt::Debug for Constraint {
     }
 }
 
-impl Constraint {
-    /// Set every logit the grammar does not allow next to −∞.
-    pub fn mask_logits(&mut self, logits: &mut [f32]) -> std::result::Result<(), String> {
-        let t = Instant::now();
-        let mask = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| e.to_string())?;
+/// The tokens a constraint allows next, and how long computing that took.
+pub struct Mask {
+    allowed: llguidance::toktrie::SimpleVob,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Debug for Mask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mask")
+            .field("elapsed", &self.elapsed)
+            .finish()
+    }
+}
+
+impl Mask {
+    /// Set every logit the mask does not allow to −∞.
+    pub fn apply(&self, logits: &mut [f32]) {
         for (i, l) in logits.iter_mut().enumerate() {
-            if !mask.is_allowed(i as u32) {
+            if !self.allowed.is_allowed(i as u32) {
                 *l = f32::NEG_INFINITY;
             }
         }
-        self.mask_time += t.elapsed();
+    }
+}
+
+impl Constraint {
+    /// What may come next. It depends only on the tokens committed so far, so the scheduler
+    /// computes it on another thread while the forward pass runs; asking twice without a
+    /// commit gives the same mask.
+    pub fn next_mask(&mut self) -> std::result::Result<Mask, String> {
+        let t = Instant::now();
+        let allowed = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| e.to_string())?;
+        let elapsed = t.elapsed();
+        self.mask_time += elapsed;
         self.masks += 1;
+        Ok(Mask { allowed, elapsed })
+    }
+
+    /// Set every logit the grammar does not allow next to −∞.
+    pub fn mask_logits(&mut self, logits: &mut [f32]) -> std::result::Result<(), String> {
+        self.next_mask()?.apply(logits);
         Ok(())
     }
 

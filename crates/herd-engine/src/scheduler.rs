@@ -23,7 +23,7 @@ use std::time::Duration;
 use herd_models::{Batch, CausalLm, KvCache, SeqId};
 
 use crate::Tokenizer;
-use crate::constraint::Constraint;
+use crate::constraint::{Constraint, Mask};
 use crate::detokenize::{StopMatcher, StopResult, StreamDecoder};
 use crate::generate::FinishReason;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
@@ -464,9 +464,33 @@ impl Loop {
             budget -= n;
         }
 
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            self.model.forward(&batch, &mut self.cache, None)
-        }));
+        // Grammar masks depend only on tokens already committed: compute them on another
+        // thread while the forward pass runs.
+        let (model, cache, running) = (&self.model, &mut self.cache, &mut self.running);
+        let constrained = samplers
+            .iter()
+            .any(|&i| running[i].req.constraint.is_some());
+        let (result, mut masks) = std::thread::scope(|sc| {
+            let masker = constrained.then(|| {
+                sc.spawn(|| {
+                    // One mask per logits row, in the order of `samplers`.
+                    let mut slots: Vec<Option<&mut Sequence>> =
+                        (0..samplers.len()).map(|_| None).collect();
+                    for (i, s) in running.iter_mut().enumerate() {
+                        if let Some(row) = samplers.iter().position(|&x| x == i) {
+                            slots[row] = Some(s);
+                        }
+                    }
+                    slots
+                        .into_iter()
+                        .map(|s| s?.req.constraint.as_mut().map(Constraint::next_mask))
+                        .collect::<Vec<Option<Result<Mask, String>>>>()
+                })
+            });
+            let result = catch_unwind(AssertUnwindSafe(|| model.forward(&batch, cache, None)));
+            let masks = masker.map(|h| h.join().unwrap_or_default());
+            (result, masks.unwrap_or_default())
+        });
         let logits = match result {
             Ok(Ok(l)) => l,
             Ok(Err(herd_models::Error::CacheFull { .. })) => {
@@ -487,16 +511,18 @@ impl Loop {
         for (row, i) in samplers.into_iter().enumerate() {
             let s = &mut self.running[i];
             let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
-            if let Some(c) = &mut s.req.constraint {
-                let (n, t) = (c.masks, c.mask_time);
-                let masked = c.mask_logits(&mut l);
-                self.counters.masks += c.masks - n;
-                self.counters.mask_seconds += (c.mask_time - t).as_secs_f64();
-                if let Err(e) = masked {
+            match masks.get_mut(row).and_then(Option::take) {
+                Some(Ok(mask)) => {
+                    mask.apply(&mut l);
+                    self.counters.masks += 1;
+                    self.counters.mask_seconds += mask.elapsed.as_secs_f64();
+                }
+                Some(Err(e)) => {
                     (s.req.sink)(Event::Failed(format!("grammar: {e}")));
                     finished.push(i);
                     continue;
                 }
+                None => {}
             }
             let sampled = s.sampler.sample(&mut l);
             let token = sampled.token;

@@ -287,3 +287,54 @@ fn requests_that_cannot_run_are_refused_up_front() {
     s.shutdown(true);
     assert_eq!(s.submit(req(3)).unwrap_err(), SubmitError::Stopped);
 }
+
+#[test]
+fn constrained_and_free_requests_share_a_batch() {
+    use herd_engine::constraint::{ConstraintCompiler, Grammar};
+    let reference = load();
+    let Loaded {
+        model, tokenizer, ..
+    } = load();
+    let compiler = ConstraintCompiler::new(&tokenizer).unwrap();
+    let tok = Arc::new(tokenizer);
+    // Small steps: prompts of different lengths are in prefill and decode at once, so the
+    // order of sampled rows differs from the order of running sequences.
+    let config = SchedulerConfig {
+        step_tokens: 5,
+        ..SchedulerConfig::default()
+    };
+    let s = Scheduler::start(model, tok.clone(), config);
+    let mut jobs = Vec::new();
+    for (i, p) in PROMPTS.iter().enumerate() {
+        let ids = encode(&tok, p);
+        let constraint = (i % 2 == 1).then(|| {
+            compiler
+                .compile(&Grammar::Regex(format!("[0-9]{{{}}}-[a-z]{{2}}", i + 1)))
+                .unwrap()
+        });
+        let (tx, rx) = channel();
+        s.submit(GenerationRequest {
+            prompt: ids.clone(),
+            max_tokens: 10,
+            stop: Vec::new(),
+            sampling: sampled(i as u64),
+            ignore_eos: false,
+            constraint,
+            sink: Box::new(move |e| tx.send(e).is_ok()),
+        })
+        .unwrap();
+        jobs.push((i, ids, rx));
+    }
+    for (i, ids, rx) in jobs {
+        let got = collect(rx);
+        if i % 2 == 1 {
+            let (digits, letters) = got.text.split_once('-').expect("the pattern's dash");
+            assert!(digits.len() == i + 1 && digits.bytes().all(|b| b.is_ascii_digit()));
+            assert!(letters.len() == 2 && letters.bytes().all(|b| b.is_ascii_lowercase()));
+            assert_eq!(got.finish, FinishReason::Stop);
+        } else {
+            assert_eq!(got.tokens, alone(&reference, &ids, 10, sampled(i as u64)).0);
+        }
+    }
+    assert!(s.stats().masks > 0);
+}
