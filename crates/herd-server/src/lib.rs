@@ -266,32 +266,9 @@ fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
                 ApiError::bad_request("this model has no chat template: use /v1/completions")
             })?;
             let mut opts = RenderOptions::generation(tok);
-            let messages = match &job.tools {
-                // Llama 4's template renders tools, calls and results itself.
-                Some(t) if engine.family == "llama4" => {
-                    opts.tools = Some(
-                        t.functions
-                            .iter()
-                            .map(|f| json!({"type": "function", "function": f}))
-                            .collect(),
-                    );
-                    tools::Tools::template_messages(messages)
-                }
-                Some(t) => t.adapt_messages(messages),
-                None if messages.iter().any(|m| m["role"] == "tool") => {
-                    let none = tools::Tools {
-                        functions: Vec::new(),
-                        choice: tools::ToolChoice::None,
-                        parallel: false,
-                    };
-                    if engine.family == "llama4" {
-                        tools::Tools::template_messages(messages)
-                    } else {
-                        none.adapt_messages(messages)
-                    }
-                }
-                None => messages.clone(),
-            };
+            let (messages, listed) =
+                tools::for_template(&engine.family, job.tools.as_ref(), messages);
+            opts.tools = listed;
             let text = template.render(&messages, &opts).map_err(enc)?;
             tok.encode_prompt(&text).map_err(enc)?
         }

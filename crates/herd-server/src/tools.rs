@@ -209,65 +209,94 @@ impl Tools {
     /// go into the first system (or user) message; assistant calls become their JSON text; tool
     /// results become user turns (consecutive results merged into one).
     pub fn adapt_messages(&self, messages: &[Value]) -> Vec<Value> {
-        let mut intro = String::from(
-            "You have access to the following functions. To call a function, respond with JSON \
-             for a function call. ",
-        );
-        intro.push_str(CALL_FORMAT);
-        intro.push_str("\n\n");
-        for f in &self.functions {
-            intro.push_str(&serde_json::to_string_pretty(f).unwrap_or_default());
-            intro.push_str("\n\n");
-        }
-        let mut out: Vec<Value> = Vec::new();
-        let mut introduced = false;
-        for m in messages {
-            let role = m["role"].as_str().unwrap_or("");
-            match role {
-                "system" if !introduced && !self.functions.is_empty() => {
-                    let text = format!("{intro}{}", text_of(&m["content"]));
-                    out.push(json!({"role": "system", "content": text}));
-                    introduced = true;
-                }
-                "tool" => {
-                    let piece = format!("Function result: {}", text_of(&m["content"]));
-                    match out.last_mut() {
-                        Some(last) if last["role"] == "user" => {
-                            let joined = format!("{}\n{piece}", text_of(&last["content"]));
-                            last["content"] = Value::from(joined);
-                        }
-                        _ => out.push(json!({"role": "user", "content": piece})),
-                    }
-                }
-                "assistant" if m.get("tool_calls").is_some_and(|t| !t.is_null()) => {
-                    let calls: Vec<Value> = m["tool_calls"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|c| {
-                            let args = c["function"]["arguments"]
-                                .as_str()
-                                .and_then(|a| serde_json::from_str(a).ok())
-                                .unwrap_or(Value::Null);
-                            json!({"name": c["function"]["name"], "parameters": args})
-                        })
-                        .collect();
-                    let text = if calls.len() == 1 {
-                        calls[0].to_string()
-                    } else {
-                        Value::Array(calls).to_string()
-                    };
-                    out.push(json!({"role": "assistant", "content": text}));
-                }
-                _ => out.push(m.clone()),
-            }
-        }
-        if !introduced && !self.functions.is_empty() {
-            out.insert(0, json!({"role": "system", "content": intro.trim_end()}));
-        }
-        out
+        adapt_messages(&self.functions, messages)
     }
+}
 
+/// The messages to render for `family` and the tool list its template receives: Llama 4's
+/// template renders tools, calls and results itself; other families get them written into the
+/// conversation (`adapt_messages`), also when a conversation carries calls or results without
+/// offering tools any more.
+pub fn for_template(
+    family: &str,
+    tools: Option<&Tools>,
+    messages: &[Value],
+) -> (Vec<Value>, Option<Vec<Value>>) {
+    let functions = tools.map_or(&[][..], |t| &t.functions[..]);
+    if family == "llama4" {
+        let listed = tools.map(|t| {
+            t.functions
+                .iter()
+                .map(|f| json!({"type": "function", "function": f}))
+                .collect()
+        });
+        (Tools::template_messages(messages), listed)
+    } else {
+        (adapt_messages(functions, messages), None)
+    }
+}
+
+fn adapt_messages(functions: &[Value], messages: &[Value]) -> Vec<Value> {
+    let mut intro = String::from(
+        "You have access to the following functions. To call a function, respond with JSON \
+             for a function call. ",
+    );
+    intro.push_str(CALL_FORMAT);
+    intro.push_str("\n\n");
+    for f in functions {
+        intro.push_str(&serde_json::to_string_pretty(f).unwrap_or_default());
+        intro.push_str("\n\n");
+    }
+    let mut out: Vec<Value> = Vec::new();
+    let mut introduced = false;
+    for m in messages {
+        let role = m["role"].as_str().unwrap_or("");
+        match role {
+            "system" if !introduced && !functions.is_empty() => {
+                let text = format!("{intro}{}", text_of(&m["content"]));
+                out.push(json!({"role": "system", "content": text}));
+                introduced = true;
+            }
+            "tool" => {
+                let piece = format!("Function result: {}", text_of(&m["content"]));
+                match out.last_mut() {
+                    Some(last) if last["role"] == "user" => {
+                        let joined = format!("{}\n{piece}", text_of(&last["content"]));
+                        last["content"] = Value::from(joined);
+                    }
+                    _ => out.push(json!({"role": "user", "content": piece})),
+                }
+            }
+            "assistant" if m.get("tool_calls").is_some_and(|t| !t.is_null()) => {
+                let calls: Vec<Value> = m["tool_calls"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| {
+                        let args = c["function"]["arguments"]
+                            .as_str()
+                            .and_then(|a| serde_json::from_str(a).ok())
+                            .unwrap_or(Value::Null);
+                        json!({"name": c["function"]["name"], "parameters": args})
+                    })
+                    .collect();
+                let text = if calls.len() == 1 {
+                    calls[0].to_string()
+                } else {
+                    Value::Array(calls).to_string()
+                };
+                out.push(json!({"role": "assistant", "content": text}));
+            }
+            _ => out.push(m.clone()),
+        }
+    }
+    if !introduced && !functions.is_empty() {
+        out.insert(0, json!({"role": "system", "content": intro.trim_end()}));
+    }
+    out
+}
+
+impl Tools {
     /// Messages for templates that render tools themselves (Llama 4): call arguments, a JSON
     /// string in OpenAI's shape, become the object the template writes out.
     pub fn template_messages(messages: &[Value]) -> Vec<Value> {
@@ -376,5 +405,18 @@ mod tests {
             r#"{"name":"weather","parameters":{"city":"Oslo"}}"#
         );
         assert_eq!(out[3]["content"], "Function result: 12 C");
+
+        // The same conversation for Llama 4: its template gets the tools and argument objects.
+        let (msgs4, listed) = for_template("llama4", Some(&t), &msgs);
+        assert_eq!(listed.unwrap()[0]["function"]["name"], "weather");
+        assert_eq!(
+            msgs4[1]["tool_calls"][0]["function"]["arguments"]["city"],
+            "Oslo"
+        );
+        // Without tools offered any more, Gemma still gets calls and results as plain turns.
+        let (plain, listed) = for_template("gemma3", None, &msgs);
+        assert!(listed.is_none());
+        let roles: Vec<&str> = plain.iter().map(|m| m["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["user", "assistant", "user"]);
     }
 }
