@@ -109,11 +109,7 @@ impl ConstraintCompiler {
         if let Some(e) = matcher.get_error() {
             return Err(e);
         }
-        Ok(Constraint {
-            matcher,
-            mask_time: Duration::ZERO,
-            masks: 0,
-        })
+        Ok(Constraint { matcher })
     }
 }
 
@@ -121,16 +117,11 @@ impl ConstraintCompiler {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
-    /// Time spent computing masks, and how many, for metrics and benchmarks.
-    pub mask_time: Duration,
-    pub masks: u64,
 }
 
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Constraint")
-            .field("masks", &self.masks)
-            .finish()
+        f.debug_struct("Constraint").finish_non_exhaustive()
     }
 }
 
@@ -169,10 +160,10 @@ impl Constraint {
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| e.to_string())?;
-        let elapsed = t.elapsed();
-        self.mask_time += elapsed;
-        self.masks += 1;
-        Ok(Mask { allowed, elapsed })
+        Ok(Mask {
+            allowed,
+            elapsed: t.elapsed(),
+        })
     }
 
     /// Set every logit the grammar does not allow next to −∞.

@@ -33,10 +33,6 @@ impl Histogram {
         g.2 += 1;
     }
 
-    pub fn count(&self) -> u64 {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).2
-    }
-
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
