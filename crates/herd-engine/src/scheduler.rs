@@ -445,6 +445,8 @@ impl Loop {
         // sequence's tokens are pushed together and only a chunk that ends its tokens asks for
         // logits (one row, its last).
         let mut samplers: Vec<usize> = Vec::new();
+        // (index into running, tokens fed this step).
+        let mut fed: Vec<(usize, usize)> = Vec::new();
         let mut budget = self.config.step_tokens;
         // Decoding sequences first (one token each), then prompt chunks in arrival order.
         let mut order: Vec<usize> = (0..self.running.len()).collect();
@@ -455,6 +457,7 @@ impl Loop {
             }
             let s = &self.running[i];
             let n = (s.tokens.len() - s.cached).min(budget);
+            fed.push((i, n));
             let last = s.cached + n == s.tokens.len();
             batch.push_sequence(s.id, &s.tokens[s.cached..s.cached + n], s.cached, false);
             *batch.logits.last_mut().expect("n > 0") = last;
@@ -502,9 +505,8 @@ impl Loop {
         };
         self.counters.steps += 1;
         // Everything fed is cached now.
-        for s in self.running.iter_mut() {
-            let fed = batch.seq_ids.iter().filter(|&&id| id == s.id).count();
-            s.cached += fed;
+        for (i, n) in fed {
+            self.running[i].cached += n;
         }
         let vocab = self.model.vocab_size();
         let mut finished: Vec<usize> = Vec::new();

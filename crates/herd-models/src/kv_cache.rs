@@ -252,15 +252,19 @@ impl KvCache {
 
     /// Blocks held by at least one sequence (in the full-attention pool, which holds the most).
     pub fn blocks_used(&self) -> usize {
-        self.blocks_used_by_window()[self.primary].1
+        Self::used(&self.groups[self.primary])
     }
 
     /// Blocks held, per window kind.
     pub fn blocks_used_by_window(&self) -> Vec<(Window, usize)> {
         self.groups
             .iter()
-            .map(|g| (g.window, g.blocks.iter().filter(|b| b.refs > 0).count()))
+            .map(|g| (g.window, Self::used(g)))
             .collect()
+    }
+
+    fn used(g: &Group) -> usize {
+        g.blocks.iter().filter(|b| b.refs > 0).count()
     }
 
     /// Blocks a new step can take in every pool: free ones and unused cached ones.
