@@ -66,8 +66,19 @@ impl SamplingArgs {
 pub fn run(model: &str, prompt: &str, s: &SamplingArgs) -> Result<()> {
     let loaded = herd_engine::load(model).context("loading the model")?;
     let ids = loaded.tokenizer.encode(prompt, true)?;
+    stream_answer(&loaded, ids, s)?;
+    Ok(())
+}
+
+/// Generate for `prompt`, streaming the text to stdout and ending it with a newline; speeds and
+/// finish reason to stderr.
+fn stream_answer(
+    loaded: &herd_engine::Loaded,
+    prompt: Vec<u32>,
+    s: &SamplingArgs,
+) -> Result<herd_engine::generate::Generation> {
     let req = Request {
-        prompt: ids,
+        prompt,
         max_tokens: s.max_tokens,
         stop: s.stop.clone(),
         sampling: s.params()?,
@@ -80,7 +91,7 @@ pub fn run(model: &str, prompt: &str, s: &SamplingArgs) -> Result<()> {
     writeln!(out)?;
     out.flush()?;
     report(&g);
-    Ok(())
+    Ok(g)
 }
 
 fn report(g: &herd_engine::generate::Generation) {
@@ -115,7 +126,6 @@ pub fn chat(model: &str, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
         messages.push(serde_json::json!({"role": "system", "content": sys}));
     }
     let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
     loop {
         eprint!("> ");
         let mut line = String::new();
@@ -132,19 +142,7 @@ pub fn chat(model: &str, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
         messages.push(serde_json::json!({"role": "user", "content": line}));
         let rendered = template.render(&messages, &opts)?;
         let ids = tok.encode_prompt(&rendered)?;
-        let req = Request {
-            prompt: ids,
-            max_tokens: s.max_tokens,
-            stop: s.stop.clone(),
-            sampling: s.params()?,
-        };
-        let g = generate(loaded.model.as_ref(), tok, &req, |t| {
-            let _ = out.write_all(t.as_bytes());
-            let _ = out.flush();
-        })?;
-        writeln!(out)?;
-        out.flush()?;
-        report(&g);
+        let g = stream_answer(&loaded, ids, s)?;
         messages.push(serde_json::json!({"role": "assistant", "content": g.text}));
     }
     Ok(())
