@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use herd_formats::npy;
 use herd_models::{Batch, load_model};
 
+mod bench;
 mod generate;
 mod inspect;
 mod plan;
@@ -80,6 +81,21 @@ enum Command {
     },
     /// Will a model fit this hardware, where should each part live, how fast can it run.
     Plan(plan::PlanArgs),
+    /// Measure prompt processing, token generation and batched decode speeds (like llama-bench),
+    /// with the memory-bandwidth roofline.
+    Bench(bench::BenchArgs),
+    /// Write a GGUF with random weights in a preset's shape (for benchmarks; llama.cpp loads it).
+    RandomModel {
+        /// llama4:scout-4b (the benchmark shape), llama4:scout, llama4:maverick, or a Llama 4
+        /// config.json.
+        preset: String,
+        output: PathBuf,
+        /// Weight types, as `herd quantize --type`.
+        #[arg(long = "type", short = 't', default_value = "q4_k_m")]
+        file_type: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Write a quantized GGUF from a GGUF file or a Hugging Face directory, choosing each
     /// tensor's type as llama-quantize does (no importance matrix).
     Quantize {
@@ -134,6 +150,13 @@ fn run(command: Command) -> Result<()> {
         Command::Serve(args) => serve::run(&args),
         Command::Pull { model } => generate::pull(&model),
         Command::Models => generate::list(),
+        Command::Bench(args) => bench::run(&args),
+        Command::RandomModel {
+            preset,
+            output,
+            file_type,
+            seed,
+        } => quantize::random_model(&preset, &output, &file_type, seed),
         Command::Quantize {
             input,
             output,

@@ -7,14 +7,19 @@ use anyhow::{Context, Result, anyhow, bail};
 use herd_formats::quantize::{FileType, GgufPlan, ModelShape, SourceTensor, write_quantized};
 use herd_formats::{GgufFile, HfModelDir};
 
-pub fn run(input: &Path, output: &Path, file_type: &str) -> Result<()> {
-    let ft = FileType::from_name(file_type).ok_or_else(|| {
+/// The file type called `name`, or an error listing them.
+pub fn file_type(name: &str) -> Result<FileType> {
+    FileType::from_name(name).ok_or_else(|| {
         let names: Vec<&str> = FileType::ALL.iter().map(|t| t.name()).collect();
         anyhow!(
-            "unknown --type {file_type:?}; choose one of {}",
+            "unknown --type {name:?}; choose one of {}",
             names.join(", ")
         )
-    })?;
+    })
+}
+
+pub fn run(input: &Path, output: &Path, file_type_name: &str) -> Result<()> {
+    let ft = file_type(file_type_name)?;
     if output.exists() && output.canonicalize().ok() == input.canonicalize().ok() {
         bail!("output would overwrite the input");
     }
@@ -36,12 +41,18 @@ pub fn run(input: &Path, output: &Path, file_type: &str) -> Result<()> {
             "warning: {requantized} input tensors are already quantized; requantizing loses precision"
         );
     }
+    write_with_progress(&plan, ft, output)
+}
+
+/// Write `plan` as a GGUF typed for `ft`, with a progress bar and a per-type summary.
+pub fn write_with_progress(plan: &GgufPlan, ft: FileType, output: &Path) -> Result<()> {
+    let tensors = &plan.tensors;
     let start = Instant::now();
     let bar = indicatif::ProgressBar::new(tensors.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {msg}")
             .expect("valid template"),
     );
-    let summary = write_quantized(output, &plan, ft, |i, _, name| {
+    let summary = write_quantized(output, plan, ft, |i, _, name| {
         bar.set_position(i as u64);
         bar.set_message(name.to_string());
     })?;
@@ -101,4 +112,53 @@ fn from_gguf(f: &GgufFile) -> Result<GgufPlan> {
         tensors,
         shape,
     })
+}
+
+/// The GGUF plan of a random-weight model shaped as a Llama 4 preset, or as a `config.json` file.
+pub fn random_plan(shape: &str, ft: FileType, seed: u64) -> Result<GgufPlan> {
+    let config = if let Some(p) = herd_models::presets::preset(shape) {
+        if p.family != "llama4" {
+            bail!(
+                "random weights are written for llama4 shapes only, not {shape} ({})",
+                p.family
+            );
+        }
+        p.config()
+    } else if shape.ends_with(".json") {
+        herd_formats::hf::read_json(Path::new(shape))?
+    } else {
+        let names: Vec<&str> = herd_models::presets::PRESETS
+            .iter()
+            .filter(|p| p.family == "llama4")
+            .map(|p| p.alias)
+            .collect();
+        bail!(
+            "unknown preset {shape:?}; choose one of {} or give a config.json",
+            names.join(", ")
+        );
+    };
+    let c = herd_models::llama4::Llama4Config::from_json(&config)?;
+    Ok(herd_models::llama4::random::random_gguf_plan(&c, ft, seed))
+}
+
+/// Bytes the plan's tensors take once written with `ft`'s types.
+pub fn plan_bytes(plan: &GgufPlan, ft: FileType) -> u64 {
+    herd_formats::quantize::choose_types(
+        ft,
+        &plan.shape,
+        plan.tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.dims.as_slice(), t.dtype)),
+    )
+    .iter()
+    .zip(&plan.tensors)
+    .map(|(d, t)| d.bytes_for(t.dims.iter().product::<u64>() as usize) as u64)
+    .sum()
+}
+
+/// `herd random-model`: write a random-weight GGUF of a preset's shape.
+pub fn random_model(preset: &str, output: &Path, file_type_name: &str, seed: u64) -> Result<()> {
+    let ft = file_type(file_type_name)?;
+    let plan = random_plan(preset, ft, seed)?;
+    write_with_progress(&plan, ft, output)
 }

@@ -12,6 +12,7 @@ pub mod hf;
 pub mod hub;
 pub mod npy;
 pub mod quantize;
+pub mod random;
 pub mod safetensors;
 
 pub use bytes::TensorBytes;

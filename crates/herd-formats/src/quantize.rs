@@ -228,14 +228,18 @@ fn fallback(t: DType, ncols: u64) -> DType {
     }
 }
 
+/// A tensor's bytes in its own type, produced when the writer reaches it.
+pub type RawBytes = Box<dyn Fn() -> TensorBytes + Send + Sync>;
+
 /// One tensor to write: its description and where its data comes from.
 pub struct SourceTensor {
     pub name: String,
     /// ggml order.
     pub dims: Vec<u64>,
     pub dtype: DType,
-    /// The stored bytes, copied through unchanged when the type stays the same.
-    pub raw: Option<TensorBytes>,
+    /// The stored bytes (produced on demand), copied through unchanged when the type stays the
+    /// same.
+    pub raw: Option<RawBytes>,
     /// The values as f32 in ggml order (row length `dims[0]`), for quantizing.
     pub read: Box<dyn Fn() -> Result<Vec<f32>> + Send + Sync>,
 }
@@ -259,7 +263,7 @@ impl SourceTensor {
             name: name.to_string(),
             dims,
             dtype,
-            raw: Some(bytes),
+            raw: Some(Box::new(move || bytes.clone())),
             read: Box::new(move || Ok(herd_kernels::dtype::decode(dtype, b.as_slice(), n))),
         }
     }
@@ -311,7 +315,7 @@ pub fn write_quantized(
         let (t, target) = (&tensors[i], targets[i]);
         progress(i, tensors.len(), &t.name);
         let bytes = match &t.raw {
-            Some(raw) if t.dtype == target => raw.as_slice().to_vec(),
+            Some(raw) if t.dtype == target => raw().as_slice().to_vec(),
             _ => quantize_rows(&(t.read)()?, t.dims[0] as usize, target, &t.name)?,
         };
         summary.bytes += bytes.len() as u64;

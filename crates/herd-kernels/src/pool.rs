@@ -179,16 +179,27 @@ impl Drop for ThreadPool {
     }
 }
 
-/// The process-wide pool: `HERD_THREADS` threads, or one per available CPU.
+static GLOBAL: OnceLock<ThreadPool> = OnceLock::new();
+
+/// The process-wide pool: the size given to [`init_global`], else `HERD_THREADS` threads, else
+/// one per available CPU.
 pub fn global() -> &'static ThreadPool {
-    static POOL: OnceLock<ThreadPool> = OnceLock::new();
-    POOL.get_or_init(|| {
+    GLOBAL.get_or_init(|| {
         let n = std::env::var("HERD_THREADS")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         ThreadPool::new(n)
     })
+}
+
+/// Size the process-wide pool before its first use (a `--threads` flag); `false` if it already
+/// exists with another size.
+pub fn init_global(n_threads: usize) -> bool {
+    GLOBAL
+        .get_or_init(|| ThreadPool::new(n_threads))
+        .n_threads()
+        == n_threads.max(1)
 }
 
 /// A raw pointer that tasks may share when each writes a disjoint part of the pointee.

@@ -32,28 +32,13 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Released Llama 4 text configs (reference note §a.1), for planning without a download.
-const SCOUT: &str = r#"{"model_type": "llama4_text", "vocab_size": 202048, "hidden_size": 5120,
-  "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
-  "intermediate_size": 8192, "intermediate_size_mlp": 16384, "num_local_experts": 16,
-  "num_experts_per_tok": 1, "interleave_moe_layer_step": 1, "max_position_embeddings": 10485760,
-  "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 16.0,
-  "low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192},
-  "attention_chunk_size": 8192, "use_qk_norm": true}"#;
-const MAVERICK: &str = r#"{"model_type": "llama4_text", "vocab_size": 202048, "hidden_size": 5120,
-  "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128,
-  "intermediate_size": 8192, "intermediate_size_mlp": 16384, "num_local_experts": 128,
-  "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "max_position_embeddings": 1048576,
-  "rope_theta": 500000.0, "attention_chunk_size": 8192, "use_qk_norm": false}"#;
-
-/// Gemma 3 270M's text config (the default model; reference note gemma3 §a.1).
-const GEMMA3_270M: &str = r#"{"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640,
-  "intermediate_size": 2048, "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1,
-  "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512, "rope_theta": 1000000.0,
-  "rope_local_base_freq": 10000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6}"#;
-
 /// Aliases the planner knows without a file (the catalog's models).
-pub const ALIASES: &[&str] = &["llama4:scout", "llama4:maverick", "gemma3:270m"];
+pub fn aliases() -> Vec<&'static str> {
+    herd_models::presets::PRESETS
+        .iter()
+        .map(|p| p.alias)
+        .collect()
+}
 
 /// `hf:org/repo` (its config.json) or `hf:org/repo:file.gguf` (the file's header only, by
 /// ranged requests): nothing else is downloaded.
@@ -106,32 +91,17 @@ fn facts_from_gguf(reference: &str, f: &GgufFile, ft: Option<FileType>) -> Resul
 /// unless given, then predicted as if requantized), an HF directory (`ft` defaults to bf16), or
 /// `hf:org/repo[:file.gguf]` (config.json or the GGUF header, fetched from `HF_ENDPOINT`).
 pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
-    let config_json = match reference {
-        "llama4:scout" => Some(SCOUT),
-        "llama4:maverick" => Some(MAVERICK),
-        _ => None,
-    };
-    if reference == "gemma3:270m" {
-        let config = serde_json::from_str(GEMMA3_270M).expect("built-in config is valid JSON");
-        let c = herd_models::gemma3::Gemma3Config::from_json(&config)
-            .map_err(|e| Error::Model(e.to_string()))?;
-        // The published default model is Q4_K_M.
-        return Ok(ModelFacts::from_gemma3(
-            reference,
-            &c,
-            ft.unwrap_or(FileType::Q4KM),
-        ));
-    }
-    if let Some(text) = config_json {
-        let c = Llama4Config::from_json(
-            &serde_json::from_str(text).expect("built-in config is valid JSON"),
-        )
-        .map_err(|e| Error::Model(e.to_string()))?;
-        return Ok(ModelFacts::from_llama4(
-            reference,
-            &c,
-            ft.unwrap_or(FileType::BF16),
-        ));
+    if let Some(p) = herd_models::presets::preset(reference) {
+        let config = p.config();
+        return Ok(if p.family == "gemma3" {
+            let c = herd_models::gemma3::Gemma3Config::from_json(&config)
+                .map_err(|e| Error::Model(e.to_string()))?;
+            // The published default model is Q4_K_M.
+            ModelFacts::from_gemma3(reference, &c, ft.unwrap_or(FileType::Q4KM))
+        } else {
+            let c = Llama4Config::from_json(&config).map_err(|e| Error::Model(e.to_string()))?;
+            ModelFacts::from_llama4(reference, &c, ft.unwrap_or(FileType::BF16))
+        });
     }
     if reference.starts_with("hf:") {
         return resolve_hub(reference, ft);
@@ -153,6 +123,6 @@ pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
     }
     Err(Error::Model(format!(
         "{reference:?} is not a GGUF file, a model directory, or a known alias ({})",
-        ALIASES.join(", ")
+        aliases().join(", ")
     )))
 }

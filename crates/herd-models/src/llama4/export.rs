@@ -101,6 +101,28 @@ pub fn gguf_from_hf(dir: &HfModelDir) -> Result<GgufPlan> {
         }
     }
 
+    let mut meta = gguf_metadata(&c);
+    meta.extend(bpe_tokenizer_gguf_metadata(
+        &dir.path,
+        "llama4",
+        c.vocab_size,
+        text_config(&dir.config),
+    )?);
+    let shape = ModelShape {
+        n_layers: c.num_hidden_layers,
+        n_experts: c.num_local_experts,
+        n_attn_v: c.num_hidden_layers,
+        tied_embeddings: !tensors.iter().any(|t| t.name == "output.weight"),
+    };
+    Ok(GgufPlan {
+        metadata: meta,
+        tensors,
+        shape,
+    })
+}
+
+/// The model keys llama.cpp's converter writes for a Llama 4 config (no tokenizer keys).
+pub(crate) fn gguf_metadata(c: &Llama4Config) -> Vec<(String, Value)> {
     let u32v = |v: usize| Value::U32(v as u32);
     let mut meta = vec![
         ("general.architecture".to_string(), Value::string("llama4")),
@@ -146,7 +168,7 @@ pub fn gguf_from_hf(dir: &HfModelDir) -> Result<GgufPlan> {
         ("llama4.rope.dimension_count".to_string(), u32v(c.head_dim)),
         (
             "llama4.interleave_moe_layer_step".to_string(),
-            u32v(moe_step(&c)),
+            u32v(moe_step(c)),
         ),
         (
             "llama4.expert_feed_forward_length".to_string(),
@@ -159,23 +181,7 @@ pub fn gguf_from_hf(dir: &HfModelDir) -> Result<GgufPlan> {
     {
         meta.push(("llama4.attention.sliding_window".to_string(), Value::U32(0)));
     }
-    meta.extend(bpe_tokenizer_gguf_metadata(
-        &dir.path,
-        "llama4",
-        c.vocab_size,
-        text_config(&dir.config),
-    )?);
-    let shape = ModelShape {
-        n_layers: c.num_hidden_layers,
-        n_experts: c.num_local_experts,
-        n_attn_v: c.num_hidden_layers,
-        tied_embeddings: !tensors.iter().any(|t| t.name == "output.weight"),
-    };
-    Ok(GgufPlan {
-        metadata: meta,
-        tensors,
-        shape,
-    })
+    meta
 }
 
 fn text_config(config: &serde_json::Value) -> &serde_json::Value {
@@ -189,7 +195,7 @@ fn moe_step(c: &Llama4Config) -> usize {
 
 /// `rope_freqs`: per-frequency divisors equivalent to llama3 scaling, in f32 as the converter
 /// computes them.
-fn rope_freq_factors(c: &Llama4Config) -> Vec<f32> {
+pub(crate) fn rope_freq_factors(c: &Llama4Config) -> Vec<f32> {
     let s = c.rope_scaling.as_ref().expect("llama3 scaling");
     let (factor, lo, hi) = (
         s.factor as f32,

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod export;
+pub mod random;
 
 pub use config::{AttentionKind, Llama4Config};
 

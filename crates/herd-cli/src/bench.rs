@@ -1,0 +1,323 @@
+//! `herd bench`: prompt processing, token generation and batched decode speeds, in the spirit of
+//! llama-bench (pp: one prompt of `-p` random tokens in one pass, logits for its last token;
+//! tg: `-n` tokens decoded one at a time from an empty cache; batched: B sequences with a
+//! `--batched-prompt`-token prompt each, then `--batched-gen` steps of B tokens). Each test runs
+//! once to warm up, then `-r` times; the roofline compares decode with memory bandwidth.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use herd_formats::random::Rng;
+use herd_models::{Batch, CausalLm, load_model};
+use herd_plan::model::Part;
+use serde_json::json;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// A GGUF file, an HF directory or a catalog alias; omit with --random-weights.
+    model: Option<String>,
+    /// Prompt tokens of the pp test (0 skips it).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Generated tokens of the tg test (0 skips it).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Threads (default: HERD_THREADS or one per CPU).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Timed repetitions of each test (after one warm-up run).
+    #[arg(short = 'r', long, default_value_t = 3)]
+    repetitions: usize,
+    /// Concurrent sequences of the batched-decode test, comma-separated (0 skips it).
+    #[arg(short = 'b', long, value_delimiter = ',', default_value = "1,2,4,8")]
+    batched: Vec<usize>,
+    /// Prompt tokens of each sequence in the batched test.
+    #[arg(long, default_value_t = 128)]
+    batched_prompt: usize,
+    /// Tokens each sequence decodes in the batched test.
+    #[arg(long, default_value_t = 128)]
+    batched_gen: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Bench a model with random weights in a preset's shape instead of a file.
+    #[arg(long)]
+    random_weights: bool,
+    /// The shape for --random-weights: llama4:scout-4b, llama4:scout, llama4:maverick, or a
+    /// Llama 4 config.json.
+    #[arg(long, default_value = "llama4:scout-4b")]
+    preset: String,
+    /// Weight types for --random-weights, as `herd quantize --type`.
+    #[arg(long = "type", default_value = "q4_k_m")]
+    file_type: String,
+    /// Seed of the random weights and of the random prompt tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Mean and sample standard deviation of a test's tokens/s over its repetitions.
+#[derive(Debug)]
+struct Rate {
+    runs: Vec<f64>,
+}
+
+impl Rate {
+    fn mean(&self) -> f64 {
+        self.runs.iter().sum::<f64>() / self.runs.len().max(1) as f64
+    }
+    fn std(&self) -> f64 {
+        let n = self.runs.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let m = self.mean();
+        (self.runs.iter().map(|r| (r - m).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+    }
+    fn to_json(&self) -> serde_json::Value {
+        json!({"mean": self.mean(), "std": self.std(), "runs": self.runs})
+    }
+    fn show(&self) -> String {
+        format!("{:.2} ± {:.2}", self.mean(), self.std())
+    }
+}
+
+pub fn run(a: &BenchArgs) -> Result<()> {
+    if let Some(t) = a.threads
+        && !herd_kernels::pool::init_global(t)
+    {
+        bail!("the thread pool was already started with another size");
+    }
+    if a.repetitions == 0 {
+        bail!("--repetitions must be at least 1");
+    }
+    // A random-weight model is written to a temporary GGUF, so it loads exactly as a file does.
+    let mut _temp = None;
+    let (label, path): (String, PathBuf) = match (&a.model, a.random_weights) {
+        (Some(_), true) => bail!("give a model or --random-weights, not both"),
+        (None, false) => bail!("give a model (file, directory or alias) or --random-weights"),
+        (Some(m), false) => (m.clone(), herd_engine::registry::resolve(m)?.path),
+        (None, true) => {
+            let file = random_model_file(&a.preset, &a.file_type, a.seed)?;
+            let path = file.path().to_path_buf();
+            _temp = Some(file);
+            (format!("{} (random, {})", a.preset, a.file_type), path)
+        }
+    };
+    let model = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model: &dyn CausalLm = model.as_ref();
+    let threads = herd_kernels::pool::global().n_threads();
+    let mut rng = Rng::new(a.seed);
+    let vocab = model.vocab_size() as u64;
+    let mut tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };
+
+    let timed = |what: &str, f: &mut dyn FnMut() -> Result<f64>| -> Result<Rate> {
+        eprintln!("{what}: warm-up");
+        f()?;
+        let mut runs = Vec::with_capacity(a.repetitions);
+        for r in 0..a.repetitions {
+            let rate = f()?;
+            eprintln!(
+                "{what}: run {}/{}: {rate:.2} tokens/s",
+                r + 1,
+                a.repetitions
+            );
+            runs.push(rate);
+        }
+        Ok(Rate { runs })
+    };
+
+    let pp = if a.n_prompt > 0 {
+        let prompt = tokens(a.n_prompt);
+        Some(timed(&format!("pp{}", a.n_prompt), &mut || {
+            prompt_rate(model, &prompt)
+        })?)
+    } else {
+        None
+    };
+    let tg = if a.n_gen > 0 {
+        let first = tokens(1)[0];
+        Some(timed(&format!("tg{}", a.n_gen), &mut || {
+            generation_rate(model, first, a.n_gen)
+        })?)
+    } else {
+        None
+    };
+    let mut batched = Vec::new();
+    for &b in a.batched.iter().filter(|&&b| b > 0) {
+        let prompts: Vec<Vec<u32>> = (0..b).map(|_| tokens(a.batched_prompt.max(1))).collect();
+        let rate = timed(&format!("batched x{b}"), &mut || {
+            batched_rate(model, &prompts, a.batched_gen)
+        })?;
+        batched.push((b, rate));
+    }
+
+    // Roofline: what one decoded token must read (the weights it uses, its cache) against the
+    // bandwidth this machine measures with the same threads.
+    let facts = herd_plan::resolve(&path.to_string_lossy(), None)
+        .map_err(|e| anyhow::anyhow!("reading the model's tensor table: {e}"))?;
+    let weight_bytes: f64 = facts
+        .tensors
+        .iter()
+        .map(|t| t.bytes() as f64 * facts.read_fraction(Part::of(&t.name)))
+        .sum();
+    // herd's cache holds f32 keys and values; a tg run sees on average half its tokens.
+    let kv_bytes =
+        facts.kv_bytes_per_token_layer(4.0) * (a.n_gen as f64 / 2.0) * facts.n_layers as f64;
+    let bytes_per_token = weight_bytes + kv_bytes;
+    eprintln!("measuring memory read bandwidth ({threads} threads)");
+    let bandwidth = herd_plan::hardware::measure_read_bandwidth();
+    let bound = bandwidth / bytes_per_token;
+    let tg_mean = tg.as_ref().map(Rate::mean);
+
+    if a.json {
+        let report = json!({
+            "model": label,
+            "path": path.display().to_string(),
+            "threads": threads,
+            "repetitions": a.repetitions,
+            "n_prompt": a.n_prompt,
+            "n_gen": a.n_gen,
+            "pp_tokens_per_s": pp.as_ref().map(Rate::mean),
+            "tg_tokens_per_s": tg_mean,
+            "pp": pp.as_ref().map(Rate::to_json),
+            "tg": tg.as_ref().map(Rate::to_json),
+            "batched": batched.iter().map(|(b, r)| json!({
+                "sequences": b,
+                "prompt_tokens": a.batched_prompt,
+                "gen_tokens": a.batched_gen,
+                "tokens_per_s": r.to_json(),
+            })).collect::<Vec<_>>(),
+            "roofline": {
+                "bytes_per_token": bytes_per_token,
+                "weight_bytes_per_token": weight_bytes,
+                "kv_bytes_per_token": kv_bytes,
+                "bandwidth_bytes_per_s": bandwidth,
+                "bound_tokens_per_s": bound,
+                "fraction_of_bound": tg_mean.map(|t| t / bound),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "model: {label}\nthreads: {threads}, repetitions: {}\n",
+        a.repetitions
+    );
+    println!("| test | tokens/s |\n|---|---:|");
+    if let Some(pp) = &pp {
+        println!("| pp{} | {} |", a.n_prompt, pp.show());
+    }
+    if let Some(tg) = &tg {
+        println!("| tg{} | {} |", a.n_gen, tg.show());
+    }
+    for (b, r) in &batched {
+        println!(
+            "| batched x{b} (pp{} + tg{} each), decode | {} |",
+            a.batched_prompt,
+            a.batched_gen,
+            r.show()
+        );
+    }
+    println!(
+        "\nroofline: {:.3} GB read per decoded token ({:.3} GB weights, {:.4} GB cache), \
+         memory read bandwidth {:.1} GB/s → bound {:.1} tokens/s",
+        bytes_per_token / 1e9,
+        weight_bytes / 1e9,
+        kv_bytes / 1e9,
+        bandwidth / 1e9,
+        bound
+    );
+    if let Some(t) = tg_mean {
+        println!("tg achieves {:.0}% of the bound", 100.0 * t / bound);
+    }
+    Ok(())
+}
+
+/// One prompt in one pass from an empty cache, logits for its last token: tokens/s.
+fn prompt_rate(model: &dyn CausalLm, prompt: &[u32]) -> Result<f64> {
+    let mut cache = model.new_cache();
+    let mut batch = Batch::new();
+    batch.push_sequence(0, prompt, 0, false);
+    let start = Instant::now();
+    std::hint::black_box(model.forward(&batch, &mut cache, None)?);
+    Ok(prompt.len() as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `n` single-token steps from an empty cache (each step feeds the previous token back, as
+/// decoding does; the token is fixed because sampling is not what is measured): tokens/s.
+fn generation_rate(model: &dyn CausalLm, token: u32, n: usize) -> Result<f64> {
+    let mut cache = model.new_cache();
+    let start = Instant::now();
+    for pos in 0..n {
+        std::hint::black_box(model.forward(
+            &Batch::sequence(0, &[token], pos),
+            &mut cache,
+            None,
+        )?);
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Prefill every prompt (untimed), then `n` steps that decode one token of every sequence:
+/// aggregate decode tokens/s.
+fn batched_rate(model: &dyn CausalLm, prompts: &[Vec<u32>], n: usize) -> Result<f64> {
+    let mut cache = model.new_cache();
+    let mut prefill = Batch::new();
+    for (s, p) in prompts.iter().enumerate() {
+        prefill.push_sequence(s as u64, p, 0, false);
+    }
+    model.forward(&prefill, &mut cache, None)?;
+    let start = Instant::now();
+    for step in 0..n {
+        let mut batch = Batch::new();
+        for (s, p) in prompts.iter().enumerate() {
+            batch.push(s as u64, p[step % p.len()], p.len() + step, true);
+        }
+        std::hint::black_box(model.forward(&batch, &mut cache, None)?);
+    }
+    Ok((n * prompts.len()) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Write a random-weight model of `preset` to a temporary GGUF, if it fits in memory.
+fn random_model_file(preset: &str, file_type: &str, seed: u64) -> Result<tempfile::NamedTempFile> {
+    let ft = crate::quantize::file_type(file_type)?;
+    let plan = crate::quantize::random_plan(preset, ft, seed)?;
+    let bytes = crate::quantize::plan_bytes(&plan, ft) as f64;
+    let available = available_memory().unwrap_or(f64::INFINITY);
+    if bytes > 0.9 * available {
+        bail!(
+            "{preset} at {file_type} takes {:.1} GB, more than this machine's {:.1} GB of available \
+             memory; choose a smaller preset (llama4:scout-4b) or type",
+            bytes / 1e9,
+            available / 1e9
+        );
+    }
+    let file = tempfile::Builder::new()
+        .prefix("herd-random-")
+        .suffix(".gguf")
+        .tempfile()
+        .context("creating a temporary file for the random-weight model")?;
+    eprintln!(
+        "writing {preset} with random weights ({file_type}, {:.2} GB) to {}",
+        bytes / 1e9,
+        file.path().display()
+    );
+    crate::quantize::write_with_progress(&plan, ft, file.path())?;
+    Ok(file)
+}
+
+/// `MemAvailable` of this machine, bytes.
+fn available_memory() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
