@@ -1,14 +1,39 @@
 //! A persistent thread pool for splitting one kernel call across cores.
 //!
-//! Workers sleep on a condition variable between jobs (no spinning: on a 2-core machine a
-//! spinning worker steals the other core from the main thread). `run` hands out task indices
-//! through an atomic counter; the calling thread works too and returns only when every task is
-//! done, which is what lets tasks borrow from the caller's stack.
+//! Between jobs a worker first watches for the next one for a short while ([`SPIN`]), then
+//! sleeps on a condition variable. Decoding issues a job every few hundred microseconds, and
+//! waking a sleeping thread costs tens of microseconds on a virtual machine (the idle vCPU has
+//! halted), so the short watch keeps the second core in step; when work stops, the worker sleeps
+//! and gives the core back instead of spinning it away. The caller waits for the workers the
+//! same way. `run` hands out task indices through an atomic counter; the calling thread works
+//! too and returns only when every task is done, which is what lets tasks borrow from the
+//! caller's stack.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a worker watches for the next job, and the caller for the workers' end, before
+/// sleeping.
+const SPIN: Duration = Duration::from_micros(500);
+
+/// Watch `done()` for up to [`SPIN`]; true if it became true.
+fn spin_until(done: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        for _ in 0..64 {
+            if done() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if start.elapsed() > SPIN {
+            return done();
+        }
+    }
+}
 
 type Task<'a> = dyn Fn(usize) + Sync + 'a;
 
@@ -33,6 +58,10 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// Mirrors of `State::generation` and `State::busy_workers`, written under the lock and
+    /// read without it while watching.
+    generation: AtomicU64,
+    busy: AtomicUsize,
     work: Condvar,
     done: Condvar,
     next: AtomicUsize,
@@ -65,6 +94,8 @@ impl ThreadPool {
             work: Condvar::new(),
             done: Condvar::new(),
             next: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
         });
         let workers = (1..n_threads.max(1))
             .map(|i| {
@@ -108,11 +139,16 @@ impl ThreadPool {
             st.generation += 1;
             st.busy_workers = self.workers.len();
             st.panicked = false;
+            self.shared.busy.store(st.busy_workers, Ordering::Release);
+            self.shared
+                .generation
+                .store(st.generation, Ordering::Release);
         }
         self.shared.work.notify_all();
         let mine = catch_unwind(AssertUnwindSafe(|| {
             claim_tasks(&self.shared.next, n_tasks, &f)
         }));
+        spin_until(|| self.shared.busy.load(Ordering::Acquire) == 0);
         let mut st = self.shared.state.lock().unwrap();
         while st.busy_workers > 0 {
             st = self.shared.done.wait(st).unwrap();
@@ -140,6 +176,7 @@ fn claim_tasks(next: &AtomicUsize, n: usize, f: &(dyn Fn(usize) + Sync + '_)) {
 fn worker(shared: &Shared) {
     let mut seen = 0u64;
     loop {
+        spin_until(|| shared.generation.load(Ordering::Acquire) != seen);
         let job = {
             let mut st = shared.state.lock().unwrap();
             while st.generation == seen && !st.shutdown {
@@ -163,6 +200,7 @@ fn worker(shared: &Shared) {
         let mut st = shared.state.lock().unwrap();
         st.panicked |= !ok;
         st.busy_workers -= 1;
+        shared.busy.store(st.busy_workers, Ordering::Release);
         if st.busy_workers == 0 {
             shared.done.notify_all();
         }

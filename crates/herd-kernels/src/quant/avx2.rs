@@ -41,6 +41,8 @@ pub(crate) fn vec_dot_x4(wtype: DType, w: [&[u8]; 4], a: [&[u8]; 4], n: usize) -
         match wtype {
             DType::Q8_0 => Some(q8_0_q8_0_x4(w, a, nb)),
             DType::Q5_0 => Some(q5_0_q8_0_x4(w, a, nb, same_w)),
+            DType::Q4K => Some(q4_k_q8_k_x4(w, a, nb)),
+            DType::Q6K => Some(q6_k_q8_k_x4(w, a, nb)),
             _ => None,
         }
     }
@@ -236,41 +238,154 @@ fn scaled_dot_u8(q: __m256i, y: __m256i, sc_lo: i16, sc_hi: i16) -> __m256i {
     _mm256_madd_epi16(p, sc)
 }
 
-#[target_feature(enable = "avx2,fma")]
+/// Scales and mins of a Q4_K/Q5_K super-block (12 packed bytes at `s`) as sixteen i16 lanes:
+/// the eight 6-bit scales, then the eight 6-bit mins (ggml's `utmp` unpacking).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k4_scales_mins(s: *const u8) -> __m256i {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    // SAFETY: the caller's block holds 12 scale bytes at s.
+    let u: [u32; 3] = unsafe { std::ptr::read_unaligned(s as *const [u32; 3]) };
+    let scales_hi = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
+    let mins_hi = ((u[2] >> 4) & KMASK2) | (((u[1] >> 6) & KMASK3) << 4);
+    let packed = _mm_set_epi32(
+        mins_hi as i32,
+        (u[1] & KMASK1) as i32,
+        scales_hi as i32,
+        (u[0] & KMASK1) as i32,
+    );
+    _mm256_cvtepu8_epi16(packed)
+}
+
+/// A shuffle that broadcasts i16 lane `j` (0..8) of each 128-bit half across that half.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn broadcast_i16_lane(j: usize) -> __m256i {
+    let b = (2 * j) as i16;
+    _mm256_set1_epi16(((b + 1) << 8) | b)
+}
+
+/// One Q4_K × Q8_K super-block's exact integer sums, as lanes still to be added up:
+/// (Σ scale·q·a over eight i32 lanes, Σ min·bsum over four i32 lanes).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_k_block(w: *const u8, a: *const u8) -> (__m256i, __m128i) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    // The caller passes w at a 144-byte Q4_K block and a at a 292-byte Q8_K block.
+    // SAFETY: scale bytes 4..16 of the Q4_K block.
+    let sm = unsafe { k4_scales_mins(w.add(4)) };
+    // SAFETY: bsums (16 i16) end at byte 292 of the Q8_K block.
+    let bsums = unsafe { _mm256_loadu_si256(a.add(260) as *const __m256i) };
+    // Sub-block j of 32 values has bsums 2j and 2j+1 (16 values each).
+    let pair_sums = _mm_hadd_epi16(
+        _mm256_castsi256_si128(bsums),
+        _mm256_extracti128_si256::<1>(bsums),
+    );
+    let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), pair_sums);
+    let sc = _mm256_castsi256_si128(sm);
+    let scales = _mm256_set_m128i(sc, sc);
+    let mut acc = _mm256_setzero_si256();
+    for c in 0..4 {
+        // SAFETY: qs chunk c is bytes 16+32c..48+32c; activations 4+64c..68+64c.
+        let (q, y1, y2) = unsafe {
+            (
+                _mm256_loadu_si256(w.add(16 + 32 * c) as *const __m256i),
+                _mm256_loadu_si256(a.add(4 + 64 * c) as *const __m256i),
+                _mm256_loadu_si256(a.add(36 + 64 * c) as *const __m256i),
+            )
+        };
+        let lo = _mm256_and_si256(q, m4);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+        let s1 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c));
+        let s2 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c + 1));
+        let p1 = _mm256_madd_epi16(s1, _mm256_maddubs_epi16(lo, y1));
+        let p2 = _mm256_madd_epi16(s2, _mm256_maddubs_epi16(hi, y2));
+        acc = _mm256_add_epi32(acc, _mm256_add_epi32(p1, p2));
+    }
+    (acc, mins)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum128_i32(v: __m128i) -> i32 {
+    let s = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Lane r: the sum of the four i32 lanes of `s[r]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum4_i32x4(s: [__m128i; 4]) -> __m128i {
+    _mm_hadd_epi32(_mm_hadd_epi32(s[0], s[1]), _mm_hadd_epi32(s[2], s[3]))
+}
+
+/// An f16 (raw little-endian bits at p) as f32, exactly.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_ptr(p: *const u8) -> f32 {
+    // SAFETY: the caller's block holds two bytes at p.
+    let bits = unsafe { std::ptr::read_unaligned(p as *const u16) };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[inline]
+unsafe fn f32_ptr(p: *const u8) -> f32 {
+    // SAFETY: the caller's block holds four bytes at p.
+    unsafe { std::ptr::read_unaligned(p as *const f32) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
     let mut sum = 0.0f32;
-    let mask = _mm256_set1_epi8(0x0F);
     for i in 0..nb {
-        let (wb, ab) = (&w[144 * i..144 * i + 144], &a[292 * i..292 * i + 292]);
-        let mut acc = _mm256_setzero_si256();
-        let mut summ = 0i32;
-        for c in 0..4 {
-            let (sc1, m1) = scale_min_k4(2 * c, &wb[4..16]);
-            let (sc2, m2) = scale_min_k4(2 * c + 1, &wb[4..16]);
-            // SAFETY: qs chunk c is bytes 16+32c..48+32c; activations 4+64c..68+64c.
-            let (q, y1, y2) = unsafe {
-                (
-                    load(wb, 16 + 32 * c),
-                    load(ab, 4 + 64 * c),
-                    load(ab, 36 + 64 * c),
-                )
-            };
-            let lo = _mm256_and_si256(q, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
-            acc = _mm256_add_epi32(acc, scaled_dot_u8(lo, y1, sc1 as i16, sc1 as i16));
-            acc = _mm256_add_epi32(acc, scaled_dot_u8(hi, y2, sc2 as i16, sc2 as i16));
-            summ += m1 as i32 * (q8k_bsum(ab, 4 * c) + q8k_bsum(ab, 4 * c + 1))
-                + m2 as i32 * (q8k_bsum(ab, 4 * c + 2) + q8k_bsum(ab, 4 * c + 3));
+        // SAFETY: block i of each row is in bounds (checked by vec_dot).
+        unsafe {
+            let (wb, ab) = (w.as_ptr().add(144 * i), a.as_ptr().add(292 * i));
+            let (acc, mins) = q4_k_block(wb, ab);
+            sum += combine_k(
+                f32_ptr(ab),
+                f16_ptr(wb),
+                f16_ptr(wb.add(2)),
+                hsum_i32(acc),
+                hsum128_i32(mins),
+            );
         }
-        sum += combine_k(
-            f32_at(ab, 0),
-            f16_at(wb, 0),
-            f16_at(wb, 2),
-            hsum_i32(acc),
-            summ,
-        );
     }
     sum
+}
+
+/// Four Q4_K pairs; lane r has the one-pair kernel's bits (the same f32 operations per lane).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
+    let mut sum = _mm_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i of every row is in bounds (checked by vec_dot_x4).
+        unsafe {
+            let wb = w.map(|r| r.as_ptr().add(144 * i));
+            let ab = a.map(|r| r.as_ptr().add(292 * i));
+            let blocks: [(__m256i, __m128i); 4] = std::array::from_fn(|r| q4_k_block(wb[r], ab[r]));
+            let sumi = _mm_cvtepi32_ps(hsum4_i32(blocks.map(|b| b.0)));
+            let summ = _mm_cvtepi32_ps(hsum4_i32x4(blocks.map(|b| b.1)));
+            let ad = _mm_set_ps(
+                f32_ptr(ab[3]),
+                f32_ptr(ab[2]),
+                f32_ptr(ab[1]),
+                f32_ptr(ab[0]),
+            );
+            let wd = f16x4(wb.map(|p| std::ptr::read_unaligned(p as *const i16)));
+            let wdmin = f16x4(wb.map(|p| std::ptr::read_unaligned(p.add(2) as *const i16)));
+            // combine_k: ad·wd·sumi − ad·wdmin·summ, then the running sum.
+            let t = _mm_sub_ps(
+                _mm_mul_ps(_mm_mul_ps(ad, wd), sumi),
+                _mm_mul_ps(_mm_mul_ps(ad, wdmin), summ),
+            );
+            sum = _mm_add_ps(sum, t);
+        }
+    }
+    store4(sum)
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -317,55 +432,110 @@ unsafe fn q5_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
     sum
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q6_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
-    let mut sum = 0.0f32;
+/// One Q6_K × Q8_K super-block's exact integer sum as lanes: (Σ scale·q·a with q unsigned
+/// 0..63 over eight i32 lanes, Σ scale·bsum over eight i32 lanes); the block's sum is
+/// `first − 32·second` (the −32 offset of every value, applied once).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q6_k_block(w: *const u8, a: *const u8) -> (__m256i, __m256i) {
     let m4 = _mm256_set1_epi8(0x0F);
     let m2 = _mm256_set1_epi8(0x03);
-    for i in 0..nb {
-        let (wb, ab) = (&w[210 * i..210 * i + 210], &a[292 * i..292 * i + 292]);
-        let sc = |j: usize| wb[192 + j] as i8 as i16;
-        let mut acc = _mm256_setzero_si256();
-        // Σ_g scale_g · bsum_g: the −32 offset of every 6-bit value, applied once.
-        let offset: i32 = (0..16).map(|g| sc(g) as i32 * q8k_bsum(ab, g)).sum();
-        for half in 0..2 {
-            let (ql0, qh0, a0, s0) = (64 * half, 128 + 32 * half, 4 + 128 * half, 8 * half);
-            // SAFETY: ql half is 64 bytes at ql0, qh half 32 bytes at qh0, activations 128 at a0.
-            let (l1, l2, h) = unsafe { (load(wb, ql0), load(wb, ql0 + 32), load(wb, qh0)) };
-            let q1 = _mm256_or_si256(
+    // The caller passes w at a 210-byte Q6_K block and a at a 292-byte Q8_K block.
+    // SAFETY: the 16 scales are bytes 192..208 of the Q6_K block.
+    let scales = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(192) as *const __m128i)) };
+    // SAFETY: bsums (16 i16) end at byte 292 of the Q8_K block.
+    let bsums = unsafe { _mm256_loadu_si256(a.add(260) as *const __m256i) };
+    let offset = _mm256_madd_epi16(scales, bsums);
+    let mut acc = _mm256_setzero_si256();
+    for half in 0..2 {
+        // The half's eight scales in both 128-bit lanes; group pair k takes scale 2k in the low
+        // lane (values 0..15 of the group) and 2k+1 in the high lane (values 16..31).
+        let sc = if half == 0 {
+            _mm256_permute2x128_si256::<0x00>(scales, scales)
+        } else {
+            _mm256_permute2x128_si256::<0x11>(scales, scales)
+        };
+        // SAFETY: ql and qh of this half lie in the Q6_K block.
+        let (l1, l2, h) = unsafe {
+            (
+                _mm256_loadu_si256(w.add(64 * half) as *const __m256i),
+                _mm256_loadu_si256(w.add(64 * half + 32) as *const __m256i),
+                _mm256_loadu_si256(w.add(128 + 32 * half) as *const __m256i),
+            )
+        };
+        let q = [
+            _mm256_or_si256(
                 _mm256_and_si256(l1, m4),
                 _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)),
-            );
-            let q2 = _mm256_or_si256(
+            ),
+            _mm256_or_si256(
                 _mm256_and_si256(l2, m4),
                 _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(h), m2)),
-            );
-            let q3 = _mm256_or_si256(
+            ),
+            _mm256_or_si256(
                 _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
                 _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(h), m2)),
-            );
-            let q4 = _mm256_or_si256(
+            ),
+            _mm256_or_si256(
                 _mm256_and_si256(_mm256_srli_epi16::<4>(l2), m4),
                 _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(h), m2)),
+            ),
+        ];
+        for (k, &qk) in q.iter().enumerate() {
+            // SAFETY: activation group k of this half lies in the Q8_K block.
+            let y = unsafe { _mm256_loadu_si256(a.add(4 + 128 * half + 32 * k) as *const __m256i) };
+            let (lo, hi) = ((4 * k) as i16, (4 * k + 2) as i16);
+            let pick = _mm256_set_m128i(
+                _mm_set1_epi16(((hi + 1) << 8) | hi),
+                _mm_set1_epi16(((lo + 1) << 8) | lo),
             );
-            // SAFETY: four 32-byte activation groups inside the half.
-            let (y1, y2, y3, y4) = unsafe {
-                (
-                    load(ab, a0),
-                    load(ab, a0 + 32),
-                    load(ab, a0 + 64),
-                    load(ab, a0 + 96),
-                )
-            };
-            acc = _mm256_add_epi32(acc, scaled_dot_u8(q1, y1, sc(s0), sc(s0 + 1)));
-            acc = _mm256_add_epi32(acc, scaled_dot_u8(q2, y2, sc(s0 + 2), sc(s0 + 3)));
-            acc = _mm256_add_epi32(acc, scaled_dot_u8(q3, y3, sc(s0 + 4), sc(s0 + 5)));
-            acc = _mm256_add_epi32(acc, scaled_dot_u8(q4, y4, sc(s0 + 6), sc(s0 + 7)));
+            let s = _mm256_shuffle_epi8(sc, pick);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, _mm256_maddubs_epi16(qk, y)));
         }
-        let sumi = hsum_i32(acc) - 32 * offset;
-        sum += f32_at(ab, 0) * f16_at(wb, 208) * sumi as f32;
+    }
+    (acc, offset)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0.0f32;
+    for i in 0..nb {
+        // SAFETY: block i of each row is in bounds (checked by vec_dot).
+        unsafe {
+            let (wb, ab) = (w.as_ptr().add(210 * i), a.as_ptr().add(292 * i));
+            let (acc, offset) = q6_k_block(wb, ab);
+            let sumi = hsum_i32(acc) - 32 * hsum_i32(offset);
+            sum += f32_ptr(ab) * f16_ptr(wb.add(208)) * sumi as f32;
+        }
     }
     sum
+}
+
+/// Four Q6_K pairs; lane r has the one-pair kernel's bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
+    let mut sum = _mm_setzero_ps();
+    for i in 0..nb {
+        // SAFETY: block i of every row is in bounds (checked by vec_dot_x4).
+        unsafe {
+            let wb = w.map(|r| r.as_ptr().add(210 * i));
+            let ab = a.map(|r| r.as_ptr().add(292 * i));
+            let blocks: [(__m256i, __m256i); 4] = std::array::from_fn(|r| q6_k_block(wb[r], ab[r]));
+            let sumi = _mm_sub_epi32(
+                hsum4_i32(blocks.map(|b| b.0)),
+                _mm_slli_epi32::<5>(hsum4_i32(blocks.map(|b| b.1))),
+            );
+            let ad = _mm_set_ps(
+                f32_ptr(ab[3]),
+                f32_ptr(ab[2]),
+                f32_ptr(ab[1]),
+                f32_ptr(ab[0]),
+            );
+            let d = f16x4(wb.map(|p| std::ptr::read_unaligned(p.add(208) as *const i16)));
+            sum = _mm_add_ps(sum, _mm_mul_ps(_mm_mul_ps(ad, d), _mm_cvtepi32_ps(sumi)));
+        }
+    }
+    store4(sum)
 }
 
 #[cfg(test)]
@@ -382,7 +552,7 @@ mod tests {
             eprintln!("no AVX2 on this CPU: nothing to compare");
             return;
         }
-        for wt in [DType::Q8_0, DType::Q5_0] {
+        for wt in [DType::Q8_0, DType::Q5_0, DType::Q4K, DType::Q6K] {
             let at = wt.vec_dot_type();
             for blocks in [1, 2, 5, 9, 20] {
                 let n = blocks * wt.block_size();
