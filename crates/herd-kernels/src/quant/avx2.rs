@@ -41,8 +41,8 @@ pub(crate) fn vec_dot_x4(wtype: DType, w: [&[u8]; 4], a: [&[u8]; 4], n: usize) -
         match wtype {
             DType::Q8_0 => Some(q8_0_q8_0_x4(w, a, nb)),
             DType::Q5_0 => Some(q5_0_q8_0_x4(w, a, nb, same_w)),
-            DType::Q4K => Some(q4_k_q8_k_x4(w, a, nb)),
-            DType::Q6K => Some(q6_k_q8_k_x4(w, a, nb)),
+            DType::Q4K => Some(q4_k_q8_k_x4(w, a, nb, same_w)),
+            DType::Q6K => Some(q6_k_q8_k_x4(w, a, nb, same_w)),
             _ => None,
         }
     }
@@ -347,6 +347,51 @@ unsafe fn q4_k_block(w: *const u8, a: *const u8) -> (__m256i, __m128i) {
     (acc, mins)
 }
 
+/// [`q4_k_block`] for one weight block and four activation blocks: the weight's nibbles and
+/// scales are unpacked once (a batch's rows share each weight row).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_k_block_shared_w(w: *const u8, a: [*const u8; 4]) -> ([__m256i; 4], [__m128i; 4]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    // The caller passes w at a 144-byte Q4_K block and each a[r] at a 292-byte Q8_K block.
+    // SAFETY: scale bytes 4..16 of the Q4_K block.
+    let sm = unsafe { k4_scales_mins(w.add(4)) };
+    let mins_w = _mm256_extracti128_si256::<1>(sm);
+    let mins = a.map(|ar| {
+        // SAFETY: bsums (16 i16) end at byte 292 of the Q8_K block.
+        let bsums = unsafe { _mm256_loadu_si256(ar.add(260) as *const __m256i) };
+        let pair_sums = _mm_hadd_epi16(
+            _mm256_castsi256_si128(bsums),
+            _mm256_extracti128_si256::<1>(bsums),
+        );
+        _mm_madd_epi16(mins_w, pair_sums)
+    });
+    let sc = _mm256_castsi256_si128(sm);
+    let scales = _mm256_set_m128i(sc, sc);
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for c in 0..4 {
+        // SAFETY: qs chunk c is bytes 16+32c..48+32c of the Q4_K block.
+        let q = unsafe { _mm256_loadu_si256(w.add(16 + 32 * c) as *const __m256i) };
+        let lo = _mm256_and_si256(q, m4);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+        let s1 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c));
+        let s2 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c + 1));
+        for r in 0..4 {
+            // SAFETY: activations 4+64c..68+64c of the Q8_K block.
+            let (y1, y2) = unsafe {
+                (
+                    _mm256_loadu_si256(a[r].add(4 + 64 * c) as *const __m256i),
+                    _mm256_loadu_si256(a[r].add(36 + 64 * c) as *const __m256i),
+                )
+            };
+            let p1 = _mm256_madd_epi16(s1, _mm256_maddubs_epi16(lo, y1));
+            let p2 = _mm256_madd_epi16(s2, _mm256_maddubs_epi16(hi, y2));
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(p1, p2));
+        }
+    }
+    (acc, mins)
+}
+
 #[inline]
 #[target_feature(enable = "avx2")]
 fn hsum128_i32(v: __m128i) -> i32 {
@@ -399,16 +444,22 @@ unsafe fn q4_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
 
 /// Four Q4_K pairs; lane r has the one-pair kernel's bits (the same f32 operations per lane).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
+unsafe fn q4_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize, same_w: bool) -> [f32; 4] {
     let mut sum = _mm_setzero_ps();
     for i in 0..nb {
         // SAFETY: block i of every row is in bounds (checked by vec_dot_x4).
         unsafe {
             let wb = w.map(|r| r.as_ptr().add(144 * i));
             let ab = a.map(|r| r.as_ptr().add(292 * i));
-            let blocks: [(__m256i, __m128i); 4] = std::array::from_fn(|r| q4_k_block(wb[r], ab[r]));
-            let sumi = _mm_cvtepi32_ps(hsum4_i32(blocks.map(|b| b.0)));
-            let summ = _mm_cvtepi32_ps(hsum4_i32x4(blocks.map(|b| b.1)));
+            let (acc, mins) = if same_w {
+                q4_k_block_shared_w(wb[0], ab)
+            } else {
+                let blocks: [(__m256i, __m128i); 4] =
+                    std::array::from_fn(|r| q4_k_block(wb[r], ab[r]));
+                (blocks.map(|b| b.0), blocks.map(|b| b.1))
+            };
+            let sumi = _mm_cvtepi32_ps(hsum4_i32(acc));
+            let summ = _mm_cvtepi32_ps(hsum4_i32x4(mins));
             let ad = _mm_set_ps(
                 f32_ptr(ab[3]),
                 f32_ptr(ab[2]),
@@ -536,6 +587,73 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> (__m256i, __m256i) {
     (acc, offset)
 }
 
+/// [`q6_k_block`] for one weight block and four activation blocks, unpacking the weight once.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q6_k_block_shared_w(w: *const u8, a: [*const u8; 4]) -> ([__m256i; 4], [__m256i; 4]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x03);
+    // The caller passes w at a 210-byte Q6_K block and each a[r] at a 292-byte Q8_K block.
+    // SAFETY: the 16 scales are bytes 192..208 of the Q6_K block.
+    let scales = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(192) as *const __m128i)) };
+    let offset = a.map(|ar| {
+        // SAFETY: bsums (16 i16) end at byte 292 of the Q8_K block.
+        let bsums = unsafe { _mm256_loadu_si256(ar.add(260) as *const __m256i) };
+        _mm256_madd_epi16(scales, bsums)
+    });
+    let mut acc = [_mm256_setzero_si256(); 4];
+    for half in 0..2 {
+        let sc = if half == 0 {
+            _mm256_permute2x128_si256::<0x00>(scales, scales)
+        } else {
+            _mm256_permute2x128_si256::<0x11>(scales, scales)
+        };
+        // SAFETY: ql and qh of this half lie in the Q6_K block.
+        let (l1, l2, h) = unsafe {
+            (
+                _mm256_loadu_si256(w.add(64 * half) as *const __m256i),
+                _mm256_loadu_si256(w.add(64 * half + 32) as *const __m256i),
+                _mm256_loadu_si256(w.add(128 + 32 * half) as *const __m256i),
+            )
+        };
+        let q = [
+            _mm256_or_si256(
+                _mm256_and_si256(l1, m4),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(l2, m4),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(h), m2)),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(h), m2)),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(l2), m4),
+                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(h), m2)),
+            ),
+        ];
+        for (k, &qk) in q.iter().enumerate() {
+            let (lo, hi) = ((4 * k) as i16, (4 * k + 2) as i16);
+            let pick = _mm256_set_m128i(
+                _mm_set1_epi16(((hi + 1) << 8) | hi),
+                _mm_set1_epi16(((lo + 1) << 8) | lo),
+            );
+            let s = _mm256_shuffle_epi8(sc, pick);
+            for r in 0..4 {
+                // SAFETY: activation group k of this half lies in the Q8_K block.
+                let y = unsafe {
+                    _mm256_loadu_si256(a[r].add(4 + 128 * half + 32 * k) as *const __m256i)
+                };
+                acc[r] =
+                    _mm256_add_epi32(acc[r], _mm256_madd_epi16(s, _mm256_maddubs_epi16(qk, y)));
+            }
+        }
+    }
+    (acc, offset)
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
     let mut sum = 0.0f32;
@@ -553,18 +671,21 @@ unsafe fn q6_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
 
 /// Four Q6_K pairs; lane r has the one-pair kernel's bits.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
+unsafe fn q6_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize, same_w: bool) -> [f32; 4] {
     let mut sum = _mm_setzero_ps();
     for i in 0..nb {
         // SAFETY: block i of every row is in bounds (checked by vec_dot_x4).
         unsafe {
             let wb = w.map(|r| r.as_ptr().add(210 * i));
             let ab = a.map(|r| r.as_ptr().add(292 * i));
-            let blocks: [(__m256i, __m256i); 4] = std::array::from_fn(|r| q6_k_block(wb[r], ab[r]));
-            let sumi = _mm_sub_epi32(
-                hsum4_i32(blocks.map(|b| b.0)),
-                _mm_slli_epi32::<5>(hsum4_i32(blocks.map(|b| b.1))),
-            );
+            let (acc, offset) = if same_w {
+                q6_k_block_shared_w(wb[0], ab)
+            } else {
+                let blocks: [(__m256i, __m256i); 4] =
+                    std::array::from_fn(|r| q6_k_block(wb[r], ab[r]));
+                (blocks.map(|b| b.0), blocks.map(|b| b.1))
+            };
+            let sumi = _mm_sub_epi32(hsum4_i32(acc), _mm_slli_epi32::<5>(hsum4_i32(offset)));
             let ad = _mm_set_ps(
                 f32_ptr(ab[3]),
                 f32_ptr(ab[2]),
