@@ -100,35 +100,33 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
             }
             let w_row = w.dtype.bytes_for(k);
             pool.run(n_chunks, |c| {
-                // The chunk's (output, row) pairs, output-major, four at a time: a batch's rows
-                // share each weight row; a single row takes four outputs at once. The last
-                // group repeats its final pair to fill four lanes.
-                let first = c * chunk;
-                let pairs = (((c + 1) * chunk).min(n) - first) * n_rows;
-                let pair = |p: usize| (first + p / n_rows, p % n_rows);
+                let outputs = c * chunk..((c + 1) * chunk).min(n);
                 // Weight rows are requested PREFETCH_ROWS ahead of the row being read (into
                 // L2): the hardware prefetcher alone leaves the memory bus partly idle here.
-                let mut fetched = first;
-                for g in (0..pairs).step_by(4) {
-                    let want = (first + g / n_rows + PREFETCH_ROWS).min(n);
+                let mut fetched = outputs.start;
+                let act_row = |t: usize| &act[t * row_bytes..(t + 1) * row_bytes];
+                for o in outputs {
+                    let want = (o + PREFETCH_ROWS).min(n);
                     if fetched < want {
                         prefetch(&w.bytes[fetched * w_row..want * w_row]);
                         fetched = want;
                     }
-                    let idx: [usize; 4] = std::array::from_fn(|i| (g + i).min(pairs - 1));
-                    let wr = idx.map(|p| &w.bytes[pair(p).0 * w_row..(pair(p).0 + 1) * w_row]);
-                    let ar = idx.map(|p| &act[pair(p).1 * row_bytes..(pair(p).1 + 1) * row_bytes]);
-                    // One row at a time when decoding: each thread then reads one sequential
-                    // stream, which the hardware prefetcher follows best.
-                    let v = if n_rows == 1 {
-                        std::array::from_fn(|i| quant::vec_dot(w.dtype, wr[i], ar[i], k))
-                    } else {
-                        quant::vec_dot_x4(w.dtype, wr, ar, k)
-                    };
-                    for (i, &p) in idx.iter().enumerate().take(pairs - g) {
-                        let (o, t) = pair(p);
+                    // One weight row at a time (each thread reads one sequential stream), its
+                    // blocks unpacked once for four activation rows; the rest one by one.
+                    let wr = &w.bytes[o * w_row..(o + 1) * w_row];
+                    let mut put = |t: usize, v: f32| {
                         // SAFETY: chunks own disjoint output columns o.
-                        unsafe { shared.slice(t * n + o, 1)[0] = v[i] };
+                        unsafe { shared.slice(t * n + o, 1)[0] = v };
+                    };
+                    let mut t = 0;
+                    while t + 4 <= n_rows {
+                        let ar = [t, t + 1, t + 2, t + 3].map(act_row);
+                        let v = quant::vec_dot_x4(w.dtype, [wr; 4], ar, k);
+                        (0..4).for_each(|i| put(t + i, v[i]));
+                        t += 4;
+                    }
+                    for t in t..n_rows {
+                        put(t, quant::vec_dot(w.dtype, wr, act_row(t), k));
                     }
                 }
             });
