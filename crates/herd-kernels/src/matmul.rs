@@ -114,7 +114,7 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
                     // One weight row at a time (each thread reads one sequential stream), its
                     // blocks unpacked once for four activation rows; the rest one by one.
                     let wr = &w.bytes[o * w_row..(o + 1) * w_row];
-                    let mut put = |t: usize, v: f32| {
+                    let put = |t: usize, v: f32| {
                         // SAFETY: chunks own disjoint output columns o.
                         unsafe { shared.slice(t * n + o, 1)[0] = v };
                     };
