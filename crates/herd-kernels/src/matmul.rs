@@ -95,9 +95,14 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
             let at = w.dtype.vec_dot_type();
             let row_bytes = at.bytes_for(k);
             let mut act = vec![0u8; n_rows * row_bytes];
-            for (xr, ar) in x.chunks_exact(k).zip(act.chunks_exact_mut(row_bytes)) {
-                quant::quantize_activation(at, xr, ar);
-            }
+            let act_out = SharedMut::new(&mut act);
+            pool.run(n_rows.div_ceil(ACT_ROWS_PER_TASK), |c| {
+                for t in c * ACT_ROWS_PER_TASK..((c + 1) * ACT_ROWS_PER_TASK).min(n_rows) {
+                    // SAFETY: tasks quantize disjoint rows.
+                    let ar = unsafe { act_out.slice(t * row_bytes, row_bytes) };
+                    quant::quantize_activation(at, &x[t * k..(t + 1) * k], ar);
+                }
+            });
             let w_row = w.dtype.bytes_for(k);
             pool.run(n_chunks, |c| {
                 let outputs = c * chunk..((c + 1) * chunk).min(n);
@@ -168,6 +173,9 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
         }
     }
 }
+
+/// Activation rows quantized per pool task (a batch's rows are quantized in parallel).
+const ACT_ROWS_PER_TASK: usize = 16;
 
 /// How many weight rows ahead of the current one the quantized product asks for.
 const PREFETCH_ROWS: usize = 16;

@@ -51,27 +51,36 @@ pub(crate) fn attend(
     layer: usize,
     heads: Heads,
     scale: f32,
-    first_key: impl Fn(usize) -> usize,
+    first_key: impl Fn(usize) -> usize + Sync,
 ) -> Vec<f32> {
     let (nh, nkv, d) = (heads.q, heads.kv, heads.dim);
     let group = nh / nkv;
     let mut out = vec![0.0f32; batch.len() * nh * d];
-    let mut scores = Vec::new();
-    for (row, (&seq, &pos)) in batch.seq_ids.iter().zip(&batch.positions).enumerate() {
-        let start = first_key(pos);
-        // Head h of cached position j within a run of positions.
-        let key = |j: usize, h: usize| (j * nkv + h) * d..(j * nkv + h + 1) * d;
-        let runs = || cache.runs(seq, layer, start, pos);
-        for head in 0..nh {
+    // (row, head) pairs are independent: split them over the pool, each computed exactly as it
+    // would be alone.
+    let pairs = batch.len() * nh;
+    let pool = herd_kernels::pool::global();
+    let per_task = pairs.div_ceil(pool.n_threads() * 4).max(1);
+    let shared = herd_kernels::pool::SharedMut::new(&mut out);
+    pool.run(pairs.div_ceil(per_task), |task| {
+        let mut scores = Vec::new();
+        for pair in task * per_task..((task + 1) * per_task).min(pairs) {
+            let (row, head) = (pair / nh, pair % nh);
+            let (seq, pos) = (batch.seq_ids[row], batch.positions[row]);
+            let start = first_key(pos);
+            // Head h of cached position j within a run of positions.
+            let key = |j: usize, h: usize| (j * nkv + h) * d..(j * nkv + h + 1) * d;
+            let runs = || cache.runs(seq, layer, start, pos);
             let kvh = head / group;
-            let qh = &q[(row * nh + head) * d..(row * nh + head + 1) * d];
+            let qh = &q[pair * d..(pair + 1) * d];
             scores.clear();
             for (keys, _) in runs() {
                 let n = keys.len() / (nkv * d);
                 scores.extend((0..n).map(|j| dot(qh, &keys[key(j, kvh)]) * scale));
             }
             softmax(&mut scores);
-            let oh = &mut out[(row * nh + head) * d..(row * nh + head + 1) * d];
+            // SAFETY: each (row, head) pair owns its d outputs.
+            let oh = unsafe { shared.slice(pair * d, d) };
             let mut p = scores.iter();
             for (_, values) in runs() {
                 for j in 0..values.len() / (nkv * d) {
@@ -83,7 +92,7 @@ pub(crate) fn attend(
                 }
             }
         }
-    }
+    });
     out
 }
 
