@@ -285,7 +285,7 @@ fn random_model_file(preset: &str, file_type: &str, seed: u64) -> Result<tempfil
     let ft = crate::quantize::file_type(file_type)?;
     let plan = crate::quantize::random_plan(preset, ft, seed)?;
     let bytes = crate::quantize::plan_bytes(&plan, ft) as f64;
-    let available = available_memory().unwrap_or(f64::INFINITY);
+    let available = herd_plan::hardware::this_machine_available_ram().unwrap_or(f64::INFINITY);
     if bytes > 0.9 * available {
         bail!(
             "{preset} at {file_type} takes {:.1} GB, more than this machine's {:.1} GB of available \
@@ -306,18 +306,4 @@ fn random_model_file(preset: &str, file_type: &str, seed: u64) -> Result<tempfil
     );
     crate::quantize::write_with_progress(&plan, ft, file.path())?;
     Ok(file)
-}
-
-/// `MemAvailable` of this machine, bytes.
-fn available_memory() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024.0)
 }

@@ -197,13 +197,23 @@ pub fn parse_cpu_memory(spec: &str) -> Result<f64> {
 
 /// System RAM of this machine, bytes (`MemTotal`).
 pub fn this_machine_ram() -> Result<f64> {
+    meminfo("MemTotal")
+}
+
+/// Memory this machine could give a new process now, bytes (`MemAvailable`).
+pub fn this_machine_available_ram() -> Result<f64> {
+    meminfo("MemAvailable")
+}
+
+/// A `/proc/meminfo` field, bytes.
+fn meminfo(field: &str) -> Result<f64> {
     let text = std::fs::read_to_string("/proc/meminfo")
         .map_err(|e| Error::Hardware(format!("/proc/meminfo: {e}")))?;
     let kb = text
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .ok_or_else(|| Error::Hardware("no MemTotal in /proc/meminfo".into()))?;
+        .ok_or_else(|| Error::Hardware(format!("no {field} in /proc/meminfo")))?;
     Ok(kb * 1024.0)
 }
 

@@ -523,14 +523,59 @@ unsafe fn q5_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
     sum
 }
 
+/// The 128 unsigned 6-bit values (0..63) of half `half` of a Q6_K block, as four groups of 32
+/// bytes (values 0..31, 32..63, 64..95, 96..127 of the half).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q6_k_half(w: *const u8, half: usize) -> [__m256i; 4] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(0x03);
+    // SAFETY: ql and qh of this half lie in the Q6_K block.
+    let (l1, l2, h) = unsafe {
+        (
+            _mm256_loadu_si256(w.add(64 * half) as *const __m256i),
+            _mm256_loadu_si256(w.add(64 * half + 32) as *const __m256i),
+            _mm256_loadu_si256(w.add(128 + 32 * half) as *const __m256i),
+        )
+    };
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(l1, m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(l2, m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(h), m2)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(h), m2)),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(l2), m4),
+            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(h), m2)),
+        ),
+    ]
+}
+
+/// A shuffle picking, for value group k (0..4) of a Q6_K half, scale 2k in the low 128-bit lane
+/// and 2k+1 in the high lane, from the half's eight i16 scales held in both lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6_k_scale_pick(k: usize) -> __m256i {
+    let (lo, hi) = ((4 * k) as i16, (4 * k + 2) as i16);
+    _mm256_set_m128i(
+        _mm_set1_epi16(((hi + 1) << 8) | hi),
+        _mm_set1_epi16(((lo + 1) << 8) | lo),
+    )
+}
+
 /// One Q6_K × Q8_K super-block's exact integer sum as lanes: (Σ scale·q·a with q unsigned
 /// 0..63 over eight i32 lanes, Σ scale·bsum over eight i32 lanes); the block's sum is
 /// `first − 32·second` (the −32 offset of every value, applied once).
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn q6_k_block(w: *const u8, a: *const u8) -> (__m256i, __m256i) {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m2 = _mm256_set1_epi8(0x03);
     // The caller passes w at a 210-byte Q6_K block and a at a 292-byte Q8_K block.
     // SAFETY: the 16 scales are bytes 192..208 of the Q6_K block.
     let scales = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(192) as *const __m128i)) };
@@ -546,41 +591,12 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> (__m256i, __m256i) {
         } else {
             _mm256_permute2x128_si256::<0x11>(scales, scales)
         };
-        // SAFETY: ql and qh of this half lie in the Q6_K block.
-        let (l1, l2, h) = unsafe {
-            (
-                _mm256_loadu_si256(w.add(64 * half) as *const __m256i),
-                _mm256_loadu_si256(w.add(64 * half + 32) as *const __m256i),
-                _mm256_loadu_si256(w.add(128 + 32 * half) as *const __m256i),
-            )
-        };
-        let q = [
-            _mm256_or_si256(
-                _mm256_and_si256(l1, m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(l2, m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(h), m2)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(h), m2)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(l2), m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(h), m2)),
-            ),
-        ];
+        // SAFETY: the caller's w is a whole Q6_K block.
+        let q = unsafe { q6_k_half(w, half) };
         for (k, &qk) in q.iter().enumerate() {
             // SAFETY: activation group k of this half lies in the Q8_K block.
             let y = unsafe { _mm256_loadu_si256(a.add(4 + 128 * half + 32 * k) as *const __m256i) };
-            let (lo, hi) = ((4 * k) as i16, (4 * k + 2) as i16);
-            let pick = _mm256_set_m128i(
-                _mm_set1_epi16(((hi + 1) << 8) | hi),
-                _mm_set1_epi16(((lo + 1) << 8) | lo),
-            );
-            let s = _mm256_shuffle_epi8(sc, pick);
+            let s = _mm256_shuffle_epi8(sc, q6_k_scale_pick(k));
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, _mm256_maddubs_epi16(qk, y)));
         }
     }
@@ -591,8 +607,6 @@ unsafe fn q6_k_block(w: *const u8, a: *const u8) -> (__m256i, __m256i) {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn q6_k_block_shared_w(w: *const u8, a: [*const u8; 4]) -> ([__m256i; 4], [__m256i; 4]) {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let m2 = _mm256_set1_epi8(0x03);
     // The caller passes w at a 210-byte Q6_K block and each a[r] at a 292-byte Q8_K block.
     // SAFETY: the 16 scales are bytes 192..208 of the Q6_K block.
     let scales = unsafe { _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(192) as *const __m128i)) };
@@ -608,39 +622,10 @@ unsafe fn q6_k_block_shared_w(w: *const u8, a: [*const u8; 4]) -> ([__m256i; 4],
         } else {
             _mm256_permute2x128_si256::<0x11>(scales, scales)
         };
-        // SAFETY: ql and qh of this half lie in the Q6_K block.
-        let (l1, l2, h) = unsafe {
-            (
-                _mm256_loadu_si256(w.add(64 * half) as *const __m256i),
-                _mm256_loadu_si256(w.add(64 * half + 32) as *const __m256i),
-                _mm256_loadu_si256(w.add(128 + 32 * half) as *const __m256i),
-            )
-        };
-        let q = [
-            _mm256_or_si256(
-                _mm256_and_si256(l1, m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(l2, m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(h), m2)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(h), m2)),
-            ),
-            _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(l2), m4),
-                _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(h), m2)),
-            ),
-        ];
+        // SAFETY: the caller's w is a whole Q6_K block.
+        let q = unsafe { q6_k_half(w, half) };
         for (k, &qk) in q.iter().enumerate() {
-            let (lo, hi) = ((4 * k) as i16, (4 * k + 2) as i16);
-            let pick = _mm256_set_m128i(
-                _mm_set1_epi16(((hi + 1) << 8) | hi),
-                _mm_set1_epi16(((lo + 1) << 8) | lo),
-            );
-            let s = _mm256_shuffle_epi8(sc, pick);
+            let s = _mm256_shuffle_epi8(sc, q6_k_scale_pick(k));
             for r in 0..4 {
                 // SAFETY: activation group k of this half lies in the Q8_K block.
                 let y = unsafe {
