@@ -110,12 +110,21 @@ pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
     if path.is_dir() {
         let config = herd_formats::hf::read_json(&path.join("config.json"))
             .map_err(|e| Error::Model(e.to_string()))?;
-        let c = Llama4Config::from_json(&config).map_err(|e| Error::Model(e.to_string()))?;
-        return Ok(ModelFacts::from_llama4(
-            reference,
-            &c,
-            ft.unwrap_or(FileType::BF16),
-        ));
+        let model_err = |e: herd_models::Error| Error::Model(e.to_string());
+        let ft = ft.unwrap_or(FileType::BF16);
+        return match herd_models::config_json::model_type(&config)
+            .map_err(model_err)?
+            .as_str()
+        {
+            "gemma3" | "gemma3_text" => {
+                let c = herd_models::gemma3::Gemma3Config::from_json(&config).map_err(model_err)?;
+                Ok(ModelFacts::from_gemma3(reference, &c, ft))
+            }
+            _ => {
+                let c = Llama4Config::from_json(&config).map_err(model_err)?;
+                Ok(ModelFacts::from_llama4(reference, &c, ft))
+            }
+        };
     }
     if path.is_file() {
         let f = GgufFile::open(path).map_err(|e| Error::Model(e.to_string()))?;

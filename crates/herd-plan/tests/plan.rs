@@ -277,3 +277,18 @@ fn default_model_alias_predicts_the_published_file() {
     let r = plan(&facts, &request(Hardware::default())).unwrap();
     assert_eq!(r.weight_bytes, file_bytes(&path));
 }
+
+/// A Gemma 3 Hugging Face directory is planned as Gemma 3 (its config's shape), not as Llama 4.
+#[test]
+fn gemma3_directories_are_planned_from_their_own_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gemma3/core");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let m = herd_plan::resolve(dir.to_str().unwrap(), None).unwrap();
+    assert_eq!(
+        m.n_layers as u64,
+        config["num_hidden_layers"].as_u64().unwrap()
+    );
+    assert_eq!(m.hidden as u64, config["hidden_size"].as_u64().unwrap());
+    assert_eq!(m.n_experts, 0);
+}
