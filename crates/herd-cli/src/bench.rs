@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use herd_formats::random::Rng;
+use herd_kernels::rng::SplitMix64;
 use herd_models::{Batch, CausalLm, load_model};
 use herd_plan::model::Part;
 use serde_json::json;
@@ -110,7 +110,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("reading the model's tensor table: {e}"))?;
     let model: &dyn CausalLm = model.as_ref();
     let threads = herd_kernels::pool::global().n_threads();
-    let mut rng = Rng::new(a.seed);
+    let mut rng = SplitMix64::new(a.seed);
     let vocab = model.vocab_size() as u64;
     let mut tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect() };

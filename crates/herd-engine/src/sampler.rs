@@ -1,6 +1,7 @@
 //! Choosing the next token from logits: logit bias, penalties, temperature, top-k, top-p,
 //! min-p, a seeded generator (same seed, same output), and log-probabilities with alternatives.
 
+use herd_kernels::rng::SplitMix64;
 use std::collections::HashMap;
 
 /// Sampling settings, with OpenAI's and llama.cpp's usual meanings.
@@ -60,29 +61,10 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
-/// SplitMix64: tiny, fast, and fully determined by its seed on every platform.
-#[derive(Clone, Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: Rng,
+    rng: SplitMix64,
     /// Occurrences of each token in the output so far (presence/frequency penalties).
     counts: HashMap<u32, u32>,
     /// Tokens of prompt and output (repetition penalty).
@@ -91,7 +73,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
-        let rng = Rng(params.seed);
+        let rng = SplitMix64::new(params.seed);
         Self {
             params,
             rng,
@@ -260,7 +242,7 @@ fn log_probs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
 mod tests {
     use super::*;
 
-    fn random_logits(rng: &mut Rng, n: usize) -> Vec<f32> {
+    fn random_logits(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
         (0..n)
             .map(|_| (rng.next_f64() * 20.0 - 10.0) as f32)
             .collect()
@@ -268,7 +250,7 @@ mod tests {
 
     #[test]
     fn greedy_is_argmax_and_seeds_reproduce() {
-        let mut rng = Rng(7);
+        let mut rng = SplitMix64::new(7);
         let logits = random_logits(&mut rng, 100);
         let argmax = logits
             .iter()
@@ -304,7 +286,7 @@ mod tests {
     /// min-p allow, computed here independently.
     #[test]
     fn truncation_never_escapes_the_allowed_set() {
-        let mut rng = Rng(1);
+        let mut rng = SplitMix64::new(1);
         for case in 0..300 {
             let n = 2 + (rng.next_u64() % 60) as usize;
             let logits = random_logits(&mut rng, n);

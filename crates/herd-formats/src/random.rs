@@ -7,43 +7,15 @@
 //! block drawn at random from the pool: every block is a real quantized block, and the order of
 //! blocks has no pattern a cache or a predictor could use.
 
+use herd_kernels::rng::SplitMix64;
 use herd_kernels::{DType, quant};
-
-/// SplitMix64: small, fast and good enough to pick blocks and make normal values.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn unit(&mut self) -> f64 {
-        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
-    }
-
-    /// A standard normal value (Box–Muller).
-    pub fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit(), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-    }
-}
 
 /// Blocks in the pool a quantized tensor is drawn from.
 const POOL_BLOCKS: usize = 1024;
 
 /// `n` values drawn from N(0, std²), stored as `dtype` (`n` a whole number of its blocks).
 pub fn random_tensor(dtype: DType, n: usize, std: f32, seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut normals =
         |count: usize| -> Vec<f32> { (0..count).map(|_| rng.normal() * std).collect() };
     if !dtype.is_quantized() {

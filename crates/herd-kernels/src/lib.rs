@@ -10,6 +10,7 @@ pub mod matmul;
 pub mod ops;
 pub mod pool;
 pub mod quant;
+pub mod rng;
 
 pub use dtype::DType;
 pub use matmul::{Layout, MatRef};
