@@ -19,18 +19,16 @@ use std::time::{Duration, Instant};
 /// sleeping.
 const SPIN: Duration = Duration::from_micros(500);
 
-/// Watch `done()` for up to [`SPIN`]; true if it became true.
-fn spin_until(done: impl Fn() -> bool) -> bool {
+/// Watch `done()` until it holds or [`SPIN`] has passed (the caller then checks under the lock
+/// and sleeps if need be).
+fn spin_until(done: impl Fn() -> bool) {
     let start = Instant::now();
-    loop {
+    while start.elapsed() <= SPIN {
         for _ in 0..64 {
             if done() {
-                return true;
+                return;
             }
             std::hint::spin_loop();
-        }
-        if start.elapsed() > SPIN {
-            return done();
         }
     }
 }

@@ -41,8 +41,9 @@ pub(crate) fn vec_dot_x4(wtype: DType, w: [&[u8]; 4], a: [&[u8]; 4], n: usize) -
         match wtype {
             DType::Q8_0 => Some(q8_0_q8_0_x4(w, a, nb)),
             DType::Q5_0 => Some(q5_0_q8_0_x4(w, a, nb, same_w)),
-            DType::Q4K => Some(q4_k_q8_k_x4(w, a, nb, same_w)),
-            DType::Q6K => Some(q6_k_q8_k_x4(w, a, nb, same_w)),
+            // K-quant blocks are large: four pairs pay only when they share the weight block.
+            DType::Q4K if same_w => Some(q4_k_q8_k_x4(w[0], a, nb)),
+            DType::Q6K if same_w => Some(q6_k_q8_k_x4(w[0], a, nb)),
             _ => None,
         }
     }
@@ -442,22 +443,17 @@ unsafe fn q4_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
     sum
 }
 
-/// Four Q4_K pairs; lane r has the one-pair kernel's bits (the same f32 operations per lane).
+/// One Q4_K row against four activation rows; lane r has the one-pair kernel's bits (the same
+/// f32 operations per lane).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize, same_w: bool) -> [f32; 4] {
+unsafe fn q4_k_q8_k_x4(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
     let mut sum = _mm_setzero_ps();
     for i in 0..nb {
         // SAFETY: block i of every row is in bounds (checked by vec_dot_x4).
         unsafe {
-            let wb = w.map(|r| r.as_ptr().add(144 * i));
+            let wb = w.as_ptr().add(144 * i);
             let ab = a.map(|r| r.as_ptr().add(292 * i));
-            let (acc, mins) = if same_w {
-                q4_k_block_shared_w(wb[0], ab)
-            } else {
-                let blocks: [(__m256i, __m128i); 4] =
-                    std::array::from_fn(|r| q4_k_block(wb[r], ab[r]));
-                (blocks.map(|b| b.0), blocks.map(|b| b.1))
-            };
+            let (acc, mins) = q4_k_block_shared_w(wb, ab);
             let sumi = _mm_cvtepi32_ps(hsum4_i32(acc));
             let summ = _mm_cvtepi32_ps(hsum4_i32x4(mins));
             let ad = _mm_set_ps(
@@ -466,8 +462,8 @@ unsafe fn q4_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize, same_w: bool) ->
                 f32_ptr(ab[1]),
                 f32_ptr(ab[0]),
             );
-            let wd = f16x4(wb.map(|p| std::ptr::read_unaligned(p as *const i16)));
-            let wdmin = f16x4(wb.map(|p| std::ptr::read_unaligned(p.add(2) as *const i16)));
+            let wd = _mm_set1_ps(f16_ptr(wb));
+            let wdmin = _mm_set1_ps(f16_ptr(wb.add(2)));
             // combine_k: ad·wd·sumi − ad·wdmin·summ, then the running sum.
             let t = _mm_sub_ps(
                 _mm_mul_ps(_mm_mul_ps(ad, wd), sumi),
@@ -654,22 +650,16 @@ unsafe fn q6_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
     sum
 }
 
-/// Four Q6_K pairs; lane r has the one-pair kernel's bits.
+/// One Q6_K row against four activation rows; lane r has the one-pair kernel's bits.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize, same_w: bool) -> [f32; 4] {
+unsafe fn q6_k_q8_k_x4(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
     let mut sum = _mm_setzero_ps();
     for i in 0..nb {
         // SAFETY: block i of every row is in bounds (checked by vec_dot_x4).
         unsafe {
-            let wb = w.map(|r| r.as_ptr().add(210 * i));
+            let wb = w.as_ptr().add(210 * i);
             let ab = a.map(|r| r.as_ptr().add(292 * i));
-            let (acc, offset) = if same_w {
-                q6_k_block_shared_w(wb[0], ab)
-            } else {
-                let blocks: [(__m256i, __m256i); 4] =
-                    std::array::from_fn(|r| q6_k_block(wb[r], ab[r]));
-                (blocks.map(|b| b.0), blocks.map(|b| b.1))
-            };
+            let (acc, offset) = q6_k_block_shared_w(wb, ab);
             let sumi = _mm_sub_epi32(hsum4_i32(acc), _mm_slli_epi32::<5>(hsum4_i32(offset)));
             let ad = _mm_set_ps(
                 f32_ptr(ab[3]),
@@ -677,7 +667,7 @@ unsafe fn q6_k_q8_k_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize, same_w: bool) ->
                 f32_ptr(ab[1]),
                 f32_ptr(ab[0]),
             );
-            let d = f16x4(wb.map(|p| std::ptr::read_unaligned(p.add(208) as *const i16)));
+            let d = _mm_set1_ps(f16_ptr(wb.add(208)));
             sum = _mm_add_ps(sum, _mm_mul_ps(_mm_mul_ps(ad, d), _mm_cvtepi32_ps(sumi)));
         }
     }
@@ -715,13 +705,17 @@ mod tests {
                 };
                 let (ws, acts) = (rows(blocks as u64, wt), rows(100 + blocks as u64, at));
                 let a = [0, 1, 2, 3].map(|r| acts[r].as_slice());
-                // Four different weight rows (decode), then one weight row for four
-                // activation rows (a batch).
+                // Four different weight rows, then one weight row for four activation rows (a
+                // batch). K-quants have a kernel only for the shared row; the dispatcher falls
+                // back to single pairs for the other.
                 for w in [
                     [0, 1, 2, 3].map(|r| ws[r].as_slice()),
                     [ws[2].as_slice(); 4],
                 ] {
-                    let fast = vec_dot_x4(wt, w, a, n).unwrap();
+                    let shared = std::ptr::eq(w[0], w[1]);
+                    let kernel = vec_dot_x4(wt, w, a, n);
+                    assert_eq!(kernel.is_some(), shared || wt.block_size() == 32, "{wt}");
+                    let fast = crate::quant::vec_dot_x4(wt, w, a, n);
                     for r in 0..4 {
                         let slow = vec_dot_scalar(wt, w[r], a[r], n);
                         assert_eq!(fast[r].to_bits(), slow.to_bits(), "{wt} n={n} pair {r}");
