@@ -63,12 +63,31 @@ fn resolve_hub(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
                 .map_err(|e| model_err(e.to_string()))?;
             let config: serde_json::Value = serde_json::from_slice(&bytes)
                 .map_err(|e| model_err(format!("config.json: {e}")))?;
-            let c = Llama4Config::from_json(&config).map_err(|e| model_err(e.to_string()))?;
-            Ok(ModelFacts::from_llama4(
-                reference,
-                &c,
-                ft.unwrap_or(FileType::BF16),
-            ))
+            facts_from_config(reference, &config, ft.unwrap_or(FileType::BF16))
+                .map_err(|e| model_err(e.to_string()))
+        }
+    }
+}
+
+/// A `config.json` (Gemma 3 or Llama 4, by its `model_type`) as the planner sees it, typed for
+/// `ft`.
+fn facts_from_config(
+    reference: &str,
+    config: &serde_json::Value,
+    ft: FileType,
+) -> Result<ModelFacts> {
+    let model_err = |e: herd_models::Error| Error::Model(e.to_string());
+    match herd_models::config_json::model_type(config)
+        .map_err(model_err)?
+        .as_str()
+    {
+        "gemma3" | "gemma3_text" => {
+            let c = herd_models::gemma3::Gemma3Config::from_json(config).map_err(model_err)?;
+            Ok(ModelFacts::from_gemma3(reference, &c, ft))
+        }
+        _ => {
+            let c = Llama4Config::from_json(config).map_err(model_err)?;
+            Ok(ModelFacts::from_llama4(reference, &c, ft))
         }
     }
 }
@@ -92,16 +111,13 @@ fn facts_from_gguf(reference: &str, f: &GgufFile, ft: Option<FileType>) -> Resul
 /// `hf:org/repo[:file.gguf]` (config.json or the GGUF header, fetched from `HF_ENDPOINT`).
 pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
     if let Some(p) = herd_models::presets::preset(reference) {
-        let config = p.config();
-        return Ok(if p.family == "gemma3" {
-            let c = herd_models::gemma3::Gemma3Config::from_json(&config)
-                .map_err(|e| Error::Model(e.to_string()))?;
-            // The published default model is Q4_K_M.
-            ModelFacts::from_gemma3(reference, &c, ft.unwrap_or(FileType::Q4KM))
+        // The published default model is Q4_K_M; the released Llama 4 weights are bf16.
+        let default = if p.family == "gemma3" {
+            FileType::Q4KM
         } else {
-            let c = Llama4Config::from_json(&config).map_err(|e| Error::Model(e.to_string()))?;
-            ModelFacts::from_llama4(reference, &c, ft.unwrap_or(FileType::BF16))
-        });
+            FileType::BF16
+        };
+        return facts_from_config(reference, &p.config(), ft.unwrap_or(default));
     }
     if reference.starts_with("hf:") {
         return resolve_hub(reference, ft);
@@ -110,21 +126,7 @@ pub fn resolve(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
     if path.is_dir() {
         let config = herd_formats::hf::read_json(&path.join("config.json"))
             .map_err(|e| Error::Model(e.to_string()))?;
-        let model_err = |e: herd_models::Error| Error::Model(e.to_string());
-        let ft = ft.unwrap_or(FileType::BF16);
-        return match herd_models::config_json::model_type(&config)
-            .map_err(model_err)?
-            .as_str()
-        {
-            "gemma3" | "gemma3_text" => {
-                let c = herd_models::gemma3::Gemma3Config::from_json(&config).map_err(model_err)?;
-                Ok(ModelFacts::from_gemma3(reference, &c, ft))
-            }
-            _ => {
-                let c = Llama4Config::from_json(&config).map_err(model_err)?;
-                Ok(ModelFacts::from_llama4(reference, &c, ft))
-            }
-        };
+        return facts_from_config(reference, &config, ft.unwrap_or(FileType::BF16));
     }
     if path.is_file() {
         let f = GgufFile::open(path).map_err(|e| Error::Model(e.to_string()))?;
