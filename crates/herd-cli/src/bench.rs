@@ -288,7 +288,7 @@ fn batched_rate(model: &dyn CausalLm, prompts: &[Vec<u32>], n: usize) -> Result<
 fn random_model_file(preset: &str, file_type: &str, seed: u64) -> Result<tempfile::NamedTempFile> {
     let ft = crate::quantize::file_type(file_type)?;
     let plan = crate::quantize::random_plan(preset, ft, seed)?;
-    let bytes = crate::quantize::plan_bytes(&plan, ft) as f64;
+    let bytes = crate::quantize::random_plan_bytes(&plan) as f64;
     let available = herd_plan::hardware::this_machine_available_ram().unwrap_or(f64::INFINITY);
     if bytes > 0.9 * available {
         bail!(

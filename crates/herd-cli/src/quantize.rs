@@ -141,19 +141,12 @@ pub fn random_plan(shape: &str, ft: FileType, seed: u64) -> Result<GgufPlan> {
     Ok(herd_models::llama4::random::random_gguf_plan(&c, ft, seed))
 }
 
-/// Bytes the plan's tensors take once written with `ft`'s types.
-pub fn plan_bytes(plan: &GgufPlan, ft: FileType) -> u64 {
-    herd_formats::quantize::choose_types(
-        ft,
-        &plan.shape,
-        plan.tensors
-            .iter()
-            .map(|t| (t.name.as_str(), t.dims.as_slice(), t.dtype)),
-    )
-    .iter()
-    .zip(&plan.tensors)
-    .map(|(d, t)| d.bytes_for(t.dims.iter().product::<u64>() as usize) as u64)
-    .sum()
+/// Bytes a random plan's tensors take in the file (they already carry the types `ft` chose).
+pub fn random_plan_bytes(plan: &GgufPlan) -> u64 {
+    plan.tensors
+        .iter()
+        .map(|t| t.dtype.bytes_for(t.dims.iter().product::<u64>() as usize) as u64)
+        .sum()
 }
 
 /// `herd random-model`: write a random-weight GGUF of a preset's shape.
