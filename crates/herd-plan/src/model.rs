@@ -125,50 +125,8 @@ impl ModelFacts {
     /// From a Llama 4 config, with tensor types chosen for `ft` as llama-quantize (or the HF
     /// converter for float types) would.
     pub fn from_llama4(name: &str, c: &Llama4Config, ft: FileType) -> Self {
-        let (h, d, v) = (c.hidden_size as u64, c.head_dim as u64, c.vocab_size as u64);
-        let (nh, nkv, e) = (
-            c.num_attention_heads as u64,
-            c.num_key_value_heads as u64,
-            c.num_local_experts as u64,
-        );
-        let (i, im) = (c.intermediate_size as u64, c.intermediate_size_mlp as u64);
-        let mut list: Vec<(String, Vec<u64>)> = Vec::new();
-        if c.rope_scaling.is_some() {
-            list.push(("rope_freqs.weight".into(), vec![d / 2]));
-        }
-        if !c.tie_word_embeddings {
-            list.push(("output.weight".into(), vec![h, v]));
-        }
-        list.push(("token_embd.weight".into(), vec![h, v]));
-        list.push(("output_norm.weight".into(), vec![h]));
-        for l in 0..c.num_hidden_layers {
-            let b = |n: &str| format!("blk.{l}.{n}.weight");
-            list.push((b("attn_norm"), vec![h]));
-            list.push((b("attn_q"), vec![h, nh * d]));
-            list.push((b("attn_k"), vec![h, nkv * d]));
-            list.push((b("attn_v"), vec![h, nkv * d]));
-            list.push((b("attn_output"), vec![nh * d, h]));
-            list.push((b("ffn_norm"), vec![h]));
-            if c.is_moe_layer(l) {
-                list.push((b("ffn_gate_inp"), vec![h, e]));
-                list.push((b("ffn_gate_shexp"), vec![h, i]));
-                list.push((b("ffn_up_shexp"), vec![h, i]));
-                list.push((b("ffn_down_shexp"), vec![i, h]));
-                list.push((b("ffn_gate_exps"), vec![h, i, e]));
-                list.push((b("ffn_up_exps"), vec![h, i, e]));
-                list.push((b("ffn_down_exps"), vec![i, h, e]));
-            } else {
-                list.push((b("ffn_gate"), vec![h, im]));
-                list.push((b("ffn_up"), vec![h, im]));
-                list.push((b("ffn_down"), vec![im, h]));
-            }
-        }
-        let shape = ModelShape {
-            n_layers: c.num_hidden_layers,
-            n_experts: c.num_local_experts,
-            n_attn_v: c.num_hidden_layers,
-            tied_embeddings: c.tie_word_embeddings,
-        };
+        let list = herd_models::llama4::export::gguf_tensor_table(c);
+        let shape = herd_models::llama4::export::gguf_model_shape(c);
         let tensors = with_types(list, &shape, ft);
         Self {
             name: name.to_string(),

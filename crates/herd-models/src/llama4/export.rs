@@ -121,6 +121,60 @@ pub fn gguf_from_hf(dir: &HfModelDir) -> Result<GgufPlan> {
     })
 }
 
+/// Every tensor llama.cpp's converter writes for a Llama 4 config, in its order: the GGUF name
+/// and ggml dimensions (row length first). `rope_freqs` comes first when the config scales RoPE.
+pub fn gguf_tensor_table(c: &Llama4Config) -> Vec<(String, Vec<u64>)> {
+    let (h, d, v) = (c.hidden_size as u64, c.head_dim as u64, c.vocab_size as u64);
+    let (nh, nkv, e) = (
+        c.num_attention_heads as u64,
+        c.num_key_value_heads as u64,
+        c.num_local_experts as u64,
+    );
+    let (i, im) = (c.intermediate_size as u64, c.intermediate_size_mlp as u64);
+    let mut list: Vec<(String, Vec<u64>)> = Vec::new();
+    if c.rope_scaling.is_some() {
+        list.push(("rope_freqs.weight".into(), vec![d / 2]));
+    }
+    if !c.tie_word_embeddings {
+        list.push(("output.weight".into(), vec![h, v]));
+    }
+    list.push(("token_embd.weight".into(), vec![h, v]));
+    list.push(("output_norm.weight".into(), vec![h]));
+    for l in 0..c.num_hidden_layers {
+        let b = |n: &str| format!("blk.{l}.{n}.weight");
+        list.push((b("attn_norm"), vec![h]));
+        list.push((b("attn_q"), vec![h, nh * d]));
+        list.push((b("attn_k"), vec![h, nkv * d]));
+        list.push((b("attn_v"), vec![h, nkv * d]));
+        list.push((b("attn_output"), vec![nh * d, h]));
+        list.push((b("ffn_norm"), vec![h]));
+        if c.is_moe_layer(l) {
+            list.push((b("ffn_gate_inp"), vec![h, e]));
+            list.push((b("ffn_gate_shexp"), vec![h, i]));
+            list.push((b("ffn_up_shexp"), vec![h, i]));
+            list.push((b("ffn_down_shexp"), vec![i, h]));
+            list.push((b("ffn_gate_exps"), vec![h, i, e]));
+            list.push((b("ffn_up_exps"), vec![h, i, e]));
+            list.push((b("ffn_down_exps"), vec![i, h, e]));
+        } else {
+            list.push((b("ffn_gate"), vec![h, im]));
+            list.push((b("ffn_up"), vec![h, im]));
+            list.push((b("ffn_down"), vec![im, h]));
+        }
+    }
+    list
+}
+
+/// The facts the quantizer's type rules need about a Llama 4 config.
+pub fn gguf_model_shape(c: &Llama4Config) -> ModelShape {
+    ModelShape {
+        n_layers: c.num_hidden_layers,
+        n_experts: c.num_local_experts,
+        n_attn_v: c.num_hidden_layers,
+        tied_embeddings: c.tie_word_embeddings,
+    }
+}
+
 /// The model keys llama.cpp's converter writes for a Llama 4 config (no tokenizer keys).
 pub(crate) fn gguf_metadata(c: &Llama4Config) -> Vec<(String, Value)> {
     let u32v = |v: usize| Value::U32(v as u32);

@@ -8,65 +8,15 @@
 
 use herd_formats::TensorBytes;
 use herd_formats::gguf::Value;
-use herd_formats::quantize::{FileType, GgufPlan, ModelShape, SourceTensor, choose_types};
+use herd_formats::quantize::{FileType, GgufPlan, SourceTensor, choose_types};
 use herd_formats::random::random_tensor;
 use herd_kernels::DType;
 
 use super::Llama4Config;
-use super::export::{gguf_metadata, rope_freq_factors};
+use super::export::{gguf_metadata, gguf_model_shape, gguf_tensor_table, rope_freq_factors};
 
 /// Standard deviation of the random weights.
 const WEIGHT_STD: f32 = 0.02;
-
-/// Every tensor of the model in the converter's order, ggml dimension order, and whether it is a
-/// norm (ones) rather than a weight.
-fn tensor_table(c: &Llama4Config) -> Vec<(String, Vec<u64>, bool)> {
-    let (h, v, d) = (c.hidden_size as u64, c.vocab_size as u64, c.head_dim as u64);
-    let (nh, nkv, e) = (
-        c.num_attention_heads as u64,
-        c.num_key_value_heads as u64,
-        c.num_local_experts as u64,
-    );
-    let (inter, mlp) = (c.intermediate_size as u64, c.intermediate_size_mlp as u64);
-    let mut t = Vec::new();
-    let mut add = |name: String, dims: Vec<u64>, norm: bool| t.push((name, dims, norm));
-    if !c.tie_word_embeddings {
-        add("output.weight".into(), vec![h, v], false);
-    }
-    add("token_embd.weight".into(), vec![h, v], false);
-    add("output_norm.weight".into(), vec![h], true);
-    for i in 0..c.num_hidden_layers {
-        let b = format!("blk.{i}");
-        add(format!("{b}.attn_norm.weight"), vec![h], true);
-        add(format!("{b}.attn_q.weight"), vec![h, nh * d], false);
-        add(format!("{b}.attn_k.weight"), vec![h, nkv * d], false);
-        add(format!("{b}.attn_v.weight"), vec![h, nkv * d], false);
-        add(format!("{b}.attn_output.weight"), vec![nh * d, h], false);
-        add(format!("{b}.ffn_norm.weight"), vec![h], true);
-        if c.is_moe_layer(i) {
-            add(format!("{b}.ffn_gate_inp.weight"), vec![h, e], false);
-            add(format!("{b}.ffn_gate_shexp.weight"), vec![h, inter], false);
-            add(format!("{b}.ffn_up_shexp.weight"), vec![h, inter], false);
-            add(format!("{b}.ffn_down_shexp.weight"), vec![inter, h], false);
-            add(
-                format!("{b}.ffn_gate_exps.weight"),
-                vec![h, inter, e],
-                false,
-            );
-            add(format!("{b}.ffn_up_exps.weight"), vec![h, inter, e], false);
-            add(
-                format!("{b}.ffn_down_exps.weight"),
-                vec![inter, h, e],
-                false,
-            );
-        } else {
-            add(format!("{b}.ffn_gate.weight"), vec![h, mlp], false);
-            add(format!("{b}.ffn_up.weight"), vec![h, mlp], false);
-            add(format!("{b}.ffn_down.weight"), vec![mlp, h], false);
-        }
-    }
-    t
-}
 
 /// A synthetic SentencePiece vocabulary of `n` tokens (at least 259).
 fn synthetic_vocab(n: usize) -> Vec<(String, Value)> {
@@ -99,19 +49,18 @@ fn synthetic_vocab(n: usize) -> Vec<(String, Value)> {
 
 /// The GGUF plan of a random-weight model of shape `c`, typed for `ft`; `seed` fixes every value.
 pub fn random_gguf_plan(c: &Llama4Config, ft: FileType, seed: u64) -> GgufPlan {
-    let table = tensor_table(c);
-    let shape = ModelShape {
-        n_layers: c.num_hidden_layers,
-        n_experts: c.num_local_experts,
-        n_attn_v: c.num_hidden_layers,
-        tied_embeddings: c.tie_word_embeddings,
-    };
+    // rope_freqs holds the config's frequency factors, not random values.
+    let table: Vec<(String, Vec<u64>)> = gguf_tensor_table(c)
+        .into_iter()
+        .filter(|(name, _)| name != "rope_freqs.weight")
+        .collect();
+    let shape = gguf_model_shape(c);
     let types = choose_types(
         ft,
         &shape,
         table
             .iter()
-            .map(|(name, dims, _)| (name.as_str(), dims.as_slice(), DType::F32)),
+            .map(|(name, dims)| (name.as_str(), dims.as_slice(), DType::F32)),
     );
     let mut tensors = Vec::new();
     if c.rope_scaling.is_some() {
@@ -126,29 +75,34 @@ pub fn random_gguf_plan(c: &Llama4Config, ft: FileType, seed: u64) -> GgufPlan {
             TensorBytes::owned(factors),
         ));
     }
-    tensors.extend(table.into_iter().zip(types).enumerate().map(
-        |(i, ((name, dims, norm), dtype))| {
-            let n = dims.iter().product::<u64>() as usize;
-            let tensor_seed = seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-            let raw = move || {
-                TensorBytes::owned(if norm {
-                    1.0f32.to_le_bytes().repeat(n)
-                } else {
-                    random_tensor(dtype, n, WEIGHT_STD, tensor_seed)
-                })
-            };
-            let raw_read = raw;
-            SourceTensor {
-                name,
-                dims,
-                dtype,
-                raw: Some(Box::new(raw)),
-                read: Box::new(move || {
-                    Ok(herd_kernels::dtype::decode(dtype, raw_read().as_slice(), n))
-                }),
-            }
-        },
-    ));
+    tensors.extend(
+        table
+            .into_iter()
+            .zip(types)
+            .enumerate()
+            .map(|(i, ((name, dims), dtype))| {
+                let n = dims.iter().product::<u64>() as usize;
+                let norm = name.ends_with("norm.weight");
+                let tensor_seed = seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                let raw = move || {
+                    TensorBytes::owned(if norm {
+                        1.0f32.to_le_bytes().repeat(n)
+                    } else {
+                        random_tensor(dtype, n, WEIGHT_STD, tensor_seed)
+                    })
+                };
+                let raw_read = raw;
+                SourceTensor {
+                    name,
+                    dims,
+                    dtype,
+                    raw: Some(Box::new(raw)),
+                    read: Box::new(move || {
+                        Ok(herd_kernels::dtype::decode(dtype, raw_read().as_slice(), n))
+                    }),
+                }
+            }),
+    );
     let mut metadata = vec![(
         "general.name".to_string(),
         Value::string("random-weight llama4"),
