@@ -5,6 +5,7 @@
 //! with a [`DType`] and plain `f32` activations. Every kernel has a plain scalar form; faster
 //! variants (SIMD, integer dot products) must agree with it and are chosen at run time.
 
+pub mod attention;
 pub mod dtype;
 pub mod matmul;
 pub mod ops;

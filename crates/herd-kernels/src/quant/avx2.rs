@@ -49,6 +49,35 @@ pub(crate) fn vec_dot_x4(wtype: DType, w: [&[u8]; 4], a: [&[u8]; 4], n: usize) -
     }
 }
 
+/// `out[j]` = the four products of weight row `j` of `w` (consecutive rows of `nb` blocks) with
+/// the activation rows `a`, for the types whose four-pair kernel shares the weight block; each
+/// equal to [`vec_dot_x4`] with that row four times. `None` for other types.
+pub(crate) fn rows_x4(
+    wtype: DType,
+    w: &[u8],
+    a: [&[u8]; 4],
+    n: usize,
+    out: &mut [[f32; 4]],
+) -> Option<()> {
+    let nb = n / wtype.block_size();
+    let (wt, at) = (wtype.type_size(), wtype.vec_dot_type().type_size());
+    let row = nb * wt;
+    assert!(w.len() == out.len() * row && a.iter().all(|r| r.len() >= nb * at));
+    let rows = w.chunks_exact(row).zip(out.iter_mut());
+    // SAFETY: has_avx2() confirmed AVX2, FMA and F16C at run time; every row holds nb whole
+    // blocks (asserted above) and every load stays inside its block.
+    unsafe {
+        match wtype {
+            DType::Q4K => rows.for_each(|(wr, o)| *o = q4_k_q8_k_x4(wr, a, nb)),
+            DType::Q6K => rows.for_each(|(wr, o)| *o = q6_k_q8_k_x4(wr, a, nb)),
+            DType::Q8_0 => rows.for_each(|(wr, o)| *o = q8_0_q8_0_x4([wr; 4], a, nb)),
+            DType::Q5_0 => rows.for_each(|(wr, o)| *o = q5_0_q8_0_x4([wr; 4], a, nb, true)),
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
 /// Lane r: the sum of the eight i32 lanes of `s[r]`.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -674,11 +703,117 @@ unsafe fn q6_k_q8_k_x4(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
     store4(sum)
 }
 
+/// ggml's Q8_K activation quantizer for one 256-value block (the scalar `q8_k`, bit for bit):
+/// the value of largest magnitude (first on ties) sets `iscale = −127/max`, values round half to
+/// even, and each 16 values' sum is stored as i16. Inputs are finite (NaN rounds differently).
+pub(crate) fn quantize_q8_k(x: &[f32], b: &mut [u8]) {
+    assert!(x.len() == 256 && b.len() == 292);
+    // SAFETY: callers check has_avx2(); x holds 256 values and b 292 bytes (asserted above).
+    unsafe { quantize_q8_k_avx2(x, b) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_q8_k_avx2(x: &[f32], b: &mut [u8]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let xp = x.as_ptr();
+    // SAFETY: every load reads 8 of the 256 values of x.
+    let ld = |i: usize| unsafe { _mm256_loadu_ps(xp.add(8 * i)) };
+    // max_ps returns its second operand when either is NaN: NaNs are skipped, as in the scalar
+    // scan (whose `amax < |v|` is false for NaN).
+    let mut m = _mm256_setzero_ps();
+    for i in 0..32 {
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, ld(i)), m);
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+    if amax == 0.0 {
+        b.fill(0);
+        return;
+    }
+    let max = x
+        .iter()
+        .copied()
+        .find(|v| v.abs() == amax)
+        .expect("the maximum magnitude is one of the values");
+    let iscale = -127.0 / max;
+    let vs = _mm256_set1_ps(iscale);
+    let hi = _mm256_set1_epi32(127);
+    let ones = _mm256_set1_epi16(1);
+    let bp = b.as_mut_ptr();
+    for g in 0..8 {
+        // 32 values: four vectors of eight, rounded half to even, capped at 127.
+        let q = [0, 1, 2, 3].map(|j| {
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(vs, ld(4 * g + j)),
+            );
+            _mm256_min_epi32(_mm256_cvtps_epi32(r), hi)
+        });
+        // packs interleaves 128-bit lanes; the permute restores element order.
+        let w01 = _mm256_packs_epi32(q[0], q[1]);
+        let w23 = _mm256_packs_epi32(q[2], q[3]);
+        let w01 = _mm256_permute4x64_epi64::<0b11_01_10_00>(w01);
+        let w23 = _mm256_permute4x64_epi64::<0b11_01_10_00>(w23);
+        let bytes = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(w01, w23));
+        // w01 holds values 0..16 of the 32 and w23 values 16..32: each group's sum is the
+        // horizontal sum of its pair sums.
+        let zero = _mm256_setzero_si256();
+        let sums = hsum4_i32([
+            _mm256_madd_epi16(w01, ones),
+            _mm256_madd_epi16(w23, ones),
+            zero,
+            zero,
+        ]);
+        let sums16 = _mm_packs_epi32(sums, sums);
+        // SAFETY: values 32g..32g+32 at bytes 4..260, sums 2g..2g+2 at bytes 260..292.
+        unsafe {
+            _mm256_storeu_si256(bp.add(4 + 32 * g) as *mut __m256i, bytes);
+            std::ptr::copy_nonoverlapping(
+                &sums16 as *const __m128i as *const u8,
+                bp.add(260 + 4 * g),
+                4,
+            );
+        }
+    }
+    b[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::quant::{quantize, vec_dot_scalar};
     use crate::testing::rand_vec;
+
+    /// The AVX2 Q8_K activation quantizer writes the scalar quantizer's bytes: random blocks of
+    /// several scales, an all-zero block, ties for the largest magnitude (first one wins, either
+    /// sign) and values that round exactly half-way.
+    #[test]
+    fn q8_k_activation_quantizer_equals_scalar() {
+        if !super::super::has_avx2() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = [1.0, 1e-3, 40.0, 3e5]
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| rand_vec(256, 7 + i as u64, s))
+            .collect();
+        blocks.push(vec![0.0; 256]);
+        let mut tie = rand_vec(256, 11, 1.0);
+        (tie[3], tie[200]) = (-2.0, 2.0);
+        blocks.push(tie.clone());
+        (tie[3], tie[200]) = (2.0, -2.0);
+        blocks.push(tie);
+        // max 127 → iscale −1: every k + 0.5 is a tie between two integers.
+        blocks.push((0..256).map(|i| (i as f32 - 128.0) * 0.5).collect());
+        blocks.last_mut().unwrap()[0] = 127.0;
+        for (i, x) in blocks.iter().enumerate() {
+            let (mut want, mut got) = (vec![0u8; 292], vec![0u8; 292]);
+            quantize(DType::Q8K, x, &mut want);
+            quantize_q8_k(x, &mut got);
+            assert_eq!(want, got, "block {i}");
+        }
+    }
 
     /// Every AVX2 kernel returns exactly the scalar reference's bits, on random data of several
     /// scales and every row length from one block up (ragged block counts).

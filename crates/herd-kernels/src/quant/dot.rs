@@ -33,6 +33,20 @@ pub fn vec_dot_x4(wtype: DType, w: [&[u8]; 4], a: [&[u8]; 4], n: usize) -> [f32;
     std::array::from_fn(|r| vec_dot(wtype, w[r], a[r], n))
 }
 
+/// `out[j]` = [`vec_dot_x4`] of weight row `j` (rows stored one after another in `w`) with the
+/// four activation rows `a`: one call for a tile of weight rows, so the kernel choice and checks
+/// are paid once per tile rather than per row.
+pub fn vec_dot_x4_rows(wtype: DType, w: &[u8], a: [&[u8]; 4], n: usize, out: &mut [[f32; 4]]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() && super::avx2::rows_x4(wtype, w, a, n, out).is_some() {
+        return;
+    }
+    let row = wtype.bytes_for(n);
+    for (wr, o) in w.chunks_exact(row).zip(out.iter_mut()) {
+        *o = vec_dot_x4(wtype, [wr; 4], a, n);
+    }
+}
+
 /// The scalar reference every other kernel must equal.
 pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
     let nb = n / wtype.block_size();

@@ -12,7 +12,7 @@ mod quantize;
 mod avx2;
 
 pub use dequant::dequantize;
-pub use dot::{vec_dot, vec_dot_scalar, vec_dot_x4};
+pub use dot::{vec_dot, vec_dot_scalar, vec_dot_x4, vec_dot_x4_rows};
 pub use quantize::{quantize, quantize_activation, quantize_supported};
 
 /// Elements per K-quant super-block.

@@ -84,6 +84,12 @@ pub fn quantize_activation(dtype: DType, x: &[f32], out: &mut [u8]) {
                 }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        DType::Q8K if super::has_avx2() => {
+            for (xb, b) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
+                super::avx2::quantize_q8_k(xb, b);
+            }
+        }
         _ => quantize(dtype, x, out),
     }
 }

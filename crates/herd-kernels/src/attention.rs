@@ -1,0 +1,465 @@
+//! The f32 arithmetic of attention over cached keys and values, in the orders llama.cpp's CPU
+//! backend uses (ggml 0c1e57098, AVX2 + FMA, f32 cache, no flash attention), so that the same
+//! GGUF file gives the same scores, probabilities and outputs here as there, not merely close
+//! ones: a model's greedy continuation turns on near-ties that a last-bit difference can flip.
+//!
+//! - Scores of a decoded token (one row of its sequence in the step) are tinyBLAS's: one
+//!   register of eight lanes, element `i` into lane `i % 8` by fused multiply-add, lanes added
+//!   as [`hsum8`]. Scores of a prompt's rows (several rows of one sequence) are
+//!   `ggml_vec_dot_f32`'s: four such registers over each 32 elements, added pairwise, then
+//!   [`hsum8_hadd`]; leftovers after the last whole 32 one by one.
+//! - Probabilities are `ggml_vec_soft_max_f32`'s: `ggml_v_expf` of `s − max` over groups of
+//!   eight cache cells (aligned to cell 0), each group summed as [`hsum8`] into an f64 total,
+//!   then every value times `(f32)(1/total)`.
+//! - Outputs are tinyBLAS's product of the transposed value cache with the probabilities: for
+//!   each output element, lane `cell % 8` accumulates `p·v` by fused multiply-add, then
+//!   [`hsum8`].
+//!
+//! Every function has a portable form (the reference: `f32::mul_add` is an exact fused
+//! multiply-add on every platform) and an AVX2 + FMA form that returns the same bits.
+
+/// Lanes of one accumulation register.
+pub const LANES: usize = 8;
+
+/// Eight lanes added as one AVX register folded in halves: `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`.
+#[inline]
+pub fn hsum8(l: &[f32; LANES]) -> f32 {
+    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+}
+
+/// Eight lanes added as ggml's `GGML_F32x8_REDUCE` ends (two `hadd`s):
+/// `((l0+l4)+(l1+l5)) + ((l2+l6)+(l3+l7))`.
+#[inline]
+pub fn hsum8_hadd(l: &[f32; LANES]) -> f32 {
+    ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd() -> bool {
+    crate::quant::has_avx2()
+}
+
+/// A decoded token's score `q·k` (tinyBLAS order). `q` and `k` have the same length, a
+/// multiple of 8 (head dimensions are).
+pub fn dot_decode(q: &[f32], k: &[f32]) -> f32 {
+    assert!(q.len() == k.len() && q.len().is_multiple_of(LANES));
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX2 and FMA confirmed at run time; lengths checked above.
+        return unsafe { avx2::dot_decode(q, k) };
+    }
+    dot_decode_portable(q, k)
+}
+
+fn dot_decode_portable(q: &[f32], k: &[f32]) -> f32 {
+    let mut l = [0.0f32; LANES];
+    for (x, y) in q.chunks_exact(LANES).zip(k.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            l[i] = x[i].mul_add(y[i], l[i]);
+        }
+    }
+    hsum8(&l)
+}
+
+/// A prompt row's score `q·k` (`ggml_vec_dot_f32` order). `q` and `k` have the same length.
+pub fn dot_prompt(q: &[f32], k: &[f32]) -> f32 {
+    assert_eq!(q.len(), k.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX2 and FMA confirmed at run time; lengths checked above.
+        return unsafe { avx2::dot_prompt(q, k) };
+    }
+    dot_prompt_portable(q, k)
+}
+
+fn dot_prompt_portable(q: &[f32], k: &[f32]) -> f32 {
+    let whole = q.len() / 32 * 32;
+    let mut r = [[0.0f32; LANES]; 4];
+    for i in (0..whole).step_by(32) {
+        for (j, rj) in r.iter_mut().enumerate() {
+            for (l, acc) in rj.iter_mut().enumerate() {
+                let e = i + LANES * j + l;
+                *acc = q[e].mul_add(k[e], *acc);
+            }
+        }
+    }
+    let mut s = [0.0f32; LANES];
+    for l in 0..LANES {
+        s[l] = (r[0][l] + r[2][l]) + (r[1][l] + r[3][l]);
+    }
+    let mut sum = hsum8_hadd(&s);
+    for (x, y) in q[whole..].iter().zip(&k[whole..]) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// ggml's `ggml_v_expf` (AVX2 form) on one value, a reference for [`exp8`]: `e^x` to about one
+/// ulp, 0 at −∞.
+pub fn expf_ggml(x: f32) -> f32 {
+    let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(
+        f32::from_bits(0x35bf_be8e),                  // 0x1.7f7d1cp-20
+        (-n).mul_add(f32::from_bits(0x3f31_7200), x), // 0x1.62e4p-1
+    );
+    let e = z.to_bits() << 23;
+    let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
+    let c = n.abs() > 126.0;
+    let u = b * b;
+    let j = f32::from_bits(0x3c07_2010) // 0x1.0e4020p-7
+        .mul_add(b, f32::from_bits(0x3d2b_9f17)) // 0x1.573e2ep-5
+        .mul_add(
+            u,
+            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)), // 0x1.555e66p-3, 0x1.fffdb6p-2
+        )
+        .mul_add(u, f32::from_bits(0x3f7f_fff6) * b); // 0x1.ffffecp-1
+    if !c {
+        return j.mul_add(k, k);
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    if n.abs() > 192.0 {
+        s1 * s1
+    } else {
+        s2.mul_add(j, s2) * s1
+    }
+}
+
+/// [`expf_ggml`] of eight values.
+pub fn exp8(x: [f32; LANES]) -> [f32; LANES] {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX2 and FMA confirmed at run time.
+        return unsafe { avx2::exp8(x) };
+    }
+    x.map(expf_ggml)
+}
+
+/// Softmax in place of the scores of cache cells `first..first + s.len()`: `ggml_v_expf` of
+/// `s − max` per group of eight cells aligned to cell 0 (cells outside the slice count as
+/// zeros), each group's sum by [`hsum8`] into an f64 total, then every value times
+/// `(f32)(1/total)`.
+pub fn softmax(s: &mut [f32], first: usize) {
+    if s.is_empty() {
+        return;
+    }
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0f64;
+    // Cells first..first+len, walked in aligned groups of eight.
+    let (start, end) = (first, first + s.len());
+    let mut g = start / LANES * LANES;
+    while g < end {
+        let mut x = [f32::NEG_INFINITY; LANES];
+        for (l, xl) in x.iter_mut().enumerate() {
+            if (start..end).contains(&(g + l)) {
+                *xl = s[g + l - start] - max;
+            }
+        }
+        let e = exp8(x);
+        for (l, &el) in e.iter().enumerate() {
+            if (start..end).contains(&(g + l)) {
+                s[g + l - start] = el;
+            }
+        }
+        total += f64::from(hsum8(&e));
+        g += LANES;
+    }
+    let inv = (1.0 / total) as f32;
+    for v in s.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Per-lane partial sums of one attention output (`[LANES][d]`): lane `cell % 8` gathers
+/// `p·v` of its cells; [`Accum::finish`] adds the lanes as [`hsum8`].
+#[derive(Debug, Default)]
+pub struct Accum {
+    lanes: Vec<f32>,
+    d: usize,
+}
+
+impl Accum {
+    /// Zeroed sums for outputs of `d` values.
+    pub fn reset(&mut self, d: usize) {
+        self.d = d;
+        self.lanes.clear();
+        self.lanes.resize(LANES * d, 0.0);
+    }
+
+    /// Add `p·v` for the value `v` (`d` values) of cache cell `cell`.
+    pub fn add(&mut self, cell: usize, p: f32, v: &[f32]) {
+        let d = self.d;
+        let lane = &mut self.lanes[(cell % LANES) * d..(cell % LANES + 1) * d];
+        assert_eq!(v.len(), d);
+        #[cfg(target_arch = "x86_64")]
+        if simd() {
+            // SAFETY: AVX2 and FMA confirmed at run time; lane and v hold d values.
+            return unsafe { avx2::fma_into(lane, p, v) };
+        }
+        fma_into_portable(lane, p, v)
+    }
+
+    /// The outputs: each element's eight lane sums added as [`hsum8`].
+    pub fn finish(&self, out: &mut [f32]) {
+        let d = self.d;
+        assert_eq!(out.len(), d);
+        let l = |i: usize, e: usize| self.lanes[i * d + e];
+        for (e, o) in out.iter_mut().enumerate() {
+            *o = hsum8(&std::array::from_fn(|i| l(i, e)));
+        }
+    }
+}
+
+fn fma_into_portable(acc: &mut [f32], p: f32, v: &[f32]) {
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a = p.mul_add(*x, *a);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::LANES;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn at(p: &[f32], i: usize) -> __m256 {
+        debug_assert!(i + LANES <= p.len());
+        // SAFETY: callers keep i + 8 within p; unaligned load.
+        unsafe { _mm256_loadu_ps(p.as_ptr().add(i)) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_decode(q: &[f32], k: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..q.len()).step_by(LANES) {
+            // SAFETY: both hold a multiple of 8 values (checked by the caller).
+            acc = unsafe { _mm256_fmadd_ps(at(k, i), at(q, i), acc) };
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_prompt(q: &[f32], k: &[f32]) -> f32 {
+        let whole = q.len() / 32 * 32;
+        let mut r = [_mm256_setzero_ps(); 4];
+        for i in (0..whole).step_by(32) {
+            for (j, rj) in r.iter_mut().enumerate() {
+                // SAFETY: i + 32 <= whole <= both lengths.
+                *rj = unsafe { _mm256_fmadd_ps(at(q, i + 8 * j), at(k, i + 8 * j), *rj) };
+            }
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(r[0], r[2]), _mm256_add_ps(r[1], r[3]));
+        let t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let t = _mm_hadd_ps(t, t);
+        let mut sum = _mm_cvtss_f32(_mm_hadd_ps(t, t));
+        for (x, y) in q[whole..].iter().zip(&k[whole..]) {
+            sum += x * y;
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp8(x: [f32; LANES]) -> [f32; LANES] {
+        let set = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+        // SAFETY: x holds eight values.
+        let x = unsafe { _mm256_loadu_ps(x.as_ptr()) };
+        let r = set(0x4b40_0000);
+        let z = _mm256_fmadd_ps(x, set(0x3fb8_aa3b), r);
+        let n = _mm256_sub_ps(z, r);
+        let b = _mm256_fnmadd_ps(
+            n,
+            set(0x35bf_be8e),
+            _mm256_fnmadd_ps(n, set(0x3f31_7200), x),
+        );
+        let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+        let k = _mm256_castsi256_ps(_mm256_add_epi32(
+            e,
+            _mm256_castps_si256(_mm256_set1_ps(1.0)),
+        ));
+        let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+        let c = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(126.0)));
+        let u = _mm256_mul_ps(b, b);
+        let j = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(
+                _mm256_fmadd_ps(set(0x3c07_2010), b, set(0x3d2b_9f17)),
+                u,
+                _mm256_fmadd_ps(set(0x3e2a_af33), b, set(0x3eff_fedb)),
+            ),
+            u,
+            _mm256_mul_ps(set(0x3f7f_fff6), b),
+        );
+        let result = if _mm256_movemask_ps(_mm256_castsi256_ps(c)) == 0 {
+            _mm256_fmadd_ps(j, k, k)
+        } else {
+            let g = _mm256_and_si256(
+                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps())),
+                _mm256_set1_epi32(0x8200_0000u32 as i32),
+            );
+            let s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f00_0000)));
+            let s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+            let d = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0)));
+            let (c, d) = (_mm256_castsi256_ps(c), _mm256_castsi256_ps(d));
+            _mm256_or_ps(
+                _mm256_and_ps(d, _mm256_mul_ps(s1, s1)),
+                _mm256_andnot_ps(
+                    d,
+                    _mm256_or_ps(
+                        _mm256_and_ps(c, _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1)),
+                        _mm256_andnot_ps(c, _mm256_fmadd_ps(k, j, k)),
+                    ),
+                ),
+            )
+        };
+        let mut out = [0.0f32; LANES];
+        // SAFETY: out holds eight values.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), result) };
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn fma_into(acc: &mut [f32], p: f32, v: &[f32]) {
+        let whole = acc.len() / LANES * LANES;
+        let pv = _mm256_set1_ps(p);
+        for i in (0..whole).step_by(LANES) {
+            // SAFETY: i + 8 <= whole <= both lengths (equal, checked by the caller).
+            unsafe {
+                let a = _mm256_fmadd_ps(pv, at(v, i), at(acc, i));
+                _mm256_storeu_ps(acc.as_mut_ptr().add(i), a);
+            }
+        }
+        for (a, x) in acc[whole..].iter_mut().zip(&v[whole..]) {
+            *a = p.mul_add(*x, *a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::rand_vec;
+
+    fn check_simd() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if simd() {
+            return true;
+        }
+        eprintln!("no AVX2 + FMA on this CPU: nothing to compare");
+        false
+    }
+
+    #[test]
+    fn exp_is_accurate_and_simd_agrees() {
+        let xs: Vec<f32> = (0..4000)
+            .map(|i| -100.0 + i as f32 * 0.0271)
+            .chain([
+                0.0,
+                -0.0,
+                -87.0,
+                -88.5,
+                -103.0,
+                -150.0,
+                -200.0,
+                f32::NEG_INFINITY,
+                80.0,
+            ])
+            .collect();
+        for &x in &xs {
+            let (got, want) = (expf_ggml(x), (x as f64).exp());
+            if want > 1e-37 {
+                assert!(
+                    ((got as f64 - want) / want).abs() < 3e-7,
+                    "exp({x}) = {got}, want {want}"
+                );
+            } else {
+                assert!(got as f64 <= 2e-37, "exp({x}) = {got}");
+            }
+        }
+        assert_eq!(expf_ggml(f32::NEG_INFINITY), 0.0);
+        if check_simd() {
+            for c in xs.chunks_exact(LANES) {
+                let x: [f32; LANES] = c.try_into().unwrap();
+                let want = x.map(expf_ggml).map(f32::to_bits);
+                assert_eq!(exp8(x).map(f32::to_bits), want, "{x:?}");
+            }
+        }
+    }
+
+    /// The AVX2 dot products and output accumulation equal the portable forms bit for bit, on
+    /// random data of several scales, head sizes 8..=264 (whole and ragged 32s).
+    #[test]
+    fn simd_dots_and_accumulation_equal_portable() {
+        if !check_simd() {
+            return;
+        }
+        for (seed, d) in (8..=264).step_by(8).enumerate() {
+            let scale = [1.0, 30.0, 1e-3][seed % 3];
+            let (q, k) = (
+                rand_vec(d, seed as u64, scale),
+                rand_vec(d, 1000 + seed as u64, 2.0),
+            );
+            assert_eq!(
+                dot_decode(&q, &k).to_bits(),
+                dot_decode_portable(&q, &k).to_bits()
+            );
+            assert_eq!(
+                dot_prompt(&q, &k).to_bits(),
+                dot_prompt_portable(&q, &k).to_bits()
+            );
+            let (mut a, mut b) = (rand_vec(d + 3, 7, 1.0), rand_vec(d + 3, 7, 1.0));
+            let v = rand_vec(d + 3, 8, 5.0);
+            // SAFETY: this test runs only where check_simd() confirmed AVX2 and FMA.
+            unsafe { avx2::fma_into(&mut a, 0.37, &v) };
+            fma_into_portable(&mut b, 0.37, &v);
+            assert_eq!(a, b, "d = {d}");
+        }
+    }
+
+    /// Softmax: probabilities sum to one, follow the scores' order, do not depend on where the
+    /// group boundaries fall beyond the rounding of the sum, and equal the f64 softmax closely.
+    #[test]
+    fn softmax_matches_f64_and_is_aligned_to_cells() {
+        for (first, n) in [(0, 1), (0, 8), (3, 5), (5, 37), (250, 300)] {
+            let s = rand_vec(n, n as u64, 12.0);
+            let mut p = s.clone();
+            softmax(&mut p, first);
+            let max = s
+                .iter()
+                .copied()
+                .fold(f64::NEG_INFINITY, |m, v| m.max(v as f64));
+            let z: f64 = s.iter().map(|&v| (v as f64 - max).exp()).sum();
+            for (pi, si) in p.iter().zip(&s) {
+                let want = (*si as f64 - max).exp() / z;
+                assert!(
+                    (*pi as f64 - want).abs() < 1e-6 * want.max(1e-3),
+                    "{pi} vs {want}"
+                );
+            }
+            let total: f32 = p.iter().sum();
+            assert!((total - 1.0).abs() < 1e-5, "sum {total}");
+        }
+    }
+
+    #[test]
+    fn accum_adds_lanes_like_hsum8() {
+        let mut acc = Accum::default();
+        acc.reset(2);
+        for cell in 3..20 {
+            acc.add(cell, 0.5, &[cell as f32, 1.0]);
+        }
+        let mut out = [0.0; 2];
+        acc.finish(&mut out);
+        assert_eq!(out, [(3..20).sum::<usize>() as f32 * 0.5, 17.0 * 0.5]);
+    }
+}
