@@ -38,19 +38,6 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Softmax of `x` in place (max-subtracted).
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
-}
-
 /// Rotary embedding on interleaved pairs (complex-number form; ggml's "normal" mode): each head
 /// of `dim` values is read as pairs `(x[2j], x[2j+1])`, each rotated by `angle_j = pos·inv_freq[j]`.
 pub fn rope_interleaved(x: &mut [f32], dim: usize, pos: usize, inv_freq: &[f32]) {
@@ -77,14 +64,6 @@ mod tests {
         rms_norm(&mut x, &[1.0, 2.0], 0.0);
         let s = (12.5f32).sqrt();
         assert_eq!(x, [3.0 / s, 8.0 / s]);
-    }
-
-    #[test]
-    fn softmax_sums_to_one() {
-        let mut x = [1.0, 2.0, 3.0, f32::NEG_INFINITY];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert_eq!(x[3], 0.0);
     }
 
     #[test]
