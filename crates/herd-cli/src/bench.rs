@@ -253,13 +253,13 @@ fn prompt_rate(model: &dyn CausalLm, prompt: &[u32]) -> Result<f64> {
 /// decoding does; the token is fixed because sampling is not what is measured): tokens/s.
 fn generation_rate(model: &dyn CausalLm, token: u32, n: usize) -> Result<f64> {
     let mut cache = model.new_cache();
+    let (mut batch, mut logits) = (Batch::new(), Vec::new());
     let start = Instant::now();
     for pos in 0..n {
-        std::hint::black_box(model.forward(
-            &Batch::sequence(0, &[token], pos),
-            &mut cache,
-            None,
-        )?);
+        batch.clear();
+        batch.push(0, token, pos, true);
+        model.forward_into(&batch, &mut cache, None, &mut logits)?;
+        std::hint::black_box(&logits);
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
@@ -273,13 +273,15 @@ fn batched_rate(model: &dyn CausalLm, prompts: &[Vec<u32>], n: usize) -> Result<
         prefill.push_sequence(s as u64, p, 0, false);
     }
     model.forward(&prefill, &mut cache, None)?;
+    let (mut batch, mut logits) = (Batch::new(), Vec::new());
     let start = Instant::now();
     for step in 0..n {
-        let mut batch = Batch::new();
+        batch.clear();
         for (s, p) in prompts.iter().enumerate() {
             batch.push(s as u64, p[step % p.len()], p.len() + step, true);
         }
-        std::hint::black_box(model.forward(&batch, &mut cache, None)?);
+        model.forward_into(&batch, &mut cache, None, &mut logits)?;
+        std::hint::black_box(&logits);
     }
     Ok((n * prompts.len()) as f64 / start.elapsed().as_secs_f64())
 }

@@ -94,10 +94,11 @@ pub fn generate(
         if tokens.len() == req.max_tokens {
             break;
         }
-        let mut b = Batch::new();
-        b.push(0, token, req.prompt.len() + tokens.len() - 1, true);
-        logits = model
-            .forward(&b, &mut cache, None)
+        // One batch and one logits buffer for every step: the model step allocates nothing.
+        batch.clear();
+        batch.push(0, token, req.prompt.len() + tokens.len() - 1, true);
+        model
+            .forward_into(&batch, &mut cache, None, &mut logits)
             .map_err(|e| Error::Encode(e.to_string()))?;
     }
     if finish == FinishReason::Length {

@@ -459,8 +459,10 @@ impl Loop {
             let n = (s.tokens.len() - s.cached).min(budget);
             fed.push((i, n));
             let last = s.cached + n == s.tokens.len();
-            batch.push_sequence(s.id, &s.tokens[s.cached..s.cached + n], s.cached, false);
-            *batch.logits.last_mut().expect("n > 0") = last;
+            for pos in s.cached..s.cached + n {
+                let want_logits = last && pos + 1 == s.cached + n;
+                batch.push_row(s.id, s.tokens[pos], pos, want_logits, pos < s.prompt_len);
+            }
             if last {
                 samplers.push(i);
             }

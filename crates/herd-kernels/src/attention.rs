@@ -3,11 +3,11 @@
 //! GGUF file gives the same scores, probabilities and outputs here as there, not merely close
 //! ones: a model's greedy continuation turns on near-ties that a last-bit difference can flip.
 //!
-//! - Scores of a decoded token (one row of its sequence in the step) are tinyBLAS's: one
-//!   register of eight lanes, element `i` into lane `i % 8` by fused multiply-add, lanes added
-//!   as [`hsum8`]. Scores of a prompt's rows (several rows of one sequence) are
-//!   `ggml_vec_dot_f32`'s: four such registers over each 32 elements, added pairwise, then
-//!   [`hsum8_hadd`]; leftovers after the last whole 32 one by one.
+//! - Scores of a decoded token are tinyBLAS's ([`dot_decode`]): one register of eight lanes,
+//!   element `i` into lane `i % 8` by fused multiply-add, lanes added as [`hsum8`]. Scores of a
+//!   prompt's rows are `ggml_vec_dot_f32`'s ([`dot_prompt`]: llama.cpp's query view is not
+//!   contiguous for several tokens, so tinyBLAS declines): four such registers over each 32
+//!   elements, added pairwise, then [`hsum8_hadd`]; leftovers after the last whole 32 one by one.
 //! - Probabilities are `ggml_vec_soft_max_f32`'s: `ggml_v_expf` of `s − max` over groups of
 //!   eight cache cells (aligned to cell 0), each group summed as [`hsum8`] into an f64 total,
 //!   then every value times `(f32)(1/total)`.

@@ -94,73 +94,80 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
             // Quantize each activation row once to the weight type's dot-product partner.
             let at = w.dtype.vec_dot_type();
             let row_bytes = at.bytes_for(k);
-            let mut act = vec![0u8; n_rows * row_bytes];
-            let act_out = SharedMut::new(&mut act);
-            pool.run(n_rows.div_ceil(ACT_ROWS_PER_TASK), |c| {
-                for t in c * ACT_ROWS_PER_TASK..((c + 1) * ACT_ROWS_PER_TASK).min(n_rows) {
-                    // SAFETY: tasks quantize disjoint rows.
-                    let ar = unsafe { act_out.slice(t * row_bytes, row_bytes) };
-                    quant::quantize_activation(at, &x[t * k..(t + 1) * k], ar);
-                }
-            });
-            let w_row = w.dtype.bytes_for(k);
-            // A batch of more than four rows (prefill) is computed in tiles: a few weight rows
-            // and four activation rows, both staying in L1 while every pair of them is
-            // computed, instead of streaming the whole activation matrix past each weight row.
-            let tile = if n_rows > 4 {
-                (TILE_WEIGHT_BYTES / w_row).clamp(1, MAX_TILE_ROWS)
-            } else {
-                1
-            };
-            let act_row = |t: usize| &act[t * row_bytes..(t + 1) * row_bytes];
-            pool.run(n_chunks, |c| {
-                let outputs = c * chunk..((c + 1) * chunk).min(n);
-                // Weight rows are requested PREFETCH_ROWS ahead of the tile being read (into
-                // L2): the hardware prefetcher alone leaves the memory bus partly idle here.
-                let mut fetched = outputs.start;
-                for first in outputs.clone().step_by(tile) {
-                    let rows = first..(first + tile).min(outputs.end);
-                    let want = (rows.end + PREFETCH_ROWS).min(n);
-                    if fetched < want {
-                        prefetch(&w.bytes[fetched * w_row..want * w_row]);
-                        fetched = want;
+            ACT.with_borrow_mut(|act| {
+                act.clear();
+                act.resize(n_rows * row_bytes, 0);
+                let act_out = SharedMut::new(act);
+                pool.run(n_rows.div_ceil(ACT_ROWS_PER_TASK), |c| {
+                    for t in c * ACT_ROWS_PER_TASK..((c + 1) * ACT_ROWS_PER_TASK).min(n_rows) {
+                        // SAFETY: tasks quantize disjoint rows.
+                        let ar = unsafe { act_out.slice(t * row_bytes, row_bytes) };
+                        quant::quantize_activation(at, &x[t * k..(t + 1) * k], ar);
                     }
-                    let wr = |o: usize| &w.bytes[o * w_row..(o + 1) * w_row];
-                    let put = |t: usize, o: usize, v: f32| {
-                        // SAFETY: chunks own disjoint output columns o.
-                        unsafe { shared.slice(t * n + o, 1)[0] = v };
-                    };
-                    // Each weight row's blocks are unpacked once for four activation rows;
-                    // the rest one by one.
-                    let mut t = 0;
-                    let tile_bytes = &w.bytes[rows.start * w_row..rows.end * w_row];
-                    let mut v = [[0.0f32; 4]; MAX_TILE_ROWS];
-                    while t + 4 <= n_rows {
-                        let ar = [t, t + 1, t + 2, t + 3].map(act_row);
-                        let v = &mut v[..rows.len()];
-                        quant::vec_dot_x4_rows(w.dtype, tile_bytes, ar, k, v);
-                        for (o, vo) in rows.clone().zip(v.iter()) {
-                            (0..4).for_each(|i| put(t + i, o, vo[i]));
+                });
+                let w_row = w.dtype.bytes_for(k);
+                // A batch of more than four rows (prefill) is computed in tiles: a few weight rows
+                // and four activation rows, both staying in L1 while every pair of them is
+                // computed, instead of streaming the whole activation matrix past each weight row.
+                let tile = if n_rows > 4 {
+                    (TILE_WEIGHT_BYTES / w_row).clamp(1, MAX_TILE_ROWS)
+                } else {
+                    1
+                };
+                let act_row = |t: usize| &act[t * row_bytes..(t + 1) * row_bytes];
+                pool.run(n_chunks, |c| {
+                    let outputs = c * chunk..((c + 1) * chunk).min(n);
+                    // Weight rows are requested PREFETCH_ROWS ahead of the tile being read (into
+                    // L2): the hardware prefetcher alone leaves the memory bus partly idle here.
+                    let mut fetched = outputs.start;
+                    for first in outputs.clone().step_by(tile) {
+                        let rows = first..(first + tile).min(outputs.end);
+                        let want = (rows.end + PREFETCH_ROWS).min(n);
+                        if fetched < want {
+                            prefetch(&w.bytes[fetched * w_row..want * w_row]);
+                            fetched = want;
                         }
-                        t += 4;
-                    }
-                    for t in t..n_rows {
-                        for o in rows.clone() {
-                            put(t, o, quant::vec_dot(w.dtype, wr(o), act_row(t), k));
+                        let wr = |o: usize| &w.bytes[o * w_row..(o + 1) * w_row];
+                        let put = |t: usize, o: usize, v: f32| {
+                            // SAFETY: chunks own disjoint output columns o.
+                            unsafe { shared.slice(t * n + o, 1)[0] = v };
+                        };
+                        // Each weight row's blocks are unpacked once for four activation rows;
+                        // the rest one by one.
+                        let mut t = 0;
+                        let tile_bytes = &w.bytes[rows.start * w_row..rows.end * w_row];
+                        let mut v = [[0.0f32; 4]; MAX_TILE_ROWS];
+                        while t + 4 <= n_rows {
+                            let ar = [t, t + 1, t + 2, t + 3].map(act_row);
+                            let v = &mut v[..rows.len()];
+                            quant::vec_dot_x4_rows(w.dtype, tile_bytes, ar, k, v);
+                            for (o, vo) in rows.clone().zip(v.iter()) {
+                                (0..4).for_each(|i| put(t + i, o, vo[i]));
+                            }
+                            t += 4;
+                        }
+                        for t in t..n_rows {
+                            for o in rows.clone() {
+                                put(t, o, quant::vec_dot(w.dtype, wr(o), act_row(t), k));
+                            }
                         }
                     }
-                }
+                });
             });
         }
         Layout::OutMajor => pool.run(n_chunks, |c| {
-            let mut row = vec![0.0f32; k];
-            for o in c * chunk..((c + 1) * chunk).min(n) {
-                w.decode_row(o, &mut row);
-                for t in 0..n_rows {
-                    // SAFETY: chunks own disjoint output columns o.
-                    unsafe { shared.slice(t * n + o, 1)[0] = dot(&x[t * k..(t + 1) * k], &row) };
+            ROW.with_borrow_mut(|row| {
+                row.clear();
+                row.resize(k, 0.0);
+                for o in c * chunk..((c + 1) * chunk).min(n) {
+                    w.decode_row(o, row);
+                    for t in 0..n_rows {
+                        let v = dot(&x[t * k..(t + 1) * k], row);
+                        // SAFETY: chunks own disjoint output columns o.
+                        unsafe { shared.slice(t * n + o, 1)[0] = v };
+                    }
                 }
-            }
+            })
         }),
         Layout::InMajor => {
             assert!(
@@ -171,23 +178,34 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
                 let cols = c * chunk..((c + 1) * chunk).min(n);
                 let width = cols.len();
                 let elem = w.dtype.bytes_for(1);
-                let mut row = vec![0.0f32; width];
-                for t in 0..n_rows {
-                    // SAFETY: chunks own disjoint output column ranges.
-                    unsafe { shared.slice(t * n + cols.start, width).fill(0.0) };
-                }
-                for i in 0..k {
-                    let start = (i * n + cols.start) * elem;
-                    decode_into(w.dtype, &w.bytes[start..start + width * elem], &mut row);
+                ROW.with_borrow_mut(|row| {
+                    row.clear();
+                    row.resize(width, 0.0);
                     for t in 0..n_rows {
-                        // SAFETY: as above.
-                        let o = unsafe { shared.slice(t * n + cols.start, width) };
-                        axpy(x[t * k + i], &row, o);
+                        // SAFETY: chunks own disjoint output column ranges.
+                        unsafe { shared.slice(t * n + cols.start, width).fill(0.0) };
                     }
-                }
+                    for i in 0..k {
+                        let start = (i * n + cols.start) * elem;
+                        decode_into(w.dtype, &w.bytes[start..start + width * elem], row);
+                        for t in 0..n_rows {
+                            // SAFETY: as above.
+                            let o = unsafe { shared.slice(t * n + cols.start, width) };
+                            axpy(x[t * k + i], row, o);
+                        }
+                    }
+                });
             });
         }
     }
+}
+
+thread_local! {
+    /// The quantized activations of the current product (kept for the next: once warm, a
+    /// decode step allocates nothing).
+    static ACT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One decoded weight row (float weights), per worker thread.
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Activation rows quantized per pool task (a batch's rows are quantized in parallel).

@@ -12,6 +12,11 @@ pub struct Batch {
     pub seq_ids: Vec<SeqId>,
     /// Rows whose logits the caller wants (typically each sequence's last token).
     pub logits: Vec<bool>,
+    /// Rows that are prompt tokens rather than generated ones. Attention scores a prompt's rows
+    /// in the order llama.cpp uses for a prompt, generated rows in its decoding order; marking
+    /// rows by what they are (not by how many share the step) keeps results the same however
+    /// a prompt is split over steps.
+    pub prompt: Vec<bool>,
 }
 
 impl Batch {
@@ -26,13 +31,38 @@ impl Batch {
         b
     }
 
+    /// Empty the batch, keeping its capacity (a decode loop reuses one batch).
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+        self.positions.clear();
+        self.seq_ids.clear();
+        self.logits.clear();
+        self.prompt.clear();
+    }
+
+    /// Add one generated token of sequence `seq` at `pos`.
     pub fn push(&mut self, seq: SeqId, token: u32, pos: usize, want_logits: bool) {
+        self.push_row(seq, token, pos, want_logits, false);
+    }
+
+    /// Add one token; `prompt` says whether it belongs to the prompt (see [`Batch::prompt`]).
+    pub fn push_row(
+        &mut self,
+        seq: SeqId,
+        token: u32,
+        pos: usize,
+        want_logits: bool,
+        prompt: bool,
+    ) {
         self.tokens.push(token);
         self.positions.push(pos);
         self.seq_ids.push(seq);
         self.logits.push(want_logits);
+        self.prompt.push(prompt);
     }
 
+    /// Add prompt tokens of sequence `seq` from `start_pos`, with logits for the last one (or
+    /// for all).
     pub fn push_sequence(
         &mut self,
         seq: SeqId,
@@ -42,7 +72,7 @@ impl Batch {
     ) {
         for (i, &t) in tokens.iter().enumerate() {
             let last = i + 1 == tokens.len();
-            self.push(seq, t, start_pos + i, all_logits || last);
+            self.push_row(seq, t, start_pos + i, all_logits || last, true);
         }
     }
 

@@ -135,6 +135,12 @@ pub struct PrefixStats {
     pub hit_tokens: u64,
 }
 
+thread_local! {
+    /// Each sequence's next position while a batch is checked (kept: decoding allocates nothing).
+    static NEXT_POSITION: std::cell::RefCell<HashMap<SeqId, usize>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
 #[derive(Debug)]
 pub struct KvCache {
     n_layers: usize,
@@ -392,10 +398,11 @@ impl KvCache {
     /// (taking blocks from the pools). On error no position is reserved.
     pub fn reserve(&mut self, batch: &Batch) -> Result<()> {
         self.check_batch(batch)?;
-        let mut new_len: HashMap<SeqId, usize> = HashMap::new();
-        for &seq in &batch.seq_ids {
-            *new_len.entry(seq).or_insert_with(|| self.seq_len(seq)) += 1;
-        }
+        // After check_batch: each sequence's length once the batch is in.
+        NEXT_POSITION.with_borrow_mut(|new_len| self.reserve_checked(batch, new_len))
+    }
+
+    fn reserve_checked(&mut self, batch: &Batch, new_len: &HashMap<SeqId, usize>) -> Result<()> {
         self.clock += 1;
         for &seq in new_len.keys() {
             if let Some(mut s) = self.seqs.remove(&seq) {
@@ -454,22 +461,32 @@ impl KvCache {
     /// Tokens of `batch` follow each sequence's cached positions.
     pub fn check_batch(&self, batch: &Batch) -> Result<()> {
         let n = batch.tokens.len();
-        if batch.positions.len() != n || batch.seq_ids.len() != n || batch.logits.len() != n {
+        if [
+            batch.positions.len(),
+            batch.seq_ids.len(),
+            batch.logits.len(),
+            batch.prompt.len(),
+        ]
+        .iter()
+        .any(|&len| len != n)
+        {
             return Err(Error::Batch(
-                "tokens, positions, seq_ids and logits differ in length".into(),
+                "tokens, positions, seq_ids, logits and prompt differ in length".into(),
             ));
         }
-        let mut next: HashMap<SeqId, usize> = HashMap::new();
-        for (&seq, &pos) in batch.seq_ids.iter().zip(&batch.positions) {
-            let expected = next.entry(seq).or_insert_with(|| self.seq_len(seq));
-            if pos != *expected {
-                return Err(Error::Batch(format!(
-                    "sequence {seq}: token at position {pos}, expected position {expected}"
-                )));
+        NEXT_POSITION.with_borrow_mut(|next| {
+            next.clear();
+            for (&seq, &pos) in batch.seq_ids.iter().zip(&batch.positions) {
+                let expected = next.entry(seq).or_insert_with(|| self.seq_len(seq));
+                if pos != *expected {
+                    return Err(Error::Batch(format!(
+                        "sequence {seq}: token at position {pos}, expected position {expected}"
+                    )));
+                }
+                *expected += 1;
             }
-            *expected += 1;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn take_block(&mut self, g: usize) -> BlockId {

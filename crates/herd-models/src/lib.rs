@@ -61,7 +61,22 @@ pub trait CausalLm: Send + Sync {
         batch: &Batch,
         cache: &mut KvCache,
         trace: Option<&mut Vec<Vec<f32>>>,
-    ) -> Result<Vec<f32>>;
+    ) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.forward_into(batch, cache, trace, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`CausalLm::forward`] with the logits written to `logits` (resized). The model keeps its
+    /// activation buffers between calls, so once warm a decode step (same batch shape, a
+    /// `logits` buffer kept by the caller, no `trace`) allocates nothing.
+    fn forward_into(
+        &self,
+        batch: &Batch,
+        cache: &mut KvCache,
+        trace: Option<&mut Vec<Vec<f32>>>,
+        logits: &mut Vec<f32>,
+    ) -> Result<()>;
 }
 
 /// Architectures this build can load from a Hugging Face directory, by `model_type`.

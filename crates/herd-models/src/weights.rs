@@ -55,9 +55,16 @@ impl Matrix {
 
     /// `out = x · W` for `n_rows` activation rows.
     pub fn matmul(&self, x: &[f32], n_rows: usize) -> Vec<f32> {
-        let mut out = vec![0.0; n_rows * self.out_features];
-        herd_kernels::matmul::matmul(x, n_rows, &self.as_ref(), &mut out);
+        let mut out = Vec::new();
+        self.matmul_into(x, n_rows, &mut out);
         out
+    }
+
+    /// [`Matrix::matmul`] into `out` (resized; no allocation once its capacity suffices).
+    pub fn matmul_into(&self, x: &[f32], n_rows: usize, out: &mut Vec<f32>) {
+        out.clear();
+        out.resize(n_rows * self.out_features, 0.0);
+        herd_kernels::matmul::matmul(x, n_rows, &self.as_ref(), out);
     }
 }
 

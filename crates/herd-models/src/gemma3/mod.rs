@@ -13,6 +13,8 @@ pub mod config;
 
 pub use config::Gemma3Config;
 
+use std::sync::Mutex;
+
 use herd_formats::HfModelDir;
 use herd_formats::gguf::GgufFile;
 use herd_kernels::ops::{gelu_tanh, gelu_tanh_f16_table, rms_norm, rope_neox, softcap};
@@ -49,6 +51,23 @@ pub struct Gemma3 {
     inv_freq_global: Vec<f32>,
     /// GELU as ggml evaluates it (GGUF files: llama.cpp's numbers), or exactly (HF checkpoints).
     gelu: fn(f32) -> f32,
+    /// Buffers of one forward pass, kept for the next so a decode step allocates nothing.
+    work: Mutex<Workspace>,
+}
+
+/// The activations of one forward pass (see [`Gemma3::forward_into`]).
+#[derive(Debug, Default)]
+struct Workspace {
+    hidden: Vec<f32>,
+    x: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    out: Vec<f32>,
+    gate: Vec<f32>,
+    act: Vec<f32>,
+    rows: Vec<f32>,
 }
 
 /// Weights by (HF name, GGUF name) within a layer, or whole-model names.
@@ -147,6 +166,7 @@ impl Gemma3 {
             layers,
             norm,
             gelu,
+            work: Mutex::new(Workspace::default()),
         })
     }
 
@@ -163,43 +183,49 @@ impl Gemma3 {
         self.config.rms_norm_eps as f32
     }
 
+    /// Self-attention of layer `li` on the normed activations `w.x`, into `w.out`.
     fn attention(
         &self,
         li: usize,
         layer: &Layer,
-        x: &[f32],
+        w: &mut Workspace,
         batch: &Batch,
         cache: &mut KvCache,
-    ) -> Vec<f32> {
+    ) {
         let c = &self.config;
         let (t, d) = (batch.len(), c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let mut q = layer.q.matmul(x, t);
-        let mut k = layer.k.matmul(x, t);
-        let v = layer.v.matmul(x, t);
-        rms_norm(&mut q, &layer.q_norm, self.eps());
-        rms_norm(&mut k, &layer.k_norm, self.eps());
+        layer.q.matmul_into(&w.x, t, &mut w.q);
+        layer.k.matmul_into(&w.x, t, &mut w.k);
+        layer.v.matmul_into(&w.x, t, &mut w.v);
+        rms_norm(&mut w.q, &layer.q_norm, self.eps());
+        rms_norm(&mut w.k, &layer.k_norm, self.eps());
         let inv_freq = if layer.sliding {
             &self.inv_freq_local
         } else {
             &self.inv_freq_global
         };
         for (row, &pos) in batch.positions.iter().enumerate() {
-            rope_neox(&mut q[row * nh * d..(row + 1) * nh * d], d, pos, inv_freq);
-            rope_neox(&mut k[row * nkv * d..(row + 1) * nkv * d], d, pos, inv_freq);
+            rope_neox(&mut w.q[row * nh * d..(row + 1) * nh * d], d, pos, inv_freq);
+            rope_neox(
+                &mut w.k[row * nkv * d..(row + 1) * nkv * d],
+                d,
+                pos,
+                inv_freq,
+            );
         }
-        cache_rows(&k, &v, batch, cache, li, nkv * d);
+        cache_rows(&w.k, &w.v, batch, cache, li, nkv * d);
         let scale = (c.query_pre_attn_scalar as f32).powf(-0.5);
         let heads = Heads {
             q: nh,
             kv: nkv,
             dim: d,
+            scale,
         };
         let window = self.window(layer);
-        let out = attend(&q, batch, cache, li, heads, scale, |pos| {
-            window.first_visible(pos)
-        });
-        layer.o.matmul(&out, t)
+        let first_key = |pos| window.first_visible(pos);
+        attend(&w.q, batch, cache, li, heads, first_key, &mut w.attn);
+        layer.o.matmul_into(&w.attn, t, &mut w.out);
     }
 }
 
@@ -228,18 +254,22 @@ impl CausalLm for Gemma3 {
         self.config.max_position_embeddings
     }
 
-    fn forward(
+    fn forward_into(
         &self,
         batch: &Batch,
         cache: &mut KvCache,
         mut trace: Option<&mut Vec<Vec<f32>>>,
-    ) -> Result<Vec<f32>> {
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let c = &self.config;
         begin_step(batch, cache, c.vocab_size)?;
+        let mut guard = self.work.lock().unwrap_or_else(|e| e.into_inner());
+        let w = &mut *guard;
         let (t, h) = (batch.len(), c.hidden_size);
         let scale = (h as f32).sqrt();
-        let mut hidden = vec![0.0f32; t * h];
-        for (row, &tok) in hidden.chunks_exact_mut(h).zip(&batch.tokens) {
+        w.hidden.clear();
+        w.hidden.resize(t * h, 0.0);
+        for (row, &tok) in w.hidden.chunks_exact_mut(h).zip(&batch.tokens) {
             self.embed.as_ref().decode_row(tok as usize, row);
             row.iter_mut().for_each(|v| *v *= scale);
         }
@@ -248,33 +278,35 @@ impl CausalLm for Gemma3 {
                 tr.push(s.to_vec());
             }
         };
-        record(&hidden);
+        record(&w.hidden);
         for (li, layer) in self.layers.iter().enumerate() {
-            let mut x = hidden.clone();
-            rms_norm(&mut x, &layer.input_norm, self.eps());
-            let mut a = self.attention(li, layer, &x, batch, cache);
-            rms_norm(&mut a, &layer.post_attention_norm, self.eps());
-            hidden.iter_mut().zip(&a).for_each(|(h, a)| *h += a);
+            w.x.clone_from(&w.hidden);
+            rms_norm(&mut w.x, &layer.input_norm, self.eps());
+            self.attention(li, layer, w, batch, cache);
+            rms_norm(&mut w.out, &layer.post_attention_norm, self.eps());
+            w.hidden.iter_mut().zip(&w.out).for_each(|(h, a)| *h += a);
 
-            let mut x = hidden.clone();
-            rms_norm(&mut x, &layer.pre_ffn_norm, self.eps());
-            let gate = layer.gate.matmul(&x, t);
-            let mut act = layer.up.matmul(&x, t);
-            act.iter_mut()
-                .zip(&gate)
+            w.x.clone_from(&w.hidden);
+            rms_norm(&mut w.x, &layer.pre_ffn_norm, self.eps());
+            layer.gate.matmul_into(&w.x, t, &mut w.gate);
+            layer.up.matmul_into(&w.x, t, &mut w.act);
+            w.act
+                .iter_mut()
+                .zip(&w.gate)
                 .for_each(|(u, g)| *u *= (self.gelu)(*g));
-            let mut m = layer.down.matmul(&act, t);
-            rms_norm(&mut m, &layer.post_ffn_norm, self.eps());
-            hidden.iter_mut().zip(&m).for_each(|(h, m)| *h += m);
-            record(&hidden);
+            layer.down.matmul_into(&w.act, t, &mut w.out);
+            rms_norm(&mut w.out, &layer.post_ffn_norm, self.eps());
+            w.hidden.iter_mut().zip(&w.out).for_each(|(h, m)| *h += m);
+            record(&w.hidden);
         }
-        rms_norm(&mut hidden, &self.norm, self.eps());
-        record(&hidden);
-        let rows = logit_rows(&hidden, batch, h);
-        let mut logits = self.embed.matmul(&rows, batch.n_logit_rows());
+        rms_norm(&mut w.hidden, &self.norm, self.eps());
+        record(&w.hidden);
+        logit_rows(&w.hidden, batch, h, &mut w.rows);
+        self.embed
+            .matmul_into(&w.rows, batch.n_logit_rows(), logits);
         if let Some(cap) = c.final_logit_softcapping {
-            softcap(&mut logits, cap as f32);
+            softcap(logits, cap as f32);
         }
-        Ok(logits)
+        Ok(())
     }
 }

@@ -13,6 +13,8 @@ pub mod random;
 
 pub use config::{AttentionKind, Llama4Config};
 
+use std::sync::Mutex;
+
 use herd_formats::HfModelDir;
 use herd_formats::gguf::GgufFile;
 use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved, sigmoid, silu};
@@ -72,6 +74,36 @@ pub struct Llama4 {
     norm: Vec<f32>,
     lm_head: Matrix,
     inv_freq: Vec<f32>,
+    /// Buffers of one forward pass, kept for the next so a decode step allocates nothing.
+    work: Mutex<Workspace>,
+}
+
+/// The activations of one forward pass (see [`Llama4::forward_into`]).
+#[derive(Debug, Default)]
+struct Workspace {
+    hidden: Vec<f32>,
+    x: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    out: Vec<f32>,
+    mlp: MlpWork,
+    router: Vec<f32>,
+    /// (token, score) pairs routed to each expert.
+    routes: Vec<Vec<(usize, f32)>>,
+    order: Vec<usize>,
+    routed: Vec<f32>,
+    input: Vec<f32>,
+    expert_out: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// Buffers of one feed-forward block.
+#[derive(Debug, Default)]
+struct MlpWork {
+    gate: Vec<f32>,
+    act: Vec<f32>,
 }
 
 /// Where Llama 4 weights come from. Names are the HF ones without the decoder prefix
@@ -323,6 +355,7 @@ impl Llama4 {
             norm,
             lm_head,
             inv_freq,
+            work: Mutex::new(Workspace::default()),
         })
     }
 
@@ -338,24 +371,25 @@ impl Llama4 {
         self.config.rms_norm_eps as f32
     }
 
-    /// Self-attention of layer `li` for the normed activations `x` `[T, hidden]` (§b.1).
+    /// Self-attention of layer `li` for the normed activations `w.x` `[T, hidden]` (§b.1), into
+    /// `w.out`.
     fn attention(
         &self,
         li: usize,
         layer: &Layer,
-        x: &[f32],
+        w: &mut Workspace,
         batch: &Batch,
         cache: &mut KvCache,
-    ) -> Vec<f32> {
+    ) {
         let c = &self.config;
         let (t, d) = (batch.len(), c.head_dim);
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let mut q = layer.q.matmul(x, t);
-        let mut k = layer.k.matmul(x, t);
-        let v = layer.v.matmul(x, t);
+        layer.q.matmul_into(&w.x, t, &mut w.q);
+        layer.k.matmul_into(&w.x, t, &mut w.k);
+        layer.v.matmul_into(&w.x, t, &mut w.v);
         for (row, &pos) in batch.positions.iter().enumerate() {
-            let qr = &mut q[row * nh * d..(row + 1) * nh * d];
-            let kr = &mut k[row * nkv * d..(row + 1) * nkv * d];
+            let qr = &mut w.q[row * nh * d..(row + 1) * nh * d];
+            let kr = &mut w.k[row * nkv * d..(row + 1) * nkv * d];
             if layer.use_rope {
                 rope_interleaved(qr, d, pos, &self.inv_freq);
                 rope_interleaved(kr, d, pos, &self.inv_freq);
@@ -369,87 +403,92 @@ impl Llama4 {
                 qr.iter_mut().for_each(|v| *v *= s);
             }
         }
-        cache_rows(&k, &v, batch, cache, li, nkv * d);
+        cache_rows(&w.k, &w.v, batch, cache, li, nkv * d);
         let scale = 1.0 / (d as f32).sqrt();
         let heads = Heads {
             q: nh,
             kv: nkv,
             dim: d,
+            scale,
         };
         let window = self.window(layer);
-        let out = attend(&q, batch, cache, li, heads, scale, |pos| {
-            window.first_visible(pos)
-        });
-        layer.o.matmul(&out, t)
+        let first_key = |pos| window.first_visible(pos);
+        attend(&w.q, batch, cache, li, heads, first_key, &mut w.attn);
+        layer.o.matmul_into(&w.attn, t, &mut w.out);
     }
 
-    /// SwiGLU MLP on `n` rows.
-    fn mlp(mlp: &Mlp, x: &[f32], n: usize) -> Vec<f32> {
-        let gate = mlp.gate.matmul(x, n);
-        let mut act = mlp.up.matmul(x, n);
-        for (a, g) in act.iter_mut().zip(&gate) {
+    /// SwiGLU MLP on `n` rows of `x`, into `out`.
+    fn mlp(mlp: &Mlp, x: &[f32], n: usize, w: &mut MlpWork, out: &mut Vec<f32>) {
+        mlp.gate.matmul_into(x, n, &mut w.gate);
+        mlp.up.matmul_into(x, n, &mut w.act);
+        for (a, g) in w.act.iter_mut().zip(&w.gate) {
             *a *= silu(*g);
         }
-        mlp.down.matmul(&act, n)
+        mlp.down.matmul_into(&w.act, n, out);
     }
 
-    /// Mixture of experts (§b.3): pick the top-k experts by raw router logit, scale each chosen
-    /// expert's *input* by sigmoid(logit), add the shared expert. Tokens are grouped by expert so
-    /// each expert's weights are read once per step.
-    fn moe(&self, moe: &Moe, x: &[f32], t: usize) -> Vec<f32> {
+    /// Mixture of experts (§b.3) on `w.x`, into `w.out`: pick the top-k experts by raw router
+    /// logit, scale each chosen expert's *input* by sigmoid(logit), add the shared expert.
+    /// Tokens are grouped by expert so each expert's weights are read once per step.
+    fn moe(&self, moe: &Moe, w: &mut Workspace, t: usize) {
         let c = &self.config;
         let (h, inter, top_k) = (c.hidden_size, c.intermediate_size, c.num_experts_per_tok);
-        let router_logits = moe.router.matmul(x, t);
-        // (token, expert, score) for every routed pair.
-        let mut routes: Vec<Vec<(usize, f32)>> = vec![Vec::new(); moe.experts.len()];
+        let n_experts = moe.experts.len();
+        moe.router.matmul_into(&w.x, t, &mut w.router);
+        w.routes.resize_with(n_experts, Vec::new);
+        w.routes.iter_mut().for_each(Vec::clear);
         for tok in 0..t {
-            let logits = &router_logits[tok * moe.experts.len()..(tok + 1) * moe.experts.len()];
-            let mut order: Vec<usize> = (0..logits.len()).collect();
-            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-            for &e in &order[..top_k] {
-                routes[e].push((tok, sigmoid(logits[e])));
+            let logits = &w.router[tok * n_experts..(tok + 1) * n_experts];
+            w.order.clear();
+            w.order.extend(0..n_experts);
+            w.order
+                .sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            for &e in &w.order[..top_k] {
+                w.routes[e].push((tok, sigmoid(logits[e])));
             }
         }
         // Routed sum per token, accumulated in expert order as the reference does.
-        let mut routed = vec![0.0f32; t * h];
-        for (expert, tokens) in moe.experts.iter().zip(&routes) {
+        w.routed.clear();
+        w.routed.resize(t * h, 0.0);
+        for (expert, tokens) in moe.experts.iter().zip(&w.routes) {
             if tokens.is_empty() {
                 continue;
             }
             let n = tokens.len();
-            let mut input = Vec::with_capacity(n * h);
+            w.input.clear();
             for &(tok, score) in tokens {
-                input.extend(x[tok * h..(tok + 1) * h].iter().map(|v| v * score));
+                w.input
+                    .extend(w.x[tok * h..(tok + 1) * h].iter().map(|v| v * score));
             }
-            let y = match expert {
+            match expert {
                 Expert::Fused { gate_up, down } => {
-                    let gate_up = gate_up.matmul(&input, n);
-                    let mut act = vec![0.0f32; n * inter];
-                    for (r, a) in act.chunks_exact_mut(inter).enumerate() {
+                    gate_up.matmul_into(&w.input, n, &mut w.mlp.gate);
+                    w.mlp.act.clear();
+                    w.mlp.act.resize(n * inter, 0.0);
+                    for (r, a) in w.mlp.act.chunks_exact_mut(inter).enumerate() {
                         let (gate, up) =
-                            gate_up[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
+                            w.mlp.gate[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
                         for ((a, g), u) in a.iter_mut().zip(gate).zip(up) {
                             *a = u * silu(*g);
                         }
                     }
-                    down.matmul(&act, n)
+                    down.matmul_into(&w.mlp.act, n, &mut w.expert_out);
                 }
-                Expert::Split(mlp) => Self::mlp(mlp, &input, n),
-            };
+                Expert::Split(mlp) => Self::mlp(mlp, &w.input, n, &mut w.mlp, &mut w.expert_out),
+            }
             for (r, &(tok, _)) in tokens.iter().enumerate() {
-                for (o, v) in routed[tok * h..(tok + 1) * h]
+                for (o, v) in w.routed[tok * h..(tok + 1) * h]
                     .iter_mut()
-                    .zip(&y[r * h..(r + 1) * h])
+                    .zip(&w.expert_out[r * h..(r + 1) * h])
                 {
                     *o += v;
                 }
             }
         }
-        let mut out = Self::mlp(&moe.shared, x, t);
-        for (o, r) in out.iter_mut().zip(&routed) {
+        Self::mlp(&moe.shared, &w.x, t, &mut w.mlp, &mut w.out);
+        for (o, r) in w.out.iter_mut().zip(&w.routed) {
             *o += r;
         }
-        out
     }
 }
 
@@ -478,17 +517,21 @@ impl CausalLm for Llama4 {
         self.config.max_position_embeddings
     }
 
-    fn forward(
+    fn forward_into(
         &self,
         batch: &Batch,
         cache: &mut KvCache,
         mut trace: Option<&mut Vec<Vec<f32>>>,
-    ) -> Result<Vec<f32>> {
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         let c = &self.config;
         begin_step(batch, cache, c.vocab_size)?;
+        let mut guard = self.work.lock().unwrap_or_else(|e| e.into_inner());
+        let w = &mut *guard;
         let (t, h) = (batch.len(), c.hidden_size);
-        let mut hidden = vec![0.0f32; t * h];
-        for (row, &tok) in hidden.chunks_exact_mut(h).zip(&batch.tokens) {
+        w.hidden.clear();
+        w.hidden.resize(t * h, 0.0);
+        for (row, &tok) in w.hidden.chunks_exact_mut(h).zip(&batch.tokens) {
             self.embed.as_ref().decode_row(tok as usize, row);
         }
         let mut record = |state: &[f32]| {
@@ -496,26 +539,28 @@ impl CausalLm for Llama4 {
                 tr.push(state.to_vec());
             }
         };
-        record(&hidden);
+        record(&w.hidden);
         for (li, layer) in self.layers.iter().enumerate() {
-            let mut x = hidden.clone();
-            rms_norm(&mut x, &layer.input_norm, self.eps());
-            let attn = self.attention(li, layer, &x, batch, cache);
-            hidden.iter_mut().zip(&attn).for_each(|(a, b)| *a += b);
+            w.x.clone_from(&w.hidden);
+            rms_norm(&mut w.x, &layer.input_norm, self.eps());
+            self.attention(li, layer, w, batch, cache);
+            w.hidden.iter_mut().zip(&w.out).for_each(|(a, b)| *a += b);
 
-            let mut x = hidden.clone();
-            rms_norm(&mut x, &layer.post_attention_norm, self.eps());
-            let ffn = match &layer.ffn {
-                FeedForward::Dense(mlp) => Self::mlp(mlp, &x, t),
-                FeedForward::Moe(moe) => self.moe(moe, &x, t),
+            w.x.clone_from(&w.hidden);
+            rms_norm(&mut w.x, &layer.post_attention_norm, self.eps());
+            match &layer.ffn {
+                FeedForward::Dense(mlp) => Self::mlp(mlp, &w.x, t, &mut w.mlp, &mut w.out),
+                FeedForward::Moe(moe) => self.moe(moe, w, t),
             };
-            hidden.iter_mut().zip(&ffn).for_each(|(a, b)| *a += b);
-            record(&hidden);
+            w.hidden.iter_mut().zip(&w.out).for_each(|(a, b)| *a += b);
+            record(&w.hidden);
         }
-        rms_norm(&mut hidden, &self.norm, self.eps());
-        record(&hidden);
+        rms_norm(&mut w.hidden, &self.norm, self.eps());
+        record(&w.hidden);
 
-        let rows = logit_rows(&hidden, batch, h);
-        Ok(self.lm_head.matmul(&rows, batch.n_logit_rows()))
+        logit_rows(&w.hidden, batch, h, &mut w.rows);
+        self.lm_head
+            .matmul_into(&w.rows, batch.n_logit_rows(), logits);
+        Ok(())
     }
 }
