@@ -262,7 +262,7 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
             l[i] += x[i] * y[i];
         }
     }
-    let mut s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+    let mut s = crate::attention::hsum8(&l);
     for (x, y) in ta.iter().zip(tb) {
         s += x * y;
     }

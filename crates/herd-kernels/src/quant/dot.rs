@@ -41,9 +41,10 @@ pub fn vec_dot_x4_rows(wtype: DType, w: &[u8], a: [&[u8]; 4], n: usize, out: &mu
     if super::has_avx2() && super::avx2::rows_x4(wtype, w, a, n, out).is_some() {
         return;
     }
+    // No shared-weight kernel for this type (or CPU): the one-pair kernels give the same bits.
     let row = wtype.bytes_for(n);
     for (wr, o) in w.chunks_exact(row).zip(out.iter_mut()) {
-        *o = vec_dot_x4(wtype, [wr; 4], a, n);
+        *o = a.map(|ar| vec_dot(wtype, wr, ar, n));
     }
 }
 
