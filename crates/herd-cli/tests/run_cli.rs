@@ -31,10 +31,6 @@ fn run_streams_llama_cpps_greedy_continuation() {
     let tok = Tokenizer::from_gguf(&GgufFile::open(&model()).unwrap()).unwrap();
     for c in oracle["continuations"].as_array().unwrap() {
         let prompt = c["prompt"].as_str().unwrap();
-        // Prompts on which herd and llama.cpp agree for all 16 greedy tokens (see gemma3_oracle).
-        if !prompt.starts_with("def ") && !prompt.starts_with("1,") {
-            continue;
-        }
         let want: Vec<u32> = c["greedy_ids"]
             .as_array()
             .unwrap()
@@ -55,10 +51,7 @@ fn run_streams_llama_cpps_greedy_continuation() {
         );
         assert!(o.status.success(), "{err}");
         assert_eq!(out.trim_end_matches('\n'), want_text, "prompt {prompt:?}");
-        assert!(
-            err.contains("prefill 7 tokens") || err.contains("prefill"),
-            "{err}"
-        );
+        assert!(err.contains("prefill"), "{err}");
         assert!(
             err.contains("tok/s") && err.contains("finish: length"),
             "{err}"

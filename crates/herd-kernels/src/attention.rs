@@ -3,17 +3,18 @@
 //! GGUF file gives the same scores, probabilities and outputs here as there, not merely close
 //! ones: a model's greedy continuation turns on near-ties that a last-bit difference can flip.
 //!
-//! - Scores of a decoded token are tinyBLAS's ([`dot_decode`]): one register of eight lanes,
-//!   element `i` into lane `i % 8` by fused multiply-add, lanes added as [`hsum8`]. Scores of a
-//!   prompt's rows are `ggml_vec_dot_f32`'s ([`dot_prompt`]: llama.cpp's query view is not
-//!   contiguous for several tokens, so tinyBLAS declines): four such registers over each 32
-//!   elements, added pairwise, then [`hsum8_hadd`]; leftovers after the last whole 32 one by one.
+//! - Scores are `ggml_vec_dot_f32`'s ([`dot_f32`]: llama.cpp's query view is not contiguous
+//!   for several tokens, so tinyBLAS declines, and it never takes a single row): four registers
+//!   of eight lanes over each 32 elements, element `i` into register `(i % 32) / 8`, lane
+//!   `i % 8`, by fused multiply-add; the registers added pairwise, then [`hsum8_hadd`];
+//!   leftovers after the last whole 32 one by one.
 //! - Probabilities are `ggml_vec_soft_max_f32`'s: `ggml_v_expf` of `s − max` over groups of
 //!   eight cache cells (aligned to cell 0), each group summed as [`hsum8`] into an f64 total,
 //!   then every value times `(f32)(1/total)`.
-//! - Outputs are tinyBLAS's product of the transposed value cache with the probabilities: for
-//!   each output element, lane `cell % 8` accumulates `p·v` by fused multiply-add, then
-//!   [`hsum8`].
+//! - Outputs are the product of the transposed value cache with the probabilities: for a row
+//!   llama.cpp computes in a batch of several, tinyBLAS's (each output element accumulates
+//!   `p·v` in lane `cell % 8` by fused multiply-add, then [`hsum8`]); for a row computed alone,
+//!   `ggml_vec_dot_f32`'s over the cells (lanes by `cell % 32` as above). See [`Accum`].
 //!
 //! Every function has a portable form (the reference: `f32::mul_add` is an exact fused
 //! multiply-add on every platform) and an AVX2 + FMA form that returns the same bits.
@@ -39,40 +40,18 @@ fn simd() -> bool {
     crate::quant::has_avx2()
 }
 
-/// A decoded token's score `q·k` (tinyBLAS order). `q` and `k` have the same length, a
-/// multiple of 8 (head dimensions are).
-pub fn dot_decode(q: &[f32], k: &[f32]) -> f32 {
-    assert!(q.len() == k.len() && q.len().is_multiple_of(LANES));
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: AVX2 and FMA confirmed at run time; lengths checked above.
-        return unsafe { avx2::dot_decode(q, k) };
-    }
-    dot_decode_portable(q, k)
-}
-
-fn dot_decode_portable(q: &[f32], k: &[f32]) -> f32 {
-    let mut l = [0.0f32; LANES];
-    for (x, y) in q.chunks_exact(LANES).zip(k.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            l[i] = x[i].mul_add(y[i], l[i]);
-        }
-    }
-    hsum8(&l)
-}
-
-/// A prompt row's score `q·k` (`ggml_vec_dot_f32` order). `q` and `k` have the same length.
-pub fn dot_prompt(q: &[f32], k: &[f32]) -> f32 {
+/// A score `q·k` (`ggml_vec_dot_f32` order). `q` and `k` have the same length.
+pub fn dot_f32(q: &[f32], k: &[f32]) -> f32 {
     assert_eq!(q.len(), k.len());
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: AVX2 and FMA confirmed at run time; lengths checked above.
-        return unsafe { avx2::dot_prompt(q, k) };
+        return unsafe { avx2::dot_f32(q, k) };
     }
-    dot_prompt_portable(q, k)
+    dot_f32_portable(q, k)
 }
 
-fn dot_prompt_portable(q: &[f32], k: &[f32]) -> f32 {
+fn dot_f32_portable(q: &[f32], k: &[f32]) -> f32 {
     let whole = q.len() / 32 * 32;
     let mut r = [[0.0f32; LANES]; 4];
     for i in (0..whole).step_by(32) {
@@ -173,26 +152,42 @@ pub fn softmax(s: &mut [f32], first: usize) {
     }
 }
 
-/// Per-lane partial sums of one attention output (`[LANES][d]`): lane `cell % 8` gathers
-/// `p·v` of its cells; [`Accum::finish`] adds the lanes as [`hsum8`].
+/// Per-lane partial sums of one attention output, in one of llama.cpp's two orders for the
+/// product of the transposed value cache with a row of probabilities:
+/// - tinyBLAS's (a row llama.cpp computes in a batch of two or more): lane `cell % 8` gathers
+///   `p·v` of its cells, added at the end as [`hsum8`];
+/// - `ggml_vec_dot_f32`'s (a row computed alone): register `(cell % 32) / 8`, lane `cell % 8`,
+///   the four registers added pairwise and then as [`hsum8_hadd`].
+///
+/// Cells are numbered from the sequence's first cache position (llama.cpp's cell index for a
+/// sequence that owns its cache); cells a row does not see add `0·v` there, which changes
+/// nothing here.
 #[derive(Debug, Default)]
 pub struct Accum {
     lanes: Vec<f32>,
     d: usize,
+    vec_dot: bool,
 }
 
 impl Accum {
-    /// Zeroed sums for outputs of `d` values.
-    pub fn reset(&mut self, d: usize) {
+    /// Zeroed sums for outputs of `d` values; `batched`: the row is in a llama.cpp batch of
+    /// two or more rows (tinyBLAS order), otherwise `ggml_vec_dot_f32` order.
+    pub fn reset(&mut self, d: usize, batched: bool) {
         self.d = d;
+        self.vec_dot = !batched;
         self.lanes.clear();
-        self.lanes.resize(LANES * d, 0.0);
+        self.lanes.resize(self.slots() * d, 0.0);
+    }
+
+    /// Partial sums per output element: 8 lanes, or 4 registers of 8.
+    fn slots(&self) -> usize {
+        if self.vec_dot { 4 * LANES } else { LANES }
     }
 
     /// Add `p·v` for the value `v` (`d` values) of cache cell `cell`.
     pub fn add(&mut self, cell: usize, p: f32, v: &[f32]) {
-        let d = self.d;
-        let lane = &mut self.lanes[(cell % LANES) * d..(cell % LANES + 1) * d];
+        let (d, slot) = (self.d, cell % self.slots());
+        let lane = &mut self.lanes[slot * d..(slot + 1) * d];
         assert_eq!(v.len(), d);
         #[cfg(target_arch = "x86_64")]
         if simd() {
@@ -202,13 +197,21 @@ impl Accum {
         fma_into_portable(lane, p, v)
     }
 
-    /// The outputs: each element's eight lane sums added as [`hsum8`].
+    /// The outputs: each element's partial sums added in the order's way.
     pub fn finish(&self, out: &mut [f32]) {
         let d = self.d;
         assert_eq!(out.len(), d);
-        let l = |i: usize, e: usize| self.lanes[i * d + e];
+        let l = |slot: usize, e: usize| self.lanes[slot * d + e];
         for (e, o) in out.iter_mut().enumerate() {
-            *o = hsum8(&std::array::from_fn(|i| l(i, e)));
+            *o = if self.vec_dot {
+                // Registers j = 0..4 hold slots 8j..8j+8.
+                let r = |j: usize, i: usize| l(LANES * j + i, e);
+                hsum8_hadd(&std::array::from_fn(|i| {
+                    (r(0, i) + r(2, i)) + (r(1, i) + r(3, i))
+                }))
+            } else {
+                hsum8(&std::array::from_fn(|i| l(i, e)))
+            };
         }
     }
 }
@@ -226,14 +229,6 @@ mod avx2 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let h = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
     unsafe fn at(p: &[f32], i: usize) -> __m256 {
         debug_assert!(i + LANES <= p.len());
         // SAFETY: callers keep i + 8 within p; unaligned load.
@@ -241,17 +236,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_decode(q: &[f32], k: &[f32]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..q.len()).step_by(LANES) {
-            // SAFETY: both hold a multiple of 8 values (checked by the caller).
-            acc = unsafe { _mm256_fmadd_ps(at(k, i), at(q, i), acc) };
-        }
-        hsum(acc)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_prompt(q: &[f32], k: &[f32]) -> f32 {
+    pub(super) unsafe fn dot_f32(q: &[f32], k: &[f32]) -> f32 {
         let whole = q.len() / 32 * 32;
         let mut r = [_mm256_setzero_ps(); 4];
         for i in (0..whole).step_by(32) {
@@ -410,12 +395,8 @@ mod tests {
                 rand_vec(d, 1000 + seed as u64, 2.0),
             );
             assert_eq!(
-                dot_decode(&q, &k).to_bits(),
-                dot_decode_portable(&q, &k).to_bits()
-            );
-            assert_eq!(
-                dot_prompt(&q, &k).to_bits(),
-                dot_prompt_portable(&q, &k).to_bits()
+                dot_f32(&q, &k).to_bits(),
+                dot_f32_portable(&q, &k).to_bits()
             );
             let (mut a, mut b) = (rand_vec(d + 3, 7, 1.0), rand_vec(d + 3, 7, 1.0));
             let v = rand_vec(d + 3, 8, 5.0);
@@ -451,15 +432,42 @@ mod tests {
         }
     }
 
+    /// Both output orders sum exactly where every partial sum is exact, and each equals its
+    /// definition on random data: tinyBLAS's lanes by cell % 8, `ggml_vec_dot_f32` over the
+    /// cells (the score dot product with cells as elements).
     #[test]
-    fn accum_adds_lanes_like_hsum8() {
-        let mut acc = Accum::default();
-        acc.reset(2);
-        for cell in 3..20 {
-            acc.add(cell, 0.5, &[cell as f32, 1.0]);
+    fn accum_orders() {
+        for batched in [true, false] {
+            let mut acc = Accum::default();
+            acc.reset(2, batched);
+            for cell in 3..20 {
+                acc.add(cell, 0.5, &[cell as f32, 1.0]);
+            }
+            let mut out = [0.0; 2];
+            acc.finish(&mut out);
+            assert_eq!(out, [(3..20).sum::<usize>() as f32 * 0.5, 17.0 * 0.5]);
         }
-        let mut out = [0.0; 2];
+        let n = 300;
+        let (p, v) = (rand_vec(n, 1, 1.0), rand_vec(n, 2, 3.0));
+        let mut acc = Accum::default();
+        acc.reset(1, false);
+        for c in 0..n / 32 * 32 {
+            acc.add(c, p[c], &v[c..=c]);
+        }
+        let mut out = [0.0];
         acc.finish(&mut out);
-        assert_eq!(out, [(3..20).sum::<usize>() as f32 * 0.5, 17.0 * 0.5]);
+        let whole = n / 32 * 32;
+        assert_eq!(
+            out[0].to_bits(),
+            dot_f32_portable(&p[..whole], &v[..whole]).to_bits()
+        );
+        acc.reset(1, true);
+        let mut lanes = [0.0f32; LANES];
+        for c in 0..n {
+            acc.add(c, p[c], &v[c..=c]);
+            lanes[c % LANES] = p[c].mul_add(v[c], lanes[c % LANES]);
+        }
+        acc.finish(&mut out);
+        assert_eq!(out[0].to_bits(), hsum8(&lanes).to_bits());
     }
 }

@@ -49,8 +49,8 @@ pub(crate) fn cache_rows(
 /// Writes `[T, q·dim]` to `out`.
 ///
 /// The arithmetic is llama.cpp's, in its orders (`herd_kernels::attention`), with cache position
-/// `p` in the part of llama.cpp's cache cell `p`: prompt rows ([`Batch::prompt`]) are scored as
-/// llama.cpp scores a prompt, generated rows as it scores a decoded token.
+/// `p` in the part of llama.cpp's cache cell `p`: a row's outputs accumulate as llama.cpp's do
+/// for a row of a batch of several or for a row alone ([`Batch::order`]).
 /// Rows are taken in blocks of consecutive positions of one sequence, so each cached key and
 /// value is read once per block and head rather than once per row; every row is still computed
 /// exactly as it would be alone.
@@ -130,19 +130,12 @@ fn attend_blocks(
                 };
                 scores[..n].iter_mut().for_each(Vec::clear);
                 let mut p = lo;
-                let score = |i: usize| {
-                    if batch.prompt[rows.start + i] {
-                        attention::dot_prompt
-                    } else {
-                        attention::dot_decode
-                    }
-                };
                 for (keys, _) in cache.runs(seq, layer, lo, hi) {
                     for j in 0..keys.len() / (nkv * d) {
                         let kj = &keys[key(j, kvh)];
                         for (i, s) in scores[..n].iter_mut().enumerate() {
                             if span(i).contains(&p) {
-                                s.push(score(i)(qh(i), kj) * scale);
+                                s.push(attention::dot_f32(qh(i), kj) * scale);
                             }
                         }
                         p += 1;
@@ -151,7 +144,9 @@ fn attend_blocks(
                 for (i, s) in scores[..n].iter_mut().enumerate() {
                     attention::softmax(s, *span(i).start());
                 }
-                sums[..n].iter_mut().for_each(|a| a.reset(d));
+                for (i, sum) in sums[..n].iter_mut().enumerate() {
+                    sum.reset(d, batch.order[rows.start + i].batched);
+                }
                 let (mut p, mut next) = (lo, [0usize; MAX_BLOCK_ROWS]);
                 for (_, values) in cache.runs(seq, layer, lo, hi) {
                     for j in 0..values.len() / (nkv * d) {

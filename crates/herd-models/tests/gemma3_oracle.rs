@@ -106,9 +106,11 @@ fn real_model() -> Box<dyn CausalLm> {
     load_model(&path).unwrap()
 }
 
-/// llama.cpp's top-16 logits at every position of 277 tokens of text: herd's argmax equals
-/// llama.cpp's everywhere and the top logits agree within the drift llama.cpp's own shortcuts
-/// (fp16 GELU table) allow.
+/// llama.cpp's top-16 logits at every position of 277 tokens of text (its AVX2 build, see
+/// gen_gemma3.py): herd computes the same bits. Every kernel on the path follows llama.cpp's
+/// f32 operations for the batch llama.cpp would use (the whole text is one batch there), and
+/// both call the same libm for sin, cos, pow and tanh, so the expected difference is zero; a
+/// last-bit difference anywhere would show here and flip near-ties downstream.
 #[test]
 fn real_gemma3_270m_matches_llama_cpp_on_text() {
     let model = real_model();
@@ -130,78 +132,50 @@ fn real_gemma3_270m_matches_llama_cpp_on_text() {
         herd_kernels::dtype::decode(DType::F32, t.bytes.as_slice(), t.shape.iter().product());
     let logits = prefill(model.as_ref(), &tokens, None);
     let v = model.vocab_size();
-    let (mut max_diff, mut agree, mut mismatches) = (0.0f32, 0, Vec::new());
+    let (mut max_diff, mut mismatches) = (0.0f32, Vec::new());
     for (p, row) in logits.chunks_exact(v).enumerate() {
         let want = &top_ids[p * 16..(p + 1) * 16];
-        if argmax(row) as i32 == want[0] {
-            agree += 1;
-        } else {
-            mismatches.push((p, top_logits[p * 16] - top_logits[p * 16 + 1]));
+        if argmax(row) as i32 != want[0] {
+            mismatches.push(p);
         }
         for k in 0..16 {
             max_diff = max_diff.max((row[want[k] as usize] - top_logits[p * 16 + k]).abs());
         }
-        if p == 0 {
-            // One token: no attention mixing, every kernel on the path is bit-compatible.
-            assert!(max_diff < 1e-3, "position 0 differs by {max_diff}");
-        }
     }
     eprintln!(
-        "argmax equal at {agree} of {} positions; mismatches (position, llama.cpp's top-2 gap): {mismatches:?}; \
-         max |herd - llama.cpp| over top-16 logits: {max_diff}",
+        "argmax differs at {mismatches:?} of {} positions; max |herd - llama.cpp| over top-16 logits: {max_diff}",
         tokens.len()
     );
-    assert!(
-        agree * 100 >= tokens.len() * 97,
-        "argmax agreement {agree}/{}",
-        tokens.len()
-    );
-    assert!(max_diff < 1.5, "top logits differ by {max_diff}");
+    assert!(mismatches.is_empty(), "argmax differs at {mismatches:?}");
+    assert_eq!(max_diff, 0.0, "top logits differ by up to {max_diff}");
 }
 
-/// Greedy continuations of fixed prompts against llama.cpp's. Agreement holds until the first
-/// near-tie that the two engines' f32 arithmetic resolves differently (attention now follows
-/// llama.cpp's orders; the quantized products' f32 accumulation does not yet: llama.cpp sums
-/// Q4_K blocks in its repacked 8×8 kernels' lanes); every prompt must agree for its first 8
-/// tokens, and most for all 16 (the goal is all 16 everywhere: see the generation issue).
+/// Greedy continuations of fixed prompts equal llama.cpp's token for token, for every token
+/// llama.cpp generated (24), each prompt as one batch and each new token alone, as llama.cpp
+/// ran them.
 #[test]
 fn real_gemma3_270m_greedy_continuations_match_llama_cpp() {
     let model = real_model();
     let oracle = json(&fixtures().join("gemma3_270m/oracle.json"));
-    let mut full = 0;
     let prompts = oracle["continuations"].as_array().unwrap();
+    assert!(prompts.len() >= 4);
     for c in prompts {
         let prompt = ids(&c["prompt_ids"]);
         let want = ids(&c["greedy_ids"]);
+        assert!(want.len() >= 16);
         let mut cache = model.new_cache();
         let mut logits = model
             .forward(&Batch::sequence(0, &prompt, 0), &mut cache, None)
             .unwrap();
         let v = model.vocab_size();
         let mut got = Vec::new();
-        for step in 0..16 {
+        for step in 0..want.len() {
             let next = argmax(&logits[logits.len() - v..]) as u32;
             got.push(next);
             let mut b = Batch::new();
             b.push(0, next, prompt.len() + step, true);
             logits = model.forward(&b, &mut cache, None).unwrap();
         }
-        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-        eprintln!(
-            "{:?}: {same} of 16 greedy tokens equal llama.cpp's",
-            c["prompt"]
-        );
-        assert!(
-            same >= 8,
-            "prompt {:?}: herd {got:?}, llama.cpp {:?}",
-            c["prompt"],
-            &want[..16]
-        );
-        full += usize::from(same == 16);
+        assert_eq!(got, want, "prompt {:?}", c["prompt"]);
     }
-    assert!(
-        full * 2 >= prompts.len(),
-        "only {full} of {} prompts agree for 16 tokens",
-        prompts.len()
-    );
 }

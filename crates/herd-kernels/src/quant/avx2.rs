@@ -1,62 +1,41 @@
-//! AVX2 integer dot products. Each computes the same per-block integer sums as the scalar
-//! reference (exact) and combines them in f32 in the same order, so results are bit-identical.
+//! AVX2 integer dot products. Each computes the same exact integer sums as the scalar
+//! reference, in the same lanes, and the same f32 operations (llama.cpp's AVX2 order, see
+//! `dot.rs`), so results are bit-identical.
 
 use std::arch::x86_64::*;
 
-use super::dot::{combine_k, q8k_bsum};
+use super::dot::{RowOrder, combine_k, q4_k_accumulate, q8k_bsum};
 use super::{f16_at, f32_at, scale_min_k4};
 use crate::DType;
 
 /// `Some(result)` when there is an AVX2 kernel for `wtype`. Callers check `has_avx2()` first.
-pub(crate) fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> Option<f32> {
+pub(crate) fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrder) -> Option<f32> {
     let nb = n / wtype.block_size();
     assert!(w.len() >= nb * wtype.type_size() && a.len() >= nb * wtype.vec_dot_type().type_size());
-    // SAFETY: has_avx2() confirmed AVX2 and FMA at run time; the slices hold nb whole blocks
-    // (asserted above) and every load below stays inside its block.
-    unsafe {
-        match wtype {
-            DType::Q8_0 => Some(q8_0_q8_0(w, a, nb)),
-            DType::Q4_0 => Some(q4_0_q8_0(w, a, nb)),
-            DType::Q5_0 => Some(q5_0_q8_0(w, a, nb)),
-            DType::Q4K => Some(q4_k_q8_k(w, a, nb)),
-            DType::Q5K => Some(q5_k_q8_k(w, a, nb)),
-            DType::Q6K => Some(q6_k_q8_k(w, a, nb)),
-            _ => None,
-        }
-    }
-}
-
-/// Four dot products at once, pairs `(w[r], a[r])`, for the types with a four-pair kernel. Each
-/// result has the bits of the one-pair kernel: the block sums are exact integers (any reduction
-/// order gives them), and the f32 part is the same multiply and add, one lane per pair.
-pub(crate) fn vec_dot_x4(wtype: DType, w: [&[u8]; 4], a: [&[u8]; 4], n: usize) -> Option<[f32; 4]> {
-    let nb = n / wtype.block_size();
-    let (wt, at) = (wtype.type_size(), wtype.vec_dot_type().type_size());
-    assert!(w.iter().all(|r| r.len() >= nb * wt) && a.iter().all(|r| r.len() >= nb * at));
-    // Weight blocks are unpacked once when all four pairs share the weight row (a batch).
-    let same_w = w.iter().all(|r| std::ptr::eq(r.as_ptr(), w[0].as_ptr()));
-    // SAFETY: has_avx2() confirmed AVX2, FMA and F16C at run time; every row holds nb whole
+    // SAFETY: has_avx2() confirmed AVX2, FMA and F16C at run time; the slices hold nb whole
     // blocks (asserted above) and every load below stays inside its block.
     unsafe {
         match wtype {
-            DType::Q8_0 => Some(q8_0_q8_0_x4(w, a, nb)),
-            DType::Q5_0 => Some(q5_0_q8_0_x4(w, a, nb, same_w)),
-            // K-quant blocks are large: four pairs pay only when they share the weight block.
-            DType::Q4K if same_w => Some(q4_k_q8_k_x4(w[0], a, nb)),
-            DType::Q6K if same_w => Some(q6_k_q8_k_x4(w[0], a, nb)),
+            DType::Q8_0 => Some(q0_row::<Q8_0>(w, a, nb)),
+            DType::Q4_0 => Some(q0_row::<Q4_0>(w, a, nb)),
+            DType::Q5_0 => Some(q0_row::<Q5_0>(w, a, nb)),
+            DType::Q4K => Some(q4_k_row(w, a, nb, order)),
+            DType::Q5K => Some(q5_k_q8_k(w, a, nb)),
+            DType::Q6K => Some(q6_k_row(w, a, nb, order)),
             _ => None,
         }
     }
 }
 
 /// `out[j]` = the four products of weight row `j` of `w` (consecutive rows of `nb` blocks) with
-/// the activation rows `a`, for the types whose four-pair kernel shares the weight block; each
-/// equal to [`vec_dot_x4`] with that row four times. `None` for other types.
+/// the activation rows `a`, each equal to [`vec_dot`] of that pair; the weight block is
+/// unpacked once for the four rows. `None` for types without such a kernel.
 pub(crate) fn rows_x4(
     wtype: DType,
     w: &[u8],
     a: [&[u8]; 4],
     n: usize,
+    orders: [RowOrder; 4],
     out: &mut [[f32; 4]],
 ) -> Option<()> {
     let nb = n / wtype.block_size();
@@ -68,14 +47,99 @@ pub(crate) fn rows_x4(
     // blocks (asserted above) and every load stays inside its block.
     unsafe {
         match wtype {
-            DType::Q4K => rows.for_each(|(wr, o)| *o = q4_k_q8_k_x4(wr, a, nb)),
-            DType::Q6K => rows.for_each(|(wr, o)| *o = q6_k_q8_k_x4(wr, a, nb)),
-            DType::Q8_0 => rows.for_each(|(wr, o)| *o = q8_0_q8_0_x4([wr; 4], a, nb)),
-            DType::Q5_0 => rows.for_each(|(wr, o)| *o = q5_0_q8_0_x4([wr; 4], a, nb, true)),
+            DType::Q4K => rows.for_each(|(wr, o)| *o = q4_k_rows_x4(wr, a, nb, orders)),
+            DType::Q6K => rows.for_each(|(wr, o)| *o = q6_k_rows_x4(wr, a, nb, orders)),
+            DType::Q8_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q8_0>(wr, a, nb)),
+            DType::Q5_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q5_0>(wr, a, nb)),
+            DType::Q4_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q4_0>(wr, a, nb)),
             _ => return None,
         }
     }
     Some(())
+}
+
+/// The eight f32 lanes added as ggml's `hsum_float_8` (the reference's `hsum8`).
+#[inline]
+#[target_feature(enable = "avx")]
+fn hsum_ps(v: __m256) -> f32 {
+    let h = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+}
+
+/// Block kinds of the 32-value formats with one f16 scale at byte 0 (const parameters).
+const Q8_0: u8 = 0;
+const Q4_0: u8 = 1;
+const Q5_0: u8 = 2;
+
+/// Bytes per block of kind `T`.
+const fn q0_size<const T: u8>() -> usize {
+    match T {
+        Q8_0 => 34,
+        Q4_0 => 18,
+        _ => 22,
+    }
+}
+
+/// The 32 signed weights of a block of kind `T` as bytes, element order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q0_weights<const T: u8>(wb: &[u8]) -> __m256i {
+    match T {
+        // SAFETY: bytes 2..34 of the 34-byte block.
+        Q8_0 => unsafe { load(wb, 2) },
+        Q4_0 => unpack_q4_0(wb),
+        _ => unpack_q5_0(wb),
+    }
+}
+
+/// One row of Q8_0/Q4_0/Q5_0 weights with Q8_0 activations: ggml's eight f32 lanes, one fused
+/// multiply-add of `d_w·d_a` and the block's lane sums per block.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q0_row<const T: u8>(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let wt = q0_size::<T>();
+    let mut acc = _mm256_setzero_ps();
+    for i in 0..nb {
+        let (wb, ab) = (&w[wt * i..wt * (i + 1)], &a[34 * i..34 * (i + 1)]);
+        // SAFETY: bytes 2..34 of the Q8_0 block; the scales are the blocks' first two bytes.
+        let (y, d) = unsafe { (load(ab, 2), f16_ptr(wb.as_ptr()) * f16_ptr(ab.as_ptr())) };
+        let q = _mm256_cvtepi32_ps(dot_i8(q0_weights::<T>(wb), y));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), q, acc);
+    }
+    hsum_ps(acc)
+}
+
+/// [`q0_row`] for one weight row and four activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q0_rows_x4<const T: u8>(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
+    let wt = q0_size::<T>();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for i in 0..nb {
+        let wb = &w[wt * i..wt * (i + 1)];
+        let x = q0_weights::<T>(wb);
+        // SAFETY: the weight block's scale is its first two bytes.
+        let dw = unsafe { f16_ptr(wb.as_ptr()) };
+        for r in 0..4 {
+            let ab = &a[r][34 * i..34 * (i + 1)];
+            // SAFETY: bytes 2..34 and the scale of the Q8_0 block.
+            let (y, da) = unsafe { (load(ab, 2), f16_ptr(ab.as_ptr())) };
+            let q = _mm256_cvtepi32_ps(dot_i8(x, y));
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), q, acc[r]);
+        }
+    }
+    acc.map(|v| hsum_ps(v))
+}
+
+/// The 32 signed 4-bit weights of a Q4_0 block (−8..7) as bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn unpack_q4_0(wb: &[u8]) -> __m256i {
+    let low = _mm_set1_epi8(0x0F);
+    // SAFETY: 16 nibble bytes at 2..18 of the 18-byte block.
+    let q = unsafe { _mm_loadu_si128(wb[2..18].as_ptr() as *const __m128i) };
+    let lo = _mm_and_si128(q, low);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low);
+    _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8))
 }
 
 /// Lane r: the sum of the eight i32 lanes of `s[r]`.
@@ -86,70 +150,6 @@ fn hsum4_i32(s: [__m256i; 4]) -> __m128i {
     let h23 = _mm256_hadd_epi32(s[2], s[3]);
     let h = _mm256_hadd_epi32(h01, h23);
     _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
-}
-
-/// Four f16 values (raw bits) as f32 lanes (exact).
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-fn f16x4(h: [i16; 4]) -> __m128 {
-    _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, h[3], h[2], h[1], h[0]))
-}
-
-/// The f16 at byte `off` of row `r`, as raw bits.
-#[inline(always)]
-fn f16_bits(r: &[u8], off: usize) -> i16 {
-    i16::from_le_bytes([r[off], r[off + 1]])
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-fn store4(v: __m128) -> [f32; 4] {
-    let mut out = [0.0f32; 4];
-    // SAFETY: out holds four f32; unaligned store.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), v) };
-    out
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_q8_0_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
-    let mut acc = _mm_setzero_ps();
-    for i in 0..nb {
-        let o = 34 * i;
-        let mut s = [_mm256_setzero_si256(); 4];
-        for r in 0..4 {
-            // SAFETY: bytes 2..34 of block i of each row.
-            let (x, y) = unsafe { (load(w[r], o + 2), load(a[r], o + 2)) };
-            s[r] = dot_i8(x, y);
-        }
-        let dw = f16x4([0, 1, 2, 3].map(|r| f16_bits(w[r], o)));
-        let da = f16x4([0, 1, 2, 3].map(|r| f16_bits(a[r], o)));
-        let d = _mm_mul_ps(dw, da);
-        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_cvtepi32_ps(hsum4_i32(s)), d));
-    }
-    store4(acc)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_0_q8_0_x4(w: [&[u8]; 4], a: [&[u8]; 4], nb: usize, same_w: bool) -> [f32; 4] {
-    let mut acc = _mm_setzero_ps();
-    for i in 0..nb {
-        let (ow, oa) = (22 * i, 34 * i);
-        let mut s = [_mm256_setzero_si256(); 4];
-        let mut x = _mm256_setzero_si256();
-        for r in 0..4 {
-            if r == 0 || !same_w {
-                x = unpack_q5_0(&w[r][ow..ow + 22]);
-            }
-            // SAFETY: bytes 2..34 of activation block i.
-            let y = unsafe { load(a[r], oa + 2) };
-            s[r] = dot_i8(x, y);
-        }
-        let dw = f16x4([0, 1, 2, 3].map(|r| f16_bits(w[r], ow)));
-        let da = f16x4([0, 1, 2, 3].map(|r| f16_bits(a[r], oa)));
-        let d = _mm_mul_ps(dw, da);
-        acc = _mm_add_ps(acc, _mm_mul_ps(_mm_cvtepi32_ps(hsum4_i32(s)), d));
-    }
-    store4(acc)
 }
 
 /// The 32 signed 5-bit weights of a Q5_0 block (−16..15) as bytes.
@@ -195,64 +195,6 @@ fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
 }
 
-/// Blocks `i..i+4` of one row: their `sumi · (dw · da)` terms, one per lane, to be added to the
-/// running sum in block order (exactly the scalar reference's operations, with the horizontal
-/// sums of four blocks done together).
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-fn four_block_terms(s: [__m256i; 4], dw: [i16; 4], da: [i16; 4]) -> [f32; 4] {
-    let d = _mm_mul_ps(f16x4(dw), f16x4(da));
-    store4(_mm_mul_ps(_mm_cvtepi32_ps(hsum4_i32(s)), d))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_q8_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
-    let mut sum = 0.0f32;
-    let mut i = 0;
-    while i + 4 <= nb {
-        let s = [0, 1, 2, 3].map(|r| {
-            let o = 34 * (i + r);
-            // SAFETY: bytes 2..34 of block i + r of both rows.
-            let (x, y) = unsafe { (load(w, o + 2), load(a, o + 2)) };
-            dot_i8(x, y)
-        });
-        let dw = [0, 1, 2, 3].map(|r| f16_bits(w, 34 * (i + r)));
-        let da = [0, 1, 2, 3].map(|r| f16_bits(a, 34 * (i + r)));
-        for t in four_block_terms(s, dw, da) {
-            sum += t;
-        }
-        i += 4;
-    }
-    for i in i..nb {
-        let (wb, ab) = (&w[34 * i..34 * i + 34], &a[34 * i..34 * i + 34]);
-        // SAFETY: bytes 2..34 of each 34-byte block.
-        let (x, y) = unsafe { (load(wb, 2), load(ab, 2)) };
-        let sumi = hsum_i32(dot_i8(x, y));
-        sum += sumi as f32 * (f16_at(wb, 0) * f16_at(ab, 0));
-    }
-    sum
-}
-
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q4_0_q8_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
-    let mut sum = 0.0f32;
-    let low = _mm256_set1_epi8(0x0F);
-    let eight = _mm256_set1_epi8(8);
-    for i in 0..nb {
-        let (wb, ab) = (&w[18 * i..18 * i + 18], &a[34 * i..34 * i + 34]);
-        // SAFETY: 16 nibble bytes at 2..18 of the 18-byte block.
-        let q = unsafe { _mm_loadu_si128(wb.as_ptr().add(2) as *const __m128i) };
-        let lo = _mm_and_si128(q, _mm256_castsi256_si128(low));
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), _mm256_castsi256_si128(low));
-        let x = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), eight);
-        // SAFETY: bytes 2..34 of the Q8_0 block.
-        let y = unsafe { load(ab, 2) };
-        let sumi = hsum_i32(dot_i8(x, y));
-        sum += sumi as f32 * (f16_at(wb, 0) * f16_at(ab, 0));
-    }
-    sum
-}
-
 /// 32 bytes, 0xFF where bit `k` of `x` is set (byte `k` tests bit `k`).
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -267,35 +209,6 @@ fn bytes_from_bits(x: u32) -> __m256i {
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), spread);
     let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
     _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_0_q8_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
-    let mut sum = 0.0f32;
-    let mut i = 0;
-    while i + 4 <= nb {
-        let s = [0, 1, 2, 3].map(|r| {
-            let x = unpack_q5_0(&w[22 * (i + r)..22 * (i + r) + 22]);
-            // SAFETY: bytes 2..34 of activation block i + r.
-            let y = unsafe { load(a, 34 * (i + r) + 2) };
-            dot_i8(x, y)
-        });
-        let dw = [0, 1, 2, 3].map(|r| f16_bits(w, 22 * (i + r)));
-        let da = [0, 1, 2, 3].map(|r| f16_bits(a, 34 * (i + r)));
-        for t in four_block_terms(s, dw, da) {
-            sum += t;
-        }
-        i += 4;
-    }
-    for i in i..nb {
-        let (wb, ab) = (&w[22 * i..22 * i + 22], &a[34 * i..34 * i + 34]);
-        let x = unpack_q5_0(wb);
-        // SAFETY: bytes 2..34 of the Q8_0 block.
-        let y = unsafe { load(ab, 2) };
-        let sumi = hsum_i32(dot_i8(x, y));
-        sum += sumi as f32 * (f16_at(wb, 0) * f16_at(ab, 0));
-    }
-    sum
 }
 
 /// Unsigned bytes (0..63) times signed activations, widened to i32 lanes and multiplied by one
@@ -337,76 +250,54 @@ fn broadcast_i16_lane(j: usize) -> __m256i {
     _mm256_set1_epi16(((b + 1) << 8) | b)
 }
 
-/// One Q4_K × Q8_K super-block's exact integer sums, as lanes still to be added up:
-/// (Σ scale·q·a over eight i32 lanes, Σ min·bsum over four i32 lanes).
+/// One Q4_K × Q8_K super-block's exact integer sums by 64-value part `c` (lane c):
+/// (Σ scale·q·a, Σ min·bsum) of sub-blocks `2c` and `2c+1`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn q4_k_block(w: *const u8, a: *const u8) -> (__m256i, __m128i) {
-    let m4 = _mm256_set1_epi8(0x0F);
-    // The caller passes w at a 144-byte Q4_K block and a at a 292-byte Q8_K block.
-    // SAFETY: scale bytes 4..16 of the Q4_K block.
-    let sm = unsafe { k4_scales_mins(w.add(4)) };
-    // SAFETY: bsums (16 i16) end at byte 292 of the Q8_K block.
-    let bsums = unsafe { _mm256_loadu_si256(a.add(260) as *const __m256i) };
-    // Sub-block j of 32 values has bsums 2j and 2j+1 (16 values each).
-    let pair_sums = _mm_hadd_epi16(
-        _mm256_castsi256_si128(bsums),
-        _mm256_extracti128_si256::<1>(bsums),
-    );
-    let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), pair_sums);
-    let sc = _mm256_castsi256_si128(sm);
-    let scales = _mm256_set_m128i(sc, sc);
-    let mut acc = _mm256_setzero_si256();
-    for c in 0..4 {
-        // SAFETY: qs chunk c is bytes 16+32c..48+32c; activations 4+64c..68+64c.
-        let (q, y1, y2) = unsafe {
-            (
-                _mm256_loadu_si256(w.add(16 + 32 * c) as *const __m256i),
-                _mm256_loadu_si256(a.add(4 + 64 * c) as *const __m256i),
-                _mm256_loadu_si256(a.add(36 + 64 * c) as *const __m256i),
-            )
-        };
-        let lo = _mm256_and_si256(q, m4);
-        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
-        let s1 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c));
-        let s2 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c + 1));
-        let p1 = _mm256_madd_epi16(s1, _mm256_maddubs_epi16(lo, y1));
-        let p2 = _mm256_madd_epi16(s2, _mm256_maddubs_epi16(hi, y2));
-        acc = _mm256_add_epi32(acc, _mm256_add_epi32(p1, p2));
-    }
-    (acc, mins)
+unsafe fn q4_k_parts(w: *const u8, a: *const u8) -> (__m128i, __m128i) {
+    // SAFETY: the caller passes whole blocks; q4_k_parts_x4 reads only inside them.
+    let (sumi, summ) = unsafe { q4_k_parts_x4(w, [a; 4], 1) };
+    (sumi[0], summ[0])
 }
 
-/// [`q4_k_block`] for one weight block and four activation blocks: the weight's nibbles and
-/// scales are unpacked once (a batch's rows share each weight row).
+/// [`q4_k_parts`] for one weight block and the first `rows` (1..=4) of four activation blocks:
+/// the weight's nibbles and scales are unpacked once.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn q4_k_block_shared_w(w: *const u8, a: [*const u8; 4]) -> ([__m256i; 4], [__m128i; 4]) {
+unsafe fn q4_k_parts_x4(
+    w: *const u8,
+    a: [*const u8; 4],
+    rows: usize,
+) -> ([__m128i; 4], [__m128i; 4]) {
     let m4 = _mm256_set1_epi8(0x0F);
     // The caller passes w at a 144-byte Q4_K block and each a[r] at a 292-byte Q8_K block.
     // SAFETY: scale bytes 4..16 of the Q4_K block.
     let sm = unsafe { k4_scales_mins(w.add(4)) };
     let mins_w = _mm256_extracti128_si256::<1>(sm);
-    let mins = a.map(|ar| {
+    let mut summ = [_mm_setzero_si128(); 4];
+    for r in 0..rows {
         // SAFETY: bsums (16 i16) end at byte 292 of the Q8_K block.
-        let bsums = unsafe { _mm256_loadu_si256(ar.add(260) as *const __m256i) };
+        let bsums = unsafe { _mm256_loadu_si256(a[r].add(260) as *const __m256i) };
+        // Sub-block j of 32 values has bsums 2j and 2j+1 (16 values each).
         let pair_sums = _mm_hadd_epi16(
             _mm256_castsi256_si128(bsums),
             _mm256_extracti128_si256::<1>(bsums),
         );
-        _mm_madd_epi16(mins_w, pair_sums)
-    });
+        summ[r] = _mm_madd_epi16(mins_w, pair_sums);
+    }
     let sc = _mm256_castsi256_si128(sm);
     let scales = _mm256_set_m128i(sc, sc);
-    let mut acc = [_mm256_setzero_si256(); 4];
-    for c in 0..4 {
+    // parts[c] lane r: row r's sum for part c.
+    let mut parts = [_mm_setzero_si128(); 4];
+    for (c, part) in parts.iter_mut().enumerate() {
         // SAFETY: qs chunk c is bytes 16+32c..48+32c of the Q4_K block.
         let q = unsafe { _mm256_loadu_si256(w.add(16 + 32 * c) as *const __m256i) };
         let lo = _mm256_and_si256(q, m4);
         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
         let s1 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c));
         let s2 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c + 1));
-        for r in 0..4 {
+        let mut p = [_mm256_setzero_si256(); 4];
+        for r in 0..rows {
             // SAFETY: activations 4+64c..68+64c of the Q8_K block.
             let (y1, y2) = unsafe {
                 (
@@ -416,25 +307,32 @@ unsafe fn q4_k_block_shared_w(w: *const u8, a: [*const u8; 4]) -> ([__m256i; 4],
             };
             let p1 = _mm256_madd_epi16(s1, _mm256_maddubs_epi16(lo, y1));
             let p2 = _mm256_madd_epi16(s2, _mm256_maddubs_epi16(hi, y2));
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(p1, p2));
+            p[r] = _mm256_add_epi32(p1, p2);
         }
+        *part = hsum4_i32(p);
     }
-    (acc, mins)
+    // Transpose: row r's four parts in one register.
+    let t01 = _mm_unpacklo_epi32(parts[0], parts[1]);
+    let t23 = _mm_unpacklo_epi32(parts[2], parts[3]);
+    let u01 = _mm_unpackhi_epi32(parts[0], parts[1]);
+    let u23 = _mm_unpackhi_epi32(parts[2], parts[3]);
+    let sumi = [
+        _mm_unpacklo_epi64(t01, t23),
+        _mm_unpackhi_epi64(t01, t23),
+        _mm_unpacklo_epi64(u01, u23),
+        _mm_unpackhi_epi64(u01, u23),
+    ];
+    (sumi, summ)
 }
 
+/// Four i32 lanes as an array.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn hsum128_i32(v: __m128i) -> i32 {
-    let s = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-    _mm_cvtsi128_si32(s)
-}
-
-/// Lane r: the sum of the four i32 lanes of `s[r]`.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn hsum4_i32x4(s: [__m128i; 4]) -> __m128i {
-    _mm_hadd_epi32(_mm_hadd_epi32(s[0], s[1]), _mm_hadd_epi32(s[2], s[3]))
+fn lanes4(v: __m128i) -> [i32; 4] {
+    let mut out = [0i32; 4];
+    // SAFETY: out holds four i32; unaligned store.
+    unsafe { _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, v) };
+    out
 }
 
 /// An f16 (raw little-endian bits at p) as f32, exactly.
@@ -453,55 +351,40 @@ unsafe fn f32_ptr(p: *const u8) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
-    let mut sum = 0.0f32;
+unsafe fn q4_k_row(w: &[u8], a: &[u8], nb: usize, order: RowOrder) -> f32 {
+    let mut acc = [0.0f32; 2];
     for i in 0..nb {
         // SAFETY: block i of each row is in bounds (checked by vec_dot).
         unsafe {
             let (wb, ab) = (w.as_ptr().add(144 * i), a.as_ptr().add(292 * i));
-            let (acc, mins) = q4_k_block(wb, ab);
-            sum += combine_k(
-                f32_ptr(ab),
-                f16_ptr(wb),
-                f16_ptr(wb.add(2)),
-                hsum_i32(acc),
-                hsum128_i32(mins),
-            );
+            let (sumi, summ) = q4_k_parts(wb, ab);
+            let ad = f32_ptr(ab);
+            let (d, dmin) = (f16_ptr(wb) * ad, f16_ptr(wb.add(2)) * ad);
+            q4_k_accumulate(&mut acc, lanes4(sumi), lanes4(summ), d, dmin, order);
         }
     }
-    sum
+    acc[0] - acc[1]
 }
 
-/// One Q4_K row against four activation rows; lane r has the one-pair kernel's bits (the same
-/// f32 operations per lane).
+/// One Q4_K row against four activation rows, each in its own order.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_q8_k_x4(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
-    let mut sum = _mm_setzero_ps();
+unsafe fn q4_k_rows_x4(w: &[u8], a: [&[u8]; 4], nb: usize, orders: [RowOrder; 4]) -> [f32; 4] {
+    let mut acc = [[0.0f32; 2]; 4];
     for i in 0..nb {
-        // SAFETY: block i of every row is in bounds (checked by vec_dot_x4).
+        // SAFETY: block i of every row is in bounds (checked by rows_x4).
         unsafe {
             let wb = w.as_ptr().add(144 * i);
             let ab = a.map(|r| r.as_ptr().add(292 * i));
-            let (acc, mins) = q4_k_block_shared_w(wb, ab);
-            let sumi = _mm_cvtepi32_ps(hsum4_i32(acc));
-            let summ = _mm_cvtepi32_ps(hsum4_i32x4(mins));
-            let ad = _mm_set_ps(
-                f32_ptr(ab[3]),
-                f32_ptr(ab[2]),
-                f32_ptr(ab[1]),
-                f32_ptr(ab[0]),
-            );
-            let wd = _mm_set1_ps(f16_ptr(wb));
-            let wdmin = _mm_set1_ps(f16_ptr(wb.add(2)));
-            // combine_k: ad·wd·sumi − ad·wdmin·summ, then the running sum.
-            let t = _mm_sub_ps(
-                _mm_mul_ps(_mm_mul_ps(ad, wd), sumi),
-                _mm_mul_ps(_mm_mul_ps(ad, wdmin), summ),
-            );
-            sum = _mm_add_ps(sum, t);
+            let (sumi, summ) = q4_k_parts_x4(wb, ab, 4);
+            let (wd, wdmin) = (f16_ptr(wb), f16_ptr(wb.add(2)));
+            for r in 0..4 {
+                let ad = f32_ptr(ab[r]);
+                let (si, sm) = (lanes4(sumi[r]), lanes4(summ[r]));
+                q4_k_accumulate(&mut acc[r], si, sm, wd * ad, wdmin * ad, orders[r]);
+            }
         }
     }
-    store4(sum)
+    acc.map(|[s, m]| s - m)
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -664,43 +547,60 @@ unsafe fn q6_k_block_shared_w(w: *const u8, a: [*const u8; 4]) -> ([__m256i; 4],
     (acc, offset)
 }
 
+/// One Q6_K row: ggml's eight f32 lanes, one fused multiply-add per super-block; or for a
+/// tiled row one f32 chain.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
-    let mut sum = 0.0f32;
+unsafe fn q6_k_row(w: &[u8], a: &[u8], nb: usize, order: RowOrder) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut chain = 0.0f32;
     for i in 0..nb {
         // SAFETY: block i of each row is in bounds (checked by vec_dot).
         unsafe {
             let (wb, ab) = (w.as_ptr().add(210 * i), a.as_ptr().add(292 * i));
-            let (acc, offset) = q6_k_block(wb, ab);
-            let sumi = hsum_i32(acc) - 32 * hsum_i32(offset);
-            sum += f32_ptr(ab) * f16_ptr(wb.add(208)) * sumi as f32;
+            let (sum, offset) = q6_k_block(wb, ab);
+            let lanes = _mm256_sub_epi32(sum, _mm256_slli_epi32::<5>(offset));
+            let (wd, ad) = (f16_ptr(wb.add(208)), f32_ptr(ab));
+            if order.tiled {
+                chain = (wd * hsum_i32(lanes) as f32).mul_add(ad, chain);
+            } else {
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(ad * wd), _mm256_cvtepi32_ps(lanes), acc);
+            }
         }
     }
-    sum
+    if order.tiled { chain } else { hsum_ps(acc) }
 }
 
-/// One Q6_K row against four activation rows; lane r has the one-pair kernel's bits.
+/// One Q6_K row against four activation rows, each in its own order.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_q8_k_x4(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
-    let mut sum = _mm_setzero_ps();
+unsafe fn q6_k_rows_x4(w: &[u8], a: [&[u8]; 4], nb: usize, orders: [RowOrder; 4]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut chain = [0.0f32; 4];
     for i in 0..nb {
-        // SAFETY: block i of every row is in bounds (checked by vec_dot_x4).
+        // SAFETY: block i of every row is in bounds (checked by rows_x4).
         unsafe {
             let wb = w.as_ptr().add(210 * i);
             let ab = a.map(|r| r.as_ptr().add(292 * i));
-            let (acc, offset) = q6_k_block_shared_w(wb, ab);
-            let sumi = _mm_sub_epi32(hsum4_i32(acc), _mm_slli_epi32::<5>(hsum4_i32(offset)));
-            let ad = _mm_set_ps(
-                f32_ptr(ab[3]),
-                f32_ptr(ab[2]),
-                f32_ptr(ab[1]),
-                f32_ptr(ab[0]),
-            );
-            let d = _mm_set1_ps(f16_ptr(wb.add(208)));
-            sum = _mm_add_ps(sum, _mm_mul_ps(_mm_mul_ps(ad, d), _mm_cvtepi32_ps(sumi)));
+            let (sum, offset) = q6_k_block_shared_w(wb, ab);
+            let wd = f16_ptr(wb.add(208));
+            for r in 0..4 {
+                let lanes = _mm256_sub_epi32(sum[r], _mm256_slli_epi32::<5>(offset[r]));
+                let ad = f32_ptr(ab[r]);
+                if orders[r].tiled {
+                    chain[r] = (wd * hsum_i32(lanes) as f32).mul_add(ad, chain[r]);
+                } else {
+                    let d = _mm256_set1_ps(ad * wd);
+                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r]);
+                }
+            }
         }
     }
-    store4(sum)
+    std::array::from_fn(|r| {
+        if orders[r].tiled {
+            chain[r]
+        } else {
+            hsum_ps(acc[r])
+        }
+    })
 }
 
 /// ggml's Q8_K activation quantizer for one 256-value block (the scalar `q8_k`, bit for bit):
@@ -815,45 +715,51 @@ mod tests {
         }
     }
 
-    /// Every AVX2 kernel returns exactly the scalar reference's bits, on random data of several
-    /// scales and every row length from one block up (ragged block counts).
+    /// The four-row kernels return exactly the scalar reference's bits for each pair, in every
+    /// mix of row orders, on random data of several scales and ragged block counts.
     #[test]
-    fn four_pair_kernels_equal_scalar() {
+    fn four_row_kernels_equal_scalar() {
         if !super::super::has_avx2() {
             eprintln!("no AVX2 on this CPU: nothing to compare");
             return;
         }
-        for wt in [DType::Q8_0, DType::Q5_0, DType::Q4K, DType::Q6K] {
+        use super::super::dot::ALL_ORDERS;
+        for wt in [
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::Q4K,
+            DType::Q6K,
+        ] {
             let at = wt.vec_dot_type();
             for blocks in [1, 2, 5, 9, 20] {
                 let n = blocks * wt.block_size();
-                let rows = |seed: u64, t: DType| -> Vec<Vec<u8>> {
-                    (0..4)
-                        .map(|r| {
-                            let scale = [1.0, 1e-3, 40.0, 3.0][r];
-                            let x = rand_vec(n, seed + r as u64, scale);
-                            let mut q = vec![0u8; t.bytes_for(n)];
-                            quantize(t, &x, &mut q);
-                            q
-                        })
-                        .collect()
+                let quantized = |seed: u64, t: DType, r: usize| -> Vec<u8> {
+                    let scale = [1.0, 1e-3, 40.0, 3.0][r % 4];
+                    let x = rand_vec(n, seed + r as u64, scale);
+                    let mut q = vec![0u8; t.bytes_for(n)];
+                    quantize(t, &x, &mut q);
+                    q
                 };
-                let (ws, acts) = (rows(blocks as u64, wt), rows(100 + blocks as u64, at));
+                // Three weight rows stored one after another (a tile), four activation rows.
+                let w: Vec<u8> = (0..3)
+                    .flat_map(|r| quantized(blocks as u64, wt, r))
+                    .collect();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|r| quantized(100 + blocks as u64, at, r))
+                    .collect();
                 let a = [0, 1, 2, 3].map(|r| acts[r].as_slice());
-                // Four different weight rows, then one weight row for four activation rows (a
-                // batch). K-quants have a kernel only for the shared row; the dispatcher falls
-                // back to single pairs for the other.
-                for w in [
-                    [0, 1, 2, 3].map(|r| ws[r].as_slice()),
-                    [ws[2].as_slice(); 4],
-                ] {
-                    let shared = std::ptr::eq(w[0], w[1]);
-                    let kernel = vec_dot_x4(wt, w, a, n);
-                    assert_eq!(kernel.is_some(), shared || wt.block_size() == 32, "{wt}");
-                    let fast = crate::quant::vec_dot_x4(wt, w, a, n);
-                    for r in 0..4 {
-                        let slow = vec_dot_scalar(wt, w[r], a[r], n);
-                        assert_eq!(fast[r].to_bits(), slow.to_bits(), "{wt} n={n} pair {r}");
+                let [s, g, t, gt] = ALL_ORDERS;
+                for orders in [[s; 4], [g; 4], [g, s, t, gt], [gt, t, g, s]] {
+                    let mut out = [[0.0f32; 4]; 3];
+                    assert!(rows_x4(wt, &w, a, n, orders, &mut out).is_some(), "{wt}");
+                    let row = wt.bytes_for(n);
+                    for (j, o) in out.iter().enumerate() {
+                        for r in 0..4 {
+                            let wr = &w[j * row..(j + 1) * row];
+                            let slow = vec_dot_scalar(wt, wr, a[r], n, orders[r]);
+                            assert_eq!(o[r].to_bits(), slow.to_bits(), "{wt} n={n} ({j}, {r})");
+                        }
                     }
                 }
             }
@@ -885,13 +791,15 @@ mod tests {
                     let at = wt.vec_dot_type();
                     let mut aq = vec![0u8; at.bytes_for(n)];
                     quantize(at, &y, &mut aq);
-                    let fast = vec_dot(wt, &wq, &aq, n).unwrap();
-                    let slow = vec_dot_scalar(wt, &wq, &aq, n);
-                    assert_eq!(
-                        fast.to_bits(),
-                        slow.to_bits(),
-                        "{wt} n={n}: {fast} vs {slow}"
-                    );
+                    for order in super::super::dot::ALL_ORDERS {
+                        let fast = vec_dot(wt, &wq, &aq, n, order).unwrap();
+                        let slow = vec_dot_scalar(wt, &wq, &aq, n, order);
+                        assert_eq!(
+                            fast.to_bits(),
+                            slow.to_bits(),
+                            "{wt} n={n} {order:?}: {fast} vs {slow}"
+                        );
+                    }
                 }
             }
         }

@@ -1,108 +1,265 @@
 //! Dot products of one quantized weight row with one activation row quantized to the weight
 //! type's `vec_dot_type` (Q8_0, Q8_1 or Q8_K): exact integer sums inside each block, then f32.
 //!
-//! The f32 part is evaluated block by block in a fixed order, identical in the SIMD kernels, so
-//! every kernel returns the same bits as this scalar reference.
+//! The f32 part follows llama.cpp's x86 AVX2 build (ggml 0c1e57098) operation for operation, so
+//! a GGUF model computes what llama.cpp computes on the same file:
+//! - Q8_0, Q5_0, Q4_0 (`ggml_vec_dot_*_q8_0`, and tinyBLAS for several rows, which does the
+//!   same): eight f32 lanes, lane `L` taking each block's integer sum over elements `4L..4L+4`
+//!   times `d_w·d_a` by fused multiply-add; the lanes are added at the end as `hsum8`.
+//! - Q6_K: a row of a batch of eight or more (llama.cpp's tiled K-quant product) accumulates
+//!   `(d_w·sumi)·d_a` over super-blocks by fused multiply-add; a row of a smaller batch
+//!   (`ggml_vec_dot_q6_K_q8_K`) takes the same eight lanes per super-block as Q8_0, each lane's
+//!   integer being its elements' `scale·q·a` minus `32·scale·bsum` of the lane's two 16-value
+//!   groups.
+//! - Q4_K (the repacked `q4_K_8x8` kernels): one f32 sum of `sumi·(d_w·d_a)` and one of
+//!   `summ·(dmin_w·d_a)`, subtracted at the end; a grouped row adds each super-block as four
+//!   64-value parts (llama.cpp's `gemm`), a single row as one (`gemv`).
+//! - The other types: each block reduced to one f32 and the blocks summed in order.
+//!
+//! The SIMD kernels return the same bits as this scalar reference.
 
 use super::dequant::five_bit;
 use super::{f16_at, f32_at, q3k_scales, scale_min_k4};
 use crate::DType;
+use crate::attention::hsum8;
+
+/// How llama.cpp batches an activation row for a product, which decides how some weight types
+/// accumulate their blocks in f32. llama.cpp's result for a row depends on the batch it was
+/// computed in; herd marks each row with the batch llama.cpp would have put it in (see
+/// [`RowOrder::in_batch`]), never with the batch herd happens to compute it in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowOrder {
+    /// In one of llama.cpp's groups of four rows (its repacked Q4_K `gemm`: each 64-value part
+    /// of a super-block accumulated on its own); otherwise `gemv` (one accumulation per
+    /// super-block).
+    pub grouped: bool,
+    /// In a llama.cpp batch of at least eight rows (its tiled K-quant product, for Q6_K here:
+    /// one f32 chain over super-blocks); otherwise its `vec_dot` (eight lanes).
+    pub tiled: bool,
+    /// In a llama.cpp batch of at least two rows: f32 products go through tinyBLAS (attention's
+    /// outputs: see `attention::Accum`); a single row through `ggml_vec_dot_f32`.
+    pub batched: bool,
+}
+
+impl RowOrder {
+    /// A row computed on its own (every generated token).
+    pub const SINGLE: Self = Self {
+        grouped: false,
+        tiled: false,
+        batched: false,
+    };
+
+    /// The order llama.cpp gives row `index` of a batch of `len` rows: groups of four up to
+    /// the last `len % 4` rows, tiled products from eight rows on.
+    pub fn in_batch(index: usize, len: usize) -> Self {
+        Self {
+            grouped: index < len - len % 4,
+            tiled: len >= 8,
+            batched: len >= 2,
+        }
+    }
+}
 
 /// `Σ w·a` over `n` elements: `w` is a row of `wtype`, `a` the activations already quantized to
 /// `wtype.vec_dot_type()`. Uses the fastest kernel this CPU supports.
-pub fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
+pub fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrder) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2()
-        && let Some(v) = super::avx2::vec_dot(wtype, w, a, n)
+        && let Some(v) = super::avx2::vec_dot(wtype, w, a, n, order)
     {
         return v;
     }
-    vec_dot_scalar(wtype, w, a, n)
+    vec_dot_scalar(wtype, w, a, n, order)
 }
 
-/// Four dot products `w[r]·a[r]`, each equal to `vec_dot(wtype, w[r], a[r], n)` bit for bit;
-/// faster where a four-pair kernel exists (one reduction for four pairs, and one unpacking of a
-/// weight block shared by four activation rows).
-pub fn vec_dot_x4(wtype: DType, w: [&[u8]; 4], a: [&[u8]; 4], n: usize) -> [f32; 4] {
+/// `out[j][r]` = [`vec_dot`] of weight row `j` (rows stored one after another in `w`) with
+/// activation row `a[r]` in order `orders[r]`: one call for a tile of weight rows and four
+/// activation rows, so each unpacked weight block serves four rows.
+pub fn vec_dot_x4_rows(
+    wtype: DType,
+    w: &[u8],
+    a: [&[u8]; 4],
+    n: usize,
+    orders: [RowOrder; 4],
+    out: &mut [[f32; 4]],
+) {
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx2()
-        && let Some(v) = super::avx2::vec_dot_x4(wtype, w, a, n)
-    {
-        return v;
-    }
-    std::array::from_fn(|r| vec_dot(wtype, w[r], a[r], n))
-}
-
-/// `out[j]` = [`vec_dot_x4`] of weight row `j` (rows stored one after another in `w`) with the
-/// four activation rows `a`: one call for a tile of weight rows, so the kernel choice and checks
-/// are paid once per tile rather than per row.
-pub fn vec_dot_x4_rows(wtype: DType, w: &[u8], a: [&[u8]; 4], n: usize, out: &mut [[f32; 4]]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() && super::avx2::rows_x4(wtype, w, a, n, out).is_some() {
+    if super::has_avx2() && super::avx2::rows_x4(wtype, w, a, n, orders, out).is_some() {
         return;
     }
     // No shared-weight kernel for this type (or CPU): the one-pair kernels give the same bits.
     let row = wtype.bytes_for(n);
     for (wr, o) in w.chunks_exact(row).zip(out.iter_mut()) {
-        *o = a.map(|ar| vec_dot(wtype, wr, ar, n));
+        *o = std::array::from_fn(|r| vec_dot(wtype, wr, a[r], n, orders[r]));
     }
 }
 
 /// The scalar reference every other kernel must equal.
-pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
+pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrder) -> f32 {
     let nb = n / wtype.block_size();
     let (wt, at) = (wtype.type_size(), wtype.vec_dot_type().type_size());
     debug_assert_eq!(w.len(), nb * wt);
     debug_assert_eq!(a.len(), nb * at);
-    let block: fn(&[u8], &[u8]) -> f32 = match wtype {
-        DType::Q4_0 => q4_0_q8_0,
-        DType::Q4_1 => q4_1_q8_1,
-        DType::Q5_0 => q5_0_q8_0,
-        DType::Q5_1 => q5_1_q8_1,
-        DType::Q8_0 => q8_0_q8_0,
-        DType::Q2K => q2_k_q8_k,
-        DType::Q3K => q3_k_q8_k,
-        DType::Q4K => q4_k_q8_k,
-        DType::Q5K => q5_k_q8_k,
-        DType::Q6K => q6_k_q8_k,
-        other => panic!("no integer dot product for weights of type {other}"),
+    let blocks = w.chunks_exact(wt).zip(a.chunks_exact(at));
+    let lanes_of: BlockLanes = match wtype {
+        DType::Q4_0 => |w, a| (f16_at(w, 0) * f16_at(a, 0), quad_sums(&q4_0_values(w), a)),
+        DType::Q5_0 => |w, a| (f16_at(w, 0) * f16_at(a, 0), quad_sums(&q5_0_values(w), a)),
+        DType::Q8_0 => |w, a| (f16_at(w, 0) * f16_at(a, 0), quad_sums(&q8_0_values(w), a)),
+        DType::Q6K if order.tiled => {
+            let mut acc = 0.0f32;
+            for (wb, ab) in blocks {
+                let sumi: i32 = q6_k_lanes(wb, ab).iter().sum();
+                acc = (f16_at(wb, 208) * sumi as f32).mul_add(f32_at(ab, 0), acc);
+            }
+            return acc;
+        }
+        DType::Q6K => |w, a| (f32_at(a, 0) * f16_at(w, 208), q6_k_lanes(w, a)),
+        DType::Q4K => {
+            let mut acc = [0.0f32; 2];
+            for (wb, ab) in blocks {
+                let (sumi, summ) = q4_k_parts(wb, ab);
+                let ad = f32_at(ab, 0);
+                let (d, dmin) = (f16_at(wb, 0) * ad, f16_at(wb, 2) * ad);
+                q4_k_accumulate(&mut acc, sumi, summ, d, dmin, order);
+            }
+            return acc[0] - acc[1];
+        }
+        _ => {
+            let block: fn(&[u8], &[u8]) -> f32 = match wtype {
+                DType::Q4_1 => q4_1_q8_1,
+                DType::Q5_1 => q5_1_q8_1,
+                DType::Q2K => q2_k_q8_k,
+                DType::Q3K => q3_k_q8_k,
+                DType::Q5K => q5_k_q8_k,
+                other => panic!("no integer dot product for weights of type {other}"),
+            };
+            return blocks.map(|(wb, ab)| block(wb, ab)).fold(0.0, |s, t| s + t);
+        }
     };
-    let mut sum = 0.0f32;
-    for (wb, ab) in w.chunks_exact(wt).zip(a.chunks_exact(at)) {
-        sum += block(wb, ab);
+    let mut acc = [0.0f32; 8];
+    for (wb, ab) in blocks {
+        let (d, lanes) = lanes_of(wb, ab);
+        for (l, v) in acc.iter_mut().zip(lanes) {
+            *l = d.mul_add(v as f32, *l);
+        }
     }
-    sum
+    hsum8(&acc)
+}
+
+/// One block's f32 scale and its eight integer lane sums (types accumulated in eight lanes).
+type BlockLanes = fn(&[u8], &[u8]) -> (f32, [i32; 8]);
+
+/// The 32 signed weights of a Q8_0 block.
+fn q8_0_values(w: &[u8]) -> [i32; 32] {
+    std::array::from_fn(|j| w[2 + j] as i8 as i32)
+}
+
+/// The 32 signed weights of a Q4_0 block (nibble − 8; low nibbles are elements 0..16).
+fn q4_0_values(w: &[u8]) -> [i32; 32] {
+    std::array::from_fn(|j| {
+        let q = w[2 + j % 16];
+        (if j < 16 { q & 0xF } else { q >> 4 }) as i32 - 8
+    })
+}
+
+/// The 32 signed weights of a Q5_0 block (five bits − 16).
+fn q5_0_values(w: &[u8]) -> [i32; 32] {
+    let q = five_bit(w, 2, 6);
+    std::array::from_fn(|j| q[j] as i32 - 16)
+}
+
+/// Lane `L` = Σ over elements `4L..4L+4` of weight × activation (a Q8_0 block's values at 2).
+fn quad_sums(w: &[i32; 32], a: &[u8]) -> [i32; 8] {
+    std::array::from_fn(|l| {
+        (4 * l..4 * l + 4)
+            .map(|e| w[e] * a[2 + e] as i8 as i32)
+            .sum()
+    })
+}
+
+/// ggml's eight AVX2 lanes of one Q6_K × Q8_K super-block: lane `L` holds elements
+/// `4L..4L+4` of every 32-value group (weights unsigned 0..63, times their group's scale), less
+/// `32·(sc[2L]·bsum[2L] + sc[2L+1]·bsum[2L+1])` for the −32 offset of every weight.
+fn q6_k_lanes(w: &[u8], a: &[u8]) -> [i32; 8] {
+    let sc = |i: usize| w[192 + i] as i8 as i32;
+    let mut lanes = [0i32; 8];
+    for half in 0..2 {
+        let ql = &w[64 * half..64 * half + 64];
+        let qh = &w[128 + 32 * half..160 + 32 * half];
+        for l in 0..32 {
+            let q = [
+                (ql[l] & 0xF) | ((qh[l] & 3) << 4),
+                (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+                (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+            ];
+            for (k, &qk) in q.iter().enumerate() {
+                let e = 128 * half + 32 * k + l;
+                lanes[l / 4] += sc(8 * half + 2 * k + l / 16) * qk as i32 * a[4 + e] as i8 as i32;
+            }
+        }
+    }
+    for (lane, v) in lanes.iter_mut().enumerate() {
+        *v -= 32
+            * (sc(2 * lane) * q8k_bsum(a, 2 * lane) + sc(2 * lane + 1) * q8k_bsum(a, 2 * lane + 1));
+    }
+    lanes
+}
+
+/// Add one Q4_K super-block to the running sums `[Σ sumi·d, Σ summ·dmin]` (`d` and `dmin` are
+/// the weight's scales times the activation's): by fused multiply-add, the four 64-value parts
+/// one by one for a grouped row, their integer total at once otherwise.
+#[inline]
+pub(crate) fn q4_k_accumulate(
+    acc: &mut [f32; 2],
+    sumi: [i32; 4],
+    summ: [i32; 4],
+    d: f32,
+    dmin: f32,
+    order: RowOrder,
+) {
+    if order.grouped {
+        for (si, sm) in sumi.into_iter().zip(summ) {
+            acc[0] = (si as f32).mul_add(d, acc[0]);
+            acc[1] = (sm as f32).mul_add(dmin, acc[1]);
+        }
+    } else {
+        let (si, sm) = (sumi.iter().sum::<i32>(), summ.iter().sum::<i32>());
+        acc[0] = (si as f32).mul_add(d, acc[0]);
+        acc[1] = (sm as f32).mul_add(dmin, acc[1]);
+    }
+}
+
+/// One Q4_K × Q8_K super-block's integer sums by 64-value part `c`: `Σ scale·q·a` and
+/// `Σ min·bsum` of sub-blocks `2c` and `2c+1`.
+fn q4_k_parts(w: &[u8], a: &[u8]) -> ([i32; 4], [i32; 4]) {
+    let (mut sumi, mut summ) = ([0i32; 4], [0i32; 4]);
+    for c in 0..4 {
+        let q = &w[16 + 32 * c..48 + 32 * c];
+        let (sc1, m1) = scale_min_k4(2 * c, &w[4..16]);
+        let (sc2, m2) = scale_min_k4(2 * c + 1, &w[4..16]);
+        let a1 = &a[4 + 64 * c..36 + 64 * c];
+        let a2 = &a[36 + 64 * c..68 + 64 * c];
+        let d1: i32 = q
+            .iter()
+            .zip(i8s(a1))
+            .map(|(&x, y)| (x & 0xF) as i32 * y)
+            .sum();
+        let d2: i32 = q
+            .iter()
+            .zip(i8s(a2))
+            .map(|(&x, y)| (x >> 4) as i32 * y)
+            .sum();
+        sumi[c] = sc1 as i32 * d1 + sc2 as i32 * d2;
+        summ[c] = m1 as i32 * (q8k_bsum(a, 4 * c) + q8k_bsum(a, 4 * c + 1))
+            + m2 as i32 * (q8k_bsum(a, 4 * c + 2) + q8k_bsum(a, 4 * c + 3));
+    }
+    (sumi, summ)
 }
 
 #[inline]
 fn i8s(b: &[u8]) -> impl Iterator<Item = i32> + '_ {
     b.iter().map(|&v| v as i8 as i32)
-}
-
-/// Q8_0 activations: scale at 0, values at 2.
-pub(crate) fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let sumi: i32 = i8s(&w[2..34]).zip(i8s(&a[2..34])).map(|(x, y)| x * y).sum();
-    sumi as f32 * (f16_at(w, 0) * f16_at(a, 0))
-}
-
-pub(crate) fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumi = 0i32;
-    for j in 0..16 {
-        let q = w[2 + j];
-        sumi += ((q & 0xF) as i32 - 8) * a[2 + j] as i8 as i32;
-        sumi += ((q >> 4) as i32 - 8) * a[18 + j] as i8 as i32;
-    }
-    sumi as f32 * (f16_at(w, 0) * f16_at(a, 0))
-}
-
-pub(crate) fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let q = five_bit(w, 2, 6);
-    let sumi: i32 = q
-        .iter()
-        .zip(i8s(&a[2..34]))
-        .map(|(&x, y)| (x as i32 - 16) * y)
-        .sum();
-    sumi as f32 * (f16_at(w, 0) * f16_at(a, 0))
 }
 
 /// Q8_1 activations: scale at 0, scaled sum at 2, values at 4.
@@ -138,31 +295,6 @@ pub(crate) fn combine_k(ad: f32, wd: f32, wdmin: f32, sumi: i32, summ: i32) -> f
     ad * wd * sumi as f32 - ad * wdmin * summ as f32
 }
 
-pub(crate) fn q4_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    let (mut sumi, mut summ) = (0i32, 0i32);
-    for c in 0..4 {
-        let q = &w[16 + 32 * c..48 + 32 * c];
-        let (sc1, m1) = scale_min_k4(2 * c, &w[4..16]);
-        let (sc2, m2) = scale_min_k4(2 * c + 1, &w[4..16]);
-        let a1 = &a[4 + 64 * c..36 + 64 * c];
-        let a2 = &a[36 + 64 * c..68 + 64 * c];
-        let d1: i32 = q
-            .iter()
-            .zip(i8s(a1))
-            .map(|(&x, y)| (x & 0xF) as i32 * y)
-            .sum();
-        let d2: i32 = q
-            .iter()
-            .zip(i8s(a2))
-            .map(|(&x, y)| (x >> 4) as i32 * y)
-            .sum();
-        sumi += sc1 as i32 * d1 + sc2 as i32 * d2;
-        summ += m1 as i32 * (q8k_bsum(a, 4 * c) + q8k_bsum(a, 4 * c + 1))
-            + m2 as i32 * (q8k_bsum(a, 4 * c + 2) + q8k_bsum(a, 4 * c + 3));
-    }
-    combine_k(f32_at(a, 0), f16_at(w, 0), f16_at(w, 2), sumi, summ)
-}
-
 pub(crate) fn q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
     let qh = &w[16..48];
     let (mut sumi, mut summ) = (0i32, 0i32);
@@ -182,28 +314,6 @@ pub(crate) fn q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
             + m2 as i32 * (q8k_bsum(a, 4 * c + 2) + q8k_bsum(a, 4 * c + 3));
     }
     combine_k(f32_at(a, 0), f16_at(w, 0), f16_at(w, 2), sumi, summ)
-}
-
-pub(crate) fn q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
-    let mut sumi = 0i32;
-    for half in 0..2 {
-        let ql = &w[64 * half..64 * half + 64];
-        let qh = &w[128 + 32 * half..160 + 32 * half];
-        let sc = &w[192 + 8 * half..200 + 8 * half];
-        let aa = &a[4 + 128 * half..132 + 128 * half];
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            sumi += sc[is] as i8 as i32 * q1 * aa[l] as i8 as i32;
-            sumi += sc[is + 2] as i8 as i32 * q2 * aa[l + 32] as i8 as i32;
-            sumi += sc[is + 4] as i8 as i32 * q3 * aa[l + 64] as i8 as i32;
-            sumi += sc[is + 6] as i8 as i32 * q4 * aa[l + 96] as i8 as i32;
-        }
-    }
-    f32_at(a, 0) * f16_at(w, 208) * sumi as f32
 }
 
 pub(crate) fn q3_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
@@ -251,6 +361,27 @@ pub(crate) fn q2_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
     combine_k(f32_at(a, 0), f16_at(w, 80), f16_at(w, 82), sumi, summ)
 }
 
+/// Every combination of the two batch properties (for tests).
+#[cfg(test)]
+pub(crate) const ALL_ORDERS: [RowOrder; 4] = [
+    RowOrder::SINGLE,
+    RowOrder {
+        grouped: true,
+        tiled: false,
+        batched: true,
+    },
+    RowOrder {
+        grouped: false,
+        tiled: true,
+        batched: true,
+    },
+    RowOrder {
+        grouped: true,
+        tiled: true,
+        batched: true,
+    },
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,11 +413,13 @@ mod tests {
             dequantize(wt, &wq, &mut wd);
             dequantize(at, &aq, &mut ad);
             let want: f32 = wd.iter().zip(&ad).map(|(a, b)| a * b).sum();
-            let got = vec_dot_scalar(wt, &wq, &aq, n);
-            assert!(
-                (got - want).abs() < 1e-3 * want.abs().max(1.0),
-                "{wt}: {got} vs {want}"
-            );
+            for order in ALL_ORDERS {
+                let got = vec_dot_scalar(wt, &wq, &aq, n, order);
+                assert!(
+                    (got - want).abs() < 1e-3 * want.abs().max(1.0),
+                    "{wt} {order:?}: {got} vs {want}"
+                );
+            }
         }
     }
 }

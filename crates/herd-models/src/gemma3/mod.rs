@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use herd_formats::HfModelDir;
 use herd_formats::gguf::GgufFile;
-use herd_kernels::ops::{gelu_tanh, gelu_tanh_f16_table, rms_norm, rope_neox, softcap};
+use herd_kernels::ops::{Rope, gelu_tanh, gelu_tanh_f16_table, rms_norm, softcap};
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
 use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
@@ -47,8 +47,8 @@ pub struct Gemma3 {
     embed: Matrix,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    inv_freq_local: Vec<f32>,
-    inv_freq_global: Vec<f32>,
+    rope_local: Rope,
+    rope_global: Rope,
     /// GELU as ggml evaluates it (GGUF files: llama.cpp's numbers), or exactly (HF checkpoints).
     gelu: fn(f32) -> f32,
     /// Buffers of one forward pass, kept for the next so a decode step allocates nothing.
@@ -97,23 +97,38 @@ impl Gemma3 {
     pub fn from_hf(dir: &HfModelDir) -> Result<Self> {
         let config = Gemma3Config::from_json(&dir.config)?;
         let (prefix, _) = hf_prefixes(&dir.tensors)?;
+        let rope = [true, false].map(|sliding| Rope::Table(config.inv_freq(sliding)));
         Self::build(
             config,
             &Source::Hf(WeightLoader::new(&dir.tensors, prefix)),
             gelu_tanh,
+            rope,
         )
     }
 
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let config = Gemma3Config::from_gguf(file)?;
+        let d = config.head_dim;
+        let global_factor = config.rope_linear_factor.unwrap_or(1.0) as f32;
+        let rope = [
+            Rope::ggml(config.rope_local_base_freq as f32, d, 1.0),
+            Rope::ggml(config.rope_theta as f32, d, global_factor),
+        ];
         Self::build(
             config,
             &Source::Gguf(GgufLoader { file }),
             gelu_tanh_f16_table,
+            rope,
         )
     }
 
-    fn build(config: Gemma3Config, w: &Source, gelu: fn(f32) -> f32) -> Result<Self> {
+    /// `rope`: the angles of sliding layers, then of full layers.
+    fn build(
+        config: Gemma3Config,
+        w: &Source,
+        gelu: fn(f32) -> f32,
+        rope: [Rope; 2],
+    ) -> Result<Self> {
         let c = &config;
         let (h, d, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let (qd, kvd) = (c.num_attention_heads * d, c.num_key_value_heads * d);
@@ -158,9 +173,10 @@ impl Gemma3 {
         let embed = w.linear("embed_tokens.weight", "token_embd.weight", c.vocab_size, h)?;
         let norm = w.norm("norm.weight", "output_norm.weight", h)?;
         tracing::info!(layers = c.num_hidden_layers, weights = %embed.dtype(), "loaded gemma3");
+        let [rope_local, rope_global] = rope;
         Ok(Self {
-            inv_freq_local: config.inv_freq(true),
-            inv_freq_global: config.inv_freq(false),
+            rope_local,
+            rope_global,
             config,
             embed,
             layers,
@@ -193,26 +209,21 @@ impl Gemma3 {
         cache: &mut KvCache,
     ) {
         let c = &self.config;
-        let (t, d) = (batch.len(), c.head_dim);
+        let d = c.head_dim;
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        layer.q.matmul_into(&w.x, t, &mut w.q);
-        layer.k.matmul_into(&w.x, t, &mut w.k);
-        layer.v.matmul_into(&w.x, t, &mut w.v);
+        layer.q.matmul_rows_into(&w.x, &batch.order, &mut w.q);
+        layer.k.matmul_rows_into(&w.x, &batch.order, &mut w.k);
+        layer.v.matmul_rows_into(&w.x, &batch.order, &mut w.v);
         rms_norm(&mut w.q, &layer.q_norm, self.eps());
         rms_norm(&mut w.k, &layer.k_norm, self.eps());
-        let inv_freq = if layer.sliding {
-            &self.inv_freq_local
+        let rope = if layer.sliding {
+            &self.rope_local
         } else {
-            &self.inv_freq_global
+            &self.rope_global
         };
         for (row, &pos) in batch.positions.iter().enumerate() {
-            rope_neox(&mut w.q[row * nh * d..(row + 1) * nh * d], d, pos, inv_freq);
-            rope_neox(
-                &mut w.k[row * nkv * d..(row + 1) * nkv * d],
-                d,
-                pos,
-                inv_freq,
-            );
+            rope.apply_neox(&mut w.q[row * nh * d..(row + 1) * nh * d], d, pos);
+            rope.apply_neox(&mut w.k[row * nkv * d..(row + 1) * nkv * d], d, pos);
         }
         cache_rows(&w.k, &w.v, batch, cache, li, nkv * d);
         let scale = (c.query_pre_attn_scalar as f32).powf(-0.5);
@@ -225,7 +236,7 @@ impl Gemma3 {
         let window = self.window(layer);
         let first_key = |pos| window.first_visible(pos);
         attend(&w.q, batch, cache, li, heads, first_key, &mut w.attn);
-        layer.o.matmul_into(&w.attn, t, &mut w.out);
+        layer.o.matmul_rows_into(&w.attn, &batch.order, &mut w.out);
     }
 }
 
@@ -288,13 +299,15 @@ impl CausalLm for Gemma3 {
 
             w.x.clone_from(&w.hidden);
             rms_norm(&mut w.x, &layer.pre_ffn_norm, self.eps());
-            layer.gate.matmul_into(&w.x, t, &mut w.gate);
-            layer.up.matmul_into(&w.x, t, &mut w.act);
+            layer.gate.matmul_rows_into(&w.x, &batch.order, &mut w.gate);
+            layer.up.matmul_rows_into(&w.x, &batch.order, &mut w.act);
             w.act
                 .iter_mut()
                 .zip(&w.gate)
                 .for_each(|(u, g)| *u *= (self.gelu)(*g));
-            layer.down.matmul_into(&w.act, t, &mut w.out);
+            layer
+                .down
+                .matmul_rows_into(&w.act, &batch.order, &mut w.out);
             rms_norm(&mut w.out, &layer.post_ffn_norm, self.eps());
             w.hidden.iter_mut().zip(&w.out).for_each(|(h, m)| *h += m);
             record(&w.hidden);
