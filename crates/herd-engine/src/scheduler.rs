@@ -461,7 +461,13 @@ impl Loop {
             let last = s.cached + n == s.tokens.len();
             for pos in s.cached..s.cached + n {
                 let want_logits = last && pos + 1 == s.cached + n;
-                batch.push_row(s.id, s.tokens[pos], pos, want_logits, s.prompt_len);
+                batch.push_row(
+                    s.id,
+                    s.tokens[pos],
+                    pos,
+                    want_logits,
+                    s.cached_prompt..s.prompt_len,
+                );
             }
             if last {
                 samplers.push(i);

@@ -1,5 +1,7 @@
 //! The tokens of one forward step: many sequences flattened, each token with its position.
 
+use std::ops::Range;
+
 use herd_kernels::quant::RowOrder;
 
 /// llama.cpp's default physical batch (`n_ubatch`): a prompt is computed in batches of this
@@ -48,34 +50,37 @@ impl Batch {
 
     /// Add one generated token of sequence `seq` at `pos`.
     pub fn push(&mut self, seq: SeqId, token: u32, pos: usize, want_logits: bool) {
-        self.push_row(seq, token, pos, want_logits, 0);
+        self.push_row(seq, token, pos, want_logits, 0..0);
     }
 
-    /// Add the token at `pos` of sequence `seq`, whose prompt is its first `prompt_len` tokens
-    /// (positions at or past it are generated tokens): see [`Batch::order`].
+    /// Add the token at `pos` of sequence `seq`. `prompt` is the span of positions evaluated as
+    /// one prompt (llama.cpp: one `llama_decode` call) that the row belongs to, if it does: a
+    /// sequence's prompt less any prefix its cache already held, or a later chat turn's new
+    /// tokens; a generated token passes an empty span. See [`Batch::order`].
     pub fn push_row(
         &mut self,
         seq: SeqId,
         token: u32,
         pos: usize,
         want_logits: bool,
-        prompt_len: usize,
+        prompt: Range<usize>,
     ) {
         self.tokens.push(token);
         self.positions.push(pos);
         self.seq_ids.push(seq);
         self.logits.push(want_logits);
-        self.order.push(if pos < prompt_len {
+        self.order.push(if prompt.contains(&pos) {
             // llama.cpp splits a prompt into batches of LLAMA_CPP_UBATCH rows.
-            let first = pos / LLAMA_CPP_UBATCH * LLAMA_CPP_UBATCH;
-            RowOrder::in_batch(pos - first, (prompt_len - first).min(LLAMA_CPP_UBATCH))
+            let i = pos - prompt.start;
+            let first = i / LLAMA_CPP_UBATCH * LLAMA_CPP_UBATCH;
+            RowOrder::in_batch(i - first, (prompt.len() - first).min(LLAMA_CPP_UBATCH))
         } else {
             RowOrder::SINGLE
         });
     }
 
-    /// Add prompt tokens of sequence `seq` from `start_pos`, the last of them ending its prompt,
-    /// with logits for the last one (or for all).
+    /// Add prompt tokens of sequence `seq` from `start_pos`, evaluated as one prompt (see
+    /// [`Batch::push_row`]), with logits for the last one (or for all).
     pub fn push_sequence(
         &mut self,
         seq: SeqId,
@@ -83,10 +88,10 @@ impl Batch {
         start_pos: usize,
         all_logits: bool,
     ) {
-        let prompt_len = start_pos + tokens.len();
+        let span = start_pos..start_pos + tokens.len();
         for (i, &t) in tokens.iter().enumerate() {
             let last = i + 1 == tokens.len();
-            self.push_row(seq, t, start_pos + i, all_logits || last, prompt_len);
+            self.push_row(seq, t, start_pos + i, all_logits || last, span.clone());
         }
     }
 
@@ -113,7 +118,7 @@ mod tests {
         let mut pos = 0;
         for &n in chunks {
             for _ in 0..n {
-                b.push_row(0, 1, pos, false, prompt_len);
+                b.push_row(0, 1, pos, false, 0..prompt_len);
                 pos += 1;
             }
         }
@@ -144,5 +149,9 @@ mod tests {
         // 522: the second batch holds 10 rows.
         let o = orders(522, &[522]);
         assert_eq!(o[512..522], orders(10, &[10])[..10]);
+        // A span that starts later (a reused prefix, a chat turn) counts from its start.
+        let mut b = Batch::new();
+        b.push_sequence(0, &[1; 6], 100, false);
+        assert_eq!(b.order, orders(6, &[6])[..6]);
     }
 }

@@ -250,45 +250,75 @@ fn broadcast_i16_lane(j: usize) -> __m256i {
     _mm256_set1_epi16(((b + 1) << 8) | b)
 }
 
-/// One Q4_K × Q8_K super-block's exact integer sums by 64-value part `c` (lane c):
-/// (Σ scale·q·a, Σ min·bsum) of sub-blocks `2c` and `2c+1`.
+/// One Q4_K × Q8_K super-block's exact integer sums: `Σ scale·q·a` of each 64-value part `c`
+/// (sub-blocks `2c`, `2c+1`) as eight i32 lanes still to be added up, and `Σ min·bsum` of each
+/// part in lane `c`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn q4_k_parts(w: *const u8, a: *const u8) -> (__m128i, __m128i) {
-    // SAFETY: the caller passes whole blocks; q4_k_parts_x4 reads only inside them.
-    let (sumi, summ) = unsafe { q4_k_parts_x4(w, [a; 4], 1) };
-    (sumi[0], summ[0])
+unsafe fn q4_k_block(w: *const u8, a: *const u8) -> ([__m256i; 4], __m128i) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    // The caller passes w at a 144-byte Q4_K block and a at a 292-byte Q8_K block.
+    // SAFETY: scale bytes 4..16 of the Q4_K block.
+    let sm = unsafe { k4_scales_mins(w.add(4)) };
+    // SAFETY: bsums (16 i16) end at byte 292 of the Q8_K block.
+    let bsums = unsafe { _mm256_loadu_si256(a.add(260) as *const __m256i) };
+    // Sub-block j of 32 values has bsums 2j and 2j+1 (16 values each).
+    let pair_sums = _mm_hadd_epi16(
+        _mm256_castsi256_si128(bsums),
+        _mm256_extracti128_si256::<1>(bsums),
+    );
+    let mins = _mm_madd_epi16(_mm256_extracti128_si256::<1>(sm), pair_sums);
+    let sc = _mm256_castsi256_si128(sm);
+    let scales = _mm256_set_m128i(sc, sc);
+    let parts = std::array::from_fn(|c| {
+        // SAFETY: qs chunk c is bytes 16+32c..48+32c; activations 4+64c..68+64c.
+        let (q, y1, y2) = unsafe {
+            (
+                _mm256_loadu_si256(w.add(16 + 32 * c) as *const __m256i),
+                _mm256_loadu_si256(a.add(4 + 64 * c) as *const __m256i),
+                _mm256_loadu_si256(a.add(36 + 64 * c) as *const __m256i),
+            )
+        };
+        let lo = _mm256_and_si256(q, m4);
+        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+        let s1 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c));
+        let s2 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c + 1));
+        let p1 = _mm256_madd_epi16(s1, _mm256_maddubs_epi16(lo, y1));
+        let p2 = _mm256_madd_epi16(s2, _mm256_maddubs_epi16(hi, y2));
+        _mm256_add_epi32(p1, p2)
+    });
+    (parts, mins)
 }
 
-/// [`q4_k_parts`] for one weight block and the first `rows` (1..=4) of four activation blocks:
-/// the weight's nibbles and scales are unpacked once.
+/// [`q4_k_block`] for one weight block and four activation blocks, the weight's nibbles and
+/// scales unpacked once, every sum reduced: `(Σ scale·q·a, Σ min·bsum)` of part `c` of row `r`
+/// in lane `r` of element `c`. Without `PARTS` the block's totals are in element 0 (the others
+/// zero): one reduction instead of four, for rows that need only totals.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn q4_k_parts_x4(
+unsafe fn q4_k_block_x4<const PARTS: bool>(
     w: *const u8,
     a: [*const u8; 4],
-    rows: usize,
 ) -> ([__m128i; 4], [__m128i; 4]) {
     let m4 = _mm256_set1_epi8(0x0F);
     // The caller passes w at a 144-byte Q4_K block and each a[r] at a 292-byte Q8_K block.
     // SAFETY: scale bytes 4..16 of the Q4_K block.
     let sm = unsafe { k4_scales_mins(w.add(4)) };
     let mins_w = _mm256_extracti128_si256::<1>(sm);
-    let mut summ = [_mm_setzero_si128(); 4];
-    for r in 0..rows {
+    // Lane c of mins[r]: row r's part c.
+    let mins = a.map(|ar| {
         // SAFETY: bsums (16 i16) end at byte 292 of the Q8_K block.
-        let bsums = unsafe { _mm256_loadu_si256(a[r].add(260) as *const __m256i) };
-        // Sub-block j of 32 values has bsums 2j and 2j+1 (16 values each).
+        let bsums = unsafe { _mm256_loadu_si256(ar.add(260) as *const __m256i) };
         let pair_sums = _mm_hadd_epi16(
             _mm256_castsi256_si128(bsums),
             _mm256_extracti128_si256::<1>(bsums),
         );
-        summ[r] = _mm_madd_epi16(mins_w, pair_sums);
-    }
+        _mm_madd_epi16(mins_w, pair_sums)
+    });
     let sc = _mm256_castsi256_si128(sm);
     let scales = _mm256_set_m128i(sc, sc);
-    // parts[c] lane r: row r's sum for part c.
     let mut parts = [_mm_setzero_si128(); 4];
+    let mut totals = [_mm256_setzero_si256(); 4];
     for (c, part) in parts.iter_mut().enumerate() {
         // SAFETY: qs chunk c is bytes 16+32c..48+32c of the Q4_K block.
         let q = unsafe { _mm256_loadu_si256(w.add(16 + 32 * c) as *const __m256i) };
@@ -296,33 +326,46 @@ unsafe fn q4_k_parts_x4(
         let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
         let s1 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c));
         let s2 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c + 1));
-        let mut p = [_mm256_setzero_si256(); 4];
-        for r in 0..rows {
+        let p = a.map(|ar| {
             // SAFETY: activations 4+64c..68+64c of the Q8_K block.
             let (y1, y2) = unsafe {
                 (
-                    _mm256_loadu_si256(a[r].add(4 + 64 * c) as *const __m256i),
-                    _mm256_loadu_si256(a[r].add(36 + 64 * c) as *const __m256i),
+                    _mm256_loadu_si256(ar.add(4 + 64 * c) as *const __m256i),
+                    _mm256_loadu_si256(ar.add(36 + 64 * c) as *const __m256i),
                 )
             };
             let p1 = _mm256_madd_epi16(s1, _mm256_maddubs_epi16(lo, y1));
             let p2 = _mm256_madd_epi16(s2, _mm256_maddubs_epi16(hi, y2));
-            p[r] = _mm256_add_epi32(p1, p2);
+            _mm256_add_epi32(p1, p2)
+        });
+        if PARTS {
+            *part = hsum4_i32(p);
+        } else {
+            for r in 0..4 {
+                totals[r] = _mm256_add_epi32(totals[r], p[r]);
+            }
         }
-        *part = hsum4_i32(p);
     }
-    // Transpose: row r's four parts in one register.
-    let t01 = _mm_unpacklo_epi32(parts[0], parts[1]);
-    let t23 = _mm_unpacklo_epi32(parts[2], parts[3]);
-    let u01 = _mm_unpackhi_epi32(parts[0], parts[1]);
-    let u23 = _mm_unpackhi_epi32(parts[2], parts[3]);
-    let sumi = [
+    if !PARTS {
+        parts[0] = hsum4_i32(totals);
+    }
+    (parts, transpose4(mins))
+}
+
+/// A 4×4 transpose of i32 lanes: lane `j` of element `i` goes to lane `i` of element `j`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose4(m: [__m128i; 4]) -> [__m128i; 4] {
+    let t01 = _mm_unpacklo_epi32(m[0], m[1]);
+    let t23 = _mm_unpacklo_epi32(m[2], m[3]);
+    let u01 = _mm_unpackhi_epi32(m[0], m[1]);
+    let u23 = _mm_unpackhi_epi32(m[2], m[3]);
+    [
         _mm_unpacklo_epi64(t01, t23),
         _mm_unpackhi_epi64(t01, t23),
         _mm_unpacklo_epi64(u01, u23),
         _mm_unpackhi_epi64(u01, u23),
-    ];
-    (sumi, summ)
+    ]
 }
 
 /// Four i32 lanes as an array.
@@ -333,6 +376,14 @@ fn lanes4(v: __m128i) -> [i32; 4] {
     // SAFETY: out holds four i32; unaligned store.
     unsafe { _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, v) };
     out
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum128_i32(v: __m128i) -> i32 {
+    let s = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01_00_11_10>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
 }
 
 /// An f16 (raw little-endian bits at p) as f32, exactly.
@@ -357,34 +408,83 @@ unsafe fn q4_k_row(w: &[u8], a: &[u8], nb: usize, order: RowOrder) -> f32 {
         // SAFETY: block i of each row is in bounds (checked by vec_dot).
         unsafe {
             let (wb, ab) = (w.as_ptr().add(144 * i), a.as_ptr().add(292 * i));
-            let (sumi, summ) = q4_k_parts(wb, ab);
+            let (p, mins) = q4_k_block(wb, ab);
             let ad = f32_ptr(ab);
             let (d, dmin) = (f16_ptr(wb) * ad, f16_ptr(wb.add(2)) * ad);
-            q4_k_accumulate(&mut acc, lanes4(sumi), lanes4(summ), d, dmin, order);
+            if order.grouped {
+                let parts = lanes4(hsum4_i32(p));
+                q4_k_accumulate(&mut acc, parts, lanes4(mins), d, dmin, order);
+            } else {
+                // Only the block's totals matter (exact integers: any summation order).
+                let total =
+                    _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
+                let (si, sm) = (hsum_i32(total), hsum128_i32(mins));
+                acc[0] = (si as f32).mul_add(d, acc[0]);
+                acc[1] = (sm as f32).mul_add(dmin, acc[1]);
+            }
         }
     }
     acc[0] - acc[1]
 }
 
-/// One Q4_K row against four activation rows, each in its own order.
+/// One Q4_K row against four activation rows, each in its own order: lane r of two f32 sums per
+/// row, the grouped rows' lanes taking four fused multiply-adds per block, the others one.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_rows_x4(w: &[u8], a: [&[u8]; 4], nb: usize, orders: [RowOrder; 4]) -> [f32; 4] {
-    let mut acc = [[0.0f32; 2]; 4];
+    let grouped = orders.map(|o| o.grouped);
+    let (any, all) = (grouped.contains(&true), !grouped.contains(&false));
+    let mask = _mm_castsi128_ps(_mm_set_epi32(
+        -(grouped[3] as i32),
+        -(grouped[2] as i32),
+        -(grouped[1] as i32),
+        -(grouped[0] as i32),
+    ));
+    let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
     for i in 0..nb {
         // SAFETY: block i of every row is in bounds (checked by rows_x4).
         unsafe {
             let wb = w.as_ptr().add(144 * i);
             let ab = a.map(|r| r.as_ptr().add(292 * i));
-            let (sumi, summ) = q4_k_parts_x4(wb, ab, 4);
-            let (wd, wdmin) = (f16_ptr(wb), f16_ptr(wb.add(2)));
-            for r in 0..4 {
-                let ad = f32_ptr(ab[r]);
-                let (si, sm) = (lanes4(sumi[r]), lanes4(summ[r]));
-                q4_k_accumulate(&mut acc[r], si, sm, wd * ad, wdmin * ad, orders[r]);
+            let (parts, mins) = if any {
+                q4_k_block_x4::<true>(wb, ab)
+            } else {
+                q4_k_block_x4::<false>(wb, ab)
+            };
+            let ad = _mm_set_ps(
+                f32_ptr(ab[3]),
+                f32_ptr(ab[2]),
+                f32_ptr(ab[1]),
+                f32_ptr(ab[0]),
+            );
+            let d = _mm_mul_ps(_mm_set1_ps(f16_ptr(wb)), ad);
+            let dmin = _mm_mul_ps(_mm_set1_ps(f16_ptr(wb.add(2))), ad);
+            let (mut g, mut gm) = (acc, acc_min);
+            if any {
+                for c in 0..4 {
+                    g = _mm_fmadd_ps(_mm_cvtepi32_ps(parts[c]), d, g);
+                    gm = _mm_fmadd_ps(_mm_cvtepi32_ps(mins[c]), dmin, gm);
+                }
+            }
+            if all {
+                (acc, acc_min) = (g, gm);
+            } else {
+                let total = |v: [__m128i; 4]| {
+                    _mm_cvtepi32_ps(_mm_add_epi32(
+                        _mm_add_epi32(v[0], v[1]),
+                        _mm_add_epi32(v[2], v[3]),
+                    ))
+                };
+                let s = _mm_fmadd_ps(total(parts), d, acc);
+                let sm = _mm_fmadd_ps(total(mins), dmin, acc_min);
+                acc = _mm_blendv_ps(s, g, mask);
+                acc_min = _mm_blendv_ps(sm, gm, mask);
             }
         }
     }
-    acc.map(|[s, m]| s - m)
+    let mut out = [0.0f32; 4];
+    // SAFETY: out holds four f32; unaligned store.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
+    out
 }
 
 #[target_feature(enable = "avx2,fma")]
