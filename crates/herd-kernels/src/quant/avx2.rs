@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::dot::{RowOrder, combine_k, q4_k_accumulate, q8k_bsum};
+use super::dot::{RowOrder, combine_k, q4_k_accumulate, q4_k_add, q8k_bsum};
 use super::{f16_at, f32_at, scale_min_k4};
 use crate::DType;
 
@@ -423,9 +423,7 @@ unsafe fn q4_k_row(w: &[u8], a: &[u8], nb: usize, order: RowOrder) -> f32 {
                 // Only the block's totals matter (exact integers: any summation order).
                 let total =
                     _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
-                let (si, sm) = (hsum_i32(total), hsum128_i32(mins));
-                acc[0] = (si as f32).mul_add(d, acc[0]);
-                acc[1] = (sm as f32).mul_add(dmin, acc[1]);
+                q4_k_add(&mut acc, hsum_i32(total), hsum128_i32(mins), d, dmin);
             }
         }
     }

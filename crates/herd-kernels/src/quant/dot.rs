@@ -101,19 +101,24 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrde
     debug_assert_eq!(w.len(), nb * wt);
     debug_assert_eq!(a.len(), nb * at);
     let blocks = w.chunks_exact(wt).zip(a.chunks_exact(at));
-    let lanes_of: BlockLanes = match wtype {
-        DType::Q4_0 => |w, a| (f16_at(w, 0) * f16_at(a, 0), quad_sums(&q4_0_values(w), a)),
-        DType::Q5_0 => |w, a| (f16_at(w, 0) * f16_at(a, 0), quad_sums(&q5_0_values(w), a)),
-        DType::Q8_0 => |w, a| (f16_at(w, 0) * f16_at(a, 0), quad_sums(&q8_0_values(w), a)),
-        DType::Q6K if order.tiled => {
-            let mut acc = 0.0f32;
-            for (wb, ab) in blocks {
-                let sumi: i32 = q6_k_lanes(wb, ab).iter().sum();
-                acc = (f16_at(wb, 208) * sumi as f32).mul_add(f32_at(ab, 0), acc);
-            }
-            return acc;
-        }
-        DType::Q6K => |w, a| (f32_at(a, 0) * f16_at(w, 208), q6_k_lanes(w, a)),
+    let q0_scale = |w: &[u8], a: &[u8]| f16_at(w, 0) * f16_at(a, 0);
+    match wtype {
+        DType::Q4_0 => eight_lanes(blocks, |w, a| {
+            (q0_scale(w, a), quad_sums(&q4_0_values(w), a))
+        }),
+        DType::Q5_0 => eight_lanes(blocks, |w, a| {
+            (q0_scale(w, a), quad_sums(&q5_0_values(w), a))
+        }),
+        DType::Q8_0 => eight_lanes(blocks, |w, a| {
+            (q0_scale(w, a), quad_sums(&q8_0_values(w), a))
+        }),
+        DType::Q6K if order.tiled => blocks.fold(0.0f32, |acc, (wb, ab)| {
+            let sumi: i32 = q6_k_lanes(wb, ab).iter().sum();
+            (f16_at(wb, 208) * sumi as f32).mul_add(f32_at(ab, 0), acc)
+        }),
+        DType::Q6K => eight_lanes(blocks, |w, a| {
+            (f32_at(a, 0) * f16_at(w, 208), q6_k_lanes(w, a))
+        }),
         DType::Q4K => {
             let mut acc = [0.0f32; 2];
             for (wb, ab) in blocks {
@@ -122,20 +127,23 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrde
                 let (d, dmin) = (f16_at(wb, 0) * ad, f16_at(wb, 2) * ad);
                 q4_k_accumulate(&mut acc, sumi, summ, d, dmin, order);
             }
-            return acc[0] - acc[1];
+            acc[0] - acc[1]
         }
-        _ => {
-            let block: fn(&[u8], &[u8]) -> f32 = match wtype {
-                DType::Q4_1 => q4_1_q8_1,
-                DType::Q5_1 => q5_1_q8_1,
-                DType::Q2K => q2_k_q8_k,
-                DType::Q3K => q3_k_q8_k,
-                DType::Q5K => q5_k_q8_k,
-                other => panic!("no integer dot product for weights of type {other}"),
-            };
-            return blocks.map(|(wb, ab)| block(wb, ab)).fold(0.0, |s, t| s + t);
-        }
-    };
+        DType::Q4_1 => block_sums(blocks, q4_1_q8_1),
+        DType::Q5_1 => block_sums(blocks, q5_1_q8_1),
+        DType::Q2K => block_sums(blocks, q2_k_q8_k),
+        DType::Q3K => block_sums(blocks, q3_k_q8_k),
+        DType::Q5K => block_sums(blocks, q5_k_q8_k),
+        other => panic!("no integer dot product for weights of type {other}"),
+    }
+}
+
+/// (weight block, activation block) pairs of one row.
+type Blocks<'a> = std::iter::Zip<std::slice::ChunksExact<'a, u8>, std::slice::ChunksExact<'a, u8>>;
+
+/// ggml's eight f32 lanes: `lanes_of` gives each block's f32 scale and eight integer lane sums,
+/// added by fused multiply-add; the lanes are added at the end as [`hsum8`].
+fn eight_lanes(blocks: Blocks<'_>, lanes_of: impl Fn(&[u8], &[u8]) -> (f32, [i32; 8])) -> f32 {
     let mut acc = [0.0f32; 8];
     for (wb, ab) in blocks {
         let (d, lanes) = lanes_of(wb, ab);
@@ -146,8 +154,10 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrde
     hsum8(&acc)
 }
 
-/// One block's f32 scale and its eight integer lane sums (types accumulated in eight lanes).
-type BlockLanes = fn(&[u8], &[u8]) -> (f32, [i32; 8]);
+/// Each block reduced to one f32 by `block`, the blocks summed in order.
+fn block_sums(blocks: Blocks<'_>, block: fn(&[u8], &[u8]) -> f32) -> f32 {
+    blocks.map(|(wb, ab)| block(wb, ab)).fold(0.0, |s, t| s + t)
+}
 
 /// The 32 signed weights of a Q8_0 block.
 fn q8_0_values(w: &[u8]) -> [i32; 32] {
@@ -220,14 +230,18 @@ pub(crate) fn q4_k_accumulate(
 ) {
     if order.grouped {
         for (si, sm) in sumi.into_iter().zip(summ) {
-            acc[0] = (si as f32).mul_add(d, acc[0]);
-            acc[1] = (sm as f32).mul_add(dmin, acc[1]);
+            q4_k_add(acc, si, sm, d, dmin);
         }
     } else {
-        let (si, sm) = (sumi.iter().sum::<i32>(), summ.iter().sum::<i32>());
-        acc[0] = (si as f32).mul_add(d, acc[0]);
-        acc[1] = (sm as f32).mul_add(dmin, acc[1]);
+        q4_k_add(acc, sumi.iter().sum(), summ.iter().sum(), d, dmin);
     }
+}
+
+/// One step of [`q4_k_accumulate`]: `acc += [sumi·d, summ·dmin]`, each by fused multiply-add.
+#[inline]
+pub(crate) fn q4_k_add(acc: &mut [f32; 2], sumi: i32, summ: i32, d: f32, dmin: f32) {
+    acc[0] = (sumi as f32).mul_add(d, acc[0]);
+    acc[1] = (summ as f32).mul_add(dmin, acc[1]);
 }
 
 /// One Q4_K × Q8_K super-block's integer sums by 64-value part `c`: `Σ scale·q·a` and
