@@ -112,31 +112,284 @@ impl Sampler {
         }
     }
 
-    /// The candidates sampling may pick from after temperature, top-k, top-p and min-p, with
-    /// their probabilities (normalised), most likely first. Greedy gives the argmax alone.
-    pub fn candidates(&self, logits: &[f32]) -> Vec<(u32, f64)> {
-        let p = &self.params;
+    /// Pick the next token from `logits` (modified in place by bias and penalties).
+    ///
+    /// Greedy is one pass (the argmax, lowest id on ties). Otherwise the token is drawn by
+    /// inverse transform over the candidates ordered most likely first (ties: lowest id) with
+    /// one uniform number, exactly as a full sort would, but only the head of that order that the
+    /// truncation and the draw reach is ever sorted (see [`draw`]). A lone candidate draws no
+    /// number, so a seed's stream does not depend on how often truncation leaves one token.
+    pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
+        self.adjust(logits);
+        let token = if self.params.temperature <= 0.0 {
+            argmax(logits).unwrap_or(0)
+        } else {
+            SCRATCH.with_borrow_mut(|scratch| draw(&self.params, logits, &mut self.rng, scratch))
+        };
+        let (logprob, top) = if self.params.logprobs || self.params.top_logprobs > 0 {
+            log_probs(logits, token, self.params.top_logprobs)
+        } else {
+            (f32::NAN, Vec::new())
+        };
+        *self.counts.entry(token).or_default() += 1;
+        self.seen.insert(token);
+        Sampled {
+            token,
+            logprob,
+            top,
+        }
+    }
+}
+
+/// The index of the largest non-NaN value, lowest on ties.
+fn argmax(logits: &[f32]) -> Option<u32> {
+    let mut best: Option<(u32, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if !l.is_nan() && best.is_none_or(|(_, b)| l > b) {
+            best = Some((i as u32, l));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Buffers a draw reuses, one set per engine thread (a sampler per sequence would hold a
+/// vocabulary-sized buffer each).
+#[derive(Default)]
+struct Scratch {
+    /// Relative probability of every vocabulary entry (the most likely is 1).
+    weights: Vec<f32>,
+    /// Candidate ids, most likely first.
+    order: Vec<u32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Relative weights below which the first rounds of [`draw`] do not look: each round takes the
+/// candidates at least this likely relative to the best, sorts only those, and goes on to the
+/// next round (finally every candidate) only if the truncation or the draw reaches past them.
+const ROUNDS: [f32; 4] = [1e-3, 1e-6, 1e-12, 0.0];
+
+/// Top-k with at most this many candidates keeps them in a sorted buffer during one pass;
+/// larger k selects over an index of the vocabulary.
+const INSERTION_TOP_K: usize = 256;
+
+/// Sample at `params.temperature > 0` with top-k, top-p and min-p.
+///
+/// The distribution is the softmax of `logits / temperature` over the top-k (else all)
+/// entries that are neither NaN nor −∞, ordered most likely first (lowest id on ties); top-p
+/// keeps the shortest prefix of that order whose mass reaches `top_p`, min-p the entries at
+/// least `min_p` times as likely as the first; the draw walks the kept prefix subtracting each
+/// renormalised probability from one uniform `u` until `u` falls inside one, as a full sort
+/// would. The probabilities are f32 exponentials summed in f64
+/// ([`herd_kernels::ops::exp_weights`]), not f64 exponentials: the token is the one an f64
+/// softmax would pick unless `u` lies within about 1e-7 of a boundary between two candidates.
+fn draw(
+    params: &SamplingParams,
+    logits: &[f32],
+    rng: &mut SplitMix64,
+    scratch: &mut Scratch,
+) -> u32 {
+    let Scratch { weights, order } = scratch;
+    let better = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let scale = 1.0 / params.temperature;
+    let live = |l: f32| l > f32::NEG_INFINITY; // false for NaN too
+    let mut u = None;
+    weights.resize(logits.len(), 0.0);
+    let n_valid = logits.iter().filter(|l| !l.is_nan()).count();
+    if params.top_k > 0 && params.top_k < n_valid {
+        // The k best are the only candidates: weigh just them.
+        top_k_into(logits, params.top_k, order);
+        order.retain(|&i| live(logits[i as usize]));
+        let Some(&first) = order.first() else {
+            return 0;
+        };
+        let max = logits[first as usize];
+        let mut total = 0.0f64;
+        for &i in order.iter() {
+            let w = herd_kernels::attention::expf_ggml((logits[i as usize] - max) * scale);
+            weights[i as usize] = w;
+            total += f64::from(w);
+        }
+        return match walk(params, order, weights, total, 0.0, true, rng, &mut u) {
+            Walk::Token(t) => t,
+            Walk::NeedMore => unreachable!("a complete order ends the walk"),
+        };
+    }
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !live(max) {
+        return 0;
+    }
+    let total = herd_kernels::ops::exp_weights(logits, max, scale, weights);
+    let n_live = logits.iter().filter(|&&l| live(l)).count();
+    for theta in ROUNDS {
+        order.clear();
+        order.extend(
+            (0..logits.len() as u32)
+                .filter(|&i| live(logits[i as usize]) && weights[i as usize] >= theta),
+        );
+        order.sort_unstable_by(better);
+        let complete = order.len() == n_live;
+        if let Walk::Token(t) = walk(params, order, weights, total, theta, complete, rng, &mut u) {
+            return t;
+        }
+    }
+    unreachable!("the last round holds every candidate")
+}
+
+enum Walk {
+    Token(u32),
+    /// The truncation or the draw reaches past the candidates of this round.
+    NeedMore,
+}
+
+/// One round of [`draw`]: `order` holds (sorted) every candidate whose weight is at least
+/// `theta` — all of them when `complete`. `u` is drawn on first need and kept across rounds.
+#[allow(clippy::too_many_arguments)]
+fn walk(
+    params: &SamplingParams,
+    order: &[u32],
+    weights: &[f32],
+    total: f64,
+    theta: f32,
+    complete: bool,
+    rng: &mut SplitMix64,
+    u: &mut Option<f64>,
+) -> Walk {
+    let q = |r: usize| f64::from(weights[order[r] as usize]) / total;
+    // How many candidates the truncation keeps, when this round can tell (a cut that lies
+    // past `order` does not bind before one inside it).
+    let mut keep = complete.then_some(order.len());
+    if params.top_p < 1.0 {
+        let mut acc = 0.0;
+        for r in 0..order.len() {
+            acc += q(r);
+            if acc >= f64::from(params.top_p) {
+                keep = Some(keep.map_or(r + 1, |k| k.min(r + 1)));
+                break;
+            }
+        }
+    }
+    if params.min_p > 0.0 && (complete || theta <= weights[order[0] as usize] * params.min_p) {
+        let floor = q(0) * f64::from(params.min_p);
+        let k = (0..order.len())
+            .take_while(|&r| q(r) >= floor)
+            .count()
+            .max(1);
+        keep = Some(keep.map_or(k, |kk| kk.min(k)));
+    }
+    let (n, kept) = match keep {
+        Some(1) => return Walk::Token(order[0]),
+        Some(k) => (k, (0..k).map(q).sum::<f64>()),
+        // A truncation whose cut lies past this round: a later round finds it (before drawing,
+        // so that a lone survivor still draws no number).
+        None if params.top_p < 1.0 || params.min_p > 0.0 => return Walk::NeedMore,
+        // Nothing truncates: every candidate is kept, and the kept mass is the whole.
+        None => (order.len(), 1.0),
+    };
+    let mut left = *u.get_or_insert_with(|| rng.next_f64());
+    for (r, &token) in order[..n].iter().enumerate() {
+        let p = q(r) / kept;
+        if left < p {
+            return Walk::Token(token);
+        }
+        left -= p;
+    }
+    if keep.is_some() {
+        // Rounding left `u` past the last kept candidate.
+        Walk::Token(order[n - 1])
+    } else {
+        Walk::NeedMore
+    }
+}
+
+/// The `k` non-NaN entries ranked first (largest logit, lowest id on ties), in rank order.
+fn top_k_into(logits: &[f32], k: usize, order: &mut Vec<u32>) {
+    let better = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    order.clear();
+    if k <= INSERTION_TOP_K {
+        for (i, &l) in logits.iter().enumerate() {
+            let i = i as u32;
+            if l.is_nan() {
+                continue;
+            }
+            if order.len() == k {
+                // Most entries fail this one comparison with the k-th.
+                let last = order[k - 1];
+                if better(&i, &last).is_gt() {
+                    continue;
+                }
+                order.pop();
+            }
+            let at = order.partition_point(|x| better(x, &i).is_lt());
+            order.insert(at, i);
+        }
+    } else {
+        order.extend((0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()));
+        if k < order.len() {
+            order.select_nth_unstable_by(k - 1, better);
+            order.truncate(k);
+        }
+        order.sort_unstable_by(better);
+    }
+}
+
+/// log-softmax of `token` and the `n` most likely tokens.
+fn log_probs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max as f64
+        + logits
+            .iter()
+            .map(|&l| ((l - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = |i: u32| (logits[i as usize] as f64 - lse) as f32;
+    let mut top = Vec::new();
+    if n > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let n = n.min(idx.len());
+        idx.select_nth_unstable_by(n - 1, |&a, &b| {
+            logits[b as usize].total_cmp(&logits[a as usize])
+        });
+        idx.truncate(n);
+        idx.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        top = idx.into_iter().map(|i| (i, lp(i))).collect();
+    }
+    (lp(token), top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sampler before partial selection, kept as the reference: every candidate sorted,
+    /// f64 softmax, then the same truncation and inverse-transform draw.
+    fn reference_candidates(p: &SamplingParams, logits: &[f32]) -> Vec<(u32, f64)> {
         let better = |a: &u32, b: &u32| {
             logits[*b as usize]
                 .total_cmp(&logits[*a as usize])
                 .then(a.cmp(b))
         };
-        if p.temperature <= 0.0 {
-            // Greedy: the argmax (lowest id on ties), one pass, no copy of the vocabulary.
-            let mut best: Option<u32> = None;
-            for (i, &l) in logits.iter().enumerate() {
-                if !l.is_nan() && best.is_none_or(|b| logits[b as usize].total_cmp(&l).is_lt()) {
-                    best = Some(i as u32);
-                }
-            }
-            return best.map(|b| vec![(b, 1.0)]).unwrap_or_default();
-        }
         let mut order: Vec<u32> = (0..logits.len() as u32)
             .filter(|&i| !logits[i as usize].is_nan())
             .collect();
-        if order.is_empty() {
-            return Vec::new();
-        }
         if p.top_k > 0 && p.top_k < order.len() {
             order.select_nth_unstable_by(p.top_k - 1, better);
             order.truncate(p.top_k);
@@ -177,70 +430,147 @@ impl Sampler {
             .collect()
     }
 
-    /// Pick the next token from `logits` (modified in place by bias and penalties).
-    pub fn sample(&mut self, logits: &mut [f32]) -> Sampled {
-        self.adjust(logits);
-        let cands = self.candidates(logits);
-        let token = if cands.len() == 1 {
-            cands[0].0
-        } else {
-            let mut u = self.rng.next_f64();
-            let mut pick = cands.last().map_or(0, |c| c.0);
-            for &(tok, q) in &cands {
-                if u < q {
-                    pick = tok;
-                    break;
-                }
-                u -= q;
+    fn reference_draw(p: &SamplingParams, logits: &[f32], rng: &mut SplitMix64) -> u32 {
+        let cands = reference_candidates(p, logits);
+        if cands.len() == 1 {
+            return cands[0].0;
+        }
+        let mut u = rng.next_f64();
+        for &(tok, q) in &cands {
+            if u < q {
+                return tok;
             }
-            pick
-        };
-        let (logprob, top) = if self.params.logprobs || self.params.top_logprobs > 0 {
-            log_probs(logits, token, self.params.top_logprobs)
-        } else {
-            (f32::NAN, Vec::new())
-        };
-        *self.counts.entry(token).or_default() += 1;
-        self.seen.insert(token);
-        Sampled {
-            token,
-            logprob,
-            top,
+            u -= q;
+        }
+        cands.last().map_or(0, |c| c.0)
+    }
+
+    fn random_params(rng: &mut SplitMix64, case: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: [0.3, 0.7, 1.0, 1.5][(rng.next_u64() % 4) as usize],
+            top_k: [0, 0, 1, 5, 40, 300][(rng.next_u64() % 6) as usize],
+            top_p: [1.0, 1.0, 0.95, 0.9, 0.5, 0.05][(rng.next_u64() % 6) as usize],
+            min_p: [0.0, 0.0, 0.05, 0.3][(rng.next_u64() % 4) as usize],
+            seed: case,
+            ..Default::default()
         }
     }
-}
 
-/// log-softmax of `token` and the `n` most likely tokens.
-fn log_probs(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max as f64
-        + logits
-            .iter()
-            .map(|&l| ((l - max) as f64).exp())
-            .sum::<f64>()
-            .ln();
-    let lp = |i: u32| (logits[i as usize] as f64 - lse) as f32;
-    let mut top = Vec::new();
-    if n > 0 {
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let n = n.min(idx.len());
-        idx.select_nth_unstable_by(n - 1, |&a, &b| {
-            logits[b as usize].total_cmp(&logits[a as usize])
-        });
-        idx.truncate(n);
-        idx.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        top = idx.into_iter().map(|i| (i, lp(i))).collect();
+    /// Language-model-like logits: a long flat tail and a few strong candidates, with the odd
+    /// NaN and −∞ (masked tokens) and exact ties.
+    fn lm_logits(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
+        let mut l: Vec<f32> = (0..n)
+            .map(|_| (rng.next_f64() * 8.0 - 4.0) as f32)
+            .collect();
+        for _ in 0..1 + rng.next_u64() % 12 {
+            let i = (rng.next_u64() % n as u64) as usize;
+            l[i] = 6.0 + (rng.next_f64() * 10.0) as f32;
+        }
+        if rng.next_u64().is_multiple_of(3) {
+            let i = (rng.next_u64() % n as u64) as usize;
+            l[i] = f32::NEG_INFINITY;
+            let j = (rng.next_u64() % n as u64) as usize;
+            l[j] = f32::NAN;
+            let (a, b) = (
+                (rng.next_u64() % n as u64) as usize,
+                (rng.next_u64() % n as u64) as usize,
+            );
+            l[a] = l[b];
+        }
+        l
     }
-    (lp(token), top)
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// The partial selection draws the same tokens as the full sort, seed for seed, over
+    /// random settings and vocabularies from 2 entries to Gemma 3's 262,144 (ragged sizes).
+    #[test]
+    fn partial_selection_draws_what_a_full_sort_draws() {
+        let mut rng = SplitMix64::new(11);
+        let mut scratch = Scratch::default();
+        let mut compared = 0;
+        for case in 0..200u64 {
+            let n = match case % 4 {
+                0 => 2 + (rng.next_u64() % 30) as usize,
+                1 => 1000 + (rng.next_u64() % 1000) as usize,
+                2 => 30_000 + (rng.next_u64() % 7) as usize,
+                _ if case % 20 == 3 => 262_144,
+                _ => 5_000,
+            };
+            let logits = lm_logits(&mut rng, n);
+            let params = random_params(&mut rng, case);
+            let (mut a, mut b) = (SplitMix64::new(case), SplitMix64::new(case));
+            for draw_no in 0..8 {
+                let want = reference_draw(&params, &logits, &mut a);
+                let got = draw(&params, &logits, &mut b, &mut scratch);
+                assert_eq!(got, want, "case {case} draw {draw_no}: {params:?}, n {n}");
+                compared += 1;
+            }
+            // Both consumed the same random numbers.
+            assert_eq!(
+                a.next_u64(),
+                b.next_u64(),
+                "case {case}: the streams diverged"
+            );
+        }
+        assert_eq!(compared, 1600);
+    }
+
+    /// Frequencies of drawn tokens match the reference probabilities within five standard
+    /// errors, with truncation and without.
+    #[test]
+    fn draws_follow_the_distribution() {
+        let mut rng = SplitMix64::new(5);
+        let logits = lm_logits(&mut rng, 2_000);
+        for params in [
+            SamplingParams {
+                temperature: 1.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.9,
+                min_p: 0.01,
+                ..Default::default()
+            },
+        ] {
+            let probs = reference_candidates(&params, &logits);
+            let mut counts = HashMap::<u32, usize>::new();
+            let trials = 40_000;
+            let mut g = SplitMix64::new(99);
+            let mut scratch = Scratch::default();
+            for _ in 0..trials {
+                *counts
+                    .entry(draw(&params, &logits, &mut g, &mut scratch))
+                    .or_default() += 1;
+            }
+            let allowed: std::collections::HashSet<u32> = probs.iter().map(|c| c.0).collect();
+            assert!(counts.keys().all(|t| allowed.contains(t)));
+            for &(tok, p) in probs.iter().take(20) {
+                let f = counts.get(&tok).copied().unwrap_or(0) as f64 / trials as f64;
+                let se = (p * (1.0 - p) / trials as f64).sqrt();
+                assert!(
+                    (f - p).abs() <= 5.0 * se + 1e-9,
+                    "{params:?}: token {tok} drawn {f}, probability {p}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_selection_is_the_sorted_head() {
+        let mut rng = SplitMix64::new(3);
+        let mut order = Vec::new();
+        for k in [1, 2, 7, 256, 257, 900] {
+            let mut l = lm_logits(&mut rng, 1_000);
+            l[10] = l[11]; // a tie, broken by id
+            top_k_into(&l, k, &mut order);
+            let mut all: Vec<u32> = (0..l.len() as u32)
+                .filter(|&i| !l[i as usize].is_nan())
+                .collect();
+            all.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b)));
+            all.truncate(k);
+            assert_eq!(order, all, "k {k}");
+        }
+    }
 
     fn random_logits(rng: &mut SplitMix64, n: usize) -> Vec<f32> {
         (0..n)
