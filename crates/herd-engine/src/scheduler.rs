@@ -1,19 +1,32 @@
-//! Continuous batching: one thread owns the model and a paged KV cache and runs steps; requests
-//! join the running batch between steps and leave it as soon as they finish or are cancelled.
+//! Continuous batching, split the way vLLM v1 splits its engine core: a scheduler that plans
+//! each step and owns the KV blocks, a model runner that only computes, and output processing
+//! on a thread of its own.
 //!
-//! Each step spends a token budget: first one token for every sequence that is decoding, then
-//! chunks of waiting prompts, so a long prompt is prefilled over several steps while other
-//! streams keep producing tokens. A new sequence first attaches the cached blocks of the longest
-//! prompt prefix seen before (system prompts, few-shot examples) and computes only the rest.
-//! When the cache runs out of blocks mid-generation, the youngest sequence is preempted: its
-//! blocks go back to the pool (indexed, so they are usually found again) and it is re-queued
-//! to be recomputed from its tokens, keeping its sampler state.
+//! The engine thread owns the model and a paged KV cache. Before every step the scheduler
+//! decides which sequences run and how many tokens each feeds (first one token for every
+//! sequence that is decoding, then chunks of waiting prompts within a token budget, so a long
+//! prompt is prefilled over several steps while other streams keep producing tokens), and
+//! allocates the KV blocks of those positions ([`KvCache::reserve`]). When the pool cannot hold
+//! the plan, it preempts the youngest sequence (its blocks go back to the pool, indexed, so
+//! they are usually found again; it is re-queued to be recomputed from its tokens, keeping its
+//! sampler state) and plans again, so the model is only ever called with a plan whose blocks
+//! are allocated. The model then writes the logits of the rows that sample into one persistent
+//! buffer, and each sequence's sampler works in place on its row.
+//!
+//! A new sequence first attaches the cached blocks of the longest prompt prefix seen before
+//! (system prompts, few-shot examples) and computes only the rest.
+//!
+//! Sampled tokens go to the output thread, which detokenizes, matches stop strings and delivers
+//! events while the engine computes the next step (vLLM's asynchronous output processing). A
+//! stop string or a client that went away is noticed there, and the sequence is cancelled on
+//! the engine thread one step later; tokens it computed meanwhile are never reported. Grammar
+//! masks are computed on a persistent worker thread while the forward pass runs.
 //!
 //! The kernels reduce every row in the same order whatever the batch, and keys and values do not
 //! depend on how a prompt was chunked or shared, so a request's greedy output is the same
 //! whether it runs alone or beside thirty others.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -144,19 +157,29 @@ pub struct SchedulerStats {
 }
 
 enum Command {
-    Submit(SeqId, Box<GenerationRequest>),
+    Submit(SeqId, Box<Job>),
     Cancel(SeqId),
     Shutdown { drain: bool },
 }
 
-/// Handle to the engine thread.
+/// What the engine needs of a request (the sink and stop strings go to the output thread).
+struct Job {
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    ignore_eos: bool,
+    constraint: Option<Constraint>,
+}
+
+/// Handle to the engine thread and its output thread.
 #[derive(Debug)]
 pub struct Scheduler {
     tx: Sender<Command>,
+    out: Sender<Output>,
     stats: Arc<Mutex<SchedulerStats>>,
     next_id: Mutex<SeqId>,
     config: SchedulerConfig,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Scheduler {
@@ -169,6 +192,7 @@ impl Scheduler {
         config.step_tokens = config.step_tokens.max(1);
         config.max_running = config.max_running.max(1);
         let (tx, rx) = channel();
+        let (out, out_rx) = channel();
         let stats = Arc::new(Mutex::new(SchedulerStats {
             kv_blocks_total: config.kv_blocks,
             ..Default::default()
@@ -176,26 +200,36 @@ impl Scheduler {
         let cache = model.new_paged_cache(config.block_size, config.kv_blocks);
         let mut lp = Loop {
             model,
-            tokenizer,
+            stop_ids: tokenizer.stop_ids.clone(),
             cache,
             config: config.clone(),
             rx,
+            out: out.clone(),
+            masker: MaskWorker::start(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            plan: StepPlan::default(),
+            logits: Vec::new(),
             stats: stats.clone(),
             counters: SchedulerStats::default(),
             draining: false,
         };
-        let thread = std::thread::Builder::new()
+        let engine = std::thread::Builder::new()
             .name("herd-engine".into())
             .spawn(move || lp.run())
             .expect("spawn the engine thread");
+        let cancel = tx.clone();
+        let output = std::thread::Builder::new()
+            .name("herd-output".into())
+            .spawn(move || process_outputs(&tokenizer, &out_rx, &cancel))
+            .expect("spawn the output thread");
         Self {
             tx,
+            out,
             stats,
             next_id: Mutex::new(1),
             config,
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(vec![engine, output]),
         }
     }
 
@@ -231,9 +265,30 @@ impl Scheduler {
             *n += 1;
             *n
         };
-        self.tx
-            .send(Command::Submit(id, Box::new(req)))
+        let GenerationRequest {
+            prompt,
+            max_tokens,
+            stop,
+            sampling,
+            ignore_eos,
+            constraint,
+            sink,
+        } = req;
+        // The output thread learns of the request before the engine can produce its first token.
+        self.out
+            .send(Output::Start { id, sink, stop })
             .map_err(|_| SubmitError::Stopped)?;
+        let job = Job {
+            prompt,
+            max_tokens,
+            sampling,
+            ignore_eos,
+            constraint,
+        };
+        if self.tx.send(Command::Submit(id, Box::new(job))).is_err() {
+            let _ = self.out.send(Output::Forget { id });
+            return Err(SubmitError::Stopped);
+        }
         Ok(id)
     }
 
@@ -247,10 +302,18 @@ impl Scheduler {
     }
 
     /// Stop the engine: with `drain`, requests already admitted or waiting finish first;
-    /// without, they end with a `Failed` event. Blocks until the thread exits.
+    /// without, they end with a `Failed` event. Blocks until the engine and output threads
+    /// exit (every event of the engine delivered).
     pub fn shutdown(&self, drain: bool) {
         let _ = self.tx.send(Command::Shutdown { drain });
-        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        let mut handles = threads.drain(..);
+        if let Some(engine) = handles.next() {
+            let _ = engine.join();
+            // The engine has sent its last output: let the output thread finish the queue.
+            let _ = self.out.send(Output::Close);
+        }
+        for t in handles {
             let _ = t.join();
         }
     }
@@ -266,7 +329,7 @@ impl Drop for Scheduler {
 /// cache holds.
 struct Sequence {
     id: SeqId,
-    req: GenerationRequest,
+    job: Job,
     tokens: Vec<u32>,
     cached: usize,
     prompt_len: usize,
@@ -275,35 +338,21 @@ struct Sequence {
     admitted: bool,
     generated: usize,
     sampler: Sampler,
-    decoder: StreamDecoder,
-    stops: StopMatcher,
 }
 
 impl Sequence {
-    fn new(id: SeqId, req: GenerationRequest) -> Self {
+    fn new(id: SeqId, job: Job) -> Self {
         Self {
             id,
-            tokens: req.prompt.clone(),
+            tokens: job.prompt.clone(),
             cached: 0,
-            prompt_len: req.prompt.len(),
+            prompt_len: job.prompt.len(),
             cached_prompt: 0,
             admitted: false,
             generated: 0,
-            sampler: Sampler::new(req.sampling.clone(), &req.prompt),
-            decoder: StreamDecoder::new(true),
-            stops: StopMatcher::new(req.stop.clone()),
-            req,
+            sampler: Sampler::new(job.sampling.clone(), &job.prompt),
+            job,
         }
-    }
-
-    /// Report the end (with any text released at the end).
-    fn done(&mut self, text: String, finish: FinishReason) {
-        let usage = self.usage();
-        (self.req.sink)(Event::Done {
-            text,
-            finish,
-            usage,
-        });
     }
 
     fn usage(&self) -> Usage {
@@ -315,14 +364,39 @@ impl Sequence {
     }
 }
 
+/// One step's work, decided before the model runs: the flattened batch, what each sequence
+/// feeds, and which sequences sample from which logits row. Its KV blocks are allocated before
+/// the model sees it. Kept between steps (cleared, not reallocated).
+#[derive(Default)]
+struct StepPlan {
+    batch: Batch,
+    /// (index into `running`, tokens fed this step).
+    fed: Vec<(usize, usize)>,
+    /// Running sequences that sample this step, in the order of their logits rows.
+    samplers: Vec<usize>,
+}
+
+impl StepPlan {
+    fn clear(&mut self) {
+        self.batch.clear();
+        self.fed.clear();
+        self.samplers.clear();
+    }
+}
+
 struct Loop {
     model: Box<dyn CausalLm>,
-    tokenizer: Arc<Tokenizer>,
+    stop_ids: Vec<u32>,
     cache: KvCache,
     config: SchedulerConfig,
     rx: Receiver<Command>,
+    out: Sender<Output>,
+    masker: MaskWorker,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
+    plan: StepPlan,
+    /// `[plan.samplers.len(), vocab]`, written by the model, sampled in place.
+    logits: Vec<f32>,
     stats: Arc<Mutex<SchedulerStats>>,
     counters: SchedulerStats,
     draining: bool,
@@ -350,16 +424,25 @@ impl Loop {
             }
             self.admit();
             self.publish();
-            if !self.running.is_empty() {
-                self.step();
+            if !self.running.is_empty() && self.schedule() {
+                self.execute();
             }
             self.publish();
         }
         for s in self.running.drain(..).chain(self.waiting.drain(..)) {
-            let mut s = s;
-            (s.req.sink)(Event::Failed("the server is shutting down".into()));
+            let _ = self.out.send(Output::Failed {
+                id: s.id,
+                why: "the server is shutting down".into(),
+            });
         }
         self.publish();
+    }
+
+    fn fail(&self, id: SeqId, why: impl Into<String>) {
+        let _ = self.out.send(Output::Failed {
+            id,
+            why: why.into(),
+        });
     }
 
     /// Take queued commands; returns false when the engine must stop now.
@@ -374,12 +457,11 @@ impl Loop {
                 },
             };
             match cmd {
-                Command::Submit(id, req) => {
-                    let mut seq = Sequence::new(id, *req);
+                Command::Submit(id, job) => {
                     if self.draining {
-                        (seq.req.sink)(Event::Failed("the server is shutting down".into()));
+                        self.fail(id, "the server is shutting down");
                     } else {
-                        self.waiting.push_back(seq);
+                        self.waiting.push_back(Sequence::new(id, *job));
                     }
                 }
                 Command::Cancel(id) => self.drop_seq(id),
@@ -393,12 +475,14 @@ impl Loop {
         }
     }
 
+    /// Forget a sequence (cancelled, or ended by its output): free its blocks, report nothing.
     fn drop_seq(&mut self, id: SeqId) {
         if let Some(i) = self.running.iter().position(|s| s.id == id) {
             self.running.remove(i);
             self.cache.remove(id);
         }
         self.waiting.retain(|s| s.id != id);
+        let _ = self.out.send(Output::Forget { id });
     }
 
     /// Move waiting sequences into the batch while places and blocks allow (first come, first
@@ -411,7 +495,7 @@ impl Loop {
             let reused = match self.cache.attach_prefix(seq.id, &seq.tokens) {
                 Ok(n) => n,
                 Err(e) => {
-                    (seq.req.sink)(Event::Failed(e.to_string()));
+                    self.fail(seq.id, e.to_string());
                     continue;
                 }
             };
@@ -438,30 +522,48 @@ impl Loop {
         }
     }
 
-    /// One forward pass over the running batch, then sampling and events.
-    fn step(&mut self) {
-        let mut batch = Batch::new();
-        // Running sequences that sample this step, in the order of their logits rows: each
-        // sequence's tokens are pushed together and only a chunk that ends its tokens asks for
-        // logits (one row, its last).
-        let mut samplers: Vec<usize> = Vec::new();
-        // (index into running, tokens fed this step).
-        let mut fed: Vec<(usize, usize)> = Vec::new();
+    /// Plan the step and allocate its KV blocks, preempting the youngest sequences until the
+    /// pool holds the plan. Returns false when nothing is left to run.
+    fn schedule(&mut self) -> bool {
+        loop {
+            self.plan_step();
+            match self.cache.reserve(&self.plan.batch) {
+                Ok(()) => return true,
+                Err(herd_models::Error::CacheFull { .. }) => {
+                    if !self.preempt() {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    self.fail_planned(&e.to_string());
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Fill `plan` from the running sequences within the step's token budget.
+    fn plan_step(&mut self) {
+        let plan = &mut self.plan;
+        plan.clear();
         let mut budget = self.config.step_tokens;
         // Decoding sequences first (one token each), then prompt chunks in arrival order.
-        let mut order: Vec<usize> = (0..self.running.len()).collect();
-        order.sort_by_key(|&i| (self.running[i].tokens.len() - self.running[i].cached > 1, i));
+        let decoding = |s: &Sequence| s.tokens.len() - s.cached == 1;
+        let order = (0..self.running.len())
+            .filter(|&i| decoding(&self.running[i]))
+            .chain((0..self.running.len()).filter(|&i| !decoding(&self.running[i])));
         for i in order {
             if budget == 0 {
                 break;
             }
             let s = &self.running[i];
             let n = (s.tokens.len() - s.cached).min(budget);
-            fed.push((i, n));
+            plan.fed.push((i, n));
+            // Only a chunk that ends the sequence's tokens samples (one logits row, its last).
             let last = s.cached + n == s.tokens.len();
             for pos in s.cached..s.cached + n {
                 let want_logits = last && pos + 1 == s.cached + n;
-                batch.push_row(
+                plan.batch.push_row(
                     s.id,
                     s.tokens[pos],
                     pos,
@@ -470,118 +572,91 @@ impl Loop {
                 );
             }
             if last {
-                samplers.push(i);
+                plan.samplers.push(i);
             }
             budget -= n;
         }
+    }
 
-        // Grammar masks depend only on tokens already committed: compute them on another
-        // thread while the forward pass runs.
-        let (model, cache, running) = (&self.model, &mut self.cache, &mut self.running);
-        let constrained = samplers
-            .iter()
-            .any(|&i| running[i].req.constraint.is_some());
-        let (result, mut masks) = std::thread::scope(|sc| {
-            let masker = constrained.then(|| {
-                sc.spawn(|| {
-                    // One mask per logits row, in the order of `samplers`.
-                    let mut slots: Vec<Option<&mut Sequence>> =
-                        (0..samplers.len()).map(|_| None).collect();
-                    for (i, s) in running.iter_mut().enumerate() {
-                        if let Some(row) = samplers.iter().position(|&x| x == i) {
-                            slots[row] = Some(s);
-                        }
-                    }
-                    slots
-                        .into_iter()
-                        .map(|s| s?.req.constraint.as_mut().map(Constraint::next_mask))
-                        .collect::<Vec<Option<Result<Mask, String>>>>()
-                })
-            });
-            let result = catch_unwind(AssertUnwindSafe(|| model.forward(&batch, cache, None)));
-            let masks = masker.map(|h| h.join().unwrap_or_default());
-            (result, masks.unwrap_or_default())
-        });
-        let logits = match result {
-            Ok(Ok(l)) => l,
-            Ok(Err(herd_models::Error::CacheFull { .. })) => {
-                self.preempt();
-                return;
-            }
-            Ok(Err(e)) => return self.fail_batch(&batch, &e.to_string()),
-            Err(_) => return self.fail_batch(&batch, "internal error in the forward pass"),
-        };
+    /// Run the planned step (its blocks are allocated), then sample in place and hand the
+    /// tokens to the output thread.
+    fn execute(&mut self) {
+        // Grammar masks depend only on tokens already committed: the mask worker computes them
+        // while the forward pass runs.
+        let pending = self.masker.begin(&self.plan.samplers, &mut self.running);
+        let (model, cache, plan, logits) =
+            (&self.model, &mut self.cache, &self.plan, &mut self.logits);
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            model.forward_into(&plan.batch, cache, None, logits)
+        }));
+        let mut masks = self.masker.finish(pending, &mut self.running);
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return self.fail_planned(&e.to_string()),
+            Err(_) => return self.fail_planned("internal error in the forward pass"),
+        }
         self.counters.steps += 1;
         // Everything fed is cached now.
-        for (i, n) in fed {
+        for &(i, n) in &self.plan.fed {
             self.running[i].cached += n;
         }
         let vocab = self.model.vocab_size();
         let mut finished: Vec<usize> = Vec::new();
-        for (row, i) in samplers.into_iter().enumerate() {
+        for (row, &i) in self.plan.samplers.iter().enumerate() {
             let s = &mut self.running[i];
-            let mut l = logits[row * vocab..(row + 1) * vocab].to_vec();
+            let l = &mut self.logits[row * vocab..(row + 1) * vocab];
             match masks.get_mut(row).and_then(Option::take) {
                 Some(Ok(mask)) => {
-                    mask.apply(&mut l);
+                    mask.apply(l);
                     self.counters.masks += 1;
                     self.counters.mask_seconds += mask.elapsed.as_secs_f64();
                 }
                 Some(Err(e)) => {
-                    (s.req.sink)(Event::Failed(format!("grammar: {e}")));
+                    let _ = self.out.send(Output::Failed {
+                        id: s.id,
+                        why: format!("grammar: {e}"),
+                    });
                     finished.push(i);
                     continue;
                 }
                 None => {}
             }
-            let sampled = s.sampler.sample(&mut l);
+            let sampled = s.sampler.sample(l);
             let token = sampled.token;
-            if let Some(c) = &mut s.req.constraint
+            if let Some(c) = &mut s.job.constraint
                 && let Err(e) = c.commit(token)
             {
-                (s.req.sink)(Event::Failed(format!("grammar: {e}")));
+                let _ = self.out.send(Output::Failed {
+                    id: s.id,
+                    why: format!("grammar: {e}"),
+                });
                 finished.push(i);
                 continue;
             }
             s.generated += 1;
             self.counters.generated_tokens += 1;
-            let at_limit =
-                s.generated >= s.req.max_tokens || s.tokens.len() + 1 >= self.config.context;
-            if !s.req.ignore_eos && self.tokenizer.stop_ids.contains(&token) {
-                let tail = s.decoder.finish(&self.tokenizer).unwrap_or_default();
-                let text = match s.stops.push(&tail) {
-                    StopResult::Continue(out) | StopResult::Stop(out) => out,
-                };
-                s.done(text, FinishReason::Stop);
+            let id = s.id;
+            if !s.job.ignore_eos && self.stop_ids.contains(&token) {
+                let usage = s.usage();
+                let _ = self.out.send(Output::Finish {
+                    id,
+                    reason: Finish::EndToken,
+                    usage,
+                });
                 finished.push(i);
                 continue;
             }
+            let at_limit =
+                s.generated >= s.job.max_tokens || s.tokens.len() + 1 >= self.config.context;
             s.tokens.push(token);
-            let delta = match s.decoder.push(&self.tokenizer, token) {
-                Ok(d) => d,
-                Err(e) => {
-                    (s.req.sink)(Event::Failed(e.to_string()));
-                    finished.push(i);
-                    continue;
-                }
-            };
-            let (text, stopped) = match s.stops.push(&delta) {
-                StopResult::Continue(out) => (out, false),
-                StopResult::Stop(out) => (out, true),
-            };
-            let alive = (s.req.sink)(Event::Token { sampled, text });
-            if !alive {
-                finished.push(i);
-            } else if stopped {
-                s.done(String::new(), FinishReason::Stop);
-                finished.push(i);
-            } else if at_limit {
-                let rest = s.decoder.finish(&self.tokenizer).unwrap_or_default();
-                let text = match s.stops.push(&rest) {
-                    StopResult::Continue(out) => out + &s.stops.finish(),
-                    StopResult::Stop(out) => out,
-                };
-                s.done(text, FinishReason::Length);
+            let usage = s.usage();
+            let _ = self.out.send(Output::Token { id, sampled, usage });
+            if at_limit {
+                let _ = self.out.send(Output::Finish {
+                    id,
+                    reason: Finish::Length,
+                    usage,
+                });
                 finished.push(i);
             }
         }
@@ -592,33 +667,34 @@ impl Loop {
         }
     }
 
-    /// The pool is exhausted: send the youngest running sequence back to the queue's head.
-    fn preempt(&mut self) {
+    /// The pool cannot hold the plan: send the youngest running sequence back to the queue's
+    /// head. Returns false when that sequence was alone (it can never fit, and fails).
+    fn preempt(&mut self) -> bool {
         let Some(mut s) = self.running.pop() else {
-            return;
+            return false;
         };
         self.counters.preemptions += 1;
         if self.running.is_empty() {
-            // Alone and still too big: it cannot ever fit.
             self.cache.discard(s.id);
-            (s.req.sink)(Event::Failed(
-                "the KV cache cannot hold this request".into(),
-            ));
-            return;
+            self.fail(s.id, "the KV cache cannot hold this request");
+            return false;
         }
         self.cache.remove(s.id);
         s.cached = 0;
         self.waiting.push_front(s);
+        true
     }
 
-    fn fail_batch(&mut self, batch: &Batch, why: &str) {
+    /// The planned step failed: its sequences fail (their cached keys cannot be trusted).
+    fn fail_planned(&mut self, why: &str) {
         tracing::error!(why, "forward pass failed; failing its requests");
+        let ids = &self.plan.batch.seq_ids;
         let mut i = 0;
         while i < self.running.len() {
-            if batch.seq_ids.contains(&self.running[i].id) {
-                let mut s = self.running.remove(i);
+            if ids.contains(&self.running[i].id) {
+                let s = self.running.remove(i);
                 self.cache.discard(s.id);
-                (s.req.sink)(Event::Failed(why.to_string()));
+                self.fail(s.id, why);
             } else {
                 i += 1;
             }
@@ -635,5 +711,215 @@ impl Loop {
             kv_blocks_cached: self.cache.blocks_cached(),
             ..self.counters
         };
+    }
+}
+
+/// Computes grammar masks on a thread of its own while the forward pass runs. A step's
+/// constraints travel to it and back (they depend only on committed tokens).
+struct MaskWorker {
+    tx: Sender<Vec<MaskJob>>,
+    rx: Receiver<Vec<MaskJob>>,
+}
+
+/// One sequence's constraint on its way to the worker, and its mask on the way back.
+struct MaskJob {
+    /// Logits row and index into `running`.
+    row: usize,
+    seq: usize,
+    constraint: Constraint,
+    mask: Option<Result<Mask, String>>,
+}
+
+impl MaskWorker {
+    fn start() -> Self {
+        let (tx, jobs) = channel::<Vec<MaskJob>>();
+        let (done, rx) = channel();
+        std::thread::Builder::new()
+            .name("herd-masks".into())
+            .spawn(move || {
+                for mut batch in jobs {
+                    for j in &mut batch {
+                        let c = &mut j.constraint;
+                        j.mask = Some(
+                            catch_unwind(AssertUnwindSafe(|| c.next_mask()))
+                                .unwrap_or_else(|_| Err("the grammar engine panicked".into())),
+                        );
+                    }
+                    if done.send(batch).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn the grammar mask thread");
+        Self { tx, rx }
+    }
+
+    /// Hand the constraints of the sequences that sample this step to the worker; returns
+    /// whether any went.
+    fn begin(&self, samplers: &[usize], running: &mut [Sequence]) -> bool {
+        let jobs: Vec<MaskJob> = samplers
+            .iter()
+            .enumerate()
+            .filter_map(|(row, &seq)| {
+                let constraint = running[seq].job.constraint.take()?;
+                Some(MaskJob {
+                    row,
+                    seq,
+                    constraint,
+                    mask: None,
+                })
+            })
+            .collect();
+        !jobs.is_empty() && self.tx.send(jobs).is_ok()
+    }
+
+    /// The masks, one slot per logits row; the constraints go back to their sequences.
+    fn finish(&self, pending: bool, running: &mut [Sequence]) -> Vec<Option<Result<Mask, String>>> {
+        if !pending {
+            return Vec::new();
+        }
+        let Ok(jobs) = self.rx.recv() else {
+            return Vec::new();
+        };
+        let rows = jobs.iter().map(|j| j.row + 1).max().unwrap_or(0);
+        let mut masks: Vec<Option<Result<Mask, String>>> = (0..rows).map(|_| None).collect();
+        for j in jobs {
+            running[j.seq].job.constraint = Some(j.constraint);
+            masks[j.row] = j.mask;
+        }
+        masks
+    }
+}
+
+/// Why the engine ended a sequence.
+#[derive(Clone, Copy, Debug)]
+enum Finish {
+    /// An end-of-generation token (not reported as text).
+    EndToken,
+    /// The token limit or the context.
+    Length,
+}
+
+/// What the output thread is told, in order per sequence: `Start`, tokens, then one end.
+enum Output {
+    Start {
+        id: SeqId,
+        sink: Sink,
+        stop: Vec<String>,
+    },
+    Token {
+        id: SeqId,
+        sampled: Sampled,
+        usage: Usage,
+    },
+    Finish {
+        id: SeqId,
+        reason: Finish,
+        usage: Usage,
+    },
+    Failed {
+        id: SeqId,
+        why: String,
+    },
+    /// Cancelled: drop without a word.
+    Forget {
+        id: SeqId,
+    },
+    /// The engine has stopped: deliver what is queued, then exit.
+    Close,
+}
+
+/// A request's stream on the output thread.
+struct Stream {
+    sink: Sink,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    usage: Usage,
+}
+
+/// The output thread: detokenize, match stop strings and deliver events, off the engine
+/// thread. A stream that ends here (stop string, client gone, detokenizer error) is cancelled
+/// on the engine through `cancel`.
+fn process_outputs(tokenizer: &Tokenizer, rx: &Receiver<Output>, cancel: &Sender<Command>) {
+    let mut streams: HashMap<SeqId, Stream> = HashMap::new();
+    let end = |streams: &mut HashMap<SeqId, Stream>, id: SeqId| {
+        streams.remove(&id);
+        let _ = cancel.send(Command::Cancel(id));
+    };
+    for msg in rx {
+        match msg {
+            Output::Start { id, sink, stop } => {
+                streams.insert(
+                    id,
+                    Stream {
+                        sink,
+                        decoder: StreamDecoder::new(true),
+                        stops: StopMatcher::new(stop),
+                        usage: Usage::default(),
+                    },
+                );
+            }
+            Output::Token { id, sampled, usage } => {
+                // Tokens of a stream that already ended here are dropped.
+                let Some(s) = streams.get_mut(&id) else {
+                    continue;
+                };
+                s.usage = usage;
+                let delta = match s.decoder.push(tokenizer, sampled.token) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        (s.sink)(Event::Failed(e.to_string()));
+                        end(&mut streams, id);
+                        continue;
+                    }
+                };
+                let (text, stopped) = match s.stops.push(&delta) {
+                    StopResult::Continue(out) => (out, false),
+                    StopResult::Stop(out) => (out, true),
+                };
+                let alive = (s.sink)(Event::Token { sampled, text });
+                if alive && stopped {
+                    (s.sink)(Event::Done {
+                        text: String::new(),
+                        finish: FinishReason::Stop,
+                        usage,
+                    });
+                }
+                if !alive || stopped {
+                    end(&mut streams, id);
+                }
+            }
+            Output::Finish { id, reason, usage } => {
+                let Some(mut s) = streams.remove(&id) else {
+                    continue;
+                };
+                let rest = s.decoder.finish(tokenizer).unwrap_or_default();
+                let (text, finish) = match (s.stops.push(&rest), reason) {
+                    (StopResult::Continue(out), Finish::Length) => {
+                        (out + &s.stops.finish(), FinishReason::Length)
+                    }
+                    (StopResult::Continue(out) | StopResult::Stop(out), _) => {
+                        (out, FinishReason::Stop)
+                    }
+                };
+                (s.sink)(Event::Done {
+                    text,
+                    finish,
+                    usage,
+                });
+            }
+            Output::Failed { id, why } => {
+                if let Some(mut s) = streams.remove(&id) {
+                    (s.sink)(Event::Failed(why));
+                }
+            }
+            Output::Forget { id } => {
+                streams.remove(&id);
+            }
+            Output::Close => break,
+        }
+    }
+    for (_, mut s) in streams {
+        (s.sink)(Event::Failed("the server is shutting down".into()));
     }
 }

@@ -338,3 +338,138 @@ fn constrained_and_free_requests_share_a_batch() {
     }
     assert!(s.stats().masks > 0);
 }
+
+/// The model wrapped so that it checks, before computing, that every position of the step was
+/// allocated by the scheduler (the model's own reservation is then a no-op).
+struct AllocationChecked {
+    inner: Box<dyn herd_models::CausalLm>,
+    unallocated: Arc<std::sync::atomic::AtomicUsize>,
+    steps: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl herd_models::CausalLm for AllocationChecked {
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+    fn hidden_size(&self) -> usize {
+        self.inner.hidden_size()
+    }
+    fn num_layers(&self) -> usize {
+        self.inner.num_layers()
+    }
+    fn kv_dim(&self) -> usize {
+        self.inner.kv_dim()
+    }
+    fn max_context(&self) -> usize {
+        self.inner.max_context()
+    }
+    fn layer_windows(&self) -> Vec<herd_models::Window> {
+        self.inner.layer_windows()
+    }
+    fn forward_into(
+        &self,
+        batch: &herd_models::Batch,
+        cache: &mut herd_models::KvCache,
+        trace: Option<&mut Vec<Vec<f32>>>,
+        logits: &mut Vec<f32>,
+    ) -> herd_models::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.steps.fetch_add(1, Relaxed);
+        let missing = batch
+            .seq_ids
+            .iter()
+            .zip(&batch.positions)
+            .filter(|&(&seq, &pos)| cache.reserved_len(seq) <= pos)
+            .count();
+        self.unallocated.fetch_add(missing, Relaxed);
+        self.inner.forward_into(batch, cache, trace, logits)
+    }
+}
+
+#[test]
+fn the_model_only_runs_steps_whose_blocks_are_allocated() {
+    let reference = load();
+    let Loaded {
+        model, tokenizer, ..
+    } = load();
+    let tok = Arc::new(tokenizer);
+    let unallocated = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let checked = AllocationChecked {
+        inner: model,
+        unallocated: unallocated.clone(),
+        steps: steps.clone(),
+    };
+    // A pool of eight blocks of four positions for six prompts of 6–12 tokens and 10 new
+    // tokens each: the scheduler must preempt to make every step fit.
+    let config = SchedulerConfig {
+        block_size: 4,
+        kv_blocks: 8,
+        step_tokens: 16,
+        ..SchedulerConfig::default()
+    };
+    let s = Scheduler::start(Box::new(checked), tok.clone(), config);
+    let jobs: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| {
+            let ids = encode(&tok, p);
+            let rx = submit(&s, ids.clone(), 10, SamplingParams::default());
+            (ids, rx)
+        })
+        .collect();
+    for (ids, rx) in jobs {
+        let got = collect(rx);
+        assert_eq!(
+            got.tokens,
+            alone(&reference, &ids, 10, SamplingParams::default()).0
+        );
+    }
+    let st = s.stats();
+    assert!(
+        st.preemptions > 0,
+        "the pool should have forced preemption: {st:?}"
+    );
+    assert!(steps.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert_eq!(
+        unallocated.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the model ran positions the scheduler had not allocated"
+    );
+    assert_eq!((st.running, st.kv_blocks_used), (0, 0));
+}
+
+/// A stop string is found on the output thread: the request ends there with the text before
+/// it, and the engine frees the sequence's blocks.
+#[test]
+fn a_stop_string_ends_the_request_and_frees_its_blocks() {
+    let reference = load();
+    let Loaded {
+        model, tokenizer, ..
+    } = load();
+    let tok = Arc::new(tokenizer);
+    let s = Scheduler::start(model, tok.clone(), SchedulerConfig::default());
+    let prompt = encode(&tok, PROMPTS[3]);
+    let (_, full) = alone(&reference, &prompt, 12, SamplingParams::default());
+    // Stop at the second character of the greedy continuation's text.
+    let stop: String = full.chars().skip(1).take(2).collect();
+    assert!(!stop.trim().is_empty(), "continuation {full:?}");
+    let (tx, rx) = channel();
+    s.submit(GenerationRequest {
+        prompt,
+        max_tokens: 12,
+        stop: vec![stop.clone()],
+        sampling: SamplingParams::default(),
+        ignore_eos: false,
+        constraint: None,
+        sink: Box::new(move |e| tx.send(e).is_ok()),
+    })
+    .unwrap();
+    let got = collect(rx);
+    assert_eq!(got.finish, FinishReason::Stop);
+    assert_eq!(got.text, full[..full.find(&stop).unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.stats().kv_blocks_used != 0 || s.stats().running != 0 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", s.stats());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -301,6 +301,11 @@ impl KvCache {
         self.seqs.get(&seq).map_or(0, |s| s.len)
     }
 
+    /// Positions reserved for `seq`: its cached tokens and those of a step in progress.
+    pub fn reserved_len(&self, seq: SeqId) -> usize {
+        self.seqs.get(&seq).map_or(0, |s| s.tokens.len())
+    }
+
     pub fn num_seqs(&self) -> usize {
         self.seqs.len()
     }
@@ -395,9 +400,24 @@ impl KvCache {
 
     /// Check that every sequence's tokens in `batch` continue its cache without gaps, release
     /// the blocks its windowed layers no longer need, then reserve the batch's positions
-    /// (taking blocks from the pools). On error no position is reserved.
+    /// (taking blocks from the pools). Positions already reserved for the same tokens stay as
+    /// they are, so a scheduler can allocate a step's blocks before the model runs it and the
+    /// model's own call changes nothing. On error no position is reserved.
     pub fn reserve(&mut self, batch: &Batch) -> Result<()> {
         self.check_batch(batch)?;
+        for (&seq, (&pos, &tok)) in batch
+            .seq_ids
+            .iter()
+            .zip(batch.positions.iter().zip(&batch.tokens))
+        {
+            if let Some(&held) = self.seqs.get(&seq).and_then(|s| s.tokens.get(pos))
+                && held != tok
+            {
+                return Err(Error::Batch(format!(
+                    "sequence {seq}: position {pos} is reserved for token {held}, not {tok}"
+                )));
+            }
+        }
         // After check_batch: each sequence's length once the batch is in.
         NEXT_POSITION.with_borrow_mut(|new_len| self.reserve_checked(batch, new_len))
     }
@@ -429,11 +449,20 @@ impl KvCache {
             });
         }
         let groups = self.groups.len();
-        for (&seq, &tok) in batch.seq_ids.iter().zip(&batch.tokens) {
+        for (&seq, (&pos, &tok)) in batch
+            .seq_ids
+            .iter()
+            .zip(batch.positions.iter().zip(&batch.tokens))
+        {
             let mut s = self.seqs.remove(&seq).unwrap_or_else(|| Seq {
                 tables: vec![Vec::new(); groups],
                 ..Seq::default()
             });
+            if pos < s.tokens.len() {
+                // Reserved already (checked: for this token).
+                self.seqs.insert(seq, s);
+                continue;
+            }
             if s.tokens.len() == s.tables[0].len() * self.block_size {
                 for g in 0..groups {
                     let b = self.take_block(g);
@@ -715,6 +744,29 @@ mod tests {
             .flat_map(|(k, _)| k.iter().step_by(2).copied())
             .collect();
         assert_eq!(keys, [116.0, 117.0, 118.0, 119.0, 7.0].map(|t| t + 2000.0));
+    }
+
+    /// A scheduler reserves a step before the model does: the second call keeps what the first
+    /// took, and a different token at a reserved position is refused without a change.
+    #[test]
+    fn reserving_a_step_twice_takes_its_blocks_once() {
+        let mut c = KvCache::with_capacity(1, 2, 4, 3);
+        let step = Batch::sequence(1, &[1, 2, 3, 4, 5], 0);
+        c.reserve(&step).unwrap();
+        assert_eq!((c.reserved_len(1), c.blocks_used()), (5, 2));
+        c.reserve(&step).unwrap();
+        assert_eq!((c.reserved_len(1), c.blocks_used()), (5, 2));
+        let other = Batch::sequence(1, &[1, 2, 9, 4, 5], 0);
+        assert!(matches!(c.reserve(&other), Err(Error::Batch(_))));
+        assert_eq!(
+            (c.reserved_len(1), c.blocks_used(), c.seq_len(1)),
+            (5, 2, 0)
+        );
+        for (i, t) in [1u32, 2, 3, 4, 5].iter().enumerate() {
+            let val = [*t as f32; 2];
+            c.write(1, 0, i, &val, &val);
+        }
+        assert_eq!(c.seq_len(1), 5);
     }
 
     #[test]
