@@ -141,15 +141,27 @@ impl Sampler {
     }
 }
 
-/// The index of the largest non-NaN value, lowest on ties.
-fn argmax(logits: &[f32]) -> Option<u32> {
-    let mut best: Option<(u32, f32)> = None;
-    for (i, &l) in logits.iter().enumerate() {
-        if !l.is_nan() && best.is_none_or(|(_, b)| l > b) {
-            best = Some((i as u32, l));
+/// The largest non-NaN value (−∞ if there is none). Eight running maxima, so the compiler
+/// vectorises the pass.
+fn max_value(logits: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = logits.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (mi, &v) in m.iter_mut().zip(c) {
+            // NaN compares false and is skipped.
+            *mi = if v > *mi { v } else { *mi };
         }
     }
-    best.map(|(i, _)| i)
+    tail.iter()
+        .chain(&m)
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
+}
+
+/// The index of the largest non-NaN value, lowest on ties.
+fn argmax(logits: &[f32]) -> Option<u32> {
+    let max = max_value(logits);
+    logits.iter().position(|&v| v == max).map(|i| i as u32)
 }
 
 /// Buffers a draw reuses, one set per engine thread (a sampler per sequence would hold a
@@ -158,21 +170,39 @@ fn argmax(logits: &[f32]) -> Option<u32> {
 struct Scratch {
     /// Relative probability of every vocabulary entry (the most likely is 1).
     weights: Vec<f32>,
-    /// Candidate ids, most likely first.
-    order: Vec<u32>,
+    /// Candidates as [`rank_key`]s; a sorted prefix is the most-likely-first order.
+    keys: Vec<u64>,
+    /// Ids of the first round's candidates.
+    ids: Vec<u32>,
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// Relative weights below which the first rounds of [`draw`] do not look: each round takes the
-/// candidates at least this likely relative to the best, sorts only those, and goes on to the
-/// next round (finally every candidate) only if the truncation or the draw reaches past them.
-const ROUNDS: [f32; 4] = [1e-3, 1e-6, 1e-12, 0.0];
+/// A candidate as one integer whose ascending order is the sampling order: larger logit first,
+/// lower id on ties (`f32::total_cmp` reversed in the high half, the id in the low half).
+fn rank_key(logit: f32, id: u32) -> u64 {
+    let b = logit.to_bits();
+    let ascending = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+    (u64::from(!ascending) << 32) | u64::from(id)
+}
+
+fn key_id(key: u64) -> u32 {
+    key as u32
+}
+
+/// Candidates at least this likely relative to the best are collected first; the rest only if
+/// the truncation or the draw reaches past them (on Gemma 3 270M over text they held all but
+/// 0.08% of the mass on average, 0.35% at most).
+const FIRST_ROUND: f32 = 1e-6;
+
+/// Candidates sorted first; then four times as many, and so on, only while needed (top-p 0.95
+/// on Gemma 3 270M over text: a median of 95 tokens, 701 at the 90th percentile).
+const HEAD: usize = 256;
 
 /// Top-k with at most this many candidates keeps them in a sorted buffer during one pass;
-/// larger k selects over an index of the vocabulary.
+/// larger k selects over all candidates.
 const INSERTION_TOP_K: usize = 256;
 
 /// Sample at `params.temperature > 0` with top-k, top-p and min-p.
@@ -182,64 +212,86 @@ const INSERTION_TOP_K: usize = 256;
 /// keeps the shortest prefix of that order whose mass reaches `top_p`, min-p the entries at
 /// least `min_p` times as likely as the first; the draw walks the kept prefix subtracting each
 /// renormalised probability from one uniform `u` until `u` falls inside one, as a full sort
-/// would. The probabilities are f32 exponentials summed in f64
-/// ([`herd_kernels::ops::exp_weights`]), not f64 exponentials: the token is the one an f64
-/// softmax would pick unless `u` lies within about 1e-7 of a boundary between two candidates.
+/// would. Only the head of the order that the truncation and the draw reach is sorted. The
+/// probabilities are f32 exponentials summed in f64 ([`herd_kernels::attention::exp_weights`]),
+/// not f64 exponentials: the token is the one an f64 softmax would pick unless `u` lies within
+/// about 1e-7 of a boundary between two candidates.
 fn draw(
     params: &SamplingParams,
     logits: &[f32],
     rng: &mut SplitMix64,
     scratch: &mut Scratch,
 ) -> u32 {
-    let Scratch { weights, order } = scratch;
-    let better = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
+    let Scratch { weights, keys, ids } = scratch;
     let scale = 1.0 / params.temperature;
     let live = |l: f32| l > f32::NEG_INFINITY; // false for NaN too
     let mut u = None;
     weights.resize(logits.len(), 0.0);
-    let n_valid = logits.iter().filter(|l| !l.is_nan()).count();
-    if params.top_k > 0 && params.top_k < n_valid {
+    if params.top_k > 0 && top_k_into(logits, params.top_k, keys) {
         // The k best are the only candidates: weigh just them.
-        top_k_into(logits, params.top_k, order);
-        order.retain(|&i| live(logits[i as usize]));
-        let Some(&first) = order.first() else {
+        keys.retain(|&k| live(logits[key_id(k) as usize]));
+        let Some(&first) = keys.first() else {
             return 0;
         };
-        let max = logits[first as usize];
+        let max = logits[key_id(first) as usize];
         let mut total = 0.0f64;
-        for &i in order.iter() {
-            let w = herd_kernels::attention::expf_ggml((logits[i as usize] - max) * scale);
-            weights[i as usize] = w;
+        for &k in keys.iter() {
+            let i = key_id(k) as usize;
+            let w = herd_kernels::attention::expf_ggml((logits[i] - max) * scale);
+            weights[i] = w;
             total += f64::from(w);
         }
-        return match walk(params, order, weights, total, 0.0, true, rng, &mut u) {
+        return match walk(params, keys, weights, total, 0.0, true, rng, &mut u) {
             Walk::Token(t) => t,
             Walk::NeedMore => unreachable!("a complete order ends the walk"),
         };
     }
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|l| !l.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
+    let max = max_value(logits);
     if !live(max) {
         return 0;
     }
-    let total = herd_kernels::ops::exp_weights(logits, max, scale, weights);
-    let n_live = logits.iter().filter(|&&l| live(l)).count();
-    for theta in ROUNDS {
-        order.clear();
-        order.extend(
-            (0..logits.len() as u32)
-                .filter(|&i| live(logits[i as usize]) && weights[i as usize] >= theta),
-        );
-        order.sort_unstable_by(better);
-        let complete = order.len() == n_live;
-        if let Walk::Token(t) = walk(params, order, weights, total, theta, complete, rng, &mut u) {
+    let above = &mut *ids;
+    above.clear();
+    let total =
+        herd_kernels::attention::exp_weights(logits, max, scale, weights, FIRST_ROUND, above);
+    // Round 1: the candidates at least FIRST_ROUND as likely as the best (on real text all but
+    // a fraction of a percent of the mass); round 2, when the cut or the draw reaches past
+    // them: every live candidate.
+    for (theta, complete) in [(FIRST_ROUND, false), (0.0, true)] {
+        keys.clear();
+        if complete {
+            keys.extend(
+                (0..logits.len())
+                    .filter(|&i| live(logits[i]))
+                    .map(|i| rank_key(logits[i], i as u32)),
+            );
+        } else {
+            // Found while weighing (a weight of at least theta > 0 is a live entry's).
+            keys.extend(ids.iter().map(|&i| rank_key(logits[i as usize], i)));
+        }
+        // Sort a growing head (256, 1024, …): most draws end inside the first.
+        let (mut sorted, mut head) = (0, HEAD.min(keys.len()));
+        while head < keys.len() {
+            keys[sorted..].select_nth_unstable(head - sorted - 1);
+            keys[sorted..head].sort_unstable();
+            // Every candidate past the head is at most as likely as its last entry.
+            let below = weights[key_id(keys[head - 1]) as usize];
+            if let Walk::Token(t) = walk(
+                params,
+                &keys[..head],
+                weights,
+                total,
+                below,
+                false,
+                rng,
+                &mut u,
+            ) {
+                return t;
+            }
+            (sorted, head) = (head, (4 * head).min(keys.len()));
+        }
+        keys[sorted..].sort_unstable();
+        if let Walk::Token(t) = walk(params, keys, weights, total, theta, complete, rng, &mut u) {
             return t;
         }
     }
@@ -252,12 +304,12 @@ enum Walk {
     NeedMore,
 }
 
-/// One round of [`draw`]: `order` holds (sorted) every candidate whose weight is at least
-/// `theta` — all of them when `complete`. `u` is drawn on first need and kept across rounds.
+/// One round of [`draw`]: `order` holds (sorted) every candidate more likely than `theta` —
+/// all of them when `complete`. `u` is drawn on first need and kept across rounds.
 #[allow(clippy::too_many_arguments)]
 fn walk(
     params: &SamplingParams,
-    order: &[u32],
+    order: &[u64],
     weights: &[f32],
     total: f64,
     theta: f32,
@@ -265,7 +317,7 @@ fn walk(
     rng: &mut SplitMix64,
     u: &mut Option<f64>,
 ) -> Walk {
-    let q = |r: usize| f64::from(weights[order[r] as usize]) / total;
+    let q = |r: usize| f64::from(weights[key_id(order[r]) as usize]) / total;
     // How many candidates the truncation keeps, when this round can tell (a cut that lies
     // past `order` does not bind before one inside it).
     let mut keep = complete.then_some(order.len());
@@ -279,7 +331,8 @@ fn walk(
             }
         }
     }
-    if params.min_p > 0.0 && (complete || theta <= weights[order[0] as usize] * params.min_p) {
+    let first = weights[key_id(order[0]) as usize];
+    if params.min_p > 0.0 && (complete || theta < first * params.min_p) {
         let floor = q(0) * f64::from(params.min_p);
         let k = (0..order.len())
             .take_while(|&r| q(r) >= floor)
@@ -288,7 +341,7 @@ fn walk(
         keep = Some(keep.map_or(k, |kk| kk.min(k)));
     }
     let (n, kept) = match keep {
-        Some(1) => return Walk::Token(order[0]),
+        Some(1) => return Walk::Token(key_id(order[0])),
         Some(k) => (k, (0..k).map(q).sum::<f64>()),
         // A truncation whose cut lies past this round: a later round finds it (before drawing,
         // so that a lone survivor still draws no number).
@@ -297,53 +350,66 @@ fn walk(
         None => (order.len(), 1.0),
     };
     let mut left = *u.get_or_insert_with(|| rng.next_f64());
-    for (r, &token) in order[..n].iter().enumerate() {
+    for (r, &key) in order[..n].iter().enumerate() {
         let p = q(r) / kept;
         if left < p {
-            return Walk::Token(token);
+            return Walk::Token(key_id(key));
         }
         left -= p;
     }
     if keep.is_some() {
         // Rounding left `u` past the last kept candidate.
-        Walk::Token(order[n - 1])
+        Walk::Token(key_id(order[n - 1]))
     } else {
         Walk::NeedMore
     }
 }
 
-/// The `k` non-NaN entries ranked first (largest logit, lowest id on ties), in rank order.
-fn top_k_into(logits: &[f32], k: usize, order: &mut Vec<u32>) {
-    let better = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
-    order.clear();
+/// The `k` non-NaN entries ranked first (largest logit, lowest id on ties), as sorted
+/// [`rank_key`]s in `keys`; false (and `keys` unspecified) when there are no more than `k`.
+fn top_k_into(logits: &[f32], k: usize, keys: &mut Vec<u64>) -> bool {
+    keys.clear();
     if k <= INSERTION_TOP_K {
+        // The k-th key so far; an entry must beat it to enter (most fail one float compare).
+        let mut floor = f32::NEG_INFINITY;
+        let mut n_valid = 0usize;
         for (i, &l) in logits.iter().enumerate() {
-            let i = i as u32;
             if l.is_nan() {
                 continue;
             }
-            if order.len() == k {
-                // Most entries fail this one comparison with the k-th.
-                let last = order[k - 1];
-                if better(&i, &last).is_gt() {
+            n_valid += 1;
+            if keys.len() == k && l < floor {
+                continue;
+            }
+            let key = rank_key(l, i as u32);
+            if keys.len() == k {
+                if key > keys[k - 1] {
                     continue;
                 }
-                order.pop();
+                keys.pop();
             }
-            let at = order.partition_point(|x| better(x, &i).is_lt());
-            order.insert(at, i);
+            let at = keys.partition_point(|&x| x < key);
+            keys.insert(at, key);
+            if keys.len() == k {
+                floor = logits[key_id(keys[k - 1]) as usize];
+            }
         }
+        n_valid > k
     } else {
-        order.extend((0..logits.len() as u32).filter(|&i| !logits[i as usize].is_nan()));
-        if k < order.len() {
-            order.select_nth_unstable_by(k - 1, better);
-            order.truncate(k);
+        keys.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan())
+                .map(|(i, &l)| rank_key(l, i as u32)),
+        );
+        if keys.len() <= k {
+            return false;
         }
-        order.sort_unstable_by(better);
+        keys.select_nth_unstable(k - 1);
+        keys.truncate(k);
+        keys.sort_unstable();
+        true
     }
 }
 
@@ -558,18 +624,32 @@ mod tests {
     #[test]
     fn top_k_selection_is_the_sorted_head() {
         let mut rng = SplitMix64::new(3);
-        let mut order = Vec::new();
-        for k in [1, 2, 7, 256, 257, 900] {
+        let mut keys = Vec::new();
+        for k in [1, 2, 7, 256, 257, 900, 1200] {
             let mut l = lm_logits(&mut rng, 1_000);
             l[10] = l[11]; // a tie, broken by id
-            top_k_into(&l, k, &mut order);
             let mut all: Vec<u32> = (0..l.len() as u32)
                 .filter(|&i| !l[i as usize].is_nan())
                 .collect();
             all.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b)));
-            all.truncate(k);
-            assert_eq!(order, all, "k {k}");
+            let more = top_k_into(&l, k, &mut keys);
+            assert_eq!(more, all.len() > k, "k {k}");
+            if more {
+                all.truncate(k);
+                assert_eq!(
+                    keys.iter().map(|&x| key_id(x)).collect::<Vec<_>>(),
+                    all,
+                    "k {k}"
+                );
+            }
         }
+        // Keys order as total_cmp, reversed, then by id.
+        let v = [1.5f32, -0.0, 0.0, f32::NEG_INFINITY, -3.0, 1.5];
+        let mut ids: Vec<u32> = (0..v.len() as u32).collect();
+        ids.sort_by_key(|&i| rank_key(v[i as usize], i));
+        assert_eq!(ids, [0, 5, 2, 1, 4, 3]);
+        assert_eq!(argmax(&[f32::NAN, 2.0, 7.0, 7.0, -1.0]), Some(2));
+        assert_eq!(argmax(&[f32::NAN]), None);
     }
 
     fn random_logits(rng: &mut SplitMix64, n: usize) -> Vec<f32> {

@@ -117,6 +117,100 @@ pub fn exp8(x: [f32; LANES]) -> [f32; LANES] {
     x.map(expf_ggml)
 }
 
+/// Softmax weights before normalisation: `out[i] = e^((x[i] − max)·scale)` (0 where `x[i]` is
+/// NaN or −∞), and their sum in f64. With `max` the largest `x` and `scale = 1/temperature`
+/// these are a sampler's relative probabilities, the largest exactly 1. `out` has `x.len()`
+/// elements; the indices of the weights of at least `at_least` are appended to `above`, in
+/// order (a sampler's candidates, found in the same pass). Each value is [`expf_ggml`]'s (the
+/// AVX2 form gives the same bits); the sum, the same on every CPU, adds each block of
+/// [`SUM_BLOCK`] groups of eight in two alternating f32 eight-lane sums, those into four f64
+/// lanes (`lane l += (a[l] + b[l]) + (a[l + 4] + b[l + 4])`), the lanes as
+/// `(l0 + l1) + (l2 + l3)`, then the leftovers in order (relative error about 1e-6 at worst).
+pub fn exp_weights(
+    x: &[f32],
+    max: f32,
+    scale: f32,
+    out: &mut [f32],
+    at_least: f32,
+    above: &mut Vec<u32>,
+) -> f64 {
+    assert_eq!(x.len(), out.len(), "exp_weights: shapes");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: AVX2 and FMA confirmed at run time; lengths checked above.
+        return unsafe { avx2::exp_weights(x, max, scale, out, at_least, above) };
+    }
+    exp_weights_portable(x, max, scale, out, at_least, above)
+}
+
+fn exp_weights_portable(
+    x: &[f32],
+    max: f32,
+    scale: f32,
+    out: &mut [f32],
+    at_least: f32,
+    above: &mut Vec<u32>,
+) -> f64 {
+    let mut lanes = [0.0f64; 4];
+    let whole = x.len() / LANES * LANES;
+    for (b, block) in x[..whole].chunks(SUM_BLOCK * LANES).enumerate() {
+        let mut acc = [[0.0f32; LANES]; 2];
+        for (g, xs) in block.chunks_exact(LANES).enumerate() {
+            let first = (b * SUM_BLOCK + g) * LANES;
+            for (l, &v) in xs.iter().enumerate() {
+                let e = expf_ggml(weight_arg(v, max, scale));
+                out[first + l] = e;
+                if e >= at_least {
+                    above.push((first + l) as u32);
+                }
+                acc[g % 2][l] += e;
+            }
+        }
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane += f64::from(acc[0][l] + acc[1][l]) + f64::from(acc[0][l + 4] + acc[1][l + 4]);
+        }
+    }
+    exp_weights_tail(x, whole, max, scale, out, lanes, at_least, above)
+}
+
+/// Groups of eight weights summed in f32 (two alternating eight-lane sums) before their sum
+/// joins the f64 total: at most 64 values of at most 1 per f32 lane.
+const SUM_BLOCK: usize = 64;
+
+/// The exponent of one softmax weight: NaN counts as −∞.
+#[inline]
+fn weight_arg(v: f32, max: f32, scale: f32) -> f32 {
+    if v.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        (v - max) * scale
+    }
+}
+
+/// [`exp_weights`] from element `from` on (after the whole groups of eight): the leftovers,
+/// and the total.
+#[allow(clippy::too_many_arguments)]
+fn exp_weights_tail(
+    x: &[f32],
+    from: usize,
+    max: f32,
+    scale: f32,
+    out: &mut [f32],
+    lanes: [f64; 4],
+    at_least: f32,
+    above: &mut Vec<u32>,
+) -> f64 {
+    let mut total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    for i in from..x.len() {
+        out[i] = expf_ggml(weight_arg(x[i], max, scale));
+        total += f64::from(out[i]);
+        if out[i] >= at_least {
+            above.push(i as u32);
+        }
+    }
+    total
+}
+
 /// Softmax in place of the scores of cache cells `first..first + s.len()`: `ggml_v_expf` of
 /// `s − max` per group of eight cells aligned to cell 0 (cells outside the slice count as
 /// zeros), each group's sum by [`hsum8`] into an f64 total, then every value times
@@ -256,10 +350,82 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_weights(
+        x: &[f32],
+        max: f32,
+        scale: f32,
+        out: &mut [f32],
+        at_least: f32,
+        above: &mut Vec<u32>,
+    ) -> f64 {
+        let whole = x.len() / LANES * LANES;
+        let (m, s) = (_mm256_set1_ps(max), _mm256_set1_ps(scale));
+        let (ninf, floor) = (_mm256_set1_ps(f32::NEG_INFINITY), _mm256_set1_ps(at_least));
+        let mut lanes = _mm256_setzero_pd();
+        // Per block of groups: the f32 sums, and the candidates' bit masks, turned into
+        // indices after the block so that the arithmetic loop makes no calls.
+        let mut masks = [0u8; super::SUM_BLOCK];
+        let mut hits = [0u32; super::SUM_BLOCK * LANES];
+        // One group of eight: weights stored, candidates' mask kept, f32 sum returned.
+        let group = |i: usize, acc: __m256, mask: &mut u8, out: &mut [f32]| {
+            // SAFETY: callers keep i + 8 <= x.len() = out.len(); AVX2 and FMA are enabled in
+            // this function (and so in the closure).
+            unsafe {
+                let v = at(x, i);
+                let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
+                let arg = _mm256_blendv_ps(_mm256_mul_ps(_mm256_sub_ps(v, m), s), ninf, nan);
+                let e = exp8_m256(arg);
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), e);
+                *mask = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(e, floor)) as u8;
+                _mm256_add_ps(acc, e)
+            }
+        };
+        for start in (0..whole).step_by(super::SUM_BLOCK * LANES) {
+            let n = (whole - start).min(super::SUM_BLOCK * LANES) / LANES;
+            // Even groups into one sum, odd into the other.
+            let mut acc = [_mm256_setzero_ps(); 2];
+            for g in (0..n).step_by(2) {
+                acc[0] = group(start + g * LANES, acc[0], &mut masks[g], out);
+                if g + 1 < n {
+                    acc[1] = group(start + (g + 1) * LANES, acc[1], &mut masks[g + 1], out);
+                }
+            }
+            let b = _mm256_add_ps(acc[0], acc[1]);
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(b));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(b));
+            lanes = _mm256_add_pd(lanes, _mm256_add_pd(lo, hi));
+            let mut found = 0;
+            for (g, &mask) in masks[..n].iter().enumerate() {
+                let mut bits = u32::from(mask);
+                while bits != 0 {
+                    hits[found] = (start + g * LANES) as u32 + bits.trailing_zeros();
+                    found += 1;
+                    bits &= bits - 1;
+                }
+            }
+            above.extend_from_slice(&hits[..found]);
+        }
+        let mut l = [0.0f64; 4];
+        // SAFETY: l holds four values.
+        unsafe { _mm256_storeu_pd(l.as_mut_ptr(), lanes) };
+        super::exp_weights_tail(x, whole, max, scale, out, l, at_least, above)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn exp8(x: [f32; LANES]) -> [f32; LANES] {
-        let set = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
         // SAFETY: x holds eight values.
-        let x = unsafe { _mm256_loadu_ps(x.as_ptr()) };
+        let e = exp8_m256(unsafe { _mm256_loadu_ps(x.as_ptr()) });
+        let mut out = [0.0f32; LANES];
+        // SAFETY: out holds eight values.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), e) };
+        out
+    }
+
+    /// `ggml_v_expf` of eight values in a register.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp8_m256(x: __m256) -> __m256 {
+        let set = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
         let r = set(0x4b40_0000);
         let z = _mm256_fmadd_ps(x, set(0x3fb8_aa3b), r);
         let n = _mm256_sub_ps(z, r);
@@ -285,7 +451,7 @@ mod avx2 {
             u,
             _mm256_mul_ps(set(0x3f7f_fff6), b),
         );
-        let result = if _mm256_movemask_ps(_mm256_castsi256_ps(c)) == 0 {
+        if _mm256_movemask_ps(_mm256_castsi256_ps(c)) == 0 {
             _mm256_fmadd_ps(j, k, k)
         } else {
             let g = _mm256_and_si256(
@@ -306,11 +472,7 @@ mod avx2 {
                     ),
                 ),
             )
-        };
-        let mut out = [0.0f32; LANES];
-        // SAFETY: out holds eight values.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), result) };
-        out
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -334,6 +496,50 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::testing::rand_vec;
+
+    #[test]
+    fn exp_weights_are_exponentials() {
+        // Ragged length (not a multiple of eight), NaN and −∞ give zero weight.
+        let mut x = crate::testing::rand_vec(1003, 9, 12.0);
+        x[5] = f32::NAN;
+        x[700] = f32::NEG_INFINITY;
+        let max = x
+            .iter()
+            .copied()
+            .filter(|v| !v.is_nan())
+            .fold(f32::MIN, f32::max);
+        let mut w = vec![0.0; x.len()];
+        let mut above = Vec::new();
+        let total = exp_weights(&x, max, 0.7, &mut w, 1e-3, &mut above);
+        // The portable form gives the same bits and candidates.
+        let (mut portable, mut portable_above) = (vec![0.0; x.len()], Vec::new());
+        let portable_total =
+            exp_weights_portable(&x, max, 0.7, &mut portable, 1e-3, &mut portable_above);
+        assert_eq!((portable, portable_above), (w.clone(), above.clone()));
+        assert_eq!(portable_total.to_bits(), total.to_bits());
+        let want_above: Vec<u32> = (0..x.len() as u32)
+            .filter(|&i| w[i as usize] >= 1e-3)
+            .collect();
+        assert_eq!(above, want_above);
+        assert!(!above.is_empty() && above.len() < x.len());
+        let mut want_total = 0.0f64;
+        for (i, (&v, &got)) in x.iter().zip(&w).enumerate() {
+            let want = if v.is_nan() {
+                0.0
+            } else {
+                (f64::from(v - max) * 0.7).exp()
+            };
+            want_total += want;
+            // The argument (x − max)·scale is rounded to f32 first (|arg| ≤ 17 here: ~1e-6).
+            assert!(
+                (f64::from(got) - want).abs() <= 4e-6 * want + 1e-30,
+                "{i}: {got} vs {want}"
+            );
+        }
+        assert_eq!((w[5], w[700]), (0.0, 0.0));
+        assert!((total - want_total).abs() < 4e-6 * want_total);
+        assert!(w.contains(&1.0), "the maximum's weight is exactly 1");
+    }
 
     fn check_simd() -> bool {
         #[cfg(target_arch = "x86_64")]

@@ -163,38 +163,6 @@ pub fn gelu_tanh_f16_table(x: f32) -> f32 {
     }
 }
 
-/// Softmax weights before normalisation: `out[i] = e^((x[i] − max)·scale)` (0 where `x[i]` is
-/// NaN or −∞), and their sum in f64. With `max` the largest `x` and `scale = 1/temperature`
-/// these are a sampler's relative probabilities, the largest exactly 1. `out` has `x.len()`
-/// elements. The exponential is [`crate::attention::exp8`] (ggml's `ggml_v_expf`, about one ulp,
-/// vectorised where the CPU allows): no per-element call into libm.
-pub fn exp_weights(x: &[f32], max: f32, scale: f32, out: &mut [f32]) -> f64 {
-    use crate::attention::{LANES, exp8};
-    assert_eq!(x.len(), out.len(), "exp_weights: shapes");
-    let arg = |v: f32| {
-        if v.is_nan() {
-            f32::NEG_INFINITY
-        } else {
-            (v - max) * scale
-        }
-    };
-    let mut total = 0.0f64;
-    let whole = x.len() / LANES * LANES;
-    for (xs, os) in x[..whole]
-        .chunks_exact(LANES)
-        .zip(out[..whole].chunks_exact_mut(LANES))
-    {
-        let e = exp8(std::array::from_fn(|l| arg(xs[l])));
-        os.copy_from_slice(&e);
-        total += e.iter().map(|&v| f64::from(v)).sum::<f64>();
-    }
-    for (v, o) in x[whole..].iter().zip(&mut out[whole..]) {
-        *o = crate::attention::expf_ggml(arg(*v));
-        total += f64::from(*o);
-    }
-    total
-}
-
 /// Soft-capping `c·tanh(x/c)` in place.
 pub fn softcap(x: &mut [f32], cap: f32) {
     for v in x.iter_mut() {
@@ -236,37 +204,6 @@ mod more_tests {
         y[0] = 1.0;
         ggml.apply_neox(&mut y, d, 5);
         assert_eq!((y[0], y[d / 2]), (5.0f32.cos(), 5.0f32.sin()));
-    }
-
-    #[test]
-    fn exp_weights_are_exponentials() {
-        // Ragged length (not a multiple of eight), NaN and −∞ give zero weight.
-        let mut x = crate::testing::rand_vec(1003, 9, 12.0);
-        x[5] = f32::NAN;
-        x[700] = f32::NEG_INFINITY;
-        let max = x
-            .iter()
-            .copied()
-            .filter(|v| !v.is_nan())
-            .fold(f32::MIN, f32::max);
-        let mut w = vec![0.0; x.len()];
-        let total = exp_weights(&x, max, 0.7, &mut w);
-        let mut want_total = 0.0f64;
-        for (i, (&v, &got)) in x.iter().zip(&w).enumerate() {
-            let want = if v.is_nan() {
-                0.0
-            } else {
-                (f64::from(v - max) * 0.7).exp()
-            };
-            want_total += want;
-            assert!(
-                (f64::from(got) - want).abs() <= 1e-6 * want + 1e-30,
-                "{i}: {got} vs {want}"
-            );
-        }
-        assert_eq!((w[5], w[700]), (0.0, 0.0));
-        assert!((total - want_total).abs() < 1e-6 * want_total);
-        assert!(w.contains(&1.0), "the maximum's weight is exactly 1");
     }
 
     #[test]
