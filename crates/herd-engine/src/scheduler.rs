@@ -31,7 +31,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use herd_models::{Batch, CausalLm, KvCache, SeqId};
 
@@ -154,6 +154,9 @@ pub struct SchedulerStats {
     /// Grammar masks computed, and the time they took.
     pub masks: u64,
     pub mask_seconds: f64,
+    /// Time in forward passes, and in sampling on the engine thread (seconds).
+    pub forward_seconds: f64,
+    pub sample_seconds: f64,
 }
 
 enum Command {
@@ -586,9 +589,14 @@ impl Loop {
         let pending = self.masker.begin(&self.plan.samplers, &mut self.running);
         let (model, cache, plan, logits) =
             (&self.model, &mut self.cache, &self.plan, &mut self.logits);
+        let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| {
             model.forward_into(&plan.batch, cache, None, logits)
         }));
+        self.counters.forward_seconds += started.elapsed().as_secs_f64();
+        // Sampling and output processing use no pool: its workers leave their cores to the
+        // output and HTTP threads until the next step.
+        herd_kernels::pool::global().rest();
         let mut masks = self.masker.finish(pending, &mut self.running);
         match result {
             Ok(Ok(())) => {}
@@ -601,6 +609,7 @@ impl Loop {
             self.running[i].cached += n;
         }
         let vocab = self.model.vocab_size();
+        let started = Instant::now();
         let mut finished: Vec<usize> = Vec::new();
         for (row, &i) in self.plan.samplers.iter().enumerate() {
             let s = &mut self.running[i];
@@ -660,6 +669,7 @@ impl Loop {
                 finished.push(i);
             }
         }
+        self.counters.sample_seconds += started.elapsed().as_secs_f64();
         finished.sort_unstable();
         for i in finished.into_iter().rev() {
             let s = self.running.remove(i);

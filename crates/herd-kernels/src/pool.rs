@@ -8,9 +8,13 @@
 //! same way. `run` hands out task indices through an atomic counter; the calling thread works
 //! too and returns only when every task is done, which is what lets tasks borrow from the
 //! caller's stack.
+//!
+//! A caller that knows no job is coming for a while (the serving engine after a forward pass,
+//! while it samples and the output thread and HTTP runtime want the cores) calls
+//! [`ThreadPool::rest`]: watching workers sleep at once instead of spinning out their watch.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -60,6 +64,8 @@ struct Shared {
     /// read without it while watching.
     generation: AtomicU64,
     busy: AtomicUsize,
+    /// Set by `rest`, cleared by the next job: workers stop watching and sleep.
+    resting: AtomicBool,
     work: Condvar,
     done: Condvar,
     next: AtomicUsize,
@@ -94,6 +100,7 @@ impl ThreadPool {
             next: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            resting: AtomicBool::new(false),
         });
         let workers = (1..n_threads.max(1))
             .map(|i| {
@@ -131,6 +138,7 @@ impl ThreadPool {
         // until no worker can touch the pointer again; the job is cleared before we return.
         let task: *const Task<'static> = unsafe { std::mem::transmute(task as *const Task<'_>) };
         self.shared.next.store(0, Ordering::SeqCst);
+        self.shared.resting.store(false, Ordering::Release);
         {
             let mut st = self.shared.state.lock().unwrap();
             st.job = Some(Job { f: task, n_tasks });
@@ -161,6 +169,14 @@ impl ThreadPool {
     }
 }
 
+impl ThreadPool {
+    /// No job is coming soon: workers that watch for one go to sleep now and leave their
+    /// cores to other threads. The next `run` wakes them (tens of microseconds).
+    pub fn rest(&self) {
+        self.shared.resting.store(true, Ordering::Release);
+    }
+}
+
 fn claim_tasks(next: &AtomicUsize, n: usize, f: &(dyn Fn(usize) + Sync + '_)) {
     loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -174,7 +190,10 @@ fn claim_tasks(next: &AtomicUsize, n: usize, f: &(dyn Fn(usize) + Sync + '_)) {
 fn worker(shared: &Shared) {
     let mut seen = 0u64;
     loop {
-        spin_until(|| shared.generation.load(Ordering::Acquire) != seen);
+        spin_until(|| {
+            shared.generation.load(Ordering::Acquire) != seen
+                || shared.resting.load(Ordering::Acquire)
+        });
         let job = {
             let mut st = shared.state.lock().unwrap();
             while st.generation == seen && !st.shutdown {
@@ -275,6 +294,19 @@ mod tests {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });
             assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+        }
+    }
+
+    #[test]
+    fn a_resting_pool_still_runs_every_task() {
+        let pool = ThreadPool::new(2);
+        for _ in 0..3 {
+            pool.rest();
+            let count = AtomicUsize::new(0);
+            pool.run(16, |_| {
+                count.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(count.load(Ordering::Relaxed), 16);
         }
     }
 

@@ -166,6 +166,18 @@ impl Metrics {
             s.mask_seconds,
         );
         gauge(
+            "herd_forward_seconds_total",
+            "Time the engine spent in forward passes.",
+            "counter",
+            s.forward_seconds,
+        );
+        gauge(
+            "herd_sampling_seconds_total",
+            "Time the engine spent sampling (masks applied, penalties, selection, draw).",
+            "counter",
+            s.sample_seconds,
+        );
+        gauge(
             "herd_preemptions_total",
             "Sequences sent back to the queue when the KV cache ran out.",
             "counter",
