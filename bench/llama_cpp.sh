@@ -13,10 +13,19 @@ else
     src="$here/.llama/llama_cpp_python-$version/vendor/llama.cpp"
     if [ ! -f "$src/CMakeLists.txt" ]; then
         mkdir -p "$here/.llama"
-        python3 -m pip download --quiet --no-deps --no-binary :all: -d "$here/.llama" "llama-cpp-python==$version"
+        # pip prepares an sdist's metadata with its build backend: install that backend (and
+        # CMake, which the build needs too) into a venv first and download without isolation;
+        # `--no-binary :all:` would build CMake itself from source.
+        venv="$here/.llama/venv"
+        [ -x "$venv/bin/cmake" ] || { python3 -m venv "$venv" &&
+            "$venv/bin/pip" install --quiet scikit-build-core cmake ninja; }
+        "$venv/bin/pip" download --quiet --no-deps --no-build-isolation \
+            --no-binary llama-cpp-python -d "$here/.llama" "llama-cpp-python==$version"
         tar xzf "$here/.llama/llama_cpp_python-$version.tar.gz" -C "$here/.llama"
     fi
 fi
+# CMake from the venv above unless the machine has one.
+command -v cmake >/dev/null || export PATH="$here/.llama/venv/bin:$PATH"
 build="$src/build"
 targets=(llama-bench llama-batched-bench llama-server)
 missing=0
