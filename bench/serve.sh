@@ -82,7 +82,7 @@ print(*(d[k] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms
         read -r f1 s1 < <(engine_seconds)
         # Sampling's share of the engine's step time (forward + sampling) during this row.
         share=$(awk -v f="$f1" -v F="$f0" -v s="$s1" -v S="$s0" \
-            'BEGIN { f -= F; s -= S; printf "%.1f%%", f + s > 0 ? 100 * s / (f + s) : 0 }')
+            'BEGIN { f -= F; s -= S; printf "%.1f%%", (f + s > 0) ? 100 * s / (f + s) : 0 }')
     else ratio=$(awk -v h="${herd_tps[$2/$3]:-0}" -v l="$tps" 'BEGIN { printf "%.2f", l ? h / l : 0 }'); fi
     printf '%-9s %7s %4s %9.1f %8.0f %8.0f %7.1f %7.1f %10s %8s\n' "$1" "$2" "$3" "$tps" "$t50" "$t99" "$i50" \
         "$i99" "$ratio" "$share"

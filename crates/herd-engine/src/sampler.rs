@@ -158,10 +158,14 @@ fn max_value(logits: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
 }
 
-/// The index of the largest non-NaN value, lowest on ties.
+/// The index of the largest non-NaN value, lowest on ties (+0 ranks above −0, as in
+/// `f32::total_cmp`).
 fn argmax(logits: &[f32]) -> Option<u32> {
     let max = max_value(logits);
-    logits.iter().position(|&v| v == max).map(|i| i as u32)
+    let at = |want: fn(f32, f32) -> bool| logits.iter().position(|&v| want(v, max));
+    at(|v, m| v == m && (m != 0.0 || v.is_sign_positive()))
+        .or_else(|| at(|v, m| v == m))
+        .map(|i| i as u32)
 }
 
 /// Buffers a draw reuses, one set per engine thread (a sampler per sequence would hold a
@@ -225,12 +229,19 @@ fn draw(
     let Scratch { weights, keys, ids } = scratch;
     let scale = 1.0 / params.temperature;
     let live = |l: f32| l > f32::NEG_INFINITY; // false for NaN too
+    // A temperature so small that 1/T overflows, or a +∞ logit, leaves no finite softmax: the
+    // most likely token wins outright (no number drawn).
+    if !scale.is_finite() || max_value(logits) == f32::INFINITY {
+        return argmax(logits).unwrap_or(0);
+    }
     let mut u = None;
     weights.resize(logits.len(), 0.0);
     if params.top_k > 0 && top_k_into(logits, params.top_k, keys) {
         // The k best are the only candidates: weigh just them.
         keys.retain(|&k| live(logits[key_id(k) as usize]));
         let Some(&first) = keys.first() else {
+            // No candidate: token 0, after the one number a draw takes.
+            rng.next_f64();
             return 0;
         };
         let max = logits[key_id(first) as usize];
@@ -243,11 +254,13 @@ fn draw(
         }
         return match walk(params, keys, weights, total, 0.0, true, rng, &mut u) {
             Walk::Token(t) => t,
-            Walk::NeedMore => unreachable!("a complete order ends the walk"),
+            // A complete order always ends the walk.
+            Walk::NeedMore => key_id(first),
         };
     }
     let max = max_value(logits);
     if !live(max) {
+        rng.next_f64();
         return 0;
     }
     let above = &mut *ids;
@@ -269,6 +282,9 @@ fn draw(
             // Found while weighing (a weight of at least theta > 0 is a live entry's).
             keys.extend(ids.iter().map(|&i| rank_key(logits[i as usize], i)));
         }
+        // A lone candidate that is the only live entry is the token, and draws no number.
+        let complete =
+            complete || (keys.len() == 1 && logits.iter().filter(|&&l| live(l)).count() == 1);
         // Sort a growing head (256, 1024, …): most draws end inside the first.
         let (mut sorted, mut head) = (0, HEAD.min(keys.len()));
         while head < keys.len() {
@@ -295,7 +311,8 @@ fn draw(
             return t;
         }
     }
-    unreachable!("the last round holds every candidate")
+    // The last round holds every candidate, so its walk has ended.
+    argmax(logits).unwrap_or(0)
 }
 
 enum Walk {
@@ -317,6 +334,9 @@ fn walk(
     rng: &mut SplitMix64,
     u: &mut Option<f64>,
 ) -> Walk {
+    let Some(&best) = order.first() else {
+        return Walk::NeedMore;
+    };
     let q = |r: usize| f64::from(weights[key_id(order[r]) as usize]) / total;
     // How many candidates the truncation keeps, when this round can tell (a cut that lies
     // past `order` does not bind before one inside it).
@@ -331,7 +351,7 @@ fn walk(
             }
         }
     }
-    let first = weights[key_id(order[0]) as usize];
+    let first = weights[key_id(best) as usize];
     if params.min_p > 0.0 && (complete || theta < first * params.min_p) {
         let floor = q(0) * f64::from(params.min_p);
         let k = (0..order.len())
@@ -341,7 +361,7 @@ fn walk(
         keep = Some(keep.map_or(k, |kk| kk.min(k)));
     }
     let (n, kept) = match keep {
-        Some(1) => return Walk::Token(key_id(order[0])),
+        Some(1) => return Walk::Token(key_id(best)),
         Some(k) => (k, (0..k).map(q).sum::<f64>()),
         // A truncation whose cut lies past this round: a later round finds it (before drawing,
         // so that a lone survivor still draws no number).
@@ -561,7 +581,18 @@ mod tests {
                 _ if case % 20 == 3 => 262_144,
                 _ => 5_000,
             };
-            let logits = lm_logits(&mut rng, n);
+            let mut logits = lm_logits(&mut rng, n);
+            if case % 5 == 0 {
+                // A grammar mask: one to three tokens left (or none).
+                let keep: Vec<usize> = (0..case % 4)
+                    .map(|_| (rng.next_u64() % n as u64) as usize)
+                    .collect();
+                for (i, l) in logits.iter_mut().enumerate() {
+                    if !keep.contains(&i) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
             let params = random_params(&mut rng, case);
             let (mut a, mut b) = (SplitMix64::new(case), SplitMix64::new(case));
             for draw_no in 0..8 {
@@ -619,6 +650,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Degenerate inputs never panic: a temperature whose inverse overflows and a +∞ logit
+    /// pick the best token; all-masked rows give token 0.
+    #[test]
+    fn degenerate_rows_draw_safely() {
+        let mut scratch = Scratch::default();
+        let mut rng = SplitMix64::new(1);
+        let p = |temperature: f32, top_p: f32| SamplingParams {
+            temperature,
+            top_p,
+            ..Default::default()
+        };
+        let l = [0.5f32, 3.0, f32::NAN, 3.0, -1.0];
+        assert_eq!(draw(&p(1e-40, 1.0), &l, &mut rng, &mut scratch), 1);
+        let inf = [0.5f32, f32::INFINITY, 2.0];
+        assert_eq!(draw(&p(1.0, 0.9), &inf, &mut rng, &mut scratch), 1);
+        let dead = [f32::NEG_INFINITY, f32::NAN];
+        assert_eq!(draw(&p(1.0, 1.0), &dead, &mut rng, &mut scratch), 0);
+        assert_eq!(argmax(&[-0.0, 0.0, -1.0]), Some(1));
     }
 
     #[test]

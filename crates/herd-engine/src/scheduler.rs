@@ -219,7 +219,13 @@ impl Scheduler {
         };
         let engine = std::thread::Builder::new()
             .name("herd-engine".into())
-            .spawn(move || lp.run())
+            .spawn(move || {
+                if catch_unwind(AssertUnwindSafe(|| lp.run())).is_err() {
+                    // A bug stopped the engine: no request may wait for it forever.
+                    tracing::error!("the engine thread panicked; failing its requests");
+                    lp.fail_all("internal error in the engine");
+                }
+            })
             .expect("spawn the engine thread");
         let cancel = tx.clone();
         let output = std::thread::Builder::new()
@@ -432,10 +438,15 @@ impl Loop {
             }
             self.publish();
         }
+        self.fail_all("the server is shutting down");
+    }
+
+    /// End every request the engine holds with `why`.
+    fn fail_all(&mut self, why: &str) {
         for s in self.running.drain(..).chain(self.waiting.drain(..)) {
             let _ = self.out.send(Output::Failed {
                 id: s.id,
-                why: "the server is shutting down".into(),
+                why: why.into(),
             });
         }
         self.publish();
@@ -597,7 +608,7 @@ impl Loop {
         // Sampling and output processing use no pool: its workers leave their cores to the
         // output and HTTP threads until the next step.
         herd_kernels::pool::global().rest();
-        let mut masks = self.masker.finish(pending, &mut self.running);
+        let mut masks = self.masker.finish(&pending, &mut self.running);
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return self.fail_planned(&e.to_string()),
@@ -630,7 +641,14 @@ impl Loop {
                 }
                 None => {}
             }
-            let sampled = s.sampler.sample(l);
+            let Ok(sampled) = catch_unwind(AssertUnwindSafe(|| s.sampler.sample(l))) else {
+                let _ = self.out.send(Output::Failed {
+                    id: s.id,
+                    why: "internal error in the sampler".into(),
+                });
+                finished.push(i);
+                continue;
+            };
             let token = sampled.token;
             if let Some(c) = &mut s.job.constraint
                 && let Err(e) = c.commit(token)
@@ -765,8 +783,8 @@ impl MaskWorker {
     }
 
     /// Hand the constraints of the sequences that sample this step to the worker; returns
-    /// whether any went.
-    fn begin(&self, samplers: &[usize], running: &mut [Sequence]) -> bool {
+    /// their logits rows (empty: nothing to wait for).
+    fn begin(&self, samplers: &[usize], running: &mut [Sequence]) -> Vec<usize> {
         let jobs: Vec<MaskJob> = samplers
             .iter()
             .enumerate()
@@ -780,22 +798,45 @@ impl MaskWorker {
                 })
             })
             .collect();
-        !jobs.is_empty() && self.tx.send(jobs).is_ok()
+        let rows = jobs.iter().map(|j| j.row).collect();
+        // Only a non-empty batch goes: `finish` waits for a reply exactly when rows exist.
+        if jobs.is_empty() {
+            return rows;
+        }
+        if let Err(back) = self.tx.send(jobs) {
+            // The worker is gone: the constraints stay with their sequences, and `finish`
+            // fails those rows.
+            for j in back.0 {
+                running[j.seq].job.constraint = Some(j.constraint);
+            }
+        }
+        rows
     }
 
-    /// The masks, one slot per logits row; the constraints go back to their sequences.
-    fn finish(&self, pending: bool, running: &mut [Sequence]) -> Vec<Option<Result<Mask, String>>> {
-        if !pending {
-            return Vec::new();
-        }
-        let Ok(jobs) = self.rx.recv() else {
+    /// The masks, one slot per logits row; the constraints go back to their sequences. If the
+    /// worker is gone, every pending row gets an error (its sequence fails: it must never be
+    /// sampled without its grammar).
+    fn finish(
+        &self,
+        rows: &[usize],
+        running: &mut [Sequence],
+    ) -> Vec<Option<Result<Mask, String>>> {
+        let Some(&last) = rows.iter().max() else {
             return Vec::new();
         };
-        let rows = jobs.iter().map(|j| j.row + 1).max().unwrap_or(0);
-        let mut masks: Vec<Option<Result<Mask, String>>> = (0..rows).map(|_| None).collect();
-        for j in jobs {
-            running[j.seq].job.constraint = Some(j.constraint);
-            masks[j.row] = j.mask;
+        let mut masks: Vec<Option<Result<Mask, String>>> = (0..=last).map(|_| None).collect();
+        match self.rx.recv() {
+            Ok(jobs) => {
+                for j in jobs {
+                    running[j.seq].job.constraint = Some(j.constraint);
+                    masks[j.row] = j.mask;
+                }
+            }
+            Err(_) => {
+                for &r in rows {
+                    masks[r] = Some(Err("the grammar mask worker stopped".into()));
+                }
+            }
         }
         masks
     }

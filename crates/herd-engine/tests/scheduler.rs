@@ -328,7 +328,10 @@ fn constrained_and_free_requests_share_a_batch() {
     for (i, ids, rx) in jobs {
         let got = collect(rx);
         if i % 2 == 1 {
-            let (digits, letters) = got.text.split_once('-').expect("the pattern's dash");
+            let (digits, letters) = got
+                .text
+                .split_once('-')
+                .unwrap_or_else(|| panic!("the pattern's dash: {:?} {:?}", got.text, got.tokens));
             assert!(digits.len() == i + 1 && digits.bytes().all(|b| b.is_ascii_digit()));
             assert!(letters.len() == 2 && letters.bytes().all(|b| b.is_ascii_lowercase()));
             assert_eq!(got.finish, FinishReason::Stop);
