@@ -1,12 +1,9 @@
 //! `herd run` / `herd chat` / `herd pull` end to end on the default model's file (fetched by
-//! tests/fixtures/fetch.sh), against llama.cpp's greedy continuations.
+//! tests/fixtures/fetch.sh).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-use herd_engine::Tokenizer;
-use herd_formats::GgufFile;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -22,23 +19,29 @@ fn model() -> PathBuf {
     p
 }
 
+/// `herd run` streams exactly the greedy continuation the library generates, for the prompts
+/// of the llama.cpp oracle, with its speed report on stderr.
 #[test]
-fn run_streams_llama_cpps_greedy_continuation() {
+fn run_streams_the_greedy_continuation() {
     let oracle: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("gemma3_270m/oracle.json")).unwrap(),
     )
     .unwrap();
-    let tok = Tokenizer::from_gguf(&GgufFile::open(&model()).unwrap()).unwrap();
+    let loaded = herd_engine::load(model().to_str().unwrap()).unwrap();
     for c in oracle["continuations"].as_array().unwrap() {
         let prompt = c["prompt"].as_str().unwrap();
-        let want: Vec<u32> = c["greedy_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .take(16)
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let want_text = tok.decode(&want, true).unwrap();
+        let want = herd_engine::generate::generate(
+            loaded.model.as_ref(),
+            &loaded.tokenizer,
+            &herd_engine::generate::Request {
+                prompt: loaded.tokenizer.encode(prompt, true).unwrap(),
+                max_tokens: 16,
+                stop: Vec::new(),
+                sampling: herd_engine::sampler::SamplingParams::default(),
+            },
+            |_| {},
+        )
+        .unwrap();
         let o = Command::new(env!("CARGO_BIN_EXE_herd"))
             .arg("run")
             .arg(model())
@@ -50,7 +53,8 @@ fn run_streams_llama_cpps_greedy_continuation() {
             String::from_utf8_lossy(&o.stderr),
         );
         assert!(o.status.success(), "{err}");
-        assert_eq!(out.trim_end_matches('\n'), want_text, "prompt {prompt:?}");
+        assert_eq!(out.trim_end_matches('\n'), want.text, "prompt {prompt:?}");
+        assert!(!want.text.trim().is_empty(), "prompt {prompt:?}");
         assert!(err.contains("prefill"), "{err}");
         assert!(
             err.contains("tok/s") && err.contains("finish: length"),

@@ -577,13 +577,7 @@ impl Loop {
             let last = s.cached + n == s.tokens.len();
             for pos in s.cached..s.cached + n {
                 let want_logits = last && pos + 1 == s.cached + n;
-                plan.batch.push_row(
-                    s.id,
-                    s.tokens[pos],
-                    pos,
-                    want_logits,
-                    s.cached_prompt..s.prompt_len,
-                );
+                plan.batch.push(s.id, s.tokens[pos], pos, want_logits);
             }
             if last {
                 plan.samplers.push(i);

@@ -1,20 +1,16 @@
-//! The f32 arithmetic of attention over cached keys and values, in the orders llama.cpp's CPU
-//! backend uses (ggml 0c1e57098, AVX2 + FMA, f32 cache, no flash attention), so that the same
-//! GGUF file gives the same scores, probabilities and outputs here as there, not merely close
-//! ones: a model's greedy continuation turns on near-ties that a last-bit difference can flip.
+//! The f32 arithmetic of attention over cached keys and values, one order for every row
+//! whatever the batch (so batching, prompt splitting and cached prefixes never change a result);
+//! the orders are ggml's CPU ones (0c1e57098, AVX2 + FMA), which cost nothing here:
 //!
-//! - Scores are `ggml_vec_dot_f32`'s ([`dot_f32`]: llama.cpp's query view is not contiguous
-//!   for several tokens, so tinyBLAS declines, and it never takes a single row): four registers
-//!   of eight lanes over each 32 elements, element `i` into register `(i % 32) / 8`, lane
-//!   `i % 8`, by fused multiply-add; the registers added pairwise, then [`hsum8_hadd`];
-//!   leftovers after the last whole 32 one by one.
+//! - Scores are `ggml_vec_dot_f32`'s ([`dot_f32`]): four registers of eight lanes over each 32
+//!   elements, element `i` into register `(i % 32) / 8`, lane `i % 8`, by fused multiply-add;
+//!   the registers added pairwise, then [`hsum8_hadd`]; leftovers after the last whole 32 one
+//!   by one.
 //! - Probabilities are `ggml_vec_soft_max_f32`'s: `ggml_v_expf` of `s − max` over groups of
 //!   eight cache cells (aligned to cell 0), each group summed as [`hsum8`] into an f64 total,
 //!   then every value times `(f32)(1/total)`.
-//! - Outputs are the product of the transposed value cache with the probabilities: for a row
-//!   llama.cpp computes in a batch of several, tinyBLAS's (each output element accumulates
-//!   `p·v` in lane `cell % 8` by fused multiply-add, then [`hsum8`]); for a row computed alone,
-//!   `ggml_vec_dot_f32`'s over the cells (lanes by `cell % 32` as above). See [`Accum`].
+//! - Outputs (the value cache times the probabilities) accumulate `p·v` in lane `cell % 8` by
+//!   fused multiply-add, then [`hsum8`] (tinyBLAS's order). See [`Accum`].
 //!
 //! Every function has a portable form (the reference: `f32::mul_add` is an exact fused
 //! multiply-add on every platform) and an AVX2 + FMA form that returns the same bits.
@@ -246,41 +242,27 @@ pub fn softmax(s: &mut [f32], first: usize) {
     }
 }
 
-/// Per-lane partial sums of one attention output, in one of llama.cpp's two orders for the
-/// product of the transposed value cache with a row of probabilities:
-/// - tinyBLAS's (a row llama.cpp computes in a batch of two or more): lane `cell % 8` gathers
-///   `p·v` of its cells, added at the end as [`hsum8`];
-/// - `ggml_vec_dot_f32`'s (a row computed alone): register `(cell % 32) / 8`, lane `cell % 8`,
-///   the four registers added pairwise and then as [`hsum8_hadd`].
-///
-/// Cells are numbered from the sequence's first cache position (llama.cpp's cell index for a
-/// sequence that owns its cache); cells a row does not see add `0·v` there, which changes
-/// nothing here.
+/// Per-lane partial sums of one attention output (the product of the value cache with a row of
+/// probabilities), in one order whatever the batch: lane `cell % 8` gathers `p·v` of its cells
+/// by fused multiply-add, the lanes added at the end as [`hsum8`] (tinyBLAS's order). Cells are
+/// numbered from the sequence's first cache position; cells a row does not see add nothing.
 #[derive(Debug, Default)]
 pub struct Accum {
     lanes: Vec<f32>,
     d: usize,
-    vec_dot: bool,
 }
 
 impl Accum {
-    /// Zeroed sums for outputs of `d` values; `batched`: the row is in a llama.cpp batch of
-    /// two or more rows (tinyBLAS order), otherwise `ggml_vec_dot_f32` order.
-    pub fn reset(&mut self, d: usize, batched: bool) {
+    /// Zeroed sums for outputs of `d` values.
+    pub fn reset(&mut self, d: usize) {
         self.d = d;
-        self.vec_dot = !batched;
         self.lanes.clear();
-        self.lanes.resize(self.slots() * d, 0.0);
-    }
-
-    /// Partial sums per output element: 8 lanes, or 4 registers of 8.
-    fn slots(&self) -> usize {
-        if self.vec_dot { 4 * LANES } else { LANES }
+        self.lanes.resize(LANES * d, 0.0);
     }
 
     /// Add `p·v` for the value `v` (`d` values) of cache cell `cell`.
     pub fn add(&mut self, cell: usize, p: f32, v: &[f32]) {
-        let (d, slot) = (self.d, cell % self.slots());
+        let (d, slot) = (self.d, cell % LANES);
         let lane = &mut self.lanes[slot * d..(slot + 1) * d];
         assert_eq!(v.len(), d);
         #[cfg(target_arch = "x86_64")]
@@ -291,21 +273,12 @@ impl Accum {
         fma_into_portable(lane, p, v)
     }
 
-    /// The outputs: each element's partial sums added in the order's way.
+    /// The outputs: each element's eight lanes added as [`hsum8`].
     pub fn finish(&self, out: &mut [f32]) {
         let d = self.d;
         assert_eq!(out.len(), d);
-        let l = |slot: usize, e: usize| self.lanes[slot * d + e];
         for (e, o) in out.iter_mut().enumerate() {
-            *o = if self.vec_dot {
-                // Registers j = 0..4 hold slots 8j..8j+8.
-                let r = |j: usize, i: usize| l(LANES * j + i, e);
-                hsum8_hadd(&std::array::from_fn(|i| {
-                    (r(0, i) + r(2, i)) + (r(1, i) + r(3, i))
-                }))
-            } else {
-                hsum8(&std::array::from_fn(|i| l(i, e)))
-            };
+            *o = hsum8(&std::array::from_fn(|i| self.lanes[i * d + e]));
         }
     }
 }
@@ -638,36 +611,22 @@ mod tests {
         }
     }
 
-    /// Both output orders sum exactly where every partial sum is exact, and each equals its
-    /// definition on random data: tinyBLAS's lanes by cell % 8, `ggml_vec_dot_f32` over the
-    /// cells (the score dot product with cells as elements).
+    /// The output order sums exactly where every partial sum is exact, and equals its
+    /// definition (lanes by cell % 8, then `hsum8`) on random data.
     #[test]
-    fn accum_orders() {
-        for batched in [true, false] {
-            let mut acc = Accum::default();
-            acc.reset(2, batched);
-            for cell in 3..20 {
-                acc.add(cell, 0.5, &[cell as f32, 1.0]);
-            }
-            let mut out = [0.0; 2];
-            acc.finish(&mut out);
-            assert_eq!(out, [(3..20).sum::<usize>() as f32 * 0.5, 17.0 * 0.5]);
+    fn accum_order() {
+        let mut acc = Accum::default();
+        acc.reset(2);
+        for cell in 3..20 {
+            acc.add(cell, 0.5, &[cell as f32, 1.0]);
         }
+        let mut out = [0.0; 2];
+        acc.finish(&mut out);
+        assert_eq!(out, [(3..20).sum::<usize>() as f32 * 0.5, 17.0 * 0.5]);
         let n = 300;
         let (p, v) = (rand_vec(n, 1, 1.0), rand_vec(n, 2, 3.0));
-        let mut acc = Accum::default();
-        acc.reset(1, false);
-        for c in 0..n / 32 * 32 {
-            acc.add(c, p[c], &v[c..=c]);
-        }
         let mut out = [0.0];
-        acc.finish(&mut out);
-        let whole = n / 32 * 32;
-        assert_eq!(
-            out[0].to_bits(),
-            dot_f32_portable(&p[..whole], &v[..whole]).to_bits()
-        );
-        acc.reset(1, true);
+        acc.reset(1);
         let mut lanes = [0.0f32; LANES];
         for c in 0..n {
             acc.add(c, p[c], &v[c..=c]);

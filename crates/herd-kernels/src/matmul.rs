@@ -4,14 +4,12 @@
 //! checkpoints: `nn.Linear`'s `[out, in]` (most weights) and input-major `[in, out]` (Llama 4's
 //! fused expert tensors). Both are used in place, never transposed or copied at load.
 //!
-//! Each output element is reduced in the order its row asks for ([`RowOrder`]: llama.cpp's,
-//! which for some types depends on whether llama.cpp computed the row in a group of four),
-//! never in an order that depends on what else is in the batch, so batching never changes
-//! results.
+//! Each output element is reduced in one fixed order (the kernel's), never in an order that
+//! depends on what else is in the batch, so batching never changes results.
 
 use crate::dtype::{DType, decode_into};
 use crate::pool::{self, SharedMut, ThreadPool};
-use crate::quant::{self, RowOrder};
+use crate::quant;
 
 /// How a 2-D weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,44 +73,14 @@ impl<'a> MatRef<'a> {
 }
 
 /// `out[n_rows, out_features] = x[n_rows, in_features] · W` (W as its layout says), split over
-/// the global thread pool by output columns; every row in [`RowOrder::SINGLE`].
+/// the global thread pool by output columns.
 pub fn matmul(x: &[f32], n_rows: usize, w: &MatRef<'_>, out: &mut [f32]) {
-    product(pool::global(), x, n_rows, &[], w, out)
+    matmul_with(pool::global(), x, n_rows, w, out)
 }
 
 /// [`matmul`] on a given pool.
 pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, out: &mut [f32]) {
-    product(pool, x, n_rows, &[], w, out)
-}
-
-/// [`matmul`] of `orders.len()` rows, row `t` accumulated in `orders[t]` (llama.cpp's order for
-/// that row: see [`RowOrder`]).
-pub fn matmul_ordered(x: &[f32], orders: &[RowOrder], w: &MatRef<'_>, out: &mut [f32]) {
-    product(pool::global(), x, orders.len(), orders, w, out)
-}
-
-/// [`matmul_ordered`] on a given pool.
-pub fn matmul_ordered_with(
-    pool: &ThreadPool,
-    x: &[f32],
-    orders: &[RowOrder],
-    w: &MatRef<'_>,
-    out: &mut [f32],
-) {
-    product(pool, x, orders.len(), orders, w, out)
-}
-
-/// The product; `orders` is empty (all single) or one per row.
-fn product(
-    pool: &ThreadPool,
-    x: &[f32],
-    n_rows: usize,
-    orders: &[RowOrder],
-    w: &MatRef<'_>,
-    out: &mut [f32],
-) {
     let (k, n) = (w.in_features, w.out_features);
-    let order = |t: usize| orders.get(t).copied().unwrap_or_default();
     assert_eq!(x.len(), n_rows * k, "matmul: input shape");
     assert_eq!(out.len(), n_rows * n, "matmul: output shape");
     if n_rows == 0 || n == 0 {
@@ -171,9 +139,8 @@ fn product(
                         let mut v = [[0.0f32; 4]; MAX_TILE_ROWS];
                         while t + 4 <= n_rows {
                             let ar = [t, t + 1, t + 2, t + 3].map(act_row);
-                            let ords = [t, t + 1, t + 2, t + 3].map(order);
                             let v = &mut v[..rows.len()];
-                            quant::vec_dot_x4_rows(w.dtype, tile_bytes, ar, k, ords, v);
+                            quant::vec_dot_x4_rows(w.dtype, tile_bytes, ar, k, v);
                             for (o, vo) in rows.clone().zip(v.iter()) {
                                 (0..4).for_each(|i| put(t + i, o, vo[i]));
                             }
@@ -181,7 +148,7 @@ fn product(
                         }
                         for t in t..n_rows {
                             for o in rows.clone() {
-                                let v = quant::vec_dot(w.dtype, wr(o), act_row(t), k, order(t));
+                                let v = quant::vec_dot(w.dtype, wr(o), act_row(t), k);
                                 put(t, o, v);
                             }
                         }
@@ -389,20 +356,12 @@ mod quantized_tests {
     use super::*;
     use crate::testing::rand_vec;
 
-    /// Quantized matmul equals per-element scalar dot products in each row's order, for any
-    /// thread count and any batch size (each output is computed the same way whatever else is
-    /// in the batch): 11 rows take the tiled path (two groups of four and three single rows),
-    /// one row the decode path; rows alternate between the two orders in a ragged pattern.
+    /// Quantized matmul equals per-element scalar dot products, for any thread count and any
+    /// batch size (each output is computed the same way whatever else is in the batch): 11 rows
+    /// take the tiled path (two groups of four and three single rows), one row the decode path.
     #[test]
     fn quantized_matmul_is_thread_and_batch_invariant() {
         let (k, n, rows) = (512, 37, 11);
-        let orders: Vec<RowOrder> = (0..rows)
-            .map(|t| RowOrder {
-                grouped: t % 3 != 1,
-                tiled: t % 2 == 0,
-                batched: true,
-            })
-            .collect();
         for wt in [
             DType::Q8_0,
             DType::Q4_0,
@@ -417,16 +376,16 @@ mod quantized_tests {
             let w = MatRef::new(&wq, wt, k, n, Layout::OutMajor).unwrap();
             let x = rand_vec(rows * k, 4, 1.0);
             let mut one = vec![0.0; rows * n];
-            matmul_ordered_with(&ThreadPool::new(1), &x, &orders, &w, &mut one);
+            matmul_with(&ThreadPool::new(1), &x, rows, &w, &mut one);
             let mut three = vec![0.0; rows * n];
-            matmul_ordered_with(&ThreadPool::new(3), &x, &orders, &w, &mut three);
+            matmul_with(&ThreadPool::new(3), &x, rows, &w, &mut three);
             assert_eq!(one, three, "{wt}: thread count changed results");
             let at = wt.vec_dot_type();
             let w_row = wt.bytes_for(k);
             for t in 0..rows {
                 let mut single = vec![0.0; n];
                 let xt = &x[t * k..(t + 1) * k];
-                matmul_ordered_with(&ThreadPool::new(2), xt, &orders[t..=t], &w, &mut single);
+                matmul_with(&ThreadPool::new(2), xt, 1, &w, &mut single);
                 assert_eq!(
                     &one[t * n..(t + 1) * n],
                     &single[..],
@@ -436,16 +395,10 @@ mod quantized_tests {
                 quant::quantize_activation(at, xt, &mut a);
                 for o in 0..n {
                     let wr = &wq[o * w_row..(o + 1) * w_row];
-                    let want = quant::vec_dot_scalar(wt, wr, &a, k, orders[t]);
+                    let want = quant::vec_dot_scalar(wt, wr, &a, k);
                     assert_eq!(one[t * n + o].to_bits(), want.to_bits(), "{wt}: ({t}, {o})");
                 }
             }
-            // Without orders every row is single.
-            let mut plain = vec![0.0; rows * n];
-            matmul(&x, rows, &w, &mut plain);
-            let singles = vec![RowOrder::SINGLE; rows];
-            matmul_ordered(&x, &singles, &w, &mut one);
-            assert_eq!(plain, one, "{wt}: default order");
         }
     }
 }

@@ -48,9 +48,8 @@ pub(crate) fn cache_rows(
 /// `first_key(pos)..=pos` of the row's sequence. Consecutive query heads share a kv head (GQA).
 /// Writes `[T, q·dim]` to `out`.
 ///
-/// The arithmetic is llama.cpp's, in its orders (`herd_kernels::attention`), with cache position
-/// `p` in the part of llama.cpp's cache cell `p`: a row's outputs accumulate as llama.cpp's do
-/// for a row of a batch of several or for a row alone ([`Batch::order`]).
+/// The arithmetic is `herd_kernels::attention`'s, in one order for every row whatever the
+/// batch.
 /// Rows are taken in blocks of consecutive positions of one sequence, so each cached key and
 /// value is read once per block and head rather than once per row; every row is still computed
 /// exactly as it would be alone.
@@ -144,8 +143,8 @@ fn attend_blocks(
                 for (i, s) in scores[..n].iter_mut().enumerate() {
                     attention::softmax(s, *span(i).start());
                 }
-                for (i, sum) in sums[..n].iter_mut().enumerate() {
-                    sum.reset(d, batch.order[rows.start + i].batched);
+                for sum in &mut sums[..n] {
+                    sum.reset(d);
                 }
                 let (mut p, mut next) = (lo, [0usize; MAX_BLOCK_ROWS]);
                 for (_, values) in cache.runs(seq, layer, lo, hi) {

@@ -494,13 +494,12 @@ impl KvCache {
             batch.positions.len(),
             batch.seq_ids.len(),
             batch.logits.len(),
-            batch.order.len(),
         ]
         .iter()
         .any(|&len| len != n)
         {
             return Err(Error::Batch(
-                "tokens, positions, seq_ids, logits and order differ in length".into(),
+                "tokens, positions, seq_ids and logits differ in length".into(),
             ));
         }
         NEXT_POSITION.with_borrow_mut(|next| {

@@ -3,7 +3,6 @@
 
 use herd_formats::gguf::GgufFile;
 use herd_formats::{TensorBytes, TensorSet};
-use herd_kernels::quant::RowOrder;
 use herd_kernels::{DType, Layout, MatRef};
 
 use crate::{Error, Result};
@@ -66,14 +65,6 @@ impl Matrix {
         out.clear();
         out.resize(n_rows * self.out_features, 0.0);
         herd_kernels::matmul::matmul(x, n_rows, &self.as_ref(), out);
-    }
-
-    /// [`Matrix::matmul_into`] of a batch's token rows, each in its [`RowOrder`] (the batch's
-    /// `order`: llama.cpp's accumulation order for that row).
-    pub fn matmul_rows_into(&self, x: &[f32], orders: &[RowOrder], out: &mut Vec<f32>) {
-        out.clear();
-        out.resize(orders.len() * self.out_features, 0.0);
-        herd_kernels::matmul::matmul_ordered(x, orders, &self.as_ref(), out);
     }
 }
 

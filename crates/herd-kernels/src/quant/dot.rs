@@ -1,101 +1,54 @@
 //! Dot products of one quantized weight row with one activation row quantized to the weight
 //! type's `vec_dot_type` (Q8_0, Q8_1 or Q8_K): exact integer sums inside each block, then f32.
 //!
-//! The f32 part follows llama.cpp's x86 AVX2 build (ggml 0c1e57098) operation for operation, so
-//! a GGUF model computes what llama.cpp computes on the same file:
-//! - Q8_0, Q5_0, Q4_0 (`ggml_vec_dot_*_q8_0`, and tinyBLAS for several rows, which does the
-//!   same): eight f32 lanes, lane `L` taking each block's integer sum over elements `4L..4L+4`
-//!   times `d_w·d_a` by fused multiply-add; the lanes are added at the end as `hsum8`.
-//! - Q6_K: a row of a batch of eight or more (llama.cpp's tiled K-quant product) accumulates
-//!   `(d_w·sumi)·d_a` over super-blocks by fused multiply-add; a row of a smaller batch
-//!   (`ggml_vec_dot_q6_K_q8_K`) takes the same eight lanes per super-block as Q8_0, each lane's
-//!   integer being its elements' `scale·q·a` minus `32·scale·bsum` of the lane's two 16-value
-//!   groups.
-//! - Q4_K (the repacked `q4_K_8x8` kernels): one f32 sum of `sumi·(d_w·d_a)` and one of
-//!   `summ·(dmin_w·d_a)`, subtracted at the end; a grouped row adds each super-block as four
-//!   64-value parts (llama.cpp's `gemm`), a single row as one (`gemv`).
+//! The f32 part has one order per type, whatever the batch (so batching, prompt splitting and
+//! prefix caching never change a result); the orders are ggml's AVX2 `vec_dot` ones where that
+//! costs nothing:
+//! - Q8_0, Q5_0, Q4_0: eight f32 lanes, lane `L` taking each block's integer sum over elements
+//!   `4L..4L+4` times `d_w·d_a` by fused multiply-add; the lanes are added at the end as `hsum8`.
+//! - Q6_K: the same eight lanes per super-block, each lane's integer being its elements'
+//!   `scale·q·a` minus `32·scale·bsum` of the lane's two 16-value groups, times `d_a·d_w`.
+//! - Q4_K: one f32 sum of `sumi·(d_w·d_a)` and one of `summ·(dmin_w·d_a)` over super-blocks by
+//!   fused multiply-add, subtracted at the end.
 //! - The other types: each block reduced to one f32 and the blocks summed in order.
 //!
-//! The SIMD kernels return the same bits as this scalar reference.
+//! The SIMD kernels return the same bits as this scalar reference. Model outputs are judged by
+//! KL divergence against an f64 reference, not by equality with another engine's bits.
 
 use super::dequant::five_bit;
 use super::{f16_at, f32_at, q3k_scales, scale_min_k4};
 use crate::DType;
 use crate::attention::hsum8;
 
-/// How llama.cpp batches an activation row for a product, which decides how some weight types
-/// accumulate their blocks in f32. llama.cpp's result for a row depends on the batch it was
-/// computed in; herd marks each row with the batch llama.cpp would have put it in (see
-/// [`RowOrder::in_batch`]), never with the batch herd happens to compute it in.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RowOrder {
-    /// In one of llama.cpp's groups of four rows (its repacked Q4_K `gemm`: each 64-value part
-    /// of a super-block accumulated on its own); otherwise `gemv` (one accumulation per
-    /// super-block).
-    pub grouped: bool,
-    /// In a llama.cpp batch of at least eight rows (its tiled K-quant product, for Q6_K here:
-    /// one f32 chain over super-blocks); otherwise its `vec_dot` (eight lanes).
-    pub tiled: bool,
-    /// In a llama.cpp batch of at least two rows: f32 products go through tinyBLAS (attention's
-    /// outputs: see `attention::Accum`); a single row through `ggml_vec_dot_f32`.
-    pub batched: bool,
-}
-
-impl RowOrder {
-    /// A row computed on its own (every generated token).
-    pub const SINGLE: Self = Self {
-        grouped: false,
-        tiled: false,
-        batched: false,
-    };
-
-    /// The order llama.cpp gives row `index` of a batch of `len` rows: groups of four up to
-    /// the last `len % 4` rows, tiled products from eight rows on.
-    pub fn in_batch(index: usize, len: usize) -> Self {
-        Self {
-            grouped: index < len - len % 4,
-            tiled: len >= 8,
-            batched: len >= 2,
-        }
-    }
-}
-
 /// `Σ w·a` over `n` elements: `w` is a row of `wtype`, `a` the activations already quantized to
 /// `wtype.vec_dot_type()`. Uses the fastest kernel this CPU supports.
-pub fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrder) -> f32 {
+pub fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2()
-        && let Some(v) = super::avx2::vec_dot(wtype, w, a, n, order)
+        && let Some(v) = super::avx2::vec_dot(wtype, w, a, n)
     {
         return v;
     }
-    vec_dot_scalar(wtype, w, a, n, order)
+    vec_dot_scalar(wtype, w, a, n)
 }
 
 /// `out[j][r]` = [`vec_dot`] of weight row `j` (rows stored one after another in `w`) with
-/// activation row `a[r]` in order `orders[r]`: one call for a tile of weight rows and four
-/// activation rows, so each unpacked weight block serves four rows.
-pub fn vec_dot_x4_rows(
-    wtype: DType,
-    w: &[u8],
-    a: [&[u8]; 4],
-    n: usize,
-    orders: [RowOrder; 4],
-    out: &mut [[f32; 4]],
-) {
+/// activation row `a[r]`: one call for a tile of weight rows and four activation rows, so each
+/// unpacked weight block serves four rows.
+pub fn vec_dot_x4_rows(wtype: DType, w: &[u8], a: [&[u8]; 4], n: usize, out: &mut [[f32; 4]]) {
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() && super::avx2::rows_x4(wtype, w, a, n, orders, out).is_some() {
+    if super::has_avx2() && super::avx2::rows_x4(wtype, w, a, n, out).is_some() {
         return;
     }
     // No shared-weight kernel for this type (or CPU): the one-pair kernels give the same bits.
     let row = wtype.bytes_for(n);
     for (wr, o) in w.chunks_exact(row).zip(out.iter_mut()) {
-        *o = std::array::from_fn(|r| vec_dot(wtype, wr, a[r], n, orders[r]));
+        *o = std::array::from_fn(|r| vec_dot(wtype, wr, a[r], n));
     }
 }
 
 /// The scalar reference every other kernel must equal.
-pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrder) -> f32 {
+pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
     let nb = n / wtype.block_size();
     let (wt, at) = (wtype.type_size(), wtype.vec_dot_type().type_size());
     debug_assert_eq!(w.len(), nb * wt);
@@ -112,10 +65,6 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrde
         DType::Q8_0 => eight_lanes(blocks, |w, a| {
             (q0_scale(w, a), quad_sums(&q8_0_values(w), a))
         }),
-        DType::Q6K if order.tiled => blocks.fold(0.0f32, |acc, (wb, ab)| {
-            let sumi: i32 = q6_k_lanes(wb, ab).iter().sum();
-            (f16_at(wb, 208) * sumi as f32).mul_add(f32_at(ab, 0), acc)
-        }),
         DType::Q6K => eight_lanes(blocks, |w, a| {
             (f32_at(a, 0) * f16_at(w, 208), q6_k_lanes(w, a))
         }),
@@ -125,7 +74,7 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize, order: RowOrde
                 let (sumi, summ) = q4_k_parts(wb, ab);
                 let ad = f32_at(ab, 0);
                 let (d, dmin) = (f16_at(wb, 0) * ad, f16_at(wb, 2) * ad);
-                q4_k_accumulate(&mut acc, sumi, summ, d, dmin, order);
+                q4_k_add(&mut acc, sumi.iter().sum(), summ.iter().sum(), d, dmin);
             }
             acc[0] - acc[1]
         }
@@ -216,28 +165,7 @@ fn q6_k_lanes(w: &[u8], a: &[u8]) -> [i32; 8] {
     lanes
 }
 
-/// Add one Q4_K super-block to the running sums `[Σ sumi·d, Σ summ·dmin]` (`d` and `dmin` are
-/// the weight's scales times the activation's): by fused multiply-add, the four 64-value parts
-/// one by one for a grouped row, their integer total at once otherwise.
-#[inline]
-pub(crate) fn q4_k_accumulate(
-    acc: &mut [f32; 2],
-    sumi: [i32; 4],
-    summ: [i32; 4],
-    d: f32,
-    dmin: f32,
-    order: RowOrder,
-) {
-    if order.grouped {
-        for (si, sm) in sumi.into_iter().zip(summ) {
-            q4_k_add(acc, si, sm, d, dmin);
-        }
-    } else {
-        q4_k_add(acc, sumi.iter().sum(), summ.iter().sum(), d, dmin);
-    }
-}
-
-/// One step of [`q4_k_accumulate`]: `acc += [sumi·d, summ·dmin]`, each by fused multiply-add.
+/// One Q4_K super-block: `acc += [sumi·d, summ·dmin]`, each by fused multiply-add.
 #[inline]
 pub(crate) fn q4_k_add(acc: &mut [f32; 2], sumi: i32, summ: i32, d: f32, dmin: f32) {
     acc[0] = (sumi as f32).mul_add(d, acc[0]);
@@ -375,27 +303,6 @@ pub(crate) fn q2_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
     combine_k(f32_at(a, 0), f16_at(w, 80), f16_at(w, 82), sumi, summ)
 }
 
-/// Every combination of the two batch properties (for tests).
-#[cfg(test)]
-pub(crate) const ALL_ORDERS: [RowOrder; 4] = [
-    RowOrder::SINGLE,
-    RowOrder {
-        grouped: true,
-        tiled: false,
-        batched: true,
-    },
-    RowOrder {
-        grouped: false,
-        tiled: true,
-        batched: true,
-    },
-    RowOrder {
-        grouped: true,
-        tiled: true,
-        batched: true,
-    },
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,13 +334,11 @@ mod tests {
             dequantize(wt, &wq, &mut wd);
             dequantize(at, &aq, &mut ad);
             let want: f32 = wd.iter().zip(&ad).map(|(a, b)| a * b).sum();
-            for order in ALL_ORDERS {
-                let got = vec_dot_scalar(wt, &wq, &aq, n, order);
-                assert!(
-                    (got - want).abs() < 1e-3 * want.abs().max(1.0),
-                    "{wt} {order:?}: {got} vs {want}"
-                );
-            }
+            let got = vec_dot_scalar(wt, &wq, &aq, n);
+            assert!(
+                (got - want).abs() < 1e-3 * want.abs().max(1.0),
+                "{wt}: {got} vs {want}"
+            );
         }
     }
 }

@@ -1,6 +1,6 @@
 //! ggml's quantized block formats: byte layouts, dequantization, quantization and the integer
 //! dot products of weights against 8-bit activations (`shared/reference/gguf.md` §c–§e), in
-//! llama.cpp's f32 order (see `dot.rs`).
+//! one f32 order per type whatever the batch (see `dot.rs`).
 //!
 //! Blocks are parsed by byte offset from plain `&[u8]` (memory-mapped files are not aligned for
 //! wider reads). The scalar code here is the reference; `avx2` must agree with it exactly.
@@ -13,7 +13,7 @@ mod quantize;
 mod avx2;
 
 pub use dequant::dequantize;
-pub use dot::{RowOrder, vec_dot, vec_dot_scalar, vec_dot_x4_rows};
+pub use dot::{vec_dot, vec_dot_scalar, vec_dot_x4_rows};
 pub use quantize::{quantize, quantize_activation, quantize_supported};
 
 /// Elements per K-quant super-block.

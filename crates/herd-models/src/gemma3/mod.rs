@@ -211,9 +211,9 @@ impl Gemma3 {
         let c = &self.config;
         let d = c.head_dim;
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        layer.q.matmul_rows_into(&w.x, &batch.order, &mut w.q);
-        layer.k.matmul_rows_into(&w.x, &batch.order, &mut w.k);
-        layer.v.matmul_rows_into(&w.x, &batch.order, &mut w.v);
+        layer.q.matmul_into(&w.x, batch.len(), &mut w.q);
+        layer.k.matmul_into(&w.x, batch.len(), &mut w.k);
+        layer.v.matmul_into(&w.x, batch.len(), &mut w.v);
         rms_norm(&mut w.q, &layer.q_norm, self.eps());
         rms_norm(&mut w.k, &layer.k_norm, self.eps());
         let rope = if layer.sliding {
@@ -236,7 +236,7 @@ impl Gemma3 {
         let window = self.window(layer);
         let first_key = |pos| window.first_visible(pos);
         attend(&w.q, batch, cache, li, heads, first_key, &mut w.attn);
-        layer.o.matmul_rows_into(&w.attn, &batch.order, &mut w.out);
+        layer.o.matmul_into(&w.attn, batch.len(), &mut w.out);
     }
 }
 
@@ -299,15 +299,13 @@ impl CausalLm for Gemma3 {
 
             w.x.clone_from(&w.hidden);
             rms_norm(&mut w.x, &layer.pre_ffn_norm, self.eps());
-            layer.gate.matmul_rows_into(&w.x, &batch.order, &mut w.gate);
-            layer.up.matmul_rows_into(&w.x, &batch.order, &mut w.act);
+            layer.gate.matmul_into(&w.x, batch.len(), &mut w.gate);
+            layer.up.matmul_into(&w.x, batch.len(), &mut w.act);
             w.act
                 .iter_mut()
                 .zip(&w.gate)
                 .for_each(|(u, g)| *u *= (self.gelu)(*g));
-            layer
-                .down
-                .matmul_rows_into(&w.act, &batch.order, &mut w.out);
+            layer.down.matmul_into(&w.act, batch.len(), &mut w.out);
             rms_norm(&mut w.out, &layer.post_ffn_norm, self.eps());
             w.hidden.iter_mut().zip(&w.out).for_each(|(h, m)| *h += m);
             record(&w.hidden);

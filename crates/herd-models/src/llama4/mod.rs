@@ -384,9 +384,9 @@ impl Llama4 {
         let c = &self.config;
         let d = c.head_dim;
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        layer.q.matmul_rows_into(&w.x, &batch.order, &mut w.q);
-        layer.k.matmul_rows_into(&w.x, &batch.order, &mut w.k);
-        layer.v.matmul_rows_into(&w.x, &batch.order, &mut w.v);
+        layer.q.matmul_into(&w.x, batch.len(), &mut w.q);
+        layer.k.matmul_into(&w.x, batch.len(), &mut w.k);
+        layer.v.matmul_into(&w.x, batch.len(), &mut w.v);
         for (row, &pos) in batch.positions.iter().enumerate() {
             let qr = &mut w.q[row * nh * d..(row + 1) * nh * d];
             let kr = &mut w.k[row * nkv * d..(row + 1) * nkv * d];
@@ -414,7 +414,7 @@ impl Llama4 {
         let window = self.window(layer);
         let first_key = |pos| window.first_visible(pos);
         attend(&w.q, batch, cache, li, heads, first_key, &mut w.attn);
-        layer.o.matmul_rows_into(&w.attn, &batch.order, &mut w.out);
+        layer.o.matmul_into(&w.attn, batch.len(), &mut w.out);
     }
 
     /// SwiGLU MLP on `n` rows of `x`, into `out`.
