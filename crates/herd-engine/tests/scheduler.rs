@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, channel};
 
 use herd_engine::generate::{FinishReason, Request, generate};
-use herd_engine::sampler::SamplingParams;
+use herd_engine::sampler::{Sampled, SamplingParams};
 use herd_engine::scheduler::{
     Event, GenerationRequest, Scheduler, SchedulerConfig, SubmitError, Usage,
 };
@@ -477,10 +477,38 @@ fn a_stop_string_ends_the_request_and_frees_its_blocks() {
     }
 }
 
+/// Greedy tokens with their log-probabilities, and the usage, for `text` on `s`.
+fn sampled_run(s: &Scheduler, tok: &Tokenizer, text: &str) -> (Vec<Sampled>, Usage) {
+    let (tx, rx) = channel();
+    s.submit(GenerationRequest {
+        prompt: encode(tok, text),
+        max_tokens: 24,
+        stop: Vec::new(),
+        sampling: SamplingParams {
+            logprobs: true,
+            top_logprobs: 3,
+            ..SamplingParams::default()
+        },
+        ignore_eos: true,
+        constraint: None,
+        sink: Box::new(move |e| tx.send(e).is_ok()),
+    })
+    .unwrap();
+    let mut got = Vec::new();
+    for e in rx {
+        match e {
+            Event::Token { sampled, .. } => got.push(sampled),
+            Event::Done { usage, .. } => return (got, usage),
+            Event::Failed(why) => panic!("{why}"),
+        }
+    }
+    panic!("the event stream ended without Done")
+}
+
 /// A prompt computed cold, then served from the prefix cache in full and in part, gives the same
 /// tokens and the same log-probabilities: every row is computed the same way wherever its
 /// prompt span starts (the case from a user's report: 16 cached tokens used to change the
-/// greedy continuation).
+/// greedy continuation; this test fails on the code before RowOrder was removed).
 #[test]
 fn cached_prefixes_give_the_same_tokens_and_logprobs() {
     let Loaded {
@@ -493,74 +521,22 @@ fn cached_prefixes_give_the_same_tokens_and_logprobs() {
     };
     let s = Scheduler::start(model, tok.clone(), config);
     let base = "Zebra1: The history of the Roman empire is a long story that begins with";
-    let params = SamplingParams {
-        logprobs: true,
-        top_logprobs: 3,
-        ..SamplingParams::default()
-    };
-    let run = |text: &str| {
-        let (tx, rx) = channel();
-        s.submit(GenerationRequest {
-            prompt: encode(&tok, text),
-            max_tokens: 24,
-            stop: Vec::new(),
-            sampling: params.clone(),
-            ignore_eos: true,
-            constraint: None,
-            sink: Box::new(move |e| tx.send(e).is_ok()),
-        })
-        .unwrap();
-        let mut got = Vec::new();
-        let mut usage = None;
-        for e in rx {
-            match e {
-                Event::Token { sampled, .. } => got.push(sampled),
-                Event::Done { usage: u, .. } => {
-                    usage = Some(u);
-                    break;
-                }
-                Event::Failed(why) => panic!("{why}"),
-            }
-        }
-        (got, usage.unwrap())
-    };
-    let (cold, u0) = run(base);
-    let (warm, u1) = run(base);
+    let (cold, u0) = sampled_run(&s, &tok, base);
+    let (warm, u1) = sampled_run(&s, &tok, base);
     assert_eq!(u0.cached_tokens, 0);
     assert!(u1.cached_tokens >= 12, "{u1:?}");
     assert_eq!(warm, cold, "a fully cached prefix changed the output");
     // A different continuation of the prompt's start: only part of it is cached, and its
     // output equals the same prompt computed from scratch by a fresh scheduler.
     let other = format!("{base} the founding");
-    let (partial, u2) = run(&other);
+    let (partial, u2) = sampled_run(&s, &tok, &other);
     assert!(u2.cached_tokens > 0 && u2.cached_tokens < u2.prompt_tokens);
     drop(s);
     let Loaded {
         model, tokenizer, ..
     } = load();
     let fresh = Scheduler::start(model, Arc::new(tokenizer), SchedulerConfig::default());
-    let (tx, rx) = channel();
-    fresh
-        .submit(GenerationRequest {
-            prompt: encode(&tok, &other),
-            max_tokens: 24,
-            stop: Vec::new(),
-            sampling: params.clone(),
-            ignore_eos: true,
-            constraint: None,
-            sink: Box::new(move |e| tx.send(e).is_ok()),
-        })
-        .unwrap();
-    let mut want = Vec::new();
-    for e in rx {
-        match e {
-            Event::Token { sampled, .. } => want.push(sampled),
-            Event::Done { usage, .. } => {
-                assert_eq!(usage.cached_tokens, 0);
-                break;
-            }
-            Event::Failed(why) => panic!("{why}"),
-        }
-    }
+    let (want, u3) = sampled_run(&fresh, &tok, &other);
+    assert_eq!(u3.cached_tokens, 0);
     assert_eq!(partial, want, "a partly cached prefix changed the output");
 }
