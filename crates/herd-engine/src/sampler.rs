@@ -229,9 +229,10 @@ fn draw(
     let Scratch { weights, keys, ids } = scratch;
     let scale = 1.0 / params.temperature;
     let live = |l: f32| l > f32::NEG_INFINITY; // false for NaN too
+    let max = max_value(logits);
     // A temperature so small that 1/T overflows, or a +∞ logit, leaves no finite softmax: the
     // most likely token wins outright (no number drawn).
-    if !scale.is_finite() || max_value(logits) == f32::INFINITY {
+    if !scale.is_finite() || max == f32::INFINITY {
         return argmax(logits).unwrap_or(0);
     }
     let mut u = None;
@@ -258,7 +259,6 @@ fn draw(
             Walk::NeedMore => key_id(first),
         };
     }
-    let max = max_value(logits);
     if !live(max) {
         rng.next_f64();
         return 0;
