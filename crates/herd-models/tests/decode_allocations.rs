@@ -6,6 +6,13 @@
 //! The measured steps stay inside one cache block: a sequence's block table grows, and a
 //! sliding window releases a block, once per block (16 positions); those are the cache's only
 //! allocations while decoding.
+//!
+//! Per-thread scratch (attention scores, quantized activations) grows the first time a thread
+//! runs a task that needs more than it holds, and which pool thread claims which task varies
+//! from run to run: on a busy machine a worker may sit out the warm-up steps and grow its
+//! scratch in the measured ones. So each model is measured up to [`ROUNDS`] times, each on a
+//! fresh cache with the same tokens, and must reach a round without allocations; an allocation
+//! made by every step (the regression this guards against) fails every round.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
@@ -83,6 +90,9 @@ fn decode_allocations(model: &dyn CausalLm) -> usize {
     ALLOCATIONS.load(Ordering::Relaxed) - before
 }
 
+/// Measurement rounds per model (see the module note).
+const ROUNDS: usize = 4;
+
 #[test]
 fn warm_decode_steps_allocate_nothing() {
     for rel in [
@@ -93,7 +103,20 @@ fn warm_decode_steps_allocate_nothing() {
     ] {
         let path = fixture(rel);
         let model = load_model(&path).unwrap_or_else(|e| panic!("{rel}: {e}"));
-        let n = decode_allocations(model.as_ref());
-        assert_eq!(n, 0, "{rel}: {n} allocations in 9 warm decode steps");
+        let counts: Vec<usize> = (0..ROUNDS)
+            .scan(false, |clean, _| {
+                if *clean {
+                    return None;
+                }
+                let n = decode_allocations(model.as_ref());
+                *clean = n == 0;
+                Some(n)
+            })
+            .collect();
+        assert_eq!(
+            counts.last(),
+            Some(&0),
+            "{rel}: allocations in 9 warm decode steps, per round: {counts:?}"
+        );
     }
 }
