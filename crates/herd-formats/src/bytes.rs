@@ -50,6 +50,37 @@ impl TensorBytes {
         self.range.is_empty()
     }
 
+    /// Tell the OS that the mapped pages lying wholly inside these bytes are not needed now
+    /// (the tensor was copied elsewhere, e.g. repacked for the kernels), so they leave resident
+    /// memory; a later read faults them back in from the file. The range is trimmed inward to
+    /// 64 KiB boundaries, valid for every page size up to that. Owned bytes are left alone;
+    /// failure (an OS without `madvise`) only costs memory, so it is logged, not returned.
+    pub fn release_pages(&self) {
+        const ALIGN: usize = 64 * 1024;
+        let Backing::Mapped(map) = &self.backing else {
+            return;
+        };
+        let start = self.range.start.next_multiple_of(ALIGN);
+        let end = self.range.end / ALIGN * ALIGN;
+        if end <= start {
+            return;
+        }
+        #[cfg(unix)]
+        {
+            // SAFETY: the map is read-only and file-backed, so dropping its pages loses
+            // nothing: every later read of them reloads the file's bytes. Offsets from the
+            // map's start are 64 KiB-aligned, within the map (range.end <= map.len()).
+            let r = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+            if let Err(e) = r {
+                tracing::debug!("madvise(DONTNEED) on {} bytes failed: {e}", end - start);
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = map;
+    }
+
     /// A sub-range of these bytes (e.g. one expert of a stacked expert tensor).
     pub fn slice(&self, range: Range<usize>) -> Self {
         assert!(range.end <= self.len(), "TensorBytes::slice out of range");

@@ -1,5 +1,6 @@
 //! Quantized matrix-vector products (one decode step's shape), reported as GB/s of weights
-//! streamed, next to a plain memory-read benchmark of this machine on the same run.
+//! streamed, next to a plain memory-read benchmark of this machine on the same run; and
+//! matrix-matrix products (a prompt's shape), reported as multiply-adds per second.
 //!
 //! `cargo bench -p herd-kernels --bench matvec` (HERD_THREADS sets the thread count).
 
@@ -63,5 +64,32 @@ fn matvec(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, memory_read, matvec);
+fn gemm(c: &mut Criterion) {
+    // A Scout-shaped 2048 × 2048 weight against 64 activation rows (prefill), in the file's
+    // layout and, where the type has one, the interleaved layout the models load.
+    let (k, n, rows) = (2048, 2048, 64);
+    let w = rand_vec(k * n, 1, 1.0);
+    let x = rand_vec(k * rows, 2, 1.0);
+    let mut g = c.benchmark_group("gemm_2048x2048x64");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements((k * n * rows) as u64));
+    for t in [DType::Q4K, DType::Q6K, DType::Q8_0, DType::Q5_0] {
+        let mut q = vec![0u8; t.bytes_for(k * n)];
+        quantize(t, &w, &mut q);
+        let m = MatRef::new(&q, t, k, n, Layout::OutMajor).unwrap();
+        let mut out = vec![0.0f32; n * rows];
+        g.bench_function(t.name(), |b| {
+            b.iter(|| matmul(black_box(&x), rows, &m, &mut out))
+        });
+        if let Some(packed) = m.repacked() {
+            let m = MatRef::new(&packed, t, k, n, Layout::OutMajorX8).unwrap();
+            g.bench_function(format!("{}_x8", t.name()), |b| {
+                b.iter(|| matmul(black_box(&x), rows, &m, &mut out))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, memory_read, matvec, gemm);
 criterion_main!(benches);

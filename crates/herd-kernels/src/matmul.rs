@@ -18,6 +18,9 @@ pub enum Layout {
     OutMajor,
     /// `[in_features, out_features]`, row-major: `y = x·W`.
     InMajor,
+    /// `[out_features, in_features]` repacked at load: rows interleaved in groups of eight
+    /// (see [`quant::repack`]), the last `out_features % 8` rows as in `OutMajor`.
+    OutMajorX8,
 }
 
 /// A borrowed weight matrix.
@@ -31,7 +34,8 @@ pub struct MatRef<'a> {
 }
 
 impl<'a> MatRef<'a> {
-    /// A matrix view; `None` if the byte length does not match the shape.
+    /// A matrix view; `None` if the byte length does not match the shape (or `OutMajorX8` is
+    /// asked of a type without that layout).
     pub fn new(
         bytes: &'a [u8],
         dtype: DType,
@@ -39,7 +43,8 @@ impl<'a> MatRef<'a> {
         out_features: usize,
         layout: Layout,
     ) -> Option<Self> {
-        (bytes.len() == dtype.bytes_for(in_features * out_features)).then_some(Self {
+        let layout_ok = layout != Layout::OutMajorX8 || quant::repack::repack_supported(dtype);
+        (layout_ok && bytes.len() == dtype.bytes_for(in_features * out_features)).then_some(Self {
             bytes,
             dtype,
             in_features,
@@ -51,9 +56,21 @@ impl<'a> MatRef<'a> {
     /// Number of stored rows and their length in elements.
     fn stored_rows(&self) -> (usize, usize) {
         match self.layout {
-            Layout::OutMajor => (self.out_features, self.in_features),
+            Layout::OutMajor | Layout::OutMajorX8 => (self.out_features, self.in_features),
             Layout::InMajor => (self.in_features, self.out_features),
         }
+    }
+
+    /// The same matrix with its rows interleaved for the group kernels (`OutMajorX8`), when it
+    /// is an `OutMajor` matrix of a type that has that layout and at least one whole group;
+    /// `None` otherwise.
+    pub fn repacked(&self) -> Option<Vec<u8>> {
+        (self.layout == Layout::OutMajor
+            && quant::repack::repack_supported(self.dtype)
+            && self.out_features >= quant::repack::GROUP)
+            .then(|| {
+                quant::repack::repack(self.dtype, self.bytes, self.out_features, self.in_features)
+            })
     }
 
     /// Decode stored row `r` into `out` (an embedding lookup when the matrix is `[vocab, hidden]`).
@@ -64,6 +81,15 @@ impl<'a> MatRef<'a> {
             "decode_row: row {r} of {rows}"
         );
         let row_bytes = self.dtype.bytes_for(len);
+        if self.layout == Layout::OutMajorX8 {
+            ROW_BYTES.with_borrow_mut(|row| {
+                row.clear();
+                row.resize(row_bytes, 0);
+                quant::repack::unpack_row(self.dtype, self.bytes, rows, len, r, row);
+                decode_into(self.dtype, row, out);
+            });
+            return;
+        }
         decode_into(
             self.dtype,
             &self.bytes[r * row_bytes..(r + 1) * row_bytes],
@@ -90,21 +116,16 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
     let n_chunks = n.div_ceil(chunk);
     let shared = SharedMut::new(out);
     match w.layout {
+        Layout::OutMajorX8 => ACT.with_borrow_mut(|act| {
+            quantize_rows(pool, w.dtype.vec_dot_type(), x, n_rows, k, act);
+            matmul_x8(pool, act, n_rows, w, &shared);
+        }),
         Layout::OutMajor if w.dtype.is_quantized() => {
             // Quantize each activation row once to the weight type's dot-product partner.
             let at = w.dtype.vec_dot_type();
             let row_bytes = at.bytes_for(k);
             ACT.with_borrow_mut(|act| {
-                act.clear();
-                act.resize(n_rows * row_bytes, 0);
-                let act_out = SharedMut::new(act);
-                pool.run(n_rows.div_ceil(ACT_ROWS_PER_TASK), |c| {
-                    for t in c * ACT_ROWS_PER_TASK..((c + 1) * ACT_ROWS_PER_TASK).min(n_rows) {
-                        // SAFETY: tasks quantize disjoint rows.
-                        let ar = unsafe { act_out.slice(t * row_bytes, row_bytes) };
-                        quant::quantize_activation(at, &x[t * k..(t + 1) * k], ar);
-                    }
-                });
+                quantize_rows(pool, at, x, n_rows, k, act);
                 let w_row = w.dtype.bytes_for(k);
                 // A batch of more than four rows (prefill) is computed in tiles: a few weight rows
                 // and four activation rows, both staying in L1 while every pair of them is
@@ -201,7 +222,93 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
     }
 }
 
+/// Each of the `n_rows` rows of `x` (`k` values each) quantized to `at`, into `act` (resized),
+/// split over the pool.
+fn quantize_rows(
+    pool: &ThreadPool,
+    at: DType,
+    x: &[f32],
+    n_rows: usize,
+    k: usize,
+    act: &mut Vec<u8>,
+) {
+    let row_bytes = at.bytes_for(k);
+    act.clear();
+    act.resize(n_rows * row_bytes, 0);
+    let act_out = SharedMut::new(act);
+    pool.run(n_rows.div_ceil(ACT_ROWS_PER_TASK), |c| {
+        for t in c * ACT_ROWS_PER_TASK..((c + 1) * ACT_ROWS_PER_TASK).min(n_rows) {
+            // SAFETY: tasks quantize disjoint rows.
+            let ar = unsafe { act_out.slice(t * row_bytes, row_bytes) };
+            quant::quantize_activation(at, &x[t * k..(t + 1) * k], ar);
+        }
+    });
+}
+
+/// The product with an `OutMajorX8` matrix, given the activations quantized (`act`, `n_rows`
+/// rows): each pool task takes a run of row groups and, per group, every four activation rows
+/// in one group-kernel call (the rest one by one, for the same bits); the tail rows (fewer
+/// than eight, in the file's layout) take the one-row kernel.
+fn matmul_x8(pool: &ThreadPool, act: &[u8], n_rows: usize, w: &MatRef<'_>, out: &SharedMut<f32>) {
+    use quant::repack::GROUP;
+    let (k, n) = (w.in_features, w.out_features);
+    let a_row = w.dtype.vec_dot_type().bytes_for(k);
+    let act_row = |t: usize| &act[t * a_row..(t + 1) * a_row];
+    let w_row = w.dtype.bytes_for(k);
+    let group_bytes = GROUP * w_row;
+    let groups = n / GROUP;
+    let put = |t: usize, o: usize, v: f32| {
+        // SAFETY: tasks own disjoint output columns o.
+        unsafe { out.slice(t * n + o, 1)[0] = v };
+    };
+    // Tasks: a few per thread, each a run of whole groups; the tail rows are one more task.
+    let per_task = groups.div_ceil(pool.n_threads() * 4).max(1);
+    let group_tasks = groups.div_ceil(per_task);
+    let tail = groups * GROUP..n;
+    pool.run(group_tasks + usize::from(!tail.is_empty()), |task| {
+        if task == group_tasks {
+            for o in tail.clone() {
+                let wr = &w.bytes[o * w_row..(o + 1) * w_row];
+                for t in 0..n_rows {
+                    put(t, o, quant::vec_dot(w.dtype, wr, act_row(t), k));
+                }
+            }
+            return;
+        }
+        let first = task * per_task;
+        let mine = first..(first + per_task).min(groups);
+        // Groups are requested a couple ahead of the one being read (into L2).
+        let mut fetched = mine.start;
+        for gi in mine.clone() {
+            let want = (gi + 2).min(mine.end);
+            if fetched < want {
+                prefetch(&w.bytes[fetched * group_bytes..want * group_bytes]);
+                fetched = want;
+            }
+            let g = &w.bytes[gi * group_bytes..(gi + 1) * group_bytes];
+            let mut t = 0;
+            while t + 4 <= n_rows {
+                let v = quant::vec_dot_x8(w.dtype, g, [t, t + 1, t + 2, t + 3].map(act_row), k);
+                for (i, vi) in v.iter().enumerate() {
+                    for (m, &x) in vi.iter().enumerate() {
+                        put(t + i, gi * GROUP + m, x);
+                    }
+                }
+                t += 4;
+            }
+            for t in t..n_rows {
+                let [v] = quant::vec_dot_x8(w.dtype, g, [act_row(t)], k);
+                for (m, &x) in v.iter().enumerate() {
+                    put(t, gi * GROUP + m, x);
+                }
+            }
+        }
+    });
+}
+
 thread_local! {
+    /// One weight row in the file's layout (decoding a row of a repacked matrix).
+    static ROW_BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The quantized activations of the current product (kept for the next: once warm, a
     /// decode step allocates nothing).
     static ACT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -399,6 +506,76 @@ mod quantized_tests {
                     assert_eq!(one[t * n + o].to_bits(), want.to_bits(), "{wt}: ({t}, {o})");
                 }
             }
+        }
+    }
+
+    /// A matrix repacked into interleaved row groups gives the file layout's bits, for every
+    /// batch size 1..=9 (group calls of four rows, single rows, both), 1 and 3 threads, and
+    /// output counts with and without tail rows; its rows decode to the file's values.
+    #[test]
+    fn repacked_matmul_equals_the_file_layout() {
+        let k = 768;
+        for n in [8, 21, 40] {
+            let wt = DType::Q4K;
+            let mut wq = vec![0u8; wt.bytes_for(k * n)];
+            quant::quantize(wt, &rand_vec(k * n, 13, 1.0), &mut wq);
+            let plain = MatRef::new(&wq, wt, k, n, Layout::OutMajor).unwrap();
+            let packed_bytes = plain.repacked().unwrap();
+            let packed = MatRef::new(&packed_bytes, wt, k, n, Layout::OutMajorX8).unwrap();
+            for rows in 1..=9 {
+                let x = rand_vec(rows * k, 14 + rows as u64, 1.0);
+                let mut want = vec![0.0; rows * n];
+                matmul_with(&ThreadPool::new(1), &x, rows, &plain, &mut want);
+                for threads in [1, 3] {
+                    let mut got = vec![0.0; rows * n];
+                    matmul_with(&ThreadPool::new(threads), &x, rows, &packed, &mut got);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "n {n}, rows {rows}, threads {threads}");
+                }
+            }
+            let (mut a, mut b) = (vec![0.0; k], vec![0.0; k]);
+            for r in 0..n {
+                plain.decode_row(r, &mut a);
+                packed.decode_row(r, &mut b);
+                assert_eq!(a, b, "n {n}: row {r} decodes differently");
+            }
+        }
+    }
+
+    /// The group kernel this CPU runs equals the scalar reference bit for bit, for one to four
+    /// activation rows, on random weights and activations of 1..=5 super-blocks.
+    #[test]
+    fn group_kernel_equals_the_scalar_reference() {
+        fn check<const N: usize>(g: &[u8], acts: &[Vec<u8>], k: usize) {
+            let a: [&[u8]; N] = std::array::from_fn(|r| &acts[r][..]);
+            let got = quant::vec_dot_x8(DType::Q4K, g, a, k);
+            let want = quant::vec_dot_x8_scalar(DType::Q4K, g, a, k);
+            for (gr, wr) in got.iter().zip(&want) {
+                for (x, y) in gr.iter().zip(wr) {
+                    assert_eq!(x.to_bits(), y.to_bits(), "N {N}, k {k}");
+                }
+            }
+        }
+        for nb in 1..=5 {
+            let k = 256 * nb;
+            let mut wq = vec![0u8; DType::Q4K.bytes_for(8 * k)];
+            quant::quantize(DType::Q4K, &rand_vec(8 * k, 20 + nb as u64, 3.0), &mut wq);
+            let g = quant::repack::repack(DType::Q4K, &wq, 8, k);
+            let acts: Vec<Vec<u8>> = (0..4)
+                .map(|r| {
+                    let mut a = vec![0u8; DType::Q8K.bytes_for(k)];
+                    let x = rand_vec(k, 40 + r, 1.0 + r as f32);
+                    quant::quantize_activation(DType::Q8K, &x, &mut a);
+                    a
+                })
+                .collect();
+            check::<1>(&g, &acts, k);
+            check::<2>(&g, &acts, k);
+            check::<3>(&g, &acts, k);
+            check::<4>(&g, &acts, k);
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::dot::{combine_k, q4_k_add, q8k_bsum};
+use super::repack::{GROUP, X8_BLOCK};
 use super::{f16_at, f32_at, scale_min_k4};
 use crate::DType;
 
@@ -55,6 +56,27 @@ pub(crate) fn rows_x4(
         }
     }
     Some(())
+}
+
+/// `out[r][m]`: row `m` of one interleaved group (`g`, the layout of `repack`) with activation
+/// row `a[r]`, each equal to [`vec_dot`] of that pair. `None` for types without a group kernel.
+pub(crate) fn rows_x8<const N: usize>(
+    wtype: DType,
+    g: &[u8],
+    a: [&[u8]; N],
+    n: usize,
+) -> Option<[[f32; 8]; N]> {
+    let nb = n / wtype.block_size();
+    let at = wtype.vec_dot_type().type_size();
+    assert!(g.len() >= nb * GROUP * wtype.type_size() && a.iter().all(|r| r.len() >= nb * at));
+    // SAFETY: has_avx2() confirmed AVX2, FMA and F16C at run time; the group holds nb whole
+    // super-blocks and every activation row nb whole blocks (asserted above).
+    unsafe {
+        match wtype {
+            DType::Q4K => Some(q4_k_x8(g, a, nb)),
+            _ => None,
+        }
+    }
 }
 
 /// The eight f32 lanes added as ggml's `hsum_float_8` (the reference's `hsum8`).
@@ -335,6 +357,143 @@ unsafe fn q4_k_block_x4(w: *const u8, a: [*const u8; 4]) -> (__m128i, __m128i) {
     let m = transpose4(mins);
     let min_totals = _mm_add_epi32(_mm_add_epi32(m[0], m[1]), _mm_add_epi32(m[2], m[3]));
     (hsum4_i32(totals), min_totals)
+}
+
+/// Eight interleaved Q4_K rows (one group, `nb` super-blocks) against `N` activation rows: lane
+/// `m` of each vector is weight row `m`. Per super-block and sub-block `j`: four quants of each
+/// row times four broadcast activations by `maddubs` (eight steps summed in i16: at most
+/// 8·2·15·128 = 30720), times the rows' scales by `madd`; then lane `m` of `sumi` and `summ`
+/// holds row `m`'s exact block sums, and the f32 steps are the reference's.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_x8<const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize) -> [[f32; 8]; N] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (mut acc, mut acc_min) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+    let (mut sc, mut mn) = ([0u8; 64], [0u8; 64]);
+    for b in 0..nb {
+        // SAFETY: block b of the group is X8_BLOCK bytes at X8_BLOCK·b and block b of each
+        // activation row 292 bytes at 292·b (checked by rows_x8); every load below is inside
+        // them, and the stores go to the 64-byte arrays above.
+        unsafe {
+            let gb = g.as_ptr().add(X8_BLOCK * b);
+            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
+            // Scales and mins, byte 8j + m: low four bits at 32.., top two bits at 96...
+            let lo0 = _mm256_loadu_si256(gb.add(32) as *const __m256i);
+            let lo1 = _mm256_loadu_si256(gb.add(64) as *const __m256i);
+            let hi = _mm256_loadu_si256(gb.add(96) as *const __m256i);
+            let m30 = _mm256_set1_epi8(0x30);
+            let top = |v: __m256i| _mm256_and_si256(v, m30);
+            let sc0 = _mm256_or_si256(_mm256_and_si256(lo0, m4), top(_mm256_slli_epi16::<4>(hi)));
+            let sc1 = _mm256_or_si256(_mm256_and_si256(lo1, m4), top(_mm256_slli_epi16::<2>(hi)));
+            let mn0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(lo0), m4), top(hi));
+            let mn1 = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(lo1), m4),
+                top(_mm256_srli_epi16::<2>(hi)),
+            );
+            _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, sc0);
+            _mm256_storeu_si256(sc.as_mut_ptr().add(32) as *mut __m256i, sc1);
+            _mm256_storeu_si256(mn.as_mut_ptr() as *mut __m256i, mn0);
+            _mm256_storeu_si256(mn.as_mut_ptr().add(32) as *mut __m256i, mn1);
+
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for c in 0..4 {
+                let q = gb.add(128 + 256 * c);
+                let lo = q4_k_x8_sub_block::<N, false>(q, ab.map(|ar| ar.add(4 + 64 * c)));
+                let hi = q4_k_x8_sub_block::<N, true>(q, ab.map(|ar| ar.add(36 + 64 * c)));
+                // Row m's scale of sub-blocks 2c and 2c + 1 in both i16 halves of lane m.
+                let scale = |j: usize| {
+                    let s8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        sc.as_ptr().add(8 * j) as *const __m128i
+                    ));
+                    _mm256_or_si256(s8, _mm256_slli_epi32::<16>(s8))
+                };
+                let (s_lo, s_hi) = (scale(2 * c), scale(2 * c + 1));
+                for r in 0..N {
+                    let t = _mm256_add_epi32(
+                        _mm256_madd_epi16(lo[r], s_lo),
+                        _mm256_madd_epi16(hi[r], s_hi),
+                    );
+                    sumi[r] = _mm256_add_epi32(sumi[r], t);
+                }
+            }
+
+            // Mins: lane m of madd(pairs of row m's mins of sub-blocks 2i, 2i+1, pairs of the
+            // activations' 32-value sums).
+            let mins: [__m256i; 4] = std::array::from_fn(|i| {
+                let m_even = _mm_loadl_epi64(mn.as_ptr().add(16 * i) as *const __m128i);
+                let m_odd = _mm_loadl_epi64(mn.as_ptr().add(16 * i + 8) as *const __m128i);
+                _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m_even, m_odd))
+            });
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(gb as *const __m128i));
+            let dmw = _mm256_cvtph_ps(_mm_loadu_si128(gb.add(16) as *const __m128i));
+            for r in 0..N {
+                let bsums = _mm256_loadu_si256(ab[r].add(260) as *const __m256i);
+                // i16 lane j: the sum of sub-block j's 32 activations.
+                let sums = _mm_hadd_epi16(
+                    _mm256_castsi256_si128(bsums),
+                    _mm256_extracti128_si256::<1>(bsums),
+                );
+                let pair = |i: usize| _mm256_set1_epi32(extract_i32(sums, i));
+                let mut summ = _mm256_madd_epi16(mins[0], pair(0));
+                for (i, mi) in mins.iter().enumerate().skip(1) {
+                    summ = _mm256_add_epi32(summ, _mm256_madd_epi16(*mi, pair(i)));
+                }
+                let ad = _mm256_set1_ps(f32_ptr(ab[r]));
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_mul_ps(dw, ad), acc[r]);
+                acc_min[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dmw, ad), acc_min[r]);
+            }
+        }
+    }
+    std::array::from_fn(|r| {
+        let mut out = [0.0f32; 8];
+        // SAFETY: out holds eight f32; unaligned store.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[r], acc_min[r])) };
+        out
+    })
+}
+
+/// One sub-block of eight interleaved Q4_K rows (the low nibbles of the part at `q`, or the
+/// high ones if `HI`) against the 32 activations at each `a[r]`: lane pair `2m, 2m + 1` of
+/// result `r` (i16) sums row `m`'s quants times the activations.
+///
+/// # Safety
+/// AVX2; `q` points at 256 readable bytes and each `a[r]` at 32.
+#[inline(always)]
+unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool>(
+    q: *const u8,
+    a: [*const u8; N],
+) -> [__m256i; N] {
+    // SAFETY: forwarded to the caller (AVX2 and the byte ranges above).
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut p = [_mm256_setzero_si256(); N];
+        for k in 0..8 {
+            let v = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+            let w = if HI {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)
+            } else {
+                _mm256_and_si256(v, m4)
+            };
+            for (pr, ar) in p.iter_mut().zip(a) {
+                let y = _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(4 * k) as *const i32));
+                *pr = _mm256_add_epi16(*pr, _mm256_maddubs_epi16(w, y));
+            }
+        }
+        p
+    }
+}
+
+/// i32 lane `i` (0..4) of `v`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn extract_i32(v: __m128i, i: usize) -> i32 {
+    match i {
+        0 => _mm_extract_epi32::<0>(v),
+        1 => _mm_extract_epi32::<1>(v),
+        2 => _mm_extract_epi32::<2>(v),
+        _ => _mm_extract_epi32::<3>(v),
+    }
 }
 
 /// A 4×4 transpose of i32 lanes: lane `j` of element `i` goes to lane `i` of element `j`.

@@ -71,10 +71,7 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
         DType::Q4K => {
             let mut acc = [0.0f32; 2];
             for (wb, ab) in blocks {
-                let (sumi, summ) = q4_k_parts(wb, ab);
-                let ad = f32_at(ab, 0);
-                let (d, dmin) = (f16_at(wb, 0) * ad, f16_at(wb, 2) * ad);
-                q4_k_add(&mut acc, sumi.iter().sum(), summ.iter().sum(), d, dmin);
+                q4_k_step(&mut acc, wb, ab);
             }
             acc[0] - acc[1]
         }
@@ -163,6 +160,64 @@ fn q6_k_lanes(w: &[u8], a: &[u8]) -> [i32; 8] {
             * (sc(2 * lane) * q8k_bsum(a, 2 * lane) + sc(2 * lane + 1) * q8k_bsum(a, 2 * lane + 1));
     }
     lanes
+}
+
+/// One Q4_K × Q8_K super-block of the reference: its exact integer sums, then
+/// [`q4_k_add`] with `d = d_w·d_a`, `dmin = dmin_w·d_a`.
+fn q4_k_step(acc: &mut [f32; 2], wb: &[u8], ab: &[u8]) {
+    let (sumi, summ) = q4_k_parts(wb, ab);
+    let ad = f32_at(ab, 0);
+    let (d, dmin) = (f16_at(wb, 0) * ad, f16_at(wb, 2) * ad);
+    q4_k_add(acc, sumi.iter().sum(), summ.iter().sum(), d, dmin);
+}
+
+/// `out[r][m]` = [`vec_dot`] of row `m` of one group of eight interleaved rows (`g`: the
+/// group's super-blocks in the layout of [`repack`](super::repack)) with activation row `a[r]`,
+/// `n` elements each: the same bits as the rows in the file's layout give.
+///
+/// Panics if `wtype` has no interleaved layout or the slices are short.
+pub fn vec_dot_x8<const N: usize>(
+    wtype: DType,
+    g: &[u8],
+    a: [&[u8]; N],
+    n: usize,
+) -> [[f32; 8]; N] {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2()
+        && let Some(v) = super::avx2::rows_x8(wtype, g, a, n)
+    {
+        return v;
+    }
+    vec_dot_x8_scalar(wtype, g, a, n)
+}
+
+/// The scalar reference of [`vec_dot_x8`]: each row's blocks restored to the file's layout and
+/// taken through [`vec_dot_scalar`]'s steps.
+pub fn vec_dot_x8_scalar<const N: usize>(
+    wtype: DType,
+    g: &[u8],
+    a: [&[u8]; N],
+    n: usize,
+) -> [[f32; 8]; N] {
+    assert!(
+        super::repack::repack_supported(wtype),
+        "no interleaved kernel for {wtype}"
+    );
+    let nb = n / super::QK_K;
+    let at = wtype.vec_dot_type().type_size();
+    let x8 = super::repack::X8_BLOCK;
+    assert!(g.len() >= nb * x8 && a.iter().all(|r| r.len() >= nb * at));
+    let mut acc = [[[0.0f32; 2]; 8]; N];
+    let mut block = [0u8; 144];
+    for b in 0..nb {
+        for m in 0..8 {
+            super::repack::unpack_group_block(&g[b * x8..(b + 1) * x8], m, &mut block);
+            for (acc_r, ar) in acc.iter_mut().zip(&a) {
+                q4_k_step(&mut acc_r[m], &block, &ar[b * at..(b + 1) * at]);
+            }
+        }
+    }
+    acc.map(|r| r.map(|[s, m]| s - m))
 }
 
 /// One Q4_K super-block: `acc += [sumi·d, summ·dmin]`, each by fused multiply-add.

@@ -8,12 +8,13 @@
 mod dequant;
 mod dot;
 mod quantize;
+pub mod repack;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
 pub use dequant::dequantize;
-pub use dot::{vec_dot, vec_dot_scalar, vec_dot_x4_rows};
+pub use dot::{vec_dot, vec_dot_scalar, vec_dot_x4_rows, vec_dot_x8, vec_dot_x8_scalar};
 pub use quantize::{quantize, quantize_activation, quantize_supported};
 
 /// Elements per K-quant super-block.

@@ -1,0 +1,194 @@
+//! Weights repacked at load for the CPU kernels: Q4_K rows interleaved in groups of eight, so
+//! that one 32-byte load holds four quants of each of eight rows and one integer multiply-add
+//! fills eight lanes, one per weight row (llama.cpp's `block_q4_Kx8` and ik_llama.cpp's
+//! run-time repacking do the same). The products keep [`vec_dot`](super::vec_dot)'s f32 order
+//! per output, so a repacked matrix gives the file layout's bits.
+//!
+//! A repacked `[out, in]` matrix ([`Layout::OutMajorX8`](crate::Layout::OutMajorX8)) holds its
+//! first `out / 8 * 8` rows in groups of eight, each group's super-blocks one after another,
+//! then its last `out % 8` rows as in the file. A group's super-block is [`X8_BLOCK`] bytes,
+//! eight rows' 144 (the size does not change):
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 0..16 | `d` of rows 0..8 (f16) |
+//! | 16..32 | `dmin` of rows 0..8 (f16) |
+//! | 32..96 | byte `8j + m`: low four bits of row `m`'s sub-block `j` scale, and of its min `<< 4` |
+//! | 96..128 | byte `i` (`i = 8j + m`, `j < 4`): the top two bits of scale `i`, scale `i + 32`, min `i`, min `i + 32` at bits 0, 2, 4, 6 |
+//! | 128..1152 | for part `c` 0..4, step `k` 0..8, row `m` 0..8: row `m`'s quant bytes `32c + 4k .. 32c + 4k + 4` |
+//!
+//! A part's byte holds sub-block `2c`'s quant in its low nibble and sub-block `2c + 1`'s in its
+//! high nibble (the file's order), so step `k` of part `c` pairs with activations
+//! `64c + 4k..+4` (low nibbles) and `64c + 32 + 4k..+4` (high nibbles).
+
+use super::{QK_K, scale_min_k4};
+use crate::DType;
+
+/// Rows per interleaved group.
+pub const GROUP: usize = 8;
+
+/// Bytes of one group's super-block (eight Q4_K blocks).
+pub const X8_BLOCK: usize = GROUP * 144;
+
+/// Whether `dtype` has an interleaved layout (the types with a group kernel).
+pub fn repack_supported(dtype: DType) -> bool {
+    dtype == DType::Q4K
+}
+
+/// The file's `[rows, k]` matrix `w` (`rows` × `k` elements of `dtype`) in the interleaved
+/// layout described above, the same number of bytes.
+///
+/// Panics if `dtype` is not [`repack_supported`] or `w` is not `rows × k` elements.
+pub fn repack(dtype: DType, w: &[u8], rows: usize, k: usize) -> Vec<u8> {
+    assert!(repack_supported(dtype), "no interleaved layout for {dtype}");
+    let row_bytes = dtype.bytes_for(k);
+    assert_eq!(w.len(), rows * row_bytes, "repack: size");
+    let groups = rows / GROUP;
+    let mut out = vec![0u8; w.len()];
+    let group_bytes = GROUP * row_bytes;
+    let shared = crate::pool::SharedMut::new(&mut out);
+    // Groups are independent: split them over the pool (loading a model repacks gigabytes).
+    let per_task = groups.div_ceil(64).max(1);
+    crate::pool::global().run(groups.div_ceil(per_task), |task| {
+        for g in task * per_task..((task + 1) * per_task).min(groups) {
+            // SAFETY: tasks write disjoint groups' bytes, inside `out`.
+            let og = unsafe { shared.slice(g * group_bytes, group_bytes) };
+            for (b, ob) in og.chunks_exact_mut(X8_BLOCK).enumerate() {
+                let blocks: [&[u8]; GROUP] = std::array::from_fn(|m| {
+                    let at = (g * GROUP + m) * row_bytes + b * 144;
+                    &w[at..at + 144]
+                });
+                pack_group_block(blocks, ob);
+            }
+        }
+    });
+    let tail = groups * group_bytes;
+    out[tail..].copy_from_slice(&w[tail..]);
+    out
+}
+
+/// Eight file-layout Q4_K blocks as one group super-block.
+fn pack_group_block(blocks: [&[u8]; GROUP], out: &mut [u8]) {
+    let (mut sc, mut mn) = ([0u8; 64], [0u8; 64]);
+    for (m, blk) in blocks.iter().enumerate() {
+        out[2 * m..2 * m + 2].copy_from_slice(&blk[0..2]);
+        out[16 + 2 * m..18 + 2 * m].copy_from_slice(&blk[2..4]);
+        for j in 0..8 {
+            (sc[8 * j + m], mn[8 * j + m]) = scale_min_k4(j, &blk[4..16]);
+        }
+        // Step s = 8c + k of part c: the row's bytes 16 + 4s.. (parts are 32 bytes apart).
+        for (s, q) in blk[16..144].chunks_exact(4).enumerate() {
+            let at = 128 + 32 * s + 4 * m;
+            out[at..at + 4].copy_from_slice(q);
+        }
+    }
+    for i in 0..64 {
+        out[32 + i] = (sc[i] & 15) | (mn[i] & 15) << 4;
+    }
+    for i in 0..32 {
+        out[96 + i] =
+            (sc[i] >> 4) | (sc[i + 32] >> 4) << 2 | (mn[i] >> 4) << 4 | (mn[i + 32] >> 4) << 6;
+    }
+}
+
+/// Row `m`'s 144-byte file-layout block back from a group super-block `gb`.
+pub(crate) fn unpack_group_block(gb: &[u8], m: usize, out: &mut [u8]) {
+    out[0..2].copy_from_slice(&gb[2 * m..2 * m + 2]);
+    out[2..4].copy_from_slice(&gb[16 + 2 * m..18 + 2 * m]);
+    let (sc, mn): ([u8; 8], [u8; 8]) = (
+        std::array::from_fn(|j| group_scale_min(gb, 8 * j + m).0),
+        std::array::from_fn(|j| group_scale_min(gb, 8 * j + m).1),
+    );
+    out[4..16].copy_from_slice(&pack_scale_min_k4(&sc, &mn));
+    for (s, q) in out[16..144].chunks_exact_mut(4).enumerate() {
+        let at = 128 + 32 * s + 4 * m;
+        q.copy_from_slice(&gb[at..at + 4]);
+    }
+}
+
+/// Scale and min `i = 8j + m` (sub-block `j` of row `m`) of a group super-block.
+fn group_scale_min(gb: &[u8], i: usize) -> (u8, u8) {
+    let lo = gb[32 + i];
+    let hi = gb[96 + i % 32];
+    let shift = if i < 32 { 0 } else { 2 };
+    (
+        (lo & 15) | ((hi >> shift) & 3) << 4,
+        (lo >> 4) | ((hi >> (4 + shift)) & 3) << 4,
+    )
+}
+
+/// The file's 12-byte packing of eight 6-bit scales and mins (the inverse of
+/// [`scale_min_k4`]).
+fn pack_scale_min_k4(sc: &[u8; 8], mn: &[u8; 8]) -> [u8; 12] {
+    let mut s = [0u8; 12];
+    for j in 0..4 {
+        s[j] = sc[j] | (sc[j + 4] >> 4) << 6;
+        s[j + 4] = mn[j] | (mn[j + 4] >> 4) << 6;
+        s[j + 8] = (sc[j + 4] & 15) | (mn[j + 4] & 15) << 4;
+    }
+    s
+}
+
+/// Stored row `r` of a repacked `[rows, k]` matrix in the file's layout, into `out`
+/// (`dtype.bytes_for(k)` bytes).
+pub fn unpack_row(dtype: DType, w: &[u8], rows: usize, k: usize, r: usize, out: &mut [u8]) {
+    assert!(
+        repack_supported(dtype) && r < rows,
+        "unpack_row: row {r} of {rows}"
+    );
+    let row_bytes = dtype.bytes_for(k);
+    let groups = rows / GROUP;
+    if r >= groups * GROUP {
+        out.copy_from_slice(&w[r * row_bytes..(r + 1) * row_bytes]);
+        return;
+    }
+    let (g, m, nb) = (r / GROUP, r % GROUP, k / QK_K);
+    for b in 0..nb {
+        let gb = &w[(g * nb + b) * X8_BLOCK..(g * nb + b + 1) * X8_BLOCK];
+        unpack_group_block(gb, m, &mut out[b * 144..(b + 1) * 144]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::quantize;
+    use crate::testing::rand_vec;
+
+    /// Repacking moves bytes and nothing else: every row unpacks to the file's bytes, for row
+    /// counts with and without a tail.
+    #[test]
+    fn every_row_unpacks_to_the_file_bytes() {
+        let k = 512;
+        for rows in [1, 7, 8, 13, 24] {
+            let wf = rand_vec(rows * k, 11, 2.0);
+            let mut w = vec![0u8; DType::Q4K.bytes_for(rows * k)];
+            quantize(DType::Q4K, &wf, &mut w);
+            let packed = repack(DType::Q4K, &w, rows, k);
+            assert_eq!(packed.len(), w.len());
+            let row_bytes = DType::Q4K.bytes_for(k);
+            let mut row = vec![0u8; row_bytes];
+            for r in 0..rows {
+                unpack_row(DType::Q4K, &packed, rows, k, r, &mut row);
+                assert_eq!(
+                    row,
+                    w[r * row_bytes..(r + 1) * row_bytes],
+                    "rows {rows}, row {r}"
+                );
+            }
+        }
+    }
+
+    /// The 12-byte scale packing round-trips every 6-bit value in every position.
+    #[test]
+    fn scale_packing_round_trips() {
+        for v in 0..64u8 {
+            let sc: [u8; 8] = std::array::from_fn(|j| ((v as usize + 7 * j) % 64) as u8);
+            let mn: [u8; 8] = std::array::from_fn(|j| ((v as usize * 3 + 11 * j) % 64) as u8);
+            let s = pack_scale_min_k4(&sc, &mn);
+            for j in 0..8 {
+                assert_eq!(scale_min_k4(j, &s), (sc[j], mn[j]));
+            }
+        }
+    }
+}
