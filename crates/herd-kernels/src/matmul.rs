@@ -515,8 +515,10 @@ mod quantized_tests {
     #[test]
     fn repacked_matmul_equals_the_file_layout() {
         let k = 768;
-        for n in [8, 21, 40] {
-            let wt = DType::Q4K;
+        for (wt, n) in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0]
+            .into_iter()
+            .flat_map(|t| [(t, 8), (t, 21), (t, 40)])
+        {
             let mut wq = vec![0u8; wt.bytes_for(k * n)];
             quant::quantize(wt, &rand_vec(k * n, 13, 1.0), &mut wq);
             let plain = MatRef::new(&wq, wt, k, n, Layout::OutMajor).unwrap();
@@ -533,14 +535,14 @@ mod quantized_tests {
                         .iter()
                         .zip(&want)
                         .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "n {n}, rows {rows}, threads {threads}");
+                    assert!(same, "{wt}: n {n}, rows {rows}, threads {threads}");
                 }
             }
             let (mut a, mut b) = (vec![0.0; k], vec![0.0; k]);
             for r in 0..n {
                 plain.decode_row(r, &mut a);
                 packed.decode_row(r, &mut b);
-                assert_eq!(a, b, "n {n}: row {r} decodes differently");
+                assert_eq!(a, b, "{wt}: n {n}: row {r} decodes differently");
             }
         }
     }
@@ -549,33 +551,36 @@ mod quantized_tests {
     /// activation rows, on random weights and activations of 1..=5 super-blocks.
     #[test]
     fn group_kernel_equals_the_scalar_reference() {
-        fn check<const N: usize>(g: &[u8], acts: &[Vec<u8>], k: usize) {
+        fn check<const N: usize>(t: DType, g: &[u8], acts: &[Vec<u8>], k: usize) {
             let a: [&[u8]; N] = std::array::from_fn(|r| &acts[r][..]);
-            let got = quant::vec_dot_x8(DType::Q4K, g, a, k);
-            let want = quant::vec_dot_x8_scalar(DType::Q4K, g, a, k);
+            let got = quant::vec_dot_x8(t, g, a, k);
+            let want = quant::vec_dot_x8_scalar(t, g, a, k);
             for (gr, wr) in got.iter().zip(&want) {
                 for (x, y) in gr.iter().zip(wr) {
-                    assert_eq!(x.to_bits(), y.to_bits(), "N {N}, k {k}");
+                    assert_eq!(x.to_bits(), y.to_bits(), "{t}: N {N}, k {k}");
                 }
             }
         }
-        for nb in 1..=5 {
-            let k = 256 * nb;
-            let mut wq = vec![0u8; DType::Q4K.bytes_for(8 * k)];
-            quant::quantize(DType::Q4K, &rand_vec(8 * k, 20 + nb as u64, 3.0), &mut wq);
-            let g = quant::repack::repack(DType::Q4K, &wq, 8, k);
-            let acts: Vec<Vec<u8>> = (0..4)
-                .map(|r| {
-                    let mut a = vec![0u8; DType::Q8K.bytes_for(k)];
-                    let x = rand_vec(k, 40 + r, 1.0 + r as f32);
-                    quant::quantize_activation(DType::Q8K, &x, &mut a);
-                    a
-                })
-                .collect();
-            check::<1>(&g, &acts, k);
-            check::<2>(&g, &acts, k);
-            check::<3>(&g, &acts, k);
-            check::<4>(&g, &acts, k);
+        for t in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
+            for nb in 1..=5 {
+                let k = t.block_size() * nb;
+                let mut wq = vec![0u8; t.bytes_for(8 * k)];
+                quant::quantize(t, &rand_vec(8 * k, 20 + nb as u64, 3.0), &mut wq);
+                let g = quant::repack::repack(t, &wq, 8, k);
+                let at = t.vec_dot_type();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|r| {
+                        let mut a = vec![0u8; at.bytes_for(k)];
+                        let x = rand_vec(k, 40 + r, 1.0 + r as f32);
+                        quant::quantize_activation(at, &x, &mut a);
+                        a
+                    })
+                    .collect();
+                check::<1>(t, &g, &acts, k);
+                check::<2>(t, &g, &acts, k);
+                check::<3>(t, &g, &acts, k);
+                check::<4>(t, &g, &acts, k);
+            }
         }
     }
 }

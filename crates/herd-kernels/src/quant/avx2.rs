@@ -74,6 +74,9 @@ pub(crate) fn rows_x8<const N: usize>(
     unsafe {
         match wtype {
             DType::Q4K => Some(q4_k_x8(g, a, nb)),
+            DType::Q8_0 => Some(q0_x8::<Q8_0, N>(g, a, nb)),
+            DType::Q4_0 => Some(q0_x8::<Q4_0, N>(g, a, nb)),
+            DType::Q5_0 => Some(q0_x8::<Q5_0, N>(g, a, nb)),
             _ => None,
         }
     }
@@ -114,41 +117,51 @@ fn q0_weights<const T: u8>(wb: &[u8]) -> __m256i {
     }
 }
 
-/// One row of Q8_0/Q4_0/Q5_0 weights with Q8_0 activations: ggml's eight f32 lanes, one fused
-/// multiply-add of `d_w·d_a` and the block's lane sums per block.
+/// One row of Q8_0/Q4_0/Q5_0 weights with Q8_0 activations: per block, the exact integer sum
+/// times `d_w·d_a` added to one f32 sum by fused multiply-add (the reference's order).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q0_row<const T: u8>(w: &[u8], a: &[u8], nb: usize) -> f32 {
     let wt = q0_size::<T>();
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = 0.0f32;
     for i in 0..nb {
         let (wb, ab) = (&w[wt * i..wt * (i + 1)], &a[34 * i..34 * (i + 1)]);
         // SAFETY: bytes 2..34 of the Q8_0 block; the scales are the blocks' first two bytes.
         let (y, d) = unsafe { (load(ab, 2), f16_ptr(wb.as_ptr()) * f16_ptr(ab.as_ptr())) };
-        let q = _mm256_cvtepi32_ps(dot_i8(q0_weights::<T>(wb), y));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), q, acc);
+        let isum = hsum_i32(dot_i8(q0_weights::<T>(wb), y));
+        acc = (isum as f32).mul_add(d, acc);
     }
-    hsum_ps(acc)
+    acc
 }
 
-/// [`q0_row`] for one weight row and four activation rows.
+/// [`q0_row`] for one weight row and four activation rows (lane r of each f32 step).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q0_rows_x4<const T: u8>(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
     let wt = q0_size::<T>();
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc = _mm_setzero_ps();
     for i in 0..nb {
         let wb = &w[wt * i..wt * (i + 1)];
         let x = q0_weights::<T>(wb);
-        // SAFETY: the weight block's scale is its first two bytes.
-        let dw = unsafe { f16_ptr(wb.as_ptr()) };
-        for r in 0..4 {
-            let ab = &a[r][34 * i..34 * (i + 1)];
-            // SAFETY: bytes 2..34 and the scale of the Q8_0 block.
-            let (y, da) = unsafe { (load(ab, 2), f16_ptr(ab.as_ptr())) };
-            let q = _mm256_cvtepi32_ps(dot_i8(x, y));
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), q, acc[r]);
+        // SAFETY: the weight block's scale is its first two bytes; each activation block's
+        // values are bytes 2..34 and its scale the first two.
+        unsafe {
+            let dw = f16_ptr(wb.as_ptr());
+            let ab = a.map(|r| r.as_ptr().add(34 * i));
+            let sums =
+                hsum4_i32(ab.map(|p| dot_i8(x, _mm256_loadu_si256(p.add(2) as *const __m256i))));
+            let da = _mm_set_ps(
+                f16_ptr(ab[3]),
+                f16_ptr(ab[2]),
+                f16_ptr(ab[1]),
+                f16_ptr(ab[0]),
+            );
+            let d = _mm_mul_ps(_mm_set1_ps(dw), da);
+            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), d, acc);
         }
     }
-    acc.map(|v| hsum_ps(v))
+    let mut out = [0.0f32; 4];
+    // SAFETY: out holds four f32; unaligned store.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), acc) };
+    out
 }
 
 /// The 32 signed 4-bit weights of a Q4_0 block (−8..7) as bytes.
@@ -482,6 +495,76 @@ unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool>(
         }
         p
     }
+}
+
+/// Eight interleaved Q8_0/Q4_0/Q5_0 rows (one group, `nb` blocks) against `N` Q8_0 activation
+/// rows: lane `m` is weight row `m`. Per block, step `s` takes four signed quants of each row
+/// against four broadcast activations (sign trick for `maddubs`), widened to i32 by `madd`;
+/// after eight steps lane `m` holds row `m`'s exact block sum, and the f32 step is the
+/// reference's (`acc = isum·(d_w·d_a) + acc`).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q0_x8<const T: u8, const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize) -> [[f32; 8]; N] {
+    let gbb = GROUP * q0_size::<T>();
+    let ones = _mm256_set1_epi16(1);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        // SAFETY: group block b is gbb bytes at gbb·b and activation block b 34 bytes at 34·b
+        // (checked by rows_x8); every load below is inside them.
+        unsafe {
+            let gb = g.as_ptr().add(gbb * b);
+            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(34 * b));
+            let mut isum = [_mm256_setzero_si256(); N];
+            for s in 0..8 {
+                let w = match T {
+                    Q8_0 => _mm256_loadu_si256(gb.add(16 + 32 * s) as *const __m256i),
+                    _ => {
+                        let body = if T == Q5_0 { 48 } else { 16 };
+                        let v = _mm256_loadu_si256(gb.add(body + 32 * (s % 4)) as *const __m256i);
+                        let nib = if s < 4 {
+                            _mm256_and_si256(v, m4)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)
+                        };
+                        if T == Q5_0 {
+                            // Bit s of each plane byte, moved to bit 4 (16-bit shifts: the
+                            // mask keeps only bits that stayed inside their byte).
+                            let plane = _mm256_loadu_si256(gb.add(16) as *const __m256i);
+                            let moved = if s <= 4 {
+                                _mm256_sll_epi16(plane, _mm_cvtsi32_si128(4 - s as i32))
+                            } else {
+                                _mm256_srl_epi16(plane, _mm_cvtsi32_si128(s as i32 - 4))
+                            };
+                            let fifth = _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
+                            _mm256_sub_epi8(_mm256_or_si256(nib, fifth), _mm256_set1_epi8(16))
+                        } else {
+                            _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+                        }
+                    }
+                };
+                let aw = _mm256_sign_epi8(w, w);
+                for (acc_i, ar) in isum.iter_mut().zip(ab) {
+                    let y = _mm256_set1_epi32(std::ptr::read_unaligned(
+                        ar.add(2 + 4 * s) as *const i32
+                    ));
+                    let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y, w));
+                    *acc_i = _mm256_add_epi32(*acc_i, _mm256_madd_epi16(p, ones));
+                }
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(gb as *const __m128i));
+            for r in 0..N {
+                let da = _mm256_set1_ps(f16_ptr(ab[r]));
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, da), acc[r]);
+            }
+        }
+    }
+    acc.map(|v| {
+        let mut out = [0.0f32; 8];
+        // SAFETY: out holds eight f32; unaligned store.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+        out
+    })
 }
 
 /// i32 lane `i` (0..4) of `v`.

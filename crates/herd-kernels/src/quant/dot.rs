@@ -4,8 +4,9 @@
 //! The f32 part has one order per type, whatever the batch (so batching, prompt splitting and
 //! prefix caching never change a result); the orders are ggml's AVX2 `vec_dot` ones where that
 //! costs nothing:
-//! - Q8_0, Q5_0, Q4_0: eight f32 lanes, lane `L` taking each block's integer sum over elements
-//!   `4L..4L+4` times `d_w·d_a` by fused multiply-add; the lanes are added at the end as `hsum8`.
+//! - Q8_0, Q5_0, Q4_0: one f32 sum, `acc = isum·(d_w·d_a) + acc` per block by fused
+//!   multiply-add, `isum` the block's exact integer sum (what a kernel with one lane per weight
+//!   row, as the interleaved-row kernels have, computes without a horizontal step).
 //! - Q6_K: the same eight lanes per super-block, each lane's integer being its elements'
 //!   `scale·q·a` minus `32·scale·bsum` of the lane's two 16-value groups, times `d_a·d_w`.
 //! - Q4_K: one f32 sum of `sumi·(d_w·d_a)` and one of `summ·(dmin_w·d_a)` over super-blocks by
@@ -54,17 +55,8 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
     debug_assert_eq!(w.len(), nb * wt);
     debug_assert_eq!(a.len(), nb * at);
     let blocks = w.chunks_exact(wt).zip(a.chunks_exact(at));
-    let q0_scale = |w: &[u8], a: &[u8]| f16_at(w, 0) * f16_at(a, 0);
     match wtype {
-        DType::Q4_0 => eight_lanes(blocks, |w, a| {
-            (q0_scale(w, a), quad_sums(&q4_0_values(w), a))
-        }),
-        DType::Q5_0 => eight_lanes(blocks, |w, a| {
-            (q0_scale(w, a), quad_sums(&q5_0_values(w), a))
-        }),
-        DType::Q8_0 => eight_lanes(blocks, |w, a| {
-            (q0_scale(w, a), quad_sums(&q8_0_values(w), a))
-        }),
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => block_fma(blocks, |w, a| q0_block(wtype, w, a)),
         DType::Q6K => eight_lanes(blocks, |w, a| {
             (f32_at(a, 0) * f16_at(w, 208), q6_k_lanes(w, a))
         }),
@@ -100,6 +92,15 @@ fn eight_lanes(blocks: Blocks<'_>, lanes_of: impl Fn(&[u8], &[u8]) -> (f32, [i32
     hsum8(&acc)
 }
 
+/// One f32 sum over the blocks in order: `acc = isum·d + acc` by fused multiply-add, where
+/// `block` gives each block's f32 scale `d` and exact integer sum `isum`.
+fn block_fma(blocks: Blocks<'_>, block: impl Fn(&[u8], &[u8]) -> (f32, i32)) -> f32 {
+    blocks.fold(0.0, |acc, (wb, ab)| {
+        let (d, isum) = block(wb, ab);
+        (isum as f32).mul_add(d, acc)
+    })
+}
+
 /// Each block reduced to one f32 by `block`, the blocks summed in order.
 fn block_sums(blocks: Blocks<'_>, block: fn(&[u8], &[u8]) -> f32) -> f32 {
     blocks.map(|(wb, ab)| block(wb, ab)).fold(0.0, |s, t| s + t)
@@ -124,13 +125,9 @@ fn q5_0_values(w: &[u8]) -> [i32; 32] {
     std::array::from_fn(|j| q[j] as i32 - 16)
 }
 
-/// Lane `L` = Σ over elements `4L..4L+4` of weight × activation (a Q8_0 block's values at 2).
-fn quad_sums(w: &[i32; 32], a: &[u8]) -> [i32; 8] {
-    std::array::from_fn(|l| {
-        (4 * l..4 * l + 4)
-            .map(|e| w[e] * a[2 + e] as i8 as i32)
-            .sum()
-    })
+/// Σ weight × activation over a block (a Q8_0 activation block's values at 2).
+fn q0_sum(w: &[i32; 32], a: &[u8]) -> i32 {
+    w.iter().zip(i8s(&a[2..34])).map(|(x, y)| x * y).sum()
 }
 
 /// ggml's eight AVX2 lanes of one Q6_K × Q8_K super-block: lane `L` holds elements
@@ -203,21 +200,41 @@ pub fn vec_dot_x8_scalar<const N: usize>(
         super::repack::repack_supported(wtype),
         "no interleaved kernel for {wtype}"
     );
-    let nb = n / super::QK_K;
-    let at = wtype.vec_dot_type().type_size();
-    let x8 = super::repack::X8_BLOCK;
-    assert!(g.len() >= nb * x8 && a.iter().all(|r| r.len() >= nb * at));
+    let nb = n / wtype.block_size();
+    let (tb, at) = (wtype.type_size(), wtype.vec_dot_type().type_size());
+    let gbb = super::repack::group_block_bytes(wtype);
+    assert!(g.len() >= nb * gbb && a.iter().all(|r| r.len() >= nb * at));
+    // Per output: Q4_K's two sums, or the 32-value formats' one (in [0]).
     let mut acc = [[[0.0f32; 2]; 8]; N];
     let mut block = [0u8; 144];
     for b in 0..nb {
         for m in 0..8 {
-            super::repack::unpack_group_block(&g[b * x8..(b + 1) * x8], m, &mut block);
+            let wb = &mut block[..tb];
+            super::repack::unpack_block(wtype, &g[b * gbb..(b + 1) * gbb], m, wb);
             for (acc_r, ar) in acc.iter_mut().zip(&a) {
-                q4_k_step(&mut acc_r[m], &block, &ar[b * at..(b + 1) * at]);
+                let ab = &ar[b * at..(b + 1) * at];
+                let acc = &mut acc_r[m];
+                match wtype {
+                    DType::Q4K => q4_k_step(acc, wb, ab),
+                    _ => {
+                        let (d, isum) = q0_block(wtype, wb, ab);
+                        acc[0] = (isum as f32).mul_add(d, acc[0]);
+                    }
+                }
             }
         }
     }
     acc.map(|r| r.map(|[s, m]| s - m))
+}
+
+/// A Q8_0/Q4_0/Q5_0 block against a Q8_0 activation block: `(d_w·d_a, exact integer sum)`.
+fn q0_block(wtype: DType, w: &[u8], a: &[u8]) -> (f32, i32) {
+    let values = match wtype {
+        DType::Q4_0 => q4_0_values(w),
+        DType::Q5_0 => q5_0_values(w),
+        _ => q8_0_values(w),
+    };
+    (f16_at(w, 0) * f16_at(a, 0), q0_sum(&values, a))
 }
 
 /// One Q4_K super-block: `acc += [sumi·d, summ·dmin]`, each by fused multiply-add.

@@ -1,13 +1,16 @@
-//! Weights repacked at load for the CPU kernels: Q4_K rows interleaved in groups of eight, so
-//! that one 32-byte load holds four quants of each of eight rows and one integer multiply-add
-//! fills eight lanes, one per weight row (llama.cpp's `block_q4_Kx8` and ik_llama.cpp's
-//! run-time repacking do the same). The products keep [`vec_dot`](super::vec_dot)'s f32 order
-//! per output, so a repacked matrix gives the file layout's bits.
+//! Weights repacked at load for the CPU kernels: rows interleaved in groups of eight, so that
+//! one 32-byte load holds four quants of each of eight rows and one integer multiply-add fills
+//! eight lanes, one per weight row (llama.cpp's `block_q4_Kx8` and ik_llama.cpp's run-time
+//! repacking do the same). The products keep [`vec_dot`](super::vec_dot)'s f32 order per
+//! output, so a repacked matrix gives the file layout's bits.
 //!
 //! A repacked `[out, in]` matrix ([`Layout::OutMajorX8`](crate::Layout::OutMajorX8)) holds its
-//! first `out / 8 * 8` rows in groups of eight, each group's super-blocks one after another,
-//! then its last `out % 8` rows as in the file. A group's super-block is [`X8_BLOCK`] bytes,
-//! eight rows' 144 (the size does not change):
+//! first `out / 8 * 8` rows in groups of eight, each group's blocks one after another, then its
+//! last `out % 8` rows as in the file. A group's block is eight rows' blocks, the same bytes
+//! rearranged ([`group_block_bytes`]). In every type, "step `s`" of a row is four consecutive
+//! quants, and a group stores a step's four bytes of row 0, then of row 1, … row 7.
+//!
+//! Q4_K (1152 bytes: eight rows × 144):
 //!
 //! | bytes | content |
 //! |---|---|
@@ -20,19 +23,33 @@
 //! A part's byte holds sub-block `2c`'s quant in its low nibble and sub-block `2c + 1`'s in its
 //! high nibble (the file's order), so step `k` of part `c` pairs with activations
 //! `64c + 4k..+4` (low nibbles) and `64c + 32 + 4k..+4` (high nibbles).
+//!
+//! The 32-value formats hold `d` of rows 0..8 (f16) at 0..16; step `s` pairs with activations
+//! `4s..4s + 4`:
+//! - Q8_0 (272 bytes): at 16.., for step `s` 0..8, row `m`: row `m`'s quants `4s..4s + 4`;
+//! - Q4_0 (144 bytes): at 16.., for `k` 0..4, row `m`: row `m`'s quant bytes `4k..4k + 4` (low
+//!   nibbles: step `k`, high nibbles: step `k + 4`);
+//! - Q5_0 (176 bytes): at 16..48, byte `4m + i` whose bit `s` is the fifth bit of quant
+//!   `4s + i` of row `m` (a step's fifth bits sit at one bit position of the 32 bytes, where
+//!   its quants sit in the 32 bytes of nibbles); at 48.., the nibbles as Q4_0's.
 
-use super::{QK_K, scale_min_k4};
+use super::scale_min_k4;
 use crate::DType;
 
 /// Rows per interleaved group.
 pub const GROUP: usize = 8;
 
-/// Bytes of one group's super-block (eight Q4_K blocks).
+/// Bytes of one Q4_K group block (eight super-blocks).
 pub const X8_BLOCK: usize = GROUP * 144;
 
 /// Whether `dtype` has an interleaved layout (the types with a group kernel).
 pub fn repack_supported(dtype: DType) -> bool {
-    dtype == DType::Q4K
+    matches!(dtype, DType::Q4K | DType::Q8_0 | DType::Q4_0 | DType::Q5_0)
+}
+
+/// Bytes of one group block of `dtype`: eight of its blocks.
+pub fn group_block_bytes(dtype: DType) -> usize {
+    GROUP * dtype.type_size()
 }
 
 /// The file's `[rows, k]` matrix `w` (`rows` × `k` elements of `dtype`) in the interleaved
@@ -46,6 +63,7 @@ pub fn repack(dtype: DType, w: &[u8], rows: usize, k: usize) -> Vec<u8> {
     let groups = rows / GROUP;
     let mut out = vec![0u8; w.len()];
     let group_bytes = GROUP * row_bytes;
+    let (tb, gbb) = (dtype.type_size(), group_block_bytes(dtype));
     let shared = crate::pool::SharedMut::new(&mut out);
     // Groups are independent: split them over the pool (loading a model repacks gigabytes).
     let per_task = groups.div_ceil(64).max(1);
@@ -53,18 +71,78 @@ pub fn repack(dtype: DType, w: &[u8], rows: usize, k: usize) -> Vec<u8> {
         for g in task * per_task..((task + 1) * per_task).min(groups) {
             // SAFETY: tasks write disjoint groups' bytes, inside `out`.
             let og = unsafe { shared.slice(g * group_bytes, group_bytes) };
-            for (b, ob) in og.chunks_exact_mut(X8_BLOCK).enumerate() {
+            for (b, ob) in og.chunks_exact_mut(gbb).enumerate() {
                 let blocks: [&[u8]; GROUP] = std::array::from_fn(|m| {
-                    let at = (g * GROUP + m) * row_bytes + b * 144;
-                    &w[at..at + 144]
+                    let at = (g * GROUP + m) * row_bytes + b * tb;
+                    &w[at..at + tb]
                 });
-                pack_group_block(blocks, ob);
+                match dtype {
+                    DType::Q4K => pack_group_block(blocks, ob),
+                    _ => pack_q0_group_block(dtype, blocks, ob),
+                }
             }
         }
     });
     let tail = groups * group_bytes;
     out[tail..].copy_from_slice(&w[tail..]);
     out
+}
+
+/// Where a 32-value format's quant bytes start in its block and how many four-byte runs
+/// they make, and where a group block's quants start.
+fn q0_quants(dtype: DType) -> (usize, usize, usize) {
+    match dtype {
+        DType::Q8_0 => (2, 8, 16),
+        DType::Q4_0 => (2, 4, 16),
+        _ => (6, 4, 48),
+    }
+}
+
+/// Eight file-layout Q8_0/Q4_0/Q5_0 blocks as one group block.
+fn pack_q0_group_block(dtype: DType, blocks: [&[u8]; GROUP], out: &mut [u8]) {
+    let (qs, runs, body) = q0_quants(dtype);
+    let mut fifth = [0u8; 32];
+    for (m, blk) in blocks.iter().enumerate() {
+        out[2 * m..2 * m + 2].copy_from_slice(&blk[0..2]);
+        for (k, q) in blk[qs..qs + 4 * runs].chunks_exact(4).enumerate() {
+            let at = body + 32 * k + 4 * m;
+            out[at..at + 4].copy_from_slice(q);
+        }
+        if dtype == DType::Q5_0 {
+            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+            for e in 0..32 {
+                fifth[4 * m + e % 4] |= (((qh >> e) & 1) as u8) << (e / 4);
+            }
+        }
+    }
+    if dtype == DType::Q5_0 {
+        out[16..48].copy_from_slice(&fifth);
+    }
+}
+
+/// Row `m`'s file-layout Q8_0/Q4_0/Q5_0 block back from a group block `gb`.
+fn unpack_q0_group_block(dtype: DType, gb: &[u8], m: usize, out: &mut [u8]) {
+    let (qs, runs, body) = q0_quants(dtype);
+    out[0..2].copy_from_slice(&gb[2 * m..2 * m + 2]);
+    for (k, q) in out[qs..qs + 4 * runs].chunks_exact_mut(4).enumerate() {
+        let at = body + 32 * k + 4 * m;
+        q.copy_from_slice(&gb[at..at + 4]);
+    }
+    if dtype == DType::Q5_0 {
+        let mut qh = 0u32;
+        for e in 0..32 {
+            qh |= (((gb[16 + 4 * m + e % 4] >> (e / 4)) & 1) as u32) << e;
+        }
+        out[2..6].copy_from_slice(&qh.to_le_bytes());
+    }
+}
+
+/// Row `m`'s file-layout block back from a group block `gb` of `dtype`.
+pub(crate) fn unpack_block(dtype: DType, gb: &[u8], m: usize, out: &mut [u8]) {
+    match dtype {
+        DType::Q4K => unpack_group_block(gb, m, out),
+        _ => unpack_q0_group_block(dtype, gb, m, out),
+    }
 }
 
 /// Eight file-layout Q4_K blocks as one group super-block.
@@ -92,7 +170,7 @@ fn pack_group_block(blocks: [&[u8]; GROUP], out: &mut [u8]) {
 }
 
 /// Row `m`'s 144-byte file-layout block back from a group super-block `gb`.
-pub(crate) fn unpack_group_block(gb: &[u8], m: usize, out: &mut [u8]) {
+fn unpack_group_block(gb: &[u8], m: usize, out: &mut [u8]) {
     out[0..2].copy_from_slice(&gb[2 * m..2 * m + 2]);
     out[2..4].copy_from_slice(&gb[16 + 2 * m..18 + 2 * m]);
     let (sc, mn): ([u8; 8], [u8; 8]) = (
@@ -142,10 +220,11 @@ pub fn unpack_row(dtype: DType, w: &[u8], rows: usize, k: usize, r: usize, out: 
         out.copy_from_slice(&w[r * row_bytes..(r + 1) * row_bytes]);
         return;
     }
-    let (g, m, nb) = (r / GROUP, r % GROUP, k / QK_K);
-    for b in 0..nb {
-        let gb = &w[(g * nb + b) * X8_BLOCK..(g * nb + b + 1) * X8_BLOCK];
-        unpack_group_block(gb, m, &mut out[b * 144..(b + 1) * 144]);
+    let (g, m) = (r / GROUP, r % GROUP);
+    let (tb, gbb) = (dtype.type_size(), group_block_bytes(dtype));
+    let group = &w[g * GROUP * row_bytes..(g + 1) * GROUP * row_bytes];
+    for (gb, o) in group.chunks_exact(gbb).zip(out.chunks_exact_mut(tb)) {
+        unpack_block(dtype, gb, m, o);
     }
 }
 
@@ -160,21 +239,20 @@ mod tests {
     #[test]
     fn every_row_unpacks_to_the_file_bytes() {
         let k = 512;
-        for rows in [1, 7, 8, 13, 24] {
-            let wf = rand_vec(rows * k, 11, 2.0);
-            let mut w = vec![0u8; DType::Q4K.bytes_for(rows * k)];
-            quantize(DType::Q4K, &wf, &mut w);
-            let packed = repack(DType::Q4K, &w, rows, k);
-            assert_eq!(packed.len(), w.len());
-            let row_bytes = DType::Q4K.bytes_for(k);
-            let mut row = vec![0u8; row_bytes];
-            for r in 0..rows {
-                unpack_row(DType::Q4K, &packed, rows, k, r, &mut row);
-                assert_eq!(
-                    row,
-                    w[r * row_bytes..(r + 1) * row_bytes],
-                    "rows {rows}, row {r}"
-                );
+        for dtype in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
+            for rows in [1, 7, 8, 13, 24] {
+                let wf = rand_vec(rows * k, 11, 2.0);
+                let mut w = vec![0u8; dtype.bytes_for(rows * k)];
+                quantize(dtype, &wf, &mut w);
+                let packed = repack(dtype, &w, rows, k);
+                assert_eq!(packed.len(), w.len());
+                let row_bytes = dtype.bytes_for(k);
+                let mut row = vec![0u8; row_bytes];
+                for r in 0..rows {
+                    unpack_row(dtype, &packed, rows, k, r, &mut row);
+                    let want = &w[r * row_bytes..(r + 1) * row_bytes];
+                    assert_eq!(row, want, "{dtype}: rows {rows}, row {r}");
+                }
             }
         }
     }
