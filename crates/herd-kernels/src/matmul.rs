@@ -277,14 +277,10 @@ fn matmul_x8(pool: &ThreadPool, act: &[u8], n_rows: usize, w: &MatRef<'_>, out: 
         }
         let first = task * per_task;
         let mine = first..(first + per_task).min(groups);
-        // Groups are requested a couple ahead of the one being read (into L2).
-        let mut fetched = mine.start;
+        // No software prefetch here: a group is one contiguous run of bytes, which the
+        // hardware prefetcher follows; asking for groups ahead made Scout-shaped decode ~10%
+        // slower (23.7 vs 21.3 tok/s at Q4_K_M, alternating runs).
         for gi in mine.clone() {
-            let want = (gi + 2).min(mine.end);
-            if fetched < want {
-                prefetch(&w.bytes[fetched * group_bytes..want * group_bytes]);
-                fetched = want;
-            }
             let g = &w.bytes[gi * group_bytes..(gi + 1) * group_bytes];
             let mut t = 0;
             while t + 4 <= n_rows {

@@ -96,6 +96,19 @@ pub fn load_model(path: &Path) -> Result<Box<dyn CausalLm>> {
 
 /// Load a GGUF file, choosing the architecture from `general.architecture`.
 pub fn load_gguf(path: &Path) -> Result<Box<dyn CausalLm>> {
+    let start = std::time::Instant::now();
+    let model = load_gguf_file(path)?;
+    // Loading maps the file and repacks the matrices that have an interleaved layout (a few
+    // seconds per 10 GB on two cores): say how long it took.
+    tracing::info!(
+        "loaded {} in {:.1} s",
+        path.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+fn load_gguf_file(path: &Path) -> Result<Box<dyn CausalLm>> {
     let file = GgufFile::open(path)?;
     let arch = file
         .architecture()
