@@ -6,6 +6,9 @@
 # Prints each run, then per file the mean tokens/s of both engines and herd's ratio:
 # pp (prompt of -p tokens), tg (-n tokens), and batched decode at B sequences (128-token
 # prompts, 128 tokens each; llama-batched-bench's S_TG).
+# With IK_LLAMA_BIN set to a directory holding ik_llama.cpp's llama-bench (built from
+# ../shared/anchors/, see its README), each round also runs it with run-time repacking
+# (`-rtr 1`) for pp and tg, and the table gains its column and herd's ratio to it.
 # Usage: bench/llama_bench.sh [-t THREADS] [-p 512] [-n 128] [-b 8] [-r ROUNDS] [MODEL.gguf ...]
 # Needs a release build (cargo build --release), python3, cmake and a C++ compiler for llama.cpp
 # (bench/llama_cpp.sh builds it from the llama-cpp-python source package on PyPI).
@@ -45,6 +48,11 @@ for m in "${models[@]}"; do
             >"$out/$name.llama.$r.json" 2>/dev/null
         "$bin/llama-batched-bench" -m "$m" -t "$threads" -c "$bctx" -npp 128 -ntg 128 \
             -npl "$batch" --output-format jsonl 2>/dev/null | grep '^{' >"$out/$name.batched.$r.jsonl"
+        if [ -n "${IK_LLAMA_BIN:-}" ]; then
+            # Its binaries find their own libraries (RUNPATH); llama.cpp's must not shadow them.
+            env -u LD_LIBRARY_PATH "$IK_LLAMA_BIN/llama-bench" -m "$m" -t "$threads" -p "$pp" \
+                -n "$tg" -r 1 -rtr 1 -o json >"$out/$name.ik.$r.json" 2>/dev/null
+        fi
     done
 done
 python3 - "$out" "$pp" "$tg" "$batch" "$threads" "${models[@]}" <<'PY'
@@ -53,24 +61,37 @@ out, pp, tg, batch, threads, models = sys.argv[1], int(sys.argv[2]), int(sys.arg
 def mean(v):
     return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
 print(f"threads {threads}; pp{pp}, tg{tg}, batched x{batch} (128 + 128 tokens each); mean ± sd over rounds")
-print("| model | test | herd tok/s | llama.cpp tok/s | herd / llama.cpp |")
-print("|---|---|---:|---:|---:|")
+ik = any(f.endswith(".json") and ".ik." in f for f in os.listdir(out))
+if ik:
+    print("| model | test | herd tok/s | llama.cpp tok/s | herd / llama.cpp | ik_llama.cpp -rtr 1 tok/s | herd / ik |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+else:
+    print("| model | test | herd tok/s | llama.cpp tok/s | herd / llama.cpp |")
+    print("|---|---|---:|---:|---:|")
 for m in models:
     name = os.path.basename(m)[:-5]
     rounds = sorted(f for f in os.listdir(out) if f.startswith(name + ".herd."))
     h = [json.load(open(os.path.join(out, f))) for f in rounds]
     l = [json.load(open(os.path.join(out, f.replace(".herd.", ".llama.")))) for f in rounds]
     b = [json.loads(open(os.path.join(out, f.replace(".herd.", ".batched.").replace(".json", ".jsonl"))).read().splitlines()[-1]) for f in rounds]
-    def llama(test):
-        return [t["avg_ts"] for run in l for t in run if (t["n_prompt"], t["n_gen"]) == test]
+    k = [json.load(open(os.path.join(out, f.replace(".herd.", ".ik.")))) for f in rounds] if ik else []
+    def bench(runs, test):
+        return [t["avg_ts"] for run in runs for t in run if (t["n_prompt"], t["n_gen"]) == test]
     rows = [
-        (f"pp{pp}", [x["pp_tokens_per_s"] for x in h], llama((pp, 0))),
-        (f"tg{tg}", [x["tg_tokens_per_s"] for x in h], llama((0, tg))),
-        (f"batched x{batch}", [x["batched"][0]["tokens_per_s"]["mean"] for x in h], [x["speed_tg"] for x in b]),
+        (f"pp{pp}", [x["pp_tokens_per_s"] for x in h], bench(l, (pp, 0)), bench(k, (pp, 0))),
+        (f"tg{tg}", [x["tg_tokens_per_s"] for x in h], bench(l, (0, tg)), bench(k, (0, tg))),
+        (f"batched x{batch}", [x["batched"][0]["tokens_per_s"]["mean"] for x in h], [x["speed_tg"] for x in b], []),
     ]
-    for test, hv, lv in rows:
+    for test, hv, lv, kv in rows:
         (hm, hs), (lm, ls) = mean(hv), mean(lv)
-        print(f"| {name} | {test} | {hm:.2f} ± {hs:.2f} | {lm:.2f} ± {ls:.2f} | {hm / lm:.2f} |")
+        line = f"| {name} | {test} | {hm:.2f} ± {hs:.2f} | {lm:.2f} ± {ls:.2f} | {hm / lm:.2f} |"
+        if ik:
+            if kv:
+                km, ks = mean(kv)
+                line += f" {km:.2f} ± {ks:.2f} | {hm / km:.2f} |"
+            else:
+                line += " | |"
+        print(line)
     roof = h[-1]["roofline"]
     tgm = mean([x["tg_tokens_per_s"] for x in h])[0]
     print(f"| {name} | roofline | {roof['bytes_per_token'] / 1e9:.3f} GB/token at {roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s → {roof['bound_tokens_per_s']:.1f} tok/s | herd tg {100 * tgm / roof['bound_tokens_per_s']:.0f}% | |")

@@ -2,7 +2,9 @@
 //!
 //! A weight is a borrowed byte slice plus its element type and layout. Two layouts occur in
 //! checkpoints: `nn.Linear`'s `[out, in]` (most weights) and input-major `[in, out]` (Llama 4's
-//! fused expert tensors). Both are used in place, never transposed or copied at load.
+//! fused expert tensors). Both are used in place, never transposed at load; the quantized
+//! `[out, in]` matrices of the types with group kernels may be repacked at load into a third,
+//! `OutMajorX8` (rows interleaved in groups of eight, see [`quant::repack`]).
 //!
 //! Each output element is reduced in one fixed order (the kernel's), never in an order that
 //! depends on what else is in the batch, so batching never changes results.
@@ -543,8 +545,54 @@ mod quantized_tests {
         }
     }
 
+    /// The group kernels at their integer extremes (every quant and scale at its maximum,
+    /// activations at ±127, which the i16 sums of the kernels must hold without saturating)
+    /// equal the file layout's scalar reference.
+    #[test]
+    fn group_kernels_hold_extreme_blocks() {
+        let k = 512;
+        for t in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
+            for sign in [1i8, -1] {
+                let nb = k / t.block_size();
+                let mut row = vec![0u8; t.bytes_for(k)];
+                for blk in row.chunks_exact_mut(t.type_size()) {
+                    blk.fill(0xFF);
+                    // Finite scales (f16 1.0; Q4_K's dmin 0.5).
+                    blk[0..2].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+                    if t == DType::Q4K {
+                        blk[2..4].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
+                    }
+                    if t == DType::Q8_0 {
+                        blk[2..34].fill((127 * sign) as u8);
+                    }
+                }
+                let w = row.repeat(8);
+                let g = quant::repack::repack(t, &w, 8, k);
+                let at = t.vec_dot_type();
+                let mut a = vec![0u8; at.bytes_for(k)];
+                // All equal (every product at its largest), or mixed signs.
+                let x: Vec<f32> = (0..k)
+                    .map(|i| if sign < 0 && i % 3 == 0 { -1.0 } else { 1.0 })
+                    .collect();
+                quant::quantize_activation(at, &x, &mut a);
+                let want = quant::vec_dot_scalar(t, &row, &a, k);
+                let [got] = quant::vec_dot_x8(t, &g, [&a[..]], k);
+                let [got4, ..] = quant::vec_dot_x8(t, &g, [&a[..]; 4], k);
+                for m in 0..8 {
+                    assert_eq!(got[m].to_bits(), want.to_bits(), "{t} {sign}: row {m}");
+                    assert_eq!(got4[m].to_bits(), want.to_bits(), "{t} {sign}: row {m}, x4");
+                }
+                assert!(
+                    want.is_finite() && want != 0.0,
+                    "{t}: {want} over {nb} blocks"
+                );
+            }
+        }
+    }
+
     /// The group kernel this CPU runs equals the scalar reference bit for bit, for one to four
-    /// activation rows, on random weights and activations of 1..=5 super-blocks.
+    /// activation rows, on random weights and activations of 1..=5 super-blocks (without AVX2,
+    /// or with `HERD_NO_SIMD`, both sides are the scalar reference).
     #[test]
     fn group_kernel_equals_the_scalar_reference() {
         fn check<const N: usize>(t: DType, g: &[u8], acts: &[Vec<u8>], k: usize) {

@@ -123,11 +123,13 @@ impl ThreadPool {
     }
 
     /// Call `f(i)` for every `i` in `0..n_tasks`, spread over the pool; returns when all are done.
+    /// Called from inside a task of a pool (nested), it runs the tasks one by one on the calling
+    /// thread instead of waiting for a pool that is busy with the outer job.
     pub fn run<F: Fn(usize) + Sync>(&self, n_tasks: usize, f: F) {
         if n_tasks == 0 {
             return;
         }
-        if self.workers.is_empty() || n_tasks == 1 {
+        if self.workers.is_empty() || n_tasks == 1 || IN_TASK.get() {
             (0..n_tasks).for_each(f);
             return;
         }
@@ -152,8 +154,10 @@ impl ThreadPool {
         }
         self.shared.work.notify_all();
         let mine = catch_unwind(AssertUnwindSafe(|| {
-            claim_tasks(&self.shared.next, n_tasks, &f)
+            IN_TASK.set(true);
+            claim_tasks(&self.shared.next, n_tasks, &f);
         }));
+        IN_TASK.set(false);
         spin_until(|| self.shared.busy.load(Ordering::Acquire) == 0);
         let mut st = self.shared.state.lock().unwrap();
         while st.busy_workers > 0 {
@@ -187,7 +191,14 @@ fn claim_tasks(next: &AtomicUsize, n: usize, f: &(dyn Fn(usize) + Sync + '_)) {
     }
 }
 
+thread_local! {
+    /// Whether this thread is running a pool task (a worker always is; a caller while it works
+    /// on its own job): a nested `run` then runs its tasks inline.
+    static IN_TASK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn worker(shared: &Shared) {
+    IN_TASK.set(true);
     let mut seen = 0u64;
     loop {
         spin_until(|| {
@@ -284,6 +295,20 @@ impl<T> SharedMut<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `run` inside a task (of the same pool, from the caller or a worker) runs inline
+    /// instead of deadlocking on the busy pool, and still runs every task once.
+    #[test]
+    fn nested_run_completes() {
+        let pool = ThreadPool::new(3);
+        let hits: Vec<AtomicUsize> = (0..24).map(|_| AtomicUsize::new(0)).collect();
+        pool.run(6, |outer| {
+            pool.run(4, |inner| {
+                hits[outer * 4 + inner].fetch_add(1, Ordering::Relaxed);
+            });
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+    }
 
     #[test]
     fn runs_every_task_once() {

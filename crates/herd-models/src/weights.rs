@@ -1,5 +1,6 @@
 //! Weights looked up by name, with their shapes checked against the config, kept in place
-//! (memory-mapped) and viewed as matrices for the kernels.
+//! (memory-mapped) or, for the quantized matrices the CPU kernels multiply, repacked at load
+//! into interleaved row groups, and viewed as matrices for the kernels.
 
 use herd_formats::gguf::GgufFile;
 use herd_formats::{TensorBytes, TensorSet};
@@ -7,7 +8,7 @@ use herd_kernels::{DType, Layout, MatRef};
 
 use crate::{Error, Result};
 
-/// A stored weight matrix: bytes in place plus how to read them.
+/// A stored weight matrix: its bytes (mapped, or repacked and owned) plus how to read them.
 #[derive(Clone, Debug)]
 pub struct Matrix {
     bytes: TensorBytes,
@@ -41,10 +42,12 @@ impl Matrix {
 
     /// This matrix in the layout the CPU kernels read fastest: rows interleaved in groups of
     /// eight for the types that have such a layout (`OutMajorX8`, same size, same results),
-    /// the file's pages released. Unchanged when `HERD_NO_REPACK` is set, for other types and
-    /// layouts, and for matrices of fewer than eight rows.
+    /// the file's pages released (the copy is anonymous memory: not shared with other
+    /// processes mapping the file). Unchanged when repacking is off ([`set_weight_repacking`],
+    /// `HERD_NO_REPACK`), on CPUs without the group kernels, for other types and layouts, and
+    /// for matrices of fewer than eight rows.
     pub fn repacked_for_cpu(self) -> Self {
-        if std::env::var_os("HERD_NO_REPACK").is_some() {
+        if !weight_repacking() || !herd_kernels::quant::repack::group_kernels_available() {
             return self;
         }
         let Some(packed) = self.as_ref().repacked() else {
@@ -85,6 +88,29 @@ impl Matrix {
         out.resize(n_rows * self.out_features, 0.0);
         herd_kernels::matmul::matmul(x, n_rows, &self.as_ref(), out);
     }
+}
+
+/// 0: not yet read from the environment; 1: repack; 2: keep the file's layout.
+static REPACKING: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether models loaded from now on repack their quantized matrices for the CPU kernels
+/// ([`Matrix::repacked_for_cpu`]): on by default, off when `HERD_NO_REPACK` is set.
+pub fn weight_repacking() -> bool {
+    use std::sync::atomic::Ordering;
+    match REPACKING.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var_os("HERD_NO_REPACK").is_none();
+            REPACKING.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 1,
+    }
+}
+
+/// Turn repacking at load on or off for models loaded from now on (see [`weight_repacking`]);
+/// results are the same bits either way.
+pub fn set_weight_repacking(on: bool) {
+    REPACKING.store(if on { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Where an HF checkpoint keeps its decoder (`…embed_tokens`, `…layers`) and its output head:
@@ -211,6 +237,20 @@ impl GgufLoader<'_> {
             });
         }
         Ok((self.file.tensor_bytes(t), t.dtype))
+    }
+
+    /// A weight `{in, out}` in ggml order, i.e. `[out, in]` rows of `in` elements, in the
+    /// file's layout, for row lookups (an untied token embedding: only the looked-up rows are
+    /// ever read, and they stay in the page cache).
+    pub fn embedding(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
+        let (bytes, dtype) = self.tensor(name, &[in_features, out_features])?;
+        Ok(Matrix {
+            bytes,
+            dtype,
+            in_features,
+            out_features,
+            layout: Layout::OutMajor,
+        })
     }
 
     /// A weight `{in, out}` in ggml order, i.e. `[out, in]` rows of `in` elements (repacked

@@ -1,6 +1,7 @@
 //! AVX2 integer dot products. Each computes the same exact integer sums as the scalar
-//! reference, in the same lanes, and the same f32 operations (the order `dot.rs` defines), so
-//! results are bit-identical.
+//! reference (the group kernels with one lane per weight row, the others in the reference's
+//! lanes) and the same f32 operations (the order `dot.rs` defines), so results are
+//! bit-identical.
 
 use std::arch::x86_64::*;
 

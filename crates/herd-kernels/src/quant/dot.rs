@@ -1,9 +1,8 @@
 //! Dot products of one quantized weight row with one activation row quantized to the weight
 //! type's `vec_dot_type` (Q8_0, Q8_1 or Q8_K): exact integer sums inside each block, then f32.
 //!
-//! The f32 part has one order per type, whatever the batch (so batching, prompt splitting and
-//! prefix caching never change a result); the orders are ggml's AVX2 `vec_dot` ones where that
-//! costs nothing:
+//! The f32 part has one order per type, whatever the batch or the weights' layout (so
+//! batching, prompt splitting, prefix caching and repacking never change a result):
 //! - Q8_0, Q5_0, Q4_0: one f32 sum, `acc = isum·(d_w·d_a) + acc` per block by fused
 //!   multiply-add, `isum` the block's exact integer sum (what a kernel with one lane per weight
 //!   row, as the interleaved-row kernels have, computes without a horizontal step).

@@ -42,6 +42,15 @@ pub const GROUP: usize = 8;
 /// Bytes of one Q4_K group block (eight super-blocks).
 pub const X8_BLOCK: usize = GROUP * 144;
 
+/// Whether this CPU runs the group kernels natively (AVX2); elsewhere the interleaved layout
+/// would only be read through the scalar reference, slower than the file's layout.
+pub fn group_kernels_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::has_avx2();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Whether `dtype` has an interleaved layout (the types with a group kernel).
 pub fn repack_supported(dtype: DType) -> bool {
     matches!(dtype, DType::Q4K | DType::Q8_0 | DType::Q4_0 | DType::Q5_0)

@@ -214,8 +214,12 @@ impl GgufSource<'_> {
 
 impl Source for GgufSource<'_> {
     fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
-        self.file
-            .linear(&Self::gguf_name(name), out_features, in_features)
+        let gguf = Self::gguf_name(name);
+        if name == "embed_tokens.weight" {
+            // Row lookups only (a tied output head is repacked from it below).
+            return self.file.embedding(&gguf, out_features, in_features);
+        }
+        self.file.linear(&gguf, out_features, in_features)
     }
 
     fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
@@ -332,7 +336,7 @@ impl Llama4 {
         }
         let embed = w.linear("embed_tokens.weight", c.vocab_size, h)?;
         let lm_head = if c.tie_word_embeddings && !w.has_lm_head() {
-            embed.clone()
+            embed.clone().repacked_for_cpu()
         } else {
             w.linear("lm_head.weight", c.vocab_size, h)?
         };
