@@ -870,6 +870,47 @@ unsafe fn q6_k_rows_x4(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
     acc.map(|v| hsum_ps(v))
 }
 
+/// The Q8_0 activation quantizer for one 32-value block (the scalar path of
+/// `quantize_activation`, bit for bit): scale `amax/127` stored as f16, values `x·(127/amax)`
+/// rounded half to even. Inputs are finite (NaN converts differently).
+pub(crate) fn quantize_q8_0(x: &[f32], b: &mut [u8]) {
+    assert!(x.len() == 32 && b.len() == 34);
+    // SAFETY: callers check has_avx2(); x holds 32 values and b 34 bytes (asserted above).
+    unsafe { quantize_q8_0_avx2(x, b) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_q8_0_avx2(x: &[f32], b: &mut [u8]) {
+    let sign = _mm256_set1_ps(-0.0);
+    // SAFETY: every load reads 8 of the 32 values of x.
+    let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
+    // max_ps returns its second operand when either is NaN: NaNs are skipped, as f32::max does.
+    let mut m = _mm256_setzero_ps();
+    for vi in v {
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, vi), m);
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    super::put_f16(b, 0, d);
+    let q = v.map(|vi| {
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(vi, _mm256_set1_ps(id)),
+        );
+        _mm256_cvtps_epi32(r)
+    });
+    // Packing works per 128-bit half: restore element order with one cross-lane permute.
+    let p = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: bytes 2..34 of b.
+    unsafe { _mm256_storeu_si256(b.as_mut_ptr().add(2) as *mut __m256i, p) };
+}
+
 /// ggml's Q8_K activation quantizer for one 256-value block (the scalar `q8_k`, bit for bit):
 /// the value of largest magnitude (first on ties) sets `iscale = −127/max`, values round half to
 /// even, and each 16 values' sum is stored as i16. Inputs are finite (NaN rounds differently).
@@ -978,6 +1019,34 @@ mod tests {
             let (mut want, mut got) = (vec![0u8; 292], vec![0u8; 292]);
             quantize(DType::Q8K, x, &mut want);
             quantize_q8_k(x, &mut got);
+            assert_eq!(want, got, "block {i}");
+        }
+    }
+
+    #[test]
+    fn q8_0_activation_quantizer_equals_scalar() {
+        if !super::super::has_avx2() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = [1.0, 1e-3, 40.0, 3e5, 1e-30]
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| rand_vec(32, 17 + i as u64, s))
+            .collect();
+        blocks.push(vec![0.0; 32]);
+        // amax 127 → scale 1: every k + 0.5 is a tie between two integers.
+        blocks.push((0..32).map(|i| (i as f32 - 16.0) * 2.5).collect());
+        blocks.last_mut().unwrap()[0] = 127.0;
+        blocks.push(
+            (0..32)
+                .map(|i| if i % 2 == 0 { -0.0 } else { 0.0 })
+                .collect(),
+        );
+        for (i, x) in blocks.iter().enumerate() {
+            let (mut want, mut got) = (vec![0u8; 34], vec![0u8; 34]);
+            crate::quant::quantize::q8_activation_block(DType::Q8_0, x, &mut want);
+            quantize_q8_0(x, &mut got);
             assert_eq!(want, got, "block {i}");
         }
     }

@@ -66,22 +66,15 @@ pub fn quantize_activation(dtype: DType, x: &[f32], out: &mut [u8]) {
         "quantize_activation: length mismatch"
     );
     match dtype {
-        DType::Q8_0 | DType::Q8_1 => {
-            let values_at = if dtype == DType::Q8_0 { 2 } else { 4 };
+        #[cfg(target_arch = "x86_64")]
+        DType::Q8_0 if super::has_avx2() => {
             for (xb, b) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
-                let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-                put_f16(b, 0, d);
-                let mut sum = 0i32;
-                for j in 0..32 {
-                    let q = (xb[j] * id).round_ties_even() as i32;
-                    b[values_at + j] = q as i8 as u8;
-                    sum += q;
-                }
-                if dtype == DType::Q8_1 {
-                    put_f16(b, 2, sum as f32 * d);
-                }
+                super::avx2::quantize_q8_0(xb, b);
+            }
+        }
+        DType::Q8_0 | DType::Q8_1 => {
+            for (xb, b) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
+                q8_activation_block(dtype, xb, b);
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -91,6 +84,24 @@ pub fn quantize_activation(dtype: DType, x: &[f32], out: &mut [u8]) {
             }
         }
         _ => quantize(dtype, x, out),
+    }
+}
+
+/// One Q8_0 or Q8_1 activation block, the scalar reference (ggml's `quantize_row_q8_0`/`_q8_1`).
+pub(crate) fn q8_activation_block(dtype: DType, xb: &[f32], b: &mut [u8]) {
+    let values_at = if dtype == DType::Q8_0 { 2 } else { 4 };
+    let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    put_f16(b, 0, d);
+    let mut sum = 0i32;
+    for j in 0..32 {
+        let q = (xb[j] * id).round_ties_even() as i32;
+        b[values_at + j] = q as i8 as u8;
+        sum += q;
+    }
+    if dtype == DType::Q8_1 {
+        put_f16(b, 2, sum as f32 * d);
     }
 }
 
