@@ -144,23 +144,36 @@ pub fn gelu_tanh(x: f32) -> f32 {
 }
 
 /// GELU the way ggml's CPU backend evaluates it (`GGML_GELU_FP16`): the input rounded to f16,
-/// looked up in a table of f16 results; inputs beyond ±10 pass through (or give 0). llama.cpp
-/// runs every GELU model this way, so GGUF models use it to give llama.cpp's numbers.
+/// looked up in a table of f16 results (65,536 entries, built on first use); inputs beyond ±10
+/// pass through (or give 0). llama.cpp runs every GELU model this way, so GGUF models use it to
+/// give llama.cpp's numbers.
 pub fn gelu_tanh_f16_table(x: f32) -> f32 {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
     if x <= -10.0 {
         0.0
     } else if x >= 10.0 {
         x
     } else {
-        let xh = half::f16::from_f32(x).to_f32();
-        #[allow(clippy::excessive_precision)]
-        const SQRT_2_OVER_PI: f32 = 0.797_884_560_802_865_355_879_892_119_868_76;
-        // `1 + a·x·x` as llama.cpp's compiled table builder evaluates it: one fused
-        // multiply-add (checked against its table for all 65536 inputs).
-        let inner = (0.044715 * xh).mul_add(xh, 1.0);
-        let g = 0.5 * xh * (1.0 + (SQRT_2_OVER_PI * xh * inner).tanh());
-        half::f16::from_f32(g).to_f32()
+        let table = TABLE.get_or_init(|| {
+            (0..=u16::MAX)
+                .map(|bits| {
+                    let xh = half::f16::from_bits(bits).to_f32();
+                    half::f16::from_f32(gelu_tanh_f16_value(xh)).to_bits()
+                })
+                .collect()
+        });
+        half::f16::from_bits(table[half::f16::from_f32(x).to_bits() as usize]).to_f32()
     }
+}
+
+/// The value ggml's GELU table holds for the f16 input `xh` (before rounding to f16).
+fn gelu_tanh_f16_value(xh: f32) -> f32 {
+    #[allow(clippy::excessive_precision)]
+    const SQRT_2_OVER_PI: f32 = 0.797_884_560_802_865_355_879_892_119_868_76;
+    // `1 + a·x·x` as llama.cpp's compiled table builder evaluates it: one fused multiply-add
+    // (checked against its table for all 65536 inputs).
+    let inner = (0.044715 * xh).mul_add(xh, 1.0);
+    0.5 * xh * (1.0 + (SQRT_2_OVER_PI * xh * inner).tanh())
 }
 
 /// Soft-capping `c·tanh(x/c)` in place.
@@ -173,6 +186,27 @@ pub fn softcap(x: &mut [f32], cap: f32) {
 #[cfg(test)]
 mod more_tests {
     use super::*;
+
+    /// The table gives what evaluating the formula on the f16-rounded input gives, across the
+    /// whole range (and the pass-through beyond ±10).
+    #[test]
+    fn gelu_table_equals_the_formula() {
+        let xs = crate::testing::rand_vec(20_000, 9, 12.0);
+        for x in xs
+            .into_iter()
+            .chain([0.0, -0.0, 9.999, -9.999, 10.0, -10.0, 1e-8])
+        {
+            let want = if x <= -10.0 {
+                0.0
+            } else if x >= 10.0 {
+                x
+            } else {
+                let xh = half::f16::from_f32(x).to_f32();
+                half::f16::from_f32(gelu_tanh_f16_value(xh)).to_f32()
+            };
+            assert_eq!(gelu_tanh_f16_table(x).to_bits(), want.to_bits(), "x = {x}");
+        }
+    }
 
     /// ggml's angles are `pos·base^(−2j/d)` up to the rounding of repeated multiplication, the
     /// first exactly `pos`; both forms rotate the same way within that rounding and keep norms.
