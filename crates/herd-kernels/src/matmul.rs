@@ -120,7 +120,18 @@ pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, 
     match w.layout {
         Layout::OutMajorX8 => ACT.with_borrow_mut(|act| {
             quantize_rows(pool, w.dtype.vec_dot_type(), x, n_rows, k, act);
-            matmul_x8(pool, act, n_rows, w, &shared);
+            ACT_SUMS.with_borrow_mut(|sums| {
+                // The Q4_0/Q5_0 kernels subtract their offset times each block's sum: one pass
+                // here instead of once per row group.
+                sums.clear();
+                if quant::x8_wants_block_sums(w.dtype) {
+                    let a_row = w.dtype.vec_dot_type().bytes_for(k);
+                    for t in 0..n_rows {
+                        quant::q8_0_block_sums(&act[t * a_row..(t + 1) * a_row], k, sums);
+                    }
+                }
+                matmul_x8(pool, act, sums, n_rows, w, &shared);
+            })
         }),
         Layout::OutMajor if w.dtype.is_quantized() => {
             // Quantize each activation row once to the weight type's dot-product partner.
@@ -251,11 +262,27 @@ fn quantize_rows(
 /// rows): each pool task takes a run of row groups and, per group, every four activation rows
 /// in one group-kernel call (the rest one by one, for the same bits); the tail rows (fewer
 /// than eight, in the file's layout) take the one-row kernel.
-fn matmul_x8(pool: &ThreadPool, act: &[u8], n_rows: usize, w: &MatRef<'_>, out: &SharedMut<f32>) {
+fn matmul_x8(
+    pool: &ThreadPool,
+    act: &[u8],
+    sums: &[i32],
+    n_rows: usize,
+    w: &MatRef<'_>,
+    out: &SharedMut<f32>,
+) {
     use quant::repack::GROUP;
     let (k, n) = (w.in_features, w.out_features);
     let a_row = w.dtype.vec_dot_type().bytes_for(k);
     let act_row = |t: usize| &act[t * a_row..(t + 1) * a_row];
+    // Row t's block sums (empty for the types that take none).
+    let nb = k / w.dtype.block_size();
+    let sum_row = |t: usize| {
+        if sums.is_empty() {
+            &[][..]
+        } else {
+            &sums[t * nb..(t + 1) * nb]
+        }
+    };
     let w_row = w.dtype.bytes_for(k);
     let group_bytes = GROUP * w_row;
     let groups = n / GROUP;
@@ -286,7 +313,8 @@ fn matmul_x8(pool: &ThreadPool, act: &[u8], n_rows: usize, w: &MatRef<'_>, out: 
             let g = &w.bytes[gi * group_bytes..(gi + 1) * group_bytes];
             let mut t = 0;
             while t + 4 <= n_rows {
-                let v = quant::vec_dot_x8(w.dtype, g, [t, t + 1, t + 2, t + 3].map(act_row), k);
+                let rows = [t, t + 1, t + 2, t + 3];
+                let v = quant::vec_dot_x8_sums(w.dtype, g, rows.map(act_row), rows.map(sum_row), k);
                 for (i, vi) in v.iter().enumerate() {
                     for (m, &x) in vi.iter().enumerate() {
                         put(t + i, gi * GROUP + m, x);
@@ -295,7 +323,7 @@ fn matmul_x8(pool: &ThreadPool, act: &[u8], n_rows: usize, w: &MatRef<'_>, out: 
                 t += 4;
             }
             for t in t..n_rows {
-                let [v] = quant::vec_dot_x8(w.dtype, g, [act_row(t)], k);
+                let [v] = quant::vec_dot_x8_sums(w.dtype, g, [act_row(t)], [sum_row(t)], k);
                 for (m, &x) in v.iter().enumerate() {
                     put(t, gi * GROUP + m, x);
                 }
@@ -307,6 +335,8 @@ fn matmul_x8(pool: &ThreadPool, act: &[u8], n_rows: usize, w: &MatRef<'_>, out: 
 thread_local! {
     /// One weight row in the file's layout (decoding a row of a repacked matrix).
     static ROW_BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The block sums of the current product's activations (Q4_0/Q5_0 group kernels).
+    static ACT_SUMS: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The quantized activations of the current product (kept for the next: once warm, a
     /// decode step allocates nothing).
     static ACT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };

@@ -65,19 +65,27 @@ pub(crate) fn rows_x8<const N: usize>(
     wtype: DType,
     g: &[u8],
     a: [&[u8]; N],
+    sums: [&[i32]; N],
     n: usize,
 ) -> Option<[[f32; 8]; N]> {
     let nb = n / wtype.block_size();
     let at = wtype.vec_dot_type().type_size();
     assert!(g.len() >= nb * GROUP * wtype.type_size() && a.iter().all(|r| r.len() >= nb * at));
+    if matches!(wtype, DType::Q4_0 | DType::Q5_0) {
+        assert!(
+            sums.iter().all(|s| s.len() >= nb),
+            "rows_x8: block sums missing"
+        );
+    }
     // SAFETY: has_avx2() confirmed AVX2, FMA and F16C at run time; the group holds nb whole
-    // super-blocks and every activation row nb whole blocks (asserted above).
+    // blocks and every activation row nb whole blocks (asserted above), and every sums row
+    // nb values where the kernel reads them.
     unsafe {
         match wtype {
             DType::Q4K => Some(q4_k_x8(g, a, nb)),
-            DType::Q8_0 => Some(q0_x8::<Q8_0, N>(g, a, nb)),
-            DType::Q4_0 => Some(q0_x8::<Q4_0, N>(g, a, nb)),
-            DType::Q5_0 => Some(q0_x8::<Q5_0, N>(g, a, nb)),
+            DType::Q8_0 => Some(q0_x8::<Q8_0, N>(g, a, sums, nb)),
+            DType::Q4_0 => Some(q0_x8::<Q4_0, N>(g, a, sums, nb)),
+            DType::Q5_0 => Some(q0_x8::<Q5_0, N>(g, a, sums, nb)),
             _ => None,
         }
     }
@@ -499,12 +507,19 @@ unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool>(
 }
 
 /// Eight interleaved Q8_0/Q4_0/Q5_0 rows (one group, `nb` blocks) against `N` Q8_0 activation
-/// rows: lane `m` is weight row `m`. Per block, step `s` takes four signed quants of each row
-/// against four broadcast activations (sign trick for `maddubs`), widened to i32 by `madd`;
-/// after eight steps lane `m` holds row `m`'s exact block sum, and the f32 step is the
-/// reference's (`acc = isum·(d_w·d_a) + acc`).
+/// rows: lane `m` is weight row `m`. Per block, step `s` takes four quants of each row against
+/// four broadcast activations by `maddubs`. Q8_0's signed quants go through the sign trick,
+/// each step widened to i32 by `madd`; Q4_0's and Q5_0's go in unsigned (0..15, 0..31), four
+/// steps summed in i16 (at most 4·2·31·128 = 31744), and the offset (8 or 16) times the
+/// activations' block sum (`sums[r][b]`) is subtracted. Lane `m` of `isum` is then row `m`'s
+/// exact block sum, and the f32 step is the reference's (`acc = isum·(d_w·d_a) + acc`).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q0_x8<const T: u8, const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize) -> [[f32; 8]; N] {
+unsafe fn q0_x8<const T: u8, const N: usize>(
+    g: &[u8],
+    a: [&[u8]; N],
+    sums: [&[i32]; N],
+    nb: usize,
+) -> [[f32; 8]; N] {
     let gbb = GROUP * q0_size::<T>();
     let ones = _mm256_set1_epi16(1);
     let m4 = _mm256_set1_epi8(0x0F);
@@ -515,41 +530,55 @@ unsafe fn q0_x8<const T: u8, const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize)
         unsafe {
             let gb = g.as_ptr().add(gbb * b);
             let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(34 * b));
+            let y = |ar: *const u8, s: usize| {
+                _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(2 + 4 * s) as *const i32))
+            };
             let mut isum = [_mm256_setzero_si256(); N];
-            for s in 0..8 {
-                let w = match T {
-                    Q8_0 => _mm256_loadu_si256(gb.add(16 + 32 * s) as *const __m256i),
-                    _ => {
-                        let body = if T == Q5_0 { 48 } else { 16 };
-                        let v = _mm256_loadu_si256(gb.add(body + 32 * (s % 4)) as *const __m256i);
-                        let nib = if s < 4 {
-                            _mm256_and_si256(v, m4)
-                        } else {
+            if T == Q8_0 {
+                for s in 0..8 {
+                    let w = _mm256_loadu_si256(gb.add(16 + 32 * s) as *const __m256i);
+                    let aw = _mm256_sign_epi8(w, w);
+                    for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
+                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y(ar, s), w));
+                        *acc_i = _mm256_add_epi32(*acc_i, _mm256_madd_epi16(p, ones));
+                    }
+                }
+            } else {
+                let body = if T == Q5_0 { 48 } else { 16 };
+                let plane = _mm256_loadu_si256(gb.add(16) as *const __m256i);
+                for high in [false, true] {
+                    let mut p = [_mm256_setzero_si256(); N];
+                    for k in 0..4 {
+                        let s = k + if high { 4 } else { 0 };
+                        let v = _mm256_loadu_si256(gb.add(body + 32 * k) as *const __m256i);
+                        let nib = if high {
                             _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)
+                        } else {
+                            _mm256_and_si256(v, m4)
                         };
-                        if T == Q5_0 {
+                        let w = if T == Q5_0 {
                             // Bit s of each plane byte, moved to bit 4 (16-bit shifts: the
                             // mask keeps only bits that stayed inside their byte).
-                            let plane = _mm256_loadu_si256(gb.add(16) as *const __m256i);
                             let moved = if s <= 4 {
                                 _mm256_sll_epi16(plane, _mm_cvtsi32_si128(4 - s as i32))
                             } else {
                                 _mm256_srl_epi16(plane, _mm_cvtsi32_si128(s as i32 - 4))
                             };
-                            let fifth = _mm256_and_si256(moved, _mm256_set1_epi8(0x10));
-                            _mm256_sub_epi8(_mm256_or_si256(nib, fifth), _mm256_set1_epi8(16))
+                            _mm256_or_si256(nib, _mm256_and_si256(moved, _mm256_set1_epi8(0x10)))
                         } else {
-                            _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+                            nib
+                        };
+                        for (pr, &ar) in p.iter_mut().zip(&ab) {
+                            *pr = _mm256_add_epi16(*pr, _mm256_maddubs_epi16(w, y(ar, s)));
                         }
                     }
-                };
-                let aw = _mm256_sign_epi8(w, w);
-                for (acc_i, ar) in isum.iter_mut().zip(ab) {
-                    let y = _mm256_set1_epi32(std::ptr::read_unaligned(
-                        ar.add(2 + 4 * s) as *const i32
-                    ));
-                    let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y, w));
-                    *acc_i = _mm256_add_epi32(*acc_i, _mm256_madd_epi16(p, ones));
+                    for (acc_i, pr) in isum.iter_mut().zip(p) {
+                        *acc_i = _mm256_add_epi32(*acc_i, _mm256_madd_epi16(pr, ones));
+                    }
+                }
+                let offset = if T == Q5_0 { 16 } else { 8 };
+                for (acc_i, sr) in isum.iter_mut().zip(&sums) {
+                    *acc_i = _mm256_sub_epi32(*acc_i, _mm256_set1_epi32(offset * sr[b]));
                 }
             }
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(gb as *const __m128i));

@@ -171,19 +171,56 @@ fn q4_k_step(acc: &mut [f32; 2], wb: &[u8], ab: &[u8]) {
 /// group's super-blocks in the layout of [`repack`](super::repack)) with activation row `a[r]`,
 /// `n` elements each: the same bits as the rows in the file's layout give.
 ///
-/// Panics if `wtype` has no interleaved layout or the slices are short.
+/// Panics if `wtype` has no interleaved layout or the slices are short. Allocates the
+/// activations' block sums where the type needs them: hot loops call [`vec_dot_x8_sums`].
 pub fn vec_dot_x8<const N: usize>(
     wtype: DType,
     g: &[u8],
     a: [&[u8]; N],
     n: usize,
 ) -> [[f32; 8]; N] {
+    let sums = a.map(|ar| {
+        let mut s = Vec::new();
+        if x8_wants_block_sums(wtype) {
+            q8_0_block_sums(ar, n, &mut s);
+        }
+        s
+    });
+    vec_dot_x8_sums(wtype, g, a, std::array::from_fn(|r| &sums[r][..]), n)
+}
+
+/// Whether [`vec_dot_x8_sums`] needs the activations' block sums for `wtype` (Q4_0 and Q5_0:
+/// their kernels take the unsigned quants and subtract the offset times the sum).
+pub fn x8_wants_block_sums(wtype: DType) -> bool {
+    matches!(wtype, DType::Q4_0 | DType::Q5_0)
+}
+
+/// The exact integer sum of each block of the Q8_0 activation row `a` (`n` values), appended
+/// to `out`.
+pub fn q8_0_block_sums(a: &[u8], n: usize, out: &mut Vec<i32>) {
+    out.extend(
+        a[..DType::Q8_0.bytes_for(n)]
+            .chunks_exact(34)
+            .map(|b| i8s(&b[2..]).sum::<i32>()),
+    );
+}
+
+/// [`vec_dot_x8`] with `sums[r]` the block sums of `a[r]` ([`q8_0_block_sums`]) where
+/// [`x8_wants_block_sums`], anything (e.g. empty) otherwise.
+pub fn vec_dot_x8_sums<const N: usize>(
+    wtype: DType,
+    g: &[u8],
+    a: [&[u8]; N],
+    sums: [&[i32]; N],
+    n: usize,
+) -> [[f32; 8]; N] {
     #[cfg(target_arch = "x86_64")]
     if super::has_avx2()
-        && let Some(v) = super::avx2::rows_x8(wtype, g, a, n)
+        && let Some(v) = super::avx2::rows_x8(wtype, g, a, sums, n)
     {
         return v;
     }
+    let _ = sums;
     vec_dot_x8_scalar(wtype, g, a, n)
 }
 

@@ -14,7 +14,10 @@ pub mod repack;
 mod avx2;
 
 pub use dequant::dequantize;
-pub use dot::{vec_dot, vec_dot_scalar, vec_dot_x4_rows, vec_dot_x8, vec_dot_x8_scalar};
+pub use dot::{
+    q8_0_block_sums, vec_dot, vec_dot_scalar, vec_dot_x4_rows, vec_dot_x8, vec_dot_x8_scalar,
+    vec_dot_x8_sums, x8_wants_block_sums,
+};
 pub use quantize::{quantize, quantize_activation, quantize_supported};
 
 /// Elements per K-quant super-block.
