@@ -256,15 +256,9 @@ impl GgufLoader<'_> {
     /// A weight `{in, out}` in ggml order, i.e. `[out, in]` rows of `in` elements (repacked
     /// for the kernels, [`Matrix::repacked_for_cpu`]).
     pub fn linear(&self, name: &str, out_features: usize, in_features: usize) -> Result<Matrix> {
-        let (bytes, dtype) = self.tensor(name, &[in_features, out_features])?;
-        Ok(Matrix {
-            bytes,
-            dtype,
-            in_features,
-            out_features,
-            layout: Layout::OutMajor,
-        }
-        .repacked_for_cpu())
+        Ok(self
+            .embedding(name, out_features, in_features)?
+            .repacked_for_cpu())
     }
 
     /// A stack `{in, out, n}` of `n` row-major `[out, in]` matrices (llama.cpp's expert tensors),
