@@ -9,15 +9,18 @@
 # With IK_LLAMA_BIN set to a directory holding ik_llama.cpp's llama-bench (built from
 # ../shared/anchors/, see its README), each round also runs it with run-time repacking
 # (`-rtr 1`) for pp and tg, and the table gains its column and herd's ratio to it.
-# Usage: bench/llama_bench.sh [-t THREADS] [-p 512] [-n 128] [-b 8] [-r ROUNDS] [MODEL.gguf ...]
+# With -d DEPTH, each round also runs tg after DEPTH tokens of context (llama-bench's -d; both
+# engines at their default f16 KV cache), and the table gains the row "tgN @ dDEPTH".
+# Usage: bench/llama_bench.sh [-t THREADS] [-p 512] [-n 128] [-b 8] [-d 0] [-r ROUNDS] [MODEL.gguf ...]
 # Needs a release build (cargo build --release), python3, cmake and a C++ compiler for llama.cpp
 # (bench/llama_cpp.sh builds it from the llama-cpp-python source package on PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=2 pp=512 tg=128 batch=8 rounds=3
-while getopts "t:p:n:b:r:" o; do
+threads=2 pp=512 tg=128 batch=8 rounds=3 depth=0
+while getopts "t:p:n:b:r:d:" o; do
     case $o in
         t) threads=$OPTARG ;; p) pp=$OPTARG ;; n) tg=$OPTARG ;; b) batch=$OPTARG ;; r) rounds=$OPTARG ;;
+        d) depth=$OPTARG ;;
         *) exit 2 ;;
     esac
 done
@@ -53,11 +56,21 @@ for m in "${models[@]}"; do
             env -u LD_LIBRARY_PATH "$IK_LLAMA_BIN/llama-bench" -m "$m" -t "$threads" -p "$pp" \
                 -n "$tg" -r 1 -rtr 1 -o json >"$out/$name.ik.$r.json" 2>/dev/null
         fi
+        if [ "$depth" -gt 0 ]; then
+            $herd bench "$m" -t "$threads" -p 0 -n "$tg" -d "$depth" -r 1 -b 0 --json \
+                >"$out/$name.herdd.$r.json"
+            "$bin/llama-bench" -m "$m" -t "$threads" -p 0 -n "$tg" -d "$depth" -r 1 -o json \
+                >"$out/$name.llamad.$r.json" 2>/dev/null
+            if [ -n "${IK_LLAMA_BIN:-}" ]; then
+                env -u LD_LIBRARY_PATH "$IK_LLAMA_BIN/llama-bench" -m "$m" -t "$threads" -p 0 \
+                    -n "$tg" -d "$depth" -r 1 -rtr 1 -o json >"$out/$name.ikd.$r.json" 2>/dev/null
+            fi
+        fi
     done
 done
-python3 - "$out" "$pp" "$tg" "$batch" "$threads" "${models[@]}" <<'PY'
+python3 - "$out" "$pp" "$tg" "$batch" "$threads" "$depth" "${models[@]}" <<'PY'
 import json, os, statistics, sys
-out, pp, tg, batch, threads, models = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6:]
+out, pp, tg, batch, threads, depth, models = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), sys.argv[7:]
 def mean(v):
     return (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
 print(f"threads {threads}; pp{pp}, tg{tg}, batched x{batch} (128 + 128 tokens each); mean ± sd over rounds")
@@ -82,6 +95,12 @@ for m in models:
         (f"tg{tg}", [x["tg_tokens_per_s"] for x in h], bench(l, (0, tg)), bench(k, (0, tg))),
         (f"batched x{batch}", [x["batched"][0]["tokens_per_s"]["mean"] for x in h], [x["speed_tg"] for x in b], []),
     ]
+    if depth > 0:
+        def load(kind):
+            return [json.load(open(os.path.join(out, f.replace(".herd.", f".{kind}.")))) for f in rounds]
+        hd, ld = load("herdd"), load("llamad")
+        kd = load("ikd") if ik else []
+        rows.append((f"tg{tg} @ d{depth}", [x["tg_tokens_per_s"] for x in hd], bench(ld, (0, tg)), bench(kd, (0, tg))))
     for test, hv, lv, kv in rows:
         (hm, hs), (lm, ls) = mean(hv), mean(lv)
         line = f"| {name} | {test} | {hm:.2f} ± {hs:.2f} | {lm:.2f} ± {ls:.2f} | {hm / lm:.2f} |"

@@ -1,15 +1,17 @@
 //! `herd bench`: prompt processing, token generation and batched decode speeds, in the spirit of
 //! llama-bench (pp: one prompt of `-p` random tokens in one pass, logits for its last token;
-//! tg: `-n` tokens decoded one at a time from an empty cache; batched: B sequences with a
-//! `--batched-prompt`-token prompt each, then `--batched-gen` steps of B tokens). Each test runs
-//! once to warm up, then `-r` times; the roofline compares decode with memory bandwidth.
+//! tg: `-n` tokens decoded one at a time; batched: B sequences with a `--batched-prompt`-token
+//! prompt each, then `--batched-gen` steps of B tokens). With `-d N` (llama-bench's
+//! `--n-depth`) pp and tg start after N tokens of context already in the cache (filled untimed,
+//! once, then reused through the prefix cache). Each test runs once to warm up, then `-r`
+//! times; the roofline compares decode with memory bandwidth.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use herd_kernels::rng::SplitMix64;
-use herd_models::{Batch, CausalLm, load_model};
+use herd_models::{Batch, CausalLm, KvCache, load_model};
 use herd_plan::model::Part;
 use serde_json::json;
 
@@ -23,6 +25,12 @@ pub struct BenchArgs {
     /// Generated tokens of the tg test (0 skips it).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
+    /// Tokens of context already cached when pp and tg start (llama-bench's `-d`).
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    n_depth: usize,
+    /// Element type of the KV cache: f16, bf16, f32 or q8_0.
+    #[arg(long, default_value = "f16", value_parser = crate::parse_kv_type)]
+    kv_type: herd_kernels::DType,
     /// Threads (default: HERD_THREADS or one per CPU).
     #[arg(short = 't', long)]
     threads: Option<usize>,
@@ -131,18 +139,28 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         Ok(Rate { runs })
     };
 
+    let depth = tokens(a.n_depth);
+    let at_depth = |name: String| {
+        if a.n_depth > 0 {
+            format!("{name} @ d{}", a.n_depth)
+        } else {
+            name
+        }
+    };
     let pp = if a.n_prompt > 0 {
         let prompt = tokens(a.n_prompt);
-        Some(timed(&format!("pp{}", a.n_prompt), &mut || {
-            prompt_rate(model, &prompt)
+        let mut ctx = DepthContext::new(model, a.kv_type, &depth)?;
+        Some(timed(&at_depth(format!("pp{}", a.n_prompt)), &mut || {
+            prompt_rate(model, &mut ctx, &prompt)
         })?)
     } else {
         None
     };
     let tg = if a.n_gen > 0 {
         let first = tokens(1)[0];
-        Some(timed(&format!("tg{}", a.n_gen), &mut || {
-            generation_rate(model, first, a.n_gen)
+        let mut ctx = DepthContext::new(model, a.kv_type, &depth)?;
+        Some(timed(&at_depth(format!("tg{}", a.n_gen)), &mut || {
+            generation_rate(model, &mut ctx, first, a.n_gen)
         })?)
     } else {
         None
@@ -151,7 +169,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     for &b in a.batched.iter().filter(|&&b| b > 0) {
         let prompts: Vec<Vec<u32>> = (0..b).map(|_| tokens(a.batched_prompt.max(1))).collect();
         let rate = timed(&format!("batched x{b}"), &mut || {
-            batched_rate(model, &prompts, a.batched_gen)
+            batched_rate(model, a.kv_type, &prompts, a.batched_gen)
         })?;
         batched.push((b, rate));
     }
@@ -163,9 +181,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .iter()
         .map(|t| t.bytes() as f64 * facts.read_fraction(Part::of(&t.name)))
         .sum();
-    // herd's cache holds f32 keys and values; a tg run sees on average half its tokens.
-    let kv_bytes =
-        facts.kv_bytes_per_token_layer(4.0) * (a.n_gen as f64 / 2.0) * facts.n_layers as f64;
+    // A tg run's tokens see on average the depth and half the tokens it generates.
+    let elem_bytes = a.kv_type.type_size() as f64 / a.kv_type.block_size() as f64;
+    let kv_bytes = facts.kv_bytes(a.n_depth + a.n_gen / 2, elem_bytes).1;
     let bytes_per_token = weight_bytes + kv_bytes;
     eprintln!("measuring memory read bandwidth ({threads} threads)");
     let bandwidth = herd_plan::hardware::measure_read_bandwidth();
@@ -180,6 +198,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "repetitions": a.repetitions,
             "n_prompt": a.n_prompt,
             "n_gen": a.n_gen,
+            "n_depth": a.n_depth,
+            "kv_type": a.kv_type.name().to_ascii_lowercase(),
             "pp_tokens_per_s": pp.as_ref().map(Rate::mean),
             "tg_tokens_per_s": tg_mean,
             "pp": pp.as_ref().map(Rate::to_json),
@@ -203,15 +223,20 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "model: {label}\nthreads: {threads}, repetitions: {}\n",
-        a.repetitions
+        "model: {label}\nthreads: {threads}, repetitions: {}, KV cache: {}\n",
+        a.repetitions,
+        a.kv_type.name().to_ascii_lowercase()
     );
     println!("| test | tokens/s |\n|---|---:|");
     if let Some(pp) = &pp {
-        println!("| pp{} | {} |", a.n_prompt, pp.show());
+        println!(
+            "| {} | {} |",
+            at_depth(format!("pp{}", a.n_prompt)),
+            pp.show()
+        );
     }
     if let Some(tg) = &tg {
-        println!("| tg{} | {} |", a.n_gen, tg.show());
+        println!("| {} | {} |", at_depth(format!("tg{}", a.n_gen)), tg.show());
     }
     for (b, r) in &batched {
         println!(
@@ -239,26 +264,64 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One prompt in one pass from an empty cache, logits for its last token: tokens/s.
-fn prompt_rate(model: &dyn CausalLm, prompt: &[u32]) -> Result<f64> {
-    let mut cache = model.new_cache();
+/// A cache holding the depth context for the pp and tg runs: each run is a new sequence that
+/// starts on the depth tokens, reused from the prefix cache (only the few after the last whole
+/// block are computed again, untimed); the previous run's sequence is released first.
+struct DepthContext {
+    cache: KvCache,
+    depth: Vec<u32>,
+    seq: u64,
+}
+
+impl DepthContext {
+    fn new(model: &dyn CausalLm, kv_type: herd_kernels::DType, depth: &[u32]) -> Result<Self> {
+        Ok(Self {
+            cache: model.new_cache_of(kv_type)?,
+            depth: depth.to_vec(),
+            seq: 0,
+        })
+    }
+
+    /// A fresh sequence with the depth tokens cached: its id and first free position.
+    fn start(&mut self, model: &dyn CausalLm) -> Result<(u64, usize)> {
+        self.cache.remove(self.seq);
+        self.seq += 1;
+        let reused = self.cache.attach_prefix(self.seq, &self.depth)?;
+        let mut batch = Batch::new();
+        for (i, chunk) in self.depth[reused..].chunks(512).enumerate() {
+            batch.clear();
+            batch.push_sequence(self.seq, chunk, reused + i * 512, false);
+            model.forward(&batch, &mut self.cache, None)?;
+        }
+        Ok((self.seq, self.depth.len()))
+    }
+}
+
+/// One prompt in one pass after the depth context, logits for its last token: tokens/s.
+fn prompt_rate(model: &dyn CausalLm, ctx: &mut DepthContext, prompt: &[u32]) -> Result<f64> {
+    let (seq, at) = ctx.start(model)?;
     let mut batch = Batch::new();
-    batch.push_sequence(0, prompt, 0, false);
+    batch.push_sequence(seq, prompt, at, false);
     let start = Instant::now();
-    std::hint::black_box(model.forward(&batch, &mut cache, None)?);
+    std::hint::black_box(model.forward(&batch, &mut ctx.cache, None)?);
     Ok(prompt.len() as f64 / start.elapsed().as_secs_f64())
 }
 
-/// `n` single-token steps from an empty cache (each step feeds the previous token back, as
+/// `n` single-token steps after the depth context (each step feeds the previous token back, as
 /// decoding does; the token is fixed because sampling is not what is measured): tokens/s.
-fn generation_rate(model: &dyn CausalLm, token: u32, n: usize) -> Result<f64> {
-    let mut cache = model.new_cache();
+fn generation_rate(
+    model: &dyn CausalLm,
+    ctx: &mut DepthContext,
+    token: u32,
+    n: usize,
+) -> Result<f64> {
+    let (seq, at) = ctx.start(model)?;
     let (mut batch, mut logits) = (Batch::new(), Vec::new());
     let start = Instant::now();
-    for pos in 0..n {
+    for pos in at..at + n {
         batch.clear();
-        batch.push(0, token, pos, true);
-        model.forward_into(&batch, &mut cache, None, &mut logits)?;
+        batch.push(seq, token, pos, true);
+        model.forward_into(&batch, &mut ctx.cache, None, &mut logits)?;
         std::hint::black_box(&logits);
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
@@ -266,8 +329,13 @@ fn generation_rate(model: &dyn CausalLm, token: u32, n: usize) -> Result<f64> {
 
 /// Prefill every prompt (untimed), then `n` steps that decode one token of every sequence:
 /// aggregate decode tokens/s.
-fn batched_rate(model: &dyn CausalLm, prompts: &[Vec<u32>], n: usize) -> Result<f64> {
-    let mut cache = model.new_cache();
+fn batched_rate(
+    model: &dyn CausalLm,
+    kv_type: herd_kernels::DType,
+    prompts: &[Vec<u32>],
+    n: usize,
+) -> Result<f64> {
+    let mut cache = model.new_cache_of(kv_type)?;
     let mut prefill = Batch::new();
     for (s, p) in prompts.iter().enumerate() {
         prefill.push_sequence(s as u64, p, 0, false);

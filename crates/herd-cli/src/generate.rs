@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 
 use anyhow::{Context, Result, bail};
 use herd_engine::chat::{ChatTemplate, RenderOptions, TemplateSource};
-use herd_engine::generate::{Request, generate};
+use herd_engine::generate::{Request, generate_in};
 use herd_engine::registry;
 use herd_engine::sampler::SamplingParams;
 
@@ -35,6 +35,10 @@ pub struct SamplingArgs {
     /// Stop when this text appears (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Element type of the KV cache: f16, bf16, f32 or q8_0 (blocks of 32: half of f16's
+    /// memory, a little less precise).
+    #[arg(long, default_value = "f16", value_parser = crate::parse_kv_type)]
+    pub kv_type: herd_kernels::DType,
 }
 
 impl SamplingArgs {
@@ -83,8 +87,10 @@ fn stream_answer(
         stop: s.stop.clone(),
         sampling: s.params()?,
     };
+    let model = loaded.model.as_ref();
+    let cache = model.new_cache_of(s.kv_type)?;
     let mut out = std::io::stdout().lock();
-    let g = generate(loaded.model.as_ref(), &loaded.tokenizer, &req, |t| {
+    let g = generate_in(cache, model, &loaded.tokenizer, &req, |t| {
         let _ = out.write_all(t.as_bytes());
         let _ = out.flush();
     })?;

@@ -47,6 +47,10 @@ enum Command {
         /// embedding output, hidden_{i+1} the output of layer i, the last one after the final norm.
         #[arg(long)]
         hidden_states: Option<PathBuf>,
+        /// Element type of the KV cache: f32 (the default here, for comparisons with reference
+        /// implementations), f16 (what run and serve use), bf16 or q8_0.
+        #[arg(long, default_value = "f32", value_parser = parse_kv_type)]
+        kv_type: herd_kernels::DType,
     },
     /// Generate a continuation of a prompt, streamed to stdout (speeds on stderr).
     Run {
@@ -134,7 +138,8 @@ fn run(command: Command) -> Result<()> {
             tokens,
             out,
             hidden_states,
-        } => logits(&model, &tokens, &out, hidden_states.as_deref()),
+            kv_type,
+        } => logits(&model, &tokens, &out, hidden_states.as_deref(), kv_type),
         Command::Inspect { file, full } => inspect::run(&file, full),
         Command::Plan(args) => plan::run(&args),
         Command::Run {
@@ -179,13 +184,36 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-fn logits(model_dir: &Path, tokens: &[u32], out: &Path, hidden_dir: Option<&Path>) -> Result<()> {
+/// A `--kv-type` value: one of the element types a KV cache can store.
+pub(crate) fn parse_kv_type(s: &str) -> std::result::Result<herd_kernels::DType, String> {
+    let types = herd_kernels::attention::KV_TYPES;
+    herd_kernels::DType::from_name(&s.to_ascii_lowercase())
+        .filter(|t| types.contains(t))
+        .ok_or_else(|| {
+            let names: Vec<String> = types
+                .iter()
+                .map(|t| t.name().to_ascii_lowercase())
+                .collect();
+            format!(
+                "{s:?} is not a KV cache type: choose one of {}",
+                names.join(", ")
+            )
+        })
+}
+
+fn logits(
+    model_dir: &Path,
+    tokens: &[u32],
+    out: &Path,
+    hidden_dir: Option<&Path>,
+    kv_type: herd_kernels::DType,
+) -> Result<()> {
     if tokens.is_empty() {
         bail!("--tokens needs at least one token id");
     }
     let model =
         load_model(model_dir).with_context(|| format!("loading {}", model_dir.display()))?;
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache_of(kv_type)?;
     let mut trace = Vec::new();
     let batch = Batch::sequence(0, tokens, 0);
     let logits = model.forward(

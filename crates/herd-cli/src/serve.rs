@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// Positions per KV block.
     #[arg(long, default_value_t = 16)]
     block_size: usize,
+    /// Element type of the KV cache: f16, bf16, f32 or q8_0 (blocks of 32: half of f16's
+    /// memory, so twice the positions in the same RAM, a little less precise).
+    #[arg(long, default_value = "f16", value_parser = crate::parse_kv_type)]
+    kv_type: herd_kernels::DType,
     /// Sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
@@ -81,6 +85,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     }
     let config = SchedulerConfig {
         block_size: args.block_size,
+        kv_type: args.kv_type,
         kv_blocks: args.kv_tokens / args.block_size,
         max_running: args.max_running,
         step_tokens: args.step_tokens,

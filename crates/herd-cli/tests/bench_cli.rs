@@ -160,15 +160,48 @@ fn bench_reports_every_test_and_the_roofline() {
         (weights - expected).abs() < 1e-9 * expected,
         "{weights} vs {expected}"
     );
-    // f32 K and V: 2 kv heads × 64 × 2 × 4 bytes per layer per position, 4 layers, tg4 → 2 on average.
-    assert_eq!(roof["kv_bytes_per_token"].as_f64().unwrap(), 4096.0 * 2.0);
+    // The default f16 cache: K and V of 2 kv heads × 64 × 2 bytes per layer per position,
+    // 4 layers, tg4 → 2 positions on average.
+    assert_eq!(r["kv_type"], "f16");
+    assert_eq!(
+        roof["kv_bytes_per_token"].as_f64().unwrap(),
+        512.0 * 4.0 * 2.0
+    );
     let bandwidth = roof["bandwidth_bytes_per_s"].as_f64().unwrap();
     assert!(bandwidth > 1e8, "a measured bandwidth: {bandwidth}");
     let bound = roof["bound_tokens_per_s"].as_f64().unwrap();
-    assert!((bound - bandwidth / (weights + 8192.0)).abs() < 1e-6 * bound);
+    assert!((bound - bandwidth / (weights + 4096.0)).abs() < 1e-6 * bound);
     let fraction = roof["fraction_of_bound"].as_f64().unwrap();
     let tg = r["tg_tokens_per_s"].as_f64().unwrap();
     assert!((fraction - tg / bound).abs() < 1e-9);
+
+    // After 40 tokens of context in a Q8_0 cache (128 values per row: 4 blocks of 34 bytes),
+    // tg4 sees 42 positions on average.
+    let r = bench_json(&["-t", "2", "-d", "40", "--kv-type", "q8_0"], Some(&file));
+    assert_eq!(
+        (r["n_depth"].as_u64(), r["kv_type"].as_str()),
+        (Some(40), Some("q8_0"))
+    );
+    assert!(r["pp_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(r["tg_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        r["roofline"]["kv_bytes_per_token"].as_f64().unwrap(),
+        2.0 * 136.0 * 4.0 * 42.0
+    );
+}
+
+#[test]
+fn bench_refuses_a_kv_type_the_model_cannot_hold() {
+    let out = herd()
+        .args(["bench", "--kv-type", "q4_0", "--random-weights"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"q4_0\" is not a KV cache type: choose one of f32, f16, bf16, q8_0"),
+        "{err}"
+    );
 }
 
 #[test]

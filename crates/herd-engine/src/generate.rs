@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use herd_models::{Batch, CausalLm};
+use herd_models::{Batch, CausalLm, KvCache};
 
 use crate::detokenize::{StopMatcher, StopResult, StreamDecoder};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
@@ -44,8 +44,21 @@ pub struct Generation {
     pub decode_time: Duration,
 }
 
-/// Generate for one request, calling `on_text` with each new piece of text.
+/// Generate for one request, calling `on_text` with each new piece of text, with a KV cache of
+/// the default element type (f16).
 pub fn generate(
+    model: &dyn CausalLm,
+    tok: &Tokenizer,
+    req: &Request,
+    on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    generate_in(model.new_cache(), model, tok, req, on_text)
+}
+
+/// [`generate`] in the given (empty) KV cache, e.g. one of another element type
+/// ([`CausalLm::new_cache_of`]).
+pub fn generate_in(
+    mut cache: KvCache,
     model: &dyn CausalLm,
     tok: &Tokenizer,
     req: &Request,
@@ -54,7 +67,6 @@ pub fn generate(
     if req.prompt.is_empty() {
         return Err(Error::Encode("the prompt is empty".into()));
     }
-    let mut cache = model.new_cache();
     let mut sampler = Sampler::new(req.sampling.clone(), &req.prompt);
     let mut decoder = StreamDecoder::new(true);
     let mut stops = StopMatcher::new(req.stop.clone());

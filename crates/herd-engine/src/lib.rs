@@ -31,6 +31,8 @@ pub enum Error {
     Template(String),
     #[error("{0}")]
     Registry(String),
+    #[error(transparent)]
+    Model(#[from] herd_models::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

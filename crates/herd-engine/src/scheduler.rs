@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use herd_kernels::DType;
 use herd_models::{Batch, CausalLm, KvCache, SeqId};
 
 use crate::Tokenizer;
@@ -45,6 +46,8 @@ use crate::sampler::{Sampled, Sampler, SamplingParams};
 pub struct SchedulerConfig {
     /// Positions per KV block.
     pub block_size: usize,
+    /// Element type of the cached keys and values (f32, f16, bf16 or q8_0).
+    pub kv_type: DType,
     /// Blocks in the KV pool.
     pub kv_blocks: usize,
     /// Sequences in the running batch at most.
@@ -61,6 +64,7 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
             block_size: 16,
+            kv_type: herd_models::kv_cache::DEFAULT_KV_TYPE,
             kv_blocks: 2048,
             max_running: 64,
             step_tokens: 512,
@@ -190,7 +194,7 @@ impl Scheduler {
         model: Box<dyn CausalLm>,
         tokenizer: Arc<Tokenizer>,
         mut config: SchedulerConfig,
-    ) -> Self {
+    ) -> crate::Result<Self> {
         config.context = config.context.min(model.max_context()).max(1);
         config.step_tokens = config.step_tokens.max(1);
         config.max_running = config.max_running.max(1);
@@ -200,7 +204,7 @@ impl Scheduler {
             kv_blocks_total: config.kv_blocks,
             ..Default::default()
         }));
-        let cache = model.new_paged_cache(config.block_size, config.kv_blocks);
+        let cache = model.new_paged_cache(config.kv_type, config.block_size, config.kv_blocks)?;
         let mut lp = Loop {
             model,
             stop_ids: tokenizer.stop_ids.clone(),
@@ -232,14 +236,14 @@ impl Scheduler {
             .name("herd-output".into())
             .spawn(move || process_outputs(&tokenizer, &out_rx, &cancel))
             .expect("spawn the output thread");
-        Self {
+        Ok(Self {
             tx,
             out,
             stats,
             next_id: Mutex::new(1),
             config,
             threads: Mutex::new(vec![engine, output]),
-        }
+        })
     }
 
     pub fn config(&self) -> &SchedulerConfig {

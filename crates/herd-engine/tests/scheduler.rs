@@ -141,7 +141,7 @@ fn concurrent_requests_equal_the_same_requests_alone() {
         step_tokens: 7,
         ..SchedulerConfig::default()
     };
-    let s = Scheduler::start(model, tok.clone(), config);
+    let s = Scheduler::start(model, tok.clone(), config).unwrap();
     let mut jobs = Vec::new();
     for (i, p) in PROMPTS.iter().enumerate() {
         let ids = encode(&tok, p);
@@ -179,7 +179,7 @@ fn a_shared_prompt_prefix_is_not_computed_twice() {
         model, tokenizer, ..
     } = load();
     let tok = Arc::new(tokenizer);
-    let s = Scheduler::start(model, tok.clone(), SchedulerConfig::default());
+    let s = Scheduler::start(model, tok.clone(), SchedulerConfig::default()).unwrap();
     let system = "You are a careful assistant. Answer briefly and precisely. ".repeat(6);
     let first = encode(&tok, &format!("{system}Question: what is two plus two?"));
     let second = encode(&tok, &format!("{system}Question: name a colour."));
@@ -209,7 +209,7 @@ fn a_cancelled_or_abandoned_request_frees_its_blocks() {
         model, tokenizer, ..
     } = load();
     let tok = Arc::new(tokenizer);
-    let s = Scheduler::start(model, tok.clone(), SchedulerConfig::default());
+    let s = Scheduler::start(model, tok.clone(), SchedulerConfig::default()).unwrap();
     let prompt = encode(&tok, PROMPTS[2]);
     // The receiver goes away after two tokens: the engine notices on its next event.
     let rx = submit(&s, prompt.clone(), 1000, SamplingParams::default());
@@ -259,7 +259,7 @@ fn requests_that_cannot_run_are_refused_up_front() {
         block_size: 4,
         ..SchedulerConfig::default()
     };
-    let s = Scheduler::start(model, tok, config);
+    let s = Scheduler::start(model, tok, config).unwrap();
     let req = |n: usize| GenerationRequest {
         prompt: vec![2; n],
         max_tokens: 4,
@@ -303,7 +303,7 @@ fn constrained_and_free_requests_share_a_batch() {
         step_tokens: 5,
         ..SchedulerConfig::default()
     };
-    let s = Scheduler::start(model, tok.clone(), config);
+    let s = Scheduler::start(model, tok.clone(), config).unwrap();
     let mut jobs = Vec::new();
     for (i, p) in PROMPTS.iter().enumerate() {
         let ids = encode(&tok, p);
@@ -363,6 +363,9 @@ impl herd_models::CausalLm for AllocationChecked {
     fn kv_dim(&self) -> usize {
         self.inner.kv_dim()
     }
+    fn head_dim(&self) -> usize {
+        self.inner.head_dim()
+    }
     fn max_context(&self) -> usize {
         self.inner.max_context()
     }
@@ -411,7 +414,7 @@ fn the_model_only_runs_steps_whose_blocks_are_allocated() {
         step_tokens: 16,
         ..SchedulerConfig::default()
     };
-    let s = Scheduler::start(Box::new(checked), tok.clone(), config);
+    let s = Scheduler::start(Box::new(checked), tok.clone(), config).unwrap();
     let jobs: Vec<_> = PROMPTS
         .iter()
         .map(|p| {
@@ -450,7 +453,7 @@ fn a_stop_string_ends_the_request_and_frees_its_blocks() {
         model, tokenizer, ..
     } = load();
     let tok = Arc::new(tokenizer);
-    let s = Scheduler::start(model, tok.clone(), SchedulerConfig::default());
+    let s = Scheduler::start(model, tok.clone(), SchedulerConfig::default()).unwrap();
     let prompt = encode(&tok, PROMPTS[3]);
     let (_, full) = alone(&reference, &prompt, 12, SamplingParams::default());
     // Stop at the second character of the greedy continuation's text.
@@ -519,7 +522,7 @@ fn cached_prefixes_give_the_same_tokens_and_logprobs() {
         block_size: 4,
         ..SchedulerConfig::default()
     };
-    let s = Scheduler::start(model, tok.clone(), config);
+    let s = Scheduler::start(model, tok.clone(), config).unwrap();
     let base = "Zebra1: The history of the Roman empire is a long story that begins with";
     let (cold, u0) = sampled_run(&s, &tok, base);
     let (warm, u1) = sampled_run(&s, &tok, base);
@@ -535,7 +538,7 @@ fn cached_prefixes_give_the_same_tokens_and_logprobs() {
     let Loaded {
         model, tokenizer, ..
     } = load();
-    let fresh = Scheduler::start(model, Arc::new(tokenizer), SchedulerConfig::default());
+    let fresh = Scheduler::start(model, Arc::new(tokenizer), SchedulerConfig::default()).unwrap();
     let (want, u3) = sampled_run(&fresh, &tok, &other);
     assert_eq!(u3.cached_tokens, 0);
     assert_eq!(partial, want, "a partly cached prefix changed the output");

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::ops::Range;
 
-use herd_kernels::attention::{self, Accum};
+use herd_kernels::attention::{self, OnlineSoftmax};
 
 use crate::{Batch, Error, KvCache, Result};
 
@@ -48,11 +48,13 @@ pub(crate) fn cache_rows(
 /// `first_key(pos)..=pos` of the row's sequence. Consecutive query heads share a kv head (GQA).
 /// Writes `[T, q·dim]` to `out`.
 ///
-/// The arithmetic is `herd_kernels::attention`'s, in one order for every row whatever the
-/// batch.
-/// Rows are taken in blocks of consecutive positions of one sequence, so each cached key and
-/// value is read once per block and head rather than once per row; every row is still computed
-/// exactly as it would be alone.
+/// The arithmetic is `herd_kernels::attention`'s online softmax, fed tiles of [`TILE`]
+/// positions in order, read in the cache's element type: one order for every row whatever the
+/// batch, the cache's block size or whether a prefix came from the cache.
+/// Rows are taken in blocks of consecutive positions of one sequence, and the query heads of a
+/// kv head together, so each tile of cached keys and values is read once per block and kv head
+/// while it is in cache rather than once per row and head; every row is still computed exactly
+/// as it would be alone.
 pub(crate) fn attend(
     q: &[f32],
     batch: &Batch,
@@ -73,14 +75,15 @@ pub(crate) fn attend(
 thread_local! {
     /// The row blocks of the current call (kept for the next one: decoding allocates nothing).
     static BLOCKS: RefCell<Vec<Range<usize>>> = const { RefCell::new(Vec::new()) };
-    /// One pool task's scores and output sums, per row of a block (kept likewise).
+    /// One pool task's running softmax states and tile scores (kept likewise).
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 #[derive(Default)]
 struct Scratch {
-    scores: [Vec<f32>; MAX_BLOCK_ROWS],
-    sums: [Accum; MAX_BLOCK_ROWS],
+    /// Per (head of the kv head's run, row of the block).
+    states: Vec<OnlineSoftmax>,
+    scores: Vec<f32>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -94,79 +97,88 @@ fn attend_blocks(
     blocks: &[Range<usize>],
     out: &mut [f32],
 ) {
-    let (nh, nkv, d, scale) = (heads.q, heads.kv, heads.dim, heads.scale);
-    let group = nh / nkv;
-    // (block, head) pairs are independent: split them over the pool.
+    let (nh, d, scale) = (heads.q, heads.dim, heads.scale);
+    let group = nh / heads.kv;
+    let ty = cache.shape().kv_type;
+    let head_bytes = ty.bytes_for(d);
+    // (block, head) pairs are independent: split them over the pool. A task's pairs are
+    // consecutive, so it takes the query heads of one kv head together where it can.
     let pairs = blocks.len() * nh;
     let pool = herd_kernels::pool::global();
     let per_task = pairs.div_ceil(pool.n_threads() * 4).max(1);
     let shared = herd_kernels::pool::SharedMut::new(out);
     pool.run(pairs.div_ceil(per_task), |task| {
-        SCRATCH.with_borrow_mut(|Scratch { scores, sums }| {
-            for pair in task * per_task..((task + 1) * per_task).min(pairs) {
-                let (rows, head) = (blocks[pair / nh].clone(), pair % nh);
+        SCRATCH.with_borrow_mut(|Scratch { states, scores }| {
+            let (mut pair, end) = (task * per_task, ((task + 1) * per_task).min(pairs));
+            while pair < end {
+                // The run of this task's pairs with the same row block and kv head.
+                let (b, head0) = (pair / nh, pair % nh);
+                let kvh = head0 / group;
+                let head1 = ((kvh + 1) * group).min(nh).min(head0 + end - pair);
+                pair += head1 - head0;
+                let rows = blocks[b].clone();
                 let seq = batch.seq_ids[rows.start];
                 // Row i of the block sees the cached positions span(i).
                 let span = |i: usize| {
                     let pos = batch.positions[rows.start + i];
-                    first_key(pos)..=pos
+                    first_key(pos)..pos + 1
                 };
                 let n = rows.len();
                 let lo = (0..n)
-                    .map(|i| *span(i).start())
+                    .map(|i| span(i).start)
                     .min()
                     .expect("blocks are not empty");
                 let hi = (0..n)
-                    .map(|i| *span(i).end())
+                    .map(|i| span(i).end)
                     .max()
                     .expect("blocks are not empty");
-                // Head h of cached position j within a run of positions.
-                let key = |j: usize, h: usize| (j * nkv + h) * d..(j * nkv + h + 1) * d;
-                let kvh = head / group;
-                let qh = |i: usize| {
-                    let at = ((rows.start + i) * nh + head) * d;
+                let qh = |i: usize, h: usize| {
+                    let at = ((rows.start + i) * nh + h) * d;
                     &q[at..at + d]
                 };
-                scores[..n].iter_mut().for_each(Vec::clear);
-                let mut p = lo;
-                for (keys, _) in cache.runs(seq, layer, lo, hi) {
-                    for j in 0..keys.len() / (nkv * d) {
-                        let kj = &keys[key(j, kvh)];
-                        for (i, s) in scores[..n].iter_mut().enumerate() {
-                            if span(i).contains(&p) {
-                                s.push(attention::dot_f32(qh(i), kj) * scale);
-                            }
-                        }
-                        p += 1;
-                    }
+                let n_states = (head1 - head0) * n;
+                if states.len() < n_states {
+                    states.resize_with(n_states, OnlineSoftmax::default);
                 }
-                for (i, s) in scores[..n].iter_mut().enumerate() {
-                    attention::softmax(s, *span(i).start());
-                }
-                for sum in &mut sums[..n] {
-                    sum.reset(d);
-                }
-                let (mut p, mut next) = (lo, [0usize; MAX_BLOCK_ROWS]);
-                for (_, values) in cache.runs(seq, layer, lo, hi) {
-                    for j in 0..values.len() / (nkv * d) {
-                        let vj = &values[key(j, kvh)];
+                states[..n_states].iter_mut().for_each(|st| st.reset(d));
+                let view = cache.view(seq, layer);
+                let mut tile = lo / TILE * TILE..lo / TILE * TILE + TILE;
+                while tile.start < hi {
+                    for (slot, h) in (head0..head1).enumerate() {
                         for i in 0..n {
-                            if span(i).contains(&p) {
-                                sums[i].add(p, scores[i][next[i]], vj);
-                                next[i] += 1;
+                            let seen = span(i);
+                            let (a, z) = (seen.start.max(tile.start), seen.end.min(tile.end));
+                            if a >= z {
+                                continue;
                             }
+                            scores.clear();
+                            for p in a..z {
+                                let k = &view.key(p)[kvh * head_bytes..];
+                                scores.push(attention::kv_dot(ty, qh(i, h), k) * scale);
+                            }
+                            states[slot * n + i]
+                                .add_tile(ty, scores, |j| &view.value(a + j)[kvh * head_bytes..]);
                         }
-                        p += 1;
                     }
+                    tile = tile.end..tile.end + TILE;
                 }
-                for (i, sum) in sums[..n].iter().enumerate() {
-                    // SAFETY: each (row block, head) pair owns the d outputs of its rows and head.
-                    sum.finish(unsafe { shared.slice(((rows.start + i) * nh + head) * d, d) });
+                for (slot, h) in (head0..head1).enumerate() {
+                    for i in 0..n {
+                        let at = ((rows.start + i) * nh + h) * d;
+                        // SAFETY: each (row block, head) pair belongs to one task, and owns the
+                        // d outputs of its rows and head.
+                        states[slot * n + i].finish(unsafe { shared.slice(at, d) });
+                    }
                 }
             }
         })
     });
 }
+
+/// Positions per attention tile, aligned to multiples of it: a row's arithmetic depends on
+/// where tiles start, so they follow absolute positions, not cache blocks (whose size is a
+/// server setting).
+const TILE: usize = 16;
 
 /// Rows per attention block (their scores and outputs stay in cache while keys stream by).
 const MAX_BLOCK_ROWS: usize = 8;

@@ -20,6 +20,8 @@ pub enum Error {
     TensorDtype { name: String, dtype: String },
     #[error("invalid batch: {0}")]
     Batch(String),
+    #[error("KV cache type: {0}")]
+    KvType(String),
     #[error("the KV cache is full: the step needs {needed} more blocks, {available} are available")]
     CacheFull { needed: usize, available: usize },
 }

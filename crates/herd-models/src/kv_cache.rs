@@ -17,15 +17,76 @@
 //! with [`Error::CacheFull`] when a step needs more blocks than are free or evictable. Pools are
 //! zeroed allocations the OS backs lazily, and freed blocks are reused first, so memory follows
 //! the blocks actually in use.
+//!
+//! Each cached row (one position of one layer: `kv_dim` = kv heads × head size elements of K,
+//! and as many of V) is stored as the cache's element type ([`KvShape::kv_type`]): f16 by
+//! default, as llama.cpp does; f32, bf16, or Q8_0 blocks of 32 on request. Attention reads the
+//! rows in that type (`herd_kernels::attention`).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
+use herd_kernels::DType;
+use herd_kernels::attention;
+
 use crate::{Batch, Error, Result, SeqId};
 
 /// Positions per block unless a cache says otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// The element type of the cache unless asked otherwise (llama.cpp's default too).
+pub const DEFAULT_KV_TYPE: DType = DType::F16;
+
+/// What one cached row of a layer holds: `kv_dim` = kv heads × `head_dim` elements of K (and
+/// as many of V), stored as `kv_type` (one of `herd_kernels::attention::KV_TYPES`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub kv_dim: usize,
+    pub head_dim: usize,
+    pub kv_type: DType,
+}
+
+impl KvShape {
+    /// Bytes of one cached row of K (or of V).
+    pub fn row_bytes(&self) -> usize {
+        self.kv_type.bytes_for(self.kv_dim)
+    }
+
+    /// Bytes of K and V for one position of one layer: what `herd plan` counts per token and
+    /// layer.
+    pub fn bytes_per_token_layer(&self) -> usize {
+        2 * self.row_bytes()
+    }
+
+    fn check(&self) -> Result<()> {
+        let names = attention::KV_TYPES
+            .map(|t| t.name().to_ascii_lowercase())
+            .join(", ");
+        if !attention::KV_TYPES.contains(&self.kv_type) {
+            return Err(Error::KvType(format!(
+                "{} is not a KV cache type: choose one of {names}",
+                self.kv_type
+            )));
+        }
+        if self.head_dim == 0 || !self.kv_dim.is_multiple_of(self.head_dim) {
+            return Err(Error::KvType(format!(
+                "kv_dim {} is not a whole number of heads of {}",
+                self.kv_dim, self.head_dim
+            )));
+        }
+        if !attention::kv_type_fits(self.kv_type, self.head_dim) {
+            return Err(Error::KvType(format!(
+                "{} stores blocks of {} elements, and this model's heads have {}: choose one of \
+                 {names} whose blocks divide the head size",
+                self.kv_type,
+                self.kv_type.block_size(),
+                self.head_dim
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// Which cached keys a layer's query at position `p` attends to (besides causality).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,9 +125,10 @@ struct Block {
 #[derive(Debug)]
 struct Group {
     window: Window,
-    /// Per layer of the group: keys and values of every block, `[blocks · block_size, kv_dim]`.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    /// Per layer of the group: keys and values of every block, `[blocks · block_size]` rows of
+    /// [`KvShape::row_bytes`] each.
+    k: Vec<Vec<u8>>,
+    v: Vec<Vec<u8>>,
     blocks: Vec<Block>,
     free: Vec<BlockId>,
     /// Unused but indexed blocks by (release time, id): the oldest is evicted first.
@@ -144,8 +206,7 @@ thread_local! {
 #[derive(Debug)]
 pub struct KvCache {
     n_layers: usize,
-    /// Floats per token per layer for K (and for V): kv_heads × head_dim.
-    kv_dim: usize,
+    shape: KvShape,
     block_size: usize,
     /// Fixed pool size per group, or `None` to grow on demand.
     capacity: Option<usize>,
@@ -160,17 +221,19 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A growing cache whose layers all see every earlier position.
+    /// A growing f32 cache of rows of `kv_dim` whose layers all see every earlier position.
     pub fn new(n_layers: usize, kv_dim: usize) -> Self {
         Self::windowed(
             &vec![Window::Full; n_layers],
-            kv_dim,
+            Self::f32_shape(kv_dim),
             DEFAULT_BLOCK_SIZE,
             None,
         )
+        .expect("f32 rows of any size are valid")
     }
 
-    /// A cache with fixed pools of `num_blocks` blocks of `block_size` positions.
+    /// An f32 cache of rows of `kv_dim` with fixed pools of `num_blocks` blocks of
+    /// `block_size` positions.
     pub fn with_capacity(
         n_layers: usize,
         kv_dim: usize,
@@ -179,19 +242,33 @@ impl KvCache {
     ) -> Self {
         Self::windowed(
             &vec![Window::Full; n_layers],
-            kv_dim,
+            Self::f32_shape(kv_dim),
             block_size,
             Some(num_blocks),
         )
+        .expect("f32 rows of any size are valid")
+    }
+
+    fn f32_shape(kv_dim: usize) -> KvShape {
+        KvShape {
+            kv_dim,
+            head_dim: kv_dim.max(1),
+            kv_type: DType::F32,
+        }
     }
 
     /// A cache for layers with the given windows (`num_blocks`: fixed pools, else growing).
+    ///
+    /// # Errors
+    /// [`Error::KvType`] if `shape.kv_type` is not a KV cache type or its blocks do not divide
+    /// the head size.
     pub fn windowed(
         windows: &[Window],
-        kv_dim: usize,
+        shape: KvShape,
         block_size: usize,
         num_blocks: Option<usize>,
-    ) -> Self {
+    ) -> Result<Self> {
+        shape.check()?;
         let block_size = block_size.max(1);
         let mut groups: Vec<Group> = Vec::new();
         let mut layer_slot = Vec::with_capacity(windows.len());
@@ -211,10 +288,10 @@ impl KvCache {
                     groups.len() - 1
                 }
             };
-            let floats = num_blocks.unwrap_or(0) * block_size * kv_dim;
+            let bytes = num_blocks.unwrap_or(0) * block_size * shape.row_bytes();
             // Zeroed allocations are lazily backed by the OS: untouched blocks cost no memory.
-            groups[g].k.push(vec![0.0; floats]);
-            groups[g].v.push(vec![0.0; floats]);
+            groups[g].k.push(vec![0; bytes]);
+            groups[g].v.push(vec![0; bytes]);
             layer_slot.push((g, groups[g].k.len() - 1));
         }
         if let Some(n) = num_blocks {
@@ -227,9 +304,9 @@ impl KvCache {
             .iter()
             .position(|g| g.window == Window::Full)
             .unwrap_or(0);
-        Self {
+        Ok(Self {
             n_layers: windows.len(),
-            kv_dim,
+            shape,
             block_size,
             capacity: num_blocks,
             groups,
@@ -238,11 +315,16 @@ impl KvCache {
             seqs: HashMap::new(),
             clock: 0,
             stats: PrefixStats::default(),
-        }
+        })
     }
 
     pub fn block_size(&self) -> usize {
         self.block_size
+    }
+
+    /// The shape and element type of each cached row.
+    pub fn shape(&self) -> KvShape {
+        self.shape
     }
 
     /// Blocks in a pool (for a growing cache: allocated so far in the largest).
@@ -518,7 +600,7 @@ impl KvCache {
     }
 
     fn take_block(&mut self, g: usize) -> BlockId {
-        let floats = self.block_size * self.kv_dim;
+        let bytes = self.block_size * self.shape.row_bytes();
         let capacity = self.capacity;
         let group = &mut self.groups[g];
         let b = if let Some(b) = group.free.pop() {
@@ -531,7 +613,7 @@ impl KvCache {
         } else {
             debug_assert!(capacity.is_none(), "reserve checked the pool");
             for arena in group.k.iter_mut().chain(group.v.iter_mut()) {
-                arena.resize(arena.len() + floats, 0.0);
+                arena.resize(arena.len() + bytes, 0);
             }
             group.blocks.push(Block::default());
             group.blocks.len() - 1
@@ -560,43 +642,61 @@ impl KvCache {
         }
     }
 
-    /// Store the key and value of `seq`'s position `pos` (reserved) for `layer`.
+    /// Store the key and value (`kv_dim` values each) of `seq`'s position `pos` (reserved) for
+    /// `layer`, encoded as the cache's element type.
     pub(crate) fn write(&mut self, seq: SeqId, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        debug_assert!(k.len() == self.kv_dim && v.len() == self.kv_dim);
+        debug_assert!(k.len() == self.shape.kv_dim && v.len() == self.shape.kv_dim);
         let (g, l) = self.layer_slot[layer];
-        let (bs, d) = (self.block_size, self.kv_dim);
+        let (bs, d, ty) = (self.block_size, self.shape.row_bytes(), self.shape.kv_type);
         let s = self.seqs.get_mut(&seq).expect("reserved sequence");
         let b = s.tables[g][pos / bs].expect("a reserved position's block is held");
         let slot = b * bs + pos % bs;
         let r = slot * d..(slot + 1) * d;
-        self.groups[g].k[l][r.clone()].copy_from_slice(k);
-        self.groups[g].v[l][r].copy_from_slice(v);
+        attention::encode_kv(ty, k, &mut self.groups[g].k[l][r.clone()]);
+        attention::encode_kv(ty, v, &mut self.groups[g].v[l][r]);
         if layer + 1 == self.n_layers {
             s.len = s.len.max(pos + 1);
         }
     }
 
-    /// Keys and values of positions `start..=end` of `seq` in `layer`, as runs of consecutive
-    /// positions (`[n, kv_dim]` each), in position order. The positions must be visible to a
-    /// query of the sequence (not released).
-    pub(crate) fn runs(
-        &self,
-        seq: SeqId,
-        layer: usize,
-        start: usize,
-        end: usize,
-    ) -> impl Iterator<Item = (&[f32], &[f32])> + '_ {
+    /// The cached rows of `seq` in `layer`, by position. The sequence must exist.
+    pub(crate) fn view(&self, seq: SeqId, layer: usize) -> KvView<'_> {
         let (g, l) = self.layer_slot[layer];
-        let (bs, d) = (self.block_size, self.kv_dim);
-        let table = &self.seqs[&seq].tables[g];
-        let (k, v) = (&self.groups[g].k[l], &self.groups[g].v[l]);
-        (start / bs..=end / bs).map(move |bi| {
-            let lo = (bi * bs).max(start) - bi * bs;
-            let hi = ((bi + 1) * bs).min(end + 1) - bi * bs;
-            let base = table[bi].expect("visible positions are held") * bs;
-            let r = (base + lo) * d..(base + hi) * d;
-            (&k[r.clone()], &v[r])
-        })
+        KvView {
+            table: &self.seqs[&seq].tables[g],
+            k: &self.groups[g].k[l],
+            v: &self.groups[g].v[l],
+            block_size: self.block_size,
+            row_bytes: self.shape.row_bytes(),
+        }
+    }
+}
+
+/// One sequence's cached keys and values in one layer ([`KvCache::view`]).
+pub(crate) struct KvView<'a> {
+    table: &'a [Option<BlockId>],
+    k: &'a [u8],
+    v: &'a [u8],
+    block_size: usize,
+    row_bytes: usize,
+}
+
+impl<'a> KvView<'a> {
+    fn slot(&self, pos: usize) -> std::ops::Range<usize> {
+        let b = self.table[pos / self.block_size].expect("a visible position's block is held");
+        let slot = b * self.block_size + pos % self.block_size;
+        slot * self.row_bytes..(slot + 1) * self.row_bytes
+    }
+
+    /// The key row at `pos` ([`KvShape::row_bytes`] bytes in the cache's element type). The
+    /// position must be visible to a query of the sequence (not released).
+    pub(crate) fn key(&self, pos: usize) -> &'a [u8] {
+        &self.k[self.slot(pos)]
+    }
+
+    /// The value row at `pos`, as [`KvView::key`].
+    pub(crate) fn value(&self, pos: usize) -> &'a [u8] {
+        &self.v[self.slot(pos)]
     }
 }
 
@@ -623,8 +723,14 @@ mod tests {
     }
 
     fn keys(c: &KvCache, seq: SeqId, layer: usize, end: usize) -> Vec<f32> {
-        c.runs(seq, layer, 0, end)
-            .flat_map(|(k, _)| k.iter().step_by(2).copied())
+        first_of_rows(c, seq, layer, 0, end)
+    }
+
+    /// The first f32 of the key rows of positions `start..=end` (the tests' caches are f32 of 2).
+    fn first_of_rows(c: &KvCache, seq: SeqId, layer: usize, start: usize, end: usize) -> Vec<f32> {
+        let view = c.view(seq, layer);
+        (start..=end)
+            .map(|p| f32::from_le_bytes(view.key(p)[..4].try_into().unwrap()))
             .collect()
     }
 
@@ -637,10 +743,7 @@ mod tests {
         assert_eq!(c.blocks_used(), 3);
         let want: Vec<f32> = (0..11).map(|t| t as f32 + 1000.0).collect();
         assert_eq!(keys(&c, 1, 1, 10), want);
-        let part: Vec<f32> = c
-            .runs(1, 0, 3, 9)
-            .flat_map(|(k, _)| k.iter().step_by(2).copied())
-            .collect();
+        let part: Vec<f32> = first_of_rows(&c, 1, 0, 3, 9);
         assert_eq!(part, (3..10).map(|t| t as f32).collect::<Vec<_>>());
     }
 
@@ -699,7 +802,7 @@ mod tests {
     #[test]
     fn windowed_layers_keep_only_visible_blocks() {
         let windows = [Window::Full, Window::Sliding(6), Window::Chunked(8)];
-        let mut c = KvCache::windowed(&windows, 2, 4, Some(16));
+        let mut c = KvCache::windowed(&windows, KvCache::f32_shape(2), 4, Some(16)).unwrap();
         let prompt: Vec<u32> = (100..120).collect();
         fill(&mut c, 1, &prompt, 0);
         fill(&mut c, 1, &[120], 20);
@@ -714,10 +817,7 @@ mod tests {
             ]
         );
         assert_eq!(c.blocks_used(), 6);
-        let visible: Vec<f32> = c
-            .runs(1, 1, 15, 20)
-            .flat_map(|(k, _)| k.iter().step_by(2).copied())
-            .collect();
+        let visible: Vec<f32> = first_of_rows(&c, 1, 1, 15, 20);
         assert_eq!(
             visible,
             (115..=120).map(|t| (t + 1000) as f32).collect::<Vec<_>>()
@@ -738,10 +838,7 @@ mod tests {
             ]
         );
         fill(&mut c, 2, &[7], 20);
-        let keys: Vec<f32> = c
-            .runs(2, 2, 16, 20)
-            .flat_map(|(k, _)| k.iter().step_by(2).copied())
-            .collect();
+        let keys: Vec<f32> = first_of_rows(&c, 2, 2, 16, 20);
         assert_eq!(keys, [116.0, 117.0, 118.0, 119.0, 7.0].map(|t| t + 2000.0));
     }
 

@@ -18,37 +18,65 @@ pub mod weights;
 
 pub use batch::{Batch, SeqId};
 pub use error::{Error, Result};
-pub use kv_cache::{KvCache, Window};
+pub use kv_cache::{KvCache, KvShape, Window};
 
 use std::path::Path;
 
 use herd_formats::{GgufFile, HfModelDir};
+use herd_kernels::DType;
 
 /// A decoder-only language model.
 pub trait CausalLm: Send + Sync {
     fn vocab_size(&self) -> usize;
     fn hidden_size(&self) -> usize;
     fn num_layers(&self) -> usize;
-    /// Floats cached per token and layer for keys (and for values): kv heads × head dim.
+    /// Values cached per token and layer for keys (and for values): kv heads × head dim.
     fn kv_dim(&self) -> usize;
+    /// Values per attention head (the unit a KV cache element type's blocks must divide).
+    fn head_dim(&self) -> usize;
     /// Positions the model was trained for (its context length).
     fn max_context(&self) -> usize;
     /// Which keys each layer's queries see (full, sliding window, chunk).
     fn layer_windows(&self) -> Vec<Window>;
-    /// An empty cache shaped for this model that grows as needed.
+    /// The rows this model caches per token and layer, stored as `kv_type`.
+    fn kv_shape(&self, kv_type: DType) -> KvShape {
+        KvShape {
+            kv_dim: self.kv_dim(),
+            head_dim: self.head_dim(),
+            kv_type,
+        }
+    }
+    /// An empty cache of [`kv_cache::DEFAULT_KV_TYPE`] (f16) shaped for this model that grows as
+    /// needed.
     fn new_cache(&self) -> KvCache {
+        self.new_cache_of(kv_cache::DEFAULT_KV_TYPE)
+            .expect("f16 rows of any head size are valid")
+    }
+    /// An empty growing cache storing `kv_type`.
+    ///
+    /// # Errors
+    /// [`Error::KvType`] if the type is not a KV cache type or does not fit the head size.
+    fn new_cache_of(&self, kv_type: DType) -> Result<KvCache> {
         KvCache::windowed(
             &self.layer_windows(),
-            self.kv_dim(),
+            self.kv_shape(kv_type),
             kv_cache::DEFAULT_BLOCK_SIZE,
             None,
         )
     }
-    /// An empty cache shaped for this model with fixed pools of blocks.
-    fn new_paged_cache(&self, block_size: usize, num_blocks: usize) -> KvCache {
+    /// An empty cache storing `kv_type` with fixed pools of `num_blocks` blocks.
+    ///
+    /// # Errors
+    /// As [`CausalLm::new_cache_of`].
+    fn new_paged_cache(
+        &self,
+        kv_type: DType,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<KvCache> {
         KvCache::windowed(
             &self.layer_windows(),
-            self.kv_dim(),
+            self.kv_shape(kv_type),
             block_size,
             Some(num_blocks),
         )

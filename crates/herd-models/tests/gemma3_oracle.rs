@@ -9,6 +9,10 @@ use herd_formats::TensorSet;
 use herd_kernels::DType;
 use herd_models::{Batch, CausalLm, load_model};
 
+/// The oracles compute in f32 (llama.cpp with an f32 cache) or f64, so the comparison is made
+/// with an f32 KV cache; herd's default f16 cache is judged by the KL oracle (gemma3_kl.rs).
+const ORACLE_KV: DType = DType::F32;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
@@ -42,7 +46,7 @@ fn argmax(row: &[f32]) -> usize {
 }
 
 fn prefill(model: &dyn CausalLm, tokens: &[u32], trace: Option<&mut Vec<Vec<f32>>>) -> Vec<f32> {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache_of(ORACLE_KV).unwrap();
     model
         .forward(&Batch::sequence(0, tokens, 0), &mut cache, trace)
         .unwrap()
@@ -74,7 +78,7 @@ fn tiny_models_match_transformers_layer_by_layer() {
         }
 
         // Token by token through the cache (sliding windows bind at window 4) equals prefill.
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache_of(ORACLE_KV).unwrap();
         let mut step = model
             .forward(&Batch::sequence(1, &tokens[..5], 0), &mut cache, None)
             .unwrap();
@@ -111,8 +115,11 @@ fn real_model() -> Box<dyn CausalLm> {
 /// model a last-bit difference can flip an activation's 8-bit rounding and grow through the
 /// layers (as the 8-bit quantization noise both engines have against an exact reference), so
 /// the logits are not equal; the judge of numerics is the KL oracle (gemma3_kl.rs). What this
-/// catches is a broken kernel or layer: measured 272 of 277 argmaxes equal and a mean
-/// difference of 0.19 over the top-16 logits (values around 10–25).
+/// catches is a broken kernel or layer: measured 263 of 277 argmaxes equal and a mean
+/// difference of 0.17 over the top-16 logits (values around 10–25), with herd's online-softmax
+/// attention (272 and 0.19 with the two-pass softmax before it, whose mean KL against the f64
+/// reference was higher: 0.00448 against 0.00425 now, both with an f32 cache). The bounds are
+/// 93% and 0.3: a broken kernel or layer moves most argmaxes.
 #[test]
 fn real_gemma3_270m_agrees_with_llama_cpp_on_text() {
     let model = real_model();
@@ -148,7 +155,7 @@ fn real_gemma3_270m_agrees_with_llama_cpp_on_text() {
         tokens.len()
     );
     assert!(
-        agree as f64 >= 0.95 * tokens.len() as f64,
+        agree as f64 >= 0.93 * tokens.len() as f64,
         "argmax equal at only {agree} of {} positions",
         tokens.len()
     );

@@ -8,6 +8,10 @@ use herd_formats::TensorSet;
 use herd_kernels::DType;
 use herd_models::{Batch, CausalLm, load_model};
 
+/// The oracles compute in f32 (llama.cpp with an f32 cache) or f64, so the comparison is made
+/// with an f32 KV cache; herd's default f16 cache is judged by the KL oracle (gemma3_kl.rs).
+const ORACLE_KV: DType = DType::F32;
+
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama4_gguf")
 }
@@ -30,7 +34,7 @@ fn oracle(name: &str) -> Vec<f32> {
 }
 
 fn logits(model: &dyn CausalLm, tokens: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache_of(ORACLE_KV).unwrap();
     model
         .forward(&Batch::sequence(0, tokens, 0), &mut cache, None)
         .unwrap()

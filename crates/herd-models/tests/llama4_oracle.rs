@@ -7,6 +7,10 @@ use herd_formats::TensorSet;
 use herd_kernels::DType;
 use herd_models::{Batch, CausalLm, load_hf_dir};
 
+/// The oracles compute in f32 (llama.cpp with an f32 cache) or f64, so the comparison is made
+/// with an f32 KV cache; herd's default f16 cache is judged by the KL oracle (gemma3_kl.rs).
+const ORACLE_KV: DType = DType::F32;
+
 /// f32 on both sides: agreement is limited by summation order only.
 const ORACLE_TOLERANCE: f32 = 1e-4;
 /// Same kernels, different batching: the only differences allowed are none at all, in practice.
@@ -84,8 +88,8 @@ fn argmax_rows(logits: &[f32], vocab: usize) -> Vec<usize> {
         .collect()
 }
 
-fn prefill(model: &dyn CausalLm, tokens: &[u32]) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let mut cache = model.new_cache();
+fn prefill(model: &dyn CausalLm, tokens: &[u32], kv: DType) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let mut cache = model.new_cache_of(kv).unwrap();
     let mut trace = Vec::new();
     let logits = model
         .forward(&Batch::sequence(0, tokens, 0), &mut cache, Some(&mut trace))
@@ -99,7 +103,7 @@ fn every_layer_and_the_logits_match_transformers() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let model = load_hf_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
         let want = oracle(&dir);
-        let (logits, trace) = prefill(model.as_ref(), &want.tokens);
+        let (logits, trace) = prefill(model.as_ref(), &want.tokens, ORACLE_KV);
         assert_eq!(
             trace.len(),
             model.num_layers() + 2,
@@ -129,17 +133,22 @@ fn every_layer_and_the_logits_match_transformers() {
     }
 }
 
+/// In every KV cache type the tiny models hold (their heads of 16 are too small for Q8_0's
+/// blocks of 32).
 #[test]
 fn prefill_decode_and_batching_agree() {
-    for dir in fixtures() {
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    for (dir, kv) in fixtures()
+        .into_iter()
+        .flat_map(|d| [DType::F32, DType::F16, DType::BF16].map(|kv| (d.clone(), kv)))
+    {
+        let name = format!("{} ({kv})", dir.file_name().unwrap().to_string_lossy());
         let model = load_hf_dir(&dir).unwrap();
         let tokens = oracle(&dir).tokens;
         let vocab = model.vocab_size();
-        let (full, _) = prefill(model.as_ref(), &tokens);
+        let (full, _) = prefill(model.as_ref(), &tokens, kv);
 
         // Prefill a prefix, then decode one token at a time through the cache.
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache_of(kv).unwrap();
         let split = 13;
         let mut stepwise = model
             .forward(&Batch::sequence(7, &tokens[..split], 0), &mut cache, None)
@@ -154,7 +163,7 @@ fn prefill_decode_and_batching_agree() {
 
         // Two different sequences in one batch, interleaved, each equal to its own run.
         let other: Vec<u32> = tokens.iter().rev().take(30).copied().collect();
-        let (other_alone, _) = prefill(model.as_ref(), &other);
+        let (other_alone, _) = prefill(model.as_ref(), &other, kv);
         let mut b = Batch::new();
         for i in 0..tokens.len().max(other.len()) {
             if let Some(&t) = tokens.get(i) {
@@ -164,7 +173,7 @@ fn prefill_decode_and_batching_agree() {
                 b.push(2, t, i, true);
             }
         }
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache_of(kv).unwrap();
         let both = model.forward(&b, &mut cache, None).unwrap();
         let (mut first, mut second) = (Vec::new(), Vec::new());
         for (row, seq) in both.chunks_exact(vocab).zip(&b.seq_ids) {
@@ -187,6 +196,44 @@ fn prefill_decode_and_batching_agree() {
     }
 }
 
+/// A 16-bit cache changes the logits by about its rounding (f16: 2^-11 of each key and value,
+/// bf16: 2^-8; Q8_0: half a step of amax/127 per block of 32), and a type whose blocks do not
+/// divide the head size is refused with an error that says why (heads of 16 here, except in
+/// hf_defaults, whose heads of 128 take Q8_0).
+#[test]
+fn kv_cache_types_stay_close_to_f32() {
+    for dir in fixtures() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let model = load_hf_dir(&dir).unwrap();
+        let tokens = oracle(&dir).tokens;
+        let (exact, _) = prefill(model.as_ref(), &tokens, DType::F32);
+        for (kv, bound) in [(DType::F16, 1e-3), (DType::BF16, 8e-3)] {
+            let (got, _) = prefill(model.as_ref(), &tokens, kv);
+            let e = rel_err(&got, &exact);
+            assert!(e < bound, "{name} {kv}: relative error {e:e}");
+            eprintln!("{name} {kv}: logits relative error to an f32 cache {e:.2e}");
+        }
+        if model.head_dim().is_multiple_of(32) {
+            let (got, _) = prefill(model.as_ref(), &tokens, DType::Q8_0);
+            let e = rel_err(&got, &exact);
+            assert!(e < 2e-2, "{name} Q8_0: relative error {e:e}");
+            eprintln!("{name} Q8_0: logits relative error to an f32 cache {e:.2e}");
+        } else {
+            let err = model.new_cache_of(DType::Q8_0).unwrap_err().to_string();
+            let want = format!(
+                "Q8_0 stores blocks of 32 elements, and this model's heads have {}",
+                model.head_dim()
+            );
+            assert!(err.contains(&want), "{err}");
+        }
+        let err = model.new_cache_of(DType::Q4K).unwrap_err().to_string();
+        assert!(
+            err.contains("Q4_K is not a KV cache type: choose one of f32, f16, bf16, q8_0"),
+            "{err}"
+        );
+    }
+}
+
 /// transformers 5.x writes RoPE settings as `rope_parameters`; the same weights must give the
 /// same logits under either config style.
 #[test]
@@ -204,7 +251,7 @@ fn v5_style_config_loads_the_same_model() {
         assert!(text.contains("rope_parameters") && !text.contains("rope_scaling"));
         let model = load_hf_dir(tmp.path()).unwrap();
         let want = oracle(&src);
-        let (logits, _) = prefill(model.as_ref(), &want.tokens);
+        let (logits, _) = prefill(model.as_ref(), &want.tokens, ORACLE_KV);
         assert!(rel_err(&logits, &want.logits) < ORACLE_TOLERANCE, "{name}");
     }
 }

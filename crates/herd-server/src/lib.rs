@@ -99,7 +99,7 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
     let constraints = ConstraintCompiler::new(&tokenizer)?;
     let tokenizer = Arc::new(tokenizer);
     Ok(Engine {
-        scheduler: Scheduler::start(model, tokenizer.clone(), config),
+        scheduler: Scheduler::start(model, tokenizer.clone(), config)?,
         tokenizer,
         template,
         constraints,

@@ -517,6 +517,9 @@ impl CausalLm for Llama4 {
         self.layers.iter().map(|l| self.window(l)).collect()
     }
 
+    fn head_dim(&self) -> usize {
+        self.config.head_dim
+    }
     fn max_context(&self) -> usize {
         self.config.max_position_embeddings
     }
