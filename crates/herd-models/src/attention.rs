@@ -132,10 +132,9 @@ fn attend_blocks(
                     .map(|i| span(i).end)
                     .max()
                     .expect("blocks are not empty");
-                let qh = |i: usize, h: usize| {
-                    let at = ((rows.start + i) * nh + h) * d;
-                    &q[at..at + d]
-                };
+                // Where row i's query and output for head h start in `[T, nh·d]`.
+                let at = |i: usize, h: usize| ((rows.start + i) * nh + h) * d;
+                let qh = |i: usize, h: usize| &q[at(i, h)..at(i, h) + d];
                 let n_states = (head1 - head0) * n;
                 if states.len() < n_states {
                     states.resize_with(n_states, OnlineSoftmax::default);
@@ -164,10 +163,9 @@ fn attend_blocks(
                 }
                 for (slot, h) in (head0..head1).enumerate() {
                     for i in 0..n {
-                        let at = ((rows.start + i) * nh + h) * d;
                         // SAFETY: each (row block, head) pair belongs to one task, and owns the
                         // d outputs of its rows and head.
-                        states[slot * n + i].finish(unsafe { shared.slice(at, d) });
+                        states[slot * n + i].finish(unsafe { shared.slice(at(i, h), d) });
                     }
                 }
             }

@@ -53,12 +53,6 @@ impl KvShape {
         self.kv_type.bytes_for(self.kv_dim)
     }
 
-    /// Bytes of K and V for one position of one layer: what `herd plan` counts per token and
-    /// layer.
-    pub fn bytes_per_token_layer(&self) -> usize {
-        2 * self.row_bytes()
-    }
-
     fn check(&self) -> Result<()> {
         let names = attention::KV_TYPES
             .map(|t| t.name().to_ascii_lowercase())

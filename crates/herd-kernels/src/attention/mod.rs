@@ -10,8 +10,9 @@
 //! ([`KV_TYPES`]: f32, f16, bf16, or Q8_0 blocks of 32).
 //!
 //! One order for every row whatever the batch: a row's result depends only on its query, the
-//! cached keys and values it sees and the tiles they come in (the cache's blocks), so batching,
-//! prompt splitting and cached prefixes never change it.
+//! cached keys and values it sees and the tiles they come in (the caller's: herd_models takes
+//! tiles of 16 absolute positions), so batching, prompt splitting and cached prefixes never
+//! change it.
 //!
 //! The scalar reference of each kernel is in `scalar.rs`, the AVX2 + FMA + F16C forms (chosen
 //! at run time) in `avx2.rs`; they return the same bits.
@@ -114,10 +115,7 @@ pub fn encode_kv(ty: DType, x: &[f32], out: &mut [u8]) {
 }
 
 fn check_kv(ty: DType, n: usize, bytes: &[u8]) {
-    assert!(
-        kv_type_fits(ty, n) || (ty != DType::Q8_0 && KV_TYPES.contains(&ty)),
-        "KV kernels: {ty} rows of {n}"
-    );
+    assert!(kv_type_fits(ty, n), "KV kernels: {ty} rows of {n}");
     assert!(bytes.len() >= ty.bytes_for(n), "KV kernels: row too short");
 }
 
