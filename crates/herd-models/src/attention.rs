@@ -81,8 +81,9 @@ thread_local! {
 
 #[derive(Default)]
 struct Scratch {
-    /// Per (head of the kv head's run, row of the block).
+    /// Per row of the block: the running softmax of its query heads that share the kv head.
     states: Vec<OnlineSoftmax>,
+    /// One row's scores of a tile, `[heads, positions]`.
     scores: Vec<f32>,
 }
 
@@ -100,7 +101,6 @@ fn attend_blocks(
     let (nh, d, scale) = (heads.q, heads.dim, heads.scale);
     let group = nh / heads.kv;
     let ty = cache.shape().kv_type;
-    let head_bytes = ty.bytes_for(d);
     // (block, head) pairs are independent: split them over the pool. A task's pairs are
     // consecutive, so it takes the query heads of one kv head together where it can.
     let pairs = blocks.len() * nh;
@@ -116,6 +116,7 @@ fn attend_blocks(
                 let kvh = head0 / group;
                 let head1 = ((kvh + 1) * group).min(nh).min(head0 + end - pair);
                 pair += head1 - head0;
+                let hn = head1 - head0;
                 let rows = blocks[b].clone();
                 let seq = batch.seq_ids[rows.start];
                 // Row i of the block sees the cached positions span(i).
@@ -132,41 +133,44 @@ fn attend_blocks(
                     .map(|i| span(i).end)
                     .max()
                     .expect("blocks are not empty");
-                // Where row i's query and output for head h start in `[T, nh·d]`.
-                let at = |i: usize, h: usize| ((rows.start + i) * nh + h) * d;
-                let qh = |i: usize, h: usize| &q[at(i, h)..at(i, h) + d];
-                let n_states = (head1 - head0) * n;
-                if states.len() < n_states {
-                    states.resize_with(n_states, OnlineSoftmax::default);
+                // Where row i's queries and outputs of heads head0..head1 lie in `[T, nh·d]`.
+                let at = |i: usize| {
+                    ((rows.start + i) * nh + head0) * d..((rows.start + i) * nh + head1) * d
+                };
+                if states.len() < n {
+                    states.resize_with(n, OnlineSoftmax::default);
                 }
-                states[..n_states].iter_mut().for_each(|st| st.reset(d));
+                states[..n].iter_mut().for_each(|st| st.reset(hn, d));
                 let view = cache.view(seq, layer);
                 let mut tile = lo / TILE * TILE..lo / TILE * TILE + TILE;
                 while tile.start < hi {
-                    for (slot, h) in (head0..head1).enumerate() {
-                        for i in 0..n {
-                            let seen = span(i);
-                            let (a, z) = (seen.start.max(tile.start), seen.end.min(tile.end));
-                            if a >= z {
-                                continue;
-                            }
-                            scores.clear();
-                            for p in a..z {
-                                let k = &view.key(p)[kvh * head_bytes..];
-                                scores.push(attention::kv_dot(ty, qh(i, h), k) * scale);
-                            }
-                            states[slot * n + i]
-                                .add_tile(ty, scores, |j| &view.value(a + j)[kvh * head_bytes..]);
+                    // The tile's cached rows of this kv head that some row of the block sees,
+                    // looked up once for all rows and heads.
+                    let t = tile.start.max(lo)..tile.end.min(hi);
+                    let mut keys: [&[u8]; TILE] = [&[]; TILE];
+                    let mut values: [&[u8]; TILE] = [&[]; TILE];
+                    for (j, p) in t.clone().enumerate() {
+                        keys[j] = view.key(p, kvh);
+                        values[j] = view.value(p, kvh);
+                    }
+                    for (i, state) in states[..n].iter_mut().enumerate() {
+                        let seen = span(i);
+                        let (a, z) = (seen.start.max(t.start), seen.end.min(t.end));
+                        if a >= z {
+                            continue;
                         }
+                        let js = a - t.start..z - t.start;
+                        scores.resize(hn * js.len(), 0.0);
+                        attention::kv_scores(ty, d, &q[at(i)], &keys[js.clone()], scale, scores);
+                        state.add_tile(ty, scores, &values[js]);
                     }
                     tile = tile.end..tile.end + TILE;
                 }
-                for (slot, h) in (head0..head1).enumerate() {
-                    for i in 0..n {
-                        // SAFETY: each (row block, head) pair belongs to one task, and owns the
-                        // d outputs of its rows and head.
-                        states[slot * n + i].finish(unsafe { shared.slice(at(i, h), d) });
-                    }
+                for (i, state) in states[..n].iter().enumerate() {
+                    let o = at(i);
+                    // SAFETY: each (row block, head) pair belongs to one task, and owns the
+                    // d outputs of its rows and head.
+                    state.finish(unsafe { shared.slice(o.start, o.len()) });
                 }
             }
         })

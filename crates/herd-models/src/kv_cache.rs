@@ -21,7 +21,8 @@
 //! Each cached row (one position of one layer: `kv_dim` = kv heads × head size elements of K,
 //! and as many of V) is stored as the cache's element type ([`KvShape::kv_type`]): f16 by
 //! default, as llama.cpp does; f32, bf16, or Q8_0 blocks of 32 on request. Attention reads the
-//! rows in that type (`herd_kernels::attention`).
+//! rows in that type (`herd_kernels::attention`). Each kv head has its own arena per layer, so
+//! the keys (and values) of one head at consecutive positions are adjacent in memory.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeSet, HashMap};
@@ -51,6 +52,16 @@ impl KvShape {
     /// Bytes of one cached row of K (or of V).
     pub fn row_bytes(&self) -> usize {
         self.kv_type.bytes_for(self.kv_dim)
+    }
+
+    /// The number of kv heads.
+    pub fn kv_heads(&self) -> usize {
+        self.kv_dim / self.head_dim
+    }
+
+    /// Bytes of one head of one cached row.
+    pub fn head_bytes(&self) -> usize {
+        self.kv_type.bytes_for(self.head_dim)
     }
 
     fn check(&self) -> Result<()> {
@@ -119,8 +130,10 @@ struct Block {
 #[derive(Debug)]
 struct Group {
     window: Window,
-    /// Per layer of the group: keys and values of every block, `[blocks · block_size]` rows of
-    /// [`KvShape::row_bytes`] each.
+    /// Per layer of the group and kv head (index `layer · kv_heads + head`): that head's keys
+    /// and values in every block, `[blocks · block_size]` rows of [`KvShape::head_bytes`]
+    /// each. A head's rows of consecutive positions are adjacent, so attention, which reads
+    /// one kv head at a time, streams through memory rather than striding across heads.
     k: Vec<Vec<u8>>,
     v: Vec<Vec<u8>>,
     blocks: Vec<Block>,
@@ -282,11 +295,14 @@ impl KvCache {
                     groups.len() - 1
                 }
             };
-            let bytes = num_blocks.unwrap_or(0) * block_size * shape.row_bytes();
+            let bytes = num_blocks.unwrap_or(0) * block_size * shape.head_bytes();
             // Zeroed allocations are lazily backed by the OS: untouched blocks cost no memory.
-            groups[g].k.push(vec![0; bytes]);
-            groups[g].v.push(vec![0; bytes]);
-            layer_slot.push((g, groups[g].k.len() - 1));
+            let l = groups[g].k.len() / shape.kv_heads();
+            for _ in 0..shape.kv_heads() {
+                groups[g].k.push(vec![0; bytes]);
+                groups[g].v.push(vec![0; bytes]);
+            }
+            layer_slot.push((g, l));
         }
         if let Some(n) = num_blocks {
             for g in &mut groups {
@@ -594,7 +610,7 @@ impl KvCache {
     }
 
     fn take_block(&mut self, g: usize) -> BlockId {
-        let bytes = self.block_size * self.shape.row_bytes();
+        let bytes = self.block_size * self.shape.head_bytes();
         let capacity = self.capacity;
         let group = &mut self.groups[g];
         let b = if let Some(b) = group.free.pop() {
@@ -641,13 +657,22 @@ impl KvCache {
     pub(crate) fn write(&mut self, seq: SeqId, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         debug_assert!(k.len() == self.shape.kv_dim && v.len() == self.shape.kv_dim);
         let (g, l) = self.layer_slot[layer];
-        let (bs, d, ty) = (self.block_size, self.shape.row_bytes(), self.shape.kv_type);
+        let (bs, ty) = (self.block_size, self.shape.kv_type);
+        let (heads, d, hb) = (
+            self.shape.kv_heads(),
+            self.shape.head_dim,
+            self.shape.head_bytes(),
+        );
         let s = self.seqs.get_mut(&seq).expect("reserved sequence");
         let b = s.tables[g][pos / bs].expect("a reserved position's block is held");
         let slot = b * bs + pos % bs;
-        let r = slot * d..(slot + 1) * d;
-        attention::encode_kv(ty, k, &mut self.groups[g].k[l][r.clone()]);
-        attention::encode_kv(ty, v, &mut self.groups[g].v[l][r]);
+        let r = slot * hb..(slot + 1) * hb;
+        let group = &mut self.groups[g];
+        for h in 0..heads {
+            let e = h * d..(h + 1) * d;
+            attention::encode_kv(ty, &k[e.clone()], &mut group.k[l * heads + h][r.clone()]);
+            attention::encode_kv(ty, &v[e], &mut group.v[l * heads + h][r.clone()]);
+        }
         if layer + 1 == self.n_layers {
             s.len = s.len.max(pos + 1);
         }
@@ -656,12 +681,13 @@ impl KvCache {
     /// The cached rows of `seq` in `layer`, by position. The sequence must exist.
     pub(crate) fn view(&self, seq: SeqId, layer: usize) -> KvView<'_> {
         let (g, l) = self.layer_slot[layer];
+        let heads = l * self.shape.kv_heads()..(l + 1) * self.shape.kv_heads();
         KvView {
             table: &self.seqs[&seq].tables[g],
-            k: &self.groups[g].k[l],
-            v: &self.groups[g].v[l],
+            k: &self.groups[g].k[heads.clone()],
+            v: &self.groups[g].v[heads],
             block_size: self.block_size,
-            row_bytes: self.shape.row_bytes(),
+            head_bytes: self.shape.head_bytes(),
         }
     }
 }
@@ -669,28 +695,29 @@ impl KvCache {
 /// One sequence's cached keys and values in one layer ([`KvCache::view`]).
 pub(crate) struct KvView<'a> {
     table: &'a [Option<BlockId>],
-    k: &'a [u8],
-    v: &'a [u8],
+    /// Per kv head, its arena.
+    k: &'a [Vec<u8>],
+    v: &'a [Vec<u8>],
     block_size: usize,
-    row_bytes: usize,
+    head_bytes: usize,
 }
 
 impl<'a> KvView<'a> {
     fn slot(&self, pos: usize) -> std::ops::Range<usize> {
         let b = self.table[pos / self.block_size].expect("a visible position's block is held");
         let slot = b * self.block_size + pos % self.block_size;
-        slot * self.row_bytes..(slot + 1) * self.row_bytes
+        slot * self.head_bytes..(slot + 1) * self.head_bytes
     }
 
-    /// The key row at `pos` ([`KvShape::row_bytes`] bytes in the cache's element type). The
-    /// position must be visible to a query of the sequence (not released).
-    pub(crate) fn key(&self, pos: usize) -> &'a [u8] {
-        &self.k[self.slot(pos)]
+    /// Head `head`'s key at `pos` ([`KvShape::head_bytes`] bytes in the cache's element type).
+    /// The position must be visible to a query of the sequence (not released).
+    pub(crate) fn key(&self, pos: usize, head: usize) -> &'a [u8] {
+        &self.k[head][self.slot(pos)]
     }
 
-    /// The value row at `pos`, as [`KvView::key`].
-    pub(crate) fn value(&self, pos: usize) -> &'a [u8] {
-        &self.v[self.slot(pos)]
+    /// Head `head`'s value at `pos`, as [`KvView::key`].
+    pub(crate) fn value(&self, pos: usize, head: usize) -> &'a [u8] {
+        &self.v[head][self.slot(pos)]
     }
 }
 
@@ -724,7 +751,7 @@ mod tests {
     fn first_of_rows(c: &KvCache, seq: SeqId, layer: usize, start: usize, end: usize) -> Vec<f32> {
         let view = c.view(seq, layer);
         (start..=end)
-            .map(|p| f32::from_le_bytes(view.key(p)[..4].try_into().unwrap()))
+            .map(|p| f32::from_le_bytes(view.key(p, 0)[..4].try_into().unwrap()))
             .collect()
     }
 

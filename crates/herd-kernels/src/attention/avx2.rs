@@ -141,50 +141,52 @@ fn exp8_m256(x: __m256) -> __m256 {
     }
 }
 
-/// Eight elements `32·c + 8·j ..` of a cached row of type `ty`, widened exactly to f32.
+/// The KV element types as const parameters: each kernel is compiled once per type, with its
+/// loads inlined and no branch on the type in the inner loops.
+const F32: u8 = 0;
+const F16: u8 = 1;
+const BF16: u8 = 2;
+const Q8_0: u8 = 3;
+
+/// `$kernel::<T, $heads>($args)` with `T` the const parameter of the KV type `$ty`.
+macro_rules! for_type {
+    ($ty:expr, $kernel:ident, $heads:expr, ($($arg:expr),*)) => {
+        match $ty {
+            DType::F32 => $kernel::<F32, $heads>($($arg),*),
+            DType::F16 => $kernel::<F16, $heads>($($arg),*),
+            DType::BF16 => $kernel::<BF16, $heads>($($arg),*),
+            DType::Q8_0 => $kernel::<Q8_0, $heads>($($arg),*),
+            _ => unreachable!("KV type checked by the caller"),
+        }
+    };
+}
+
+/// Eight elements `e..e + 8` (`e` a multiple of 8) of a cached row of type `T`, widened exactly
+/// to f32.
 ///
 /// # Safety
-/// The row must hold chunk `c` (the callers check `row.len() ≥ ty.bytes_for(32·(c + 1))`).
+/// The row must hold them (the callers check `row.len() ≥ ty.bytes_for(d)` with `e + 8 ≤ d`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load8(ty: DType, row: &[u8], c: usize, j: usize) -> __m256 {
-    let e = c * CHUNK + LANES * j;
-    // SAFETY: the row holds chunk c (caller); every load below stays inside it, unaligned.
+unsafe fn load8<const T: u8>(row: &[u8], e: usize) -> __m256 {
+    // SAFETY: the row holds elements e..e + 8 (caller); every load below stays inside it,
+    // unaligned.
     unsafe {
-        match ty {
-            DType::F32 => _mm256_loadu_ps(row.as_ptr().add(4 * e).cast()),
-            DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * e).cast())),
-            DType::BF16 => {
+        match T {
+            F32 => _mm256_loadu_ps(row.as_ptr().add(4 * e).cast()),
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * e).cast())),
+            BF16 => {
                 let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(row.as_ptr().add(2 * e).cast()));
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(h))
             }
-            DType::Q8_0 => {
-                let b = row.as_ptr().add(c * 34);
-                let d = half::f16::from_le_bytes([*b, *b.add(1)]).to_f32();
-                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + LANES * j).cast()));
-                _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d))
+            _ => {
+                let b = row.as_ptr().add(e / 32 * 34);
+                let d = _mm256_cvtph_ps(_mm_set1_epi16(std::ptr::read_unaligned(b.cast::<i16>())));
+                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + e % 32).cast()));
+                _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
             }
-            _ => unreachable!("KV type checked by the caller"),
         }
     }
-}
-
-/// [`super::kv_dot`].
-///
-/// # Safety
-/// AVX2, FMA and F16C must be present; `k` holds `ty.bytes_for(q.len())` bytes at least.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn kv_dot(ty: DType, q: &[f32], k: &[u8]) -> f32 {
-    let chunks = q.len() / CHUNK;
-    let mut r = [_mm256_setzero_ps(); 4];
-    for c in 0..chunks {
-        for (j, rj) in r.iter_mut().enumerate() {
-            // SAFETY: chunk c lies within q and (caller) within k.
-            *rj = unsafe { _mm256_fmadd_ps(at(q, c * CHUNK + LANES * j), load8(ty, k, c, j), *rj) };
-        }
-    }
-    let s = _mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3]));
-    scalar::dot_tail(ty, q, k, chunks * CHUNK, hsum8_m256(s))
 }
 
 /// [`super::hsum8`] of a register: halves added, then pairs, then the two.
@@ -196,25 +198,183 @@ fn hsum8_m256(s: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(u, _mm_shuffle_ps::<1>(u, u)))
 }
 
-/// [`super::kv_axpy`].
+/// Query heads per step of [`kv_scores`] (four registers each: eight accumulators, the key's
+/// four groups of eight in registers).
+const SCORE_HEADS: usize = 2;
+
+/// Query heads per step of [`kv_weighted_sum`] (two groups of eight outputs each: eight
+/// accumulators, leaving registers for the operands).
+const SUM_HEADS: usize = 4;
+
+/// [`super::kv_scores`]: each key's chunk of 32 elements loaded once for `H` heads.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be present; `v` holds `ty.bytes_for(acc.len())` bytes at least.
+/// AVX2, FMA and F16C must be present; every key holds `ty.bytes_for(d)` bytes; `q` is whole
+/// heads of `d` and `out` holds `heads · keys.len()`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn kv_axpy(ty: DType, acc: &mut [f32], p: f32, v: &[u8]) {
-    let chunks = acc.len() / CHUNK;
-    let pv = _mm256_set1_ps(p);
-    for c in 0..chunks {
-        for j in 0..4 {
-            let i = c * CHUNK + LANES * j;
-            // SAFETY: chunk c lies within acc and (caller) within v.
+pub(super) unsafe fn kv_scores(
+    ty: DType,
+    d: usize,
+    q: &[f32],
+    keys: &[&[u8]],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let heads = q.len() / d;
+    let mut h0 = 0;
+    while h0 < heads {
+        let h1 = (h0 + SCORE_HEADS).min(heads);
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            match h1 - h0 {
+                1 => for_type!(ty, scores_heads, 1, (ty, d, q, h0, keys, scale, out)),
+                _ => for_type!(
+                    ty,
+                    scores_heads,
+                    SCORE_HEADS,
+                    (ty, d, q, h0, keys, scale, out)
+                ),
+            }
+        }
+        h0 = h1;
+    }
+}
+
+/// Heads `h0..h0 + H` of [`kv_scores`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_heads<const T: u8, const H: usize>(
+    ty: DType,
+    d: usize,
+    q: &[f32],
+    h0: usize,
+    keys: &[&[u8]],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let n = keys.len();
+    let whole = d / CHUNK * CHUNK;
+    let qh = |h: usize| &q[(h0 + h) * d..(h0 + h + 1) * d];
+    for (j, k) in keys.iter().enumerate() {
+        let mut acc = [[_mm256_setzero_ps(); 4]; H];
+        for c in (0..whole).step_by(CHUNK) {
+            // SAFETY: c + 32 <= d: inside every key (caller) and every head of q.
             unsafe {
-                let a = _mm256_fmadd_ps(pv, load8(ty, v, c, j), at(acc, i));
-                _mm256_storeu_ps(acc.as_mut_ptr().add(i), a);
+                let kc: [__m256; 4] = std::array::from_fn(|r| load8::<T>(k, c + LANES * r));
+                for (h, acc) in acc.iter_mut().enumerate() {
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(at(qh(h), c + LANES * r), kc[r], *acc);
+                    }
+                }
+            }
+        }
+        for (h, r) in acc.iter().enumerate() {
+            let s = _mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3]));
+            out[(h0 + h) * n + j] = scalar::dot_tail(ty, qh(h), k, whole, hsum8_m256(s)) * scale;
+        }
+    }
+}
+
+/// [`super::kv_weighted_sum`]: `H` heads' outputs, sixteen elements at a time, held in
+/// registers while every value row of the tile passes (each group of eight loaded once for
+/// all heads).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be present; every value row holds `ty.bytes_for(d)` bytes; `acc` is
+/// whole heads of `d` and `weights` holds `heads · values.len()`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn kv_weighted_sum(
+    ty: DType,
+    d: usize,
+    weights: &[f32],
+    values: &[&[u8]],
+    acc: &mut [f32],
+) {
+    let heads = acc.len() / d;
+    let mut h0 = 0;
+    while h0 < heads {
+        let h1 = (h0 + SUM_HEADS).min(heads);
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            match h1 - h0 {
+                1 => for_type!(ty, weighted_sum_heads, 1, (ty, d, weights, values, acc, h0)),
+                2 => for_type!(ty, weighted_sum_heads, 2, (ty, d, weights, values, acc, h0)),
+                3 => for_type!(ty, weighted_sum_heads, 3, (ty, d, weights, values, acc, h0)),
+                _ => for_type!(
+                    ty,
+                    weighted_sum_heads,
+                    SUM_HEADS,
+                    (ty, d, weights, values, acc, h0)
+                ),
+            }
+        }
+        h0 = h1;
+    }
+}
+
+/// Heads `h0..h0 + H` of [`kv_weighted_sum`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_heads<const T: u8, const H: usize>(
+    ty: DType,
+    d: usize,
+    weights: &[f32],
+    values: &[&[u8]],
+    acc: &mut [f32],
+    h0: usize,
+) {
+    let n = values.len();
+    let whole = d / LANES * LANES;
+    let w = |h: usize, j: usize| _mm256_set1_ps(weights[(h0 + h) * n + j]);
+    let ptr = acc.as_mut_ptr();
+    let mut e = 0;
+    while e + 2 * LANES <= whole {
+        // SAFETY: e + 16 <= d: inside every head of acc and (caller) every value row.
+        unsafe {
+            let mut r: [[__m256; 2]; H] = std::array::from_fn(|h| {
+                let p = ptr.add((h0 + h) * d + e);
+                [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(LANES))]
+            });
+            for (j, v) in values.iter().enumerate() {
+                let (a, b) = (load8::<T>(v, e), load8::<T>(v, e + LANES));
+                for (h, r) in r.iter_mut().enumerate() {
+                    let p = w(h, j);
+                    r[0] = _mm256_fmadd_ps(p, a, r[0]);
+                    r[1] = _mm256_fmadd_ps(p, b, r[1]);
+                }
+            }
+            for (h, r) in r.iter().enumerate() {
+                let p = ptr.add((h0 + h) * d + e);
+                _mm256_storeu_ps(p, r[0]);
+                _mm256_storeu_ps(p.add(LANES), r[1]);
+            }
+        }
+        e += 2 * LANES;
+    }
+    if e < whole {
+        // SAFETY: e + 8 <= d, as above.
+        unsafe {
+            let mut r: [__m256; H] =
+                std::array::from_fn(|h| _mm256_loadu_ps(ptr.add((h0 + h) * d + e)));
+            for (j, v) in values.iter().enumerate() {
+                let a = load8::<T>(v, e);
+                for (h, r) in r.iter_mut().enumerate() {
+                    *r = _mm256_fmadd_ps(w(h, j), a, *r);
+                }
+            }
+            for (h, r) in r.iter().enumerate() {
+                _mm256_storeu_ps(ptr.add((h0 + h) * d + e), *r);
             }
         }
     }
-    scalar::axpy_tail(ty, acc, p, v, chunks * CHUNK);
+    if whole < d {
+        for (j, v) in values.iter().enumerate() {
+            for h in 0..H {
+                let head = (h0 + h) * d..(h0 + h + 1) * d;
+                scalar::axpy_tail(ty, &mut acc[head], weights[(h0 + h) * n + j], v, whole);
+            }
+        }
+    }
 }
 
 /// [`super::exp_sub_sum`].

@@ -114,88 +114,137 @@ pub fn encode_kv(ty: DType, x: &[f32], out: &mut [u8]) {
     crate::quant::quantize_activation(ty, x, out)
 }
 
-fn check_kv(ty: DType, n: usize, bytes: &[u8]) {
-    assert!(kv_type_fits(ty, n), "KV kernels: {ty} rows of {n}");
-    assert!(bytes.len() >= ty.bytes_for(n), "KV kernels: row too short");
+fn check_rows(ty: DType, d: usize, rows: &[&[u8]]) {
+    assert!(kv_type_fits(ty, d), "KV kernels: {ty} heads of {d}");
+    let bytes = ty.bytes_for(d);
+    assert!(
+        rows.iter().all(|r| r.len() >= bytes),
+        "KV kernels: a cached row is shorter than a head"
+    );
 }
 
-/// A score `q·k` for one head: `q` has `d` elements, `k` is a cached row of type `ty` holding
-/// at least `d` elements (`ty.bytes_for(d)` bytes; the rest is ignored). Order: per chunk of
-/// 32, element `32c + 8j + l` into register `j`, lane `l`, by fused multiply-add; registers
-/// added as `(r0 + r1) + (r2 + r3)`, lanes as [`hsum8`], leftovers one by one.
-pub fn kv_dot(ty: DType, q: &[f32], k: &[u8]) -> f32 {
-    check_kv(ty, q.len(), k);
+/// Attention scores of a group of query heads that share one kv head, against a tile of its
+/// cached keys: `out[h·n + j] = scale · (q_h · k_j)` for the `heads = q.len() / d` heads of `q`
+/// (`[heads, d]`) and the `n = keys.len()` keys, each a cached row of type `ty` holding at
+/// least `d` elements (`ty.bytes_for(d)` bytes; the rest is ignored). Each key is read once for
+/// all heads.
+///
+/// Order (every key and head alike): per chunk of 32, element `32c + 8r + l` into register
+/// `r`, lane `l`, by fused multiply-add; the registers added as `(r0 + r1) + (r2 + r3)`, the
+/// lanes as [`hsum8`], the leftovers after the whole chunks one by one; then the product by
+/// `scale`.
+///
+/// # Panics
+/// If `ty` cannot hold heads of `d` ([`kv_type_fits`]), a key is shorter than a head, `q` is
+/// not whole heads or `out` does not hold `heads · n` scores.
+pub fn kv_scores(ty: DType, d: usize, q: &[f32], keys: &[&[u8]], scale: f32, out: &mut [f32]) {
+    check_rows(ty, d, keys);
+    assert!(
+        q.len().is_multiple_of(d) && out.len() == q.len() / d * keys.len(),
+        "kv_scores: shapes"
+    );
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        // SAFETY: AVX2, FMA and F16C confirmed at run time; type and length checked above.
-        return unsafe { avx2::kv_dot(ty, q, k) };
+        // SAFETY: AVX2, FMA and F16C confirmed at run time; type and shapes checked above.
+        return unsafe { avx2::kv_scores(ty, d, q, keys, scale, out) };
     }
-    scalar::kv_dot(ty, q, k)
+    scalar::kv_scores(ty, d, q, keys, scale, out)
 }
 
-/// `acc += p·v` for one head: `v` is a cached row of type `ty` holding at least `acc.len()`
-/// elements. Each element by one fused multiply-add.
-pub fn kv_axpy(ty: DType, acc: &mut [f32], p: f32, v: &[u8]) {
-    check_kv(ty, acc.len(), v);
+/// The weighted sum of a tile of cached values into a group of heads' outputs: `acc[h·d + i]
+/// += Σ_j weights[h·n + j] · v_j[i]` for the `heads = acc.len() / d` heads of `acc`
+/// (`[heads, d]`) and the `n = values.len()` values (cached rows of type `ty`, at least `d`
+/// elements each). Each element by one fused multiply-add per value, `j` in order; each value
+/// is read once for all heads.
+///
+/// # Panics
+/// As [`kv_scores`], for `values`, `acc` and `weights` (`heads · n`).
+pub fn kv_weighted_sum(ty: DType, d: usize, weights: &[f32], values: &[&[u8]], acc: &mut [f32]) {
+    check_rows(ty, d, values);
+    assert!(
+        acc.len().is_multiple_of(d) && weights.len() == acc.len() / d * values.len(),
+        "kv_weighted_sum: shapes"
+    );
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        // SAFETY: AVX2, FMA and F16C confirmed at run time; type and length checked above.
-        return unsafe { avx2::kv_axpy(ty, acc, p, v) };
+        // SAFETY: AVX2, FMA and F16C confirmed at run time; type and shapes checked above.
+        return unsafe { avx2::kv_weighted_sum(ty, d, weights, values, acc) };
     }
-    scalar::kv_axpy(ty, acc, p, v)
+    scalar::kv_weighted_sum(ty, d, weights, values, acc)
 }
 
-/// The running state of one query row and head: maximum score, sum of weights, and the
-/// unnormalised output (`d` values). See the module documentation for the math.
+/// The running state of one query row for a group of heads (those sharing a kv head): per
+/// head the maximum score and the sum of weights, and the unnormalised outputs (`[heads, d]`).
+/// See the module documentation for the math. Each head's arithmetic is its own: grouping
+/// heads differently gives the same bits.
 #[derive(Debug, Default)]
 pub struct OnlineSoftmax {
-    max: f32,
-    sum: f32,
+    d: usize,
+    max: Vec<f32>,
+    sum: Vec<f32>,
     out: Vec<f32>,
 }
 
 impl OnlineSoftmax {
-    /// Start a row of `d` outputs (keeps the allocation).
-    pub fn reset(&mut self, d: usize) {
-        self.max = f32::NEG_INFINITY;
-        self.sum = 0.0;
+    /// Start a row of `heads` heads of `d` outputs (keeps the allocations).
+    pub fn reset(&mut self, heads: usize, d: usize) {
+        self.d = d;
+        self.max.clear();
+        self.max.resize(heads, f32::NEG_INFINITY);
+        self.sum.clear();
+        self.sum.resize(heads, 0.0);
         self.out.clear();
-        self.out.resize(d, 0.0);
+        self.out.resize(heads * d, 0.0);
     }
 
-    /// Fold in one tile: `scores[j]` (already scaled) belongs to the value `value(j)`, a cached
-    /// row of type `ty` (at least `d` elements). `scores` is overwritten with the tile's
-    /// weights. An empty tile changes nothing.
-    pub fn add_tile<'a>(
-        &mut self,
-        ty: DType,
-        scores: &mut [f32],
-        value: impl Fn(usize) -> &'a [u8],
-    ) {
-        let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if tile_max == f32::NEG_INFINITY {
+    /// Fold in one tile: `scores[h·n + j]` (already scaled, from [`kv_scores`]) belongs to
+    /// head `h` and the value `values[j]`, a cached row of type `ty` (at least `d` elements),
+    /// `n = values.len()`. `scores` is overwritten with the tile's weights. An empty tile
+    /// changes nothing.
+    ///
+    /// # Panics
+    /// If `scores` does not hold `heads · n` values, or as [`kv_weighted_sum`].
+    pub fn add_tile(&mut self, ty: DType, scores: &mut [f32], values: &[&[u8]]) {
+        let n = values.len();
+        assert_eq!(scores.len(), self.max.len() * n, "add_tile: shapes");
+        if n == 0 {
             return;
         }
-        if tile_max > self.max {
-            if self.max != f32::NEG_INFINITY {
-                let c = expf_ggml(self.max - tile_max);
-                self.sum *= c;
-                self.out.iter_mut().for_each(|o| *o *= c);
+        let d = self.d;
+        for (h, s) in scores.chunks_exact_mut(n).enumerate() {
+            let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if tile_max == f32::NEG_INFINITY {
+                s.fill(0.0);
+                continue;
             }
-            self.max = tile_max;
+            if tile_max > self.max[h] {
+                if self.max[h] != f32::NEG_INFINITY {
+                    let c = expf_ggml(self.max[h] - tile_max);
+                    self.sum[h] *= c;
+                    self.out[h * d..(h + 1) * d]
+                        .iter_mut()
+                        .for_each(|o| *o *= c);
+                }
+                self.max[h] = tile_max;
+            }
+            self.sum[h] += exp_sub_sum(s, self.max[h]);
         }
-        self.sum += exp_sub_sum(scores, self.max);
-        for (j, &p) in scores.iter().enumerate() {
-            kv_axpy(ty, &mut self.out, p, value(j));
-        }
+        kv_weighted_sum(ty, d, scores, values, &mut self.out);
     }
 
-    /// The attention output `o / l` into `out` (`d` values; zeros if no key was seen).
+    /// The attention outputs `o / l` into `out` (`[heads, d]`; zeros for a head that saw no
+    /// key).
     pub fn finish(&self, out: &mut [f32]) {
         assert_eq!(out.len(), self.out.len(), "OnlineSoftmax::finish: shapes");
-        let inv = if self.sum > 0.0 { 1.0 / self.sum } else { 0.0 };
-        for (o, &v) in out.iter_mut().zip(&self.out) {
-            *o = v * inv;
+        for ((o, v), &sum) in out
+            .chunks_exact_mut(self.d.max(1))
+            .zip(self.out.chunks_exact(self.d.max(1)))
+            .zip(&self.sum)
+        {
+            let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+            for (o, &v) in o.iter_mut().zip(v) {
+                *o = v * inv;
+            }
         }
     }
 }
@@ -313,8 +362,17 @@ mod tests {
         }
     }
 
+    /// `n` random cached rows of `d` elements of type `ty` (seeds from `seed`), and their exact
+    /// values.
+    fn kv_rows(ty: DType, d: usize, n: usize, seed: u64, scale: f32) -> Vec<(Vec<u8>, Vec<f32>)> {
+        (0..n as u64)
+            .map(|j| kv_row(ty, d, seed + 1000 * j, scale))
+            .collect()
+    }
+
     /// Every KV kernel's SIMD form returns its reference's bits, on random rows of every KV
-    /// type, head sizes whole and ragged, several scales.
+    /// type, head sizes whole and ragged, 1 to 9 heads (more than one register block) and 0
+    /// to 19 keys (odd and even), several scales.
     #[test]
     fn kv_kernels_simd_equal_scalar() {
         if !check_simd() {
@@ -324,17 +382,20 @@ mod tests {
             for (seed, d) in sizes(ty).into_iter().enumerate() {
                 let seed = seed as u64;
                 let scale = [1.0, 30.0, 1e-3][seed as usize % 3];
-                let q = rand_vec(d, seed, scale);
-                let (k, _) = kv_row(ty, d, 100 + seed, 2.0);
-                assert_eq!(
-                    kv_dot(ty, &q, &k).to_bits(),
-                    scalar::kv_dot(ty, &q, &k).to_bits(),
-                    "{ty} d = {d}"
-                );
-                let (mut a, mut b) = (rand_vec(d, 7 + seed, 1.0), rand_vec(d, 7 + seed, 1.0));
-                kv_axpy(ty, &mut a, 0.37, &k);
-                scalar::kv_axpy(ty, &mut b, 0.37, &k);
-                assert_eq!(a, b, "{ty} d = {d}");
+                let heads = 1 + seed as usize % 9;
+                let n = (seed as usize * 7) % 20;
+                let q = rand_vec(heads * d, seed, scale);
+                let rows = kv_rows(ty, d, n, 100 + seed, 2.0);
+                let keys: Vec<&[u8]> = rows.iter().map(|r| &r.0[..]).collect();
+                let (mut a, mut b) = (vec![0.0; heads * n], vec![0.0; heads * n]);
+                kv_scores(ty, d, &q, &keys, 0.3, &mut a);
+                scalar::kv_scores(ty, d, &q, &keys, 0.3, &mut b);
+                assert_eq!(a, b, "scores {ty} d = {d}, {heads} heads, {n} keys");
+                let w = rand_vec(heads * n, 9 + seed, 1.0);
+                let (mut a, mut b) = (rand_vec(heads * d, 7, 1.0), rand_vec(heads * d, 7, 1.0));
+                kv_weighted_sum(ty, d, &w, &keys, &mut a);
+                scalar::kv_weighted_sum(ty, d, &w, &keys, &mut b);
+                assert_eq!(a, b, "weighted sum {ty} d = {d}, {heads} heads, {n} values");
             }
         }
         for n in [0, 1, 7, 8, 9, 16, 31, 100] {
@@ -346,39 +407,49 @@ mod tests {
         }
     }
 
-    /// The KV kernels compute the dot product and update they claim, on the exact values of the
-    /// stored row (f64 reference; relative to the sum of magnitudes), and encoding loses no
-    /// more than the type's rounding.
+    /// The KV kernels compute the scores and weighted sums they claim, on the exact values of
+    /// the stored rows (f64 reference; relative to the sum of magnitudes), and encoding loses
+    /// no more than the type's rounding.
     #[test]
     fn kv_kernels_match_f64() {
         for ty in KV_TYPES {
             for (seed, d) in sizes(ty).into_iter().enumerate() {
-                let q = rand_vec(d, seed as u64, 3.0);
-                let (k, exact) = kv_row(ty, d, 50 + seed as u64, 2.0);
-                let want: f64 = q
-                    .iter()
-                    .zip(&exact)
-                    .map(|(a, b)| *a as f64 * *b as f64)
-                    .sum();
-                let mag: f64 = q
-                    .iter()
-                    .zip(&exact)
-                    .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                    .sum();
-                let got = kv_dot(ty, &q, &k) as f64;
-                assert!(
-                    (got - want).abs() <= 1e-6 * mag + 1e-30,
-                    "{ty} d = {d}: {got} vs {want}"
-                );
-                let mut acc = vec![0.5f32; d];
-                kv_axpy(ty, &mut acc, -1.5, &k);
-                for (a, e) in acc.iter().zip(&exact) {
-                    assert_eq!(*a, (-1.5f32).mul_add(*e, 0.5));
+                let (heads, n) = (3, 5);
+                let q = rand_vec(heads * d, seed as u64, 3.0);
+                let rows = kv_rows(ty, d, n, 50 + seed as u64, 2.0);
+                let keys: Vec<&[u8]> = rows.iter().map(|r| &r.0[..]).collect();
+                let mut scores = vec![0.0; heads * n];
+                kv_scores(ty, d, &q, &keys, 0.5, &mut scores);
+                for h in 0..heads {
+                    for (j, (_, exact)) in rows.iter().enumerate() {
+                        let qh = &q[h * d..(h + 1) * d];
+                        let prods = qh.iter().zip(exact).map(|(a, b)| *a as f64 * *b as f64);
+                        let want: f64 = prods.clone().sum::<f64>() * 0.5;
+                        let mag: f64 = prods.map(f64::abs).sum::<f64>() * 0.5;
+                        let got = scores[h * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * mag + 1e-30,
+                            "{ty} d = {d}: {got} vs {want}"
+                        );
+                    }
+                }
+                let w = rand_vec(heads * n, 3, 1.0);
+                let mut acc = vec![0.5f32; heads * d];
+                kv_weighted_sum(ty, d, &w, &keys, &mut acc);
+                for h in 0..heads {
+                    for i in 0..d {
+                        let want = rows
+                            .iter()
+                            .enumerate()
+                            .fold(0.5f32, |a, (j, r)| w[h * n + j].mul_add(r.1[i], a));
+                        assert_eq!(acc[h * d + i], want, "{ty} d = {d}");
+                    }
                 }
                 // Encoding error: f16 half an ulp (2^-11 relative), bf16 2^-8, Q8_0 half a step
                 // of amax/127 per block plus the f16 rounding of that step (times up to 127).
                 let x = rand_vec(d, 50 + seed as u64, 2.0);
-                for (i, (a, e)) in x.iter().zip(&exact).enumerate() {
+                let exact = &rows[0].1;
+                for (i, (a, e)) in x.iter().zip(exact).enumerate() {
                     let tol = match ty {
                         DType::F32 => 0.0,
                         DType::F16 => a.abs() * 4.9e-4 + 1e-7,
@@ -396,32 +467,22 @@ mod tests {
     }
 
     /// Online softmax over tiles equals softmax(q·kᵀ)·v computed in f64 on the same stored
-    /// rows, whatever the tiling (one tile, blocks of 16, single keys, ragged tiles), with
-    /// scores large enough that later tiles raise the maximum.
+    /// rows, for each of a group of heads, whatever the tiling (one tile, blocks of 16, single
+    /// keys, ragged tiles), with scores large enough that later tiles raise the maximum; and a
+    /// head's result does not depend on the heads grouped with it.
     #[test]
     fn online_softmax_matches_f64_attention() {
         for ty in KV_TYPES {
-            let d = 64;
-            let n = 77;
-            let q = rand_vec(d, 1, 1.0);
-            let rows: Vec<_> = (0..n)
-                .map(|j| (kv_row(ty, d, 10 + j, 2.0), kv_row(ty, d, 500 + j, 1.0)))
-                .collect();
-            let stride = ty.bytes_for(d);
-            let keys: Vec<u8> = rows.iter().flat_map(|r| r.0.0.clone()).collect();
-            let values: Vec<u8> = rows.iter().flat_map(|r| r.1.0.clone()).collect();
+            let (d, n, heads) = (64, 77, 3);
+            let q = rand_vec(heads * d, 1, 1.0);
+            let keys = kv_rows(ty, d, n, 10, 2.0);
+            let values = kv_rows(ty, d, n, 500, 1.0);
+            let k: Vec<&[u8]> = keys.iter().map(|r| &r.0[..]).collect();
+            let v: Vec<&[u8]> = values.iter().map(|r| &r.0[..]).collect();
             // Scores grow along the sequence so that the maximum moves tile after tile.
-            let score = |j: usize| kv_dot(ty, &q, &keys[j * stride..]) * 0.9 + j as f32 * 0.15;
-            let s64: Vec<f64> = (0..n as usize).map(|j| score(j) as f64).collect();
-            let m = s64.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let z: f64 = s64.iter().map(|s| (s - m).exp()).sum();
-            let want: Vec<f64> = (0..d)
-                .map(|e| {
-                    (0..n as usize)
-                        .map(|j| (s64[j] - m).exp() / z * rows[j].1.1[e] as f64)
-                        .sum()
-                })
-                .collect();
+            let mut raw = vec![0.0; heads * n];
+            kv_scores(ty, d, &q, &k, 0.9, &mut raw);
+            let score = |h: usize, j: usize| raw[h * n + j] + j as f32 * 0.15;
             for tiles in [
                 vec![77],
                 vec![16, 16, 16, 16, 13],
@@ -429,20 +490,55 @@ mod tests {
                 vec![5, 30, 2, 40],
             ] {
                 let mut state = OnlineSoftmax::default();
-                state.reset(d);
+                state.reset(heads, d);
                 let mut at = 0;
                 for t in tiles {
-                    let mut s: Vec<f32> = (at..at + t).map(score).collect();
-                    state.add_tile(ty, &mut s, |j| &values[(at + j) * stride..]);
+                    let mut s: Vec<f32> = (0..heads)
+                        .flat_map(|h| (at..at + t).map(move |j| (h, j)))
+                        .map(|(h, j)| score(h, j))
+                        .collect();
+                    state.add_tile(ty, &mut s, &v[at..at + t]);
                     at += t;
                 }
-                state.add_tile(ty, &mut [], |_| &[]);
-                let mut out = vec![0.0; d];
+                state.add_tile(ty, &mut [], &[]);
+                let mut out = vec![0.0; heads * d];
                 state.finish(&mut out);
-                for (o, w) in out.iter().zip(&want) {
-                    assert!((*o as f64 - w).abs() < 2e-6, "{ty}: {o} vs {w}");
+                for h in 0..heads {
+                    let s64: Vec<f64> = (0..n).map(|j| score(h, j) as f64).collect();
+                    let m = s64.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = s64.iter().map(|s| (s - m).exp()).sum();
+                    for e in 0..d {
+                        let want: f64 = (0..n)
+                            .map(|j| (s64[j] - m).exp() / z * values[j].1[e] as f64)
+                            .sum();
+                        let o = out[h * d + e] as f64;
+                        assert!((o - want).abs() < 2e-6, "{ty} head {h}: {o} vs {want}");
+                    }
                 }
             }
+            // The middle head alone, in tiles of 16, gives the same bits as in its group.
+            let mut alone = OnlineSoftmax::default();
+            alone.reset(1, d);
+            for t0 in (0..n).step_by(16) {
+                let t1 = (t0 + 16).min(n);
+                let mut s: Vec<f32> = (t0..t1).map(|j| score(1, j)).collect();
+                alone.add_tile(ty, &mut s, &v[t0..t1]);
+            }
+            let mut out = vec![0.0; d];
+            alone.finish(&mut out);
+            let mut grouped = OnlineSoftmax::default();
+            grouped.reset(heads, d);
+            for t0 in (0..n).step_by(16) {
+                let t1 = (t0 + 16).min(n);
+                let mut s: Vec<f32> = (0..heads)
+                    .flat_map(|h| (t0..t1).map(move |j| (h, j)))
+                    .map(|(h, j)| score(h, j))
+                    .collect();
+                grouped.add_tile(ty, &mut s, &v[t0..t1]);
+            }
+            let mut all = vec![0.0; heads * d];
+            grouped.finish(&mut all);
+            assert_eq!(out, all[d..2 * d], "{ty}: a head alone and in its group");
         }
     }
 }

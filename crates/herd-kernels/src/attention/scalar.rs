@@ -122,28 +122,27 @@ pub fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
     sum
 }
 
-/// Elements decoded per step of the KV kernels: one Q8_0 block, four registers of eight lanes.
-pub(super) const CHUNK: usize = 32;
-
-/// Elements `32·c..32·c + 32` of a cached row of type `ty` (F32, F16, BF16 or Q8_0), exactly
-/// (each is representable in f32: Q8_0's `d·q` is an 11-bit by 8-bit product).
-fn decode_chunk(ty: DType, row: &[u8], c: usize, out: &mut [f32; CHUNK]) {
+/// Eight elements `e..e + 8` (`e` a multiple of 8) of a cached row of type `ty` (F32, F16,
+/// BF16 or Q8_0), exactly (each is representable in f32: Q8_0's `d·q` is an 11-bit by 8-bit
+/// product).
+fn decode8(ty: DType, row: &[u8], e: usize, out: &mut [f32; LANES]) {
     match ty {
         DType::Q8_0 => {
-            let b = &row[c * 34..(c + 1) * 34];
+            let b = &row[e / 32 * 34..(e / 32 + 1) * 34];
             let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-            for (o, &q) in out.iter_mut().zip(&b[2..]) {
+            let at = 2 + e % 32;
+            for (o, &q) in out.iter_mut().zip(&b[at..at + LANES]) {
                 *o = d * f32::from(q as i8);
             }
         }
         _ => {
             let w = ty.type_size();
-            crate::dtype::decode_into(ty, &row[c * CHUNK * w..(c + 1) * CHUNK * w], out);
+            crate::dtype::decode_into(ty, &row[e * w..(e + LANES) * w], out);
         }
     }
 }
 
-/// Element `i` of a cached row of a float type (the leftovers after the whole chunks).
+/// Element `i` of a cached row of a float type (the leftovers after the whole groups of 8).
 fn element(ty: DType, row: &[u8], i: usize) -> f32 {
     let w = ty.type_size();
     let mut out = [0.0f32];
@@ -151,27 +150,37 @@ fn element(ty: DType, row: &[u8], i: usize) -> f32 {
     out[0]
 }
 
-/// [`super::kv_dot`], the reference: per chunk of 32, element `32c + 8j + l` into register `j`,
-/// lane `l`, by fused multiply-add; the registers added as `(r0 + r1) + (r2 + r3)`, the lanes
-/// as [`hsum8`]; leftovers one by one.
-pub fn kv_dot(ty: DType, q: &[f32], k: &[u8]) -> f32 {
-    let chunks = q.len() / CHUNK;
-    let mut r = [[0.0f32; LANES]; 4];
-    let mut kc = [0.0f32; CHUNK];
-    for c in 0..chunks {
-        decode_chunk(ty, k, c, &mut kc);
-        for (j, rj) in r.iter_mut().enumerate() {
-            for (l, acc) in rj.iter_mut().enumerate() {
-                let e = LANES * j + l;
-                *acc = q[c * CHUNK + e].mul_add(kc[e], *acc);
+/// [`super::kv_scores`], the reference: for each head `h` and key `j`, per chunk of 32
+/// elements, element `32c + 8r + l` into register `r`, lane `l`, by fused multiply-add; the
+/// registers added as `(r0 + r1) + (r2 + r3)`, the lanes as [`hsum8`]; the leftovers after the
+/// whole chunks added one by one ([`dot_tail`]); times `scale`.
+pub fn kv_scores(ty: DType, d: usize, q: &[f32], keys: &[&[u8]], scale: f32, out: &mut [f32]) {
+    let n = keys.len();
+    let whole = d / CHUNK * CHUNK;
+    let mut kc = [0.0f32; LANES];
+    for (h, qh) in q.chunks_exact(d).enumerate() {
+        for (j, k) in keys.iter().enumerate() {
+            let mut r = [[0.0f32; LANES]; 4];
+            for c in (0..whole).step_by(CHUNK) {
+                for (g, rg) in r.iter_mut().enumerate() {
+                    let e = c + LANES * g;
+                    decode8(ty, k, e, &mut kc);
+                    for (l, acc) in rg.iter_mut().enumerate() {
+                        *acc = qh[e + l].mul_add(kc[l], *acc);
+                    }
+                }
             }
+            let lanes: [f32; LANES] =
+                std::array::from_fn(|l| (r[0][l] + r[1][l]) + (r[2][l] + r[3][l]));
+            out[h * n + j] = dot_tail(ty, qh, k, whole, hsum8(&lanes)) * scale;
         }
     }
-    let lanes: [f32; LANES] = std::array::from_fn(|l| (r[0][l] + r[1][l]) + (r[2][l] + r[3][l]));
-    dot_tail(ty, q, k, chunks * CHUNK, hsum8(&lanes))
 }
 
-/// `sum` plus the products of the elements from `from` on (after the whole chunks), one by one.
+/// Elements per step of [`kv_scores`]: one Q8_0 block, four registers of eight lanes.
+pub(super) const CHUNK: usize = 32;
+
+/// `sum` plus the products of the elements from `from` on, one by one.
 pub(super) fn dot_tail(ty: DType, q: &[f32], k: &[u8], from: usize, mut sum: f32) -> f32 {
     for (i, x) in q.iter().enumerate().skip(from) {
         sum += x * element(ty, k, i);
@@ -179,20 +188,26 @@ pub(super) fn dot_tail(ty: DType, q: &[f32], k: &[u8], from: usize, mut sum: f32
     sum
 }
 
-/// [`super::kv_axpy`], the reference: `acc[i] = fma(p, v[i], acc[i])`.
-pub fn kv_axpy(ty: DType, acc: &mut [f32], p: f32, v: &[u8]) {
-    let chunks = acc.len() / CHUNK;
-    let mut vc = [0.0f32; CHUNK];
-    for c in 0..chunks {
-        decode_chunk(ty, v, c, &mut vc);
-        for (a, x) in acc[c * CHUNK..(c + 1) * CHUNK].iter_mut().zip(&vc) {
-            *a = p.mul_add(*x, *a);
+/// [`super::kv_weighted_sum`], the reference: `acc[h·d + i] = fma(w[h·n + j], v_j[i], …)` for
+/// `j` in order.
+pub fn kv_weighted_sum(ty: DType, d: usize, weights: &[f32], values: &[&[u8]], acc: &mut [f32]) {
+    let n = values.len();
+    let mut vc = [0.0f32; LANES];
+    for (j, v) in values.iter().enumerate() {
+        for (h, ah) in acc.chunks_exact_mut(d).enumerate() {
+            let p = weights[h * n + j];
+            for e in (0..d / LANES * LANES).step_by(LANES) {
+                decode8(ty, v, e, &mut vc);
+                for (a, x) in ah[e..e + LANES].iter_mut().zip(&vc) {
+                    *a = p.mul_add(*x, *a);
+                }
+            }
+            axpy_tail(ty, ah, p, v, d / LANES * LANES);
         }
     }
-    axpy_tail(ty, acc, p, v, chunks * CHUNK);
 }
 
-/// [`kv_axpy`] of the elements from `from` on (after the whole chunks).
+/// `acc[i] = fma(p, v[i], acc[i])` for the elements from `from` on.
 pub(super) fn axpy_tail(ty: DType, acc: &mut [f32], p: f32, v: &[u8], from: usize) {
     for (i, a) in acc.iter_mut().enumerate().skip(from) {
         *a = p.mul_add(element(ty, v, i), *a);
