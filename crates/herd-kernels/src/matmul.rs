@@ -108,179 +108,264 @@ pub fn matmul(x: &[f32], n_rows: usize, w: &MatRef<'_>, out: &mut [f32]) {
 
 /// [`matmul`] on a given pool.
 pub fn matmul_with(pool: &ThreadPool, x: &[f32], n_rows: usize, w: &MatRef<'_>, out: &mut [f32]) {
-    let (k, n) = (w.in_features, w.out_features);
-    assert_eq!(x.len(), n_rows * k, "matmul: input shape");
-    assert_eq!(out.len(), n_rows * n, "matmul: output shape");
-    if n_rows == 0 || n == 0 {
-        return;
-    }
-    let chunk = chunk_size(n, pool.n_threads());
-    let n_chunks = n.div_ceil(chunk);
-    let shared = SharedMut::new(out);
-    match w.layout {
-        Layout::OutMajorX8 => ACT.with_borrow_mut(|act| {
-            quantize_rows(pool, w.dtype.vec_dot_type(), x, n_rows, k, act);
-            ACT_SUMS.with_borrow_mut(|sums| {
-                // The Q4_0/Q5_0 kernels subtract their offset times each block's sum: one pass
-                // here instead of once per row group.
-                sums.clear();
-                if quant::x8_wants_block_sums(w.dtype) {
-                    let a_row = w.dtype.vec_dot_type().bytes_for(k);
-                    for t in 0..n_rows {
-                        quant::q8_0_block_sums(&act[t * a_row..(t + 1) * a_row], k, sums);
-                    }
+    matmul_many_with(
+        pool,
+        &mut [Product {
+            x,
+            n_rows,
+            w: *w,
+            out,
+        }],
+    )
+}
+
+/// One product of a batch that [`matmul_many`] computes as one pool job:
+/// `out[n_rows, out_features] = x[n_rows, in_features] · W`.
+#[derive(Debug)]
+pub struct Product<'a> {
+    pub x: &'a [f32],
+    pub n_rows: usize,
+    pub w: MatRef<'a>,
+    pub out: &'a mut [f32],
+}
+
+/// Several independent products (e.g. the experts of a mixture-of-experts layer), each with
+/// its own activations, weights and output, computed as if by [`matmul`] one after another
+/// (the same bits), but with one pool job to quantize every product's activations and one to
+/// compute every output: the pool's tasks of all products together, so that small products
+/// neither wait on each other nor each pay a job's start and end.
+///
+/// # Panics
+/// If a product's `x` or `out` does not have its shape.
+pub fn matmul_many(products: &mut [Product<'_>]) {
+    matmul_many_with(pool::global(), products)
+}
+
+/// How one product is split into pool tasks.
+#[derive(Clone, Copy)]
+enum Plan {
+    /// Repacked (`OutMajorX8`): `per_task` groups per task, `group_tasks` such tasks, then
+    /// one task for the tail rows (if any).
+    Groups { per_task: usize, group_tasks: usize },
+    /// Quantized `OutMajor`: chunks of `chunk` output columns, each in tiles of `tile` rows.
+    Quantized { chunk: usize, tile: usize },
+    /// Float `OutMajor`: chunks of `chunk` output columns.
+    Float { chunk: usize },
+    /// `InMajor`: chunks of `chunk` output columns.
+    InMajor { chunk: usize },
+}
+
+impl Plan {
+    fn new(p: &Product<'_>, threads: usize) -> Self {
+        let (k, n, w) = (p.w.in_features, p.w.out_features, &p.w);
+        match w.layout {
+            Layout::OutMajorX8 => {
+                let groups = n / quant::repack::GROUP;
+                let per_task = groups.div_ceil(threads * 4).max(1);
+                Plan::Groups {
+                    per_task,
+                    group_tasks: groups.div_ceil(per_task),
                 }
-                matmul_x8(pool, act, sums, n_rows, w, &shared);
-            })
-        }),
-        Layout::OutMajor if w.dtype.is_quantized() => {
-            // Quantize each activation row once to the weight type's dot-product partner.
-            let at = w.dtype.vec_dot_type();
-            let row_bytes = at.bytes_for(k);
-            ACT.with_borrow_mut(|act| {
-                quantize_rows(pool, at, x, n_rows, k, act);
-                let w_row = w.dtype.bytes_for(k);
-                // A batch of more than four rows (prefill) is computed in tiles: a few weight rows
-                // and four activation rows, both staying in L1 while every pair of them is
-                // computed, instead of streaming the whole activation matrix past each weight row.
-                let tile = if n_rows > 4 {
-                    (TILE_WEIGHT_BYTES / w_row).clamp(1, MAX_TILE_ROWS)
+            }
+            Layout::OutMajor if w.dtype.is_quantized() => {
+                // A batch of more than four rows (prefill) is computed in tiles: a few weight
+                // rows and four activation rows, both staying in L1 while every pair of them is
+                // computed, instead of streaming the whole activation matrix past each weight
+                // row.
+                let tile = if p.n_rows > 4 {
+                    (TILE_WEIGHT_BYTES / w.dtype.bytes_for(k)).clamp(1, MAX_TILE_ROWS)
                 } else {
                     1
                 };
-                let act_row = |t: usize| &act[t * row_bytes..(t + 1) * row_bytes];
-                pool.run(n_chunks, |c| {
-                    let outputs = c * chunk..((c + 1) * chunk).min(n);
-                    // Weight rows are requested PREFETCH_ROWS ahead of the tile being read (into
-                    // L2): the hardware prefetcher alone leaves the memory bus partly idle here.
-                    let mut fetched = outputs.start;
-                    for first in outputs.clone().step_by(tile) {
-                        let rows = first..(first + tile).min(outputs.end);
-                        let want = (rows.end + PREFETCH_ROWS).min(n);
-                        if fetched < want {
-                            prefetch(&w.bytes[fetched * w_row..want * w_row]);
-                            fetched = want;
-                        }
-                        let wr = |o: usize| &w.bytes[o * w_row..(o + 1) * w_row];
-                        let put = |t: usize, o: usize, v: f32| {
-                            // SAFETY: chunks own disjoint output columns o.
-                            unsafe { shared.slice(t * n + o, 1)[0] = v };
-                        };
-                        // Each weight row's blocks are unpacked once for four activation rows;
-                        // the rest one by one.
-                        let mut t = 0;
-                        let tile_bytes = &w.bytes[rows.start * w_row..rows.end * w_row];
-                        let mut v = [[0.0f32; 4]; MAX_TILE_ROWS];
-                        while t + 4 <= n_rows {
-                            let ar = [t, t + 1, t + 2, t + 3].map(act_row);
-                            let v = &mut v[..rows.len()];
-                            quant::vec_dot_x4_rows(w.dtype, tile_bytes, ar, k, v);
-                            for (o, vo) in rows.clone().zip(v.iter()) {
-                                (0..4).for_each(|i| put(t + i, o, vo[i]));
-                            }
-                            t += 4;
-                        }
-                        for t in t..n_rows {
-                            for o in rows.clone() {
-                                let v = quant::vec_dot(w.dtype, wr(o), act_row(t), k);
-                                put(t, o, v);
-                            }
-                        }
-                    }
-                });
-            });
-        }
-        Layout::OutMajor => pool.run(n_chunks, |c| {
-            ROW.with_borrow_mut(|row| {
-                row.clear();
-                row.resize(k, 0.0);
-                for o in c * chunk..((c + 1) * chunk).min(n) {
-                    w.decode_row(o, row);
-                    for t in 0..n_rows {
-                        let v = dot(&x[t * k..(t + 1) * k], row);
-                        // SAFETY: chunks own disjoint output columns o.
-                        unsafe { shared.slice(t * n + o, 1)[0] = v };
-                    }
+                Plan::Quantized {
+                    chunk: chunk_size(n, threads),
+                    tile,
                 }
-            })
-        }),
-        Layout::InMajor => {
-            assert!(
-                !w.dtype.is_quantized(),
-                "input-major weights must be plain floats"
-            );
-            pool.run(n_chunks, |c| {
-                let cols = c * chunk..((c + 1) * chunk).min(n);
-                let width = cols.len();
-                let elem = w.dtype.bytes_for(1);
-                ROW.with_borrow_mut(|row| {
-                    row.clear();
-                    row.resize(width, 0.0);
-                    for t in 0..n_rows {
-                        // SAFETY: chunks own disjoint output column ranges.
-                        unsafe { shared.slice(t * n + cols.start, width).fill(0.0) };
-                    }
-                    for i in 0..k {
-                        let start = (i * n + cols.start) * elem;
-                        decode_into(w.dtype, &w.bytes[start..start + width * elem], row);
-                        for t in 0..n_rows {
-                            // SAFETY: as above.
-                            let o = unsafe { shared.slice(t * n + cols.start, width) };
-                            axpy(x[t * k + i], row, o);
-                        }
-                    }
-                });
-            });
+            }
+            Layout::OutMajor => Plan::Float {
+                chunk: chunk_size(n, threads),
+            },
+            Layout::InMajor => {
+                assert!(
+                    !w.dtype.is_quantized(),
+                    "input-major weights must be plain floats"
+                );
+                Plan::InMajor {
+                    chunk: chunk_size(n, threads),
+                }
+            }
+        }
+    }
+
+    fn n_tasks(self, p: &Product<'_>) -> usize {
+        let n = p.w.out_features;
+        if p.n_rows == 0 || n == 0 {
+            return 0;
+        }
+        match self {
+            Plan::Groups { group_tasks, .. } => {
+                group_tasks + usize::from(!n.is_multiple_of(quant::repack::GROUP))
+            }
+            Plan::Quantized { chunk, .. } | Plan::Float { chunk } | Plan::InMajor { chunk } => {
+                n.div_ceil(chunk)
+            }
+        }
+    }
+
+    /// Whether the activations are quantized first (to the weight type's dot-product partner).
+    fn quantizes(self) -> bool {
+        matches!(self, Plan::Groups { .. } | Plan::Quantized { .. })
+    }
+}
+
+/// A product's activations as its kernels read them: quantized rows, and the Q4_0/Q5_0 group
+/// kernels' block sums (kept between calls: once warm, a decode step allocates nothing).
+#[derive(Default)]
+struct Activations {
+    act: Vec<u8>,
+    sums: Vec<i32>,
+}
+
+/// What one [`matmul_many`] call keeps: per product its activations, plan, first task and
+/// output, and where each product's quantization tasks start.
+#[derive(Default)]
+struct Job {
+    prepared: Vec<Activations>,
+    plans: Vec<Plan>,
+    starts: Vec<usize>,
+    outs: Vec<SharedMut<f32>>,
+    acts: Vec<SharedMut<u8>>,
+}
+
+/// [`matmul_many`] on a given pool.
+pub fn matmul_many_with(pool: &ThreadPool, products: &mut [Product<'_>]) {
+    for p in products.iter() {
+        let (k, n) = (p.w.in_features, p.w.out_features);
+        assert_eq!(p.x.len(), p.n_rows * k, "matmul: input shape");
+        assert_eq!(p.out.len(), p.n_rows * n, "matmul: output shape");
+    }
+    let threads = pool.n_threads();
+    JOB.with_borrow_mut(|job| {
+        let Job {
+            prepared,
+            plans,
+            starts,
+            outs,
+            acts,
+        } = job;
+        if prepared.len() < products.len() {
+            prepared.resize_with(products.len(), Default::default);
+        }
+        plans.clear();
+        plans.extend(products.iter().map(|p| Plan::new(p, threads)));
+        quantize_activations(pool, products, plans, prepared, starts, acts);
+        // Task i of the job is task i − starts[p] of product p, starts[p] ≤ i < starts[p + 1].
+        starts.clear();
+        starts.push(0);
+        for (p, plan) in products.iter().zip(plans.iter()) {
+            starts.push(starts[starts.len() - 1] + plan.n_tasks(p));
+        }
+        let total = starts[starts.len() - 1];
+        outs.clear();
+        outs.extend(products.iter_mut().map(|p| SharedMut::new(p.out)));
+        let (prepared, plans, starts, outs) = (&*prepared, &*plans, &*starts, &*outs);
+        pool.run(total, |i| {
+            let pi = starts.partition_point(|&s| s <= i) - 1;
+            let (p, task) = (&products[pi], i - starts[pi]);
+            let a = &prepared[pi];
+            match plans[pi] {
+                Plan::Groups {
+                    per_task,
+                    group_tasks,
+                } => x8_task(p, a, &outs[pi], per_task, group_tasks, task),
+                Plan::Quantized { chunk, tile } => {
+                    quantized_task(p, &a.act, &outs[pi], chunk, tile, task)
+                }
+                Plan::Float { chunk } => float_task(p, &outs[pi], chunk, task),
+                Plan::InMajor { chunk } => in_major_task(p, &outs[pi], chunk, task),
+            }
+        });
+    });
+}
+
+/// Every product's activation rows quantized to its weight type's dot-product partner, in one
+/// pool job (tasks of [`ACT_ROWS_PER_TASK`] rows), and the block sums where the group kernels
+/// take them.
+fn quantize_activations(
+    pool: &ThreadPool,
+    products: &[Product<'_>],
+    plans: &[Plan],
+    prepared: &mut [Activations],
+    starts: &mut Vec<usize>,
+    acts: &mut Vec<SharedMut<u8>>,
+) {
+    // Task i quantizes rows of product p: starts[p] ≤ i < starts[p + 1].
+    starts.clear();
+    starts.push(0);
+    for ((p, plan), a) in products.iter().zip(plans).zip(prepared.iter_mut()) {
+        let tasks = if plan.quantizes() {
+            let row_bytes = p.w.dtype.vec_dot_type().bytes_for(p.w.in_features);
+            a.act.clear();
+            a.act.resize(p.n_rows * row_bytes, 0);
+            p.n_rows.div_ceil(ACT_ROWS_PER_TASK)
+        } else {
+            0
+        };
+        starts.push(starts[starts.len() - 1] + tasks);
+    }
+    let total = starts[starts.len() - 1];
+    acts.clear();
+    acts.extend(prepared.iter_mut().map(|a| SharedMut::new(&mut a.act)));
+    let (starts, acts) = (&*starts, &*acts);
+    pool.run(total, |i| {
+        let pi = starts.partition_point(|&s| s <= i) - 1;
+        let (p, c) = (&products[pi], i - starts[pi]);
+        let (k, at) = (p.w.in_features, p.w.dtype.vec_dot_type());
+        let row_bytes = at.bytes_for(k);
+        for t in c * ACT_ROWS_PER_TASK..((c + 1) * ACT_ROWS_PER_TASK).min(p.n_rows) {
+            // SAFETY: tasks quantize disjoint rows of their product's buffer.
+            let ar = unsafe { acts[pi].slice(t * row_bytes, row_bytes) };
+            quant::quantize_activation(at, &p.x[t * k..(t + 1) * k], ar);
+        }
+    });
+    for ((p, plan), a) in products.iter().zip(plans).zip(prepared.iter_mut()) {
+        // The Q4_0/Q5_0 group kernels subtract their offset times each block's sum: one pass
+        // here instead of once per row group.
+        a.sums.clear();
+        if matches!(plan, Plan::Groups { .. }) && quant::x8_wants_block_sums(p.w.dtype) {
+            let k = p.w.in_features;
+            let a_row = p.w.dtype.vec_dot_type().bytes_for(k);
+            for t in 0..p.n_rows {
+                quant::q8_0_block_sums(&a.act[t * a_row..(t + 1) * a_row], k, &mut a.sums);
+            }
         }
     }
 }
 
-/// Each of the `n_rows` rows of `x` (`k` values each) quantized to `at`, into `act` (resized),
-/// split over the pool.
-fn quantize_rows(
-    pool: &ThreadPool,
-    at: DType,
-    x: &[f32],
-    n_rows: usize,
-    k: usize,
-    act: &mut Vec<u8>,
-) {
-    let row_bytes = at.bytes_for(k);
-    act.clear();
-    act.resize(n_rows * row_bytes, 0);
-    let act_out = SharedMut::new(act);
-    pool.run(n_rows.div_ceil(ACT_ROWS_PER_TASK), |c| {
-        for t in c * ACT_ROWS_PER_TASK..((c + 1) * ACT_ROWS_PER_TASK).min(n_rows) {
-            // SAFETY: tasks quantize disjoint rows.
-            let ar = unsafe { act_out.slice(t * row_bytes, row_bytes) };
-            quant::quantize_activation(at, &x[t * k..(t + 1) * k], ar);
-        }
-    });
-}
-
-/// The product with an `OutMajorX8` matrix, given the activations quantized (`act`, `n_rows`
-/// rows): each pool task takes a run of row groups and, per group, every four activation rows
-/// in one group-kernel call (the rest one by one, for the same bits); the tail rows (fewer
-/// than eight, in the file's layout) take the one-row kernel.
-fn matmul_x8(
-    pool: &ThreadPool,
-    act: &[u8],
-    sums: &[i32],
-    n_rows: usize,
-    w: &MatRef<'_>,
+/// Task `task` of a product with an `OutMajorX8` matrix, given its activations quantized:
+/// a run of `per_task` row groups and, per group, every four activation rows in one
+/// group-kernel call (the rest one by one, for the same bits); task `group_tasks` is the
+/// tail rows (fewer than eight, in the file's layout), by the one-row kernel.
+fn x8_task(
+    p: &Product<'_>,
+    a: &Activations,
     out: &SharedMut<f32>,
+    per_task: usize,
+    group_tasks: usize,
+    task: usize,
 ) {
     use quant::repack::GROUP;
+    let (w, n_rows) = (&p.w, p.n_rows);
     let (k, n) = (w.in_features, w.out_features);
     let a_row = w.dtype.vec_dot_type().bytes_for(k);
-    let act_row = |t: usize| &act[t * a_row..(t + 1) * a_row];
+    let act_row = |t: usize| &a.act[t * a_row..(t + 1) * a_row];
     // Row t's block sums (empty for the types that take none).
     let nb = k / w.dtype.block_size();
     let sum_row = |t: usize| {
-        if sums.is_empty() {
+        if a.sums.is_empty() {
             &[][..]
         } else {
-            &sums[t * nb..(t + 1) * nb]
+            &a.sums[t * nb..(t + 1) * nb]
         }
     };
     let w_row = w.dtype.bytes_for(k);
@@ -290,43 +375,135 @@ fn matmul_x8(
         // SAFETY: tasks own disjoint output columns o.
         unsafe { out.slice(t * n + o, 1)[0] = v };
     };
-    // Tasks: a few per thread, each a run of whole groups; the tail rows are one more task.
-    let per_task = groups.div_ceil(pool.n_threads() * 4).max(1);
-    let group_tasks = groups.div_ceil(per_task);
-    let tail = groups * GROUP..n;
-    pool.run(group_tasks + usize::from(!tail.is_empty()), |task| {
-        if task == group_tasks {
-            for o in tail.clone() {
-                let wr = &w.bytes[o * w_row..(o + 1) * w_row];
-                for t in 0..n_rows {
-                    put(t, o, quant::vec_dot(w.dtype, wr, act_row(t), k));
-                }
+    if task == group_tasks {
+        for o in groups * GROUP..n {
+            let wr = &w.bytes[o * w_row..(o + 1) * w_row];
+            for t in 0..n_rows {
+                put(t, o, quant::vec_dot(w.dtype, wr, act_row(t), k));
             }
-            return;
         }
-        let first = task * per_task;
-        let mine = first..(first + per_task).min(groups);
-        // No software prefetch here: a group is one contiguous run of bytes, which the
-        // hardware prefetcher follows; asking for groups ahead made Scout-shaped decode ~10%
-        // slower (23.7 vs 21.3 tok/s at Q4_K_M, alternating runs).
-        for gi in mine.clone() {
-            let g = &w.bytes[gi * group_bytes..(gi + 1) * group_bytes];
-            let mut t = 0;
-            while t + 4 <= n_rows {
-                let rows = [t, t + 1, t + 2, t + 3];
-                let v = quant::vec_dot_x8_sums(w.dtype, g, rows.map(act_row), rows.map(sum_row), k);
-                for (i, vi) in v.iter().enumerate() {
-                    for (m, &x) in vi.iter().enumerate() {
-                        put(t + i, gi * GROUP + m, x);
-                    }
+        return;
+    }
+    let first = task * per_task;
+    // No software prefetch here: a group is one contiguous run of bytes, which the hardware
+    // prefetcher follows; asking for groups ahead made Scout-shaped decode ~10% slower (23.7
+    // vs 21.3 tok/s at Q4_K_M, alternating runs).
+    for gi in first..(first + per_task).min(groups) {
+        let g = &w.bytes[gi * group_bytes..(gi + 1) * group_bytes];
+        let mut t = 0;
+        while t + 4 <= n_rows {
+            let rows = [t, t + 1, t + 2, t + 3];
+            let v = quant::vec_dot_x8_sums(w.dtype, g, rows.map(act_row), rows.map(sum_row), k);
+            for (i, vi) in v.iter().enumerate() {
+                for (m, &x) in vi.iter().enumerate() {
+                    put(t + i, gi * GROUP + m, x);
                 }
-                t += 4;
             }
-            for t in t..n_rows {
-                let [v] = quant::vec_dot_x8_sums(w.dtype, g, [act_row(t)], [sum_row(t)], k);
-                for (m, &x) in v.iter().enumerate() {
-                    put(t, gi * GROUP + m, x);
-                }
+            t += 4;
+        }
+        for t in t..n_rows {
+            let [v] = quant::vec_dot_x8_sums(w.dtype, g, [act_row(t)], [sum_row(t)], k);
+            for (m, &x) in v.iter().enumerate() {
+                put(t, gi * GROUP + m, x);
+            }
+        }
+    }
+}
+
+/// Chunk `c` (`chunk` output columns) of a product with a quantized `OutMajor` matrix, given
+/// its activations quantized (`act`), in tiles of `tile` weight rows.
+fn quantized_task(
+    p: &Product<'_>,
+    act: &[u8],
+    out: &SharedMut<f32>,
+    chunk: usize,
+    tile: usize,
+    c: usize,
+) {
+    let (w, n_rows) = (&p.w, p.n_rows);
+    let (k, n) = (w.in_features, w.out_features);
+    let row_bytes = w.dtype.vec_dot_type().bytes_for(k);
+    let w_row = w.dtype.bytes_for(k);
+    let act_row = |t: usize| &act[t * row_bytes..(t + 1) * row_bytes];
+    let outputs = c * chunk..((c + 1) * chunk).min(n);
+    // Weight rows are requested PREFETCH_ROWS ahead of the tile being read (into L2): the
+    // hardware prefetcher alone leaves the memory bus partly idle here.
+    let mut fetched = outputs.start;
+    for first in outputs.clone().step_by(tile) {
+        let rows = first..(first + tile).min(outputs.end);
+        let want = (rows.end + PREFETCH_ROWS).min(n);
+        if fetched < want {
+            prefetch(&w.bytes[fetched * w_row..want * w_row]);
+            fetched = want;
+        }
+        let wr = |o: usize| &w.bytes[o * w_row..(o + 1) * w_row];
+        let put = |t: usize, o: usize, v: f32| {
+            // SAFETY: chunks own disjoint output columns o.
+            unsafe { out.slice(t * n + o, 1)[0] = v };
+        };
+        // Each weight row's blocks are unpacked once for four activation rows; the rest one by
+        // one.
+        let mut t = 0;
+        let tile_bytes = &w.bytes[rows.start * w_row..rows.end * w_row];
+        let mut v = [[0.0f32; 4]; MAX_TILE_ROWS];
+        while t + 4 <= n_rows {
+            let ar = [t, t + 1, t + 2, t + 3].map(act_row);
+            let v = &mut v[..rows.len()];
+            quant::vec_dot_x4_rows(w.dtype, tile_bytes, ar, k, v);
+            for (o, vo) in rows.clone().zip(v.iter()) {
+                (0..4).for_each(|i| put(t + i, o, vo[i]));
+            }
+            t += 4;
+        }
+        for t in t..n_rows {
+            for o in rows.clone() {
+                put(t, o, quant::vec_dot(w.dtype, wr(o), act_row(t), k));
+            }
+        }
+    }
+}
+
+/// Chunk `c` of a product with a float `OutMajor` matrix: each weight row decoded once, then
+/// dotted with every activation row.
+fn float_task(p: &Product<'_>, out: &SharedMut<f32>, chunk: usize, c: usize) {
+    let (w, x, n_rows) = (&p.w, p.x, p.n_rows);
+    let (k, n) = (w.in_features, w.out_features);
+    ROW.with_borrow_mut(|row| {
+        row.clear();
+        row.resize(k, 0.0);
+        for o in c * chunk..((c + 1) * chunk).min(n) {
+            w.decode_row(o, row);
+            for t in 0..n_rows {
+                let v = dot(&x[t * k..(t + 1) * k], row);
+                // SAFETY: chunks own disjoint output columns o.
+                unsafe { out.slice(t * n + o, 1)[0] = v };
+            }
+        }
+    })
+}
+
+/// Chunk `c` of a product with an `InMajor` (float) matrix: each input row of the chunk's
+/// columns decoded once and added, times each activation, to every output row.
+fn in_major_task(p: &Product<'_>, out: &SharedMut<f32>, chunk: usize, c: usize) {
+    let (w, x, n_rows) = (&p.w, p.x, p.n_rows);
+    let (k, n) = (w.in_features, w.out_features);
+    let cols = c * chunk..((c + 1) * chunk).min(n);
+    let width = cols.len();
+    let elem = w.dtype.bytes_for(1);
+    ROW.with_borrow_mut(|row| {
+        row.clear();
+        row.resize(width, 0.0);
+        for t in 0..n_rows {
+            // SAFETY: chunks own disjoint output column ranges.
+            unsafe { out.slice(t * n + cols.start, width).fill(0.0) };
+        }
+        for i in 0..k {
+            let start = (i * n + cols.start) * elem;
+            decode_into(w.dtype, &w.bytes[start..start + width * elem], row);
+            for t in 0..n_rows {
+                // SAFETY: as above.
+                let o = unsafe { out.slice(t * n + cols.start, width) };
+                axpy(x[t * k + i], row, o);
             }
         }
     });
@@ -335,11 +512,9 @@ fn matmul_x8(
 thread_local! {
     /// One weight row in the file's layout (decoding a row of a repacked matrix).
     static ROW_BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The block sums of the current product's activations (Q4_0/Q5_0 group kernels).
-    static ACT_SUMS: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The quantized activations of the current product (kept for the next: once warm, a
-    /// decode step allocates nothing).
-    static ACT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The buffers of the current [`matmul_many`] call (kept for the next: once warm, a decode
+    /// step allocates nothing).
+    static JOB: std::cell::RefCell<Job> = std::cell::RefCell::new(Job::default());
     /// One decoded weight row (float weights), per worker thread.
     static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -533,6 +708,89 @@ mod quantized_tests {
                     let want = quant::vec_dot_scalar(wt, wr, &a, k);
                     assert_eq!(one[t * n + o].to_bits(), want.to_bits(), "{wt}: ({t}, {o})");
                 }
+            }
+        }
+    }
+
+    /// A batch of products of every layout (repacked groups with a tail, quantized `[out, in]`
+    /// with and without tiles, float `[out, in]` and `[in, out]`), row counts 0 to 9, gives
+    /// each product the bits it gets alone, on 1 and 3 threads.
+    #[test]
+    fn many_products_equal_each_alone() {
+        let k = 256;
+        let mut mats = Vec::new();
+        for (i, (wt, n)) in [
+            (DType::Q4K, 21),
+            (DType::Q5_0, 16),
+            (DType::Q6K, 13),
+            (DType::Q8_0, 9),
+            (DType::F16, 11),
+            (DType::F32, 7),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut wq = vec![0u8; wt.bytes_for(k * n)];
+            let wf = rand_vec(k * n, 40 + i as u64, 1.0);
+            quant::quantize(wt, &wf, &mut wq);
+            let plain = MatRef::new(&wq, wt, k, n, Layout::OutMajor).unwrap();
+            let packed = plain.repacked();
+            mats.push((wq.clone(), wt, n, Layout::OutMajor));
+            if let Some(p) = packed {
+                mats.push((p, wt, n, Layout::OutMajorX8));
+            }
+            if wt == DType::F32 {
+                // The transpose, input-major.
+                let t: Vec<f32> = (0..k * n).map(|j| wf[(j % n) * k + j / n]).collect();
+                let mut tb = vec![0u8; 4 * k * n];
+                quant::quantize(wt, &t, &mut tb);
+                mats.push((tb, wt, n, Layout::InMajor));
+            }
+        }
+        let refs: Vec<MatRef<'_>> = mats
+            .iter()
+            .map(|(b, t, n, l)| MatRef::new(b, *t, k, *n, *l).unwrap())
+            .collect();
+        let rows: Vec<usize> = (0..refs.len())
+            .map(|i| [1, 9, 0, 4, 5, 2, 7][i % 7])
+            .collect();
+        let xs: Vec<Vec<f32>> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| rand_vec(r * k, 90 + i as u64, 1.0))
+            .collect();
+        for threads in [1, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut outs: Vec<Vec<f32>> = refs
+                .iter()
+                .zip(&rows)
+                .map(|(w, &r)| vec![f32::NAN; r * w.out_features])
+                .collect();
+            let mut products: Vec<Product<'_>> = refs
+                .iter()
+                .zip(&rows)
+                .zip(&xs)
+                .zip(outs.iter_mut())
+                .map(|(((w, &n_rows), x), out)| Product {
+                    x,
+                    n_rows,
+                    w: *w,
+                    out,
+                })
+                .collect();
+            matmul_many_with(&pool, &mut products);
+            for (i, w) in refs.iter().enumerate() {
+                let mut alone = vec![0.0; rows[i] * w.out_features];
+                matmul_with(&pool, &xs[i], rows[i], w, &mut alone);
+                let same = alone
+                    .iter()
+                    .zip(&outs[i])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "product {i} ({} {:?}), {threads} threads",
+                    w.dtype, w.layout
+                );
             }
         }
     }

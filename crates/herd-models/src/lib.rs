@@ -13,6 +13,7 @@ pub mod error;
 pub mod gemma3;
 pub mod kv_cache;
 pub mod llama4;
+mod moe;
 pub mod presets;
 pub mod weights;
 

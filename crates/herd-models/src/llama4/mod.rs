@@ -17,33 +17,12 @@ use std::sync::Mutex;
 
 use herd_formats::HfModelDir;
 use herd_formats::gguf::GgufFile;
-use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved, sigmoid, silu};
+use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved};
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
+use crate::moe::{Expert, Mlp, MlpWork, Moe, MoeWork, Routing};
 use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
 use crate::{Batch, CausalLm, KvCache, Result, Window};
-
-/// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))` (dense layers and the shared expert).
-#[derive(Debug)]
-struct Mlp {
-    gate: Matrix,
-    up: Matrix,
-    down: Matrix,
-}
-
-/// One routed expert. HF checkpoints fuse gate and up input-major (`gate_up` `[hidden, 2·I]`,
-/// gate first; `down` `[I, hidden]`); GGUF files store three `[out, in]` matrices per expert.
-#[derive(Debug)]
-enum Expert {
-    Fused { gate_up: Matrix, down: Matrix },
-    Split(Mlp),
-}
-#[derive(Debug)]
-struct Moe {
-    router: Matrix,
-    experts: Vec<Expert>,
-    shared: Mlp,
-}
 
 #[derive(Debug)]
 enum FeedForward {
@@ -89,21 +68,8 @@ struct Workspace {
     attn: Vec<f32>,
     out: Vec<f32>,
     mlp: MlpWork,
-    router: Vec<f32>,
-    /// (token, score) pairs routed to each expert.
-    routes: Vec<Vec<(usize, f32)>>,
-    order: Vec<usize>,
-    routed: Vec<f32>,
-    input: Vec<f32>,
-    expert_out: Vec<f32>,
+    moe: MoeWork,
     rows: Vec<f32>,
-}
-
-/// Buffers of one feed-forward block.
-#[derive(Debug, Default)]
-struct MlpWork {
-    gate: Vec<f32>,
-    act: Vec<f32>,
 }
 
 /// Where Llama 4 weights come from. Names are the HF ones without the decoder prefix
@@ -296,10 +262,12 @@ impl Llama4 {
                         h,
                     )?,
                     experts: w.experts(i, c)?,
-                    shared: mlp(
+                    shared: Some(mlp(
                         &format!("{p}.feed_forward.shared_expert"),
                         c.intermediate_size,
-                    )?,
+                    )?),
+                    routing: Routing::SigmoidScalesInput,
+                    top_k: c.num_experts_per_tok,
                 })
             } else {
                 FeedForward::Dense(mlp(&format!("{p}.feed_forward"), c.intermediate_size_mlp)?)
@@ -420,80 +388,6 @@ impl Llama4 {
         attend(&w.q, batch, cache, li, heads, first_key, &mut w.attn);
         layer.o.matmul_into(&w.attn, batch.len(), &mut w.out);
     }
-
-    /// SwiGLU MLP on `n` rows of `x`, into `out`.
-    fn mlp(mlp: &Mlp, x: &[f32], n: usize, w: &mut MlpWork, out: &mut Vec<f32>) {
-        mlp.gate.matmul_into(x, n, &mut w.gate);
-        mlp.up.matmul_into(x, n, &mut w.act);
-        for (a, g) in w.act.iter_mut().zip(&w.gate) {
-            *a *= silu(*g);
-        }
-        mlp.down.matmul_into(&w.act, n, out);
-    }
-
-    /// Mixture of experts (§b.3) on `w.x`, into `w.out`: pick the top-k experts by raw router
-    /// logit, scale each chosen expert's *input* by sigmoid(logit), add the shared expert.
-    /// Tokens are grouped by expert so each expert's weights are read once per step.
-    fn moe(&self, moe: &Moe, w: &mut Workspace, t: usize) {
-        let c = &self.config;
-        let (h, inter, top_k) = (c.hidden_size, c.intermediate_size, c.num_experts_per_tok);
-        let n_experts = moe.experts.len();
-        moe.router.matmul_into(&w.x, t, &mut w.router);
-        w.routes.resize_with(n_experts, Vec::new);
-        w.routes.iter_mut().for_each(Vec::clear);
-        for tok in 0..t {
-            let logits = &w.router[tok * n_experts..(tok + 1) * n_experts];
-            w.order.clear();
-            w.order.extend(0..n_experts);
-            w.order
-                .sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-            for &e in &w.order[..top_k] {
-                w.routes[e].push((tok, sigmoid(logits[e])));
-            }
-        }
-        // Routed sum per token, accumulated in expert order as the reference does.
-        w.routed.clear();
-        w.routed.resize(t * h, 0.0);
-        for (expert, tokens) in moe.experts.iter().zip(&w.routes) {
-            if tokens.is_empty() {
-                continue;
-            }
-            let n = tokens.len();
-            w.input.clear();
-            for &(tok, score) in tokens {
-                w.input
-                    .extend(w.x[tok * h..(tok + 1) * h].iter().map(|v| v * score));
-            }
-            match expert {
-                Expert::Fused { gate_up, down } => {
-                    gate_up.matmul_into(&w.input, n, &mut w.mlp.gate);
-                    w.mlp.act.clear();
-                    w.mlp.act.resize(n * inter, 0.0);
-                    for (r, a) in w.mlp.act.chunks_exact_mut(inter).enumerate() {
-                        let (gate, up) =
-                            w.mlp.gate[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
-                        for ((a, g), u) in a.iter_mut().zip(gate).zip(up) {
-                            *a = u * silu(*g);
-                        }
-                    }
-                    down.matmul_into(&w.mlp.act, n, &mut w.expert_out);
-                }
-                Expert::Split(mlp) => Self::mlp(mlp, &w.input, n, &mut w.mlp, &mut w.expert_out),
-            }
-            for (r, &(tok, _)) in tokens.iter().enumerate() {
-                for (o, v) in w.routed[tok * h..(tok + 1) * h]
-                    .iter_mut()
-                    .zip(&w.expert_out[r * h..(r + 1) * h])
-                {
-                    *o += v;
-                }
-            }
-        }
-        Self::mlp(&moe.shared, &w.x, t, &mut w.mlp, &mut w.out);
-        for (o, r) in w.out.iter_mut().zip(&w.routed) {
-            *o += r;
-        }
-    }
 }
 
 impl CausalLm for Llama4 {
@@ -556,8 +450,10 @@ impl CausalLm for Llama4 {
             w.x.clone_from(&w.hidden);
             rms_norm(&mut w.x, &layer.post_attention_norm, self.eps());
             match &layer.ffn {
-                FeedForward::Dense(mlp) => Self::mlp(mlp, &w.x, t, &mut w.mlp, &mut w.out),
-                FeedForward::Moe(moe) => self.moe(moe, w, t),
+                FeedForward::Dense(mlp) => mlp.forward(&w.x, t, &mut w.mlp, &mut w.out),
+                // §b.3: the top-k experts by raw router logit, each chosen expert's input scaled
+                // by sigmoid(logit), plus the shared expert.
+                FeedForward::Moe(moe) => moe.forward(&w.x, t, &mut w.moe, &mut w.out),
             };
             w.hidden.iter_mut().zip(&w.out).for_each(|(a, b)| *a += b);
             record(&w.hidden);

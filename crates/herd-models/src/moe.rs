@@ -1,0 +1,347 @@
+//! SwiGLU feed-forward blocks and the mixture-of-experts executor.
+//!
+//! A mixture-of-experts layer routes each token to `k` of its experts ([`Routing`]: which
+//! experts, with what weight, applied to the expert's input or output), runs every selected
+//! expert on the tokens routed to it, and adds the results (plus a shared expert, where the
+//! family has one). The executor groups tokens by expert, so each expert's weights are read
+//! once per step, and computes all selected experts together: one pool job for every gate and
+//! up projection of the step (the shared expert's included), one for every down projection
+//! (`herd_kernels::matmul::matmul_many`), instead of three jobs per expert.
+//!
+//! Sums are formed in one fixed order (experts by index, each expert's tokens in batch order),
+//! so a token's output never depends on which other tokens share the step.
+
+use herd_kernels::matmul::{Product, matmul_many};
+use herd_kernels::ops::{sigmoid, silu};
+use smallvec::SmallVec;
+
+use crate::weights::Matrix;
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`; `gate`, `up` `[width, hidden]`, `down`
+/// `[hidden, width]`.
+#[derive(Debug)]
+pub(crate) struct Mlp {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+/// Buffers of one feed-forward block.
+#[derive(Debug, Default)]
+pub(crate) struct MlpWork {
+    gate: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl Mlp {
+    /// The block on `n` rows of `x` (`[n, hidden]`), into `out` (`[n, hidden]`).
+    pub fn forward(&self, x: &[f32], n: usize, w: &mut MlpWork, out: &mut Vec<f32>) {
+        self.gate.matmul_into(x, n, &mut w.gate);
+        self.up.matmul_into(x, n, &mut w.act);
+        for (a, g) in w.act.iter_mut().zip(&w.gate) {
+            *a *= silu(*g);
+        }
+        self.down.matmul_into(&w.act, n, out);
+    }
+}
+
+/// One routed expert. HF checkpoints fuse gate and up input-major (`gate_up` `[hidden, 2·I]`,
+/// gate first; `down` `[I, hidden]`); GGUF files store three `[out, in]` matrices per expert.
+#[derive(Debug)]
+pub(crate) enum Expert {
+    Fused { gate_up: Matrix, down: Matrix },
+    Split(Mlp),
+}
+
+/// How a router's logits choose a token's experts and weigh them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Routing {
+    /// Llama 4: the top `k` experts by raw logit, each chosen expert's *input* scaled by
+    /// `sigmoid(logit)`.
+    SigmoidScalesInput,
+    /// Mixtral and Qwen3-MoE: the top `k` experts by logit, their *outputs* weighted by the
+    /// softmax over all logits, renormalised over the chosen `k` if `renormalize` (Mixtral;
+    /// Qwen3-MoE's `norm_topk_prob`), as is otherwise.
+    #[allow(dead_code)] // the routing of the next MoE families; tested below
+    SoftmaxTopK { renormalize: bool },
+}
+
+impl Routing {
+    /// One token's experts and weights: `(expert, weight)` for the `k` largest `logits` (ties
+    /// to the lower index), largest first, into `out`; `order` is scratch.
+    pub fn route(
+        self,
+        logits: &[f32],
+        k: usize,
+        order: &mut Vec<usize>,
+        out: &mut Vec<(usize, f32)>,
+    ) {
+        order.clear();
+        order.extend(0..logits.len());
+        order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        let chosen = &order[..k.min(logits.len())];
+        out.clear();
+        match self {
+            Routing::SigmoidScalesInput => {
+                out.extend(chosen.iter().map(|&e| (e, sigmoid(logits[e]))));
+            }
+            Routing::SoftmaxTopK { renormalize } => {
+                let max = chosen.first().map_or(0.0, |&e| logits[e]);
+                let z: f32 = if renormalize {
+                    chosen.iter().map(|&e| (logits[e] - max).exp()).sum()
+                } else {
+                    logits.iter().map(|&l| (l - max).exp()).sum()
+                };
+                out.extend(chosen.iter().map(|&e| (e, (logits[e] - max).exp() / z)));
+            }
+        }
+    }
+
+    /// Whether the weight scales the expert's input (else its output).
+    pub fn scales_input(self) -> bool {
+        matches!(self, Routing::SigmoidScalesInput)
+    }
+}
+
+/// A mixture-of-experts block: `router` `[experts, hidden]`, the experts, an optional shared
+/// expert run on every token, and the routing rule with its `top_k`.
+#[derive(Debug)]
+pub(crate) struct Moe {
+    pub router: Matrix,
+    pub experts: Vec<Expert>,
+    pub shared: Option<Mlp>,
+    pub routing: Routing,
+    pub top_k: usize,
+}
+
+/// Buffers of one MoE block (kept between steps: once warm, a decode step allocates nothing).
+#[derive(Debug, Default)]
+pub(crate) struct MoeWork {
+    router: Vec<f32>,
+    order: Vec<usize>,
+    chosen: Vec<(usize, f32)>,
+    /// Per expert: the (token, weight) pairs routed to it, in batch order.
+    routes: Vec<Vec<(usize, f32)>>,
+    /// The selected experts, by index, and where their rows start in the buffers below.
+    active: Vec<(usize, usize)>,
+    /// Every selected expert's input rows, one after another (`[rows, hidden]`).
+    input: Vec<f32>,
+    /// Gate and up outputs (split experts) or the fused gate-up outputs, per selected expert.
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// `silu(gate) ⊙ up` per selected expert (`[rows, width]`), and the down outputs.
+    act: Vec<f32>,
+    down: Vec<f32>,
+    /// The shared expert's buffers (`[t, width]`) and output (`[t, hidden]`).
+    shared_gate: Vec<f32>,
+    shared_act: Vec<f32>,
+    routed: Vec<f32>,
+}
+
+impl Moe {
+    /// The block on `t` rows of `x` (`[t, hidden]`), into `out` (`[t, hidden]`): the shared
+    /// expert's output plus each token's routed sum (experts by index).
+    pub fn forward(&self, x: &[f32], t: usize, w: &mut MoeWork, out: &mut Vec<f32>) {
+        let n_experts = self.experts.len();
+        let h = self.router.in_features;
+        self.router.matmul_into(x, t, &mut w.router);
+        w.routes.resize_with(n_experts, Vec::new);
+        w.routes.iter_mut().for_each(Vec::clear);
+        for tok in 0..t {
+            let logits = &w.router[tok * n_experts..(tok + 1) * n_experts];
+            self.routing
+                .route(logits, self.top_k, &mut w.order, &mut w.chosen);
+            for &(e, weight) in &w.chosen {
+                w.routes[e].push((tok, weight));
+            }
+        }
+
+        // Inputs of the selected experts, one block of rows each.
+        w.active.clear();
+        w.input.clear();
+        let mut rows = 0;
+        for (e, tokens) in w.routes.iter().enumerate() {
+            if tokens.is_empty() {
+                continue;
+            }
+            w.active.push((e, rows));
+            rows += tokens.len();
+            for &(tok, weight) in tokens {
+                let row = &x[tok * h..(tok + 1) * h];
+                if self.routing.scales_input() {
+                    w.input.extend(row.iter().map(|v| v * weight));
+                } else {
+                    w.input.extend_from_slice(row);
+                }
+            }
+        }
+        let width = |e: usize| match &self.experts[e] {
+            Expert::Fused { down, .. } => down.in_features,
+            Expert::Split(mlp) => mlp.gate.out_features,
+        };
+        let rows_of = |i: usize, active: &[(usize, usize)]| {
+            active.get(i + 1).map_or(rows, |a| a.1) - active[i].1
+        };
+        // Gate and up for every selected expert and the shared expert: one job.
+        let gate_len: usize = (0..w.active.len())
+            .map(|i| rows_of(i, &w.active) * width(w.active[i].0))
+            .sum();
+        let fused = |e: usize| matches!(self.experts[e], Expert::Fused { .. });
+        let fused_len: usize = (0..w.active.len())
+            .filter(|&i| fused(w.active[i].0))
+            .map(|i| rows_of(i, &w.active) * width(w.active[i].0))
+            .sum();
+        resize(&mut w.gate, gate_len + fused_len);
+        resize(&mut w.up, gate_len);
+        let shared_width = self.shared.as_ref().map_or(0, |s| s.gate.out_features);
+        resize(&mut w.shared_gate, t * shared_width);
+        resize(&mut w.shared_act, t * shared_width);
+        {
+            let mut products: Products<'_> = SmallVec::new();
+            let (mut gate, mut up) = (&mut w.gate[..], &mut w.up[..]);
+            for (i, &(e, first)) in w.active.iter().enumerate() {
+                let n = rows_of(i, &w.active);
+                let input = &w.input[first * h..(first + n) * h];
+                match &self.experts[e] {
+                    Expert::Fused { gate_up, .. } => {
+                        let (g, rest) = gate.split_at_mut(n * gate_up.out_features);
+                        gate = rest;
+                        products.push(product(gate_up, input, n, g));
+                    }
+                    Expert::Split(mlp) => {
+                        let (g, rest) = gate.split_at_mut(n * mlp.gate.out_features);
+                        gate = rest;
+                        let (u, rest) = up.split_at_mut(n * mlp.up.out_features);
+                        up = rest;
+                        products.push(product(&mlp.gate, input, n, g));
+                        products.push(product(&mlp.up, input, n, u));
+                    }
+                }
+            }
+            if let Some(s) = &self.shared {
+                products.push(product(&s.gate, x, t, &mut w.shared_gate));
+                products.push(product(&s.up, x, t, &mut w.shared_act));
+            }
+            matmul_many(&mut products);
+        }
+
+        // silu(gate) ⊙ up, per selected expert into `act`, the shared expert's in place.
+        w.act.clear();
+        let (mut g_at, mut u_at) = (0, 0);
+        for (i, &(e, _)) in w.active.iter().enumerate() {
+            let (n, wd) = (rows_of(i, &w.active), width(e));
+            if fused(e) {
+                for r in 0..n {
+                    let (gate, up) =
+                        w.gate[g_at + r * 2 * wd..g_at + (r + 1) * 2 * wd].split_at(wd);
+                    w.act.extend(gate.iter().zip(up).map(|(g, u)| u * silu(*g)));
+                }
+                g_at += n * 2 * wd;
+            } else {
+                let (gate, up) = (&w.gate[g_at..g_at + n * wd], &w.up[u_at..u_at + n * wd]);
+                w.act.extend(gate.iter().zip(up).map(|(g, u)| u * silu(*g)));
+                g_at += n * wd;
+                u_at += n * wd;
+            }
+        }
+        for (a, g) in w.shared_act.iter_mut().zip(&w.shared_gate) {
+            *a *= silu(*g);
+        }
+
+        // Every down projection: one job.
+        resize(&mut w.down, rows * h);
+        resize(out, t * h);
+        {
+            let mut products: Products<'_> = SmallVec::new();
+            let (mut act_at, mut down) = (0, &mut w.down[..]);
+            for (i, &(e, _)) in w.active.iter().enumerate() {
+                let (n, wd) = (rows_of(i, &w.active), width(e));
+                let (d, rest) = down.split_at_mut(n * h);
+                down = rest;
+                let m = match &self.experts[e] {
+                    Expert::Fused { down, .. } => down,
+                    Expert::Split(mlp) => &mlp.down,
+                };
+                products.push(product(m, &w.act[act_at..act_at + n * wd], n, d));
+                act_at += n * wd;
+            }
+            if let Some(s) = &self.shared {
+                products.push(product(&s.down, &w.shared_act, t, out));
+            }
+            matmul_many(&mut products);
+        }
+
+        // Each token's routed sum, experts in index order, then added to the shared output.
+        resize(&mut w.routed, t * h);
+        for &(e, first) in &w.active {
+            for (r, &(tok, weight)) in w.routes[e].iter().enumerate() {
+                let y = &w.down[(first + r) * h..(first + r + 1) * h];
+                let acc = &mut w.routed[tok * h..(tok + 1) * h];
+                if self.routing.scales_input() {
+                    acc.iter_mut().zip(y).for_each(|(o, v)| *o += v);
+                } else {
+                    acc.iter_mut().zip(y).for_each(|(o, v)| *o += weight * v);
+                }
+            }
+        }
+        if self.shared.is_none() {
+            out.fill(0.0);
+        }
+        for (o, r) in out.iter_mut().zip(&w.routed) {
+            *o += r;
+        }
+    }
+}
+
+/// The products of one job, inline for a decode step's few experts (so that it allocates
+/// nothing), on the heap for a large batch's many.
+type Products<'a> = SmallVec<[Product<'a>; 8]>;
+
+/// `buf` as `len` zeros (keeping its allocation).
+fn resize(buf: &mut Vec<f32>, len: usize) {
+    buf.clear();
+    buf.resize(len, 0.0);
+}
+
+/// The product `x · m` of `n` rows into `out`.
+fn product<'a>(m: &'a Matrix, x: &'a [f32], n: usize, out: &'a mut [f32]) -> Product<'a> {
+    Product {
+        x,
+        n_rows: n,
+        w: m.as_ref(),
+        out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sigmoid_routing_takes_the_top_k_by_raw_logit() {
+        let (mut order, mut out) = (Vec::new(), Vec::new());
+        let logits = [0.5, 2.0, -1.0, 2.0, 1.0];
+        Routing::SigmoidScalesInput.route(&logits, 3, &mut order, &mut out);
+        let want = [(1, sigmoid(2.0)), (3, sigmoid(2.0)), (4, sigmoid(1.0))];
+        assert_eq!(out, want, "ties go to the lower index");
+        assert!(Routing::SigmoidScalesInput.scales_input());
+    }
+
+    #[test]
+    fn softmax_routing_weighs_the_chosen_experts() {
+        let (mut order, mut out) = (Vec::new(), Vec::new());
+        let logits = [1.0f32, 3.0, 0.0, 2.0];
+        let r = Routing::SoftmaxTopK { renormalize: true };
+        r.route(&logits, 2, &mut order, &mut out);
+        // Mixtral: softmax over the two chosen logits (3 and 2).
+        let p = 1.0 / (1.0 + (-1.0f32).exp());
+        assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), [1, 3]);
+        assert!((out[0].1 - p).abs() < 1e-6 && (out[1].1 - (1.0 - p)).abs() < 1e-6);
+        assert!(!r.scales_input());
+        // Without renormalising: the full softmax's probabilities of the chosen two.
+        Routing::SoftmaxTopK { renormalize: false }.route(&logits, 2, &mut order, &mut out);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((out[0].1 - 3.0f32.exp() / z).abs() < 1e-6);
+        assert!((out[1].1 - 2.0f32.exp() / z).abs() < 1e-6);
+    }
+}
