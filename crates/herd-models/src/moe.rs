@@ -15,7 +15,7 @@ use herd_kernels::matmul::{Product, matmul_many};
 use herd_kernels::ops::{sigmoid, silu};
 use smallvec::SmallVec;
 
-use crate::weights::Matrix;
+use crate::weights::{Matrix, matmul_same_input};
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`; `gate`, `up` `[width, hidden]`, `down`
 /// `[hidden, width]`.
@@ -36,8 +36,7 @@ pub(crate) struct MlpWork {
 impl Mlp {
     /// The block on `n` rows of `x` (`[n, hidden]`), into `out` (`[n, hidden]`).
     pub fn forward(&self, x: &[f32], n: usize, w: &mut MlpWork, out: &mut Vec<f32>) {
-        self.gate.matmul_into(x, n, &mut w.gate);
-        self.up.matmul_into(x, n, &mut w.act);
+        matmul_same_input(x, n, [(&self.gate, &mut w.gate), (&self.up, &mut w.act)]);
         for (a, g) in w.act.iter_mut().zip(&w.gate) {
             *a *= silu(*g);
         }

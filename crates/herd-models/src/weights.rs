@@ -90,6 +90,27 @@ impl Matrix {
     }
 }
 
+/// `outs[i] = x · W_i` for `n_rows` activation rows and several matrices that read the same
+/// input (a layer's q, k and v; an MLP's gate and up), as one pool job: the same bits as
+/// [`Matrix::matmul_into`] one by one, without a job's start and end per matrix.
+pub fn matmul_same_input<const N: usize>(
+    x: &[f32],
+    n_rows: usize,
+    products: [(&Matrix, &mut Vec<f32>); N],
+) {
+    let mut products = products.map(|(m, out)| {
+        out.clear();
+        out.resize(n_rows * m.out_features, 0.0);
+        herd_kernels::matmul::Product {
+            x,
+            n_rows,
+            w: m.as_ref(),
+            out,
+        }
+    });
+    herd_kernels::matmul::matmul_many(&mut products);
+}
+
 /// 0: not yet read from the environment; 1: repack; 2: keep the file's layout.
 static REPACKING: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 

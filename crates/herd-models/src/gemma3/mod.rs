@@ -20,7 +20,7 @@ use herd_formats::gguf::GgufFile;
 use herd_kernels::ops::{Rope, gelu_tanh, gelu_tanh_f16_table, rms_norm, softcap};
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
-use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
+use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes, matmul_same_input};
 use crate::{Batch, CausalLm, KvCache, Result, Window};
 
 #[derive(Debug)]
@@ -211,9 +211,15 @@ impl Gemma3 {
         let c = &self.config;
         let d = c.head_dim;
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        layer.q.matmul_into(&w.x, batch.len(), &mut w.q);
-        layer.k.matmul_into(&w.x, batch.len(), &mut w.k);
-        layer.v.matmul_into(&w.x, batch.len(), &mut w.v);
+        matmul_same_input(
+            &w.x,
+            batch.len(),
+            [
+                (&layer.q, &mut w.q),
+                (&layer.k, &mut w.k),
+                (&layer.v, &mut w.v),
+            ],
+        );
         rms_norm(&mut w.q, &layer.q_norm, self.eps());
         rms_norm(&mut w.k, &layer.k_norm, self.eps());
         let rope = if layer.sliding {
@@ -302,8 +308,11 @@ impl CausalLm for Gemma3 {
 
             w.x.clone_from(&w.hidden);
             rms_norm(&mut w.x, &layer.pre_ffn_norm, self.eps());
-            layer.gate.matmul_into(&w.x, batch.len(), &mut w.gate);
-            layer.up.matmul_into(&w.x, batch.len(), &mut w.act);
+            matmul_same_input(
+                &w.x,
+                batch.len(),
+                [(&layer.gate, &mut w.gate), (&layer.up, &mut w.act)],
+            );
             w.act
                 .iter_mut()
                 .zip(&w.gate)

@@ -21,7 +21,7 @@ use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved};
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
 use crate::moe::{Expert, Mlp, MlpWork, Moe, MoeWork, Routing};
-use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes};
+use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes, matmul_same_input};
 use crate::{Batch, CausalLm, KvCache, Result, Window};
 
 #[derive(Debug)]
@@ -356,9 +356,15 @@ impl Llama4 {
         let c = &self.config;
         let d = c.head_dim;
         let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        layer.q.matmul_into(&w.x, batch.len(), &mut w.q);
-        layer.k.matmul_into(&w.x, batch.len(), &mut w.k);
-        layer.v.matmul_into(&w.x, batch.len(), &mut w.v);
+        matmul_same_input(
+            &w.x,
+            batch.len(),
+            [
+                (&layer.q, &mut w.q),
+                (&layer.k, &mut w.k),
+                (&layer.v, &mut w.v),
+            ],
+        );
         for (row, &pos) in batch.positions.iter().enumerate() {
             let qr = &mut w.q[row * nh * d..(row + 1) * nh * d];
             let kr = &mut w.k[row * nkv * d..(row + 1) * nkv * d];
