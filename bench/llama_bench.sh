@@ -10,7 +10,8 @@
 # ../shared/anchors/, see its README), each round also runs it with run-time repacking
 # (`-rtr 1`) for pp and tg, and the table gains its column and herd's ratio to it.
 # With -d DEPTH, each round also runs tg after DEPTH tokens of context (llama-bench's -d; both
-# engines at their default f16 KV cache), and the table gains the row "tgN @ dDEPTH".
+# engines at their default f16 KV cache), and the table gains the row "tgN @ dDEPTH" (with an
+# ik_llama.cpp column only if its llama-bench knows -d).
 # Usage: bench/llama_bench.sh [-t THREADS] [-p 512] [-n 128] [-b 8] [-d 0] [-r ROUNDS] [MODEL.gguf ...]
 # Needs a release build (cargo build --release), python3, cmake and a C++ compiler for llama.cpp
 # (bench/llama_cpp.sh builds it from the llama-cpp-python source package on PyPI).
@@ -40,6 +41,12 @@ if [ ${#models[@]} = 0 ]; then
 fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+# ik_llama.cpp's llama-bench may predate llama-bench's -d: then the depth row has no ik column.
+ik_depth=0
+if [ -n "${IK_LLAMA_BIN:-}" ] && [ "$depth" -gt 0 ] &&
+    env -u LD_LIBRARY_PATH "$IK_LLAMA_BIN/llama-bench" -h 2>&1 | grep -q -- '--n-depth'; then
+    ik_depth=1
+fi
 bctx=$((batch * (128 + 128)))
 for m in "${models[@]}"; do
     name=$(basename "$m" .gguf)
@@ -61,7 +68,7 @@ for m in "${models[@]}"; do
                 >"$out/$name.herdd.$r.json"
             "$bin/llama-bench" -m "$m" -t "$threads" -p 0 -n "$tg" -d "$depth" -r 1 -o json \
                 >"$out/$name.llamad.$r.json" 2>/dev/null
-            if [ -n "${IK_LLAMA_BIN:-}" ]; then
+            if [ "$ik_depth" = 1 ]; then
                 env -u LD_LIBRARY_PATH "$IK_LLAMA_BIN/llama-bench" -m "$m" -t "$threads" -p 0 \
                     -n "$tg" -d "$depth" -r 1 -rtr 1 -o json >"$out/$name.ikd.$r.json" 2>/dev/null
             fi
@@ -99,7 +106,7 @@ for m in models:
         def load(kind):
             return [json.load(open(os.path.join(out, f.replace(".herd.", f".{kind}.")))) for f in rounds]
         hd, ld = load("herdd"), load("llamad")
-        kd = load("ikd") if ik else []
+        kd = load("ikd") if ik and os.path.exists(os.path.join(out, rounds[0].replace(".herd.", ".ikd."))) else []
         rows.append((f"tg{tg} @ d{depth}", [x["tg_tokens_per_s"] for x in hd], bench(ld, (0, tg)), bench(kd, (0, tg))))
     for test, hv, lv, kv in rows:
         (hm, hs), (lm, ls) = mean(hv), mean(lv)

@@ -8,6 +8,14 @@
 //!
 //! Each output element is reduced in one fixed order (the kernel's), never in an order that
 //! depends on what else is in the batch, so batching never changes results.
+//!
+//! The quantized products' kernels are in [`quant`]; the float dot product's scalar reference
+//! is in `scalar.rs` and its AVX form (chosen at run time, the same bits) in `avx2.rs`.
+
+mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 
 use crate::dtype::{DType, decode_into};
 use crate::pool::{self, SharedMut, ThreadPool};
@@ -532,15 +540,14 @@ const MAX_TILE_ROWS: usize = 16;
 /// How many weight rows ahead of the current one the quantized product asks for.
 const PREFETCH_ROWS: usize = 16;
 
-/// Ask the CPU to start loading `bytes` into its L2 cache (a hint; never faults).
+/// Ask the CPU to start loading `bytes` into its L2 cache (a hint; never faults; nothing where
+/// the instruction set has no such hint).
 #[inline]
 fn prefetch(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
-    for off in (0..bytes.len()).step_by(64) {
-        let p = bytes.as_ptr().wrapping_add(off) as *const i8;
-        // SAFETY: prefetch is a hint on an in-bounds address; it reads nothing architecturally.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p) };
-    }
+    avx2::prefetch_l2(bytes);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
 
 /// Output columns per task: a few tasks per thread for balance, at least 16 columns each.
@@ -558,52 +565,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if quant::has_avx2() {
         // SAFETY: has_avx2() confirmed AVX at run time; both slices hold n values.
-        return unsafe { dot_avx(&a[..n], &b[..n]) };
+        return unsafe { avx2::dot(&a[..n], &b[..n]) };
     }
-    dot_lanes(&a[..n], &b[..n])
-}
-
-/// The portable form of [`dot`]'s order.
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let (a, b) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (a.remainder(), b.remainder());
-    let mut l = [0.0f32; 8];
-    for (x, y) in a.zip(b) {
-        for i in 0..8 {
-            l[i] += x[i] * y[i];
-        }
-    }
-    let mut s = crate::attention::hsum8(&l);
-    for (x, y) in ta.iter().zip(tb) {
-        s += x * y;
-    }
-    s
-}
-
-/// [`dot`] for slices of equal length: multiply and add (never fused, like the portable form).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let whole = a.len() / 8 * 8;
-    let mut l = _mm256_setzero_ps();
-    for i in (0..whole).step_by(8) {
-        // SAFETY: i + 8 <= whole <= len of both slices (the caller passes equal lengths).
-        let (x, y) = unsafe {
-            (
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-            )
-        };
-        l = _mm256_add_ps(l, _mm256_mul_ps(x, y));
-    }
-    let h = _mm_add_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps::<1>(l));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    let mut s = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-    for (x, y) in a[whole..].iter().zip(&b[whole..]) {
-        s += x * y;
-    }
-    s
+    scalar::dot(&a[..n], &b[..n])
 }
 
 /// `y += a·x`.
@@ -644,7 +608,7 @@ mod tests {
         use crate::testing::rand_vec;
         for n in 0..70 {
             let (a, b) = (rand_vec(n, 5, 3.0), rand_vec(n + 3, 6, 0.7));
-            let want = dot_lanes(&a, &b[..n]);
+            let want = scalar::dot(&a, &b[..n]);
             assert_eq!(dot(&a, &b).to_bits(), want.to_bits(), "n = {n}");
             assert_eq!(dot(&b, &a).to_bits(), want.to_bits(), "n = {n}, swapped");
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
