@@ -43,9 +43,9 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 # ik_llama.cpp's llama-bench may predate llama-bench's -d: then the depth row has no ik column.
 ik_depth=0
-if [ -n "${IK_LLAMA_BIN:-}" ] && [ "$depth" -gt 0 ] &&
-    env -u LD_LIBRARY_PATH "$IK_LLAMA_BIN/llama-bench" -h 2>&1 | grep -q -- '--n-depth'; then
-    ik_depth=1
+if [ -n "${IK_LLAMA_BIN:-}" ] && [ "$depth" -gt 0 ]; then
+    ik_help=$(env -u LD_LIBRARY_PATH "$IK_LLAMA_BIN/llama-bench" -h 2>&1 || true)
+    case "$ik_help" in *--n-depth*) ik_depth=1 ;; esac
 fi
 bctx=$((batch * (128 + 128)))
 for m in "${models[@]}"; do

@@ -102,10 +102,17 @@ fn attend_blocks(
     let group = nh / heads.kv;
     let ty = cache.shape().kv_type;
     // (block, head) pairs are independent: split them over the pool. A task's pairs are
-    // consecutive, so it takes the query heads of one kv head together where it can.
+    // consecutive, and tasks take whole kv heads (all their query heads, which then share each
+    // key and value read) unless there are fewer (block, kv head) units than threads: then a
+    // kv head's query heads are shared out so that every thread has work.
     let pairs = blocks.len() * nh;
     let pool = herd_kernels::pool::global();
-    let per_task = pairs.div_ceil(pool.n_threads() * 4).max(1);
+    let (units, threads) = (blocks.len() * heads.kv, pool.n_threads());
+    let per_task = if units >= threads {
+        units.div_ceil(threads * 4) * group
+    } else {
+        group.div_ceil(threads.div_ceil(units))
+    };
     let shared = herd_kernels::pool::SharedMut::new(out);
     pool.run(pairs.div_ceil(per_task), |task| {
         SCRATCH.with_borrow_mut(|Scratch { states, scores }| {
@@ -169,7 +176,8 @@ fn attend_blocks(
                 for (i, state) in states[..n].iter().enumerate() {
                     let o = at(i);
                     // SAFETY: each (row block, head) pair belongs to one task, and owns the
-                    // d outputs of its rows and head.
+                    // d outputs of its row and head; heads head0..head1 are this task's, and
+                    // consecutive, so their outputs are this one slice.
                     state.finish(unsafe { shared.slice(o.start, o.len()) });
                 }
             }

@@ -297,7 +297,7 @@ impl KvCache {
             };
             let bytes = num_blocks.unwrap_or(0) * block_size * shape.head_bytes();
             // Zeroed allocations are lazily backed by the OS: untouched blocks cost no memory.
-            let l = groups[g].k.len() / shape.kv_heads();
+            let l = layer_slot.iter().filter(|&&(gg, _)| gg == g).count();
             for _ in 0..shape.kv_heads() {
                 groups[g].k.push(vec![0; bytes]);
                 groups[g].v.push(vec![0; bytes]);
@@ -753,6 +753,22 @@ mod tests {
         (start..=end)
             .map(|p| f32::from_le_bytes(view.key(p, 0)[..4].try_into().unwrap()))
             .collect()
+    }
+
+    /// Rows of no values (no kv heads) are a valid, empty cache.
+    #[test]
+    fn zero_width_rows_are_allowed() {
+        for mut c in [KvCache::new(2, 0), KvCache::with_capacity(2, 0, 4, 4)] {
+            let b = Batch::sequence(1, &[5, 6, 7], 0);
+            c.reserve(&b).unwrap();
+            for l in 0..2 {
+                for p in 0..3 {
+                    c.write(1, l, p, &[], &[]);
+                }
+            }
+            assert_eq!(c.seq_len(1), 3);
+            assert_eq!(c.shape().kv_heads(), 0);
+        }
     }
 
     #[test]

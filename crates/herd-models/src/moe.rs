@@ -4,13 +4,15 @@
 //! experts, with what weight, applied to the expert's input or output), runs every selected
 //! expert on the tokens routed to it, and adds the results (plus a shared expert, where the
 //! family has one). The executor groups tokens by expert, so each expert's weights are read
-//! once per step, and computes all selected experts together: one pool job for every gate and
-//! up projection of the step (the shared expert's included), one for every down projection
-//! (`herd_kernels::matmul::matmul_many`), instead of three jobs per expert.
+//! once per step, and computes all selected experts together: every gate and up projection of
+//! the step (the shared expert's included) as one product batch, every down projection as
+//! another (`herd_kernels::matmul::matmul_many`: one pool job to quantize a batch's
+//! activations, one to multiply), instead of two jobs per matrix.
 //!
 //! Sums are formed in one fixed order (experts by index, each expert's tokens in batch order),
 //! so a token's output never depends on which other tokens share the step.
 
+use herd_kernels::attention::expf_ggml;
 use herd_kernels::matmul::{Product, matmul_many};
 use herd_kernels::ops::{sigmoid, silu};
 use smallvec::SmallVec;
@@ -60,7 +62,8 @@ pub(crate) enum Routing {
     SigmoidScalesInput,
     /// Mixtral and Qwen3-MoE: the top `k` experts by logit, their *outputs* weighted by the
     /// softmax over all logits, renormalised over the chosen `k` if `renormalize` (Mixtral;
-    /// Qwen3-MoE's `norm_topk_prob`), as is otherwise.
+    /// Qwen3-MoE's `norm_topk_prob`), as is otherwise. Exponentials are `expf_ggml`'s (the
+    /// same bits on every CPU).
     #[allow(dead_code)] // the routing of the next MoE families; tested below
     SoftmaxTopK { renormalize: bool },
 }
@@ -87,11 +90,11 @@ impl Routing {
             Routing::SoftmaxTopK { renormalize } => {
                 let max = chosen.first().map_or(0.0, |&e| logits[e]);
                 let z: f32 = if renormalize {
-                    chosen.iter().map(|&e| (logits[e] - max).exp()).sum()
+                    chosen.iter().map(|&e| expf_ggml(logits[e] - max)).sum()
                 } else {
-                    logits.iter().map(|&l| (l - max).exp()).sum()
+                    logits.iter().map(|&l| expf_ggml(l - max)).sum()
                 };
-                out.extend(chosen.iter().map(|&e| (e, (logits[e] - max).exp() / z)));
+                out.extend(chosen.iter().map(|&e| (e, expf_ggml(logits[e] - max) / z)));
             }
         }
     }
@@ -181,17 +184,22 @@ impl Moe {
         let rows_of = |i: usize, active: &[(usize, usize)]| {
             active.get(i + 1).map_or(rows, |a| a.1) - active[i].1
         };
-        // Gate and up for every selected expert and the shared expert: one job.
-        let gate_len: usize = (0..w.active.len())
-            .map(|i| rows_of(i, &w.active) * width(w.active[i].0))
-            .sum();
+        // Gate and up for every selected expert and the shared expert: one product batch. A
+        // fused expert's gate-up rows (`2·width` each) go to `gate`; a split expert's gate rows
+        // to `gate` and up rows to `up`.
         let fused = |e: usize| matches!(self.experts[e], Expert::Fused { .. });
-        let fused_len: usize = (0..w.active.len())
-            .filter(|&i| fused(w.active[i].0))
-            .map(|i| rows_of(i, &w.active) * width(w.active[i].0))
-            .sum();
-        resize(&mut w.gate, gate_len + fused_len);
-        resize(&mut w.up, gate_len);
+        let (mut gate_len, mut up_len) = (0, 0);
+        for (i, &(e, _)) in w.active.iter().enumerate() {
+            let values = rows_of(i, &w.active) * width(e);
+            if fused(e) {
+                gate_len += 2 * values;
+            } else {
+                gate_len += values;
+                up_len += values;
+            }
+        }
+        resize(&mut w.gate, gate_len);
+        resize(&mut w.up, up_len);
         let shared_width = self.shared.as_ref().map_or(0, |s| s.gate.out_features);
         resize(&mut w.shared_gate, t * shared_width);
         resize(&mut w.shared_act, t * shared_width);
@@ -247,7 +255,7 @@ impl Moe {
             *a *= silu(*g);
         }
 
-        // Every down projection: one job.
+        // Every down projection: one product batch.
         resize(&mut w.down, rows * h);
         resize(out, t * h);
         {
@@ -283,18 +291,16 @@ impl Moe {
                 }
             }
         }
-        if self.shared.is_none() {
-            out.fill(0.0);
-        }
         for (o, r) in out.iter_mut().zip(&w.routed) {
             *o += r;
         }
     }
 }
 
-/// The products of one job, inline for a decode step's few experts (so that it allocates
-/// nothing), on the heap for a large batch's many.
-type Products<'a> = SmallVec<[Product<'a>; 8]>;
+/// The products of one batch: inline for a decode step's experts (so that it allocates
+/// nothing: a gate-up batch of split experts holds `2·k + 2` products, up to top-11 routing), on
+/// the heap for a large batch's many.
+type Products<'a> = SmallVec<[Product<'a>; 24]>;
 
 /// `buf` as `len` zeros (keeping its allocation).
 fn resize(buf: &mut Vec<f32>, len: usize) {
@@ -315,6 +321,113 @@ fn product<'a>(m: &'a Matrix, x: &'a [f32], n: usize, out: &'a mut [f32]) -> Pro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An f32 `[out, in]` matrix from row-major values.
+    fn matrix(v: &[f32], out_features: usize, in_features: usize) -> Matrix {
+        let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Matrix::new(
+            herd_formats::TensorBytes::owned(bytes),
+            herd_kernels::DType::F32,
+            in_features,
+            out_features,
+            herd_kernels::Layout::OutMajor,
+        )
+    }
+
+    /// The executor equals a token-by-token f64 evaluation of the routed sum, with
+    /// output-weighted softmax routing, no shared expert, and experts split (GGUF) and fused
+    /// (HF, input-major `[hidden, 2·width]`, gate first) mixed; and each token's output is the
+    /// same alone as in the batch.
+    #[test]
+    fn executor_equals_the_routed_sum() {
+        let (h, wd, n_exp, t) = (8, 5, 4, 6);
+        let vals = |seed: u64, n: usize| herd_kernels::testing::rand_vec(n, seed, 0.5);
+        let mut dense: Vec<[Vec<f32>; 3]> = Vec::new(); // gate, up [wd, h]; down [h, wd]
+        let experts: Vec<Expert> = (0..n_exp)
+            .map(|e| {
+                let (g, u, d) = (
+                    vals(10 + e as u64, wd * h),
+                    vals(20 + e as u64, wd * h),
+                    vals(30 + e as u64, h * wd),
+                );
+                dense.push([g.clone(), u.clone(), d.clone()]);
+                if e % 2 == 0 {
+                    Expert::Split(Mlp {
+                        gate: matrix(&g, wd, h),
+                        up: matrix(&u, wd, h),
+                        down: matrix(&d, h, wd),
+                    })
+                } else {
+                    // Input-major [h, 2·wd]: row i holds gate[.., i] then up[.., i].
+                    let mut gu = Vec::with_capacity(h * 2 * wd);
+                    for i in 0..h {
+                        gu.extend((0..wd).map(|o| g[o * h + i]));
+                        gu.extend((0..wd).map(|o| u[o * h + i]));
+                    }
+                    let bytes = gu.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    // Input-major down: [wd, h].
+                    let dt: Vec<f32> = (0..wd * h).map(|j| d[(j % h) * wd + j / h]).collect();
+                    let dbytes = dt.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    let im = |b, i, o| {
+                        Matrix::new(
+                            herd_formats::TensorBytes::owned(b),
+                            herd_kernels::DType::F32,
+                            i,
+                            o,
+                            herd_kernels::Layout::InMajor,
+                        )
+                    };
+                    Expert::Fused {
+                        gate_up: im(bytes, h, 2 * wd),
+                        down: im(dbytes, wd, h),
+                    }
+                }
+            })
+            .collect();
+        let router = vals(1, n_exp * h);
+        let moe = Moe {
+            router: matrix(&router, n_exp, h),
+            experts,
+            shared: None,
+            routing: Routing::SoftmaxTopK { renormalize: true },
+            top_k: 2,
+        };
+        let x = vals(2, t * h);
+        let mut out = Vec::new();
+        moe.forward(&x, t, &mut MoeWork::default(), &mut out);
+        let (mut order, mut chosen) = (Vec::new(), Vec::new());
+        for tok in 0..t {
+            let xt = &x[tok * h..(tok + 1) * h];
+            let logits: Vec<f32> = (0..n_exp)
+                .map(|e| herd_kernels::matmul::dot(xt, &router[e * h..(e + 1) * h]))
+                .collect();
+            moe.routing.route(&logits, 2, &mut order, &mut chosen);
+            let mut want = vec![0.0f64; h];
+            for &(e, weight) in &chosen {
+                let [g, u, d] = &dense[e];
+                let a: Vec<f64> = (0..wd)
+                    .map(|o| {
+                        let dot = |m: &[f32]| -> f64 {
+                            (0..h).map(|i| m[o * h + i] as f64 * xt[i] as f64).sum()
+                        };
+                        let gv = dot(g);
+                        gv / (1.0 + (-gv).exp()) * dot(u)
+                    })
+                    .collect();
+                for (i, w) in want.iter_mut().enumerate() {
+                    let y: f64 = (0..wd).map(|o| d[i * wd + o] as f64 * a[o]).sum();
+                    *w += weight as f64 * y;
+                }
+            }
+            for (i, w) in want.iter().enumerate() {
+                let got = out[tok * h + i] as f64;
+                assert!((got - w).abs() < 1e-5, "token {tok}, {i}: {got} vs {w}");
+            }
+            let mut alone = Vec::new();
+            moe.forward(xt, 1, &mut MoeWork::default(), &mut alone);
+            assert_eq!(alone, out[tok * h..(tok + 1) * h], "token {tok} alone");
+        }
+    }
 
     #[test]
     fn sigmoid_routing_takes_the_top_k_by_raw_logit() {

@@ -91,8 +91,10 @@ impl Matrix {
 }
 
 /// `outs[i] = x · W_i` for `n_rows` activation rows and several matrices that read the same
-/// input (a layer's q, k and v; an MLP's gate and up), as one pool job: the same bits as
-/// [`Matrix::matmul_into`] one by one, without a job's start and end per matrix.
+/// input (a layer's q, k and v; an MLP's gate and up), as one product batch
+/// (`herd_kernels::matmul::matmul_many`: one pool job quantizes the activations for every
+/// matrix, one multiplies): the same bits as [`Matrix::matmul_into`] one by one, with two jobs
+/// in all instead of two per matrix. (Each matrix still quantizes `x` for itself.)
 pub fn matmul_same_input<const N: usize>(
     x: &[f32],
     n_rows: usize,

@@ -115,7 +115,10 @@ pub fn encode_kv(ty: DType, x: &[f32], out: &mut [u8]) {
 }
 
 fn check_rows(ty: DType, d: usize, rows: &[&[u8]]) {
-    assert!(kv_type_fits(ty, d), "KV kernels: {ty} heads of {d}");
+    assert!(
+        d > 0 && kv_type_fits(ty, d),
+        "KV kernels: {ty} heads of {d}"
+    );
     let bytes = ty.bytes_for(d);
     assert!(
         rows.iter().all(|r| r.len() >= bytes),
@@ -135,8 +138,8 @@ fn check_rows(ty: DType, d: usize, rows: &[&[u8]]) {
 /// `scale`.
 ///
 /// # Panics
-/// If `ty` cannot hold heads of `d` ([`kv_type_fits`]), a key is shorter than a head, `q` is
-/// not whole heads or `out` does not hold `heads · n` scores.
+/// If `d` is 0 or `ty` cannot hold heads of `d` ([`kv_type_fits`]), a key is shorter than a
+/// head, `q` is not whole heads or `out` does not hold `heads · n` scores.
 pub fn kv_scores(ty: DType, d: usize, q: &[f32], keys: &[&[u8]], scale: f32, out: &mut [f32]) {
     check_rows(ty, d, keys);
     assert!(
