@@ -38,10 +38,14 @@ pub(crate) fn put_f16(b: &mut [u8], off: usize, v: f32) {
     b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
 }
 
-/// ggml's `nearest_int`: round half to even (valid for |x| ≤ 4194303).
+/// ggml's `nearest_int`: round half to even, valid for |x| ≤ 4194303, by ggml's own trick:
+/// adding 1.5·2²³ leaves the rounded integer in the low mantissa bits (f32 addition rounds half
+/// to even). Unlike `f32::round_ties_even`, which compiles to a libm call without SSE4.1 (a
+/// third of quantizing time), it is a few integer instructions on every target.
 #[inline]
 pub(crate) fn nearest_int(x: f32) -> i32 {
-    x.round_ties_even() as i32
+    let shifted = (x + 12_582_912.0).to_bits() as i32;
+    (shifted & 0x007f_ffff) - 0x0040_0000
 }
 
 /// The 6-bit scale and min `j` (0..8) of a Q4_K / Q5_K block from its 12 packed bytes.

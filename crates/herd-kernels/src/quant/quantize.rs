@@ -96,7 +96,7 @@ pub(crate) fn q8_activation_block(dtype: DType, xb: &[f32], b: &mut [u8]) {
     put_f16(b, 0, d);
     let mut sum = 0i32;
     for j in 0..32 {
-        let q = (xb[j] * id).round_ties_even() as i32;
+        let q = nearest_int(xb[j] * id);
         b[values_at + j] = q as i8 as u8;
         sum += q;
     }
