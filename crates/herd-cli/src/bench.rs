@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use herd_kernels::rng::SplitMix64;
-use herd_models::{Batch, CausalLm, KvCache, load_model};
+use herd_models::{Batch, CausalLm, KvCache};
 use herd_plan::model::Part;
 use serde_json::json;
 
@@ -62,6 +62,8 @@ pub struct BenchArgs {
     /// Seed of the random weights and of the random prompt tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    load: crate::load::LoadArgs,
 }
 
 /// Mean and sample standard deviation of a test's tokens/s over its repetitions.
@@ -112,9 +114,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             (format!("{} (random, {})", a.preset, a.file_type), path)
         }
     };
-    let model = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
-    // The tensor table for the roofline, read before minutes of benchmarking rather than after.
-    let facts = herd_plan::resolve(&path.to_string_lossy(), None)
+    let model = a.load.load_model(&path)?;
+    // The tensor table for the roofline (the types --quantize gave), read before minutes of
+    // benchmarking rather than after.
+    let facts = herd_plan::resolve(&path.to_string_lossy(), a.load.file_type()?)
         .map_err(|e| anyhow::anyhow!("reading the model's tensor table: {e}"))?;
     let model: &dyn CausalLm = model.as_ref();
     let threads = herd_kernels::pool::global().n_threads();

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use herd_engine::chat::{ChatTemplate, RenderOptions, TemplateSource};
 use herd_engine::generate::{Request, generate_in};
 use herd_engine::registry;
@@ -67,10 +67,9 @@ impl SamplingArgs {
 
 /// `herd run MODEL PROMPT`: the prompt as raw text (BOS added as the tokenizer says), the answer
 /// streamed to stdout, speeds to stderr.
-pub fn run(model: &str, prompt: &str, s: &SamplingArgs) -> Result<()> {
-    let loaded = herd_engine::load(model).context("loading the model")?;
+pub fn run(loaded: &herd_engine::Loaded, prompt: &str, s: &SamplingArgs) -> Result<()> {
     let ids = loaded.tokenizer.encode(prompt, true)?;
-    stream_answer(&loaded, ids, s)?;
+    stream_answer(loaded, ids, s)?;
     Ok(())
 }
 
@@ -116,8 +115,7 @@ fn report(g: &herd_engine::generate::Generation) {
 }
 
 /// `herd chat MODEL`: multi-turn through the model's chat template (or its family's built-in one).
-pub fn chat(model: &str, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
-    let loaded = herd_engine::load(model).context("loading the model")?;
+pub fn chat(loaded: &herd_engine::Loaded, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
     let tok = &loaded.tokenizer;
     let (template, source) = ChatTemplate::for_model(tok.chat_template.as_deref(), &loaded.family)?;
     if source == TemplateSource::Builtin {
@@ -148,7 +146,7 @@ pub fn chat(model: &str, system: Option<&str>, s: &SamplingArgs) -> Result<()> {
         messages.push(serde_json::json!({"role": "user", "content": line}));
         let rendered = template.render(&messages, &opts)?;
         let ids = tok.encode_prompt(&rendered)?;
-        let g = stream_answer(&loaded, ids, s)?;
+        let g = stream_answer(loaded, ids, s)?;
         messages.push(serde_json::json!({"role": "assistant", "content": g.text}));
     }
     Ok(())

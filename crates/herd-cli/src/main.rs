@@ -11,6 +11,7 @@ use herd_models::{Batch, load_model};
 mod bench;
 mod generate;
 mod inspect;
+mod load;
 mod plan;
 mod quantize;
 mod serve;
@@ -59,6 +60,8 @@ enum Command {
         prompt: String,
         #[command(flatten)]
         sampling: generate::SamplingArgs,
+        #[command(flatten)]
+        load: load::LoadArgs,
     },
     /// Chat interactively, multi-turn, through the model's chat template.
     Chat {
@@ -69,6 +72,8 @@ enum Command {
         system: Option<String>,
         #[command(flatten)]
         sampling: generate::SamplingArgs,
+        #[command(flatten)]
+        load: load::LoadArgs,
     },
     /// Serve the OpenAI API (chat, completions, streaming) with continuous batching.
     Serve(serve::ServeArgs),
@@ -146,12 +151,14 @@ fn run(command: Command) -> Result<()> {
             model,
             prompt,
             sampling,
-        } => generate::run(&model, &prompt, &sampling),
+            load,
+        } => generate::run(&load.load(&model)?, &prompt, &sampling),
         Command::Chat {
             model,
             system,
             sampling,
-        } => generate::chat(&model, system.as_deref(), &sampling),
+            load,
+        } => generate::chat(&load.load(&model)?, system.as_deref(), &sampling),
         Command::Serve(args) => serve::run(&args),
         Command::Pull { model } => generate::pull(&model),
         Command::Models => generate::list(),

@@ -49,6 +49,8 @@ pub struct ServeArgs {
     /// Compute threads, the engine thread included (default: one per CPU).
     #[arg(short = 't', long, env = "HERD_THREADS")]
     threads: Option<usize>,
+    #[command(flatten)]
+    load: crate::load::LoadArgs,
 }
 
 /// The thread policy of `herd serve`, on 2 vCPUs as on 64 cores:
@@ -66,6 +68,8 @@ fn http_threads(compute: usize) -> usize {
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
+    // A bad --quantize fails now, not after the server has started loading.
+    args.load.file_type()?;
     let mut keys = args.api_key.clone();
     if let Some(f) = &args.api_key_file {
         let text = std::fs::read_to_string(f)
@@ -122,10 +126,10 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             args.model
         );
         // Load in the background: /health answers 503 until the engine is set.
-        let (model, st) = (args.model.clone(), state.clone());
+        let (model, st, load) = (args.model.clone(), state.clone(), args.load.clone());
         let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
         tokio::task::spawn_blocking(move || {
-            let loaded = herd_engine::load(&model).map_err(|e| e.to_string());
+            let loaded = load.load(&model).map_err(|e| format!("{e:#}"));
             match loaded.and_then(|l| herd_server::engine(l, config).map_err(|e| e.to_string())) {
                 Ok(engine) => {
                     let ctx = engine.scheduler.config().context;

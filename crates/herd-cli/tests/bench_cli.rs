@@ -247,3 +247,33 @@ fn bench_refuses_what_it_cannot_do() {
     );
     fails(&["/nonexistent/model.gguf"], "nonexistent");
 }
+
+/// `--quantize` at load: a float Hugging Face directory benchmarks with the types llama-quantize
+/// gives the same model, and its roofline counts those types' bytes (the llama-quantize file of
+/// the same weights reads the same).
+#[test]
+fn bench_quantizes_a_float_checkpoint_at_load() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama4_gguf");
+    let at_load = bench_json(&["-t", "2", "--quantize", "q4_k_m"], Some(&fixture));
+    let file = bench_json(
+        &["-t", "2"],
+        Some(&fixture.join("tiny-q4_k_m.llama-quantize.gguf")),
+    );
+    let bytes = |r: &serde_json::Value| r["roofline"]["weight_bytes_per_token"].as_f64().unwrap();
+    assert_eq!(bytes(&at_load), bytes(&file));
+    let float = bench_json(&["-t", "2"], Some(&fixture));
+    assert!(
+        bytes(&float) > 2.0 * bytes(&at_load),
+        "f32 weights are larger"
+    );
+    assert!(at_load["tg_tokens_per_s"].as_f64().unwrap() > 0.0);
+
+    let out = herd()
+        .args(["bench", "--quantize", "q3_x"])
+        .arg(&fixture)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown --type \"q3_x\""), "{err}");
+}

@@ -53,6 +53,11 @@ impl std::fmt::Debug for Loaded {
 
 /// Resolve a model reference (path, alias) and load model and tokenizer.
 pub fn load(reference: &str) -> Result<Loaded> {
+    load_with(reference, &herd_models::LoadOptions::default())
+}
+
+/// [`load`] with model-loading options (quantization at load).
+pub fn load_with(reference: &str, options: &herd_models::LoadOptions) -> Result<Loaded> {
     let resolved = registry::resolve(reference)?;
     let path = resolved.path;
     let model_err = |e: herd_models::Error| Error::Registry(format!("{}: {e}", path.display()));
@@ -62,7 +67,7 @@ pub fn load(reference: &str) -> Result<Loaded> {
             .map_err(model_err)?
             .trim_end_matches("_text")
             .to_string();
-        let model = herd_models::load_hf_dir(&path).map_err(model_err)?;
+        let model = herd_models::load_hf_dir_with(&path, options).map_err(model_err)?;
         let tokenizer = Tokenizer::from_hf_dir(&path)?;
         Ok(Loaded {
             model,
@@ -79,7 +84,7 @@ pub fn load(reference: &str) -> Result<Loaded> {
             .unwrap_or_default();
         let tokenizer = Tokenizer::from_gguf(&file)?;
         drop(file);
-        let model = herd_models::load_gguf(&path).map_err(model_err)?;
+        let model = herd_models::load_gguf_with(&path, options).map_err(model_err)?;
         Ok(Loaded {
             model,
             tokenizer,

@@ -327,9 +327,14 @@ pub fn write_quantized(
     Ok(summary)
 }
 
-/// Quantize rows of `row_len` values in parallel (each row independently, so the result does not
-/// depend on the thread count).
-fn quantize_rows(values: &[f32], row_len: usize, target: DType, name: &str) -> Result<Vec<u8>> {
+/// Quantize rows of `row_len` values (`values.len() / row_len` rows) to `target` in parallel on
+/// the global pool, each row independently, so the result does not depend on the thread count:
+/// the bytes of `target`'s row-major blocks, as ggml's reference quantizers write them.
+///
+/// # Errors
+/// [`Error::Quantize`], naming `name`, if the rows are not whole blocks of `target` or herd
+/// cannot quantize to `target`.
+pub fn quantize_rows(values: &[f32], row_len: usize, target: DType, name: &str) -> Result<Vec<u8>> {
     if row_len == 0
         || !values.len().is_multiple_of(row_len)
         || !row_len.is_multiple_of(target.block_size())

@@ -135,6 +135,11 @@ impl TensorSet {
         self.tensors.len()
     }
 
+    /// Bytes of all tensors' data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.bytes.len() as u64).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }

@@ -114,19 +114,62 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &["llama4", "llama4_text", "gemma3", 
 /// Architectures this build can load from GGUF, by `general.architecture`.
 pub const SUPPORTED_GGUF_ARCHITECTURES: &[&str] = &["llama4", "gemma3"];
 
+/// How to load a model beyond what its files say.
+#[derive(Clone, Default)]
+pub struct LoadOptions {
+    /// Quantize the weight matrices while loading, typed as `llama-quantize` types this file
+    /// type (see [`weights::LoadQuantization`]): a bf16 checkpoint runs at quantized speed with
+    /// no conversion step. `None`: compute with the stored types.
+    pub quantize: Option<herd_formats::quantize::FileType>,
+    /// Called as `(bytes processed, bytes in all)` while matrices are quantized.
+    pub progress: Option<weights::ProgressFn>,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("quantize", &self.quantize.map(|t| t.name()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadOptions {
+    /// The load-time quantization for a model of `shape` whose files hold `total_bytes`.
+    fn quantization(
+        &self,
+        shape: herd_formats::quantize::ModelShape,
+        total_bytes: u64,
+    ) -> Option<weights::LoadQuantization> {
+        self.quantize.map(|ft| {
+            weights::LoadQuantization::new(ft, shape)
+                .with_progress(self.progress.clone(), total_bytes)
+        })
+    }
+}
+
 /// Load a model from a GGUF file or a Hugging Face directory.
 pub fn load_model(path: &Path) -> Result<Box<dyn CausalLm>> {
+    load_model_with(path, &LoadOptions::default())
+}
+
+/// [`load_model`] with options (quantization at load).
+pub fn load_model_with(path: &Path, options: &LoadOptions) -> Result<Box<dyn CausalLm>> {
     if path.is_dir() {
-        load_hf_dir(path)
+        load_hf_dir_with(path, options)
     } else {
-        load_gguf(path)
+        load_gguf_with(path, options)
     }
 }
 
 /// Load a GGUF file, choosing the architecture from `general.architecture`.
 pub fn load_gguf(path: &Path) -> Result<Box<dyn CausalLm>> {
+    load_gguf_with(path, &LoadOptions::default())
+}
+
+/// [`load_gguf`] with options (quantization at load: requantizes the file's matrices).
+pub fn load_gguf_with(path: &Path, options: &LoadOptions) -> Result<Box<dyn CausalLm>> {
     let start = std::time::Instant::now();
-    let model = load_gguf_file(path)?;
+    let model = load_gguf_file(path, options)?;
     // Loading maps the file and repacks the matrices that have an interleaved layout (a few
     // seconds per 10 GB on two cores): say how long it took.
     tracing::info!(
@@ -137,8 +180,9 @@ pub fn load_gguf(path: &Path) -> Result<Box<dyn CausalLm>> {
     Ok(model)
 }
 
-fn load_gguf_file(path: &Path) -> Result<Box<dyn CausalLm>> {
+fn load_gguf_file(path: &Path, options: &LoadOptions) -> Result<Box<dyn CausalLm>> {
     let file = GgufFile::open(path)?;
+    let total_bytes = file.tensors().iter().map(|t| t.n_bytes).sum();
     let arch = file
         .architecture()
         .ok_or_else(|| {
@@ -149,19 +193,42 @@ fn load_gguf_file(path: &Path) -> Result<Box<dyn CausalLm>> {
         })?
         .to_string();
     match arch.as_str() {
-        "llama4" => Ok(Box::new(llama4::Llama4::from_gguf(&file)?)),
-        "gemma3" => Ok(Box::new(gemma3::Gemma3::from_gguf(&file)?)),
+        "llama4" => Ok(Box::new(llama4::Llama4::from_gguf_with(
+            &file,
+            options,
+            total_bytes,
+        )?)),
+        "gemma3" => Ok(Box::new(gemma3::Gemma3::from_gguf_with(
+            &file,
+            options,
+            total_bytes,
+        )?)),
         _ => Err(Error::UnknownArchitecture { model_type: arch }),
     }
 }
 
 /// Load a Hugging Face model directory, choosing the architecture from `config.json`.
 pub fn load_hf_dir(path: &Path) -> Result<Box<dyn CausalLm>> {
+    load_hf_dir_with(path, &LoadOptions::default())
+}
+
+/// [`load_hf_dir`] with options (quantization at load).
+pub fn load_hf_dir_with(path: &Path, options: &LoadOptions) -> Result<Box<dyn CausalLm>> {
+    let start = std::time::Instant::now();
     let dir = HfModelDir::open(path)?;
     let model_type = config_json::model_type(&dir.config)?;
-    match model_type.as_str() {
-        "llama4" | "llama4_text" => Ok(Box::new(llama4::Llama4::from_hf(&dir)?)),
-        "gemma3" | "gemma3_text" => Ok(Box::new(gemma3::Gemma3::from_hf(&dir)?)),
-        _ => Err(Error::UnknownArchitecture { model_type }),
+    let model: Box<dyn CausalLm> = match model_type.as_str() {
+        "llama4" | "llama4_text" => Box::new(llama4::Llama4::from_hf_with(&dir, options)?),
+        "gemma3" | "gemma3_text" => Box::new(gemma3::Gemma3::from_hf_with(&dir, options)?),
+        _ => return Err(Error::UnknownArchitecture { model_type }),
+    };
+    if let Some(ft) = options.quantize {
+        tracing::info!(
+            "loaded {} as {} in {:.1} s",
+            path.display(),
+            ft.name(),
+            start.elapsed().as_secs_f64()
+        );
     }
+    Ok(model)
 }

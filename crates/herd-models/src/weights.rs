@@ -3,6 +3,7 @@
 //! into interleaved row groups, and viewed as matrices for the kernels.
 
 use herd_formats::gguf::GgufFile;
+use herd_formats::quantize::{FileType, ModelShape, choose_type, quantize_rows};
 use herd_formats::{TensorBytes, TensorSet};
 use herd_kernels::{DType, Layout, MatRef};
 
@@ -65,6 +66,26 @@ impl Matrix {
         self.dtype
     }
 
+    /// The matrix as f32 values `[out_features, in_features]`, whatever its layout.
+    pub fn out_major_values(&self) -> Vec<f32> {
+        let (rows, cols) = (self.out_features, self.in_features);
+        let mut out = vec![0.0; rows * cols];
+        match self.layout {
+            Layout::InMajor => {
+                let stored =
+                    herd_kernels::dtype::decode(self.dtype, self.bytes.as_slice(), rows * cols);
+                transpose(&stored, cols, rows, &mut out);
+            }
+            Layout::OutMajor | Layout::OutMajorX8 => {
+                let m = self.as_ref();
+                for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate().take(rows) {
+                    m.decode_row(r, row);
+                }
+            }
+        }
+        out
+    }
+
     pub fn as_ref(&self) -> MatRef<'_> {
         MatRef {
             bytes: self.bytes.as_slice(),
@@ -90,6 +111,115 @@ impl Matrix {
     }
 }
 
+/// Quantization of a float checkpoint's matrices while it loads (`--quantize TYPE`, in-situ
+/// quantization as mistral.rs's ISQ does): each matrix gets the type `llama-quantize` would give
+/// the same tensor for `file_type` ([`choose_type`] on its GGUF name), with ggml's reference
+/// quantizers, so the model computes what the GGUF `herd quantize` writes from the same
+/// checkpoint computes. One matrix at a time is decoded to f32 and quantized; the checkpoint's
+/// pages of it are released, so resident memory ends near the quantized model's size.
+#[derive(Clone)]
+pub struct LoadQuantization {
+    pub file_type: FileType,
+    /// The facts the type rules need (layer count, expert count, tied output head).
+    pub shape: ModelShape,
+    progress: Option<LoadProgress>,
+}
+
+/// Called as `(bytes of the checkpoint processed, bytes in all)` while matrices are quantized.
+pub type ProgressFn = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+#[derive(Clone)]
+struct LoadProgress {
+    report: ProgressFn,
+    total: u64,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for LoadQuantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LoadQuantization({}, {:?})",
+            self.file_type.name(),
+            self.shape
+        )
+    }
+}
+
+impl LoadQuantization {
+    pub fn new(file_type: FileType, shape: ModelShape) -> Self {
+        Self {
+            file_type,
+            shape,
+            progress: None,
+        }
+    }
+
+    /// Report progress to `report` as matrices are quantized, out of `total` checkpoint bytes.
+    pub fn with_progress(mut self, report: Option<ProgressFn>, total: u64) -> Self {
+        self.progress = report.map(|report| LoadProgress {
+            report,
+            total,
+            done: Default::default(),
+        });
+        self
+    }
+
+    /// The type `m` gets as the tensor `gguf_name` (GGUF naming, `blk.N.…`).
+    pub fn target(&self, m: &Matrix, gguf_name: &str) -> DType {
+        // Every layer of the architectures herd loads has one attn_v, so the count of attn_v
+        // tensors before layer N's is N.
+        let attn_v_index = gguf_name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        choose_type(
+            self.file_type,
+            &self.shape,
+            gguf_name,
+            &[m.in_features as u64, m.out_features as u64],
+            m.dtype,
+            attn_v_index,
+        )
+    }
+
+    /// `m` stored as [`LoadQuantization::target`] in `OutMajor` layout (not repacked), or `m`
+    /// itself when the type stays.
+    ///
+    /// # Errors
+    /// [`Error::Format`] if the rows cannot be stored as the target type.
+    pub fn apply(&self, m: Matrix, gguf_name: &str) -> Result<Matrix> {
+        let target = self.target(&m, gguf_name);
+        let source_bytes = m.bytes.len() as u64;
+        let out = if target == m.dtype {
+            m
+        } else {
+            if m.dtype.is_quantized() {
+                tracing::warn!("{gguf_name}: requantizing {} as {target}", m.dtype);
+            }
+            let values = m.out_major_values();
+            let bytes = quantize_rows(&values, m.in_features, target, gguf_name)?;
+            m.bytes.release_pages();
+            Matrix::new(
+                TensorBytes::owned(bytes),
+                target,
+                m.in_features,
+                m.out_features,
+                Layout::OutMajor,
+            )
+        };
+        if let Some(p) = &self.progress {
+            let done = p
+                .done
+                .fetch_add(source_bytes, std::sync::atomic::Ordering::Relaxed)
+                + source_bytes;
+            (p.report)(done.min(p.total), p.total);
+        }
+        Ok(out)
+    }
+}
+
 /// `outs[i] = x · W_i` for `n_rows` activation rows and several matrices that read the same
 /// input (a layer's q, k and v; an MLP's gate and up), as one product batch
 /// (`herd_kernels::matmul::matmul_many`: one pool job quantizes the activations for every
@@ -111,6 +241,20 @@ pub fn matmul_same_input<const N: usize>(
         }
     });
     herd_kernels::matmul::matmul_many(&mut products);
+}
+
+/// `dst[c, r] = src[r, c]` for a row-major `src` of `rows × cols`, in tiles that stay in cache.
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
 }
 
 /// 0: not yet read from the environment; 1: repack; 2: keep the file's layout.
@@ -293,18 +437,30 @@ impl GgufLoader<'_> {
         out_features: usize,
         in_features: usize,
     ) -> Result<Vec<Matrix>> {
+        Ok(self
+            .stacked_as_stored(name, n, out_features, in_features)?
+            .into_iter()
+            .map(Matrix::repacked_for_cpu)
+            .collect())
+    }
+
+    /// [`GgufLoader::stacked`] in the file's layout (not repacked).
+    pub fn stacked_as_stored(
+        &self,
+        name: &str,
+        n: usize,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Vec<Matrix>> {
         let (bytes, dtype) = self.tensor(name, &[in_features, out_features, n])?;
         let each = dtype.bytes_for(in_features * out_features);
         Ok((0..n)
-            .map(|e| {
-                Matrix {
-                    bytes: bytes.slice(e * each..(e + 1) * each),
-                    dtype,
-                    in_features,
-                    out_features,
-                    layout: Layout::OutMajor,
-                }
-                .repacked_for_cpu()
+            .map(|e| Matrix {
+                bytes: bytes.slice(e * each..(e + 1) * each),
+                dtype,
+                in_features,
+                out_features,
+                layout: Layout::OutMajor,
             })
             .collect())
     }
@@ -312,5 +468,76 @@ impl GgufLoader<'_> {
     pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
         let (bytes, dtype) = self.tensor(name, &[n])?;
         Ok(herd_kernels::dtype::decode(dtype, bytes.as_slice(), n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_covers_ragged_tiles() {
+        for (rows, cols) in [(1, 1), (3, 70), (33, 31), (64, 65), (100, 7)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let mut dst = vec![0.0; rows * cols];
+            transpose(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at {r},{c}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn out_major_values_read_every_layout_the_same() {
+        let (out_features, in_features) = (9, 32);
+        let values: Vec<f32> = (0..out_features * in_features)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 16.0)
+            .collect();
+        let bytes =
+            |v: &[f32]| TensorBytes::owned(v.iter().flat_map(|x| x.to_le_bytes()).collect());
+        let out_major = Matrix::new(
+            bytes(&values),
+            DType::F32,
+            in_features,
+            out_features,
+            Layout::OutMajor,
+        );
+        let mut in_major_values = vec![0.0; values.len()];
+        transpose(&values, out_features, in_features, &mut in_major_values);
+        let in_major = Matrix::new(
+            bytes(&in_major_values),
+            DType::F32,
+            in_features,
+            out_features,
+            Layout::InMajor,
+        );
+        assert_eq!(out_major.out_major_values(), values);
+        assert_eq!(in_major.out_major_values(), values);
+        // Quantized and repacked (the layout loaded GGUF matrices have), rows read back in order.
+        let q8 = quantize_rows(&values, in_features, DType::Q8_0, "t").unwrap();
+        let plain = Matrix::new(
+            TensorBytes::owned(q8),
+            DType::Q8_0,
+            in_features,
+            out_features,
+            Layout::OutMajor,
+        );
+        let want = plain.out_major_values();
+        if let Some(packed) = plain.as_ref().repacked() {
+            let x8 = Matrix::new(
+                TensorBytes::owned(packed),
+                DType::Q8_0,
+                in_features,
+                out_features,
+                Layout::OutMajorX8,
+            );
+            assert_eq!(x8.out_major_values(), want);
+        }
     }
 }

@@ -20,8 +20,12 @@ use herd_formats::gguf::GgufFile;
 use herd_kernels::ops::{Rope, gelu_tanh, gelu_tanh_f16_table, rms_norm, softcap};
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
-use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes, matmul_same_input};
-use crate::{Batch, CausalLm, KvCache, Result, Window};
+use herd_formats::quantize::ModelShape;
+
+use crate::weights::{
+    GgufLoader, LoadQuantization, Matrix, WeightLoader, hf_prefixes, matmul_same_input,
+};
+use crate::{Batch, CausalLm, KvCache, LoadOptions, Result, Window};
 
 #[derive(Debug)]
 struct Layer {
@@ -71,42 +75,80 @@ struct Workspace {
 }
 
 /// Weights by (HF name, GGUF name) within a layer, or whole-model names.
-enum Source<'a> {
+struct Source<'a> {
+    files: Files<'a>,
+    /// Quantize each matrix as it loads (`--quantize`), typed by its GGUF name.
+    quantize: Option<LoadQuantization>,
+}
+
+enum Files<'a> {
     Hf(WeightLoader<'a>),
     Gguf(GgufLoader<'a>),
 }
 
 impl Source<'_> {
     fn linear(&self, hf: &str, gguf: &str, out: usize, inp: usize) -> Result<Matrix> {
-        match self {
-            Source::Hf(w) => w.linear(hf, out, inp),
-            Source::Gguf(g) => g.linear(gguf, out, inp),
-        }
+        let Some(q) = &self.quantize else {
+            return match &self.files {
+                Files::Hf(w) => w.linear(hf, out, inp),
+                Files::Gguf(g) => g.linear(gguf, out, inp),
+            };
+        };
+        let stored = match &self.files {
+            Files::Hf(w) => w.linear(hf, out, inp)?,
+            Files::Gguf(g) => g.embedding(gguf, out, inp)?,
+        };
+        Ok(q.apply(stored, gguf)?.repacked_for_cpu())
     }
 
     /// A norm's effective gain: HF stores the offset from 1, GGUF the gain itself.
     fn norm(&self, hf: &str, gguf: &str, n: usize) -> Result<Vec<f32>> {
-        match self {
-            Source::Hf(w) => Ok(w.vector(hf, n)?.into_iter().map(|v| 1.0 + v).collect()),
-            Source::Gguf(g) => g.vector(gguf, n),
+        match &self.files {
+            Files::Hf(w) => Ok(w.vector(hf, n)?.into_iter().map(|v| 1.0 + v).collect()),
+            Files::Gguf(g) => g.vector(gguf, n),
         }
+    }
+}
+
+/// What the quantization type rules need to know about a Gemma 3 model (the embedding is the
+/// output head).
+fn model_shape(c: &Gemma3Config) -> ModelShape {
+    ModelShape {
+        n_layers: c.num_hidden_layers,
+        n_experts: 0,
+        n_attn_v: c.num_hidden_layers,
+        tied_embeddings: true,
     }
 }
 
 impl Gemma3 {
     pub fn from_hf(dir: &HfModelDir) -> Result<Self> {
+        Self::from_hf_with(dir, &LoadOptions::default())
+    }
+
+    /// [`Gemma3::from_hf`] with options (quantization at load).
+    pub fn from_hf_with(dir: &HfModelDir, options: &LoadOptions) -> Result<Self> {
         let config = Gemma3Config::from_json(&dir.config)?;
         let (prefix, _) = hf_prefixes(&dir.tensors)?;
         let rope = [true, false].map(|sliding| Rope::Table(config.inv_freq(sliding)));
-        Self::build(
-            config,
-            &Source::Hf(WeightLoader::new(&dir.tensors, prefix)),
-            gelu_tanh,
-            rope,
-        )
+        let source = Source {
+            files: Files::Hf(WeightLoader::new(&dir.tensors, prefix)),
+            quantize: options.quantization(model_shape(&config), dir.tensors.total_bytes()),
+        };
+        Self::build(config, &source, gelu_tanh, rope)
     }
 
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        Self::from_gguf_with(file, &LoadOptions::default(), 0)
+    }
+
+    /// [`Gemma3::from_gguf`] with options (requantization at load; `total_bytes`: the file's
+    /// tensor bytes, for progress).
+    pub fn from_gguf_with(
+        file: &GgufFile,
+        options: &LoadOptions,
+        total_bytes: u64,
+    ) -> Result<Self> {
         let config = Gemma3Config::from_gguf(file)?;
         let d = config.head_dim;
         let global_factor = config.rope_linear_factor.unwrap_or(1.0) as f32;
@@ -114,12 +156,11 @@ impl Gemma3 {
             Rope::ggml(config.rope_local_base_freq as f32, d, 1.0),
             Rope::ggml(config.rope_theta as f32, d, global_factor),
         ];
-        Self::build(
-            config,
-            &Source::Gguf(GgufLoader { file }),
-            gelu_tanh_f16_table,
-            rope,
-        )
+        let source = Source {
+            files: Files::Gguf(GgufLoader { file }),
+            quantize: options.quantization(model_shape(&config), total_bytes),
+        };
+        Self::build(config, &source, gelu_tanh_f16_table, rope)
     }
 
     /// `rope`: the angles of sliding layers, then of full layers.

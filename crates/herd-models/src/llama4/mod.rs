@@ -21,8 +21,12 @@ use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved};
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
 use crate::moe::{Expert, Mlp, MlpWork, Moe, MoeWork, Routing};
-use crate::weights::{GgufLoader, Matrix, WeightLoader, hf_prefixes, matmul_same_input};
-use crate::{Batch, CausalLm, KvCache, Result, Window};
+use herd_formats::quantize::ModelShape;
+
+use crate::weights::{
+    GgufLoader, LoadQuantization, Matrix, WeightLoader, hf_prefixes, matmul_same_input,
+};
+use crate::{Batch, CausalLm, KvCache, LoadOptions, Result, Window};
 
 #[derive(Debug)]
 enum FeedForward {
@@ -89,16 +93,43 @@ trait Source {
 struct HfSource<'a> {
     decoder: WeightLoader<'a>,
     head: WeightLoader<'a>,
+    /// Quantize each matrix as it loads (`--quantize`).
+    quantize: Option<LoadQuantization>,
 }
 
 impl<'a> HfSource<'a> {
-    fn new(dir: &'a HfModelDir) -> Result<Self> {
+    fn new(dir: &'a HfModelDir, c: &Llama4Config, options: &LoadOptions) -> Result<Self> {
         let (decoder, head) = hf_prefixes(&dir.tensors)?;
+        let head = WeightLoader::new(&dir.tensors, head);
+        let shape = model_shape(c, head.has("lm_head.weight"));
         Ok(Self {
             decoder: WeightLoader::new(&dir.tensors, decoder),
-            head: WeightLoader::new(&dir.tensors, head),
+            head,
+            quantize: options.quantization(shape, dir.tensors.total_bytes()),
         })
     }
+}
+
+/// What the quantization type rules need to know about a Llama 4 model.
+fn model_shape(c: &Llama4Config, has_lm_head: bool) -> ModelShape {
+    ModelShape {
+        n_layers: c.num_hidden_layers,
+        n_experts: c.num_local_experts,
+        n_attn_v: c.num_hidden_layers,
+        tied_embeddings: c.tie_word_embeddings && !has_lm_head,
+    }
+}
+
+/// `m` quantized for the CPU kernels as the tensor `gguf_name` when quantizing at load, else `m`.
+/// The token embedding stays in row order for lookups (a tied head is repacked from it).
+fn quantized(q: &Option<LoadQuantization>, m: Matrix, gguf_name: &str) -> Result<Matrix> {
+    let Some(q) = q else { return Ok(m) };
+    let m = q.apply(m, gguf_name)?;
+    Ok(if gguf_name == "token_embd.weight" {
+        m
+    } else {
+        m.repacked_for_cpu()
+    })
 }
 
 impl Source for HfSource<'_> {
@@ -108,7 +139,8 @@ impl Source for HfSource<'_> {
         } else {
             &self.decoder
         };
-        loader.linear(name, out_features, in_features)
+        let m = loader.linear(name, out_features, in_features)?;
+        quantized(&self.quantize, m, &GgufSource::gguf_name(name))
     }
 
     fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
@@ -124,11 +156,21 @@ impl Source for HfSource<'_> {
         let down = self
             .decoder
             .stacked_in_major(&format!("{f}.down_proj"), e, inter, h)?;
-        Ok(gate_up
+        // Quantized, a fused gate-up matrix gets the type of GGUF's gate and up expert tensors.
+        let (gate_up_name, down_name) = (
+            format!("blk.{layer}.ffn_gate_exps.weight"),
+            format!("blk.{layer}.ffn_down_exps.weight"),
+        );
+        gate_up
             .into_iter()
             .zip(down)
-            .map(|(gate_up, down)| Expert::Fused { gate_up, down })
-            .collect())
+            .map(|(gate_up, down)| {
+                Ok(Expert::Fused {
+                    gate_up: quantized(&self.quantize, gate_up, &gate_up_name)?,
+                    down: quantized(&self.quantize, down, &down_name)?,
+                })
+            })
+            .collect()
     }
 
     fn has_lm_head(&self) -> bool {
@@ -143,6 +185,8 @@ impl Source for HfSource<'_> {
 /// A GGUF file with llama.cpp's `llama4` tensor names (reference note §c.2).
 struct GgufSource<'a> {
     file: GgufLoader<'a>,
+    /// Requantize each matrix as it loads (`--quantize`).
+    quantize: Option<LoadQuantization>,
 }
 
 impl GgufSource<'_> {
@@ -183,7 +227,12 @@ impl Source for GgufSource<'_> {
         let gguf = Self::gguf_name(name);
         if name == "embed_tokens.weight" {
             // Row lookups only (a tied output head is repacked from it below).
-            return self.file.embedding(&gguf, out_features, in_features);
+            let m = self.file.embedding(&gguf, out_features, in_features)?;
+            return quantized(&self.quantize, m, &gguf);
+        }
+        if self.quantize.is_some() {
+            let m = self.file.embedding(&gguf, out_features, in_features)?;
+            return quantized(&self.quantize, m, &gguf);
         }
         self.file.linear(&gguf, out_features, in_features)
     }
@@ -194,15 +243,20 @@ impl Source for GgufSource<'_> {
 
     fn experts(&self, layer: usize, c: &Llama4Config) -> Result<Vec<Expert>> {
         let (e, h, inter) = (c.num_local_experts, c.hidden_size, c.intermediate_size);
-        let gate = self
-            .file
-            .stacked(&format!("blk.{layer}.ffn_gate_exps.weight"), e, inter, h)?;
-        let up = self
-            .file
-            .stacked(&format!("blk.{layer}.ffn_up_exps.weight"), e, inter, h)?;
-        let down = self
-            .file
-            .stacked(&format!("blk.{layer}.ffn_down_exps.weight"), e, h, inter)?;
+        let stack = |part: &str, out: usize, inp: usize| -> Result<Vec<Matrix>> {
+            let name = format!("blk.{layer}.{part}.weight");
+            if self.quantize.is_none() {
+                return self.file.stacked(&name, e, out, inp);
+            }
+            self.file
+                .stacked_as_stored(&name, e, out, inp)?
+                .into_iter()
+                .map(|m| quantized(&self.quantize, m, &name))
+                .collect()
+        };
+        let gate = stack("ffn_gate_exps", inter, h)?;
+        let up = stack("ffn_up_exps", inter, h)?;
+        let down = stack("ffn_down_exps", h, inter)?;
         Ok(gate
             .into_iter()
             .zip(up)
@@ -226,19 +280,36 @@ impl Source for GgufSource<'_> {
 impl Llama4 {
     /// Load from a Hugging Face directory.
     pub fn from_hf(dir: &HfModelDir) -> Result<Self> {
+        Self::from_hf_with(dir, &LoadOptions::default())
+    }
+
+    /// [`Llama4::from_hf`] with options (quantization at load).
+    pub fn from_hf_with(dir: &HfModelDir, options: &LoadOptions) -> Result<Self> {
         let config = Llama4Config::from_json(&dir.config)?;
-        Self::build(config, &HfSource::new(dir)?)
+        let source = HfSource::new(dir, &config, options)?;
+        Self::build(config, &source)
     }
 
     /// Load from a GGUF file (`general.architecture = llama4`), weights in place in the map.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        Self::from_gguf_with(file, &LoadOptions::default(), 0)
+    }
+
+    /// [`Llama4::from_gguf`] with options (requantization at load; `total_bytes`: the file's
+    /// tensor bytes, for progress).
+    pub fn from_gguf_with(
+        file: &GgufFile,
+        options: &LoadOptions,
+        total_bytes: u64,
+    ) -> Result<Self> {
         let config = config::gguf::config(file)?;
-        Self::build(
-            config,
-            &GgufSource {
-                file: GgufLoader { file },
-            },
-        )
+        let file = GgufLoader { file };
+        let shape = model_shape(&config, file.has("output.weight"));
+        let source = GgufSource {
+            file,
+            quantize: options.quantization(shape, total_bytes),
+        };
+        Self::build(config, &source)
     }
 
     fn build(config: Llama4Config, w: &dyn Source) -> Result<Self> {
