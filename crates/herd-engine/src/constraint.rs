@@ -37,7 +37,26 @@ impl Grammar {
     }
 }
 
+/// The largest JSON schema [`ConstraintCompiler::compile`] takes, counted in JSON values
+/// (every object, array, string, number, boolean and null; keys not counted): about 5,000
+/// properties of `{"type": "integer"}`. Larger is an error before any compilation. llguidance's
+/// compile time grows faster than linearly with the property count (release build, 2 vCPUs:
+/// 4,500 optional properties 2 s, 9,000 22 s) and it refuses grammars of more than 65,525
+/// symbols (about 12,000 such properties).
+pub const MAX_SCHEMA_VALUES: usize = 10_000;
+
+/// The longest regular expression or Lark grammar [`ConstraintCompiler::compile`] takes, in bytes.
+pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
+
+/// The stack of the thread a grammar compiles on. llguidance's compiler recurses over the
+/// grammar, about one level per optional property: 4,500 of them overflowed a 2 MiB async
+/// worker's stack and aborted the process. 256 MiB is a wide margin at [`MAX_SCHEMA_VALUES`]
+/// (9,000 properties compile in 1 GiB); the memory is reserved, and only what is used is
+/// committed.
+const COMPILE_STACK_BYTES: usize = 256 << 20;
+
 /// A model's vocabulary indexed for llguidance; built once per model.
+#[derive(Clone)]
 pub struct ConstraintCompiler {
     factory: Arc<ParserFactory>,
 }
@@ -83,8 +102,26 @@ impl ConstraintCompiler {
         })
     }
 
-    /// Compile a grammar; errors (invalid or unsupported schema, bad regex) name the problem.
+    /// Compile a grammar; errors (too large, invalid or unsupported schema, bad regex) name the
+    /// problem. The size limits ([`MAX_SCHEMA_VALUES`], [`MAX_GRAMMAR_BYTES`]) are checked
+    /// first; compilation then runs on a thread of its own with a large stack (the caller
+    /// blocks until it ends: call it off any async runtime), and a panic inside llguidance is
+    /// an error, not a crash.
     pub fn compile(&self, grammar: &Grammar) -> std::result::Result<Constraint, String> {
+        check_size(grammar)?;
+        let (compiler, grammar) = (self.clone(), grammar.clone());
+        std::thread::Builder::new()
+            .name("herd-grammar".into())
+            .stack_size(COMPILE_STACK_BYTES)
+            .spawn(move || compiler.compile_here(&grammar))
+            .map_err(|e| format!("could not start the grammar compiler: {e}"))?
+            .join()
+            .unwrap_or_else(|_| Err("the grammar compiler failed on this grammar".into()))
+            .map_err(|e| client_message(&e))
+    }
+
+    /// [`ConstraintCompiler::compile`] on the calling thread's stack.
+    fn compile_here(&self, grammar: &Grammar) -> std::result::Result<Constraint, String> {
         let top = match grammar {
             Grammar::JsonSchema(schema) => {
                 let mut schema = schema.clone();
@@ -109,7 +146,56 @@ impl ConstraintCompiler {
         if let Some(e) = matcher.get_error() {
             return Err(e);
         }
-        Ok(Constraint { matcher })
+        let mut constraint = Constraint { matcher };
+        // Some grammars compile but fail on their first step (a row of the parser over
+        // llguidance's item limit: a wide schema whose properties are all optional, say):
+        // computing the first mask now turns that into an error before the request is answered.
+        // The mask is the one the first step asks for again.
+        constraint.next_mask()?;
+        Ok(constraint)
+    }
+}
+
+/// An llguidance error as a client may read it. Its errors carry internal detail after the
+/// message: the parser's state and grammar (`<state>…</state><grammar>…`), or for a panic
+/// caught inside llguidance its backtrace (`panic: … <backtrace>…`).
+fn client_message(e: &str) -> String {
+    let end = ["<backtrace>", "<state>"]
+        .iter()
+        .filter_map(|tag| e.find(tag))
+        .min()
+        .unwrap_or(e.len());
+    let message = e[..end].trim();
+    match message.strip_prefix("panic: ") {
+        Some(m) => format!("the grammar is beyond the constraint engine's limits ({m})"),
+        None => message.to_string(),
+    }
+}
+
+/// [`MAX_SCHEMA_VALUES`] and [`MAX_GRAMMAR_BYTES`], checked without recursion.
+fn check_size(grammar: &Grammar) -> std::result::Result<(), String> {
+    match grammar {
+        Grammar::JsonSchema(schema) => {
+            let (mut values, mut pending) = (0usize, vec![schema]);
+            while let Some(v) = pending.pop() {
+                values += 1;
+                if values > MAX_SCHEMA_VALUES {
+                    return Err(format!(
+                        "the JSON schema is too large: more than {MAX_SCHEMA_VALUES} values"
+                    ));
+                }
+                match v {
+                    Value::Object(o) => pending.extend(o.values()),
+                    Value::Array(a) => pending.extend(a),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        Grammar::Regex(text) | Grammar::Lark(text) if text.len() > MAX_GRAMMAR_BYTES => Err(
+            format!("the grammar is too large: more than {MAX_GRAMMAR_BYTES} bytes"),
+        ),
+        Grammar::Regex(_) | Grammar::Lark(_) => Ok(()),
     }
 }
 
@@ -159,7 +245,7 @@ impl Constraint {
         let allowed = self
             .matcher
             .compute_mask_or_eos()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| client_message(&e.to_string()))?;
         Ok(Mask {
             allowed,
             elapsed: t.elapsed(),
@@ -177,6 +263,8 @@ impl Constraint {
         if self.matcher.is_stopped() {
             return Ok(());
         }
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| client_message(&e.to_string()))
     }
 }

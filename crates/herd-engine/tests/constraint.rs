@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use herd_engine::Tokenizer;
-use herd_engine::constraint::{ConstraintCompiler, Grammar};
+use herd_engine::constraint::{ConstraintCompiler, Grammar, MAX_GRAMMAR_BYTES, MAX_SCHEMA_VALUES};
 use herd_formats::GgufFile;
 use serde_json::json;
 
@@ -115,4 +115,43 @@ fn unenforceable_or_malformed_grammars_are_errors() {
     assert!(!err(Grammar::JsonSchema(json!(["not", "a", "schema"]))).is_empty());
     assert!(!err(Grammar::Regex("[unclosed".into())).is_empty());
     assert!(!err(Grammar::Lark("start: undefined_rule".into())).is_empty());
+}
+
+/// A schema of `n` optional integer properties (as in the report: ~4,500 of them in 59 KB).
+fn wide_schema(n: usize) -> serde_json::Value {
+    let props: serde_json::Map<String, serde_json::Value> = (0..n)
+        .map(|i| (format!("p{i}"), json!({"type": "integer"})))
+        .collect();
+    json!({"type": "object", "properties": props})
+}
+
+/// llguidance's compiler recurses over the grammar: a schema of ~4,500 properties overflowed a
+/// 2 MiB async worker's stack and aborted the server. Compilation runs on a thread of its own
+/// with a large stack, so even a caller with a small stack compiles a schema up to the limit;
+/// beyond it, a clear error before any work.
+#[test]
+fn large_schemas_compile_off_the_callers_stack_and_oversized_ones_are_errors() {
+    let tok = &tokenizers()[0];
+    let compiler = ConstraintCompiler::new(tok).unwrap();
+    let small_stack = |g: Grammar| {
+        let compiler = compiler.clone();
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || compiler.compile(&g).map(|_| ()))
+            .unwrap()
+            .join()
+            .expect("compiling must not overflow the caller's stack")
+    };
+    small_stack(Grammar::JsonSchema(wide_schema(4_500))).unwrap();
+
+    // 2 values per property (its schema object and its type): over the limit.
+    let n = MAX_SCHEMA_VALUES / 2 + 1;
+    let e = small_stack(Grammar::JsonSchema(wide_schema(n))).unwrap_err();
+    assert!(e.contains("too large") && e.contains("10000"), "{e}");
+    let e = small_stack(Grammar::Lark(format!(
+        "start: \"{}\"",
+        "a".repeat(MAX_GRAMMAR_BYTES)
+    )))
+    .unwrap_err();
+    assert!(e.contains("too large"), "{e}");
 }

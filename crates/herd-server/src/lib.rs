@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herd_engine::chat::{ChatTemplate, RenderOptions};
-use herd_engine::constraint::ConstraintCompiler;
+use herd_engine::constraint::{Constraint, ConstraintCompiler};
 use herd_engine::generate::FinishReason;
 use herd_engine::scheduler::{Event, GenerationRequest, Scheduler, SubmitError, Usage};
 use herd_engine::{Tokenizer, scheduler::SchedulerConfig};
@@ -59,6 +59,8 @@ pub struct AppState {
     pub engine: OnceLock<Engine>,
     pub metrics: Metrics,
     pub started: u64,
+    /// Permits for grammar compilations ([`CONCURRENT_COMPILES`]).
+    compile_slots: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -69,6 +71,7 @@ impl AppState {
             engine: OnceLock::new(),
             metrics: Metrics::default(),
             started: unix_now(),
+            compile_slots: tokio::sync::Semaphore::new(CONCURRENT_COMPILES),
         })
     }
 }
@@ -211,7 +214,19 @@ async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint
             return error_response(&e);
         }
     };
-    let run = match submit(&st, &job, &prompt, arrived) {
+    // The prompt must fit before a grammar is compiled for it (seconds for a large schema).
+    let constraint = match fits_context(&st, &prompt) {
+        Ok(()) => compile_constraint(&st, &job).await,
+        Err(e) => Err(e),
+    };
+    let constraint = match constraint {
+        Ok(c) => c,
+        Err(e) => {
+            st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+            return error_response(&e);
+        }
+    };
+    let run = match submit(&st, &job, &prompt, constraint, arrived) {
         Ok(r) => r,
         Err(e) => {
             st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
@@ -316,9 +331,9 @@ struct Running {
     arrived: Instant,
 }
 
-fn submit(st: &Arc<AppState>, job: &Job, prompt: &[u32], arrived: Instant) -> ApiResult<Running> {
-    let engine = ready(st)?;
-    let context = engine.scheduler.config().context;
+/// A prompt leaves room for at least one generated token in the server's context.
+fn fits_context(st: &AppState, prompt: &[u32]) -> ApiResult<()> {
+    let context = ready(st)?.scheduler.config().context;
     if prompt.len() >= context {
         return Err(ApiError::bad_request(format!(
             "the prompt has {} tokens; this server's context is {context} tokens",
@@ -327,15 +342,45 @@ fn submit(st: &Arc<AppState>, job: &Job, prompt: &[u32], arrived: Instant) -> Ap
         .param("messages")
         .code("context_length_exceeded"));
     }
-    let max_tokens = job.max_tokens.unwrap_or(context - prompt.len());
-    let constraint = match &job.grammar {
-        None => None,
-        Some(g) => Some(engine.constraints.compile(g).map_err(|e| {
-            ApiError::bad_request(format!("the output constraint cannot be enforced: {e}"))
-                .param("response_format")
-                .code("invalid_grammar")
-        })?),
+    Ok(())
+}
+
+/// Grammar compilations running at once; more wait their turn (each can take seconds of CPU on
+/// a large schema, and must not crowd out the engine).
+const CONCURRENT_COMPILES: usize = 2;
+
+/// The request's output constraint, compiled off the async runtime (on a blocking thread, which
+/// hands the work to a thread with a large stack: see `ConstraintCompiler::compile`).
+async fn compile_constraint(st: &Arc<AppState>, job: &Job) -> ApiResult<Option<Constraint>> {
+    let Some(grammar) = job.grammar.clone() else {
+        return Ok(None);
     };
+    let compiler = ready(st)?.constraints.clone();
+    let _slot = st
+        .compile_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::bad_request("the server is shutting down"))?;
+    let compiled = tokio::task::spawn_blocking(move || compiler.compile(&grammar))
+        .await
+        .unwrap_or_else(|_| Err("the grammar compiler failed on this grammar".into()));
+    compiled.map(Some).map_err(|e| {
+        ApiError::bad_request(format!("the output constraint cannot be enforced: {e}"))
+            .param("response_format")
+            .code("invalid_grammar")
+    })
+}
+
+fn submit(
+    st: &Arc<AppState>,
+    job: &Job,
+    prompt: &[u32],
+    constraint: Option<Constraint>,
+    arrived: Instant,
+) -> ApiResult<Running> {
+    let engine = ready(st)?;
+    let context = engine.scheduler.config().context;
+    let max_tokens = job.max_tokens.unwrap_or(context - prompt.len());
     let seed = job.seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)

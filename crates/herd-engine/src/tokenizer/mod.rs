@@ -49,8 +49,13 @@ struct SpmVocab {
     scores: Vec<f32>,
     token_to_id: HashMap<String, u32>,
     byte_tokens: [Option<u32>; 256],
-    /// Control and user-defined tokens, longest first: matched in the text before SPM runs.
+    /// Control and user-defined tokens, longest first (lowest id first among equal texts):
+    /// matched in the text before SPM runs.
     specials: Vec<(String, u32, TokenType)>,
+    /// Finds `specials` in one pass over the text, leftmost then longest (pattern `i` is
+    /// `specials[i]`): linear in the text, where searching the rest of the text for every
+    /// special token after each hit was quadratic.
+    special_matcher: aho_corasick::AhoCorasick,
     add_space_prefix: bool,
 }
 
@@ -282,6 +287,11 @@ impl Tokenizer {
                     }
                 }
                 specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+                specials.dedup_by(|later, first| later.0 == first.0);
+                let special_matcher = aho_corasick::AhoCorasick::builder()
+                    .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                    .build(specials.iter().map(|(t, _, _)| t.as_str()))
+                    .map_err(|e| bad(format!("indexing the special tokens: {e}")))?;
                 Backend::Spm(Box::new(SpmVocab {
                     tokens,
                     types,
@@ -289,6 +299,7 @@ impl Tokenizer {
                     token_to_id,
                     byte_tokens,
                     specials,
+                    special_matcher,
                     add_space_prefix: flag("tokenizer.ggml.add_space_prefix").unwrap_or(true),
                 }))
             }
@@ -484,36 +495,27 @@ impl SpmVocab {
             scores: &self.scores,
             byte_tokens: &self.byte_tokens,
         };
-        let mut rest = text;
-        while !rest.is_empty() {
-            // The earliest special token in the rest of the text (longest on ties).
-            let hit = self
-                .specials
-                .iter()
-                .filter_map(|(t, id, _)| rest.find(t.as_str()).map(|pos| (pos, t.len(), *id)))
-                .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            let (raw, special) = match hit {
-                Some((pos, len, id)) => (&rest[..pos], Some((id, pos + len))),
-                None => (rest, None),
-            };
-            if !raw.is_empty() {
-                // Raw text always starts the input or follows a special token: llama.cpp
-                // prefixes a space there when the vocabulary asks for it.
-                let mut piece = String::with_capacity(raw.len() + 3);
-                if self.add_space_prefix {
-                    piece.push(' ');
-                }
-                piece.push_str(raw);
-                spm.tokenize(&piece.replace(' ', "\u{2581}"), out);
+        let raw = |raw: &str, out: &mut Vec<u32>| {
+            if raw.is_empty() {
+                return;
             }
-            match special {
-                Some((id, end)) => {
-                    out.push(id);
-                    rest = &rest[end..];
-                }
-                None => break,
+            // Raw text always starts the input or follows a special token: llama.cpp prefixes
+            // a space there when the vocabulary asks for it.
+            let mut piece = String::with_capacity(raw.len() + 3);
+            if self.add_space_prefix {
+                piece.push(' ');
             }
+            piece.push_str(raw);
+            spm.tokenize(&piece.replace(' ', "\u{2581}"), out);
+        };
+        // Special tokens split the text: at each position the earliest, longest on ties.
+        let mut at = 0;
+        for hit in self.special_matcher.find_iter(text) {
+            raw(&text[at..hit.start()], out);
+            out.push(self.specials[hit.pattern().as_usize()].1);
+            at = hit.end();
         }
+        raw(&text[at..], out);
     }
 
     fn decode(&self, ids: &[u32], skip_special: bool) -> String {
