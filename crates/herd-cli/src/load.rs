@@ -21,7 +21,7 @@ impl LoadArgs {
     pub fn file_type(&self) -> Result<Option<FileType>> {
         self.quantize
             .as_deref()
-            .map(crate::quantize::file_type)
+            .map(|t| crate::quantize::file_type_of_flag("--quantize", t))
             .transpose()
     }
 

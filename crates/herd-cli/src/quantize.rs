@@ -9,10 +9,15 @@ use herd_formats::{GgufFile, HfModelDir};
 
 /// The file type called `name`, or an error listing them.
 pub fn file_type(name: &str) -> Result<FileType> {
+    file_type_of_flag("--type", name)
+}
+
+/// The file type called `name`, given with `flag`, or an error naming the flag and the types.
+pub fn file_type_of_flag(flag: &str, name: &str) -> Result<FileType> {
     FileType::from_name(name).ok_or_else(|| {
         let names: Vec<&str> = FileType::ALL.iter().map(|t| t.name()).collect();
         anyhow!(
-            "unknown --type {name:?}; choose one of {}",
+            "unknown {flag} {name:?}; choose one of {}",
             names.join(", ")
         )
     })

@@ -275,5 +275,5 @@ fn bench_quantizes_a_float_checkpoint_at_load() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown --type \"q3_x\""), "{err}");
+    assert!(err.contains("unknown --quantize \"q3_x\""), "{err}");
 }

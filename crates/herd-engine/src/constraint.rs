@@ -48,12 +48,12 @@ pub const MAX_SCHEMA_VALUES: usize = 10_000;
 /// The longest regular expression or Lark grammar [`ConstraintCompiler::compile`] takes, in bytes.
 pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
 
-/// The stack of the thread a grammar compiles on. llguidance's compiler recurses over the
-/// grammar, about one level per optional property: 4,500 of them overflowed a 2 MiB async
-/// worker's stack and aborted the process. 256 MiB is a wide margin at [`MAX_SCHEMA_VALUES`]
-/// (9,000 properties compile in 1 GiB); the memory is reserved, and only what is used is
-/// committed.
-const COMPILE_STACK_BYTES: usize = 256 << 20;
+/// The stack of every thread that compiles or steps a grammar (the compile thread, the
+/// scheduler's engine and mask threads). llguidance recurses over the grammar, about one level
+/// per optional property: 4,500 of them overflowed a 2 MiB async worker's stack and aborted the
+/// process. 256 MiB is a wide margin at [`MAX_SCHEMA_VALUES`] (9,000 properties compile in
+/// 1 GiB); the memory is reserved, and only what is used is committed.
+pub const GRAMMAR_STACK_BYTES: usize = 256 << 20;
 
 /// A model's vocabulary indexed for llguidance; built once per model.
 #[derive(Clone)]
@@ -112,7 +112,7 @@ impl ConstraintCompiler {
         let (compiler, grammar) = (self.clone(), grammar.clone());
         std::thread::Builder::new()
             .name("herd-grammar".into())
-            .stack_size(COMPILE_STACK_BYTES)
+            .stack_size(GRAMMAR_STACK_BYTES)
             .spawn(move || compiler.compile_here(&grammar))
             .map_err(|e| format!("could not start the grammar compiler: {e}"))?
             .join()
@@ -147,10 +147,11 @@ impl ConstraintCompiler {
             return Err(e);
         }
         let mut constraint = Constraint { matcher };
-        // Some grammars compile but fail on their first step (a row of the parser over
-        // llguidance's item limit: a wide schema whose properties are all optional, say):
-        // computing the first mask now turns that into an error before the request is answered.
-        // The mask is the one the first step asks for again.
+        // A grammar can compile and still fail on its first step (llguidance's parser limits):
+        // computing the first mask here makes that an error before the request is answered.
+        // The mask is the one the first step asks for again. (Later steps can still fail: a
+        // wide object of optional properties passes this and overflows a parser row at its
+        // second token.)
         constraint.next_mask()?;
         Ok(constraint)
     }
@@ -172,8 +173,12 @@ fn client_message(e: &str) -> String {
     }
 }
 
-/// [`MAX_SCHEMA_VALUES`] and [`MAX_GRAMMAR_BYTES`], checked without recursion.
-fn check_size(grammar: &Grammar) -> std::result::Result<(), String> {
+/// [`MAX_SCHEMA_VALUES`] and [`MAX_GRAMMAR_BYTES`], checked without recursion (also done by
+/// [`ConstraintCompiler::compile`]; callers that queue compilations check first).
+///
+/// # Errors
+/// A message saying which limit the grammar exceeds.
+pub fn check_size(grammar: &Grammar) -> std::result::Result<(), String> {
     match grammar {
         Grammar::JsonSchema(schema) => {
             let (mut values, mut pending) = (0usize, vec![schema]);

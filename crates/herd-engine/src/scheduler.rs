@@ -223,6 +223,8 @@ impl Scheduler {
         };
         let engine = std::thread::Builder::new()
             .name("herd-engine".into())
+            // It commits sampled tokens to grammars (llguidance recurses over them).
+            .stack_size(crate::constraint::GRAMMAR_STACK_BYTES)
             .spawn(move || {
                 if catch_unwind(AssertUnwindSafe(|| lp.run())).is_err() {
                     // A bug stopped the engine: no request may wait for it forever.
@@ -762,6 +764,7 @@ impl MaskWorker {
         let (done, rx) = channel();
         std::thread::Builder::new()
             .name("herd-masks".into())
+            .stack_size(crate::constraint::GRAMMAR_STACK_BYTES)
             .spawn(move || {
                 for mut batch in jobs {
                     for j in &mut batch {

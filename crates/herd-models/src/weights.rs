@@ -119,10 +119,13 @@ impl Matrix {
 /// pages of it are released, so resident memory ends near the quantized model's size.
 #[derive(Clone)]
 pub struct LoadQuantization {
+    /// The recipe whose per-tensor types are given (`q4_k_m`, …).
     pub file_type: FileType,
     /// The facts the type rules need (layer count, expert count, tied output head).
     pub shape: ModelShape,
     progress: Option<LoadProgress>,
+    /// Whether requantizing an already-quantized matrix has been warned about (once a load).
+    warned: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Called as `(bytes of the checkpoint processed, bytes in all)` while matrices are quantized.
@@ -147,11 +150,13 @@ impl std::fmt::Debug for LoadQuantization {
 }
 
 impl LoadQuantization {
+    /// Quantization to `file_type`'s types for a model of `shape`, without progress reports.
     pub fn new(file_type: FileType, shape: ModelShape) -> Self {
         Self {
             file_type,
             shape,
             progress: None,
+            warned: Default::default(),
         }
     }
 
@@ -195,8 +200,13 @@ impl LoadQuantization {
         let out = if target == m.dtype {
             m
         } else {
-            if m.dtype.is_quantized() {
-                tracing::warn!("{gguf_name}: requantizing {} as {target}", m.dtype);
+            if m.dtype.is_quantized()
+                && !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    "requantizing already quantized weights loses precision ({gguf_name}: {} as {target}, and others)",
+                    m.dtype
+                );
             }
             let values = m.out_major_values();
             let bytes = quantize_rows(&values, m.in_features, target, gguf_name)?;

@@ -60,7 +60,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub started: u64,
     /// Permits for grammar compilations ([`CONCURRENT_COMPILES`]).
-    compile_slots: tokio::sync::Semaphore,
+    compile_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -71,7 +71,7 @@ impl AppState {
             engine: OnceLock::new(),
             metrics: Metrics::default(),
             started: unix_now(),
-            compile_slots: tokio::sync::Semaphore::new(CONCURRENT_COMPILES),
+            compile_slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_COMPILES)),
         })
     }
 }
@@ -356,19 +356,28 @@ async fn compile_constraint(st: &Arc<AppState>, job: &Job) -> ApiResult<Option<C
         return Ok(None);
     };
     let compiler = ready(st)?.constraints.clone();
-    let _slot = st
-        .compile_slots
-        .acquire()
-        .await
-        .map_err(|_| ApiError::bad_request("the server is shutting down"))?;
-    let compiled = tokio::task::spawn_blocking(move || compiler.compile(&grammar))
-        .await
-        .unwrap_or_else(|_| Err("the grammar compiler failed on this grammar".into()));
-    compiled.map(Some).map_err(|e| {
+    let invalid = |e: String| {
         ApiError::bad_request(format!("the output constraint cannot be enforced: {e}"))
             .param("response_format")
             .code("invalid_grammar")
+    };
+    // Too large is said at once, not after waiting for a slot.
+    herd_engine::constraint::check_size(&grammar).map_err(invalid)?;
+    let slot = st
+        .compile_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ApiError::bad_request("the server is shutting down"))?;
+    // The slot goes with the compilation, which runs to its end even if the client leaves:
+    // a client that hangs up cannot start more than the slots allow.
+    let compiled = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        compiler.compile(&grammar)
     })
+    .await
+    .unwrap_or_else(|_| Err("the grammar compiler failed on this grammar".into()));
+    compiled.map(Some).map_err(invalid)
 }
 
 fn submit(
@@ -378,6 +387,7 @@ fn submit(
     constraint: Option<Constraint>,
     arrived: Instant,
 ) -> ApiResult<Running> {
+    fits_context(st, prompt)?;
     let engine = ready(st)?;
     let context = engine.scheduler.config().context;
     let max_tokens = job.max_tokens.unwrap_or(context - prompt.len());

@@ -286,7 +286,13 @@ impl Tokenizer {
                         _ => {}
                     }
                 }
-                specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+                specials.sort_by(|a, b| {
+                    (std::cmp::Reverse(a.0.len()), &a.0, a.1).cmp(&(
+                        std::cmp::Reverse(b.0.len()),
+                        &b.0,
+                        b.1,
+                    ))
+                });
                 specials.dedup_by(|later, first| later.0 == first.0);
                 let special_matcher = aho_corasick::AhoCorasick::builder()
                     .match_kind(aho_corasick::MatchKind::LeftmostLongest)

@@ -85,3 +85,34 @@ pub(crate) fn has_avx2() -> bool {
             && is_x86_feature_detected!("f16c")
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::nearest_int;
+
+    /// ggml's trick equals round-half-to-even everywhere in its range: integers, halves (the
+    /// ties), and values just off them, at both ends and around zero.
+    #[test]
+    fn nearest_int_rounds_half_to_even_over_its_range() {
+        let mut values = Vec::new();
+        for k in (0..=4096).chain(4_190_000..=4_194_303) {
+            let k = k as f32;
+            for x in [k, k + 0.5, k - 0.5, k + 0.25, k - 0.75] {
+                values.extend([x, -x]);
+            }
+        }
+        for x in [
+            1e-30f32,
+            0.49999997,
+            0.50000006,
+            2.4999998,
+            1234.5,
+            4_194_302.5,
+        ] {
+            values.extend([x, -x]);
+        }
+        for x in values.into_iter().filter(|x| x.abs() <= 4_194_303.0) {
+            assert_eq!(nearest_int(x), x.round_ties_even() as i32, "{x}");
+        }
+    }
+}
