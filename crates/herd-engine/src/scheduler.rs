@@ -28,6 +28,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -136,8 +137,8 @@ pub enum SubmitError {
     PromptTooLong { prompt: usize, context: usize },
     #[error("the prompt needs {needed} KV blocks and the whole cache has {total}")]
     TooLargeForCache { needed: usize, total: usize },
-    #[error("{0} requests are already waiting")]
-    QueueFull(usize),
+    #[error("{waiting} requests are already waiting to start (the limit is {limit}); retry later")]
+    QueueFull { waiting: usize, limit: usize },
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -176,6 +177,20 @@ struct Job {
     sampling: SamplingParams,
     ignore_eos: bool,
     constraint: Option<Constraint>,
+    /// Held from `submit` until the request first runs (or ends without running).
+    queue_slot: Option<QueueSlot>,
+}
+
+/// One of the `max_waiting` places of requests submitted and not yet running: taken in
+/// [`Scheduler::submit`], given back (dropped) when the request is first admitted to the batch,
+/// or when it ends before that (cancelled, failed, engine stopped).
+#[derive(Debug)]
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Handle to the engine thread and its output thread.
@@ -187,6 +202,8 @@ pub struct Scheduler {
     next_id: Mutex<SeqId>,
     config: SchedulerConfig,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Requests submitted and not yet running ([`QueueSlot`]s held).
+    queued: Arc<AtomicUsize>,
 }
 
 impl Scheduler {
@@ -245,6 +262,7 @@ impl Scheduler {
             next_id: Mutex::new(1),
             config,
             threads: Mutex::new(vec![engine, output]),
+            queued: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -271,10 +289,7 @@ impl Scheduler {
                 total: self.config.kv_blocks,
             });
         }
-        let waiting = self.stats().waiting;
-        if waiting >= self.config.max_waiting {
-            return Err(SubmitError::QueueFull(waiting));
-        }
+        let queue_slot = self.take_queue_slot()?;
         let id = {
             let mut n = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
             *n += 1;
@@ -299,12 +314,26 @@ impl Scheduler {
             sampling,
             ignore_eos,
             constraint,
+            queue_slot: Some(queue_slot),
         };
         if self.tx.send(Command::Submit(id, Box::new(job))).is_err() {
             let _ = self.out.send(Output::Forget { id });
             return Err(SubmitError::Stopped);
         }
         Ok(id)
+    }
+
+    /// A place among the requests waiting to start, or [`SubmitError::QueueFull`]: an atomic
+    /// count, exact however many threads submit at once (the engine's published `waiting`
+    /// lags by up to a step).
+    fn take_queue_slot(&self) -> Result<QueueSlot, SubmitError> {
+        let limit = self.config.max_waiting;
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map(|_| QueueSlot(self.queued.clone()))
+            .map_err(|waiting| SubmitError::QueueFull { waiting, limit })
     }
 
     /// Stop a request now: it frees its blocks and reports nothing more.
@@ -534,6 +563,7 @@ impl Loop {
             seq.cached = reused;
             if !seq.admitted {
                 seq.admitted = true;
+                seq.job.queue_slot = None;
                 seq.cached_prompt = reused;
                 self.counters.prompt_tokens += seq.prompt_len as u64;
                 self.counters.prefix_hit_tokens += reused as u64;

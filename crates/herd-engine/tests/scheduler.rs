@@ -543,3 +543,80 @@ fn cached_prefixes_give_the_same_tokens_and_logprobs() {
     assert_eq!(u3.cached_tokens, 0);
     assert_eq!(partial, want, "a partly cached prefix changed the output");
 }
+
+/// `max_waiting` is exact under a burst: 32 requests submitted at once from 8 threads, one
+/// running (a long generation) and room for 2 to wait, get at most 1 + 2 places (the running
+/// one gives its place back when it starts) and every other one `QueueFull` with the limit.
+/// Before, the check read a count the engine published once per step, and all 32 got in.
+/// Places come back when requests start or end: after cancelling, new ones get in again.
+#[test]
+fn max_waiting_is_exact_under_a_burst() {
+    let Loaded {
+        model, tokenizer, ..
+    } = load();
+    let s = Arc::new(
+        Scheduler::start(
+            model,
+            Arc::new(tokenizer),
+            SchedulerConfig {
+                max_running: 1,
+                max_waiting: 2,
+                ..SchedulerConfig::default()
+            },
+        )
+        .unwrap(),
+    );
+    let req = || GenerationRequest {
+        prompt: vec![2, 651, 6037],
+        max_tokens: 100_000,
+        stop: Vec::new(),
+        sampling: SamplingParams::default(),
+        ignore_eos: true,
+        constraint: None,
+        sink: Box::new(|_| true),
+    };
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                (0..4).map(|_| s.submit(req())).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let accepted: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert!(
+        (2..=3).contains(&accepted.len()),
+        "{} of 32 accepted",
+        accepted.len()
+    );
+    for r in &results {
+        if let Err(e) = r {
+            assert!(
+                matches!(e, SubmitError::QueueFull { limit: 2, .. }),
+                "{e:?}"
+            );
+        }
+    }
+    for &&id in &accepted {
+        s.cancel(id);
+    }
+    // The places come back once the engine has dropped the cancelled requests.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let again = loop {
+        match s.submit(req()) {
+            Ok(id) => break id,
+            Err(SubmitError::QueueFull { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    s.cancel(again);
+    s.shutdown(false);
+}

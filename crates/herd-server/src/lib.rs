@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herd_engine::chat::{ChatTemplate, RenderOptions};
@@ -42,6 +42,9 @@ pub struct Engine {
     pub constraints: ConstraintCompiler,
     /// The model family (whose call format and template tools follow).
     pub family: String,
+    /// The most bytes of text one token stands for: a text of more than `context ×` this many
+    /// bytes cannot fit the context, which is said before tokenizing it.
+    pub max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -100,6 +103,13 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
         }
     };
     let constraints = ConstraintCompiler::new(&tokenizer)?;
+    let max_token_bytes = tokenizer
+        .token_bytes()
+        .iter()
+        .map(|(bytes, _)| bytes.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let tokenizer = Arc::new(tokenizer);
     Ok(Engine {
         scheduler: Scheduler::start(model, tokenizer.clone(), config)?,
@@ -107,6 +117,7 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
         template,
         constraints,
         family,
+        max_token_bytes,
     })
 }
 
@@ -128,7 +139,14 @@ fn unix_now() -> u64 {
 }
 
 fn error_response(e: &ApiError) -> Response {
-    (e.status, axum::Json(e.body())).into_response()
+    let mut response = (e.status, axum::Json(e.body())).into_response();
+    // Loading, a full queue, stopping: all pass; say when to come back.
+    if e.status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
 }
 
 async fn not_found() -> Response {
@@ -204,9 +222,17 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
 
 async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint) -> Response {
     let arrived = Instant::now();
-    let prepared = authorize(&st, &headers)
-        .and_then(|()| openai::parse(&body, ep))
-        .and_then(|job| prepare(&st, job));
+    // Templating and tokenizing (linear, but a long prompt still takes milliseconds) run on a
+    // blocking thread, never on the runtime that serves every connection.
+    let prepared = match authorize(&st, &headers).and_then(|()| openai::parse(&body, ep)) {
+        Ok(job) => {
+            let st = st.clone();
+            tokio::task::spawn_blocking(move || prepare(&st, job))
+                .await
+                .unwrap_or_else(|_| Err(ApiError::bad_request("the prompt could not be prepared")))
+        }
+        Err(e) => Err(e),
+    };
     let (job, prompt) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -285,9 +311,13 @@ fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
                 tools::for_template(&engine.family, job.tools.as_ref(), messages);
             opts.tools = listed;
             let text = template.render(&messages, &opts).map_err(enc)?;
+            surely_over_context(engine, &text)?;
             tok.encode_prompt(&text).map_err(enc)?
         }
-        PromptSource::Text(t) => tok.encode(t, true).map_err(enc)?,
+        PromptSource::Text(t) => {
+            surely_over_context(engine, t)?;
+            tok.encode(t, true).map_err(enc)?
+        }
         PromptSource::Tokens(ids) => {
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= tok.vocab_size()) {
                 return Err(ApiError::bad_request(format!(
@@ -329,6 +359,28 @@ struct Running {
     rx: mpsc::UnboundedReceiver<(usize, Event, Instant)>,
     guard: CancelGuard,
     arrived: Instant,
+}
+
+/// A text that needs more tokens than the context holds whatever its tokenization is refused
+/// before it is tokenized: each token stands for at most `max_token_bytes` bytes, so a text of
+/// more than `context × max_token_bytes` bytes cannot fit. The bound allows 4 times that, for
+/// tokenizers whose normalizer drops characters before the vocabulary sees them.
+fn surely_over_context(engine: &Engine, text: &str) -> ApiResult<()> {
+    let context = engine.scheduler.config().context;
+    let limit = context
+        .saturating_mul(engine.max_token_bytes)
+        .saturating_mul(4);
+    if text.len() > limit {
+        return Err(ApiError::bad_request(format!(
+            "the prompt has {} bytes, more than {context} tokens can hold (at most {} bytes \
+             each): this server's context is {context} tokens",
+            text.len(),
+            engine.max_token_bytes
+        ))
+        .param("messages")
+        .code("context_length_exceeded"));
+    }
+    Ok(())
 }
 
 /// A prompt leaves room for at least one generated token in the server's context.
@@ -420,7 +472,7 @@ fn submit(
             Err(e) => {
                 // Cancel the choices already queued (the guard does it on drop).
                 let status = match e {
-                    SubmitError::QueueFull(_) | SubmitError::Stopped => {
+                    SubmitError::QueueFull { .. } | SubmitError::Stopped => {
                         ApiError::bad_request(e.to_string())
                             .status(StatusCode::SERVICE_UNAVAILABLE, "server_error")
                     }

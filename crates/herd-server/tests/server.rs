@@ -493,12 +493,22 @@ fn health_is_503_until_the_model_is_loaded_and_a_full_queue_is_503() {
         },
         Vec::new(),
     );
-    let (status, body) = post_raw(
-        &s.base,
-        "/v1/completions",
-        r#"{"model":"gemma3:270m","prompt":"x","max_tokens":1}"#,
-        None,
+    let mut r = agent()
+        .post(format!("{}/v1/completions", s.base))
+        .header("content-type", "application/json")
+        .send(r#"{"model":"gemma3:270m","prompt":"x","max_tokens":1}"#)
+        .unwrap();
+    let retry_after = r.headers().get("retry-after").cloned();
+    let body = r.body_mut().read_to_string().unwrap();
+    assert_eq!(r.status().as_u16(), 503, "{body}");
+    assert!(
+        body.contains("the limit is 0"),
+        "the message states the limit: {body}"
     );
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        retry_after.as_ref().and_then(|v| v.to_str().ok()),
+        Some("1"),
+        "a 503 says when to retry"
+    );
     assert_eq!(get(&s.base, "/health").0, 200);
 }
