@@ -136,6 +136,20 @@ fn huge_grammars_are_answered_and_the_server_keeps_serving() {
     assert!(message.contains("too large"), "{message}");
     assert_eq!(body["error"]["code"], "invalid_grammar");
 
+    // A wide object of optional properties compiles, then overflows a parser row of
+    // llguidance at its second token: the request's fault, a 400, not a 500 with the parser's
+    // state in it.
+    let props: serde_json::Map<String, Value> = (0..1_000)
+        .map(|i| (format!("p{i}"), json!({"type": "integer"})))
+        .collect();
+    let schema = json!({"type": "json_schema", "json_schema": {"name": "form",
+                        "schema": {"type": "object", "properties": props}}});
+    let (status, body) = s.chat(json!({"response_format": schema, "max_tokens": 8}));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_grammar", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("<state>"), "no internal dump: {message}");
+
     let (status, body) = s.chat(json!({}));
     assert_eq!(status, 200, "an ordinary request after them: {body}");
 }

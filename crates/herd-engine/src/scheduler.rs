@@ -75,22 +75,23 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// What the scheduler reports about one request, in order: tokens, then exactly one `Done` or
-/// `Failed`.
+/// What the scheduler reports about one request, in order: tokens, then exactly one `Done`,
+/// `GrammarFailed` or `Failed`.
 #[derive(Clone, Debug)]
 pub enum Event {
     /// A sampled token and the text it completes (possibly empty while a multi-byte character
     /// or a possible stop string is held back).
-    Token {
-        sampled: Sampled,
-        text: String,
-    },
+    Token { sampled: Sampled, text: String },
     /// Text released when generation ends (held-back bytes), then the end.
     Done {
         text: String,
         finish: FinishReason,
         usage: Usage,
     },
+    /// The request's grammar could not go on (a step beyond llguidance's parser limits, such as
+    /// a parser row of more than 2,000 items): a fault of the request, not of the server.
+    GrammarFailed(String),
+    /// The request could not go on for another reason (the engine stopped, an internal error).
     Failed(String),
 }
 
@@ -482,6 +483,7 @@ impl Loop {
             let _ = self.out.send(Output::Failed {
                 id: s.id,
                 why: why.into(),
+                grammar: false,
             });
         }
         self.publish();
@@ -491,6 +493,7 @@ impl Loop {
         let _ = self.out.send(Output::Failed {
             id,
             why: why.into(),
+            grammar: false,
         });
     }
 
@@ -664,7 +667,8 @@ impl Loop {
                 Some(Err(e)) => {
                     let _ = self.out.send(Output::Failed {
                         id: s.id,
-                        why: format!("grammar: {e}"),
+                        why: format!("the output constraint cannot go on: {e}"),
+                        grammar: true,
                     });
                     finished.push(i);
                     continue;
@@ -675,6 +679,7 @@ impl Loop {
                 let _ = self.out.send(Output::Failed {
                     id: s.id,
                     why: "internal error in the sampler".into(),
+                    grammar: false,
                 });
                 finished.push(i);
                 continue;
@@ -685,7 +690,8 @@ impl Loop {
             {
                 let _ = self.out.send(Output::Failed {
                     id: s.id,
-                    why: format!("grammar: {e}"),
+                    why: format!("the output constraint cannot go on: {e}"),
+                    grammar: true,
                 });
                 finished.push(i);
                 continue;
@@ -902,11 +908,11 @@ enum Output {
     Failed {
         id: SeqId,
         why: String,
+        /// The request's grammar failed ([`Event::GrammarFailed`]).
+        grammar: bool,
     },
     /// Cancelled: drop without a word.
-    Forget {
-        id: SeqId,
-    },
+    Forget { id: SeqId },
     /// The engine has stopped: deliver what is queued, then exit.
     Close,
 }
@@ -990,9 +996,13 @@ fn process_outputs(tokenizer: &Tokenizer, rx: &Receiver<Output>, cancel: &Sender
                     usage,
                 });
             }
-            Output::Failed { id, why } => {
+            Output::Failed { id, why, grammar } => {
                 if let Some(mut s) = streams.remove(&id) {
-                    (s.sink)(Event::Failed(why));
+                    (s.sink)(if grammar {
+                        Event::GrammarFailed(why)
+                    } else {
+                        Event::Failed(why)
+                    });
                 }
             }
             Output::Forget { id } => {

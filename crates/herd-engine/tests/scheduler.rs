@@ -85,7 +85,7 @@ fn collect(rx: Receiver<Event>) -> Outcome {
                     usage,
                 };
             }
-            Event::Failed(why) => panic!("request failed: {why}"),
+            Event::Failed(why) | Event::GrammarFailed(why) => panic!("request failed: {why}"),
         }
     }
     panic!("the event stream ended without Done")
@@ -502,7 +502,7 @@ fn sampled_run(s: &Scheduler, tok: &Tokenizer, text: &str) -> (Vec<Sampled>, Usa
         match e {
             Event::Token { sampled, .. } => got.push(sampled),
             Event::Done { usage, .. } => return (got, usage),
-            Event::Failed(why) => panic!("{why}"),
+            Event::Failed(why) | Event::GrammarFailed(why) => panic!("{why}"),
         }
     }
     panic!("the event stream ended without Done")

@@ -383,6 +383,14 @@ fn surely_over_context(engine: &Engine, text: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// A request whose grammar could not go on mid-generation (beyond llguidance's parser limits):
+/// the request's fault, a 400 like a grammar refused at compile time.
+fn grammar_failed(why: String) -> ApiError {
+    ApiError::bad_request(why)
+        .param("response_format")
+        .code("invalid_grammar")
+}
+
 /// A prompt leaves room for at least one generated token in the server's context.
 fn fits_context(st: &AppState, prompt: &[u32]) -> ApiResult<()> {
     let context = ready(st)?.scheduler.config().context;
@@ -589,6 +597,11 @@ async fn whole_response(st: Arc<AppState>, mut run: Running, meta: Meta, n: usiz
                     &ApiError::bad_request(why)
                         .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
                 );
+            }
+            Event::GrammarFailed(why) => {
+                st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+                run.guard.finished = false;
+                return error_response(&grammar_failed(why));
             }
         }
     }
@@ -851,6 +864,14 @@ async fn pump(
                 st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
                 let e = ApiError::bad_request(why)
                     .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error");
+                let _ = send(Bytes::from(format!("data: {}\n\n", e.body()))).await;
+                return;
+            }
+            Event::GrammarFailed(why) => {
+                // The headers went out with the first chunk: the error is the stream's last
+                // event, typed as the request's fault.
+                st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+                let e = grammar_failed(why);
                 let _ = send(Bytes::from(format!("data: {}\n\n", e.body()))).await;
                 return;
             }
