@@ -17,6 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -126,9 +127,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -184,8 +187,17 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<()> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
+    // Compared in constant time (per key), so response timing says nothing about a key's
+    // prefix; every key is compared, whichever matches.
+    let matches = |k: &str| {
+        st.api_keys
+            .iter()
+            .fold(subtle::Choice::from(0), |any, key| {
+                any | subtle::ConstantTimeEq::ct_eq(key.as_bytes(), k.as_bytes())
+            })
+    };
     match given {
-        Some(k) if st.api_keys.iter().any(|key| key == k) => Ok(()),
+        Some(k) if bool::from(matches(k)) => Ok(()),
         _ => Err(ApiError::bad_request(
             "a valid API key is required (Authorization: Bearer <key>)",
         )
@@ -201,23 +213,78 @@ fn ready(st: &AppState) -> ApiResult<&Engine> {
     })
 }
 
+/// The served model as OpenAI's model object.
+fn model_object(st: &AppState) -> Value {
+    json!({"id": st.model_name, "object": "model", "created": st.started, "owned_by": "herd"})
+}
+
 async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(&st, &headers) {
         return error_response(&e);
     }
-    axum::Json(json!({
-        "object": "list",
-        "data": [{"id": st.model_name, "object": "model", "created": st.started, "owned_by": "herd"}],
-    }))
-    .into_response()
+    axum::Json(json!({"object": "list", "data": [model_object(&st)]})).into_response()
 }
 
-async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(st, headers, body, Endpoint::Chat).await
+/// `GET /v1/models/{id}` (the openai client's `models.retrieve`).
+async fn model(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if let Err(e) = authorize(&st, &headers) {
+        return error_response(&e);
+    }
+    if id != st.model_name {
+        return error_response(
+            &ApiError::bad_request(format!(
+                "the model '{id}' does not exist here; this server serves '{}'",
+                st.model_name
+            ))
+            .param("model")
+            .code("model_not_found")
+            .status(StatusCode::NOT_FOUND, "invalid_request_error"),
+        );
+    }
+    axum::Json(model_object(&st)).into_response()
 }
 
-async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(st, headers, body, Endpoint::Completions).await
+/// A method the route does not take, in OpenAI's error shape (axum's own 405 has no body).
+async fn method_not_allowed() -> Response {
+    error_response(
+        &ApiError::bad_request("this route does not take that method")
+            .status(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error"),
+    )
+}
+
+/// The request body, or why it could not be read (over the body limit: 413), to be answered in
+/// OpenAI's error shape rather than axum's plain text.
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|rejection| {
+        ApiError::bad_request(format!("the request body could not be read: {rejection}"))
+            .status(rejection.status(), "invalid_request_error")
+    })
+}
+
+async fn chat(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match body_or_error(body) {
+        Ok(body) => handle(st, headers, body, Endpoint::Chat).await,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match body_or_error(body) {
+        Ok(body) => handle(st, headers, body, Endpoint::Completions).await,
+        Err(e) => error_response(&e),
+    }
 }
 
 async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint) -> Response {
