@@ -33,7 +33,14 @@ fn serve() -> Served {
     assert!(model.exists(), "run tests/fixtures/fetch.sh first");
     let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
         .args(["serve", model.to_str().unwrap(), "--port", "0"])
-        .args(["--served-model-name", "m", "--ctx-size", "1024", "-t", "2"])
+        .args([
+            "--served-model-name",
+            "org/m",
+            "--ctx-size",
+            "1024",
+            "-t",
+            "2",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -68,7 +75,7 @@ impl Served {
 
     fn chat(&self, extra: Value) -> (u16, Value) {
         let mut body = json!({
-            "model": "m",
+            "model": "org/m",
             "messages": [{"role": "user", "content": "Fill in the form."}],
             "max_tokens": 4,
             "temperature": 0,
@@ -149,6 +156,10 @@ fn huge_grammars_are_answered_and_the_server_keeps_serving() {
     assert_eq!(body["error"]["code"], "invalid_grammar", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(!message.contains("<state>"), "no internal dump: {message}");
+    assert!(
+        message.contains("cannot go on"),
+        "failed mid-generation, not at compile time: {message}"
+    );
 
     let (status, body) = s.chat(json!({}));
     assert_eq!(status, 200, "an ordinary request after them: {body}");
@@ -162,11 +173,17 @@ fn a_prompt_far_over_the_context_is_refused_before_tokenizing() {
     let mut r = agent()
         .post(format!("http://127.0.0.1:{}/v1/completions", s.port))
         .header("content-type", "application/json")
-        .send(json!({"model": "m", "prompt": "a\n".repeat(600_000), "max_tokens": 1}).to_string())
+        .send(
+            json!({"model": "org/m", "prompt": "a\n".repeat(600_000), "max_tokens": 1}).to_string(),
+        )
         .unwrap();
     let body: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
     assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("bytes"), "refused by size: {message}");
     assert_eq!(s.get("/health"), 200);
+    // A served name with a slash (the default name is the model argument, often a path) is
+    // found by `models.retrieve`.
+    assert_eq!(s.get("/v1/models/org/m"), 200);
+    assert_eq!(s.get("/v1/models/org/other"), 404);
 }

@@ -140,6 +140,8 @@ pub enum SubmitError {
     TooLargeForCache { needed: usize, total: usize },
     #[error("{waiting} requests are already waiting to start (the limit is {limit}); retry later")]
     QueueFull { waiting: usize, limit: usize },
+    #[error("{requests} sequences at once can never be queued: at most {limit} may wait to start")]
+    OverQueueLimit { requests: usize, limit: usize },
     #[error("the engine has stopped")]
     Stopped,
 }
@@ -273,6 +275,37 @@ impl Scheduler {
 
     /// Queue a request; its events go to its sink. Returns its id (for `cancel`).
     pub fn submit(&self, req: GenerationRequest) -> Result<SeqId, SubmitError> {
+        self.check(&req)?;
+        let slot = self.take_queue_slots(1)?.pop().expect("one slot");
+        self.submit_in(req, slot)
+    }
+
+    /// Queue several requests (the `n` choices of one API request) all or none: their places
+    /// in the queue are taken together, so two such groups cannot each get part of the queue
+    /// and refuse each other. Returns their ids in order.
+    pub fn submit_all(&self, reqs: Vec<GenerationRequest>) -> Result<Vec<SeqId>, SubmitError> {
+        for r in &reqs {
+            self.check(r)?;
+        }
+        let slots = self.take_queue_slots(reqs.len())?;
+        let mut ids = Vec::with_capacity(reqs.len());
+        for (req, slot) in reqs.into_iter().zip(slots) {
+            match self.submit_in(req, slot) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for &id in &ids {
+                        self.cancel(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// What makes a request impossible whatever the load: empty, over the context, over the
+    /// whole cache.
+    fn check(&self, req: &GenerationRequest) -> Result<(), SubmitError> {
         let context = self.config.context;
         if req.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
@@ -290,7 +323,15 @@ impl Scheduler {
                 total: self.config.kv_blocks,
             });
         }
-        let queue_slot = self.take_queue_slot()?;
+        Ok(())
+    }
+
+    /// Queue a checked request holding its place in the queue.
+    fn submit_in(
+        &self,
+        req: GenerationRequest,
+        queue_slot: QueueSlot,
+    ) -> Result<SeqId, SubmitError> {
         let id = {
             let mut n = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
             *n += 1;
@@ -324,16 +365,21 @@ impl Scheduler {
         Ok(id)
     }
 
-    /// A place among the requests waiting to start, or [`SubmitError::QueueFull`]: an atomic
-    /// count, exact however many threads submit at once (the engine's published `waiting`
-    /// lags by up to a step).
-    fn take_queue_slot(&self) -> Result<QueueSlot, SubmitError> {
+    /// `n` places among the requests waiting to start, all or none, or
+    /// [`SubmitError::QueueFull`] ([`SubmitError::OverQueueLimit`] if `n` exceeds the limit
+    /// itself): an atomic count, exact however many threads submit at once (the engine's
+    /// published `waiting` lags by up to a step).
+    fn take_queue_slots(&self, n: usize) -> Result<Vec<QueueSlot>, SubmitError> {
         let limit = self.config.max_waiting;
+        // (With a limit of 0 nothing is ever queued: that is a full queue, not a bad request.)
+        if n > limit && limit > 0 {
+            return Err(SubmitError::OverQueueLimit { requests: n, limit });
+        }
         self.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w + n <= limit).then_some(w + n)
             })
-            .map(|_| QueueSlot(self.queued.clone()))
+            .map(|_| (0..n).map(|_| QueueSlot(self.queued.clone())).collect())
             .map_err(|waiting| SubmitError::QueueFull { waiting, limit })
     }
 
@@ -665,10 +711,16 @@ impl Loop {
                     self.counters.mask_seconds += mask.elapsed.as_secs_f64();
                 }
                 Some(Err(e)) => {
+                    let (why, grammar) = match e {
+                        MaskError::Grammar(e) => {
+                            (format!("the output constraint cannot go on: {e}"), true)
+                        }
+                        MaskError::Internal(e) => (e.to_string(), false),
+                    };
                     let _ = self.out.send(Output::Failed {
                         id: s.id,
-                        why: format!("the output constraint cannot go on: {e}"),
-                        grammar: true,
+                        why,
+                        grammar,
                     });
                     finished.push(i);
                     continue;
@@ -791,7 +843,7 @@ struct MaskJob {
     row: usize,
     seq: usize,
     constraint: Constraint,
-    mask: Option<Result<Mask, String>>,
+    mask: Option<Result<Mask, MaskError>>,
 }
 
 impl MaskWorker {
@@ -805,10 +857,10 @@ impl MaskWorker {
                 for mut batch in jobs {
                     for j in &mut batch {
                         let c = &mut j.constraint;
-                        j.mask = Some(
-                            catch_unwind(AssertUnwindSafe(|| c.next_mask()))
-                                .unwrap_or_else(|_| Err("the grammar engine panicked".into())),
-                        );
+                        j.mask = Some(match catch_unwind(AssertUnwindSafe(|| c.next_mask())) {
+                            Ok(mask) => mask.map_err(MaskError::Grammar),
+                            Err(_) => Err(MaskError::Internal("the grammar engine panicked")),
+                        });
                     }
                     if done.send(batch).is_err() {
                         break;
@@ -857,11 +909,11 @@ impl MaskWorker {
         &self,
         rows: &[usize],
         running: &mut [Sequence],
-    ) -> Vec<Option<Result<Mask, String>>> {
+    ) -> Vec<Option<Result<Mask, MaskError>>> {
         let Some(&last) = rows.iter().max() else {
             return Vec::new();
         };
-        let mut masks: Vec<Option<Result<Mask, String>>> = (0..=last).map(|_| None).collect();
+        let mut masks: Vec<Option<Result<Mask, MaskError>>> = (0..=last).map(|_| None).collect();
         match self.rx.recv() {
             Ok(jobs) => {
                 for j in jobs {
@@ -871,12 +923,20 @@ impl MaskWorker {
             }
             Err(_) => {
                 for &r in rows {
-                    masks[r] = Some(Err("the grammar mask worker stopped".into()));
+                    masks[r] = Some(Err(MaskError::Internal("the grammar mask worker stopped")));
                 }
             }
         }
         masks
     }
+}
+
+/// Why a sequence's next mask is missing: its grammar could not go on (the request's fault), or
+/// the mask machinery failed (the server's).
+#[derive(Debug)]
+enum MaskError {
+    Grammar(String),
+    Internal(&'static str),
 }
 
 /// Why the engine ended a sequence.

@@ -618,5 +618,25 @@ fn max_waiting_is_exact_under_a_burst() {
         }
     };
     s.cancel(again);
+    // A group (the `n` choices of one request) takes its places together: more than the limit
+    // can never be queued, which is not a full queue but a request that cannot be served.
+    let group = |n: usize| s.submit_all((0..n).map(|_| req()).collect());
+    assert_eq!(
+        group(3).unwrap_err(),
+        SubmitError::OverQueueLimit {
+            requests: 3,
+            limit: 2
+        }
+    );
+    let ids = loop {
+        match group(2) {
+            Ok(ids) => break ids,
+            Err(SubmitError::QueueFull { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    assert_eq!(ids.len(), 2);
     s.shutdown(false);
 }

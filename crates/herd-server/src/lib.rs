@@ -127,7 +127,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
+        // A wildcard: the default served name is the model argument, often a path.
+        .route("/v1/models/{*id}", get(model))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .fallback(not_found)
@@ -164,6 +165,7 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
             axum::Json(json!({"status": "loading"})),
         )
             .into_response()
@@ -296,7 +298,10 @@ async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint
             let st = st.clone();
             tokio::task::spawn_blocking(move || prepare(&st, job))
                 .await
-                .unwrap_or_else(|_| Err(ApiError::bad_request("the prompt could not be prepared")))
+                .unwrap_or_else(|_| {
+                    Err(ApiError::bad_request("internal error preparing the prompt")
+                        .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error"))
+                })
         }
         Err(e) => Err(e),
     };
@@ -378,11 +383,11 @@ fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
                 tools::for_template(&engine.family, job.tools.as_ref(), messages);
             opts.tools = listed;
             let text = template.render(&messages, &opts).map_err(enc)?;
-            surely_over_context(engine, &text)?;
+            surely_over_context(engine, &text, "messages")?;
             tok.encode_prompt(&text).map_err(enc)?
         }
         PromptSource::Text(t) => {
-            surely_over_context(engine, t)?;
+            surely_over_context(engine, t, "prompt")?;
             tok.encode(t, true).map_err(enc)?
         }
         PromptSource::Tokens(ids) => {
@@ -431,20 +436,22 @@ struct Running {
 /// A text that needs more tokens than the context holds whatever its tokenization is refused
 /// before it is tokenized: each token stands for at most `max_token_bytes` bytes, so a text of
 /// more than `context × max_token_bytes` bytes cannot fit. The bound allows 4 times that, for
-/// tokenizers whose normalizer drops characters before the vocabulary sees them.
-fn surely_over_context(engine: &Engine, text: &str) -> ApiResult<()> {
+/// normalizers that shrink text (NFKC, lowercasing: about 3× at most). A tokenizer that drops
+/// bytes outright (a SentencePiece vocabulary without byte tokens) could see a long junk prompt
+/// refused here that would have fit; herd's supported vocabularies do not.
+fn surely_over_context(engine: &Engine, text: &str, param: &str) -> ApiResult<()> {
     let context = engine.scheduler.config().context;
     let limit = context
         .saturating_mul(engine.max_token_bytes)
         .saturating_mul(4);
     if text.len() > limit {
         return Err(ApiError::bad_request(format!(
-            "the prompt has {} bytes, more than {context} tokens can hold (at most {} bytes \
-             each): this server's context is {context} tokens",
+            "the prompt has {} bytes, far more than {context} tokens can hold (a token stands \
+             for at most {} bytes): this server's context is {context} tokens",
             text.len(),
             engine.max_token_bytes
         ))
-        .param("messages")
+        .param(param)
         .code("context_length_exceeded"));
     }
     Ok(())
@@ -529,36 +536,40 @@ fn submit(
         ids: Vec::new(),
         finished: false,
     };
-    for index in 0..job.n {
-        let tx = tx.clone();
-        let mut sampling = job.sampling.clone();
-        sampling.seed = seed.wrapping_add(index as u64);
-        let req = GenerationRequest {
-            prompt: prompt.to_vec(),
-            max_tokens,
-            stop: job.stop.clone(),
-            sampling,
-            ignore_eos: job.ignore_eos,
-            constraint: constraint.clone(),
-            sink: Box::new(move |e| tx.send((index, e, Instant::now())).is_ok()),
-        };
-        match engine.scheduler.submit(req) {
-            Ok(id) => guard.ids.push(id),
-            Err(e) => {
-                // Cancel the choices already queued (the guard does it on drop).
-                let status = match e {
-                    SubmitError::QueueFull { .. } | SubmitError::Stopped => {
-                        ApiError::bad_request(e.to_string())
-                            .status(StatusCode::SERVICE_UNAVAILABLE, "server_error")
-                    }
-                    SubmitError::PromptTooLong { .. } | SubmitError::TooLargeForCache { .. } => {
-                        ApiError::bad_request(e.to_string()).code("context_length_exceeded")
-                    }
-                    SubmitError::EmptyPrompt => ApiError::bad_request(e.to_string()),
-                };
-                guard.finished = guard.ids.is_empty();
-                return Err(status);
+    let requests = (0..job.n)
+        .map(|index| {
+            let tx = tx.clone();
+            let mut sampling = job.sampling.clone();
+            sampling.seed = seed.wrapping_add(index as u64);
+            GenerationRequest {
+                prompt: prompt.to_vec(),
+                max_tokens,
+                stop: job.stop.clone(),
+                sampling,
+                ignore_eos: job.ignore_eos,
+                constraint: constraint.clone(),
+                sink: Box::new(move |e| tx.send((index, e, Instant::now())).is_ok()),
             }
+        })
+        .collect();
+    // All choices or none: they take their places in the queue together.
+    match engine.scheduler.submit_all(requests) {
+        Ok(ids) => guard.ids = ids,
+        Err(e) => {
+            guard.finished = true;
+            return Err(match e {
+                SubmitError::QueueFull { .. } | SubmitError::Stopped => {
+                    ApiError::bad_request(e.to_string())
+                        .status(StatusCode::SERVICE_UNAVAILABLE, "server_error")
+                }
+                SubmitError::OverQueueLimit { .. } => {
+                    ApiError::bad_request(e.to_string()).param("n")
+                }
+                SubmitError::PromptTooLong { .. } | SubmitError::TooLargeForCache { .. } => {
+                    ApiError::bad_request(e.to_string()).code("context_length_exceeded")
+                }
+                SubmitError::EmptyPrompt => ApiError::bad_request(e.to_string()),
+            });
         }
     }
     Ok(Running { rx, guard, arrived })

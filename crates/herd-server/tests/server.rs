@@ -365,26 +365,59 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let (status, m) = call("GET", "/v1/chat/completions");
     assert_eq!(status, 405, "{m}");
     assert!(m["error"]["message"].is_string(), "{m}");
-    // The server may answer and close before the client has sent the whole body, and then the
-    // client's write fails instead of reading the answer: a few tries get one answer.
-    let big = format!(
-        r#"{{"model":"gemma3:270m","prompt":"{}"}}"#,
-        "x".repeat(3 << 20)
-    );
-    let answer = (0..5).find_map(|_| {
-        let mut r = agent()
-            .post(format!("{}/v1/completions", s.base))
-            .header("authorization", "Bearer sekrit")
-            .header("content-type", "application/json")
-            .send(&big)
-            .ok()?;
-        let text = r.body_mut().read_to_string().ok()?;
-        Some((
-            r.status().as_u16(),
-            serde_json::from_str::<Value>(&text).ok()?,
-        ))
-    });
-    let (status, m) = answer.expect("an answer to an oversized body");
+    // The server answers (and closes) once the limit is passed, before the whole body is sent:
+    // write the body on one thread, ignoring write errors, and read the answer on this one.
+    let answer = {
+        use std::io::{Read, Write};
+        let addr = s.base.trim_start_matches("http://").to_string();
+        let mut reader = std::net::TcpStream::connect(&addr).unwrap();
+        reader
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut writer = reader.try_clone().unwrap();
+        let body = format!(
+            r#"{{"model":"gemma3:270m","prompt":"{}"}}"#,
+            "x".repeat(3 << 20)
+        );
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer sekrit\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let send = std::thread::spawn(move || {
+            let _ = writer.write_all(head.as_bytes());
+            let _ = writer.write_all(body.as_bytes());
+        });
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Read until the JSON body is complete (or the connection ends).
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if let Some(at) = text.find("\r\n\r\n")
+                && serde_json::from_str::<Value>(&text[at + 4..]).is_ok()
+            {
+                break;
+            }
+        }
+        drop(reader);
+        let _ = send.join();
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (
+            status,
+            serde_json::from_str::<Value>(body).unwrap_or(Value::Null),
+        )
+    };
+    let (status, m) = answer;
     assert_eq!(status, 413, "{m}");
     assert!(m["error"]["message"].is_string(), "{m}");
     let (status, text) = post_raw(&s.base, "/v1/completions", ok, Some("sekrit"));
