@@ -191,23 +191,36 @@ pub fn choose_type(
     fallback(t, dims[0])
 }
 
-/// The type of every tensor of a file, in file order, counting `attn_v` tensors as they come.
+/// The type of every tensor of a file, in file order. `attn_v` tensors are counted as
+/// llama-quantize counts them: it visits tensors ordered by layer number, then name
+/// (`weight_name_comparer` in llama-model-loader.h), so a file stored in another order (names
+/// sorted as text put `blk.10` before `blk.2`) gets the same types as one stored by layer.
 pub fn choose_types<'a>(
     ft: FileType,
     shape: &ModelShape,
     tensors: impl IntoIterator<Item = (&'a str, &'a [u64], DType)>,
 ) -> Vec<DType> {
+    let tensors: Vec<_> = tensors.into_iter().collect();
+    let mut visit: Vec<usize> = (0..tensors.len()).collect();
+    visit.sort_by(|&a, &b| {
+        let key = |i: usize| {
+            (
+                layer_of(tensors[i].0).map_or(-1, |l| l as i64),
+                tensors[i].0,
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    let mut types = vec![DType::F32; tensors.len()];
     let mut attn_v = 0;
-    tensors
-        .into_iter()
-        .map(|(name, dims, current)| {
-            let t = choose_type(ft, shape, name, dims, current, attn_v);
-            if name.contains("attn_v.weight") {
-                attn_v += 1;
-            }
-            t
-        })
-        .collect()
+    for i in visit {
+        let (name, dims, current) = tensors[i];
+        types[i] = choose_type(ft, shape, name, dims, current, attn_v);
+        if name.contains("attn_v.weight") {
+            attn_v += 1;
+        }
+    }
+    types
 }
 
 /// llama.cpp's `tensor_type_fallback`: rows that are not whole blocks get a smaller block.
@@ -416,6 +429,35 @@ mod tests {
         assert_eq!(pick("blk.5.attn_q.weight", 96, 0), DType::Q5_0);
         assert_eq!(pick("blk.0.ffn_down.weight", 96, 0), DType::Q8_0);
         assert_eq!(pick("blk.5.attn_q.weight", 48, 0), DType::F16);
+    }
+
+    #[test]
+    fn attn_v_is_counted_in_layer_order_whatever_the_file_order() {
+        let s = shape(16);
+        let names: Vec<String> = (0..16).map(|i| format!("blk.{i}.attn_v.weight")).collect();
+        let mut text_order = names.clone();
+        text_order.sort();
+        let dims = [4096u64, 4096];
+        let types = |order: &[String]| -> Vec<(String, DType)> {
+            let picked = choose_types(
+                FileType::Q4KM,
+                &s,
+                order.iter().map(|n| (n.as_str(), &dims[..], DType::F32)),
+            );
+            let mut by_name: Vec<_> = order.iter().cloned().zip(picked).collect();
+            by_name.sort();
+            by_name
+        };
+        assert_eq!(types(&names), types(&text_order));
+        // use_more_bits for 16 layers: 0, 1, 14, 15 and 4, 7, 10, 13.
+        let more: Vec<usize> = (0..16)
+            .filter(|&i| {
+                types(&text_order)
+                    .iter()
+                    .any(|(n, t)| *n == names[i] && *t == DType::Q6K)
+            })
+            .collect();
+        assert_eq!(more, [0, 1, 4, 7, 10, 13, 14, 15]);
     }
 
     #[test]
