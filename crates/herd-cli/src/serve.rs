@@ -46,6 +46,22 @@ pub struct ServeArgs {
     /// Requests allowed to wait for a place; more get 503.
     #[arg(long, default_value_t = 256)]
     max_waiting: usize,
+    /// Seconds a client gets to send a request's head; a keep-alive connection idle this long
+    /// is closed.
+    #[arg(long, default_value_t = 30)]
+    header_timeout: u64,
+    /// Seconds a client gets to send a request's body, and that a response may wait on a
+    /// client that does not read it before the connection is closed (its request cancelled).
+    #[arg(long, default_value_t = 60)]
+    stall_timeout: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C; a second signal exits
+    /// at once.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+    /// An origin whose browser pages may call the API (repeatable; `*` for any), e.g.
+    /// `--cors-origin http://localhost:3000`. Without it browsers refuse cross-origin calls.
+    #[arg(long = "cors-origin")]
+    cors_origins: Vec<String>,
     /// Compute threads, the engine thread included (default: one per CPU).
     #[arg(short = 't', long, env = "HERD_THREADS")]
     threads: Option<usize>,
@@ -87,6 +103,18 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     if args.block_size == 0 || args.kv_tokens < args.block_size {
         bail!("--kv-tokens must hold at least one block of --block-size positions");
     }
+    // A request may use the whole context: a cache smaller than that could accept a request
+    // and fail it after generating. (The model's own context may cap --ctx-size further down,
+    // which only makes room.)
+    let kv_positions = args.kv_tokens / args.block_size * args.block_size;
+    if kv_positions < args.ctx_size {
+        bail!(
+            "--kv-tokens {} holds {kv_positions} positions, fewer than one full context              (--ctx-size {}): a request could be accepted and then not finish. Raise --kv-tokens              to at least {} or lower --ctx-size to at most {kv_positions}",
+            args.kv_tokens,
+            args.ctx_size,
+            args.ctx_size.div_ceil(args.block_size) * args.block_size
+        );
+    }
     let config = SchedulerConfig {
         block_size: args.block_size,
         kv_type: args.kv_type,
@@ -100,7 +128,22 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .served_model_name
         .clone()
         .unwrap_or_else(|| args.model.clone());
-    let state = AppState::new(name, keys);
+    for t in [args.header_timeout, args.stall_timeout] {
+        if t == 0 {
+            bail!("--header-timeout and --stall-timeout must be at least 1 second");
+        }
+    }
+    let secs = std::time::Duration::from_secs;
+    let options = herd_server::ServerOptions {
+        timeouts: herd_server::Timeouts {
+            header: secs(args.header_timeout),
+            body: secs(args.stall_timeout),
+            write_stall: secs(args.stall_timeout),
+            shutdown_grace: secs(args.shutdown_grace),
+        },
+        cors_origins: args.cors_origins.clone(),
+    };
+    let state = AppState::with_options(name, keys, options);
     let compute = match args.threads {
         Some(0) => bail!("--threads must be at least 1"),
         Some(t) => {
@@ -166,7 +209,7 @@ impl OrPending for tokio::sync::oneshot::Receiver<String> {
 }
 
 async fn shutdown_signal(load_failed: impl std::future::Future<Output = ()>) {
-    let term = async {
+    let term = || async {
         #[cfg(unix)]
         {
             if let Ok(mut s) =
@@ -179,8 +222,17 @@ async fn shutdown_signal(load_failed: impl std::future::Future<Output = ()>) {
         std::future::pending::<()>().await
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => eprintln!("herd: interrupted, finishing in-flight requests"),
-        _ = term => eprintln!("herd: SIGTERM, finishing in-flight requests"),
-        _ = load_failed => {},
+        _ = tokio::signal::ctrl_c() => eprintln!("herd: interrupted, finishing in-flight requests (again to exit now)"),
+        _ = term() => eprintln!("herd: SIGTERM, finishing in-flight requests (again to exit now)"),
+        _ = load_failed => return,
     }
+    // A second signal while requests finish: exit now.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term() => {},
+        }
+        eprintln!("herd: second signal, exiting without waiting");
+        std::process::exit(130);
+    });
 }

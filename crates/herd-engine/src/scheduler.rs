@@ -116,6 +116,10 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// A grammar the output must follow (JSON schema, regex, Lark).
     pub constraint: Option<Constraint>,
+    /// The prefix-cache partition: a sequence reuses cached blocks only of sequences with the
+    /// same salt (0: the shared partition). A server gives each tenant its own, so that one
+    /// cannot learn another's prompts from what was cached.
+    pub cache_salt: u64,
     pub sink: Sink,
 }
 
@@ -180,6 +184,7 @@ struct Job {
     sampling: SamplingParams,
     ignore_eos: bool,
     constraint: Option<Constraint>,
+    cache_salt: u64,
     /// Held from `submit` until the request first runs (or ends without running).
     queue_slot: Option<QueueSlot>,
 }
@@ -344,6 +349,7 @@ impl Scheduler {
             sampling,
             ignore_eos,
             constraint,
+            cache_salt,
             sink,
         } = req;
         // The output thread learns of the request before the engine can produce its first token.
@@ -356,6 +362,7 @@ impl Scheduler {
             sampling,
             ignore_eos,
             constraint,
+            cache_salt,
             queue_slot: Some(queue_slot),
         };
         if self.tx.send(Command::Submit(id, Box::new(job))).is_err() {
@@ -590,13 +597,17 @@ impl Loop {
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            let reused = match self.cache.attach_prefix(seq.id, &seq.tokens) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.fail(seq.id, e.to_string());
-                    continue;
-                }
-            };
+            let reused =
+                match self
+                    .cache
+                    .attach_prefix_salted(seq.id, &seq.tokens, seq.job.cache_salt)
+                {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.fail(seq.id, e.to_string());
+                        continue;
+                    }
+                };
             // Room for the rest of its tokens and the next one, beyond what running sequences
             // will need for their next token.
             let need =

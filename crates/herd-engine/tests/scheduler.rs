@@ -52,6 +52,7 @@ fn submit(
 ) -> Receiver<Event> {
     let (tx, rx) = channel();
     s.submit(GenerationRequest {
+        cache_salt: 0,
         prompt,
         max_tokens,
         stop: Vec::new(),
@@ -221,6 +222,7 @@ fn a_cancelled_or_abandoned_request_frees_its_blocks() {
     let (tx, rx2) = channel();
     let id = s
         .submit(GenerationRequest {
+            cache_salt: 0,
             prompt,
             max_tokens: 1000,
             stop: Vec::new(),
@@ -261,6 +263,7 @@ fn requests_that_cannot_run_are_refused_up_front() {
     };
     let s = Scheduler::start(model, tok, config).unwrap();
     let req = |n: usize| GenerationRequest {
+        cache_salt: 0,
         prompt: vec![2; n],
         max_tokens: 4,
         stop: Vec::new(),
@@ -314,6 +317,7 @@ fn constrained_and_free_requests_share_a_batch() {
         });
         let (tx, rx) = channel();
         s.submit(GenerationRequest {
+            cache_salt: 0,
             prompt: ids.clone(),
             max_tokens: 10,
             stop: Vec::new(),
@@ -461,6 +465,7 @@ fn a_stop_string_ends_the_request_and_frees_its_blocks() {
     assert!(!stop.trim().is_empty(), "continuation {full:?}");
     let (tx, rx) = channel();
     s.submit(GenerationRequest {
+        cache_salt: 0,
         prompt,
         max_tokens: 12,
         stop: vec![stop.clone()],
@@ -484,6 +489,7 @@ fn a_stop_string_ends_the_request_and_frees_its_blocks() {
 fn sampled_run(s: &Scheduler, tok: &Tokenizer, text: &str) -> (Vec<Sampled>, Usage) {
     let (tx, rx) = channel();
     s.submit(GenerationRequest {
+        cache_salt: 0,
         prompt: encode(tok, text),
         max_tokens: 24,
         stop: Vec::new(),
@@ -567,6 +573,7 @@ fn max_waiting_is_exact_under_a_burst() {
         .unwrap(),
     );
     let req = || GenerationRequest {
+        cache_salt: 0,
         prompt: vec![2, 651, 6037],
         max_tokens: 100_000,
         stop: Vec::new(),

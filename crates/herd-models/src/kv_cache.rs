@@ -193,6 +193,8 @@ struct Seq {
     len: usize,
     /// Chain hashes of the leading full blocks that have been hashed.
     hashes: Vec<u64>,
+    /// The prefix-cache partition (the root of the chain hashes).
+    salt: u64,
 }
 
 /// Counters of prefix reuse, for metrics.
@@ -433,6 +435,13 @@ impl KvCache {
     /// groups need only the blocks the first computed position can see. Returns the number of
     /// positions reused; the caller feeds the prompt from there.
     pub fn attach_prefix(&mut self, seq: SeqId, prompt: &[u32]) -> Result<usize> {
+        self.attach_prefix_salted(seq, prompt, 0)
+    }
+
+    /// [`attach_prefix`](Self::attach_prefix) within the partition `salt`: only blocks that
+    /// sequences of the same salt indexed are reused, and this sequence's blocks are indexed
+    /// under it (the salt is the root of the chain hashes).
+    pub fn attach_prefix_salted(&mut self, seq: SeqId, prompt: &[u32], salt: u64) -> Result<usize> {
         if self.seqs.contains_key(&seq) {
             return Err(Error::Batch(format!("sequence {seq} already exists")));
         }
@@ -442,12 +451,12 @@ impl KvCache {
             .chunks_exact(bs)
             .collect();
         let mut hashes = Vec::with_capacity(chunks.len());
-        let mut parent = 0u64;
+        let mut parent = salt;
         for c in &chunks {
             parent = chain_hash(parent, c);
             hashes.push(parent);
         }
-        let parent_of = |i: usize| if i == 0 { 0 } else { hashes[i - 1] };
+        let parent_of = |i: usize| if i == 0 { salt } else { hashes[i - 1] };
         // The longest m such that every group has the blocks among the first m that position
         // m·bs (the first one computed) can see.
         let found = |g: &Group, i: usize| g.lookup(hashes[i], parent_of(i), chunks[i]);
@@ -464,6 +473,7 @@ impl KvCache {
         }
         let mut s = Seq {
             tables: vec![Vec::new(); self.groups.len()],
+            salt,
             ..Seq::default()
         };
         for (gi, g) in self.groups.iter_mut().enumerate() {
@@ -637,7 +647,7 @@ impl KvCache {
         let bs = self.block_size;
         while s.hashes.len() < s.len / bs {
             let i = s.hashes.len();
-            let parent = if i == 0 { 0 } else { s.hashes[i - 1] };
+            let parent = if i == 0 { s.salt } else { s.hashes[i - 1] };
             let toks = &s.tokens[i * bs..(i + 1) * bs];
             let h = chain_hash(parent, toks);
             s.hashes.push(h);
@@ -782,6 +792,24 @@ mod tests {
         assert_eq!(keys(&c, 1, 1, 10), want);
         let part: Vec<f32> = first_of_rows(&c, 1, 0, 3, 9);
         assert_eq!(part, (3..10).map(|t| t as f32).collect::<Vec<_>>());
+    }
+
+    /// Partitions: blocks indexed under one salt are invisible to every other salt, and a
+    /// salted sequence's own blocks are found again under its salt.
+    #[test]
+    fn a_salt_partitions_the_prefix_cache() {
+        let mut c = KvCache::with_capacity(1, 2, 4, 12);
+        let prompt: Vec<u32> = (10..20).collect();
+        assert_eq!(c.attach_prefix_salted(1, &prompt, 7).unwrap(), 0);
+        fill(&mut c, 1, &prompt, 0);
+        c.remove(1);
+        assert_eq!(c.blocks_cached(), 2);
+        assert_eq!(c.attach_prefix(2, &prompt).unwrap(), 0);
+        c.discard(2);
+        assert_eq!(c.attach_prefix_salted(3, &prompt, 8).unwrap(), 0);
+        c.discard(3);
+        assert_eq!(c.attach_prefix_salted(4, &prompt, 7).unwrap(), 8);
+        c.discard(4);
     }
 
     #[test]

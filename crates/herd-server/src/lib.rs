@@ -6,8 +6,10 @@
 //! response or a stream of server-sent events shaped exactly like OpenAI's. A client that goes
 //! away cancels its sequences at once, freeing their KV blocks.
 
+pub mod conn;
 pub mod metrics;
 pub mod openai;
+pub mod request;
 pub mod tools;
 
 use std::sync::atomic::Ordering;
@@ -17,7 +19,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,6 +31,7 @@ use herd_models::SeqId;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+pub use crate::conn::Timeouts;
 use crate::metrics::Metrics;
 use crate::openai::{ApiError, ApiResult, Endpoint, Job, PromptSource};
 
@@ -65,10 +67,28 @@ pub struct AppState {
     pub started: u64,
     /// Permits for grammar compilations ([`CONCURRENT_COMPILES`]).
     compile_slots: Arc<tokio::sync::Semaphore>,
+    pub options: ServerOptions,
+}
+
+/// How `herd serve` treats connections.
+#[derive(Clone, Debug, Default)]
+pub struct ServerOptions {
+    pub timeouts: Timeouts,
+    /// Origins whose browser pages may call the API (`*`: any); empty: no CORS headers, so
+    /// browsers refuse cross-origin calls.
+    pub cors_origins: Vec<String>,
 }
 
 impl AppState {
     pub fn new(model_name: String, api_keys: Vec<String>) -> Arc<Self> {
+        Self::with_options(model_name, api_keys, ServerOptions::default())
+    }
+
+    pub fn with_options(
+        model_name: String,
+        api_keys: Vec<String>,
+        options: ServerOptions,
+    ) -> Arc<Self> {
         Arc::new(Self {
             model_name,
             api_keys,
@@ -76,6 +96,7 @@ impl AppState {
             metrics: Metrics::default(),
             started: unix_now(),
             compile_slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_COMPILES)),
+            options,
         })
     }
 }
@@ -123,7 +144,8 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let cors = cors_layer(&state.options.cors_origins);
+    let router = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
@@ -133,7 +155,39 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+/// CORS for the `--cors-origin` origins (`*`: any): browsers may then call the API from those
+/// pages, with an `Authorization` header, and preflight `OPTIONS` requests are answered.
+/// Origins that are not valid header values are skipped with a warning.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| {
+            let v = HeaderValue::from_str(o.trim_end_matches('/'));
+            if v.is_err() {
+                tracing::warn!(origin = o, "not a valid origin; ignored");
+            }
+            v.ok()
+        }))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 fn unix_now() -> u64 {
@@ -181,9 +235,12 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+/// Who a request comes from: the index of its API key (`None` when the server takes none).
+type Tenant = Option<usize>;
+
+fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<Tenant> {
     if st.api_keys.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let given = headers
         .get(header::AUTHORIZATION)
@@ -191,21 +248,37 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<()> {
         .and_then(|v| v.strip_prefix("Bearer "));
     // Compared in constant time (per key), so response timing says nothing about a key's
     // prefix; every key is compared, whichever matches.
-    let matches = |k: &str| {
-        st.api_keys
-            .iter()
-            .fold(subtle::Choice::from(0), |any, key| {
-                any | subtle::ConstantTimeEq::ct_eq(key.as_bytes(), k.as_bytes())
-            })
+    let find = |k: &str| {
+        use subtle::{ConditionallySelectable, ConstantTimeEq};
+        let (mut found, mut index) = (subtle::Choice::from(0), 0u64);
+        for (i, key) in st.api_keys.iter().enumerate() {
+            let eq = key.as_bytes().ct_eq(k.as_bytes());
+            index.conditional_assign(&(i as u64), eq);
+            found |= eq;
+        }
+        bool::from(found).then_some(index as usize)
     };
-    match given {
-        Some(k) if bool::from(matches(k)) => Ok(()),
-        _ => Err(ApiError::bad_request(
+    match given.and_then(find) {
+        Some(i) => Ok(Some(i)),
+        None => Err(ApiError::bad_request(
             "a valid API key is required (Authorization: Bearer <key>)",
         )
         .status(StatusCode::UNAUTHORIZED, "authentication_error")
         .code("invalid_api_key")),
     }
+}
+
+/// The prefix-cache partition of a request: one per API key and `cache_salt`, so that a tenant
+/// cannot learn from `cached_tokens` (or timing) which prompts another sent. 0, the shared
+/// partition, when the server takes no keys and the request names no salt.
+fn cache_salt(tenant: Tenant, salt: Option<&str>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    if tenant.is_none() && salt.is_none() {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ("herd prefix-cache partition", tenant, salt).hash(&mut h);
+    h.finish().max(1)
 }
 
 fn ready(st: &AppState) -> ApiResult<&Engine> {
@@ -258,45 +331,61 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-/// The request body, or why it could not be read (over the body limit: 413), to be answered in
-/// OpenAI's error shape rather than axum's plain text.
-fn body_or_error(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
-    body.map_err(|rejection| {
-        ApiError::bad_request(format!("the request body could not be read: {rejection}"))
-            .status(rejection.status(), "invalid_request_error")
-    })
-}
+/// The largest request body read, in bytes; a larger one is answered 413.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
 
-async fn chat(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match body_or_error(body) {
-        Ok(body) => handle(st, headers, body, Endpoint::Chat).await,
-        Err(e) => error_response(&e),
+/// The request body, read within [`Timeouts::body`] and [`MAX_BODY_BYTES`]; otherwise 408 or
+/// 413 in OpenAI's error shape.
+async fn read_body(st: &AppState, body: Body) -> ApiResult<Bytes> {
+    let limit = st.options.timeouts.body;
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Err(_) => Err(ApiError::bad_request(format!(
+            "the request body did not arrive within {} s",
+            limit.as_secs()
+        ))
+        .status(StatusCode::REQUEST_TIMEOUT, "invalid_request_error")),
+        Ok(Err(e)) => {
+            let over_limit = std::iter::successors(std::error::Error::source(&e), |e| e.source())
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+            Err(if over_limit {
+                ApiError::bad_request(format!(
+                    "the request body is larger than {} MiB",
+                    MAX_BODY_BYTES >> 20
+                ))
+                .status(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error")
+            } else {
+                ApiError::bad_request(format!("the request body could not be read: {e}"))
+            })
+        }
     }
 }
 
-async fn completions(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    match body_or_error(body) {
-        Ok(body) => handle(st, headers, body, Endpoint::Completions).await,
-        Err(e) => error_response(&e),
-    }
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    handle(st, headers, body, Endpoint::Chat).await
 }
 
-async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint) -> Response {
+async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    handle(st, headers, body, Endpoint::Completions).await
+}
+
+async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Body, ep: Endpoint) -> Response {
     let arrived = Instant::now();
+    let body = match read_body(&st, body).await {
+        Ok(b) => b,
+        Err(e) => {
+            st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+            return error_response(&e);
+        }
+    };
     // Templating and tokenizing (linear, but a long prompt still takes milliseconds) run on a
     // blocking thread, never on the runtime that serves every connection.
-    let prepared = match authorize(&st, &headers).and_then(|()| openai::parse(&body, ep)) {
-        Ok(job) => {
+    let prepared = match authorize(&st, &headers)
+        .and_then(|tenant| openai::parse(&body, ep).map(|job| (tenant, job)))
+    {
+        Ok((tenant, job)) => {
             let st = st.clone();
-            tokio::task::spawn_blocking(move || prepare(&st, job))
+            tokio::task::spawn_blocking(move || prepare(&st, job).map(|(j, p)| (tenant, j, p)))
                 .await
                 .unwrap_or_else(|_| {
                     Err(ApiError::bad_request("internal error preparing the prompt")
@@ -305,7 +394,7 @@ async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint
         }
         Err(e) => Err(e),
     };
-    let (job, prompt) = match prepared {
+    let (tenant, job, prompt) = match prepared {
         Ok(p) => p,
         Err(e) => {
             st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
@@ -313,7 +402,7 @@ async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint
         }
     };
     // The prompt must fit before a grammar is compiled for it (seconds for a large schema).
-    let constraint = match fits_context(&st, &prompt) {
+    let constraint = match fits_context(&st, &job, &prompt) {
         Ok(()) => compile_constraint(&st, &job).await,
         Err(e) => Err(e),
     };
@@ -324,7 +413,8 @@ async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Bytes, ep: Endpoint
             return error_response(&e);
         }
     };
-    let run = match submit(&st, &job, &prompt, constraint, arrived) {
+    let salt = cache_salt(tenant, job.cache_salt.as_deref());
+    let run = match submit(&st, &job, &prompt, constraint, salt, arrived) {
         Ok(r) => r,
         Err(e) => {
             st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
@@ -465,15 +555,32 @@ fn grammar_failed(why: String) -> ApiError {
         .code("invalid_grammar")
 }
 
-/// A prompt leaves room for at least one generated token in the server's context.
-fn fits_context(st: &AppState, prompt: &[u32]) -> ApiResult<()> {
+/// A prompt leaves room for at least one generated token in the server's context, and for
+/// `max_tokens` when the client set it (OpenAI answers 400 there too, rather than cutting the
+/// output short).
+fn fits_context(st: &AppState, job: &Job, prompt: &[u32]) -> ApiResult<()> {
     let context = ready(st)?.scheduler.config().context;
+    let prompt_param = match job.prompt_source {
+        PromptSource::Messages(_) => "messages",
+        _ => "prompt",
+    };
     if prompt.len() >= context {
         return Err(ApiError::bad_request(format!(
             "the prompt has {} tokens; this server's context is {context} tokens",
             prompt.len()
         ))
-        .param("messages")
+        .param(prompt_param)
+        .code("context_length_exceeded"));
+    }
+    if let Some(max) = job.max_tokens
+        && prompt.len() + max > context
+    {
+        return Err(ApiError::bad_request(format!(
+            "this server's context is {context} tokens, and the request asks for {} ({} in the              prompt, {max} to generate): lower the maximum number of tokens or shorten the prompt",
+            prompt.len() + max,
+            prompt.len()
+        ))
+        .param("max_tokens")
         .code("context_length_exceeded"));
     }
     Ok(())
@@ -519,9 +626,10 @@ fn submit(
     job: &Job,
     prompt: &[u32],
     constraint: Option<Constraint>,
+    cache_salt: u64,
     arrived: Instant,
 ) -> ApiResult<Running> {
-    fits_context(st, prompt)?;
+    fits_context(st, job, prompt)?;
     let engine = ready(st)?;
     let context = engine.scheduler.config().context;
     let max_tokens = job.max_tokens.unwrap_or(context - prompt.len());
@@ -548,6 +656,7 @@ fn submit(
                 sampling,
                 ignore_eos: job.ignore_eos,
                 constraint: constraint.clone(),
+                cache_salt,
                 sink: Box::new(move |e| tx.send((index, e, Instant::now())).is_ok()),
             }
         })
@@ -942,7 +1051,11 @@ async fn pump(
                 st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
                 let e = ApiError::bad_request(why)
                     .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error");
-                let _ = send(Bytes::from(format!("data: {}\n\n", e.body()))).await;
+                // The error is the stream's last event; `[DONE]` still ends it, as clients
+                // that wait for it expect.
+                if send(Bytes::from(format!("data: {}\n\n", e.body()))).await {
+                    let _ = send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                }
                 return;
             }
             Event::GrammarFailed(why) => {
@@ -950,7 +1063,9 @@ async fn pump(
                 // event, typed as the request's fault.
                 st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
                 let e = grammar_failed(why);
-                let _ = send(Bytes::from(format!("data: {}\n\n", e.body()))).await;
+                if send(Bytes::from(format!("data: {}\n\n", e.body()))).await {
+                    let _ = send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                }
                 return;
             }
         };
@@ -971,19 +1086,24 @@ async fn pump(
     }
 }
 
-/// Serve on `listener` until `shutdown` resolves; then stop accepting, let in-flight requests
-/// finish, and stop the engine.
+/// Serve on `listener` until `shutdown` resolves; then stop accepting, give in-flight requests
+/// [`Timeouts::shutdown_grace`] to finish, and stop the engine (failing what is left).
 pub async fn serve(
     state: Arc<AppState>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(state.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let timeouts = state.options.timeouts;
+    let finished = conn::accept_loop(listener, app, timeouts, shutdown).await;
+    if !finished {
+        tracing::warn!(
+            grace_s = timeouts.shutdown_grace.as_secs(),
+            "in-flight requests did not finish within the shutdown grace; stopping them"
+        );
+    }
     if let Some(e) = state.engine.get() {
-        e.scheduler.shutdown(true);
+        e.scheduler.shutdown(finished);
     }
     Ok(())
 }

@@ -1,18 +1,21 @@
 //! OpenAI request validation and response shapes.
 //!
-//! Requests are read as JSON objects and checked field by field: every field we implement is
-//! parsed and range-checked, and any other field is a 400 that names it, so a client never gets
-//! a quiet 200 that ignored what it asked for.
+//! Requests are read into the serde types of [`crate::request`] (closed objects, so any field
+//! herd does not implement is a 400 that names it), then range-checked here into a [`Job`]: a
+//! client never gets a quiet 200 that ignored what it asked for.
 
 use std::collections::HashMap;
 
 use axum::http::StatusCode;
 use herd_engine::constraint::Grammar;
 
+use crate::request::{
+    self, ChatMessage, Content, ContentPart, Logprobs, Prompt, ResponseFormat, Seed, Stop,
+};
 use crate::tools::Tools;
 use herd_engine::sampler::{Sampled, SamplingParams};
 use herd_engine::{Message, Tokenizer};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 /// An error in OpenAI's JSON shape.
 #[derive(Debug, Clone)]
@@ -70,41 +73,6 @@ pub enum Endpoint {
     Completions,
 }
 
-const COMMON_FIELDS: &[&str] = &[
-    "model",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "logit_bias",
-    "seed",
-    "stop",
-    "n",
-    "logprobs",
-    "user",
-    "stream",
-    "stream_options",
-    "response_format",
-    // Extensions (vLLM's names): generate through end-of-generation tokens; constrain the
-    // output to a regular expression or a Lark grammar.
-    "ignore_eos",
-    "guided_regex",
-    "guided_grammar",
-];
-const CHAT_FIELDS: &[&str] = &[
-    "messages",
-    "max_completion_tokens",
-    "top_logprobs",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-];
-const COMPLETION_FIELDS: &[&str] = &["prompt"];
-
 /// A validated generation request, ready for the scheduler.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -126,6 +94,8 @@ pub struct Job {
     pub grammar: Option<Grammar>,
     /// Chat: the tools offered and how they may be used.
     pub tools: Option<Tools>,
+    /// The prefix-cache partition the client asked for (vLLM's `cache_salt`).
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -135,25 +105,7 @@ pub enum PromptSource {
     Tokens(Vec<u32>),
 }
 
-fn num(obj: &Map<String, Value>, key: &str) -> ApiResult<Option<f64>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_f64()
-            .map(Some)
-            .ok_or_else(|| ApiError::bad_request(format!("'{key}' must be a number")).param(key)),
-    }
-}
-
-fn uint(obj: &Map<String, Value>, key: &str) -> ApiResult<Option<u64>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            ApiError::bad_request(format!("'{key}' must be a non-negative integer")).param(key)
-        }),
-    }
-}
-
+/// A range check on an optional number: `Ok(v)` when absent or within `[lo, hi]`.
 fn in_range(key: &str, v: Option<f64>, lo: f64, hi: f64) -> ApiResult<Option<f64>> {
     match v {
         Some(x) if !(lo..=hi).contains(&x) => {
@@ -163,207 +115,206 @@ fn in_range(key: &str, v: Option<f64>, lo: f64, hi: f64) -> ApiResult<Option<f64
     }
 }
 
+/// The 400 for a body that does not read as a request (`request::parse`'s error). Inside
+/// objects read by a tag (`role`, `type`) the path ends at the tagged object.
+fn parse_error(e: request::ParseError) -> ApiError {
+    let backticked = |prefix: &str| {
+        e.message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name.to_string())
+    };
+    if let Some(field) = &e.unknown_field {
+        let (param, message) = if e.path.is_empty() || e.path == *field {
+            (field.clone(), format!("unsupported field '{field}'"))
+        } else if e.path.ends_with(&format!(".{field}")) {
+            (e.path.clone(), format!("unsupported field '{}'", e.path))
+        } else {
+            (
+                e.path.clone(),
+                format!("unsupported field '{field}' in {}", e.path),
+            )
+        };
+        return ApiError::bad_request(format!(
+            "{message}: herd does not implement it, and ignoring it would change what you asked for"
+        ))
+        .param(&param)
+        .code("unsupported_field");
+    }
+    if e.path.is_empty() {
+        let err = ApiError::bad_request(format!(
+            "the request body is not a valid request: {}",
+            e.message
+        ));
+        return match backticked("missing field `") {
+            Some(field) => err.param(&field),
+            None => err,
+        };
+    }
+    let top = e
+        .path
+        .split(['.', '['])
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let err = ApiError::bad_request(format!("{}: {}", e.path, e.message)).param(&top);
+    // A content part or tool of another kind (an image, a retrieval tool) is a feature herd
+    // lacks, not a typo.
+    let other_kind = e.message.starts_with("unknown variant")
+        && (e.message.contains("expected `text`") || e.message.contains("expected `function`"));
+    if other_kind {
+        err.code("unsupported_field")
+    } else {
+        err
+    }
+}
+
 /// Parse and check a request body.
 pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
+    // A body that is not JSON at all gets serde_json's own message first.
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        return Err(ApiError::bad_request(format!(
+            "the request body is not valid JSON: {e}"
+        )));
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object",
         ));
-    };
-    let own = match endpoint {
-        Endpoint::Chat => CHAT_FIELDS,
-        Endpoint::Completions => COMPLETION_FIELDS,
-    };
-    if let Some(k) = obj
-        .keys()
-        .find(|k| !COMMON_FIELDS.contains(&k.as_str()) && !own.contains(&k.as_str()))
-    {
+    }
+    let req = request::parse(body).map_err(parse_error)?;
+    let chat = endpoint == Endpoint::Chat;
+    if let Some(k) = req.foreign_fields(chat).first() {
+        let path = if chat {
+            "/v1/chat/completions"
+        } else {
+            "/v1/completions"
+        };
         return Err(ApiError::bad_request(format!(
-            "unsupported field '{k}': herd does not implement it, and ignoring it would change what you asked for"
+            "unsupported field '{k}': {path} does not take it"
         ))
         .param(k)
         .code("unsupported_field"));
     }
-    let model = match obj.get("model") {
-        Some(Value::String(s)) => s.clone(),
-        _ => return Err(ApiError::bad_request("'model' is required (a string)").param("model")),
-    };
     let prompt_source = match endpoint {
-        Endpoint::Chat => PromptSource::Messages(messages(obj.get("messages"))?),
-        Endpoint::Completions => prompt(obj.get("prompt"))?,
+        Endpoint::Chat => PromptSource::Messages(messages(req.messages)?),
+        Endpoint::Completions => prompt(req.prompt)?,
     };
 
-    let temperature = in_range("temperature", num(&obj, "temperature")?, 0.0, 2.0)?;
-    let top_p = in_range("top_p", num(&obj, "top_p")?, 0.0, 1.0)?;
+    let temperature = in_range("temperature", req.temperature, 0.0, 2.0)?;
+    let top_p = in_range("top_p", req.top_p, 0.0, 1.0)?;
     if top_p == Some(0.0) {
         return Err(ApiError::bad_request("'top_p' must be greater than 0").param("top_p"));
     }
-    let min_p = in_range("min_p", num(&obj, "min_p")?, 0.0, 1.0)?;
-    let presence = in_range(
-        "presence_penalty",
-        num(&obj, "presence_penalty")?,
-        -2.0,
-        2.0,
-    )?;
-    let frequency = in_range(
-        "frequency_penalty",
-        num(&obj, "frequency_penalty")?,
-        -2.0,
-        2.0,
-    )?;
-    let repetition = num(&obj, "repetition_penalty")?;
-    if repetition.is_some_and(|r| r <= 0.0) {
-        return Err(
-            ApiError::bad_request("'repetition_penalty' must be positive")
-                .param("repetition_penalty"),
-        );
-    }
-    let top_k = match obj.get("top_k") {
+    let min_p = in_range("min_p", req.min_p, 0.0, 1.0)?;
+    let presence = in_range("presence_penalty", req.presence_penalty, -2.0, 2.0)?;
+    let frequency = in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)?;
+    // Logits are divided (or multiplied) by the penalty in f32: a value that rounds to 0 or to
+    // infinity there turns the logits into garbage, so the range is a sane one.
+    let repetition = in_range("repetition_penalty", req.repetition_penalty, 0.01, 100.0)?;
+    let top_k = match req.top_k {
         // -1 is the common "disabled" value (vLLM).
-        Some(v) if v.as_i64() == Some(-1) => Some(0),
-        _ => uint(&obj, "top_k")?,
+        None | Some(-1) => None,
+        Some(k) if k >= 0 => Some(k as u64),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "'top_k' must be -1 (disabled) or a non-negative integer",
+            )
+            .param("top_k"));
+        }
     };
-    let max_tokens = match endpoint {
-        Endpoint::Chat => uint(&obj, "max_completion_tokens")?.or(uint(&obj, "max_tokens")?),
-        Endpoint::Completions => uint(&obj, "max_tokens")?,
+    let (max_tokens, max_key) = match endpoint {
+        Endpoint::Chat if req.max_completion_tokens.is_some() => {
+            (req.max_completion_tokens, "max_completion_tokens")
+        }
+        _ => (req.max_tokens, "max_tokens"),
     };
     if max_tokens == Some(0) {
-        return Err(ApiError::bad_request("'max_tokens' must be at least 1").param("max_tokens"));
+        return Err(
+            ApiError::bad_request(format!("'{max_key}' must be at least 1")).param(max_key),
+        );
     }
-    let n = uint(&obj, "n")?.unwrap_or(1);
+    let n = req.n.unwrap_or(1);
     if !(1..=16).contains(&n) {
         return Err(ApiError::bad_request("'n' must be between 1 and 16").param("n"));
     }
-    let stop = match obj.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|s| s.as_str().map(str::to_string))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| {
-                ApiError::bad_request("'stop' must be a string or a list of strings").param("stop")
-            })?,
-        Some(_) => {
-            return Err(
-                ApiError::bad_request("'stop' must be a string or a list of strings").param("stop"),
-            );
-        }
+    let stop = match req.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
     };
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::bad_request("'stop' strings must not be empty").param("stop"));
     }
     let mut logit_bias = HashMap::new();
-    match obj.get("logit_bias") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(m)) => {
-            for (k, v) in m {
-                let tok: u32 = k.parse().map_err(|_| {
-                    ApiError::bad_request(format!("logit_bias key '{k}' is not a token id"))
-                        .param("logit_bias")
-                })?;
-                let b = v
-                    .as_f64()
-                    .filter(|b| (-100.0..=100.0).contains(b))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "logit_bias values must be numbers between -100 and 100",
-                        )
-                        .param("logit_bias")
-                    })?;
-                logit_bias.insert(tok, b as f32);
-            }
+    for (k, b) in req.logit_bias.unwrap_or_default() {
+        let tok: u32 = k.parse().map_err(|_| {
+            ApiError::bad_request(format!("logit_bias key '{k}' is not a token id"))
+                .param("logit_bias")
+        })?;
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(ApiError::bad_request(
+                "logit_bias values must be numbers between -100 and 100",
+            )
+            .param("logit_bias"));
         }
-        Some(_) => {
-            return Err(ApiError::bad_request("'logit_bias' must be an object").param("logit_bias"));
-        }
+        logit_bias.insert(tok, b as f32);
     }
-    let (logprobs, top_logprobs) = match endpoint {
-        Endpoint::Chat => {
-            let on = match obj.get("logprobs") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => {
-                    return Err(
-                        ApiError::bad_request("'logprobs' must be a boolean").param("logprobs")
-                    );
-                }
-            };
-            let top = uint(&obj, "top_logprobs")?;
-            if top.is_some() && !on {
+    let (logprobs, top_logprobs) = match (endpoint, req.logprobs) {
+        (_, None) => {
+            if req.top_logprobs.is_some() {
                 return Err(
                     ApiError::bad_request("'top_logprobs' requires 'logprobs': true")
                         .param("top_logprobs"),
                 );
             }
-            (on, top.unwrap_or(0))
+            (false, 0)
         }
-        Endpoint::Completions => match uint(&obj, "logprobs")? {
-            Some(k) => (true, k),
-            None => (false, 0),
-        },
+        (Endpoint::Chat, Some(Logprobs::On(on))) => {
+            if req.top_logprobs.is_some() && !on {
+                return Err(
+                    ApiError::bad_request("'top_logprobs' requires 'logprobs': true")
+                        .param("top_logprobs"),
+                );
+            }
+            (on, req.top_logprobs.unwrap_or(0))
+        }
+        (Endpoint::Completions, Some(Logprobs::Top(k))) => (true, k),
+        (Endpoint::Chat, Some(Logprobs::Top(_))) => {
+            return Err(ApiError::bad_request("'logprobs' must be a boolean").param("logprobs"));
+        }
+        (Endpoint::Completions, Some(Logprobs::On(_))) => {
+            return Err(ApiError::bad_request(
+                "'logprobs' must be the number of top log-probabilities (an integer)",
+            )
+            .param("logprobs"));
+        }
     };
     if top_logprobs > 20 {
         return Err(ApiError::bad_request("at most 20 top logprobs").param("top_logprobs"));
     }
-    let stream = match obj.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::bad_request("'stream' must be a boolean").param("stream")),
-    };
-    let include_usage = match obj.get("stream_options") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(o)) => {
-            if let Some(k) = o.keys().find(|k| k.as_str() != "include_usage") {
-                return Err(ApiError::bad_request(format!(
-                    "unsupported field 'stream_options.{k}'"
-                ))
-                .param("stream_options")
-                .code("unsupported_field"));
+    if req.cache_salt.as_deref() == Some("") {
+        return Err(ApiError::bad_request("'cache_salt' must not be empty").param("cache_salt"));
+    }
+    let cache_salt = req.cache_salt;
+    let stream = req.stream.unwrap_or(false);
+    let include_usage = match req.stream_options {
+        None => false,
+        Some(o) => {
+            if !stream {
+                return Err(ApiError::bad_request(
+                    "'stream_options' is only allowed with 'stream': true",
+                )
+                .param("stream_options"));
             }
-            o.get("include_usage")
-                .and_then(Value::as_bool)
-                .unwrap_or(false)
+            o.include_usage.unwrap_or(false)
         }
-        Some(_) => {
-            return Err(
-                ApiError::bad_request("'stream_options' must be an object").param("stream_options")
-            );
-        }
-    };
-    if include_usage && !stream {
-        return Err(
-            ApiError::bad_request("'stream_options' is only allowed with 'stream': true")
-                .param("stream_options"),
-        );
-    }
-    let ignore_eos = match obj.get("ignore_eos") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            return Err(ApiError::bad_request("'ignore_eos' must be a boolean").param("ignore_eos"));
-        }
-    };
-    match obj.get("user") {
-        None | Some(Value::Null) | Some(Value::String(_)) => {}
-        Some(_) => return Err(ApiError::bad_request("'user' must be a string").param("user")),
-    }
-    let seed = match obj.get("seed") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_i64()
-                .map(|s| s as u64)
-                .or(v.as_u64())
-                .ok_or_else(|| ApiError::bad_request("'seed' must be an integer").param("seed"))?,
-        ),
     };
     let tools = match endpoint {
-        Endpoint::Chat => crate::tools::parse(&obj)?,
+        Endpoint::Chat => crate::tools::parse(req.tools, req.tool_choice, req.parallel_tool_calls)?,
         Endpoint::Completions => None,
     };
-    let mut grammar = grammar(&obj)?;
+    let mut grammar = grammar(req.response_format, req.guided_regex, req.guided_grammar)?;
     if let Some(schema) = tools.as_ref().and_then(Tools::forced_schema) {
         if grammar.is_some() {
             return Err(ApiError::bad_request(
@@ -387,83 +338,50 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
         top_logprobs: top_logprobs as usize,
     };
     Ok(Job {
-        model,
+        model: req.model,
         prompt_source,
         max_tokens: max_tokens.map(|m| m as usize),
         stop,
         sampling,
-        seed,
+        seed: req.seed.map(Seed::bits),
         n: n as usize,
         logprobs,
         stream,
         include_usage,
-        ignore_eos,
+        ignore_eos: req.ignore_eos.unwrap_or(false),
         grammar,
         tools,
+        cache_salt,
     })
 }
 
 /// The output constraint a request asks for, if any (at most one).
-fn grammar(obj: &Map<String, Value>) -> ApiResult<Option<Grammar>> {
+fn grammar(
+    response_format: Option<ResponseFormat>,
+    regex: Option<String>,
+    lark: Option<String>,
+) -> ApiResult<Option<Grammar>> {
     let mut found: Vec<(&str, Grammar)> = Vec::new();
-    match obj.get("response_format") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(rf)) => {
-            let bad = |m: String| Err(ApiError::bad_request(m).param("response_format"));
-            match rf.get("type").and_then(Value::as_str) {
-                Some("text") => {}
-                Some("json_object") => found.push(("response_format", Grammar::json_object())),
-                Some("json_schema") => {
-                    let Some(Value::Object(js)) = rf.get("json_schema") else {
-                        return bad("response_format.json_schema must be an object".into());
-                    };
-                    if let Some(k) = js.keys().find(|k| {
-                        !["name", "description", "schema", "strict"].contains(&k.as_str())
-                    }) {
-                        return bad(format!(
-                            "unsupported field 'response_format.json_schema.{k}'"
-                        ));
-                    }
-                    match js.get("schema") {
-                        Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
-                            found.push(("response_format", Grammar::JsonSchema(schema.clone())))
-                        }
-                        _ => {
-                            return bad(
-                                "response_format.json_schema.schema (an object) is required".into(),
-                            );
-                        }
-                    }
-                }
-                other => {
-                    return bad(format!(
-                        "response_format type {other:?} is not supported (text, json_object, json_schema)"
-                    ));
-                }
+    match response_format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(ResponseFormat::JsonObject) => found.push(("response_format", Grammar::json_object())),
+        Some(ResponseFormat::JsonSchema { json_schema }) => match json_schema.schema {
+            Some(schema) => {
+                found.push(("response_format", Grammar::JsonSchema(schema.into_value())))
             }
-            if let Some(k) = rf
-                .keys()
-                .find(|k| !["type", "json_schema"].contains(&k.as_str()))
-            {
-                return bad(format!("unsupported field 'response_format.{k}'"));
-            }
-        }
-        Some(_) => {
-            return Err(ApiError::bad_request("'response_format' must be an object")
+            None => {
+                return Err(ApiError::bad_request(
+                    "response_format.json_schema.schema (an object) is required",
+                )
                 .param("response_format"));
-        }
-    }
-    for (key, make) in [
-        ("guided_regex", Grammar::Regex as fn(String) -> Grammar),
-        ("guided_grammar", Grammar::Lark),
-    ] {
-        match obj.get(key) {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) => found.push((key, make(s.clone()))),
-            Some(_) => {
-                return Err(ApiError::bad_request(format!("'{key}' must be a string")).param(key));
             }
-        }
+        },
+    }
+    if let Some(r) = regex {
+        found.push(("guided_regex", Grammar::Regex(r)));
+    }
+    if let Some(g) = lark {
+        found.push(("guided_grammar", Grammar::Lark(g)));
     }
     if found.len() > 1 {
         return Err(ApiError::bad_request(format!(
@@ -475,94 +393,97 @@ fn grammar(obj: &Map<String, Value>) -> ApiResult<Option<Grammar>> {
     Ok(found.pop().map(|(_, g)| g))
 }
 
-fn messages(v: Option<&Value>) -> ApiResult<Vec<Message>> {
-    let Some(Value::Array(list)) = v else {
+/// A message's content as templates read it: a string, or the list of text parts.
+fn content_value(c: Content) -> Value {
+    match c {
+        Content::Text(s) => Value::String(s),
+        Content::Parts(parts) => Value::Array(
+            parts
+                .into_iter()
+                .map(|ContentPart::Text { text }| json!({"type": "text", "text": text}))
+                .collect(),
+        ),
+    }
+}
+
+/// The messages as the chat templates read them (developer messages are system messages to
+/// the templates we know).
+fn messages(list: Option<Vec<ChatMessage>>) -> ApiResult<Vec<Message>> {
+    let Some(list) = list else {
         return Err(ApiError::bad_request("'messages' is required (a list)").param("messages"));
     };
     if list.is_empty() {
         return Err(ApiError::bad_request("'messages' must not be empty").param("messages"));
     }
-    for (i, m) in list.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-        if !["system", "developer", "user", "assistant", "tool"].contains(&role) {
-            return Err(
-                ApiError::bad_request(format!("messages[{i}]: unknown role {role:?}"))
-                    .param("messages"),
-            );
-        }
-        if let Some(calls) = m.get("tool_calls").filter(|t| !t.is_null()) {
-            let ok = role == "assistant"
-                && calls.as_array().is_some_and(|a| {
-                    a.iter().all(|c| {
-                        c["function"]["name"].is_string() && c["function"]["arguments"].is_string()
-                    })
-                });
-            if !ok {
-                return Err(ApiError::bad_request(format!(
-                    "messages[{i}]: tool_calls must be an assistant's list of {{\"function\": {{\"name\", \"arguments\"}}}}"
-                ))
-                .param("messages"));
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.into_iter().enumerate() {
+        out.push(match m {
+            ChatMessage::System { content } | ChatMessage::Developer { content } => {
+                json!({"role": "system", "content": content_value(content)})
             }
-            continue;
-        }
-        match m.get("content") {
-            Some(Value::String(_)) => {}
-            Some(Value::Array(parts)) => {
-                for p in parts {
-                    if p.get("type").and_then(Value::as_str) != Some("text")
-                        || !p.get("text").is_some_and(Value::is_string)
-                    {
-                        return Err(ApiError::bad_request(format!(
-                            "messages[{i}]: only text content parts are supported"
-                        ))
-                        .param("messages")
-                        .code("unsupported_field"));
+            ChatMessage::User { content } => {
+                json!({"role": "user", "content": content_value(content)})
+            }
+            ChatMessage::Assistant {
+                content,
+                tool_calls,
+                ..
+            } => {
+                let mut m = json!({"role": "assistant", "content": content.map(content_value)});
+                match tool_calls {
+                    Some(calls) if !calls.is_empty() => {
+                        m["tool_calls"] = calls
+                            .into_iter()
+                            .map(|c| {
+                                let mut v = json!({"type": "function", "function": {
+                                    "name": c.function.name, "arguments": c.function.arguments}});
+                                if let Some(id) = c.id {
+                                    v["id"] = Value::String(id);
+                                }
+                                v
+                            })
+                            .collect();
                     }
+                    _ if m["content"].is_null() => {
+                        return Err(ApiError::bad_request(format!(
+                            "messages[{i}]: an assistant message needs 'content' or 'tool_calls'"
+                        ))
+                        .param("messages"));
+                    }
+                    _ => {}
                 }
+                m
             }
-            Some(Value::Null) | None if role == "assistant" => {}
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "messages[{i}]: 'content' must be a string or a list of text parts"
-                ))
-                .param("messages"));
+            ChatMessage::Tool {
+                content,
+                tool_call_id,
+            } => {
+                let mut m = json!({"role": "tool", "content": content_value(content)});
+                if let Some(id) = tool_call_id {
+                    m["tool_call_id"] = Value::String(id);
+                }
+                m
             }
-        }
+        });
     }
-    // Developer messages are system messages to the templates we know.
-    Ok(list
-        .iter()
-        .map(|m| {
-            let mut m = m.clone();
-            if m["role"] == "developer" {
-                m["role"] = Value::from("system");
-            }
-            m
-        })
-        .collect())
+    Ok(out)
 }
 
-fn prompt(v: Option<&Value>) -> ApiResult<PromptSource> {
-    let bad = || {
-        ApiError::bad_request(
-            "'prompt' must be a string, a list of one string, or a list of token ids",
-        )
-        .param("prompt")
-    };
-    match v {
-        Some(Value::String(s)) => Ok(PromptSource::Text(s.clone())),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-            Ok(PromptSource::Text(a[0].as_str().unwrap_or_default().to_string()))
-        }
-        Some(Value::Array(a)) if !a.is_empty() && a.iter().all(Value::is_u64) => Ok(PromptSource::Tokens(
-            a.iter().map(|t| t.as_u64().unwrap_or_default() as u32).collect(),
+fn prompt(p: Option<Prompt>) -> ApiResult<PromptSource> {
+    let bad = |m: &str| ApiError::bad_request(m).param("prompt");
+    match p {
+        None => Err(bad(
+            "'prompt' is required (a string, a list of one string, or a list of token ids)",
         )),
-        Some(Value::Array(a)) if a.len() > 1 => Err(ApiError::bad_request(
+        Some(Prompt::Text(s)) => Ok(PromptSource::Text(s)),
+        Some(Prompt::Texts(mut v)) if v.len() == 1 => Ok(PromptSource::Text(v.remove(0))),
+        Some(Prompt::Texts(v)) if v.len() > 1 => Err(ApiError::bad_request(
             "batched prompts (a list of several prompts) are not supported: send one request per prompt",
         )
         .param("prompt")
         .code("unsupported_field")),
-        _ => Err(bad()),
+        Some(Prompt::Tokens(t)) if !t.is_empty() => Ok(PromptSource::Tokens(t)),
+        Some(_) => Err(bad("'prompt' must not be empty")),
     }
 }
 
@@ -594,6 +515,143 @@ pub fn usage_json(prompt: usize, completion: usize, cached: usize) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Item 7 of the hostile-request issue: each of these was accepted (and the field ignored
+    /// or garbled) when requests were checked by hand on `Value`.
+    #[test]
+    fn closed_objects_wrong_types_and_ranges_are_400s() {
+        let chat = |extra: &str, message: &str| {
+            format!(r#"{{"model":"m","messages":[{message}]{extra}}}"#)
+        };
+        let user = r#"{"role":"user","content":"x"}"#;
+        let cases: Vec<(String, &str, Option<&str>)> = vec![
+            (
+                chat("", r#"{"role":"user","content":"hi","images":["x"]}"#),
+                "messages[0]",
+                Some("unsupported_field"),
+            ),
+            (
+                chat("", r#"{"role":"user","content":"hi","audio":{"data":"x"}}"#),
+                "messages[0]",
+                Some("unsupported_field"),
+            ),
+            (
+                chat("", r#"{"role":"assistant","content":"hi","refusal":"no"}"#),
+                "messages",
+                None,
+            ),
+            (chat("", r#"{"role":"user"}"#), "messages", None),
+            (
+                chat(
+                    r#","tools":[{"type":"function","function":{"name":"a"},"extra":1}]"#,
+                    user,
+                ),
+                "tools[0]",
+                Some("unsupported_field"),
+            ),
+            (
+                chat(
+                    r#","tools":[{"type":"function","function":{"name":"a","x":2}}]"#,
+                    user,
+                ),
+                "tools[0]",
+                Some("unsupported_field"),
+            ),
+            (
+                chat(
+                    r#","stream":true,"stream_options":{"include_usage":"yes"}"#,
+                    user,
+                ),
+                "stream_options",
+                None,
+            ),
+            (
+                chat(
+                    r#","response_format":{"type":"json_schema","json_schema":{"name":"a","strict":"yes","schema":{}}}"#,
+                    user,
+                ),
+                "response_format",
+                None,
+            ),
+            (
+                chat(
+                    r#","response_format":{"type":"json_schema","json_schema":{"name":123,"schema":{}}}"#,
+                    user,
+                ),
+                "response_format",
+                None,
+            ),
+            (
+                chat(r#","repetition_penalty":1e-300"#, user),
+                "repetition_penalty",
+                None,
+            ),
+            (
+                chat(r#","max_tokens":9223372036854775808"#, user),
+                "max_tokens",
+                None,
+            ),
+            (
+                chat(r#","max_completion_tokens":-1"#, user),
+                "max_completion_tokens",
+                None,
+            ),
+            (chat(r#","stop":5"#, user), "stop", None),
+            (
+                chat(r#","tool_choice":"sometimes""#, user),
+                "tool_choice",
+                None,
+            ),
+            (chat(r#","temperature":"hot""#, user), "temperature", None),
+            (chat(r#","top_k":-2"#, user), "top_k", None),
+            (
+                chat(r#","prompt":"x""#, user),
+                "prompt",
+                Some("unsupported_field"),
+            ),
+            (
+                r#"{"model":"m","prompt":[1,-2]}"#.to_string(),
+                "prompt",
+                None,
+            ),
+            (
+                r#"{"model":"m","prompt":"x","messages":[]}"#.to_string(),
+                "messages",
+                Some("unsupported_field"),
+            ),
+            (
+                r#"{"model":"m","prompt":"x","logprobs":true}"#.to_string(),
+                "logprobs",
+                None,
+            ),
+        ];
+        for (body, param, code) in cases {
+            let ep = if body.contains(r#""prompt":"x","#)
+                || body.starts_with(r#"{"model":"m","prompt""#)
+            {
+                Endpoint::Completions
+            } else {
+                Endpoint::Chat
+            };
+            let e = parse(body.as_bytes(), ep).expect_err(&body);
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{body}");
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+            assert_eq!(e.code, code, "{body}: {}", e.message);
+        }
+        // What the official clients send back from a response is accepted when empty.
+        let echoed = chat(
+            "",
+            r#"{"role":"assistant","content":"hi","refusal":null,"audio":null,"function_call":null,"annotations":[]}"#,
+        );
+        assert!(parse(echoed.as_bytes(), Endpoint::Chat).is_ok());
+        // Trailing garbage and non-objects are not requests.
+        assert!(
+            err(&format!("{} x", chat("", user)), Endpoint::Chat)
+                .message
+                .contains("not valid JSON")
+        );
+        assert!(err("[1]", Endpoint::Chat).message.contains("JSON object"));
+    }
 
     fn err(body: &str, e: Endpoint) -> ApiError {
         parse(body.as_bytes(), e).unwrap_err()

@@ -9,9 +9,10 @@
 //! functions' parameter schemas, so the arguments always parse and validate; with `auto` the
 //! model writes freely and output that parses as calls to the given tools becomes `tool_calls`.
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::openai::{ApiError, ApiResult};
+use crate::request;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum ToolChoice {
@@ -40,86 +41,32 @@ const CALL_FORMAT: &str = "Respond in the format {\"name\": function name, \"par
     dictionary of argument name and its value}. Do not use variables.";
 
 /// Read `tools`, `tool_choice` and `parallel_tool_calls`; `None` when no tools are given.
-pub fn parse(obj: &Map<String, Value>) -> ApiResult<Option<Tools>> {
+pub fn parse(
+    tools: Option<Vec<request::Tool>>,
+    tool_choice: Option<request::ToolChoice>,
+    parallel_tool_calls: Option<bool>,
+) -> ApiResult<Option<Tools>> {
     let bad = |m: String, p: &str| Err(ApiError::bad_request(m).param(p));
-    let functions: Vec<Value> = match obj.get("tools") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(list)) => {
-            let mut out = Vec::new();
-            for (i, t) in list.iter().enumerate() {
-                if t.get("type").and_then(Value::as_str) != Some("function") {
-                    return bad(
-                        format!("tools[{i}]: only type 'function' is supported"),
-                        "tools",
-                    );
-                }
-                let Some(Value::Object(f)) = t.get("function") else {
-                    return bad(format!("tools[{i}].function must be an object"), "tools");
-                };
-                if !f.get("name").is_some_and(Value::is_string) {
-                    return bad(format!("tools[{i}].function.name is required"), "tools");
-                }
-                if let Some(k) = f.keys().find(|k| {
-                    !["name", "description", "parameters", "strict"].contains(&k.as_str())
-                }) {
-                    return bad(
-                        format!("unsupported field 'tools[{i}].function.{k}'"),
-                        "tools",
-                    );
-                }
-                if f.get("parameters").is_some_and(|p| !p.is_object()) {
-                    return bad(
-                        format!("tools[{i}].function.parameters must be an object"),
-                        "tools",
-                    );
-                }
-                out.push(Value::Object(f.clone()));
-            }
-            out
-        }
-        Some(_) => return bad("'tools' must be a list".into(), "tools"),
-    };
-    let choice = match obj.get("tool_choice") {
-        None | Some(Value::Null) => {
-            if functions.is_empty() {
-                ToolChoice::None
-            } else {
-                ToolChoice::Auto
-            }
-        }
-        Some(Value::String(s)) => match s.as_str() {
-            "none" => ToolChoice::None,
-            "auto" => ToolChoice::Auto,
-            "required" => ToolChoice::Required,
-            other => return bad(format!("unknown tool_choice {other:?}"), "tool_choice"),
+    let functions: Vec<Value> = tools
+        .unwrap_or_default()
+        .into_iter()
+        .map(|request::Tool::Function { function }| {
+            serde_json::to_value(function).unwrap_or_default()
+        })
+        .collect();
+    let choice = match tool_choice {
+        None if functions.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(request::ToolChoice::Mode(m)) => match m {
+            request::ToolMode::None => ToolChoice::None,
+            request::ToolMode::Auto => ToolChoice::Auto,
+            request::ToolMode::Required => ToolChoice::Required,
         },
-        Some(Value::Object(o)) => {
-            let name = o
-                .get("function")
-                .and_then(|f| f.get("name"))
-                .and_then(Value::as_str);
-            match (o.get("type").and_then(Value::as_str), name) {
-                (Some("function"), Some(n)) => ToolChoice::Named(n.to_string()),
-                _ => {
-                    return bad(
-                        "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}".into(),
-                        "tool_choice",
-                    );
-                }
-            }
-        }
-        Some(_) => return bad("invalid tool_choice".into(), "tool_choice"),
-    };
-    let parallel = match obj.get("parallel_tool_calls") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            return bad(
-                "'parallel_tool_calls' must be a boolean".into(),
-                "parallel_tool_calls",
-            );
+        Some(request::ToolChoice::Named(request::NamedTool::Function { function })) => {
+            ToolChoice::Named(function.name)
         }
     };
+    let parallel = parallel_tool_calls.unwrap_or(true);
     if functions.is_empty() {
         if matches!(choice, ToolChoice::Required | ToolChoice::Named(_)) {
             return bad("tool_choice needs 'tools'".into(), "tool_choice");
@@ -342,7 +289,17 @@ mod tests {
              "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
             {"type": "function", "function": {"name": "time"}}],
             "tool_choice": choice, "parallel_tool_calls": parallel});
-        parse(obj.as_object().unwrap()).unwrap().unwrap()
+        from_request(obj).unwrap().unwrap()
+    }
+
+    /// The tools of a chat request with `fields` (through the whole request parser).
+    fn from_request(fields: Value) -> ApiResult<Option<Tools>> {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in fields.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        crate::openai::parse(body.to_string().as_bytes(), crate::openai::Endpoint::Chat)
+            .map(|job| job.tools)
     }
 
     #[test]
@@ -368,7 +325,7 @@ mod tests {
         assert_eq!(t.parse_calls(r#"{"name": "nope", "parameters": {}}"#), None);
         assert_eq!(t.parse_calls("It is sunny."), None);
 
-        let bad = |v: Value| parse(v.as_object().unwrap()).unwrap_err().param;
+        let bad = |v: Value| from_request(v).unwrap_err().param;
         assert_eq!(
             bad(json!({"tools": [{"type": "retrieval"}]})).as_deref(),
             Some("tools")
