@@ -1,9 +1,11 @@
 //! Hostile requests against a real `herd serve` child process (the process must survive what a
-//! single request can do to it): grammars large enough to overflow an async worker's stack.
+//! single request can do to it): grammars large enough to overflow an async worker's stack,
+//! clients that send half a request or stop reading, and how the process stops on signals.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -27,12 +29,21 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn serve() -> Served {
+fn model() -> PathBuf {
     let model = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/downloaded/gemma-3-270m-q4_k_m.gguf");
     assert!(model.exists(), "run tests/fixtures/fetch.sh first");
+    model
+}
+
+fn serve() -> Served {
+    serve_with(&[])
+}
+
+fn serve_with(extra: &[&str]) -> Served {
     let mut child = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(["serve", model.to_str().unwrap(), "--port", "0"])
+        .args(["serve", model().to_str().unwrap(), "--port", "0"])
+        .args(extra)
         .args([
             "--served-model-name",
             "org/m",
@@ -186,4 +197,211 @@ fn a_prompt_far_over_the_context_is_refused_before_tokenizing() {
     // found by `models.retrieve`.
     assert_eq!(s.get("/v1/models/org/m"), 200);
     assert_eq!(s.get("/v1/models/org/other"), 404);
+}
+
+/// Send `signal` (`TERM`, `INT`) to the child.
+fn signal(child: &Child, signal: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{signal} failed");
+}
+
+/// The child's exit status if it exits within `limit`.
+fn exits_within(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// A streamed completion of `tokens` tokens on a raw connection, its head read and nothing
+/// more (the caller decides whether to read on).
+fn start_stream(port: u16, tokens: usize) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let body = json!({"model": "org/m", "prompt": "Once upon a time", "max_tokens": tokens,
+                      "ignore_eos": true, "stream": true, "temperature": 0})
+    .to_string();
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).unwrap();
+    assert_eq!(&head[9..12], b"200", "{}", String::from_utf8_lossy(&head));
+    c
+}
+
+/// Read from `c` until the server closes it or `limit` passes; returns what was read and when
+/// the connection ended (None: still open).
+fn read_until_closed(c: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
+    let t = Instant::now();
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t.elapsed() < limit {
+        match c.read(&mut buf) {
+            Ok(0) => {
+                return (
+                    String::from_utf8_lossy(&got).into_owned(),
+                    Some(t.elapsed()),
+                );
+            }
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                return (
+                    String::from_utf8_lossy(&got).into_owned(),
+                    Some(t.elapsed()),
+                );
+            }
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), None)
+}
+
+/// Issue 18 item 4: half a request head, a body that never completes, and a stream reader that
+/// never reads are cut off by their timeouts; SIGTERM waits at most the shutdown grace for
+/// in-flight requests. Also CORS for an allowed origin.
+#[test]
+fn slow_and_silent_clients_are_cut_off_and_shutdown_is_bounded() {
+    let mut s = serve_with(&[
+        "--header-timeout",
+        "2",
+        "--stall-timeout",
+        "2",
+        "--shutdown-grace",
+        "3",
+        "--cors-origin",
+        "http://app.example",
+    ]);
+    // Half a head: closed after the header timeout.
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let (_, closed) = read_until_closed(&mut c, Duration::from_secs(20));
+    let closed = closed.expect("a half-sent head holds its connection");
+    assert!(
+        closed >= Duration::from_millis(1500),
+        "closed early: {closed:?}"
+    );
+
+    // A whole head and a tenth of the body: 408 after the stall timeout.
+    let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    c.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{\"model\": ",
+    )
+    .unwrap();
+    let (answer, _) = read_until_closed(&mut c, Duration::from_secs(20));
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive"), "{answer}");
+
+    // CORS: a preflight from the allowed origin is answered, and so are its calls.
+    let preflight = agent()
+        .run(
+            ureq::http::Request::builder()
+                .method("OPTIONS")
+                .uri(format!("http://127.0.0.1:{}/v1/chat/completions", s.port))
+                .header("origin", "http://app.example")
+                .header("access-control-request-method", "POST")
+                .header(
+                    "access-control-request-headers",
+                    "authorization,content-type",
+                )
+                .body(())
+                .unwrap(),
+        )
+        .unwrap();
+    assert_eq!(preflight.status().as_u16(), 200);
+    let allowed = |r: &ureq::http::Response<ureq::Body>| {
+        r.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    assert_eq!(allowed(&preflight).as_deref(), Some("http://app.example"));
+    let r = agent()
+        .get(format!("http://127.0.0.1:{}/v1/models", s.port))
+        .header("origin", "http://elsewhere.example")
+        .call()
+        .unwrap();
+    assert_eq!(allowed(&r), None, "another origin gets no CORS header");
+    assert_eq!(s.get("/health"), 200, "still serving");
+
+    // A stream whose reader never reads holds a request in flight; SIGTERM stops the process
+    // within the grace (3 s) rather than waiting on it forever.
+    let _silent = start_stream(s.port, 900);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    signal(&s.child, "TERM");
+    let status = exits_within(&mut s.child, Duration::from_secs(20));
+    assert!(
+        status.is_some(),
+        "herd serve still running 20 s after SIGTERM"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+/// A second signal exits at once, without waiting for in-flight requests.
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut s = serve_with(&["--shutdown-grace", "300"]);
+    let mut stream = start_stream(s.port, 900);
+    let reader = std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&s.child, "TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        s.child.try_wait().unwrap().is_none(),
+        "the first signal waits for the request in flight"
+    );
+    let t = Instant::now();
+    signal(&s.child, "TERM");
+    let status = exits_within(&mut s.child, Duration::from_secs(10)).expect("still running");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(status.code(), Some(130));
+    let _ = reader.join();
+}
+
+/// Issue 18 item 6: a cache smaller than one context could accept a request and fail it after
+/// generating: refused at start, before loading.
+#[test]
+fn a_kv_cache_smaller_than_a_context_is_refused_at_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(["serve", model().to_str().unwrap(), "--port", "0"])
+        .args(["--ctx-size", "1024", "--kv-tokens", "256"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--kv-tokens 256") && err.contains("--ctx-size"),
+        "{err}"
+    );
 }

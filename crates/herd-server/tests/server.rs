@@ -309,6 +309,27 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             400,
             "",
         ),
+        (
+            "prompt and max_tokens over the context (OpenAI: 400, not a cut-short answer)",
+            r#"{"model":"gemma3:270m","prompt":"Hello","max_tokens":100}"#.into(),
+            Some("sekrit"),
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "max_tokens beyond any integer herd takes",
+            r#"{"model":"gemma3:270m","prompt":"x","max_tokens":9223372036854775808}"#.into(),
+            Some("sekrit"),
+            400,
+            "",
+        ),
+        (
+            "a penalty that is 0 in f32",
+            r#"{"model":"gemma3:270m","prompt":"x","repetition_penalty":1e-300}"#.into(),
+            Some("sekrit"),
+            400,
+            "",
+        ),
     ];
     for (what, body, key, status, code) in cases {
         let (got, text) = post_raw(&s.base, "/v1/completions", &body, key);
@@ -504,6 +525,56 @@ fn a_repeated_system_prompt_is_served_from_the_prefix_cache() {
     assert!(metric(&s.base, "herd_prefix_cache_hit_rate") > 0.0);
     // Prefill is most of a one-token request: skipping most of the prompt must show.
     assert!(warm < cold, "warm {warm:?} vs cold {cold:?}");
+}
+
+/// One tenant cannot see another's cached prompts (through `cached_tokens` or timing): each
+/// API key has its own prefix-cache partition, and so has each `cache_salt` within a key.
+#[test]
+fn the_prefix_cache_is_partitioned_by_api_key_and_cache_salt() {
+    let s = start(
+        SchedulerConfig::default(),
+        vec!["key-one".into(), "key-two".into()],
+    );
+    let system = "You are the assistant of a small bakery. You answer questions about bread, \
+                  opening hours and prices, politely and in one sentence. "
+        .repeat(8);
+    let cached = |key: &str, salt: Option<&str>| {
+        let mut body = json!({"model": "gemma3:270m", "max_tokens": 1, "temperature": 0,
+                              "messages": [{"role": "system", "content": system},
+                                           {"role": "user", "content": "When do you open?"}]});
+        if let Some(salt) = salt {
+            body["cache_salt"] = json!(salt);
+        }
+        let (status, text) = post_raw(
+            &s.base,
+            "/v1/chat/completions",
+            &body.to_string(),
+            Some(key),
+        );
+        assert_eq!(status, 200, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(cached("key-one", None), 0);
+    assert!(
+        cached("key-one", None) >= 128,
+        "the same key reuses its prefix"
+    );
+    assert_eq!(cached("key-two", None), 0, "another key does not");
+    assert_eq!(cached("key-one", Some("team-a")), 0, "nor another salt");
+    assert!(cached("key-one", Some("team-a")) >= 128);
+    assert_eq!(cached("key-two", Some("team-a")), 0, "a salt is per key");
+    let (status, text) = post_raw(
+        &s.base,
+        "/v1/chat/completions",
+        &json!({"model": "gemma3:270m", "cache_salt": "",
+                "messages": [{"role": "user", "content": "x"}]})
+        .to_string(),
+        Some("key-one"),
+    );
+    assert_eq!(status, 400, "{text}");
 }
 
 #[test]
