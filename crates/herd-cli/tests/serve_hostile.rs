@@ -172,6 +172,22 @@ fn huge_grammars_are_answered_and_the_server_keeps_serving() {
         "failed mid-generation, not at compile time: {message}"
     );
 
+    // A schema that only refers to itself accepts no output: refused before the response
+    // starts, streamed or not.
+    for stream in [false, true] {
+        let schema = json!({"type": "json_schema",
+                            "json_schema": {"name": "loop", "schema": {"$ref": "#"}}});
+        let (status, body) = s.chat(json!({"response_format": schema, "stream": stream}));
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_grammar", "{body}");
+    }
+    let (status, body) = s.chat(json!({"guided_grammar": "start: a\na: a"}));
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_grammar")),
+        "{body}"
+    );
+
     let (status, body) = s.chat(json!({}));
     assert_eq!(status, 200, "an ordinary request after them: {body}");
 }

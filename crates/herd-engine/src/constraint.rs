@@ -146,12 +146,29 @@ impl ConstraintCompiler {
         if let Some(e) = matcher.get_error() {
             return Err(e);
         }
-        // A grammar can compile and still fail at a later step (llguidance's parser limits: a
-        // wide object of optional properties overflows a parser row at its second token); the
-        // scheduler reports that as the request's grammar failing. Computing the first mask
-        // here as a check would cost every constrained request a mask (~170 ms on a 262k
-        // vocabulary) and still miss the later steps.
-        Ok(Constraint { matcher })
+        // The first mask is computed here and kept for the first step (so it costs nothing
+        // more, and its ~170 ms on a 262k vocabulary are spent off the engine's path). It is
+        // also a check: a grammar whose language is empty (a schema that only refers to itself,
+        // a rule with no base case) has no first token, and is refused here rather than after
+        // the response started. A grammar can still fail at a later step (llguidance's parser
+        // limits: a wide object of optional properties overflows a parser row at its second
+        // token); the scheduler reports that as the request's grammar failing.
+        let mut c = Constraint {
+            matcher,
+            first_mask: None,
+        };
+        let first = c.matcher.compute_mask_or_eos().map_err(|e| {
+            let e = client_message(&e.to_string());
+            if e.contains("NoExtensionBias") {
+                "the grammar accepts no output at all (a schema or rule that only refers to \
+                 itself, with no way to end)"
+                    .to_string()
+            } else {
+                format!("the grammar has no valid first token: {e}")
+            }
+        })?;
+        c.first_mask = Some(first);
+        Ok(c)
     }
 }
 
@@ -206,6 +223,8 @@ pub fn check_size(grammar: &Grammar) -> std::result::Result<(), String> {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
+    /// The mask of the first step, computed at compile time (taken by its first use).
+    first_mask: Option<llguidance::toktrie::SimpleVob>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -245,6 +264,12 @@ impl Constraint {
     /// commit gives the same mask.
     pub fn next_mask(&mut self) -> std::result::Result<Mask, String> {
         let t = Instant::now();
+        if let Some(allowed) = self.first_mask.take() {
+            return Ok(Mask {
+                allowed,
+                elapsed: t.elapsed(),
+            });
+        }
         let allowed = self
             .matcher
             .compute_mask_or_eos()
@@ -263,6 +288,7 @@ impl Constraint {
 
     /// Advance past the sampled token.
     pub fn commit(&mut self, token: u32) -> std::result::Result<(), String> {
+        self.first_mask = None;
         if self.matcher.is_stopped() {
             return Ok(());
         }

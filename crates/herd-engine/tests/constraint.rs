@@ -155,3 +155,38 @@ fn large_schemas_compile_off_the_callers_stack_and_oversized_ones_are_errors() {
     .unwrap_err();
     assert!(e.contains("too large"), "{e}");
 }
+
+/// Issue 18 item 5: grammars whose language is empty (self-references with no way out,
+/// left recursion with no base case) are refused at compile time with a message a client can
+/// act on, not found failing after a response started; recursive ones that can end compile.
+#[test]
+fn grammars_that_accept_nothing_are_refused_at_compile_time() {
+    let tok = &tokenizers()[0];
+    let compiler = ConstraintCompiler::new(tok).unwrap();
+    for g in [
+        Grammar::JsonSchema(json!({"$ref": "#"})),
+        Grammar::JsonSchema(json!({"allOf": [{"$ref": "#"}]})),
+        Grammar::JsonSchema(json!({"$defs": {"a": {"$ref": "#/$defs/b"},
+                                             "b": {"$ref": "#/$defs/a"}},
+                                   "$ref": "#/$defs/a"})),
+        Grammar::Lark("start: a\na: a".into()),
+        Grammar::Lark("start: a\na: a \"x\"".into()),
+    ] {
+        let e = compiler.compile(&g).unwrap_err();
+        assert!(e.contains("accepts no output"), "{g:?}: {e}");
+        assert!(!e.contains("<state>"), "{e}");
+    }
+    for g in [
+        Grammar::JsonSchema(json!({"anyOf": [{"$ref": "#"}, {"type": "integer"}]})),
+        Grammar::Lark("start: a\na: a \"x\" | \"y\"".into()),
+    ] {
+        let mut c = compiler.compile(&g).unwrap();
+        let mut logits = vec![0.0f32; tok.vocab_size()];
+        c.mask_logits(&mut logits).unwrap();
+        let allowed = logits.iter().filter(|x| x.is_finite()).count();
+        assert!(
+            allowed > 0 && allowed < tok.vocab_size(),
+            "{g:?}: {allowed}"
+        );
+    }
+}
