@@ -171,11 +171,15 @@ raises("unknown model is a 404", openai.NotFoundError,
 raises("prompt over the context is a 400", openai.BadRequestError,
        lambda: client.completions.create(model=model, prompt="many words " * 3000, max_tokens=1),
        "context_length_exceeded")
+raises("prompt + max_tokens over the context is a 400 (not an answer cut short)",
+       openai.BadRequestError,
+       lambda: client.completions.create(model=model, prompt="Once upon a time", max_tokens=4000),
+       "context_length_exceeded")
 raises("a wrong key is a 401", openai.AuthenticationError,
        lambda: OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list())
 
 # A client that goes away mid-stream frees its blocks.
-s = client.completions.create(model=model, prompt="Once upon a time", max_tokens=3000, temperature=0.7,
+s = client.completions.create(model=model, prompt="Once upon a time", max_tokens=1900, temperature=0.7,
                               seed=3, stream=True)
 for i, _ in enumerate(s):
     if i == 3:

@@ -103,18 +103,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     if args.block_size == 0 || args.kv_tokens < args.block_size {
         bail!("--kv-tokens must hold at least one block of --block-size positions");
     }
-    // A request may use the whole context: a cache smaller than that could accept a request
-    // and fail it after generating. (The model's own context may cap --ctx-size further down,
-    // which only makes room.)
-    let kv_positions = args.kv_tokens / args.block_size * args.block_size;
-    if kv_positions < args.ctx_size {
-        bail!(
-            "--kv-tokens {} holds {kv_positions} positions, fewer than one full context              (--ctx-size {}): a request could be accepted and then not finish. Raise --kv-tokens              to at least {} or lower --ctx-size to at most {kv_positions}",
-            args.kv_tokens,
-            args.ctx_size,
-            args.ctx_size.div_ceil(args.block_size) * args.block_size
-        );
-    }
     let config = SchedulerConfig {
         block_size: args.block_size,
         kv_type: args.kv_type,
@@ -158,7 +146,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .worker_threads(http_threads(compute))
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -173,7 +161,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         let (fail_tx, fail_rx) = tokio::sync::oneshot::channel::<String>();
         tokio::task::spawn_blocking(move || {
             let loaded = load.load(&model).map_err(|e| format!("{e:#}"));
-            match loaded.and_then(|l| herd_server::engine(l, config).map_err(|e| e.to_string())) {
+            let engine = loaded.and_then(|l| {
+                cache_holds_a_context(&config, l.model.max_context())?;
+                herd_server::engine(l, config).map_err(|e| e.to_string())
+            });
+            match engine {
                 Ok(engine) => {
                     let ctx = engine.scheduler.config().context;
                     let _ = st.engine.set(engine);
@@ -191,7 +183,32 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         }
         eprintln!("herd: stopped");
         Ok(())
-    })
+    });
+    // Blocking work still running (a model still loading when a signal came) is not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+/// A request may use the whole context (`--ctx-size`, capped at the model's): a cache smaller
+/// than that could accept a request and fail it after generating, so the server refuses to
+/// start.
+fn cache_holds_a_context(
+    config: &SchedulerConfig,
+    model_context: usize,
+) -> std::result::Result<(), String> {
+    let context = config.context.min(model_context);
+    let positions = config.kv_blocks * config.block_size;
+    if positions < context {
+        return Err(format!(
+            "--kv-tokens {} holds {positions} positions, fewer than one full context ({context} \
+             tokens: --ctx-size, capped at the model's): a request could be accepted and then \
+             not finish. Raise --kv-tokens to at least {} or lower --ctx-size to at most \
+             {positions}",
+            positions,
+            context.div_ceil(config.block_size) * config.block_size
+        ));
+    }
+    Ok(())
 }
 
 trait OrPending {
@@ -226,13 +243,13 @@ async fn shutdown_signal(load_failed: impl std::future::Future<Output = ()>) {
         _ = term() => eprintln!("herd: SIGTERM, finishing in-flight requests (again to exit now)"),
         _ = load_failed => return,
     }
-    // A second signal while requests finish: exit now.
+    // A second signal while requests finish: exit now, with the shell's status for it.
     tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term() => {},
-        }
+        let code = tokio::select! {
+            _ = tokio::signal::ctrl_c() => 130,
+            _ = term() => 143,
+        };
         eprintln!("herd: second signal, exiting without waiting");
-        std::process::exit(130);
+        std::process::exit(code);
     });
 }

@@ -146,36 +146,28 @@ impl ConstraintCompiler {
         if let Some(e) = matcher.get_error() {
             return Err(e);
         }
-        // The first mask is computed here and kept for the first step (so it costs nothing
-        // more, and its ~170 ms on a 262k vocabulary are spent off the engine's path). It is
-        // also a check: a grammar whose language is empty (a schema that only refers to itself,
-        // a rule with no base case) has no first token, and is refused here rather than after
-        // the response started. A grammar can still fail at a later step (llguidance's parser
-        // limits: a wide object of optional properties overflows a parser row at its second
-        // token); the scheduler reports that as the request's grammar failing.
-        let mut c = Constraint {
-            matcher,
-            first_mask: None,
-        };
-        let first = c.matcher.compute_mask_or_eos().map_err(|e| {
-            let e = client_message(&e.to_string());
-            if e.contains("NoExtensionBias") {
-                "the grammar accepts no output at all (a schema or rule that only refers to \
-                 itself, with no way to end)"
-                    .to_string()
-            } else {
-                format!("the grammar has no valid first token: {e}")
-            }
-        })?;
-        c.first_mask = Some(first);
-        Ok(c)
+        // A grammar can compile and still fail at a later step (llguidance's parser limits: a
+        // wide object of optional properties overflows a parser row at its second token); the
+        // scheduler reports that as the request's grammar failing, and so is a grammar that
+        // accepts nothing (a `$ref` cycle), at its first step. The server answers such a
+        // failure at the first step with a 400, streaming or not (a constrained stream's
+        // headers wait for its first event). Computing the first mask here as a check would
+        // cost every constrained request a mask (~170 ms on a 262k vocabulary) in the compile
+        // slots, in series with the prefill it now overlaps, and still miss the later steps.
+        Ok(Constraint { matcher })
     }
 }
 
 /// An llguidance error as a client may read it. Its errors carry internal detail after the
 /// message: the parser's state and grammar (`<state>…</state><grammar>…`), or for a panic
-/// caught inside llguidance its backtrace (`panic: … <backtrace>…`).
+/// caught inside llguidance its backtrace (`panic: … <backtrace>…`). A mask with no token
+/// and no end (`NoExtensionBias`) means the grammar's language is empty from there on.
 fn client_message(e: &str) -> String {
+    if e.contains("NoExtensionBias") {
+        return "the grammar accepts no output from here (a schema or rule that only refers to \
+                itself, with no way to end)"
+            .to_string();
+    }
     let end = ["<backtrace>", "<state>"]
         .iter()
         .filter_map(|tag| e.find(tag))
@@ -223,8 +215,6 @@ pub fn check_size(grammar: &Grammar) -> std::result::Result<(), String> {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
-    /// The mask of the first step, computed at compile time (taken by its first use).
-    first_mask: Option<llguidance::toktrie::SimpleVob>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -264,12 +254,6 @@ impl Constraint {
     /// commit gives the same mask.
     pub fn next_mask(&mut self) -> std::result::Result<Mask, String> {
         let t = Instant::now();
-        if let Some(allowed) = self.first_mask.take() {
-            return Ok(Mask {
-                allowed,
-                elapsed: t.elapsed(),
-            });
-        }
         let allowed = self
             .matcher
             .compute_mask_or_eos()
@@ -288,7 +272,6 @@ impl Constraint {
 
     /// Advance past the sampled token.
     pub fn commit(&mut self, token: u32) -> std::result::Result<(), String> {
-        self.first_mask = None;
         if self.matcher.is_stopped() {
             return Ok(());
         }

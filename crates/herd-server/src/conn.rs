@@ -4,8 +4,10 @@
 //! request's head (which also closes a keep-alive connection idle that long), the handlers give
 //! it [`Timeouts::body`] to send the body, and a write that makes no progress for
 //! [`Timeouts::write_stall`] (a client that stopped reading a stream) closes the connection,
-//! which cancels the request's sequences. After the shutdown signal the listener closes and
-//! in-flight requests get [`Timeouts::shutdown_grace`] to finish; what is left is dropped.
+//! which cancels the request's sequences. After the shutdown signal the listener closes, open
+//! connections take no new request, and in-flight requests get [`Timeouts::shutdown_grace`] to
+//! finish (connections that are idle or still sending a head are not waited for); then every
+//! connection left is closed.
 
 use std::future::Future;
 use std::io;
@@ -46,15 +48,18 @@ impl Default for Timeouts {
     }
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves, then give in-flight connections
-/// `timeouts.shutdown_grace` to finish. Returns whether they all finished in time.
+/// Serve `app` on `listener` until `shutdown` resolves, then give the requests in flight
+/// (`in_flight()` of them) `timeouts.shutdown_grace` to finish. Returns whether they all
+/// finished in time.
 pub async fn accept_loop(
     listener: TcpListener,
     app: Router,
     timeouts: Timeouts,
     shutdown: impl Future<Output = ()>,
+    in_flight: impl Fn() -> usize,
 ) -> bool {
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -78,21 +83,43 @@ pub async fn accept_loop(
             .keep_alive(true);
         let conn = builder.serve_connection(io, TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
+        // Forget connections that ended.
+        while connections.try_join_next().is_some() {}
     }
     drop(listener);
-    let open = graceful.count();
-    if open > 0 {
-        tracing::info!(open, "waiting for in-flight requests");
+    let deadline = tokio::time::Instant::now() + timeouts.shutdown_grace;
+    if in_flight() > 0 {
+        tracing::info!(requests = in_flight(), "waiting for in-flight requests");
     }
-    tokio::select! {
-        () = graceful.shutdown() => true,
-        () = tokio::time::sleep(timeouts.shutdown_grace) => false,
+    // Open connections finish their request and close; idle ones close now.
+    let mut closed = std::pin::pin!(graceful.shutdown());
+    let mut all_closed = false;
+    let finished = loop {
+        if in_flight() == 0 {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::select! {
+            () = &mut closed, if !all_closed => all_closed = true,
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    };
+    // The last responses' bytes reach their clients; a connection still sending a head (hyper
+    // would wait for its header timeout) is not waited for.
+    if !all_closed {
+        let flush =
+            Duration::from_secs(1).min(deadline - tokio::time::Instant::now().min(deadline));
+        let _ = tokio::time::timeout(flush.max(Duration::from_millis(100)), &mut closed).await;
     }
+    connections.abort_all();
+    finished
 }
 
 /// A connection's I/O whose writes fail with `TimedOut` once one has waited `limit` without

@@ -68,6 +68,25 @@ pub struct AppState {
     /// Permits for grammar compilations ([`CONCURRENT_COMPILES`]).
     compile_slots: Arc<tokio::sync::Semaphore>,
     pub options: ServerOptions,
+    /// Generation requests being handled (from their arrival to their response's end).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One generation request in flight (counted in [`AppState`] for the shutdown to wait on):
+/// held by the handler, and by the stream of a streamed response.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn begin(st: &AppState) -> Self {
+        st.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(st.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How `herd serve` treats connections.
@@ -97,6 +116,7 @@ impl AppState {
             started: unix_now(),
             compile_slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_COMPILES)),
             options,
+            in_flight: Arc::default(),
         })
     }
 }
@@ -170,22 +190,26 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     if origins.is_empty() {
         return None;
     }
-    let allow = if origins.iter().any(|o| o == "*") {
+    // An origin is compared without a trailing slash (browsers send none).
+    let origins: Vec<&str> = origins.iter().map(|o| o.trim_end_matches('/')).collect();
+    let allow = if origins.contains(&"*") {
         AllowOrigin::any()
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| {
-            let v = HeaderValue::from_str(o.trim_end_matches('/'));
+            let v = HeaderValue::from_str(o);
             if v.is_err() {
                 tracing::warn!(origin = o, "not a valid origin; ignored");
             }
             v.ok()
         }))
     };
+    // Request headers are mirrored: the official JavaScript client sends its own
+    // (`x-stainless-*`) besides `Authorization` and `Content-Type`.
     Some(
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
             .max_age(std::time::Duration::from_secs(600)),
     )
 }
@@ -246,13 +270,15 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<Tenant> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    // Compared in constant time (per key), so response timing says nothing about a key's
-    // prefix; every key is compared, whichever matches.
+    // Compared in constant time, as SHA-256 digests (so neither a key's prefix nor its length
+    // shows in the response time); every key is compared, whichever matches.
     let find = |k: &str| {
+        use sha2::{Digest, Sha256};
         use subtle::{ConditionallySelectable, ConstantTimeEq};
+        let given = Sha256::digest(k.as_bytes());
         let (mut found, mut index) = (subtle::Choice::from(0), 0u64);
         for (i, key) in st.api_keys.iter().enumerate() {
-            let eq = key.as_bytes().ct_eq(k.as_bytes());
+            let eq = Sha256::digest(key.as_bytes()).ct_eq(&given);
             index.conditional_assign(&(i as u64), eq);
             found |= eq;
         }
@@ -370,30 +396,29 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
 }
 
 async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Body, ep: Endpoint) -> Response {
-    let arrived = Instant::now();
-    let body = match read_body(&st, body).await {
-        Ok(b) => b,
-        Err(e) => {
-            st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
-            return error_response(&e);
-        }
-    };
-    // Templating and tokenizing (linear, but a long prompt still takes milliseconds) run on a
-    // blocking thread, never on the runtime that serves every connection.
-    let prepared = match authorize(&st, &headers)
-        .and_then(|tenant| openai::parse(&body, ep).map(|job| (tenant, job)))
-    {
-        Ok((tenant, job)) => {
-            let st = st.clone();
-            tokio::task::spawn_blocking(move || prepare(&st, job).map(|(j, p)| (tenant, j, p)))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ApiError::bad_request("internal error preparing the prompt")
-                        .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error"))
-                })
-        }
+    let in_flight = InFlight::begin(&st);
+    // The key is checked before the body is read: a client without one sends nothing more.
+    let read = match authorize(&st, &headers) {
+        Ok(tenant) => read_body(&st, body).await.map(|body| (tenant, body)),
         Err(e) => Err(e),
     };
+    // Latency counts from the whole request's arrival (a slow upload is the client's time).
+    let arrived = Instant::now();
+    // Templating and tokenizing (linear, but a long prompt still takes milliseconds) run on a
+    // blocking thread, never on the runtime that serves every connection.
+    let prepared =
+        match read.and_then(|(tenant, body)| openai::parse(&body, ep).map(|job| (tenant, job))) {
+            Ok((tenant, job)) => {
+                let st = st.clone();
+                tokio::task::spawn_blocking(move || prepare(&st, job).map(|(j, p)| (tenant, j, p)))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ApiError::bad_request("internal error preparing the prompt")
+                            .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error"))
+                    })
+            }
+            Err(e) => Err(e),
+        };
     let (tenant, job, prompt) = match prepared {
         Ok(p) => p,
         Err(e) => {
@@ -413,8 +438,9 @@ async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Body, ep: Endpoint)
             return error_response(&e);
         }
     };
+    let constrained = constraint.is_some();
     let salt = cache_salt(tenant, job.cache_salt.as_deref());
-    let run = match submit(&st, &job, &prompt, constraint, salt, arrived) {
+    let run = match submit(&st, &job, &prompt, constraint, salt, arrived, in_flight) {
         Ok(r) => r,
         Err(e) => {
             st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
@@ -442,6 +468,20 @@ async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Body, ep: Endpoint)
         include_usage: job.include_usage,
         prompt_tokens: prompt.len(),
     };
+    if job.stream && constrained {
+        // A constrained stream's headers wait for its first event, so that a grammar that
+        // fails at its first step (one that accepts nothing) is a 400 like a whole response's,
+        // not a 200 stream that fails. Its first token comes no later for it.
+        let mut run = run;
+        match run.rx.recv().await {
+            Some((_, Event::GrammarFailed(why), _)) => {
+                st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+                return error_response(&grammar_failed(why));
+            }
+            first => run.first = first,
+        }
+        return stream_response(st, run, meta);
+    }
     if job.stream {
         stream_response(st, run, meta)
     } else {
@@ -518,9 +558,21 @@ impl Drop for CancelGuard {
 }
 
 struct Running {
+    _in_flight: InFlight,
     rx: mpsc::UnboundedReceiver<(usize, Event, Instant)>,
+    /// An event taken from `rx` before the response started, to be handled first.
+    first: Option<(usize, Event, Instant)>,
     guard: CancelGuard,
     arrived: Instant,
+}
+
+impl Running {
+    async fn next(&mut self) -> Option<(usize, Event, Instant)> {
+        match self.first.take() {
+            Some(e) => Some(e),
+            None => self.rx.recv().await,
+        }
+    }
 }
 
 /// A text that needs more tokens than the context holds whatever its tokenization is refused
@@ -576,11 +628,13 @@ fn fits_context(st: &AppState, job: &Job, prompt: &[u32]) -> ApiResult<()> {
         && prompt.len() + max > context
     {
         return Err(ApiError::bad_request(format!(
-            "this server's context is {context} tokens, and the request asks for {} ({} in the              prompt, {max} to generate): lower the maximum number of tokens or shorten the prompt",
+            "this server's context is {context} tokens, and the request asks for {} ({} in the \
+             prompt, {max} to generate): lower {} or shorten the prompt",
             prompt.len() + max,
-            prompt.len()
+            prompt.len(),
+            job.max_tokens_field
         ))
-        .param("max_tokens")
+        .param(job.max_tokens_field)
         .code("context_length_exceeded"));
     }
     Ok(())
@@ -628,6 +682,7 @@ fn submit(
     constraint: Option<Constraint>,
     cache_salt: u64,
     arrived: Instant,
+    in_flight: InFlight,
 ) -> ApiResult<Running> {
     fits_context(st, job, prompt)?;
     let engine = ready(st)?;
@@ -681,7 +736,13 @@ fn submit(
             });
         }
     }
-    Ok(Running { rx, guard, arrived })
+    Ok(Running {
+        _in_flight: in_flight,
+        rx,
+        first: None,
+        guard,
+        arrived,
+    })
 }
 
 /// Response fields shared by every chunk of one request.
@@ -759,7 +820,7 @@ async fn whole_response(st: Arc<AppState>, mut run: Running, meta: Meta, n: usiz
     };
     let mut open = n;
     while open > 0 {
-        let Some((i, event, at)) = run.rx.recv().await else {
+        let Some((i, event, at)) = run.next().await else {
             break;
         };
         match event {
@@ -951,7 +1012,7 @@ async fn pump(
     let mut held: Vec<Option<String>> = vec![meta.tools.as_ref().map(|_| String::new()); n];
     let mut undecided = vec![meta.tools.is_some() && !forced; n];
     while open > 0 {
-        let Some((i, event, at)) = run.rx.recv().await else {
+        let Some((i, event, at)) = run.next().await else {
             return;
         };
         let ok = match event {
@@ -1095,7 +1156,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = router(state.clone());
     let timeouts = state.options.timeouts;
-    let finished = conn::accept_loop(listener, app, timeouts, shutdown).await;
+    let requests = state.clone();
+    let in_flight = move || requests.in_flight.load(Ordering::Acquire);
+    let finished = conn::accept_loop(listener, app, timeouts, shutdown, in_flight).await;
     if !finished {
         tracing::warn!(
             grace_s = timeouts.shutdown_grace.as_secs(),

@@ -79,6 +79,8 @@ pub struct Job {
     pub model: String,
     pub prompt_source: PromptSource,
     pub max_tokens: Option<usize>,
+    /// The field `max_tokens` came from (`max_tokens` or `max_completion_tokens`).
+    pub max_tokens_field: &'static str,
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
     /// Random seed given by the client (otherwise one is drawn per request).
@@ -341,6 +343,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
         model: req.model,
         prompt_source,
         max_tokens: max_tokens.map(|m| m as usize),
+        max_tokens_field: max_key,
         stop,
         sampling,
         seed: req.seed.map(Seed::bits),
@@ -417,16 +420,19 @@ fn messages(list: Option<Vec<ChatMessage>>) -> ApiResult<Vec<Message>> {
     }
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.into_iter().enumerate() {
-        out.push(match m {
-            ChatMessage::System { content } | ChatMessage::Developer { content } => {
-                json!({"role": "system", "content": content_value(content)})
-            }
-            ChatMessage::User { content } => {
-                json!({"role": "user", "content": content_value(content)})
-            }
+        let (mut message, name) = match m {
+            ChatMessage::System { content, name } | ChatMessage::Developer { content, name } => (
+                json!({"role": "system", "content": content_value(content)}),
+                name,
+            ),
+            ChatMessage::User { content, name } => (
+                json!({"role": "user", "content": content_value(content)}),
+                name,
+            ),
             ChatMessage::Assistant {
                 content,
                 tool_calls,
+                name,
                 ..
             } => {
                 let mut m = json!({"role": "assistant", "content": content.map(content_value)});
@@ -452,19 +458,24 @@ fn messages(list: Option<Vec<ChatMessage>>) -> ApiResult<Vec<Message>> {
                     }
                     _ => {}
                 }
-                m
+                (m, name)
             }
             ChatMessage::Tool {
                 content,
                 tool_call_id,
+                name,
             } => {
                 let mut m = json!({"role": "tool", "content": content_value(content)});
                 if let Some(id) = tool_call_id {
                     m["tool_call_id"] = Value::String(id);
                 }
-                m
+                (m, name)
             }
-        });
+        };
+        if let Some(name) = name {
+            message["name"] = Value::String(name);
+        }
+        out.push(message);
     }
     Ok(out)
 }
@@ -641,9 +652,13 @@ mod tests {
         // What the official clients send back from a response is accepted when empty.
         let echoed = chat(
             "",
-            r#"{"role":"assistant","content":"hi","refusal":null,"audio":null,"function_call":null,"annotations":[]}"#,
+            r#"{"role":"user","content":"hi","name":"ann"},{"role":"assistant","content":"{}","refusal":null,"audio":null,"function_call":null,"annotations":[],"parsed":{}},{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"c","type":"function","function":{"name":"f","arguments":"{}","parsed_arguments":{}}}]},{"role":"tool","tool_call_id":"c","name":"f","content":"r"}"#,
         );
-        assert!(parse(echoed.as_bytes(), Endpoint::Chat).is_ok());
+        let job = parse(echoed.as_bytes(), Endpoint::Chat).unwrap();
+        let PromptSource::Messages(m) = job.prompt_source else {
+            panic!("chat")
+        };
+        assert_eq!((m.len(), &m[0]["name"]), (4, &json!("ann")));
         // Trailing garbage and non-objects are not requests.
         assert!(
             err(&format!("{} x", chat("", user)), Endpoint::Chat)

@@ -154,8 +154,9 @@ pub enum ResponseFormat {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JsonSchemaFormat {
-    /// Required by OpenAI; herd only checks it is a string (it names the format).
-    pub name: String,
+    /// Required by OpenAI, optional here (many hand-written requests omit it); it only names
+    /// the format.
+    pub name: Option<String>,
     pub description: Option<String>,
     pub schema: Option<Schema>,
     /// herd always enforces the schema; `false` is accepted and still enforced.
@@ -230,31 +231,41 @@ pub struct FunctionName {
     pub name: String,
 }
 
-/// One chat message, by role.
+/// One chat message, by role. `name` (a participant's name) is passed to the chat template
+/// with the message; the templates herd ships do not render it.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "role", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ChatMessage {
     System {
         content: Content,
+        name: Option<String>,
     },
     Developer {
         content: Content,
+        name: Option<String>,
     },
     User {
         content: Content,
+        name: Option<String>,
     },
     Assistant {
         /// Null or absent when the turn is only tool calls.
         content: Option<Content>,
         tool_calls: Option<Vec<ToolCall>>,
+        name: Option<String>,
         refusal: Option<Echoed>,
         audio: Option<Echoed>,
         function_call: Option<Echoed>,
         annotations: Option<Echoed>,
+        /// The openai SDK's `parse()` result, derived from `content`: the content is what
+        /// the template renders.
+        parsed: Option<IgnoredAny>,
     },
     Tool {
         content: Content,
         tool_call_id: Option<String>,
+        /// Older clients name the function whose result this is.
+        name: Option<String>,
     },
 }
 
@@ -262,6 +273,9 @@ pub enum ChatMessage {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToolCall {
+    /// The call's place in a streamed response (present when a client rebuilt the message from
+    /// stream deltas); the call's place in this list says the same.
+    pub index: Option<u32>,
     pub id: Option<String>,
     #[serde(rename = "type")]
     pub kind: Option<FunctionKind>,
@@ -280,6 +294,8 @@ pub struct CalledFunction {
     pub name: String,
     /// The arguments as a JSON string (OpenAI's shape).
     pub arguments: String,
+    /// The openai SDK's parsed copy of `arguments`, echoed back; `arguments` is what counts.
+    pub parsed_arguments: Option<IgnoredAny>,
 }
 
 /// A message's content: a string or a list of text parts. Written by hand rather than as an
