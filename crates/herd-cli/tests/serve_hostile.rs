@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 struct Served {
     child: Child,
     port: u16,
+    /// The server's stderr lines so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Served {
@@ -63,11 +65,19 @@ fn serve_with(extra: &[&str]) -> Served {
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {first:?}"));
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = lines.clone();
     std::thread::spawn(move || {
-        log.map_while(Result::ok)
-            .for_each(|l| eprintln!("serve: {l}"))
+        log.map_while(Result::ok).for_each(|l| {
+            eprintln!("serve: {l}");
+            keep.lock().unwrap().push(l);
+        })
     });
-    let served = Served { child, port };
+    let served = Served {
+        child,
+        port,
+        log: lines,
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     while served.get("/health") != 200 {
         assert!(Instant::now() < deadline, "herd serve did not become ready");
@@ -377,10 +387,15 @@ fn slow_and_silent_clients_are_cut_off_and_shutdown_is_bounded() {
         status.is_some(),
         "herd serve still running 20 s after SIGTERM"
     );
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // It waited the grace for the stream (900 tokens take far longer), then stopped it.
+    assert!(took >= Duration::from_millis(2500), "took {took:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    let log = s.log.lock().unwrap().join("\n");
     assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        t.elapsed()
+        log.contains("did not finish within the shutdown grace"),
+        "{log}"
     );
 }
 
