@@ -48,6 +48,8 @@ pub struct Engine {
     /// The most bytes of text one token stands for: a text of more than `context ×` this many
     /// bytes cannot fit the context, which is said before tokenizing it.
     pub max_token_bytes: usize,
+    /// Each token's bytes as it adds them to text (logprobs report them).
+    pub token_bytes: Arc<Vec<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -145,13 +147,12 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
         }
     };
     let constraints = ConstraintCompiler::new(&tokenizer)?;
-    let max_token_bytes = tokenizer
+    let token_bytes: Vec<Vec<u8>> = tokenizer
         .token_bytes()
-        .iter()
-        .map(|(bytes, _)| bytes.len())
-        .max()
-        .unwrap_or(1)
-        .max(1);
+        .into_iter()
+        .map(|(bytes, _)| bytes)
+        .collect();
+    let max_token_bytes = token_bytes.iter().map(Vec::len).max().unwrap_or(1).max(1);
     let tokenizer = Arc::new(tokenizer);
     Ok(Engine {
         scheduler: Scheduler::start(model, tokenizer.clone(), config)?,
@@ -160,6 +161,7 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
         constraints,
         family,
         max_token_bytes,
+        token_bytes: Arc::new(token_bytes),
     })
 }
 
@@ -513,12 +515,26 @@ fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
                 tools::for_template(&engine.family, job.tools.as_ref(), messages);
             opts.tools = listed;
             let text = template.render(&messages, &opts).map_err(enc)?;
+            if let Some(listed) = &opts.tools
+                && tok.contains_special_text(&Value::from(listed.clone()).to_string())
+            {
+                return Err(ApiError::bad_request(
+                    "a tool definition holds special-token text, which the chat template would \
+                     render as a special token",
+                )
+                .param("tools"));
+            }
+            let contents = locate_contents(tok, template, &opts, &messages, &text)
+                .map_err(|e| e.with_family(&engine.family))?;
             surely_over_context(engine, &text, "messages")?;
-            tok.encode_prompt(&text).map_err(enc)?
+            // Message text stays text: a `<end_of_turn>` typed in a message cannot end a turn.
+            tok.encode_prompt_guarded(&text, &contents).map_err(enc)?
         }
         PromptSource::Text(t) => {
             surely_over_context(engine, t, "prompt")?;
-            tok.encode(t, true).map_err(enc)?
+            // Special-token text in a raw prompt is parsed (as llama-server does: a raw prompt
+            // is the caller's own template); BOS is added unless the text starts with it.
+            tok.encode_prompt(t).map_err(enc)?
         }
         PromptSource::Tokens(ids) => {
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= tok.vocab_size()) {
@@ -530,7 +546,147 @@ fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
             ids.clone()
         }
     };
+    if let Some(&bad) = job
+        .sampling
+        .logit_bias
+        .keys()
+        .find(|&&id| id as usize >= tok.vocab_size())
+    {
+        return Err(ApiError::bad_request(format!(
+            "logit_bias names token id {bad}, outside the vocabulary of {} tokens",
+            tok.vocab_size()
+        ))
+        .param("logit_bias"));
+    }
     Ok((job, prompt))
+}
+
+/// Where each message's text stands in the rendered prompt (byte ranges, in order), so that it
+/// is encoded as text only. Found exactly: the messages are rendered again with each text
+/// replaced by a placeholder, and putting the texts (trimmed, as templates trim them, or as
+/// sent) back into that shape must give the prompt. A system or user message whose placeholder
+/// the shape lacks (a template that drops it, as Gemma 3's drops a system message with no user
+/// turn after it) is an error rather than silently lost. When the texts cannot be put back (a
+/// template that rewrites them), a message holding special-token text is refused, since it
+/// could not be kept as text; others go unguarded (they hold none).
+fn locate_contents(
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    opts: &RenderOptions,
+    messages: &[Value],
+    rendered: &str,
+) -> Result<Vec<std::ops::Range<usize>>, ContentError> {
+    const OPEN: char = '\u{E000}';
+    const CLOSE: char = '\u{E001}';
+    // (message index, role, text) per placeholder.
+    let mut texts: Vec<(usize, String, String)> = Vec::new();
+    let mut marked = messages.to_vec();
+    let mut mark = |i: usize, role: &str, text: &mut Value| {
+        if let Value::String(t) = text
+            && !t.trim().is_empty()
+        {
+            texts.push((i, role.to_string(), std::mem::take(t)));
+            *t = format!("{OPEN}{}{CLOSE}", texts.len() - 1);
+        }
+    };
+    for (i, m) in marked.iter_mut().enumerate() {
+        // Whatever else of the message a template may render (names, tool calls and their
+        // arguments) must not hold special-token text either.
+        let mut rest = m.clone();
+        if let Some(o) = rest.as_object_mut() {
+            o.remove("content");
+        }
+        if tok.contains_special_text(&rest.to_string()) {
+            return Err(ContentError::Unguardable(i));
+        }
+        let role = m["role"].as_str().unwrap_or_default().to_string();
+        match &mut m["content"] {
+            Value::Array(parts) => parts
+                .iter_mut()
+                .for_each(|p| mark(i, &role, &mut p["text"])),
+            content => mark(i, &role, content),
+        }
+    }
+    let unguarded = |texts: &[(usize, String, String)]| match texts
+        .iter()
+        .find(|(_, _, t)| tok.contains_special_text(t))
+    {
+        Some((i, _, _)) => Err(ContentError::Unguardable(*i)),
+        None => Ok(Vec::new()),
+    };
+    let Ok(shape) = template.render(&marked, opts) else {
+        return unguarded(&texts);
+    };
+    // The shape's pieces: template text, and placeholder numbers.
+    let mut pieces: Vec<Result<&str, usize>> = Vec::new();
+    let mut rest = shape.as_str();
+    while let Some(a) = rest.find(OPEN) {
+        let Some(b) = rest[a..].find(CLOSE).map(|b| a + b) else {
+            break;
+        };
+        let Ok(k) = rest[a + OPEN.len_utf8()..b].parse::<usize>() else {
+            break;
+        };
+        pieces.push(Ok(&rest[..a]));
+        pieces.push(Err(k));
+        rest = &rest[b + CLOSE.len_utf8()..];
+    }
+    pieces.push(Ok(rest));
+    let present: std::collections::HashSet<usize> = pieces.iter().filter_map(|p| p.err()).collect();
+    if let Some((i, _, _)) = texts
+        .iter()
+        .enumerate()
+        .find(|(k, (_, role, _))| {
+            !present.contains(k) && matches!(role.as_str(), "system" | "user")
+        })
+        .map(|(_, t)| t)
+    {
+        return Err(ContentError::Dropped(*i));
+    }
+    for trim in [true, false] {
+        let mut rebuilt = String::with_capacity(rendered.len());
+        let mut spans = Vec::new();
+        for p in &pieces {
+            match p {
+                Ok(t) => rebuilt.push_str(t),
+                Err(k) => {
+                    let t = texts.get(*k).map_or("", |(_, _, t)| t.as_str());
+                    let t = if trim { t.trim() } else { t };
+                    spans.push(rebuilt.len()..rebuilt.len() + t.len());
+                    rebuilt.push_str(t);
+                }
+            }
+        }
+        if rebuilt == rendered {
+            return Ok(spans);
+        }
+    }
+    unguarded(&texts)
+}
+
+/// Why a conversation's messages cannot be encoded as sent.
+enum ContentError {
+    /// The template leaves message `i` out of the prompt.
+    Dropped(usize),
+    /// Message `i` holds special-token text the template rewrites.
+    Unguardable(usize),
+}
+
+impl ContentError {
+    fn with_family(self, family: &str) -> ApiError {
+        match self {
+            Self::Dropped(i) => ApiError::bad_request(format!(
+                "messages[{i}] would not reach the model: this model's chat template leaves it \
+                 out of the prompt ({family} templates render a system message only with a user \
+                 turn after it); add a user message"
+            )),
+            Self::Unguardable(i) => ApiError::bad_request(format!(
+                "messages[{i}] holds special-token text where herd cannot keep it as text (in a \
+                 name or a tool call, or in content the chat template rewrites)"
+            )),
+        }
+        .param("messages")
+    }
 }
 
 /// Cancels a request's sequences unless it finished; dropped with the response (a client that
@@ -703,7 +859,7 @@ fn submit(
         .map(|index| {
             let tx = tx.clone();
             let mut sampling = job.sampling.clone();
-            sampling.seed = seed.wrapping_add(index as u64);
+            sampling.seed = choice_seed(seed, index);
             GenerationRequest {
                 prompt: prompt.to_vec(),
                 max_tokens,
@@ -743,6 +899,20 @@ fn submit(
         guard,
         arrived,
     })
+}
+
+/// The seed of choice `index` of a request seeded `seed`: the seed itself for the first choice
+/// (so that `n: 1` samples as `herd run --seed` does), and for the others a SplitMix64 mix of
+/// both, so that requests with neighbouring seeds share no choice (with `seed + index`, choice
+/// 1 of seed 7 was choice 0 of seed 8).
+pub fn choice_seed(seed: u64, index: usize) -> u64 {
+    if index == 0 {
+        return seed;
+    }
+    let mut z = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Response fields shared by every chunk of one request.
@@ -791,11 +961,13 @@ struct Choice {
 }
 
 impl Choice {
-    fn record(&mut self, tok: &Tokenizer, s: &herd_engine::sampler::Sampled, text: &str) {
+    fn record(&mut self, tok: &[Vec<u8>], s: &herd_engine::sampler::Sampled, text: &str) {
         self.text.push_str(text);
         self.logprobs.push(openai::chat_logprob(tok, s));
         self.tokens.push(openai::token_text(tok, s.token));
         self.token_logprobs.push(s.logprob);
+        // One entry per alternative: tokens that hold parts of one character have distinct
+        // names (`token_text`), so none collapse into another's key.
         let top: serde_json::Map<String, Value> = s
             .top
             .iter()
@@ -811,7 +983,7 @@ fn finish_str(f: Option<FinishReason>) -> Value {
 
 async fn whole_response(st: Arc<AppState>, mut run: Running, meta: Meta, n: usize) -> Response {
     let tok = match st.engine.get() {
-        Some(e) => e.tokenizer.clone(),
+        Some(e) => e.token_bytes.clone(),
         None => return error_response(&ApiError::bad_request("the engine is gone")),
     };
     let mut choices: Vec<Choice> = (0..n).map(|_| Choice::default()).collect();
@@ -935,6 +1107,15 @@ fn completion_logprobs(c: &Choice) -> Value {
     json!({"tokens": c.tokens, "token_logprobs": c.token_logprobs, "top_logprobs": c.top, "text_offset": offsets})
 }
 
+/// The chat `logprobs` of held-back tokens sent together (`null` without logprobs).
+fn held_content_logprobs(held: &mut Vec<Value>, logprobs: bool) -> Value {
+    if logprobs {
+        json!({"content": std::mem::take(held)})
+    } else {
+        Value::Null
+    }
+}
+
 /// Server-sent events as OpenAI sends them: per choice a role chunk first (chat), content
 /// chunks, a chunk with the finish reason; then with `include_usage` a chunk with empty choices
 /// and the usage; then `[DONE]`.
@@ -955,7 +1136,7 @@ async fn pump(
     meta: Meta,
     tx: mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
 ) {
-    let Some(tok) = st.engine.get().map(|e| e.tokenizer.clone()) else {
+    let Some(tok) = st.engine.get().map(|e| e.token_bytes.clone()) else {
         return;
     };
     let n = run.guard.ids.len();
@@ -1011,21 +1192,34 @@ async fn pump(
         .is_some_and(|t| t.forced_schema().is_some());
     let mut held: Vec<Option<String>> = vec![meta.tools.as_ref().map(|_| String::new()); n];
     let mut undecided = vec![meta.tools.is_some() && !forced; n];
+    // Logprob entries of held tokens, sent with their text.
+    let mut held_logprobs: Vec<Vec<Value>> = vec![Vec::new(); n];
     while open > 0 {
-        let Some((i, event, at)) = run.next().await else {
+        // A client that leaves while its request waits (queued, or in a long prefill) is seen
+        // at once, not at the next event: the guard then cancels the request before compute.
+        let next = tokio::select! {
+            next = run.next() => next,
+            () = tx.closed() => return,
+        };
+        let Some((i, event, at)) = next else {
             return;
         };
         let ok = match event {
-            Event::Token { text, .. } if held[i].is_some() => {
+            Event::Token { text, sampled } if held[i].is_some() => {
                 timing.token(&st, run.arrived, i, at);
+                if meta.logprobs {
+                    held_logprobs[i].push(openai::chat_logprob(&tok, &sampled));
+                }
                 let buf = held[i].as_mut().expect("held");
                 buf.push_str(&text);
                 match buf.trim_start().chars().next() {
                     Some(c) if undecided[i] && c != '{' && c != '[' => {
-                        // Plain text after all: send what was held and stream from here.
+                        // Plain text after all: send what was held, with the logprobs of its
+                        // tokens, and stream from here.
                         let text = held[i].take().unwrap_or_default();
+                        let lp = held_content_logprobs(&mut held_logprobs[i], meta.logprobs);
                         send(chunk(
-                            vec![piece(i, &text, Value::Null, Value::Null)],
+                            vec![piece(i, &text, lp, Value::Null)],
                             usage_field(Value::Null),
                         ))
                         .await
@@ -1054,7 +1248,10 @@ async fn pump(
                                "logprobs": null, "finish_reason": null}),
                         "tool_calls",
                     ),
-                    None => (piece(i, &buf, Value::Null, Value::Null), finish.as_str()),
+                    None => {
+                        let lp = held_content_logprobs(&mut held_logprobs[i], meta.logprobs);
+                        (piece(i, &buf, lp, Value::Null), finish.as_str())
+                    }
                 };
                 send(chunk(vec![body], usage_field(Value::Null))).await
                     && send(chunk(

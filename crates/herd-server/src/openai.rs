@@ -13,8 +13,8 @@ use crate::request::{
     self, ChatMessage, Content, ContentPart, Logprobs, Prompt, ResponseFormat, Seed, Stop,
 };
 use crate::tools::Tools;
+use herd_engine::Message;
 use herd_engine::sampler::{Sampled, SamplingParams};
-use herd_engine::{Message, Tokenizer};
 use serde_json::{Value, json};
 
 /// An error in OpenAI's JSON shape.
@@ -204,10 +204,8 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
     };
 
     let temperature = in_range("temperature", req.temperature, 0.0, 2.0)?;
+    // OpenAI's range; 0 keeps only the most likely token.
     let top_p = in_range("top_p", req.top_p, 0.0, 1.0)?;
-    if top_p == Some(0.0) {
-        return Err(ApiError::bad_request("'top_p' must be greater than 0").param("top_p"));
-    }
     let min_p = in_range("min_p", req.min_p, 0.0, 1.0)?;
     let presence = in_range("presence_penalty", req.presence_penalty, -2.0, 2.0)?;
     let frequency = in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)?;
@@ -498,16 +496,29 @@ fn prompt(p: Option<Prompt>) -> ApiResult<PromptSource> {
     }
 }
 
-/// The text of one token as clients see it.
-pub fn token_text(tok: &Tokenizer, id: u32) -> String {
-    tok.decode(&[id], false).unwrap_or_default()
+/// A token as clients see it in logprobs: its text when its bytes are whole UTF-8, otherwise
+/// `bytes:` and each byte as `\xNN` (vLLM's rendering), so that tokens holding parts of one
+/// character stay distinct.
+pub fn token_text(token_bytes: &[Vec<u8>], id: u32) -> String {
+    let bytes = token_bytes.get(id as usize).map_or(&[][..], Vec::as_slice);
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => {
+            let mut s = String::from("bytes:");
+            for b in bytes {
+                s.push_str(&format!("\\x{b:02x}"));
+            }
+            s
+        }
+    }
 }
 
-/// Chat `logprobs.content[i]`.
-pub fn chat_logprob(tok: &Tokenizer, s: &Sampled) -> Value {
+/// Chat `logprobs.content[i]`: `bytes` are the token's own bytes (their concatenation over a
+/// response is its content's UTF-8, characters split across tokens included).
+pub fn chat_logprob(token_bytes: &[Vec<u8>], s: &Sampled) -> Value {
     let entry = |id: u32, lp: f32| {
-        let t = token_text(tok, id);
-        json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+        let bytes = token_bytes.get(id as usize).map_or(&[][..], Vec::as_slice);
+        json!({"token": token_text(token_bytes, id), "logprob": lp, "bytes": bytes})
     };
     let mut e = entry(s.token, s.logprob);
     e["top_logprobs"] = Value::Array(s.top.iter().map(|&(id, lp)| entry(id, lp)).collect());

@@ -71,6 +71,17 @@ pub struct Tokenizer {
     /// The chat template shipped with the tokenizer, if any.
     pub chat_template: Option<String>,
     source: PathBuf,
+    /// Built on first use by [`Tokenizer::encode_prompt_guarded`].
+    guards: Guards,
+}
+
+/// What encoding text as text only needs (built on first use: most prompts never do).
+#[derive(Default)]
+struct Guards {
+    /// Finds the text of every special token, leftmost then longest.
+    special_texts: std::sync::OnceLock<aho_corasick::AhoCorasick>,
+    /// The Hugging Face tokenizer with special-token matching off.
+    plain_hf: std::sync::OnceLock<tokenizers::Tokenizer>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -151,6 +162,7 @@ impl Tokenizer {
             add_bos,
             chat_template,
             source: path,
+            guards: Guards::default(),
         })
     }
 
@@ -326,6 +338,7 @@ impl Tokenizer {
             add_bos,
             chat_template,
             source: path,
+            guards: Guards::default(),
         })
     }
 
@@ -398,6 +411,97 @@ impl Tokenizer {
             ids.insert(0, bos);
         }
         Ok(ids)
+    }
+
+    /// [`encode_prompt`](Self::encode_prompt) for a rendered chat prompt whose byte ranges
+    /// `text_only` (the messages' contents, sorted, disjoint) must stay text: special-token
+    /// text inside them (`<end_of_turn>` in a user's message) is encoded as the characters it
+    /// is made of, never as the special token, so no message can forge a turn. Special tokens
+    /// elsewhere (the template's own markers) are parsed. A prompt with no special-token text
+    /// inside those ranges is encoded exactly as by `encode_prompt`; otherwise the text is
+    /// split around each such occurrence, which may tokenize the characters next to it
+    /// differently than a whole-text encoding would.
+    pub fn encode_prompt_guarded(
+        &self,
+        rendered: &str,
+        text_only: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
+        let inside =
+            |start: usize, end: usize| text_only.iter().any(|r| start < r.end && r.start < end);
+        let forged: Vec<(usize, usize)> = self
+            .special_texts()
+            .find_iter(rendered)
+            .map(|m| (m.start(), m.end()))
+            .filter(|&(a, b)| inside(a, b))
+            .collect();
+        if forged.is_empty() {
+            return self.encode_prompt(rendered);
+        }
+        let mut ids = Vec::new();
+        let mut at = 0;
+        for (a, b) in forged {
+            ids.extend(self.encode(&rendered[at..a], false)?);
+            ids.extend(self.encode_text_only(&rendered[a..b])?);
+            at = b;
+        }
+        ids.extend(self.encode(&rendered[at..], false)?);
+        if self.add_bos
+            && let Some(bos) = self.bos
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    }
+
+    /// Whether `text` holds the text of a special token (which encoding would parse as it).
+    pub fn contains_special_text(&self, text: &str) -> bool {
+        self.special_texts().is_match(text)
+    }
+
+    /// The texts of the special tokens (control and user-defined tokens of a GGUF vocabulary;
+    /// added special tokens of a Hugging Face one), found leftmost-longest.
+    fn special_texts(&self) -> &aho_corasick::AhoCorasick {
+        self.guards.special_texts.get_or_init(|| {
+            let texts: Vec<String> = match &self.backend {
+                Backend::Spm(v) => v.specials.iter().map(|(t, _, _)| t.clone()).collect(),
+                Backend::Hf(t) => t
+                    .get_added_tokens_decoder()
+                    .values()
+                    .filter(|a| a.special && !a.content.is_empty())
+                    .map(|a| a.content.clone())
+                    .collect(),
+            };
+            aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(&texts)
+                .unwrap_or_else(|_| {
+                    aho_corasick::AhoCorasick::new(Vec::<String>::new()).expect("empty matcher")
+                })
+        })
+    }
+
+    /// `text` encoded with no special-token matching (and no BOS).
+    fn encode_text_only(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.backend {
+            Backend::Spm(v) => {
+                let mut out = Vec::new();
+                v.encode_plain(text, &mut out);
+                Ok(out)
+            }
+            Backend::Hf(t) => {
+                let plain = self.guards.plain_hf.get_or_init(|| {
+                    let mut plain = (**t).clone();
+                    plain.set_encode_special_tokens(true);
+                    plain
+                });
+                Ok(plain
+                    .encode(text, false)
+                    .map_err(|e| Error::Encode(e.to_string()))?
+                    .get_ids()
+                    .to_vec())
+            }
+        }
     }
 
     /// Decode ids to text (special tokens dropped when `skip_special`).
@@ -495,6 +599,17 @@ fn gpt2_unicode_to_byte() -> HashMap<char, u8> {
 }
 
 impl SpmVocab {
+    /// `text` as SentencePiece pieces only: no special tokens, no space prefix (it continues
+    /// text).
+    fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
+        let spm = spm::Spm {
+            token_to_id: &self.token_to_id,
+            scores: &self.scores,
+            byte_tokens: &self.byte_tokens,
+        };
+        spm.tokenize(&text.replace(' ', "\u{2581}"), out);
+    }
+
     fn encode(&self, text: &str, out: &mut Vec<u32>) {
         let spm = spm::Spm {
             token_to_id: &self.token_to_id,
