@@ -2,7 +2,7 @@
 //! `herd serve` on 127.0.0.1, started and stopped here: tests/openai/test_client.py checks chat
 //! and completions (whole and streamed) against each other and against `herd run`, 32 concurrent
 //! streams against sequential runs, the error statuses and a disconnect;
-//! tests/openai/test_structured.py checks 30 JSON schemas (validated with `jsonschema`), JSON
+//! tests/openai/test_structured.py checks 33 JSON schemas (validated with `jsonschema`), JSON
 //! mode, regex and Lark grammars and schema errors. Then SIGTERM must stop the server cleanly.
 
 use std::io::{BufRead, BufReader};

@@ -28,6 +28,10 @@ pub enum Grammar {
     Regex(String),
     /// Text derived from this Lark grammar.
     Lark(String),
+    /// A JSON array (of tool calls) matching this schema, closed at the first item that
+    /// repeats an earlier one: a small model under a forced list goes round in a loop, and
+    /// every boundary of the list would let it end there.
+    CallList(Value),
 }
 
 impl Grammar {
@@ -45,6 +49,15 @@ impl Grammar {
 /// symbols (about 12,000 such properties).
 pub const MAX_SCHEMA_VALUES: usize = 10_000;
 
+/// The most digits in a row a JSON number gets under a JSON grammar: in its integer part and
+/// again in its fraction (the exponent gets [`MAX_EXPONENT_DIGITS`]). JSON Schema has no way
+/// to bound them, and a small model at temperature 0 writes `0.4000000…` until `max_tokens`:
+/// output valid by construction that never ends. 15 digits are more than an f64 holds.
+pub const MAX_NUMBER_DIGITS: usize = 15;
+
+/// The most digits of a JSON number's exponent under a JSON grammar (an f64's reach: 308).
+pub const MAX_EXPONENT_DIGITS: usize = 3;
+
 /// The longest regular expression or Lark grammar [`ConstraintCompiler::compile`] takes, in bytes.
 pub const MAX_GRAMMAR_BYTES: usize = 256 * 1024;
 
@@ -59,6 +72,158 @@ pub const GRAMMAR_STACK_BYTES: usize = 256 << 20;
 #[derive(Clone)]
 pub struct ConstraintCompiler {
     factory: Arc<ParserFactory>,
+    digits: Arc<DigitTokens>,
+}
+
+/// What bounding JSON numbers needs of the vocabulary: each token's bytes, and per run length
+/// `k` (0..=[`MAX_NUMBER_DIGITS`]) the tokens whose text begins with more than `k` digits.
+struct DigitTokens {
+    words: Vec<Vec<u8>>,
+    longer_than: Vec<llguidance::toktrie::SimpleVob>,
+    /// Tokens whose text begins with `]`.
+    closing: llguidance::toktrie::SimpleVob,
+    /// Tokens that end an object and go on past a comma (`},`, `}}, `): under a call list an
+    /// item ends on a token of its own, so that a repeat is seen before the list goes on.
+    close_and_continue: llguidance::toktrie::SimpleVob,
+}
+
+impl DigitTokens {
+    fn new(words: Vec<Vec<u8>>) -> Self {
+        let lead: Vec<usize> = words
+            .iter()
+            .map(|w| w.iter().take_while(|b| b.is_ascii_digit()).count())
+            .collect();
+        let longer_than = (0..=MAX_NUMBER_DIGITS)
+            .map(|k| {
+                let mut v = llguidance::toktrie::SimpleVob::alloc(words.len());
+                for (id, &n) in lead.iter().enumerate() {
+                    if n > k {
+                        v.allow_token(id as u32);
+                    }
+                }
+                v
+            })
+            .collect();
+        let mut closing = llguidance::toktrie::SimpleVob::alloc(words.len());
+        let mut close_and_continue = llguidance::toktrie::SimpleVob::alloc(words.len());
+        for (id, w) in words.iter().enumerate() {
+            if w.first() == Some(&b']') {
+                closing.allow_token(id as u32);
+            }
+            if w.windows(2).any(|p| p == b"},") {
+                close_and_continue.allow_token(id as u32);
+            }
+        }
+        Self {
+            words,
+            longer_than,
+            closing,
+            close_and_continue,
+        }
+    }
+}
+
+/// The items of a generated JSON array completed so far, and whether the last one repeats an
+/// earlier one ([`Grammar::CallList`]).
+#[derive(Clone, Debug, Default)]
+struct RepeatScan {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// The bytes of the item being generated.
+    item: Vec<u8>,
+    items: Vec<Value>,
+    repeated: bool,
+}
+
+impl RepeatScan {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            let before = self.depth;
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+            } else {
+                match b {
+                    b'[' | b'{' => self.depth += 1,
+                    b']' | b'}' => self.depth = self.depth.saturating_sub(1),
+                    b'"' => self.in_string = true,
+                    _ => {}
+                }
+            }
+            if before >= 2 || self.depth >= 2 {
+                self.item.push(b);
+            }
+            if before >= 2 && self.depth == 1 {
+                if let Ok(v) = serde_json::from_slice::<Value>(&self.item) {
+                    self.repeated |= self.items.contains(&v);
+                    self.items.push(v);
+                }
+                self.item.clear();
+            }
+            if self.depth == 0 {
+                self.repeated = false;
+            }
+        }
+    }
+}
+
+/// Where generated JSON stands as far as numbers go: inside a string or not, and how many
+/// digits the current run (integer part, fraction or exponent) has.
+#[derive(Clone, Debug, Default)]
+struct NumberScan {
+    in_string: bool,
+    escaped: bool,
+    in_exponent: bool,
+    run: usize,
+}
+
+impl NumberScan {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'0'..=b'9' => self.run += 1,
+                b'+' | b'-' if self.in_exponent => {}
+                b'e' | b'E' => {
+                    self.in_exponent = true;
+                    self.run = 0;
+                }
+                b'.' => self.run = 0,
+                b'"' => {
+                    self.in_string = true;
+                    self.in_exponent = false;
+                    self.run = 0;
+                }
+                _ => {
+                    self.in_exponent = false;
+                    self.run = 0;
+                }
+            }
+        }
+    }
+
+    /// How many more digits the current run may take (`None` inside a string).
+    fn room(&self) -> Option<usize> {
+        let limit = if self.in_exponent {
+            MAX_EXPONENT_DIGITS
+        } else {
+            MAX_NUMBER_DIGITS
+        };
+        (!self.in_string).then(|| limit.saturating_sub(self.run))
+    }
 }
 
 impl std::fmt::Debug for ConstraintCompiler {
@@ -89,6 +254,7 @@ impl ConstraintCompiler {
             .collect();
         let info = TokRxInfo::new(words.len() as u32, eos);
         let trie = TokTrie::from(&info, &words);
+        let digits = Arc::new(DigitTokens::new(words.clone()));
         let env: llguidance::toktrie::TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory = ParserFactory::new(
             &env,
@@ -99,6 +265,7 @@ impl ConstraintCompiler {
         factory.set_stderr_log_level(0);
         Ok(Self {
             factory: Arc::new(factory),
+            digits,
         })
     }
 
@@ -123,7 +290,7 @@ impl ConstraintCompiler {
     /// [`ConstraintCompiler::compile`] on the calling thread's stack.
     fn compile_here(&self, grammar: &Grammar) -> std::result::Result<Constraint, String> {
         let top = match grammar {
-            Grammar::JsonSchema(schema) => {
+            Grammar::JsonSchema(schema) | Grammar::CallList(schema) => {
                 let mut schema = schema.clone();
                 if let Value::Object(o) = &mut schema
                     && !o.contains_key("x-guidance")
@@ -154,7 +321,13 @@ impl ConstraintCompiler {
         // headers wait for its first event). Computing the first mask here as a check would
         // cost every constrained request a mask (~170 ms on a 262k vocabulary) in the compile
         // slots, in series with the prefill it now overlaps, and still miss the later steps.
-        Ok(Constraint { matcher })
+        Ok(Constraint {
+            matcher,
+            numbers: matches!(grammar, Grammar::JsonSchema(_) | Grammar::CallList(_))
+                .then(NumberScan::default),
+            repeats: matches!(grammar, Grammar::CallList(_)).then(RepeatScan::default),
+            digits: self.digits.clone(),
+        })
     }
 }
 
@@ -187,7 +360,7 @@ fn client_message(e: &str) -> String {
 /// A message saying which limit the grammar exceeds.
 pub fn check_size(grammar: &Grammar) -> std::result::Result<(), String> {
     match grammar {
-        Grammar::JsonSchema(schema) => {
+        Grammar::JsonSchema(schema) | Grammar::CallList(schema) => {
             let (mut values, mut pending) = (0usize, vec![schema]);
             while let Some(v) = pending.pop() {
                 values += 1;
@@ -215,6 +388,11 @@ pub fn check_size(grammar: &Grammar) -> std::result::Result<(), String> {
 #[derive(Clone)]
 pub struct Constraint {
     matcher: Matcher,
+    /// Under a JSON grammar: where the output stands, to bound its numbers' digits.
+    numbers: Option<NumberScan>,
+    /// Under a [`Grammar::CallList`]: the items so far, to close the list at a repeat.
+    repeats: Option<RepeatScan>,
+    digits: Arc<DigitTokens>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -254,10 +432,34 @@ impl Constraint {
     /// commit gives the same mask.
     pub fn next_mask(&mut self) -> std::result::Result<Mask, String> {
         let t = Instant::now();
-        let allowed = self
+        let mut allowed = self
             .matcher
             .compute_mask_or_eos()
             .map_err(|e| client_message(&e.to_string()))?;
+        // A number whose digit run is at its bound may not take more digits, unless the
+        // grammar allows nothing else (a minimum that needs them).
+        if let Some(room) = self.numbers.as_ref().and_then(NumberScan::room)
+            && let Some(longer) = self.digits.longer_than.get(room)
+        {
+            let mut bounded = allowed.clone();
+            bounded.sub(longer);
+            if !bounded.is_zero() {
+                allowed = bounded;
+            }
+        }
+        // A list whose last item repeats an earlier one closes now; until then, items end on
+        // tokens of their own.
+        if let Some(r) = &self.repeats {
+            let mut narrowed = allowed.clone();
+            if r.repeated {
+                narrowed.and(&self.digits.closing);
+            } else {
+                narrowed.sub(&self.digits.close_and_continue);
+            }
+            if !narrowed.is_zero() {
+                allowed = narrowed;
+            }
+        }
         Ok(Mask {
             allowed,
             elapsed: t.elapsed(),
@@ -272,11 +474,33 @@ impl Constraint {
 
     /// Advance past the sampled token.
     pub fn commit(&mut self, token: u32) -> std::result::Result<(), String> {
+        if let Some(word) = self.digits.words.get(token as usize) {
+            if let Some(scan) = &mut self.numbers {
+                scan.push(word);
+            }
+            if let Some(scan) = &mut self.repeats {
+                scan.push(word);
+            }
+        }
         if self.matcher.is_stopped() {
             return Ok(());
         }
         self.matcher
             .consume_token(token)
             .map_err(|e| client_message(&e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+
+    #[test]
+    fn repeat_scan_sees_a_repeated_item() {
+        let mut r = RepeatScan::default();
+        r.push(br#"[{"name": "time", "parameters": {"zone": "utc"}}, "#);
+        assert!(!r.repeated, "{r:?}");
+        r.push(br#"{"name": "time", "parameters": {"zone": "utc"}}"#);
+        assert!(r.repeated, "{r:?}");
     }
 }

@@ -194,3 +194,136 @@ fn grammars_that_accept_nothing_fail_at_their_first_mask_with_a_clear_message() 
         );
     }
 }
+
+/// Issue 17 item 6: under a JSON schema, a model that always prefers another digit (as a small
+/// model at temperature 0 writes `0.4000000…`) still ends its numbers: at most
+/// MAX_NUMBER_DIGITS digits in the integer part and in the fraction, MAX_EXPONENT_DIGITS in
+/// the exponent, so the JSON closes and the output ends. Digits inside strings are not bounded.
+#[test]
+fn json_numbers_end_even_when_the_model_wants_more_digits() {
+    use herd_engine::constraint::{MAX_EXPONENT_DIGITS, MAX_NUMBER_DIGITS};
+    for tok in &tokenizers()[..2] {
+        let compiler = ConstraintCompiler::new(tok).unwrap();
+        let digit_first: Vec<bool> = (0..tok.vocab_size() as u32)
+            .map(|id| {
+                tok.decode(&[id], false)
+                    .unwrap()
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_digit())
+            })
+            .collect();
+        let schema = json!({"type": "object", "properties": {
+            "x": {"type": "number"}, "n": {"type": "integer"},
+            "tag": {"type": "string", "pattern": "^[0-9]{20}$"}},
+            "required": ["x", "n", "tag"], "additionalProperties": false});
+        let mut c = compiler.compile(&Grammar::JsonSchema(schema)).unwrap();
+        let mut ids = Vec::new();
+        let text = loop {
+            assert!(ids.len() < 400, "no end: {:?}", tok.decode(&ids, true));
+            // Digits first, then '.', 'e' and the rest by id.
+            let mut logits: Vec<f32> = (0..tok.vocab_size())
+                .map(|i| {
+                    if digit_first[i] {
+                        1000.0
+                    } else {
+                        (i % 97) as f32
+                    }
+                })
+                .collect();
+            c.mask_logits(&mut logits).unwrap();
+            let next = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32;
+            if tok.stop_ids.contains(&next) {
+                break tok.decode(&ids, true).unwrap();
+            }
+            c.commit(next).unwrap();
+            ids.push(next);
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["tag"].as_str().unwrap().len(), 20, "{text}");
+        let longest_run = |s: &str| {
+            s.split(|c: char| !c.is_ascii_digit())
+                .map(str::len)
+                .max()
+                .unwrap_or(0)
+        };
+        let x = text
+            .split("\"x\": ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap();
+        let n = text
+            .split("\"n\": ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap();
+        assert!(
+            longest_run(x) <= MAX_NUMBER_DIGITS && longest_run(n) <= MAX_NUMBER_DIGITS,
+            "{text}"
+        );
+        if let Some(exp) = x.split(['e', 'E']).nth(1) {
+            assert!(longest_run(exp) <= MAX_EXPONENT_DIGITS, "{text}");
+        }
+    }
+}
+
+/// Issue 17 item 6, forced calls: a model that always prefers to go on (`, ` after every call)
+/// and repeats itself has its list closed right after the first repeated call, instead of
+/// running to the schema's 8-call cap.
+#[test]
+fn a_forced_call_list_closes_at_the_first_repeat() {
+    let tok = &tokenizers()[0];
+    let compiler = ConstraintCompiler::new(tok).unwrap();
+    let comma_first: Vec<bool> = (0..tok.vocab_size() as u32)
+        .map(|id| tok.decode(&[id], false).unwrap().starts_with(','))
+        .collect();
+    let call = json!({"type": "object", "properties": {"name": {"const": "time"},
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
+                       "required": ["zone"], "additionalProperties": false}},
+        "required": ["name", "parameters"], "additionalProperties": false});
+    let schema = json!({"type": "array", "items": call, "minItems": 1, "maxItems": 8});
+    let run = |g: Grammar| {
+        let mut c = compiler.compile(&g).unwrap();
+        let mut ids = Vec::new();
+        loop {
+            assert!(ids.len() < 600, "no end");
+            let mut logits: Vec<f32> = (0..tok.vocab_size())
+                .map(|i| {
+                    if comma_first[i] {
+                        1000.0
+                    } else {
+                        (i % 97) as f32
+                    }
+                })
+                .collect();
+            c.mask_logits(&mut logits).unwrap();
+            let next = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32;
+            if tok.stop_ids.contains(&next) {
+                let text = tok.decode(&ids, true).unwrap();
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                return v.as_array().unwrap().clone();
+            }
+            c.commit(next).unwrap();
+            ids.push(next);
+        }
+    };
+    // As a plain schema the list runs to its cap; as a call list it closes at the repeat.
+    assert_eq!(run(Grammar::JsonSchema(schema.clone())).len(), 8);
+    let calls = run(Grammar::CallList(schema));
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0], calls[1]);
+}

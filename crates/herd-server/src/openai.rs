@@ -315,14 +315,21 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
         Endpoint::Completions => None,
     };
     let mut grammar = grammar(req.response_format, req.guided_regex, req.guided_grammar)?;
-    if let Some(schema) = tools.as_ref().and_then(Tools::forced_schema) {
+    if let Some(t) = &tools
+        && let Some(schema) = t.forced_schema()
+    {
         if grammar.is_some() {
             return Err(ApiError::bad_request(
                 "a forced tool_choice and an output constraint cannot be combined",
             )
             .param("tool_choice"));
         }
-        grammar = Some(Grammar::JsonSchema(schema));
+        // A forced list of parallel calls closes at the first call that repeats one.
+        grammar = Some(if t.parallel {
+            Grammar::CallList(schema)
+        } else {
+            Grammar::JsonSchema(schema)
+        });
     }
     let sampling = SamplingParams {
         temperature: temperature.unwrap_or(1.0) as f32,

@@ -137,6 +137,15 @@ impl Tools {
         if list.is_empty() {
             return None;
         }
+        // A call that repeats an earlier one (a model going round in a loop; a forced list is
+        // closed right after the first repeat) is the same call: kept once.
+        let mut list = list;
+        let mut seen = Vec::new();
+        list.retain(|c| {
+            let repeat = seen.contains(c);
+            seen.push(c.clone());
+            !repeat
+        });
         list.into_iter()
             .map(|c| {
                 let name = c.get("name")?.as_str()?.to_string();
@@ -323,6 +332,13 @@ mod tests {
         assert_eq!(calls[0].arguments, r#"{"city":"Oslo"}"#);
         assert_eq!(calls[1].name, "time");
         assert_eq!(t.parse_calls(r#"{"name": "nope", "parameters": {}}"#), None);
+        // A repeated call (a forced list closed right after it) is one call.
+        let once = t
+            .parse_calls(
+                r#"[{"name": "time", "parameters": {}}, {"name": "time", "parameters": {}}]"#,
+            )
+            .unwrap();
+        assert_eq!(once.len(), 1);
         assert_eq!(t.parse_calls("It is sunny."), None);
 
         let bad = |v: Value| from_request(v).unwrap_err().param;
