@@ -49,11 +49,15 @@ impl Grammar {
 /// symbols (about 12,000 such properties).
 pub const MAX_SCHEMA_VALUES: usize = 10_000;
 
-/// The most digits in a row a JSON number gets under a JSON grammar: in its integer part and
-/// again in its fraction (the exponent gets [`MAX_EXPONENT_DIGITS`]). JSON Schema has no way
-/// to bound them, and a small model at temperature 0 writes `0.4000000…` until `max_tokens`:
-/// output valid by construction that never ends. 15 digits are more than an f64 holds.
-pub const MAX_NUMBER_DIGITS: usize = 15;
+/// The most digits of a JSON number's integer part under a JSON grammar: a u64 or an i64 fits
+/// (nanosecond timestamps, 64-bit ids). JSON Schema has no way to bound digits, and a small
+/// model at temperature 0 writes `0.4000000…` until `max_tokens`: output valid by construction
+/// that never ends. The bound only removes the choice to go on: digits the grammar requires
+/// (an `enum` or a `minimum` that needs more) are still allowed.
+pub const MAX_INTEGER_DIGITS: usize = 20;
+
+/// The most digits of a JSON number's fraction under a JSON grammar (more than an f64 holds).
+pub const MAX_FRACTION_DIGITS: usize = 15;
 
 /// The most digits of a JSON number's exponent under a JSON grammar (an f64's reach: 308).
 pub const MAX_EXPONENT_DIGITS: usize = 3;
@@ -76,7 +80,7 @@ pub struct ConstraintCompiler {
 }
 
 /// What bounding JSON numbers needs of the vocabulary: each token's bytes, and per run length
-/// `k` (0..=[`MAX_NUMBER_DIGITS`]) the tokens whose text begins with more than `k` digits.
+/// `k` (0..=[`MAX_INTEGER_DIGITS`]) the tokens whose text begins with more than `k` digits.
 struct DigitTokens {
     words: Vec<Vec<u8>>,
     longer_than: Vec<llguidance::toktrie::SimpleVob>,
@@ -93,7 +97,7 @@ impl DigitTokens {
             .iter()
             .map(|w| w.iter().take_while(|b| b.is_ascii_digit()).count())
             .collect();
-        let longer_than = (0..=MAX_NUMBER_DIGITS)
+        let longer_than = (0..=MAX_INTEGER_DIGITS)
             .map(|k| {
                 let mut v = llguidance::toktrie::SimpleVob::alloc(words.len());
                 for (id, &n) in lead.iter().enumerate() {
@@ -172,12 +176,13 @@ impl RepeatScan {
     }
 }
 
-/// Where generated JSON stands as far as numbers go: inside a string or not, and how many
-/// digits the current run (integer part, fraction or exponent) has.
+/// Where generated JSON stands as far as numbers go: inside a string or not, which part of a
+/// number (integer part, fraction, exponent), and how many digits its current run has.
 #[derive(Clone, Debug, Default)]
 struct NumberScan {
     in_string: bool,
     escaped: bool,
+    in_fraction: bool,
     in_exponent: bool,
     run: usize,
 }
@@ -199,18 +204,18 @@ impl NumberScan {
                 b'+' | b'-' if self.in_exponent => {}
                 b'e' | b'E' => {
                     self.in_exponent = true;
+                    self.in_fraction = false;
                     self.run = 0;
                 }
-                b'.' => self.run = 0,
+                b'.' => {
+                    self.in_fraction = true;
+                    self.run = 0;
+                }
                 b'"' => {
                     self.in_string = true;
-                    self.in_exponent = false;
-                    self.run = 0;
+                    (self.in_fraction, self.in_exponent, self.run) = (false, false, 0);
                 }
-                _ => {
-                    self.in_exponent = false;
-                    self.run = 0;
-                }
+                _ => (self.in_fraction, self.in_exponent, self.run) = (false, false, 0),
             }
         }
     }
@@ -219,8 +224,10 @@ impl NumberScan {
     fn room(&self) -> Option<usize> {
         let limit = if self.in_exponent {
             MAX_EXPONENT_DIGITS
+        } else if self.in_fraction {
+            MAX_FRACTION_DIGITS
         } else {
-            MAX_NUMBER_DIGITS
+            MAX_INTEGER_DIGITS
         };
         (!self.in_string).then(|| limit.saturating_sub(self.run))
     }

@@ -344,12 +344,17 @@ fn message_text_never_becomes_special_tokens() {
             tok.decode(&guarded, false).unwrap(),
             tok.decode(&parsed, false).unwrap()
         );
-        // Nothing to guard: the same ids as an unguarded encoding.
-        let plain = format!("{open}hi there{close}");
-        let r = open.len()..open.len() + "hi there".len();
-        assert_eq!(
-            tok.encode_prompt_guarded(&plain, &[r]).unwrap(),
-            tok.encode_prompt(&plain).unwrap()
-        );
+        // Nothing to guard (user-defined tokens such as Gemma's runs of spaces and `<b>` are
+        // text, matched as single tokens in messages too): the same ids as an unguarded
+        // encoding.
+        for text in ["hi there", "def f():\n    return 1", "<b>bold</b>\t\tx"] {
+            let plain = format!("{open}{text}{close}");
+            let r = open.len()..open.len() + text.len();
+            assert_eq!(
+                tok.encode_prompt_guarded(&plain, &[r]).unwrap(),
+                tok.encode_prompt(&plain).unwrap(),
+                "{text:?}"
+            );
+        }
     }
 }

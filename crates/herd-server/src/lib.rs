@@ -515,6 +515,7 @@ fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
                 tools::for_template(&engine.family, job.tools.as_ref(), messages);
             opts.tools = listed;
             let text = template.render(&messages, &opts).map_err(enc)?;
+            surely_over_context(engine, &text, "messages")?;
             if let Some(listed) = &opts.tools
                 && tok.contains_special_text(&Value::from(listed.clone()).to_string())
             {
@@ -526,7 +527,6 @@ fn prepare(st: &AppState, job: Job) -> ApiResult<(Job, Vec<u32>)> {
             }
             let contents = locate_contents(tok, template, &opts, &messages, &text)
                 .map_err(|e| e.with_family(&engine.family))?;
-            surely_over_context(engine, &text, "messages")?;
             // Message text stays text: a `<end_of_turn>` typed in a message cannot end a turn.
             tok.encode_prompt_guarded(&text, &contents).map_err(enc)?
         }
@@ -607,15 +607,24 @@ fn locate_contents(
             content => mark(i, &role, content),
         }
     }
-    let unguarded = |texts: &[(usize, String, String)]| match texts
-        .iter()
-        .find(|(_, _, t)| tok.contains_special_text(t))
-    {
-        Some((i, _, _)) => Err(ContentError::Unguardable(*i)),
-        None => Ok(Vec::new()),
-    };
     let Ok(shape) = template.render(&marked, opts) else {
-        return unguarded(&texts);
+        // Unguarded: refused if the prompt holds special-token text beyond any text alone.
+        return match texts.iter().find(|(_, _, t)| tok.contains_special_text(t)) {
+            Some((i, _, _)) => Err(ContentError::Unguardable(*i)),
+            None => Ok(Vec::new()),
+        };
+    };
+    // Unguarded, when the texts cannot be placed: the prompt may hold no more special-token
+    // texts than the template wrote itself (texts split across parts can form one).
+    let unguarded = || {
+        let count = |t: &str| tok.special_text_count(t);
+        if count(rendered) == count(&shape) {
+            Ok(Vec::new())
+        } else {
+            Err(ContentError::Unguardable(
+                texts.iter().map(|(i, _, _)| *i).next().unwrap_or(0),
+            ))
+        }
     };
     // The shape's pieces: template text, and placeholder numbers.
     let mut pieces: Vec<Result<&str, usize>> = Vec::new();
@@ -643,25 +652,42 @@ fn locate_contents(
     {
         return Err(ContentError::Dropped(*i));
     }
-    for trim in [true, false] {
-        let mut rebuilt = String::with_capacity(rendered.len());
-        let mut spans = Vec::new();
-        for p in &pieces {
-            match p {
-                Ok(t) => rebuilt.push_str(t),
-                Err(k) => {
-                    let t = texts.get(*k).map_or("", |(_, _, t)| t.as_str());
-                    let t = if trim { t.trim() } else { t };
-                    spans.push(rebuilt.len()..rebuilt.len() + t.len());
-                    rebuilt.push_str(t);
+    // Walk the prompt along the shape: template text must match as it is; each text as sent or
+    // trimmed (templates trim some roles' text and not others'), the form that the next piece
+    // of template text follows.
+    let mut spans = Vec::new();
+    let mut at = 0;
+    for (n, p) in pieces.iter().enumerate() {
+        match p {
+            Ok(lit) => {
+                if !rendered[at..].starts_with(lit) {
+                    return unguarded();
                 }
+                at += lit.len();
+            }
+            Err(k) => {
+                let t = texts.get(*k).map_or("", |(_, _, t)| t.as_str());
+                let next = match pieces.get(n + 1) {
+                    Some(Ok(lit)) => *lit,
+                    _ => "",
+                };
+                let fits = [t, t.trim(), t.trim_start(), t.trim_end()]
+                    .into_iter()
+                    .find(|v| {
+                        rendered[at..].starts_with(v) && rendered[at + v.len()..].starts_with(next)
+                    });
+                let Some(v) = fits else {
+                    return unguarded();
+                };
+                spans.push(at..at + v.len());
+                at += v.len();
             }
         }
-        if rebuilt == rendered {
-            return Ok(spans);
-        }
     }
-    unguarded(&texts)
+    if at != rendered.len() {
+        return unguarded();
+    }
+    Ok(spans)
 }
 
 /// Why a conversation's messages cannot be encoded as sent.
@@ -954,6 +980,8 @@ struct Choice {
     text: String,
     logprobs: Vec<Value>,
     tokens: Vec<String>,
+    /// Each token's length in bytes of text (for `text_offset`).
+    token_lens: Vec<usize>,
     token_logprobs: Vec<f32>,
     top: Vec<Value>,
     finish: Option<FinishReason>,
@@ -965,9 +993,12 @@ impl Choice {
         self.text.push_str(text);
         self.logprobs.push(openai::chat_logprob(tok, s));
         self.tokens.push(openai::token_text(tok, s.token));
+        self.token_lens
+            .push(tok.get(s.token as usize).map_or(0, Vec::len));
         self.token_logprobs.push(s.logprob);
-        // One entry per alternative: tokens that hold parts of one character have distinct
-        // names (`token_text`), so none collapse into another's key.
+        // Tokens that hold parts of one character have distinct names (`token_text`), so they
+        // no longer collapse into one key. (Two tokens with the same whole text, a special one
+        // and a plain one, still share a key: the map's shape is OpenAI's.)
         let top: serde_json::Map<String, Value> = s
             .top
             .iter()
@@ -1096,11 +1127,11 @@ fn tool_calls_json(id: &str, choice: usize, calls: &[tools::Call], delta: bool) 
 fn completion_logprobs(c: &Choice) -> Value {
     let mut offset = 0;
     let offsets: Vec<usize> = c
-        .tokens
+        .token_lens
         .iter()
-        .map(|t| {
+        .map(|len| {
             let o = offset;
-            offset += t.len();
+            offset += len;
             o
         })
         .collect();

@@ -137,15 +137,15 @@ impl Tools {
         if list.is_empty() {
             return None;
         }
-        // A call that repeats an earlier one (a model going round in a loop; a forced list is
-        // closed right after the first repeat) is the same call: kept once.
+        // A forced list of parallel calls is closed right after the first call that repeats an
+        // earlier one (a model going round in a loop): that last call is dropped. Elsewhere
+        // identical calls may be meant (two dice rolls) and are kept.
         let mut list = list;
-        let mut seen = Vec::new();
-        list.retain(|c| {
-            let repeat = seen.contains(c);
-            seen.push(c.clone());
-            !repeat
-        });
+        let forced_list =
+            self.parallel && matches!(self.choice, ToolChoice::Required | ToolChoice::Named(_));
+        if forced_list && list.len() > 1 && list[..list.len() - 1].contains(&list[list.len() - 1]) {
+            list.pop();
+        }
         list.into_iter()
             .map(|c| {
                 let name = c.get("name")?.as_str()?.to_string();
@@ -332,13 +332,15 @@ mod tests {
         assert_eq!(calls[0].arguments, r#"{"city":"Oslo"}"#);
         assert_eq!(calls[1].name, "time");
         assert_eq!(t.parse_calls(r#"{"name": "nope", "parameters": {}}"#), None);
-        // A repeated call (a forced list closed right after it) is one call.
-        let once = t
-            .parse_calls(
-                r#"[{"name": "time", "parameters": {}}, {"name": "time", "parameters": {}}]"#,
-            )
-            .unwrap();
-        assert_eq!(once.len(), 1);
+        // A forced parallel list closed right after a repeated call: that call is dropped;
+        // under `auto`, identical calls may be meant and are kept.
+        let two = r#"[{"name": "time", "parameters": {}}, {"name": "time", "parameters": {}}]"#;
+        let forced = tools(json!("required"), true);
+        assert_eq!(forced.parse_calls(two).unwrap().len(), 1);
+        assert_eq!(
+            tools(json!("auto"), true).parse_calls(two).unwrap().len(),
+            2
+        );
         assert_eq!(t.parse_calls("It is sunny."), None);
 
         let bad = |v: Value| from_request(v).unwrap_err().param;

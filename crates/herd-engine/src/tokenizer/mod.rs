@@ -426,14 +426,22 @@ impl Tokenizer {
         rendered: &str,
         text_only: &[std::ops::Range<usize>],
     ) -> Result<Vec<u32>> {
-        let inside =
-            |start: usize, end: usize| text_only.iter().any(|r| start < r.end && r.start < end);
-        let forged: Vec<(usize, usize)> = self
-            .special_texts()
-            .find_iter(rendered)
-            .map(|m| (m.start(), m.end()))
-            .filter(|&(a, b)| inside(a, b))
-            .collect();
+        // The ranges are sorted: the first that ends after `start` is the only candidate.
+        let inside = |start: usize, end: usize| {
+            let i = text_only.partition_point(|r| r.end <= start);
+            text_only.get(i).is_some_and(|r| r.start < end)
+        };
+        let mut forged: Vec<(usize, usize)> = Vec::new();
+        for m in self.special_texts().find_iter(rendered) {
+            if !inside(m.start(), m.end()) {
+                continue;
+            }
+            // Adjacent forged texts are encoded as one piece.
+            match forged.last_mut() {
+                Some(last) if last.1 == m.start() => last.1 = m.end(),
+                _ => forged.push((m.start(), m.end())),
+            }
+        }
         if forged.is_empty() {
             return self.encode_prompt(rendered);
         }
@@ -459,12 +467,24 @@ impl Tokenizer {
         self.special_texts().is_match(text)
     }
 
-    /// The texts of the special tokens (control and user-defined tokens of a GGUF vocabulary;
-    /// added special tokens of a Hugging Face one), found leftmost-longest.
+    /// How many special-token texts `text` holds.
+    pub fn special_text_count(&self, text: &str) -> usize {
+        self.special_texts().find_iter(text).count()
+    }
+
+    /// The texts of the special tokens (control tokens of a GGUF vocabulary; added special
+    /// tokens of a Hugging Face one), found leftmost-longest. User-defined tokens (Gemma's runs
+    /// of spaces, `<b>`) are not: they are text, matched as single tokens in messages too, as
+    /// llama.cpp and Hugging Face do.
     fn special_texts(&self) -> &aho_corasick::AhoCorasick {
         self.guards.special_texts.get_or_init(|| {
             let texts: Vec<String> = match &self.backend {
-                Backend::Spm(v) => v.specials.iter().map(|(t, _, _)| t.clone()).collect(),
+                Backend::Spm(v) => v
+                    .specials
+                    .iter()
+                    .filter(|(_, _, ty)| *ty == TokenType::Control)
+                    .map(|(t, _, _)| t.clone())
+                    .collect(),
                 Backend::Hf(t) => t
                     .get_added_tokens_decoder()
                     .values()
@@ -475,7 +495,10 @@ impl Tokenizer {
             aho_corasick::AhoCorasick::builder()
                 .match_kind(aho_corasick::MatchKind::LeftmostLongest)
                 .build(&texts)
-                .unwrap_or_else(|_| {
+                .unwrap_or_else(|e| {
+                    // Not expected (the same texts build the GGUF matcher); without it, message
+                    // text is not guarded, which is said.
+                    tracing::error!(error = %e, "indexing special-token texts failed: message text is not guarded");
                     aho_corasick::AhoCorasick::new(Vec::<String>::new()).expect("empty matcher")
                 })
         })
