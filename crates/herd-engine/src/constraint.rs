@@ -127,13 +127,37 @@ impl DigitTokens {
     }
 }
 
+/// Whether the bytes of generated JSON stand inside a string (escapes followed).
+#[derive(Clone, Copy, Debug, Default)]
+struct JsonString {
+    inside: bool,
+    escaped: bool,
+}
+
+impl JsonString {
+    /// Take byte `b`: whether it belongs to a string (its content or a quote), not structure.
+    fn step(&mut self, b: u8) -> bool {
+        if self.inside {
+            match (self.escaped, b) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.inside = false,
+                _ => {}
+            }
+            true
+        } else {
+            self.inside = b == b'"';
+            self.inside
+        }
+    }
+}
+
 /// The items of a generated JSON array completed so far, and whether the last one repeats an
 /// earlier one ([`Grammar::CallList`]).
 #[derive(Clone, Debug, Default)]
 struct RepeatScan {
     depth: usize,
-    in_string: bool,
-    escaped: bool,
+    string: JsonString,
     /// The bytes of the item being generated.
     item: Vec<u8>,
     items: Vec<Value>,
@@ -144,18 +168,10 @@ impl RepeatScan {
     fn push(&mut self, bytes: &[u8]) {
         for &b in bytes {
             let before = self.depth;
-            if self.in_string {
-                match (self.escaped, b) {
-                    (true, _) => self.escaped = false,
-                    (false, b'\\') => self.escaped = true,
-                    (false, b'"') => self.in_string = false,
-                    _ => {}
-                }
-            } else {
+            if !self.string.step(b) {
                 match b {
                     b'[' | b'{' => self.depth += 1,
                     b']' | b'}' => self.depth = self.depth.saturating_sub(1),
-                    b'"' => self.in_string = true,
                     _ => {}
                 }
             }
@@ -180,8 +196,7 @@ impl RepeatScan {
 /// number (integer part, fraction, exponent), and how many digits its current run has.
 #[derive(Clone, Debug, Default)]
 struct NumberScan {
-    in_string: bool,
-    escaped: bool,
+    string: JsonString,
     in_fraction: bool,
     in_exponent: bool,
     run: usize,
@@ -190,13 +205,8 @@ struct NumberScan {
 impl NumberScan {
     fn push(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            if self.in_string {
-                match (self.escaped, b) {
-                    (true, _) => self.escaped = false,
-                    (false, b'\\') => self.escaped = true,
-                    (false, b'"') => self.in_string = false,
-                    _ => {}
-                }
+            if self.string.step(b) {
+                (self.in_fraction, self.in_exponent, self.run) = (false, false, 0);
                 continue;
             }
             match b {
@@ -210,10 +220,6 @@ impl NumberScan {
                 b'.' => {
                     self.in_fraction = true;
                     self.run = 0;
-                }
-                b'"' => {
-                    self.in_string = true;
-                    (self.in_fraction, self.in_exponent, self.run) = (false, false, 0);
                 }
                 _ => (self.in_fraction, self.in_exponent, self.run) = (false, false, 0),
             }
@@ -229,7 +235,7 @@ impl NumberScan {
         } else {
             MAX_INTEGER_DIGITS
         };
-        (!self.in_string).then(|| limit.saturating_sub(self.run))
+        (!self.string.inside).then(|| limit.saturating_sub(self.run))
     }
 }
 

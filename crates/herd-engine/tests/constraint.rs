@@ -53,14 +53,17 @@ fn token_bytes_concatenate_to_the_text() {
     }
 }
 
-/// Drive a constraint with "logits" that prefer the highest token id: the grammar alone decides
-/// what is valid, so the text must satisfy it whatever the preferences.
-fn generate_under(tok: &Tokenizer, g: &Grammar) -> String {
-    let compiler = ConstraintCompiler::new(tok).unwrap();
-    let mut c = compiler.compile(g).unwrap();
+/// Drive a constraint greedily with fixed "logits" (`prefer(token id)`) until it allows only
+/// the end, within `limit` tokens: the grammar alone decides what is valid.
+fn drive(
+    tok: &Tokenizer,
+    c: &mut herd_engine::constraint::Constraint,
+    prefer: impl Fn(usize) -> f32,
+    limit: usize,
+) -> String {
     let mut ids = Vec::new();
-    for _ in 0..200 {
-        let mut logits: Vec<f32> = (0..tok.vocab_size()).map(|i| (i % 97) as f32).collect();
+    while ids.len() < limit {
+        let mut logits: Vec<f32> = (0..tok.vocab_size()).map(&prefer).collect();
         c.mask_logits(&mut logits).unwrap();
         let next = logits
             .iter()
@@ -74,7 +77,15 @@ fn generate_under(tok: &Tokenizer, g: &Grammar) -> String {
         c.commit(next).unwrap();
         ids.push(next);
     }
-    panic!("no end within 200 tokens: {:?}", tok.decode(&ids, true));
+    panic!("no end within {limit} tokens: {:?}", tok.decode(&ids, true));
+}
+
+/// Drive a constraint with "logits" that prefer the highest token id (modulo 97), whatever the
+/// text must satisfy the grammar.
+fn generate_under(tok: &Tokenizer, g: &Grammar) -> String {
+    let compiler = ConstraintCompiler::new(tok).unwrap();
+    let mut c = compiler.compile(g).unwrap();
+    drive(tok, &mut c, |i| (i % 97) as f32, 200)
 }
 
 #[test]
@@ -218,32 +229,15 @@ fn json_numbers_end_even_when_the_model_wants_more_digits() {
             "tag": {"type": "string", "pattern": "^[0-9]{20}$"}},
             "required": ["x", "n", "tag"], "additionalProperties": false});
         let mut c = compiler.compile(&Grammar::JsonSchema(schema)).unwrap();
-        let mut ids = Vec::new();
-        let text = loop {
-            assert!(ids.len() < 400, "no end: {:?}", tok.decode(&ids, true));
-            // Digits first, then '.', 'e' and the rest by id.
-            let mut logits: Vec<f32> = (0..tok.vocab_size())
-                .map(|i| {
-                    if digit_first[i] {
-                        1000.0
-                    } else {
-                        (i % 97) as f32
-                    }
-                })
-                .collect();
-            c.mask_logits(&mut logits).unwrap();
-            let next = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .unwrap()
-                .0 as u32;
-            if tok.stop_ids.contains(&next) {
-                break tok.decode(&ids, true).unwrap();
+        // Digits first, then '.', 'e' and the rest by id.
+        let prefer = |i: usize| {
+            if digit_first[i] {
+                1000.0
+            } else {
+                (i % 97) as f32
             }
-            c.commit(next).unwrap();
-            ids.push(next);
         };
+        let text = drive(tok, &mut c, prefer, 400);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["tag"].as_str().unwrap().len(), 20, "{text}");
         let longest_run = |s: &str| {
@@ -294,33 +288,16 @@ fn a_forced_call_list_closes_at_the_first_repeat() {
     let schema = json!({"type": "array", "items": call, "minItems": 1, "maxItems": 8});
     let run = |g: Grammar| {
         let mut c = compiler.compile(&g).unwrap();
-        let mut ids = Vec::new();
-        loop {
-            assert!(ids.len() < 600, "no end");
-            let mut logits: Vec<f32> = (0..tok.vocab_size())
-                .map(|i| {
-                    if comma_first[i] {
-                        1000.0
-                    } else {
-                        (i % 97) as f32
-                    }
-                })
-                .collect();
-            c.mask_logits(&mut logits).unwrap();
-            let next = logits
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .unwrap()
-                .0 as u32;
-            if tok.stop_ids.contains(&next) {
-                let text = tok.decode(&ids, true).unwrap();
-                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-                return v.as_array().unwrap().clone();
+        let prefer = |i: usize| {
+            if comma_first[i] {
+                1000.0
+            } else {
+                (i % 97) as f32
             }
-            c.commit(next).unwrap();
-            ids.push(next);
-        }
+        };
+        let text = drive(tok, &mut c, prefer, 600);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v.as_array().unwrap().clone()
     };
     // As a plain schema the list runs to its cap; as a call list it closes at the repeat.
     assert_eq!(run(Grammar::JsonSchema(schema.clone())).len(), 8);
