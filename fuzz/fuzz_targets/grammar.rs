@@ -1,5 +1,6 @@
 //! The grammar compiler entry (`ConstraintCompiler::compile`, as the server calls it) on
-//! arbitrary JSON schemas, Lark grammars and regular expressions, then a few constrained steps:
+//! arbitrary JSON schemas (also as call lists), Lark grammars and regular expressions, then a
+//! few constrained steps (with the number bound and the call-list scan):
 //! every input compiles or is refused with a message, and no step panics or hangs. Over the
 //! 128-token vocabulary of the tiny Llama 4 fixture, so that masks are cheap.
 #![no_main]
@@ -28,9 +29,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(text) else {
         return;
     };
-    let grammar = match kind % 3 {
-        0 => match serde_json::from_str(text) {
-            Ok(schema) => Grammar::JsonSchema(schema),
+    let grammar = match kind % 4 {
+        0 | 3 => match serde_json::from_str(text) {
+            Ok(schema) if kind % 4 == 0 => Grammar::JsonSchema(schema),
+            Ok(schema) => Grammar::CallList(schema),
             Err(_) => return,
         },
         1 => Grammar::Lark(text.to_string()),
