@@ -20,6 +20,18 @@ pub fn run(path: &Path, full: bool) -> Result<()> {
         h.tensors.len(),
         h.alignment
     )?;
+    let shards = f.shard_paths();
+    if shards.len() > 1 {
+        writeln!(
+            out,
+            "split set of {} files ({} bytes), metadata from the first:",
+            shards.len(),
+            f.file_len()
+        )?;
+        for s in shards {
+            writeln!(out, "  {}", s.display())?;
+        }
+    }
     writeln!(out)?;
     for (key, value) in &h.metadata {
         writeln!(out, "{key:<48} {}", show(value, full))?;

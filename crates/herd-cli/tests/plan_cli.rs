@@ -256,3 +256,55 @@ fn hub_references_plan_and_pull() {
     assert_eq!(code, Some(1));
     assert!(err.contains("not found"), "{err}");
 }
+
+/// A split set (llama.cpp's `llama-gguf-split`) is taken wherever a file is: `inspect` lists its
+/// shards, `plan` predicts the same weights as the unsplit file, `bench` runs it; a missing
+/// shard is a clear error.
+#[test]
+fn split_sets_are_taken_wherever_a_file_is() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama4_gguf");
+    let whole = fixtures.join("tiny-q4_k_m.llama-quantize.gguf");
+    let shard = |i: usize| fixtures.join(format!("split/tiny-q4_k_m-{i:05}-of-00004.gguf"));
+    let second = shard(2);
+    let (code, out, err) = herd(&["inspect", second.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("split set of 4 files"), "{out}");
+    for i in 1..=4 {
+        assert!(out.contains(&shard(i).display().to_string()), "{out}");
+    }
+    let plan = |path: &Path| {
+        let (code, out, err) = herd(&["plan", path.to_str().unwrap(), "--context", "16", "--json"]);
+        assert_eq!(code, Some(0), "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["weight_bytes"].as_u64()
+    };
+    assert!(plan(&whole).is_some());
+    assert_eq!(plan(&second), plan(&whole));
+    let (code, out, err) = herd(&[
+        "bench",
+        second.to_str().unwrap(),
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "-b",
+        "0",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("pp8") && out.contains("tg2"), "{out}");
+
+    let dir = tempfile::tempdir().unwrap();
+    for i in [1, 2, 4] {
+        let s = shard(i);
+        std::fs::copy(&s, dir.path().join(s.file_name().unwrap())).unwrap();
+    }
+    let first = dir.path().join("tiny-q4_k_m-00001-of-00004.gguf");
+    let (code, _, err) = herd(&["inspect", first.to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("shard 3 of 4") && err.contains("is missing"),
+        "{err}"
+    );
+}

@@ -1,6 +1,11 @@
 //! GGUF v2/v3 files (`shared/reference/gguf.md` §a, §h): a validating reader that exposes the
 //! metadata and the tensors in place from the memory map, and a writer.
 //!
+//! A split set (llama.cpp's `llama-gguf-split`: files `PREFIX-00001-of-0000N.gguf` …, each a
+//! GGUF with `split.no`, `split.count` and `split.tensors.count`, the model's metadata in the
+//! first) opens from any of its files as one [`GgufFile`]: every shard memory-mapped in place,
+//! the first shard's metadata, the tensors of all shards in shard order.
+//!
 //! Every size in a file is treated as hostile: counts are bounded by the bytes that remain,
 //! arithmetic is checked, tensors must lie inside the data section without overlapping. A bad
 //! file is an error naming what is wrong, never a panic or an out-of-bounds read.
@@ -148,36 +153,57 @@ pub struct Header {
     pub data_start: u64,
 }
 
-/// An open GGUF file: header plus the memory map its tensors live in.
+/// An open GGUF file (or split set): header plus the memory maps its tensors live in.
 #[derive(Debug)]
 pub struct GgufFile {
+    /// The file opened; for a split set, its first shard.
     pub path: PathBuf,
+    /// For a split set: the first shard's metadata and every shard's tensors (each tensor's
+    /// `offset` relative to its own shard's data section), and the first shard's `data_start`.
     pub header: Header,
     /// The mapped file; `None` for a header read from a prefix (`from_prefix`).
     map: Option<Arc<Mmap>>,
     file_len: u64,
+    /// Shards after the first of a split set, in `split.no` order.
+    more_shards: Vec<Shard>,
+    /// Per tensor of `header.tensors`: 0 for the first shard, `i + 1` for `more_shards[i]`.
+    tensor_shard: Vec<usize>,
     index: HashMap<String, usize>,
     meta_index: HashMap<String, usize>,
 }
 
+/// One more file of a split set.
+#[derive(Debug)]
+struct Shard {
+    path: PathBuf,
+    map: Arc<Mmap>,
+    data_start: u64,
+}
+
+/// Metadata keys of a split set (llama.cpp's `LLM_KV_SPLIT_*`).
+pub const SPLIT_NO: &str = "split.no";
+pub const SPLIT_COUNT: &str = "split.count";
+pub const SPLIT_TENSORS_COUNT: &str = "split.tensors.count";
+
 impl GgufFile {
+    /// Opens a GGUF file, memory-mapped; a file of a split set opens the whole set (see the
+    /// module docs), with an error naming the shard that is missing or inconsistent.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(io_err(path))?;
-        // SAFETY: read-only map; like every mmap loader we rely on the file not being truncated
-        // or rewritten while it is in use.
-        let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io_err(path))?);
-        let header = parse_header(&map).map_err(|reason| Error::Gguf {
-            path: path.to_path_buf(),
-            reason,
-        })?;
+        let (map, header) = map_and_parse(path)?;
         tracing::debug!(path = %path.display(), tensors = header.tensors.len(), "opened gguf");
         let file_len = map.len() as u64;
-        Ok(Self::with_header(
-            path.to_path_buf(),
-            header,
-            Some(map),
-            file_len,
-        ))
+        let file = Self::with_header(path.to_path_buf(), header, Some(map), file_len);
+        match split_position(&file.header.metadata).map_err(|reason| split_err(path, reason))? {
+            Some((no, count)) if count > 1 => open_split_set(path, file, no, count),
+            _ => Ok(file),
+        }
+    }
+
+    /// The files this model is read from: one, or every shard of a split set in order.
+    pub fn shard_paths(&self) -> Vec<&Path> {
+        std::iter::once(self.path.as_path())
+            .chain(self.more_shards.iter().map(|s| s.path.as_path()))
+            .collect()
     }
 
     /// The header alone, from the first bytes of a file of `file_len` bytes (a remote file's
@@ -208,11 +234,14 @@ impl GgufFile {
             .enumerate()
             .map(|(i, (k, _))| (k.clone(), i))
             .collect();
+        let tensor_shard = vec![0; header.tensors.len()];
         Self {
             path,
             header,
             map,
             file_len,
+            more_shards: Vec::new(),
+            tensor_shard,
             index,
             meta_index,
         }
@@ -249,8 +278,19 @@ impl GgufFile {
             .map
             .as_ref()
             .expect("tensor data of a GGUF header read without its file");
-        // parse_header checked that the range lies inside the file.
-        let start = (self.header.data_start + info.offset) as usize;
+        let shard = self
+            .index
+            .get(&info.name)
+            .map_or(0, |&i| self.tensor_shard[i]);
+        let (map, data_start) = match shard {
+            0 => (map, self.header.data_start),
+            s => (
+                &self.more_shards[s - 1].map,
+                self.more_shards[s - 1].data_start,
+            ),
+        };
+        // parse_header checked that the range lies inside its file.
+        let start = (data_start + info.offset) as usize;
         TensorBytes::mapped(map.clone(), start..start + info.n_bytes as usize)
     }
 
@@ -258,9 +298,183 @@ impl GgufFile {
         &self.header.tensors
     }
 
+    /// Bytes on disk: the file's, or the sum over a split set's shards.
     pub fn file_len(&self) -> u64 {
         self.file_len
     }
+}
+
+fn split_err(path: &Path, reason: String) -> Error {
+    Error::GgufSplit {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// One file memory-mapped and its header parsed.
+fn map_and_parse(path: &Path) -> Result<(Arc<Mmap>, Header)> {
+    let file = File::open(path).map_err(io_err(path))?;
+    // SAFETY: read-only map; like every mmap loader we rely on the file not being truncated
+    // or rewritten while it is in use.
+    let map = Arc::new(unsafe { Mmap::map(&file) }.map_err(io_err(path))?);
+    let header = parse_header(&map).map_err(|reason| Error::Gguf {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    Ok((map, header))
+}
+
+/// `(split.no, split.count)` of a file's metadata, `None` if it is not part of a split set.
+fn split_position(meta: &[(String, Value)]) -> std::result::Result<Option<(u64, u64)>, String> {
+    let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    let Some(count) = get(SPLIT_COUNT) else {
+        return Ok(None);
+    };
+    let count = count
+        .as_u64()
+        .ok_or_else(|| format!("{SPLIT_COUNT} is not an unsigned integer"))?;
+    let no = get(SPLIT_NO)
+        .ok_or_else(|| format!("{SPLIT_COUNT} is {count} but {SPLIT_NO} is missing"))?
+        .as_u64()
+        .ok_or_else(|| format!("{SPLIT_NO} is not an unsigned integer"))?;
+    if count == 0 || no >= count {
+        return Err(format!("{SPLIT_NO} {no} with {SPLIT_COUNT} {count}"));
+    }
+    Ok(Some((no, count)))
+}
+
+/// The most shards a split set may have (llama.cpp names them with five digits).
+const MAX_SPLIT_COUNT: u64 = 99_999;
+
+/// The path of shard `no` (0-based) of `count` next to `path`, shard `path_no` of the set:
+/// llama.cpp's `PREFIX-%05d-of-%05d.gguf`.
+fn shard_path(
+    path: &Path,
+    path_no: u64,
+    no: u64,
+    count: u64,
+) -> std::result::Result<PathBuf, String> {
+    let suffix = |n: u64| format!("-{:05}-of-{count:05}.gguf", n + 1);
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let prefix = name.strip_suffix(&suffix(path_no)).ok_or_else(|| {
+        format!(
+            "this is shard {} of {count}, but its name does not end in {:?}, so the other shards \
+             cannot be found (llama.cpp names them PREFIX-00001-of-{count:05}.gguf …)",
+            path_no + 1,
+            suffix(path_no)
+        )
+    })?;
+    Ok(path.with_file_name(format!("{prefix}{}", suffix(no))))
+}
+
+/// The split set that `first_opened` (shard `no` of `count`, opened from `path`) belongs to,
+/// every shard checked: present, a valid GGUF, the same `split.count`, its own `split.no`, no
+/// tensor in two shards, and `split.tensors.count` tensors in all.
+fn open_split_set(path: &Path, opened: GgufFile, no: u64, count: u64) -> Result<GgufFile> {
+    let err = |reason: String| split_err(path, reason);
+    if count > MAX_SPLIT_COUNT {
+        return Err(err(format!(
+            "{SPLIT_COUNT} {count} is more than {MAX_SPLIT_COUNT}"
+        )));
+    }
+    let mut shards: Vec<(PathBuf, Arc<Mmap>, Header)> = Vec::with_capacity(count as usize);
+    let mut opened = Some(opened);
+    for i in 0..count {
+        let p = shard_path(path, no, i, count).map_err(&err)?;
+        let (map, header) = if i == no {
+            let f = opened.take().expect("the opened shard is taken once");
+            (f.map.expect("opened from a file"), f.header)
+        } else {
+            if !p.exists() {
+                return Err(err(format!(
+                    "shard {} of {count}, {}, is missing",
+                    i + 1,
+                    p.display()
+                )));
+            }
+            map_and_parse(&p)?
+        };
+        match split_position(&header.metadata).map_err(|r| split_err(&p, r))? {
+            Some((n, c)) if c == count && n == i => {}
+            Some((n, c)) => {
+                return Err(split_err(
+                    &p,
+                    format!(
+                        "expected shard {} of {count}, found {SPLIT_NO} {n} of {SPLIT_COUNT} {c} \
+                         (shards of different sets?)",
+                        i + 1
+                    ),
+                ));
+            }
+            None => {
+                return Err(split_err(
+                    &p,
+                    format!(
+                        "expected shard {} of {count}, found no {SPLIT_COUNT}",
+                        i + 1
+                    ),
+                ));
+            }
+        }
+        shards.push((p, map, header));
+    }
+    let mut rest = shards.split_off(1);
+    let (first_path, first_map, mut header) = shards.pop().expect("count > 1");
+    let expected = header
+        .metadata
+        .iter()
+        .find(|(k, _)| k == SPLIT_TENSORS_COUNT)
+        .and_then(|(_, v)| v.as_u64());
+    let mut tensor_shard = vec![0; header.tensors.len()];
+    let mut owner: HashMap<String, usize> =
+        header.tensors.iter().map(|t| (t.name.clone(), 0)).collect();
+    let mut file_len = first_map.len() as u64;
+    let mut more_shards = Vec::with_capacity(rest.len());
+    for (i, (p, map, h)) in rest.drain(..).enumerate() {
+        for t in h.tensors {
+            if let Some(&prev) = owner.get(&t.name) {
+                let first = if prev == 0 {
+                    first_path.clone()
+                } else {
+                    more_shards
+                        .get(prev - 1)
+                        .map_or_else(|| p.clone(), |s: &Shard| s.path.clone())
+                };
+                return Err(Error::DuplicateTensor {
+                    name: t.name,
+                    first,
+                    second: p,
+                });
+            }
+            owner.insert(t.name.clone(), i + 1);
+            header.tensors.push(t);
+            tensor_shard.push(i + 1);
+        }
+        file_len += map.len() as u64;
+        more_shards.push(Shard {
+            path: p,
+            map,
+            data_start: h.data_start,
+        });
+    }
+    match expected {
+        Some(n) if n == header.tensors.len() as u64 => {}
+        Some(n) => {
+            return Err(err(format!(
+                "{SPLIT_TENSORS_COUNT} is {n}, but the {count} shards hold {} tensors",
+                header.tensors.len()
+            )));
+        }
+        None => return Err(err(format!("the first shard has no {SPLIT_TENSORS_COUNT}"))),
+    }
+    tracing::debug!(path = %first_path.display(), shards = count, tensors = header.tensors.len(), "opened gguf split set");
+    let mut file = GgufFile::with_header(first_path, header, Some(first_map), file_len);
+    file.more_shards = more_shards;
+    file.tensor_shard = tensor_shard;
+    Ok(file)
 }
 
 /// A bounds-checked little-endian cursor.

@@ -52,6 +52,8 @@ pub enum Error {
     NoWeights { path: PathBuf },
     #[error("{path}: not a valid GGUF file: {reason}")]
     Gguf { path: PathBuf, reason: String },
+    #[error("{path}: GGUF split set: {reason}")]
+    GgufSplit { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("hub: {0}")]

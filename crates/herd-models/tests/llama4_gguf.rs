@@ -113,3 +113,28 @@ fn q4_k_m_gguf_equals_llama_cpp() {
         "argmax at every position"
     );
 }
+
+/// The same file split by llama.cpp's `llama-gguf-split` into four shards loads from any shard
+/// and computes the unsplit file's logits, bit for bit.
+#[test]
+fn split_set_equals_the_unsplit_file() {
+    let tokens = tokens();
+    let whole = logits(
+        load_model(&dir().join("tiny-q4_k_m.llama-quantize.gguf"))
+            .unwrap()
+            .as_ref(),
+        &tokens,
+    );
+    for shard in ["00001", "00003"] {
+        let path = dir().join(format!("split/tiny-q4_k_m-{shard}-of-00004.gguf"));
+        let got = logits(load_model(&path).unwrap().as_ref(), &tokens);
+        let same = got
+            .iter()
+            .zip(&whole)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same && got.len() == whole.len(),
+            "opened from shard {shard}"
+        );
+    }
+}
