@@ -113,6 +113,14 @@ enum Command {
         /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k
         #[arg(long = "type", short = 't')]
         file_type: String,
+        /// Write a split set (as llama.cpp's llama-gguf-split does) of files holding at most
+        /// this much tensor data each: N followed by M (10^6 bytes) or G (10^9 bytes), e.g.
+        /// 48G. The files are OUTPUT without .gguf, then -00001-of-0000N.gguf, …
+        #[arg(long, value_name = "SIZE", conflicts_with = "split_max_tensors")]
+        split_max_size: Option<String>,
+        /// Write a split set of files holding at most this many tensors each.
+        #[arg(long, value_name = "N")]
+        split_max_tensors: Option<usize>,
     },
 }
 
@@ -173,7 +181,12 @@ fn run(command: Command) -> Result<()> {
             input,
             output,
             file_type,
-        } => quantize::run(&input, &output, &file_type),
+            split_max_size,
+            split_max_tensors,
+        } => {
+            let split = quantize::split_limit(split_max_size.as_deref(), split_max_tensors)?;
+            quantize::run(&input, &output, &file_type, split)
+        }
     }
 }
 

@@ -4,7 +4,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
-use herd_formats::quantize::{FileType, GgufPlan, ModelShape, SourceTensor, write_quantized};
+use herd_formats::quantize::{
+    FileType, GgufPlan, ModelShape, SourceTensor, SplitLimit, write_quantized_split,
+};
 use herd_formats::{GgufFile, HfModelDir};
 
 /// The file type called `name`, or an error listing them.
@@ -23,7 +25,36 @@ pub fn file_type_of_flag(flag: &str, name: &str) -> Result<FileType> {
     })
 }
 
-pub fn run(input: &Path, output: &Path, file_type_name: &str) -> Result<()> {
+/// The split limit of `--split-max-size` (N followed by M or G, decimal units as
+/// llama-gguf-split reads them) or `--split-max-tensors`.
+pub fn split_limit(size: Option<&str>, tensors: Option<usize>) -> Result<Option<SplitLimit>> {
+    if let Some(n) = tensors {
+        if n == 0 {
+            bail!("--split-max-tensors must be at least 1");
+        }
+        return Ok(Some(SplitLimit::Tensors(n)));
+    }
+    let Some(size) = size else {
+        return Ok(None);
+    };
+    let (digits, unit) = size.split_at(size.len().saturating_sub(1));
+    let scale = match unit {
+        "M" => 1_000_000u64,
+        "G" => 1_000_000_000,
+        _ => bail!("--split-max-size {size:?}: give a number followed by M or G, e.g. 48G"),
+    };
+    match digits.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Some(SplitLimit::Bytes(n.saturating_mul(scale)))),
+        _ => bail!("--split-max-size {size:?}: give a positive number followed by M or G"),
+    }
+}
+
+pub fn run(
+    input: &Path,
+    output: &Path,
+    file_type_name: &str,
+    split: Option<SplitLimit>,
+) -> Result<()> {
     let ft = file_type(file_type_name)?;
     if output.exists() && output.canonicalize().ok() == input.canonicalize().ok() {
         bail!("output would overwrite the input");
@@ -46,18 +77,28 @@ pub fn run(input: &Path, output: &Path, file_type_name: &str) -> Result<()> {
             "warning: {requantized} input tensors are already quantized; requantizing loses precision"
         );
     }
-    write_with_progress(&plan, ft, output)
+    write_split_with_progress(&plan, ft, output, split)
 }
 
 /// Write `plan` as a GGUF typed for `ft`, with a progress bar and a per-type summary.
 pub fn write_with_progress(plan: &GgufPlan, ft: FileType, output: &Path) -> Result<()> {
+    write_split_with_progress(plan, ft, output, None)
+}
+
+/// [`write_with_progress`], as a split set when `split` is given.
+fn write_split_with_progress(
+    plan: &GgufPlan,
+    ft: FileType,
+    output: &Path,
+    split: Option<SplitLimit>,
+) -> Result<()> {
     let tensors = &plan.tensors;
     let start = Instant::now();
     let bar = indicatif::ProgressBar::new(tensors.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {msg}")
             .expect("valid template"),
     );
-    let summary = write_quantized(output, plan, ft, |i, _, name| {
+    let (summary, files) = write_quantized_split(output, plan, ft, split, |i, _, name| {
         bar.set_position(i as u64);
         bar.set_message(name.to_string());
     })?;
@@ -71,9 +112,18 @@ pub fn write_with_progress(plan: &GgufPlan, ft: FileType, output: &Path) -> Resu
     for (t, (n, bytes)) in by_type {
         eprintln!("  {t:>6}: {n:>4} tensors, {bytes:>12} bytes");
     }
+    let written = match files.as_slice() {
+        [one] => one.display().to_string(),
+        [first, .., last] => format!(
+            "{} files, {} … {}",
+            files.len(),
+            first.display(),
+            last.display()
+        ),
+        [] => String::new(),
+    };
     eprintln!(
-        "wrote {} ({} bytes, {}) in {:.1}s",
-        output.display(),
+        "wrote {written} ({} bytes of tensors, {}) in {:.1}s",
         summary.bytes,
         ft.name(),
         start.elapsed().as_secs_f64()
@@ -83,10 +133,14 @@ pub fn write_with_progress(plan: &GgufPlan, ft: FileType, output: &Path) -> Resu
 
 /// A GGUF file's metadata (minus the keys the writer sets) and tensors, read in place.
 fn from_gguf(f: &GgufFile) -> Result<GgufPlan> {
+    // A split input's split keys describe the input's files, not the output's.
     let skip = [
         "general.file_type",
         "general.quantization_version",
         "general.alignment",
+        herd_formats::gguf::SPLIT_NO,
+        herd_formats::gguf::SPLIT_COUNT,
+        herd_formats::gguf::SPLIT_TENSORS_COUNT,
     ];
     let meta: Vec<_> = f
         .header

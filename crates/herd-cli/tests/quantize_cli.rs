@@ -137,3 +137,102 @@ fn bad_requests_are_clear_errors() {
     assert!(err.contains("nonexistent"), "{err}");
     assert!(!out.exists() && !out.with_extension("gguf.partial").exists());
 }
+
+/// `--split-max-tensors` and `--split-max-size` write split sets as llama-gguf-split does: files
+/// `OUTPUT-0000k-of-0000N.gguf` holding the unsplit output's tensors (same bytes), the metadata
+/// in the first, the split keys in each. A split input quantizes like the unsplit file, its
+/// split keys not carried over. Bad limits are clear errors.
+#[test]
+fn split_outputs_and_split_inputs() {
+    let (_whole_dir, whole) = quantize(&fixture("tiny-f32.gguf"), "q8_0");
+    let want = tensors(&GgufFile::open(&whole).unwrap());
+    let herd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m.gguf");
+    let (input, out_s) = (fixture("tiny-f32.gguf"), out.to_str().unwrap().to_string());
+    for (flag, value, files) in [
+        ("--split-max-tensors", "20", 3),
+        ("--split-max-size", "1M", 1),
+    ] {
+        let o = herd(&[
+            "quantize",
+            input.to_str().unwrap(),
+            &out_s,
+            "--type",
+            "q8_0",
+            flag,
+            value,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let shards: Vec<PathBuf> = (1..=files)
+            .map(|i| tmp.path().join(format!("m-{i:05}-of-{files:05}.gguf")))
+            .collect();
+        for (i, s) in shards.iter().enumerate() {
+            let f = GgufFile::open(s).unwrap();
+            assert_eq!(
+                tensors(&f),
+                want,
+                "{flag} {value}: opened from file {}",
+                i + 1
+            );
+            assert_eq!(f.get("split.count"), Some(&Value::U16(files as u16)));
+            assert_eq!(
+                f.get("split.tensors.count"),
+                Some(&Value::I32(want.len() as i32))
+            );
+            // Each file's own header: its position, and the model's keys in the first only.
+            let own = herd_formats::gguf::parse_header(&std::fs::read(s).unwrap()).unwrap();
+            let key = |k: &str| {
+                own.metadata
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            };
+            assert_eq!(key("split.no"), Some(Value::U16(i as u16)));
+            assert_eq!(key("general.architecture").is_some(), i == 0);
+            if files == 3 {
+                assert!(own.tensors.len() <= 20);
+            }
+        }
+    }
+    // A split input: the same output as the unsplit input, no split keys in it.
+    let from_split = tmp.path().join("from-split.gguf");
+    let shard = fixture("split/tiny-q4_k_m-00002-of-00004.gguf");
+    let o = herd(&[
+        "quantize",
+        shard.to_str().unwrap(),
+        from_split.to_str().unwrap(),
+        "--type",
+        "q8_0",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_d, from_whole) = quantize(&fixture("tiny-q4_k_m.llama-quantize.gguf"), "q8_0");
+    let a = GgufFile::open(&from_split).unwrap();
+    assert_eq!(tensors(&a), tensors(&GgufFile::open(&from_whole).unwrap()));
+    assert!(a.get("split.count").is_none() && a.shard_paths().len() == 1);
+    for (flag, value, says) in [
+        ("--split-max-size", "48X", "followed by M or G"),
+        ("--split-max-size", "0G", "positive number"),
+        ("--split-max-tensors", "0", "at least 1"),
+    ] {
+        let o = herd(&[
+            "quantize",
+            input.to_str().unwrap(),
+            &out_s,
+            "--type",
+            "q8_0",
+            flag,
+            value,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(says),
+            "{flag} {value}: {err}"
+        );
+    }
+}

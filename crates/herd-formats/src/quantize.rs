@@ -304,15 +304,80 @@ pub fn write_quantized(
     out: &Path,
     plan: &GgufPlan,
     ft: FileType,
-    mut progress: impl FnMut(usize, usize, &str),
+    progress: impl FnMut(usize, usize, &str),
 ) -> Result<Summary> {
-    let (tensors, shape) = (&plan.tensors, &plan.shape);
-    let mut writer = GgufWriter::new();
-    for (k, v) in &plan.metadata {
-        writer.set(k, v.clone());
+    write_quantized_split(out, plan, ft, None, progress).map(|(summary, _)| summary)
+}
+
+/// Where a split set starts a new file: llama.cpp's `llama-gguf-split --split-max-size` or
+/// `--split-max-tensors`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitLimit {
+    /// At most this many bytes of tensor data per file (each tensor counted padded to the
+    /// 32-byte alignment; a file holds at least one tensor).
+    Bytes(u64),
+    /// At most this many tensors per file.
+    Tensors(usize),
+}
+
+/// The tensors of each file when tensors of `padded` bytes each (in file order) are cut at
+/// `limit`, as `llama-gguf-split` cuts them: a new file starts at tensor `i > 0` when the
+/// current file's bytes plus tensor `i`'s would pass the limit, or when `i` is a multiple of
+/// the tensor limit.
+///
+/// # Errors
+/// A byte limit below the first tensor's size (the first file would hold no tensor), or a
+/// tensor limit of 0.
+pub fn split_ranges(padded: &[u64], limit: SplitLimit) -> Result<Vec<std::ops::Range<usize>>> {
+    let mut starts = vec![0];
+    let mut current = 0u64;
+    for (i, &n) in padded.iter().enumerate() {
+        let cut = match limit {
+            SplitLimit::Bytes(max) => current + n > max,
+            SplitLimit::Tensors(0) => {
+                return Err(Error::Quantize(
+                    "--split-max-tensors must be at least 1".into(),
+                ));
+            }
+            SplitLimit::Tensors(max) => i > 0 && i % max == 0,
+        };
+        if cut && i == 0 {
+            return Err(Error::Quantize(format!(
+                "the first tensor alone ({n} bytes) is larger than the split limit"
+            )));
+        }
+        if cut {
+            starts.push(i);
+            current = n;
+        } else {
+            current += n;
+        }
     }
-    writer.set("general.file_type", Value::U32(ft.id()));
-    writer.set("general.quantization_version", Value::U32(2));
+    let mut ends = starts[1..].to_vec();
+    ends.push(padded.len());
+    Ok(starts.into_iter().zip(ends).map(|(a, b)| a..b).collect())
+}
+
+/// The path of file `no` (0-based) of a `count`-file split set written for `out`: llama.cpp's
+/// `PREFIX-%05d-of-%05d.gguf`, the prefix being `out` without its `.gguf` extension.
+pub fn split_path(out: &Path, no: usize, count: usize) -> std::path::PathBuf {
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let prefix = name.strip_suffix(".gguf").unwrap_or(name);
+    out.with_file_name(format!("{prefix}-{:05}-of-{count:05}.gguf", no + 1))
+}
+
+/// [`write_quantized`], or with `split` a split set as `llama-gguf-split` writes one: the
+/// files of [`split_path`], the model's metadata in the first, then in every file `split.no`
+/// (u16), `split.count` (u16) and `split.tensors.count` (i32). Returns the summary and the
+/// files written.
+pub fn write_quantized_split(
+    out: &Path,
+    plan: &GgufPlan,
+    ft: FileType,
+    split: Option<SplitLimit>,
+    mut progress: impl FnMut(usize, usize, &str),
+) -> Result<(Summary, Vec<std::path::PathBuf>)> {
+    let (tensors, shape) = (&plan.tensors, &plan.shape);
     let targets = choose_types(
         ft,
         shape,
@@ -320,24 +385,70 @@ pub fn write_quantized(
             .iter()
             .map(|t| (t.name.as_str(), t.dims.as_slice(), t.dtype)),
     );
-    for (t, &target) in tensors.iter().zip(&targets) {
-        writer.add_tensor(&t.name, &t.dims, target);
+    let ranges = match split {
+        None => std::iter::once(0..tensors.len()).collect(),
+        Some(limit) => {
+            let padded: Vec<u64> = tensors
+                .iter()
+                .zip(&targets)
+                .map(|(t, d)| {
+                    let n = d.bytes_for(t.dims.iter().product::<u64>() as usize) as u64;
+                    n.div_ceil(crate::gguf::DEFAULT_ALIGNMENT) * crate::gguf::DEFAULT_ALIGNMENT
+                })
+                .collect();
+            split_ranges(&padded, limit)?
+        }
+    };
+    let count = ranges.len();
+    if count > u16::MAX as usize {
+        return Err(Error::Quantize(format!(
+            "{count} files would pass split.count's limit of {}; raise the split limit",
+            u16::MAX
+        )));
     }
     let mut summary = Summary::default();
-    writer.write(out, |i| {
-        let (t, target) = (&tensors[i], targets[i]);
-        progress(i, tensors.len(), &t.name);
-        let bytes = match &t.raw {
-            Some(raw) if t.dtype == target => raw().as_slice().to_vec(),
-            _ => quantize_rows(&(t.read)()?, t.dims[0] as usize, target, &t.name)?,
+    let mut written = Vec::with_capacity(count);
+    for (no, range) in ranges.into_iter().enumerate() {
+        let mut writer = GgufWriter::new();
+        if no == 0 {
+            for (k, v) in &plan.metadata {
+                writer.set(k, v.clone());
+            }
+            writer.set("general.file_type", Value::U32(ft.id()));
+            writer.set("general.quantization_version", Value::U32(2));
+        }
+        if split.is_some() {
+            writer.set(crate::gguf::SPLIT_NO, Value::U16(no as u16));
+            writer.set(crate::gguf::SPLIT_COUNT, Value::U16(count as u16));
+            writer.set(
+                crate::gguf::SPLIT_TENSORS_COUNT,
+                Value::I32(tensors.len() as i32),
+            );
+        }
+        for i in range.clone() {
+            writer.add_tensor(&tensors[i].name, &tensors[i].dims, targets[i]);
+        }
+        let path = match split {
+            None => out.to_path_buf(),
+            Some(_) => split_path(out, no, count),
         };
-        summary.bytes += bytes.len() as u64;
-        summary
-            .tensors
-            .push((t.name.clone(), target, bytes.len() as u64));
-        Ok(bytes)
-    })?;
-    Ok(summary)
+        writer.write(&path, |j| {
+            let i = range.start + j;
+            let (t, target) = (&tensors[i], targets[i]);
+            progress(i, tensors.len(), &t.name);
+            let bytes = match &t.raw {
+                Some(raw) if t.dtype == target => raw().as_slice().to_vec(),
+                _ => quantize_rows(&(t.read)()?, t.dims[0] as usize, target, &t.name)?,
+            };
+            summary.bytes += bytes.len() as u64;
+            summary
+                .tensors
+                .push((t.name.clone(), target, bytes.len() as u64));
+            Ok(bytes)
+        })?;
+        written.push(path);
+    }
+    Ok((summary, written))
 }
 
 /// Quantize rows of `row_len` values (`values.len() / row_len` rows) to `target` in parallel on
@@ -379,6 +490,35 @@ pub fn quantize_rows(values: &[f32], row_len: usize, target: DType, name: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// llama-gguf-split's cuts: by bytes (a file may be as large as the limit, the first
+    /// tensor may not exceed it) and by tensor count.
+    #[test]
+    fn split_ranges_cut_as_llama_gguf_split() {
+        let sizes = [32, 64, 32, 96, 32];
+        assert_eq!(
+            split_ranges(&sizes, SplitLimit::Bytes(128)).unwrap(),
+            vec![0..3, 3..5]
+        );
+        assert_eq!(
+            split_ranges(&sizes, SplitLimit::Bytes(96)).unwrap(),
+            vec![0..2, 2..3, 3..4, 4..5]
+        );
+        assert_eq!(
+            split_ranges(&sizes, SplitLimit::Bytes(1000)).unwrap(),
+            vec![0..5]
+        );
+        assert_eq!(
+            split_ranges(&sizes, SplitLimit::Tensors(2)).unwrap(),
+            vec![0..2, 2..4, 4..5]
+        );
+        assert!(split_ranges(&sizes, SplitLimit::Bytes(16)).is_err());
+        assert!(split_ranges(&sizes, SplitLimit::Tensors(0)).is_err());
+        assert_eq!(
+            split_path(Path::new("/x/model.gguf"), 1, 3),
+            Path::new("/x/model-00002-of-00003.gguf")
+        );
+    }
 
     fn shape(n_layers: usize) -> ModelShape {
         ModelShape {
