@@ -308,3 +308,109 @@ fn split_sets_are_taken_wherever_a_file_is() {
         "{err}"
     );
 }
+
+/// `hf:org/repo:QUANT` picks the quantization from the repository's file list (a local
+/// stand-in of the hub here): a split set is pulled whole, once, and runs; a name that matches
+/// nothing lists what the repository has; one that matches two candidates names them.
+#[test]
+fn pulls_by_quantization_name_take_whole_split_sets() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama4_gguf");
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::create_dir(repo.path().join("Q4_K_M")).unwrap();
+    for i in 1..=4 {
+        let name = format!("tiny-q4_k_m-{i:05}-of-00004.gguf");
+        std::fs::copy(
+            fixtures.join("split").join(&name),
+            repo.path().join("Q4_K_M").join(&name),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        fixtures.join("tiny-q8_0.gguf"),
+        repo.path().join("tiny-Q8_0.gguf"),
+    )
+    .unwrap();
+    std::fs::write(repo.path().join("README.md"), "# tiny\n").unwrap();
+    let endpoint = herd_formats::hub::mock::serve(repo.path().to_path_buf(), false, 64);
+    let cache = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(args)
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HERD_CACHE", cache.path())
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = run(&["pull", "hf:org/tiny:q4_k_m"]);
+    assert_eq!(code, Some(0), "{err}");
+    let first = std::path::PathBuf::from(out.trim());
+    assert!(
+        first.ends_with("Q4_K_M/tiny-q4_k_m-00001-of-00004.gguf"),
+        "{out}"
+    );
+    for i in 1..=4 {
+        let name = format!("tiny-q4_k_m-{i:05}-of-00004.gguf");
+        assert_eq!(
+            std::fs::read(first.with_file_name(&name)).unwrap(),
+            std::fs::read(fixtures.join("split").join(&name)).unwrap()
+        );
+    }
+    let (code, out2, err) = run(&["pull", "hf:org/tiny:Q4_K_M"]);
+    assert_eq!((code, out2.trim()), (Some(0), out.trim()));
+    assert!(
+        !err.contains("fetching"),
+        "second pull must not download again: {err}"
+    );
+    let (code, out, err) = run(&[
+        "bench",
+        "hf:org/tiny:Q4_K_M",
+        "-p",
+        "8",
+        "-n",
+        "2",
+        "-r",
+        "1",
+        "-b",
+        "0",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("tg2"), "{out}");
+
+    // plan reads the four shards' headers only and predicts the unsplit file's weights.
+    let weights = |out: &str| {
+        let v: serde_json::Value = serde_json::from_str(out).unwrap();
+        v["weight_bytes"].as_u64()
+    };
+    let (code, out, err) = run(&["plan", "hf:org/tiny:Q4_K_M", "--context", "16", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let whole = fixtures.join("tiny-q4_k_m.llama-quantize.gguf");
+    let (code, out_whole, err) =
+        run(&["plan", whole.to_str().unwrap(), "--context", "16", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(weights(&out), weights(&out_whole));
+    assert!(weights(&out).is_some());
+
+    let (code, _, err) = run(&["pull", "hf:org/tiny:IQ2_XXS"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no GGUF file for \"IQ2_XXS\"") && err.contains("Q4_K_M, Q8_0"),
+        "{err}"
+    );
+    // The repository also holding a single-file Q4_K_M: two candidates, both named.
+    std::fs::copy(
+        fixtures.join("tiny-q4_k_m.llama-quantize.gguf"),
+        repo.path().join("tiny-Q4_K_M.gguf"),
+    )
+    .unwrap();
+    let (code, _, err) = run(&["pull", "hf:org/tiny:Q4_K_M"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("matches several") && err.contains("tiny-Q4_K_M.gguf"),
+        "{err}"
+    );
+}

@@ -111,11 +111,28 @@ pub fn resolve(reference: &str) -> Result<Resolved> {
             .ok_or_else(|| Error::Registry(format!("{reference}: expected hf:org/repo:file")))?;
         let file = file.ok_or_else(|| {
             Error::Registry(format!(
-                "{reference}: name the file to fetch, e.g. hf:{repo}:model-Q4_K_M.gguf"
+                "{reference}: name the quantization or the file to fetch, e.g. \
+                 hf:{repo}:Q4_K_M or hf:{repo}:model-Q4_K_M.gguf"
             ))
         })?;
+        // A file name, or a quantization name (llama.cpp's `-hf org/repo:Q4_K_M`) picked from
+        // the repository's file list: one file or a whole split set.
+        let files = if file.to_ascii_lowercase().ends_with(".gguf") {
+            vec![file]
+        } else {
+            let hub = herd_formats::hub::Hub::from_env();
+            let listing = hub.list_files(&repo)?;
+            herd_formats::hub::pick_quantization(&repo, &listing, &file)?
+        };
+        let mut paths = Vec::with_capacity(files.len());
+        for (i, f) in files.iter().enumerate() {
+            if files.len() > 1 {
+                eprintln!("herd: file {} of {}", i + 1, files.len());
+            }
+            paths.push(fetch_hub(&repo, f)?);
+        }
         return Ok(Resolved {
-            path: fetch_hub(&repo, &file)?,
+            path: paths.swap_remove(0),
             family: None,
         });
     }

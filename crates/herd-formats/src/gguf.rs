@@ -199,6 +199,57 @@ impl GgufFile {
         }
     }
 
+    /// The headers of a split set's shards (read with [`GgufFile::from_prefix`], in `split.no`
+    /// order) as one header-only file: the first shard's metadata, every shard's tensors, the
+    /// shards' lengths summed. The checks [`GgufFile::open`] makes on a set, but for presence.
+    pub fn merge_split_headers(label: &str, shards: Vec<GgufFile>) -> Result<Self> {
+        let err = |reason: String| split_err(Path::new(label), reason);
+        let count = shards.len() as u64;
+        let mut merged: Option<GgufFile> = None;
+        let mut file_len = 0;
+        for (i, shard) in shards.into_iter().enumerate() {
+            match split_position(&shard.header.metadata).map_err(&err)? {
+                Some((n, c)) if n == i as u64 && c == count => {}
+                _ => {
+                    return Err(err(format!(
+                        "{} is not shard {} of {count}",
+                        shard.path.display(),
+                        i + 1
+                    )));
+                }
+            }
+            file_len += shard.file_len;
+            match merged.as_mut() {
+                None => merged = Some(shard),
+                Some(m) => {
+                    for t in shard.header.tensors {
+                        if m.index.contains_key(&t.name) {
+                            return Err(Error::DuplicateTensor {
+                                name: t.name,
+                                first: m.path.clone(),
+                                second: shard.path.clone(),
+                            });
+                        }
+                        m.index.insert(t.name.clone(), m.header.tensors.len());
+                        m.header.tensors.push(t);
+                        m.tensor_shard.push(i);
+                    }
+                }
+            }
+        }
+        let mut m = merged.ok_or_else(|| err("no shards".into()))?;
+        let want = m.get(SPLIT_TENSORS_COUNT).and_then(Value::as_u64);
+        if want != Some(m.header.tensors.len() as u64) {
+            return Err(err(format!(
+                "{SPLIT_TENSORS_COUNT} is {want:?}, but the {count} shards hold {} tensors",
+                m.header.tensors.len()
+            )));
+        }
+        m.file_len = file_len;
+        m.path = PathBuf::from(label);
+        Ok(m)
+    }
+
     /// The files this model is read from: one, or every shard of a split set in order.
     pub fn shard_paths(&self) -> Vec<&Path> {
         std::iter::once(self.path.as_path())

@@ -64,6 +64,28 @@ impl Hub {
         }
     }
 
+    /// Every file of a repository (`GET /api/models/{repo}`: its `siblings`), paths relative
+    /// to the repository root.
+    pub fn list_files(&self, repo: &str) -> Result<Vec<String>> {
+        let url = format!("{}/api/models/{repo}", self.endpoint);
+        let mut resp = self.get(&url, None)?;
+        let mut body = Vec::new();
+        resp.body_mut()
+            .as_reader()
+            .take(64 << 20)
+            .read_to_end(&mut body)
+            .map_err(|e| hub_err(&url, e))?;
+        let info: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| hub_err(&url, e))?;
+        let siblings = info["siblings"]
+            .as_array()
+            .ok_or_else(|| Error::Hub(format!("{url}: no file list (siblings) in the answer")))?;
+        Ok(siblings
+            .iter()
+            .filter_map(|s| s["rfilename"].as_str().map(str::to_string))
+            .collect())
+    }
+
     pub fn url(&self, repo: &str, file: &str) -> String {
         format!("{}/{repo}/resolve/main/{file}", self.endpoint)
     }
@@ -209,6 +231,119 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The GGUF files of a repository listing that hold quantization `quant` (`Q4_K_M`, `IQ2_XXS`,
+/// …, case-insensitive, as llama.cpp's `-hf org/repo:quant` takes it): one file, or every shard
+/// of one split set (in order). The name must appear as a whole token of a file or directory
+/// name (`…-Q4_K_M.gguf`, `Q4_K_M/…-00001-of-00002.gguf`; `Q4_K` does not match `Q4_K_M`);
+/// multimodal projector files (`mmproj`) are skipped.
+///
+/// # Errors
+/// [`Error::Hub`] listing the quantizations the repository has when none matches, or the
+/// candidates when several different files or sets do.
+pub fn pick_quantization(repo: &str, files: &[String], quant: &str) -> Result<Vec<String>> {
+    let ggufs: Vec<&String> = files
+        .iter()
+        .filter(|f| f.to_ascii_lowercase().ends_with(".gguf") && !f.contains("mmproj"))
+        .collect();
+    // Candidates grouped by split set: a shard's group is its name without -NNNNN-of-MMMMM.
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for f in ggufs.iter().filter(|f| has_token(f, quant)) {
+        let key = split_stem(f).unwrap_or(f.as_str()).to_string();
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push((*f).clone()),
+            None => groups.push((key, vec![(*f).clone()])),
+        }
+    }
+    match groups.len() {
+        1 => {
+            let (_, mut members) = groups.pop().expect("one group");
+            members.sort();
+            if let Some(count) = members.first().and_then(|m| split_count(m))
+                && members.len() != count
+            {
+                return Err(Error::Hub(format!(
+                    "hf:{repo}:{quant}: the split set {} lists {} of its {count} files",
+                    members[0],
+                    members.len()
+                )));
+            }
+            Ok(members)
+        }
+        0 => {
+            let mut available: Vec<String> = ggufs.iter().filter_map(|f| quant_token(f)).collect();
+            available.sort();
+            available.dedup();
+            Err(Error::Hub(format!(
+                "hf:{repo}: no GGUF file for {quant:?}; the repository has {}",
+                if available.is_empty() {
+                    "no GGUF files".to_string()
+                } else {
+                    available.join(", ")
+                }
+            )))
+        }
+        _ => Err(Error::Hub(format!(
+            "hf:{repo}:{quant} matches several files or sets: {}; name the file",
+            groups
+                .iter()
+                .map(|(_, m)| m[0].as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Whether `quant` appears in `path` as a whole token: preceded by the start, `-`, `.`, `_` or
+/// `/`, followed by the end, `-`, `.` or `/` (case-insensitive).
+fn has_token(path: &str, quant: &str) -> bool {
+    let (p, q) = (path.to_ascii_lowercase(), quant.to_ascii_lowercase());
+    if q.is_empty() {
+        return false;
+    }
+    p.match_indices(&q).any(|(i, _)| {
+        let before = p[..i].chars().next_back();
+        let after = p[i + q.len()..].chars().next();
+        matches!(before, None | Some('-' | '.' | '_' | '/'))
+            && matches!(after, None | Some('-' | '.' | '/'))
+    })
+}
+
+/// `name` without its `-NNNNN-of-MMMMM.gguf` split suffix, if it has one.
+fn split_stem(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".gguf")?;
+    let (rest, of) = stem.rsplit_once("-of-")?;
+    let (prefix, no) = rest.rsplit_once('-')?;
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(no) && digits(of)).then_some(prefix)
+}
+
+/// The `MMMMM` of a split shard's name.
+fn split_count(name: &str) -> Option<usize> {
+    split_stem(name)?;
+    name.strip_suffix(".gguf")?
+        .rsplit_once("-of-")?
+        .1
+        .parse()
+        .ok()
+}
+
+/// The quantization a GGUF file name carries: the last `-`/`.`-separated token of its stem (or
+/// of its directory) that looks like one (F16, BF16, F32, Q…, IQ…, MXFP4, TQ…).
+fn quant_token(path: &str) -> Option<String> {
+    let stem = path.strip_suffix(".gguf")?;
+    let stem = split_stem(path).unwrap_or(stem);
+    stem.rsplit(['-', '.', '/'])
+        .find(|t| {
+            let u = t.to_ascii_uppercase();
+            matches!(u.as_str(), "F16" | "BF16" | "F32" | "MXFP4")
+                || ((u.starts_with('Q') || u.starts_with("IQ") || u.starts_with("TQ"))
+                    && u.chars()
+                        .nth(if u.starts_with('Q') { 1 } else { 2 })
+                        .is_some_and(|c| c.is_ascii_digit()))
+        })
+        .map(|t| t.to_ascii_uppercase())
+}
+
 /// `hf:org/repo[:file]` → (repo, file).
 pub fn parse_reference(reference: &str) -> Option<(String, Option<String>)> {
     let rest = reference.strip_prefix("hf:")?;
@@ -263,6 +398,23 @@ pub mod mock {
                         range = a.parse::<u64>().ok().map(|a| (a, b.parse::<u64>().ok()));
                     }
                 }
+                // /api/models/org/repo: every file under root as a sibling.
+                if path.starts_with("/api/models/") {
+                    let mut files = Vec::new();
+                    list(&root, &root, &mut files);
+                    let siblings: Vec<_> = files
+                        .iter()
+                        .map(|f| serde_json::json!({ "rfilename": f }))
+                        .collect();
+                    let body = serde_json::json!({ "siblings": siblings }).to_string();
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes());
+                    let _ = stream.write_all(body.as_bytes());
+                    continue;
+                }
                 // /org/repo/resolve/main/file
                 let file = path.splitn(6, '/').nth(5).unwrap_or("");
                 let full = root.join(file);
@@ -299,5 +451,72 @@ pub mod mock {
             }
         });
         format!("http://{addr}")
+    }
+
+    /// Paths of the files under `dir`, relative to `root`, with `/` separators.
+    fn list(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                list(root, &p, out);
+            } else if let Ok(rel) = p.strip_prefix(root) {
+                let parts: Vec<_> = rel.iter().map(|c| c.to_string_lossy()).collect();
+                out.push(parts.join("/"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_quantization;
+
+    fn listing() -> Vec<String> {
+        [
+            ".gitattributes",
+            "README.md",
+            "BF16/Llama-4-Scout-17B-16E-Instruct-BF16-00001-of-00005.gguf",
+            "Q4_K_M/Llama-4-Scout-17B-16E-Instruct-Q4_K_M-00002-of-00002.gguf",
+            "Q4_K_M/Llama-4-Scout-17B-16E-Instruct-Q4_K_M-00001-of-00002.gguf",
+            "Llama-4-Scout-17B-16E-Instruct-UD-IQ1_S.gguf",
+            "Llama-4-Scout-17B-16E-Instruct-UD-Q4_K_XL.gguf",
+            "Llama-4-Scout-17B-16E-Instruct-Q4_K.gguf",
+            "mmproj-F16.gguf",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Names as repositories publish them: split sets in directories, `UD-` prefixes, `Q4_K`
+    /// beside `Q4_K_M` and `Q4_K_XL`, a projector that is never picked.
+    #[test]
+    fn quantization_names_pick_one_file_or_one_whole_set() {
+        let pick = |q: &str| pick_quantization("org/scout", &listing(), q);
+        assert_eq!(
+            pick("q4_k_m").unwrap(),
+            [
+                "Q4_K_M/Llama-4-Scout-17B-16E-Instruct-Q4_K_M-00001-of-00002.gguf",
+                "Q4_K_M/Llama-4-Scout-17B-16E-Instruct-Q4_K_M-00002-of-00002.gguf"
+            ]
+        );
+        assert_eq!(
+            pick("IQ1_S").unwrap(),
+            ["Llama-4-Scout-17B-16E-Instruct-UD-IQ1_S.gguf"]
+        );
+        assert_eq!(
+            pick("Q4_K").unwrap(),
+            ["Llama-4-Scout-17B-16E-Instruct-Q4_K.gguf"]
+        );
+        let err = pick("Q8_0").unwrap_err().to_string();
+        assert!(
+            err.contains("BF16, IQ1_S, Q4_K, Q4_K_M, Q4_K_XL") && !err.contains("MMPROJ"),
+            "{err}"
+        );
+        // One shard of five listed: an incomplete set is an error, not a partial download.
+        let err = pick("BF16").unwrap_err().to_string();
+        assert!(err.contains("lists 1 of its 5 files"), "{err}");
     }
 }

@@ -54,9 +54,26 @@ fn resolve_hub(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
                 .map_err(|e| model_err(e.to_string()))?;
             facts_from_gguf(reference, &gguf, ft)
         }
-        Some(f) => Err(model_err(format!(
-            "{f}: planning needs a .gguf file or the repository's config.json"
-        ))),
+        Some(quant) => {
+            // A quantization name: its file, or every shard's header of its split set.
+            let listing = hub
+                .list_files(&repo)
+                .map_err(|e| model_err(e.to_string()))?;
+            let files = herd_formats::hub::pick_quantization(&repo, &listing, &quant)
+                .map_err(|e| model_err(e.to_string()))?;
+            let headers = files
+                .iter()
+                .map(|f| hub.gguf_header(&repo, f))
+                .collect::<herd_formats::Result<Vec<_>>>()
+                .map_err(|e| model_err(e.to_string()))?;
+            let gguf = if headers.len() == 1 {
+                headers.into_iter().next().expect("one header")
+            } else {
+                GgufFile::merge_split_headers(reference, headers)
+                    .map_err(|e| model_err(e.to_string()))?
+            };
+            facts_from_gguf(reference, &gguf, ft)
+        }
         None => {
             let bytes = hub
                 .read(&repo, "config.json")
