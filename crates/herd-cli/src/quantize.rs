@@ -37,11 +37,12 @@ pub fn split_limit(size: Option<&str>, tensors: Option<usize>) -> Result<Option<
     let Some(size) = size else {
         return Ok(None);
     };
-    let (digits, unit) = size.split_at(size.len().saturating_sub(1));
-    let scale = match unit {
-        "M" => 1_000_000u64,
-        "G" => 1_000_000_000,
-        _ => bail!("--split-max-size {size:?}: give a number followed by M or G, e.g. 48G"),
+    let (digits, scale) = if let Some(d) = size.strip_suffix('M') {
+        (d, 1_000_000u64)
+    } else if let Some(d) = size.strip_suffix('G') {
+        (d, 1_000_000_000)
+    } else {
+        bail!("--split-max-size {size:?}: give a number followed by M or G, e.g. 48G")
     };
     match digits.parse::<u64>() {
         Ok(n) if n > 0 => Ok(Some(SplitLimit::Bytes(n.saturating_mul(scale)))),
@@ -58,6 +59,32 @@ pub fn run(
     let ft = file_type(file_type_name)?;
     if output.exists() && output.canonicalize().ok() == input.canonicalize().ok() {
         bail!("output would overwrite the input");
+    }
+    // Nor may any file of a split output replace one of a split input.
+    if split.is_some() && !input.is_dir() {
+        let inputs: Vec<_> = GgufFile::open(input)
+            .map(|f| {
+                f.shard_paths()
+                    .iter()
+                    .filter_map(|p| p.canonicalize().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let first = herd_formats::quantize::split_path(output, 0, 1);
+        let first = first.to_string_lossy();
+        let stem = first.strip_suffix("-00001-of-00001.gguf").unwrap_or(&first);
+        let stem = Path::new(stem)
+            .parent()
+            .and_then(|d| d.canonicalize().ok())
+            .map(|d| d.join(Path::new(stem).file_name().unwrap_or_default()))
+            .unwrap_or_else(|| Path::new(stem).to_path_buf());
+        let stem = format!("{}-", stem.display());
+        if inputs
+            .iter()
+            .any(|p| p.to_string_lossy().starts_with(&stem))
+        {
+            bail!("the split output {stem}*.gguf could overwrite the input's files");
+        }
     }
     let plan = if input.is_dir() {
         let dir = HfModelDir::open(input)?;

@@ -394,6 +394,14 @@ fn pulls_by_quantization_name_take_whole_split_sets() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(weights(&out), weights(&out_whole));
     assert!(weights(&out).is_some());
+    // A shard named explicitly brings its whole set, for plan and for pull.
+    let named = "hf:org/tiny:Q4_K_M/tiny-q4_k_m-00003-of-00004.gguf";
+    let (code, out_named, err) = run(&["plan", named, "--context", "16", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(weights(&out_named), weights(&out_whole));
+    let (code, out_pull, err) = run(&["pull", named]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::path::PathBuf::from(out_pull.trim()), first);
 
     let (code, _, err) = run(&["pull", "hf:org/tiny:IQ2_XXS"]);
     assert_eq!(code, Some(1));
@@ -411,6 +419,87 @@ fn pulls_by_quantization_name_take_whole_split_sets() {
     assert_eq!(code, Some(1));
     assert!(
         err.contains("matches several") && err.contains("tiny-Q4_K_M.gguf"),
+        "{err}"
+    );
+}
+
+/// `hf:org/repo` without a file pulls a safetensors checkpoint whole: config, the shards its
+/// index names (nothing else), tokenizer and generation files present; the directory runs. A
+/// GGUF-only repository says to name a quantization, listing them.
+#[test]
+fn pulls_of_a_safetensors_repository_fetch_what_its_index_names() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama4_gguf");
+    let repo = tempfile::tempdir().unwrap();
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(fixtures.join(f), repo.path().join(f)).unwrap();
+    }
+    let tensors = herd_formats::TensorSet::open_file(&fixtures.join("model.safetensors")).unwrap();
+    let map: serde_json::Map<String, serde_json::Value> = tensors
+        .names()
+        .map(|n| (n.to_string(), "model.safetensors".into()))
+        .collect();
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(
+        repo.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    std::fs::write(repo.path().join("unrelated.safetensors"), b"not fetched").unwrap();
+    let endpoint = herd_formats::hub::mock::serve(repo.path().to_path_buf(), false, 64);
+    let cache = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], endpoint: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(args)
+            .env("HF_ENDPOINT", endpoint)
+            .env("HERD_CACHE", cache.path())
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = run(&["pull", "hf:org/st"], &endpoint);
+    assert_eq!(code, Some(0), "{err}");
+    let dir = std::path::PathBuf::from(out.trim());
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        assert_eq!(
+            std::fs::read(dir.join(f)).unwrap(),
+            std::fs::read(fixtures.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert!(!dir.join("unrelated.safetensors").exists());
+    let (code, out, err) = run(
+        &[
+            "bench",
+            dir.to_str().unwrap(),
+            "-p",
+            "8",
+            "-n",
+            "2",
+            "-r",
+            "1",
+            "-b",
+            "0",
+        ],
+        &endpoint,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("tg2"), "{out}");
+
+    let gguf_repo = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures.join("tiny-q8_0.gguf"),
+        gguf_repo.path().join("tiny-Q8_0.gguf"),
+    )
+    .unwrap();
+    let endpoint = herd_formats::hub::mock::serve(gguf_repo.path().to_path_buf(), false, 8);
+    let (code, _, err) = run(&["pull", "hf:org/g"], &endpoint);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("holds GGUF files") && err.contains("hf:org/g:Q8_0"),
         "{err}"
     );
 }

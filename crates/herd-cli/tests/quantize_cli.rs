@@ -196,7 +196,8 @@ fn split_outputs_and_split_inputs() {
             assert_eq!(key("split.no"), Some(Value::U16(i as u16)));
             assert_eq!(key("general.architecture").is_some(), i == 0);
             if files == 3 {
-                assert!(own.tensors.len() <= 20);
+                // 48 tensors, 20 per file.
+                assert_eq!(own.tensors.len(), [20, 20, 8][i]);
             }
         }
     }
@@ -215,7 +216,29 @@ fn split_outputs_and_split_inputs() {
     let a = GgufFile::open(&from_split).unwrap();
     assert_eq!(tensors(&a), tensors(&GgufFile::open(&from_whole).unwrap()));
     assert!(a.get("split.count").is_none() && a.shard_paths().len() == 1);
+    // A split output whose files would replace the split input's.
+    let dir = tempfile::tempdir().unwrap();
+    for i in 1..=4 {
+        let name = format!("tiny-q4_k_m-{i:05}-of-00004.gguf");
+        std::fs::copy(fixture("split").join(&name), dir.path().join(&name)).unwrap();
+    }
+    let own = dir.path().join("tiny-q4_k_m-00001-of-00004.gguf");
+    let o = herd(&[
+        "quantize",
+        own.to_str().unwrap(),
+        dir.path().join("tiny-q4_k_m.gguf").to_str().unwrap(),
+        "--type",
+        "q8_0",
+        "--split-max-tensors",
+        "12",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("could overwrite the input"),
+        "{err}"
+    );
     for (flag, value, says) in [
+        ("--split-max-size", "1é", "followed by M or G"),
         ("--split-max-size", "48X", "followed by M or G"),
         ("--split-max-size", "0G", "positive number"),
         ("--split-max-tensors", "0", "at least 1"),

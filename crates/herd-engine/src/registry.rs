@@ -109,18 +109,23 @@ pub fn resolve(reference: &str) -> Result<Resolved> {
     if reference.starts_with("hf:") {
         let (repo, file) = herd_formats::hub::parse_reference(reference)
             .ok_or_else(|| Error::Registry(format!("{reference}: expected hf:org/repo:file")))?;
-        let file = file.ok_or_else(|| {
-            Error::Registry(format!(
-                "{reference}: name the quantization or the file to fetch, e.g. \
-                 hf:{repo}:Q4_K_M or hf:{repo}:model-Q4_K_M.gguf"
-            ))
-        })?;
+        let Some(file) = file else {
+            return Ok(Resolved {
+                path: fetch_hf_checkpoint(&repo)?,
+                family: None,
+            });
+        };
         // A file name, or a quantization name (llama.cpp's `-hf org/repo:Q4_K_M`) picked from
         // the repository's file list: one file or a whole split set.
+        let hub = herd_formats::hub::Hub::from_env();
         let files = if file.to_ascii_lowercase().ends_with(".gguf") {
-            vec![file]
+            if herd_formats::hub::is_split_shard(&file) {
+                let listing = hub.list_files(&repo)?;
+                herd_formats::hub::with_split_siblings(&repo, &listing, &file)?
+            } else {
+                vec![file]
+            }
         } else {
-            let hub = herd_formats::hub::Hub::from_env();
             let listing = hub.list_files(&repo)?;
             herd_formats::hub::pick_quantization(&repo, &listing, &file)?
         };
@@ -191,7 +196,92 @@ fn fetch(source: &Source) -> Result<PathBuf> {
 
 /// A hub file in the cache (`models/hf/ORG/REPO/FILE`), downloaded (resumably, checksum-
 /// verified) the first time.
+/// Files of a Hugging Face checkpoint fetched beside its weights when the repository has them.
+const CHECKPOINT_EXTRAS: [&str; 7] = [
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// `hf:org/repo` without a file: a safetensors checkpoint, fetched whole into the cache (its
+/// `config.json`, the shards its `model.safetensors.index.json` names or its single
+/// `model.safetensors`, and the tokenizer and generation files present); returns its directory.
+fn fetch_hf_checkpoint(repo: &str) -> Result<PathBuf> {
+    let hub = herd_formats::hub::Hub::from_env();
+    let listing = hub.list_files(repo)?;
+    let has = |f: &str| listing.iter().any(|l| l == f);
+    let index = "model.safetensors.index.json";
+    let weights: Vec<String> = if has(index) {
+        let index_path = fetch_hub(repo, index)?;
+        let json = herd_formats::hf::read_json(&index_path)?;
+        let map = json["weight_map"].as_object().ok_or_else(|| {
+            Error::Registry(format!("hf:{repo}: {index} has no weight_map object"))
+        })?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        shards
+    } else if has("model.safetensors") {
+        vec!["model.safetensors".to_string()]
+    } else {
+        let quants = herd_formats::hub::quantizations(&listing);
+        return Err(Error::Registry(if let Some(first) = quants.first() {
+            format!(
+                "hf:{repo} holds GGUF files, not a safetensors checkpoint: name a \
+                 quantization, e.g. hf:{repo}:{first} (it has {})",
+                quants.join(", ")
+            )
+        } else {
+            format!("hf:{repo}: no model.safetensors or {index} in the repository")
+        }));
+    };
+    if !has("config.json") {
+        return Err(Error::Registry(format!(
+            "hf:{repo}: the repository has no config.json"
+        )));
+    }
+    let extras = CHECKPOINT_EXTRAS
+        .iter()
+        .filter(|f| has(f))
+        .map(|f| f.to_string());
+    let files: Vec<String> = std::iter::once("config.json".to_string())
+        .chain(extras)
+        .chain(weights)
+        .collect();
+    let mut dir = None;
+    for (i, f) in files.iter().enumerate() {
+        eprintln!("herd: file {} of {}: {f}", i + 1, files.len());
+        let path = fetch_hub(repo, f)?;
+        dir.get_or_insert_with(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+    }
+    Ok(dir.expect("config.json is fetched first"))
+}
+
+/// Whether `path` (a repository or a file inside one, `/`-separated) stays inside the cache
+/// directory it is joined to: no empty, `.` or `..` part, not absolute, no backslash.
+fn safe_relative(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && !path.contains('\\')
+        && !path.chars().any(char::is_control)
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 fn fetch_hub(repo: &str, file: &str) -> Result<PathBuf> {
+    if !safe_relative(repo) || !safe_relative(file) {
+        return Err(Error::Registry(format!(
+            "hf:{repo}:{file}: not a file path inside a repository"
+        )));
+    }
     let dest = cache_dir().join("models/hf").join(repo).join(file);
     if dest.is_file() {
         return Ok(dest);
@@ -314,12 +404,18 @@ mod tests {
                 .to_string()
                 .contains("no such file")
         );
-        assert!(
-            resolve("hf:org/repo")
-                .unwrap_err()
-                .to_string()
-                .contains("name the file")
-        );
+        // A file name that would leave the cache directory is refused before any request.
+        for bad in [
+            "hf:org/repo:../../x.gguf",
+            "hf:org/repo:/tmp/x.gguf",
+            "hf:org/repo:a//b.gguf",
+        ] {
+            let err = resolve(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("not a file path inside a repository"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -240,8 +240,9 @@ impl GgufFile {
         let mut m = merged.ok_or_else(|| err("no shards".into()))?;
         let want = m.get(SPLIT_TENSORS_COUNT).and_then(Value::as_u64);
         if want != Some(m.header.tensors.len() as u64) {
+            let said = want.map_or_else(|| "missing".to_string(), |n| n.to_string());
             return Err(err(format!(
-                "{SPLIT_TENSORS_COUNT} is {want:?}, but the {count} shards hold {} tensors",
+                "{SPLIT_TENSORS_COUNT} is {said}, but the {count} shards hold {} tensors",
                 m.header.tensors.len()
             )));
         }
@@ -384,6 +385,10 @@ fn split_position(meta: &[(String, Value)]) -> std::result::Result<Option<(u64, 
     let count = count
         .as_u64()
         .ok_or_else(|| format!("{SPLIT_COUNT} is not an unsigned integer"))?;
+    // llama.cpp looks at the split keys only when there is more than one file.
+    if count <= 1 {
+        return Ok(None);
+    }
     let no = get(SPLIT_NO)
         .ok_or_else(|| format!("{SPLIT_COUNT} is {count} but {SPLIT_NO} is missing"))?
         .as_u64()
@@ -454,9 +459,10 @@ fn open_split_set(path: &Path, opened: GgufFile, no: u64, count: u64) -> Result<
                 return Err(split_err(
                     &p,
                     format!(
-                        "expected shard {} of {count}, found {SPLIT_NO} {n} of {SPLIT_COUNT} {c} \
-                         (shards of different sets?)",
-                        i + 1
+                        "expected shard {} of {count}, found shard {} of {c} ({SPLIT_NO} {n}; \
+                         shards of different sets?)",
+                        i + 1,
+                        n + 1
                     ),
                 ));
             }
@@ -519,7 +525,11 @@ fn open_split_set(path: &Path, opened: GgufFile, no: u64, count: u64) -> Result<
                 header.tensors.len()
             )));
         }
-        None => return Err(err(format!("the first shard has no {SPLIT_TENSORS_COUNT}"))),
+        None => {
+            return Err(err(format!(
+                "the first shard has no {SPLIT_TENSORS_COUNT} (or not a non-negative integer)"
+            )));
+        }
     }
     tracing::debug!(path = %first_path.display(), shards = count, tensors = header.tensors.len(), "opened gguf split set");
     let mut file = GgufFile::with_header(first_path, header, Some(first_map), file_len);

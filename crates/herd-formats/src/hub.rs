@@ -241,38 +241,29 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 /// [`Error::Hub`] listing the quantizations the repository has when none matches, or the
 /// candidates when several different files or sets do.
 pub fn pick_quantization(repo: &str, files: &[String], quant: &str) -> Result<Vec<String>> {
-    let ggufs: Vec<&String> = files
+    // Candidates grouped by split set: a shard's group is its name without -NNNNN-of-MMMMM,
+    // and its count.
+    let mut groups: Vec<((String, usize), Vec<String>)> = Vec::new();
+    for f in files
         .iter()
-        .filter(|f| f.to_ascii_lowercase().ends_with(".gguf") && !f.contains("mmproj"))
-        .collect();
-    // Candidates grouped by split set: a shard's group is its name without -NNNNN-of-MMMMM.
-    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
-    for f in ggufs.iter().filter(|f| has_token(f, quant)) {
-        let key = split_stem(f).unwrap_or(f.as_str()).to_string();
+        .filter(|f| is_model_gguf(f) && has_token(f, quant))
+    {
+        let key = (
+            split_stem(f).unwrap_or(f.as_str()).to_string(),
+            split_count(f).unwrap_or(0),
+        );
         match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, members)) => members.push((*f).clone()),
-            None => groups.push((key, vec![(*f).clone()])),
+            Some((_, members)) => members.push(f.clone()),
+            None => groups.push((key, vec![f.clone()])),
         }
     }
     match groups.len() {
         1 => {
-            let (_, mut members) = groups.pop().expect("one group");
-            members.sort();
-            if let Some(count) = members.first().and_then(|m| split_count(m))
-                && members.len() != count
-            {
-                return Err(Error::Hub(format!(
-                    "hf:{repo}:{quant}: the split set {} lists {} of its {count} files",
-                    members[0],
-                    members.len()
-                )));
-            }
-            Ok(members)
+            let (_, members) = groups.pop().expect("one group");
+            complete_set(repo, members)
         }
         0 => {
-            let mut available: Vec<String> = ggufs.iter().filter_map(|f| quant_token(f)).collect();
-            available.sort();
-            available.dedup();
+            let available = quantizations(files);
             Err(Error::Hub(format!(
                 "hf:{repo}: no GGUF file for {quant:?}; the repository has {}",
                 if available.is_empty() {
@@ -293,6 +284,73 @@ pub fn pick_quantization(repo: &str, files: &[String], quant: &str) -> Result<Ve
     }
 }
 
+/// Whether a listed file is a model's GGUF (not a projector, imatrix or draft-model file, which
+/// llama.cpp's `-hf` skips too).
+fn is_model_gguf(f: &str) -> bool {
+    let l = f.to_ascii_lowercase();
+    let name = l.rsplit('/').next().unwrap_or(&l);
+    l.ends_with(".gguf")
+        && !l.contains("mmproj")
+        && !l.contains("imatrix")
+        && !["mtp-", "eagle3-", "dflash-", "dspark-"]
+            .iter()
+            .any(|p| name.starts_with(p))
+}
+
+/// A group of listed files as one download: a single file, or every shard of a split set in
+/// order, numbered exactly `1..=count`.
+fn complete_set(repo: &str, mut members: Vec<String>) -> Result<Vec<String>> {
+    members.sort();
+    let Some(count) = members.first().and_then(|m| split_count(m)) else {
+        return Ok(members);
+    };
+    let numbered = members.len() == count
+        && members
+            .iter()
+            .enumerate()
+            .all(|(i, m)| split_number(m) == Some(i + 1));
+    if !numbered {
+        return Err(Error::Hub(format!(
+            "hf:{repo}: the split set {} lists {} of its {count} files",
+            members[0],
+            members.len()
+        )));
+    }
+    Ok(members)
+}
+
+/// Whether `name` is a split shard's (`…-NNNNN-of-MMMMM.gguf`).
+pub fn is_split_shard(name: &str) -> bool {
+    split_stem(name).is_some()
+}
+
+/// A file named explicitly, or, when its name is a split shard's, every shard of its set in the
+/// listing (llama.cpp fetches the whole set too).
+pub fn with_split_siblings(repo: &str, files: &[String], file: &str) -> Result<Vec<String>> {
+    let (Some(stem), Some(count)) = (split_stem(file), split_count(file)) else {
+        return Ok(vec![file.to_string()]);
+    };
+    let members: Vec<String> = files
+        .iter()
+        .filter(|f| split_stem(f) == Some(stem) && split_count(f) == Some(count))
+        .cloned()
+        .collect();
+    complete_set(repo, members)
+}
+
+/// The quantizations a repository listing holds as GGUF files (`BF16`, `IQ1_S`, `Q4_K_M`, …,
+/// from the file names; projectors skipped), sorted, each once.
+pub fn quantizations(files: &[String]) -> Vec<String> {
+    let mut available: Vec<String> = files
+        .iter()
+        .filter(|f| is_model_gguf(f))
+        .filter_map(|f| quant_token(f))
+        .collect();
+    available.sort();
+    available.dedup();
+    available
+}
+
 /// Whether `quant` appears in `path` as a whole token: preceded by the start, `-`, `.`, `_` or
 /// `/`, followed by the end, `-`, `.` or `/` (case-insensitive).
 fn has_token(path: &str, quant: &str) -> bool {
@@ -303,34 +361,43 @@ fn has_token(path: &str, quant: &str) -> bool {
     p.match_indices(&q).any(|(i, _)| {
         let before = p[..i].chars().next_back();
         let after = p[i + q.len()..].chars().next();
-        matches!(before, None | Some('-' | '.' | '_' | '/'))
+        matches!(before, None | Some('-' | '.' | '/'))
             && matches!(after, None | Some('-' | '.' | '/'))
     })
 }
 
 /// `name` without its `-NNNNN-of-MMMMM.gguf` split suffix, if it has one.
 fn split_stem(name: &str) -> Option<&str> {
-    let stem = name.strip_suffix(".gguf")?;
+    let stem = strip_gguf(name)?;
     let (rest, of) = stem.rsplit_once("-of-")?;
     let (prefix, no) = rest.rsplit_once('-')?;
     let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
     (digits(no) && digits(of)).then_some(prefix)
 }
 
+/// `name` without a `.gguf` extension in any case.
+fn strip_gguf(name: &str) -> Option<&str> {
+    let cut = name.len().checked_sub(5)?;
+    (name.is_char_boundary(cut) && name[cut..].eq_ignore_ascii_case(".gguf")).then(|| &name[..cut])
+}
+
 /// The `MMMMM` of a split shard's name.
 fn split_count(name: &str) -> Option<usize> {
     split_stem(name)?;
-    name.strip_suffix(".gguf")?
-        .rsplit_once("-of-")?
-        .1
-        .parse()
-        .ok()
+    strip_gguf(name)?.rsplit_once("-of-")?.1.parse().ok()
+}
+
+/// The `NNNNN` (1-based) of a split shard's name.
+fn split_number(name: &str) -> Option<usize> {
+    let stem = split_stem(name)?;
+    let rest = &strip_gguf(name)?[stem.len() + 1..];
+    rest.split_once("-of-")?.0.parse().ok()
 }
 
 /// The quantization a GGUF file name carries: the last `-`/`.`-separated token of its stem (or
 /// of its directory) that looks like one (F16, BF16, F32, Q…, IQ…, MXFP4, TQ…).
 fn quant_token(path: &str) -> Option<String> {
-    let stem = path.strip_suffix(".gguf")?;
+    let stem = strip_gguf(path)?;
     let stem = split_stem(path).unwrap_or(stem);
     stem.rsplit(['-', '.', '/'])
         .find(|t| {
@@ -512,9 +579,20 @@ mod tests {
         );
         let err = pick("Q8_0").unwrap_err().to_string();
         assert!(
-            err.contains("BF16, IQ1_S, Q4_K, Q4_K_M, Q4_K_XL") && !err.contains("MMPROJ"),
+            err.ends_with("the repository has BF16, IQ1_S, Q4_K, Q4_K_M, Q4_K_XL"),
             "{err}"
         );
+        // `_` does not start a token: `K_M` is not a quantization of this repository.
+        assert!(pick("K_M").is_err());
+        // A shard named explicitly brings its whole set.
+        let named = "Q4_K_M/Llama-4-Scout-17B-16E-Instruct-Q4_K_M-00002-of-00002.gguf";
+        assert_eq!(
+            super::with_split_siblings("org/scout", &listing(), named).unwrap(),
+            pick("Q4_K_M").unwrap()
+        );
+        // Shards of different counts are not one set.
+        let odd = ["a-Q8_0-00001-of-00002.gguf", "a-Q8_0-00002-of-00003.gguf"].map(String::from);
+        assert!(pick_quantization("o/r", &odd, "Q8_0").is_err());
         // One shard of five listed: an incomplete set is an error, not a partial download.
         let err = pick("BF16").unwrap_err().to_string();
         assert!(err.contains("lists 1 of its 5 files"), "{err}");

@@ -89,7 +89,7 @@ fn a_shard_of_another_position_or_set_is_an_error() {
     let err = open_err(&dir.path().join(shard(1).file_name().unwrap()));
     assert!(
         err.contains(&second.display().to_string())
-            && err.contains("expected shard 2 of 4, found split.no 2"),
+            && err.contains("expected shard 2 of 4, found shard 3 of 4"),
         "{err}"
     );
 }
@@ -106,10 +106,11 @@ fn a_shard_whose_name_hides_its_siblings_is_an_error() {
     );
 }
 
-/// A set written by hand: `shards[i]` lists shard `i`'s tensors (one F32 value each), the first
-/// shard saying `tensors_count`.
+/// A set written by hand: `shards[i]` lists shard `i`'s tensors (one F32 value each: its
+/// position in the whole set), the first shard saying `tensors_count`.
 fn write_set(dir: &Path, shards: &[&[&str]], tensors_count: i32) -> PathBuf {
     let count = shards.len() as u16;
+    let mut value = 0.0f32;
     for (i, names) in shards.iter().enumerate() {
         let mut w = GgufWriter::new();
         if i == 0 {
@@ -122,8 +123,10 @@ fn write_set(dir: &Path, shards: &[&[&str]], tensors_count: i32) -> PathBuf {
             w.add_tensor(n, &[1], DType::F32);
         }
         let path = dir.join(format!("m-{:05}-of-{count:05}.gguf", i + 1));
-        w.write(&path, |_| Ok(1.0f32.to_le_bytes().to_vec()))
+        let first = value;
+        w.write(&path, |j| Ok((first + j as f32).to_le_bytes().to_vec()))
             .unwrap();
+        value += names.len() as f32;
     }
     dir.join(format!("m-00001-of-{count:05}.gguf"))
 }
@@ -134,8 +137,18 @@ fn tensor_counts_and_duplicates_are_checked() {
     let ok = write_set(dir.path(), &[&["a", "b"], &["c"]], 3);
     let set = GgufFile::open(&ok).unwrap();
     assert_eq!(set.tensors().len(), 3);
-    let c = set.tensor_info("c").unwrap();
-    assert_eq!(set.tensor_bytes(c).as_slice(), 1.0f32.to_le_bytes());
+    for (k, name) in ["a", "b", "c"].iter().enumerate() {
+        let t = set.tensor_info(name).unwrap();
+        assert_eq!(
+            set.tensor_bytes(t).as_slice(),
+            (k as f32).to_le_bytes(),
+            "{name}"
+        );
+    }
+    // Split keys on a single file (count 1, as llama-gguf-split writes for one file) are fine.
+    let dir1 = tempfile::tempdir().unwrap();
+    let one = write_set(dir1.path(), &[&["a", "b"]], 2);
+    assert_eq!(GgufFile::open(&one).unwrap().tensors().len(), 2);
 
     let dir = tempfile::tempdir().unwrap();
     let short = write_set(dir.path(), &[&["a", "b"], &["c"]], 4);

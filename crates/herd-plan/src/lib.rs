@@ -48,19 +48,23 @@ fn resolve_hub(reference: &str, ft: Option<FileType>) -> Result<ModelFacts> {
         .ok_or_else(|| model_err("expected hf:org/repo or hf:org/repo:file.gguf".into()))?;
     let hub = herd_formats::hub::Hub::from_env();
     match file {
-        Some(f) if f.ends_with(".gguf") => {
-            let gguf = hub
-                .gguf_header(&repo, &f)
-                .map_err(|e| model_err(e.to_string()))?;
-            facts_from_gguf(reference, &gguf, ft)
-        }
-        Some(quant) => {
-            // A quantization name: its file, or every shard's header of its split set.
-            let listing = hub
-                .list_files(&repo)
-                .map_err(|e| model_err(e.to_string()))?;
-            let files = herd_formats::hub::pick_quantization(&repo, &listing, &quant)
-                .map_err(|e| model_err(e.to_string()))?;
+        Some(name) => {
+            // A file (with the rest of its split set, if it is a shard) or a quantization name:
+            // every file's header, merged for a split set.
+            let is_file = name.to_ascii_lowercase().ends_with(".gguf");
+            let files = if is_file && !herd_formats::hub::is_split_shard(&name) {
+                vec![name]
+            } else {
+                let listing = hub
+                    .list_files(&repo)
+                    .map_err(|e| model_err(e.to_string()))?;
+                if is_file {
+                    herd_formats::hub::with_split_siblings(&repo, &listing, &name)
+                } else {
+                    herd_formats::hub::pick_quantization(&repo, &listing, &name)
+                }
+                .map_err(|e| model_err(e.to_string()))?
+            };
             let headers = files
                 .iter()
                 .map(|f| hub.gguf_header(&repo, f))
