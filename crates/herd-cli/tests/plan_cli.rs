@@ -18,6 +18,21 @@ fn herd(args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// [`herd`] against a hub stand-in at `endpoint`, with its cache in `cache`.
+fn herd_with_hub(endpoint: &str, cache: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .env("HF_ENDPOINT", endpoint)
+        .env("HERD_CACHE", cache)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
 #[test]
 fn scout_on_a_24_gb_gpu_from_the_command_line() {
     let (code, out, err) = herd(&[
@@ -197,19 +212,7 @@ fn hub_references_plan_and_pull() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama4_gguf");
     let endpoint = herd_formats::hub::mock::serve(fixtures.clone(), false, 64);
     let cache = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_herd"))
-            .args(args)
-            .env("HF_ENDPOINT", &endpoint)
-            .env("HERD_CACHE", cache.path())
-            .output()
-            .unwrap();
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout).to_string(),
-            String::from_utf8_lossy(&o.stderr).to_string(),
-        )
-    };
+    let run = |args: &[&str]| herd_with_hub(&endpoint, cache.path(), args);
     let (code, out, err) = run(&[
         "plan",
         "hf:org/tiny:tiny-q8_0.gguf",
@@ -333,19 +336,7 @@ fn pulls_by_quantization_name_take_whole_split_sets() {
     std::fs::write(repo.path().join("README.md"), "# tiny\n").unwrap();
     let endpoint = herd_formats::hub::mock::serve(repo.path().to_path_buf(), false, 64);
     let cache = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_herd"))
-            .args(args)
-            .env("HF_ENDPOINT", &endpoint)
-            .env("HERD_CACHE", cache.path())
-            .output()
-            .unwrap();
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout).to_string(),
-            String::from_utf8_lossy(&o.stderr).to_string(),
-        )
-    };
+    let run = |args: &[&str]| herd_with_hub(&endpoint, cache.path(), args);
     let (code, out, err) = run(&["pull", "hf:org/tiny:q4_k_m"]);
     assert_eq!(code, Some(0), "{err}");
     let first = std::path::PathBuf::from(out.trim());
@@ -447,19 +438,7 @@ fn pulls_of_a_safetensors_repository_fetch_what_its_index_names() {
     std::fs::write(repo.path().join("unrelated.safetensors"), b"not fetched").unwrap();
     let endpoint = herd_formats::hub::mock::serve(repo.path().to_path_buf(), false, 64);
     let cache = tempfile::tempdir().unwrap();
-    let run = |args: &[&str], endpoint: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_herd"))
-            .args(args)
-            .env("HF_ENDPOINT", endpoint)
-            .env("HERD_CACHE", cache.path())
-            .output()
-            .unwrap();
-        (
-            o.status.code(),
-            String::from_utf8_lossy(&o.stdout).to_string(),
-            String::from_utf8_lossy(&o.stderr).to_string(),
-        )
-    };
+    let run = |args: &[&str], endpoint: &str| herd_with_hub(endpoint, cache.path(), args);
     let (code, out, err) = run(&["pull", "hf:org/st"], &endpoint);
     assert_eq!(code, Some(0), "{err}");
     let dir = std::path::PathBuf::from(out.trim());
