@@ -86,8 +86,15 @@ impl Hub {
             .collect())
     }
 
+    /// The download URL of `file` (a `/`-separated path in the repository), each path segment
+    /// percent-encoded so that spaces, `#`, `?` or `%` in a name reach the hub as written.
     pub fn url(&self, repo: &str, file: &str) -> String {
-        format!("{}/{repo}/resolve/main/{file}", self.endpoint)
+        format!(
+            "{}/{}/resolve/main/{}",
+            self.endpoint,
+            encode_path(repo),
+            encode_path(file)
+        )
     }
 
     fn get(&self, url: &str, range: Option<String>) -> Result<ureq::http::Response<ureq::Body>> {
@@ -196,6 +203,21 @@ impl Hub {
             .map_err(|e| Error::Hub(format!("{url}: {e}")))?;
         Ok(dest.to_path_buf())
     }
+}
+
+/// Characters a URL path segment keeps as they are: RFC 3986's unreserved set.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `path` with each `/`-separated segment percent-encoded.
+fn encode_path(path: &str) -> String {
+    path.split('/')
+        .map(|s| percent_encoding::utf8_percent_encode(s, SEGMENT).to_string())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Move a finished download `partial` to `dest` if its SHA-256 is `sha256` (when one is known);
@@ -555,6 +577,19 @@ mod tests {
         ]
         .map(String::from)
         .to_vec()
+    }
+
+    #[test]
+    fn urls_encode_each_path_segment() {
+        let hub = super::Hub::new("http://h", None);
+        assert_eq!(
+            hub.url("org/repo", "Q4 K/a#b?c%d-é.gguf"),
+            "http://h/org/repo/resolve/main/Q4%20K/a%23b%3Fc%25d-%C3%A9.gguf"
+        );
+        assert_eq!(
+            hub.url("org/repo", "Q4_K_M/m-00001-of-00002.gguf"),
+            "http://h/org/repo/resolve/main/Q4_K_M/m-00001-of-00002.gguf"
+        );
     }
 
     /// Names as repositories publish them: split sets in directories, `UD-` prefixes, `Q4_K`
