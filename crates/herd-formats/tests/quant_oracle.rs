@@ -88,3 +88,82 @@ fn quantization_equals_llama_cpp_byte_for_byte() {
         );
     }
 }
+
+/// The importance-matrix types and MXFP4: quantized by ggml (with the fixture's importance
+/// matrix where ggml requires one), dequantized by gguf-py.
+const IQ_TYPES: [DType; 10] = [
+    DType::IQ2XXS,
+    DType::IQ2XS,
+    DType::IQ2S,
+    DType::IQ3XXS,
+    DType::IQ3S,
+    DType::IQ1S,
+    DType::IQ1M,
+    DType::IQ4NL,
+    DType::IQ4XS,
+    DType::MXFP4,
+];
+
+#[test]
+fn iq_dequantization_equals_gguf_py_bit_for_bit() {
+    let f = fixture();
+    for t in IQ_TYPES {
+        let name = t.name().to_lowercase();
+        let q = f.tensor_info(&format!("{name}.q")).unwrap();
+        assert_eq!(q.dtype, t);
+        let got = decode(t, f.tensor_bytes(q).as_slice(), q.n_elements() as usize);
+        let want = f32_tensor(&f, &format!("{name}.deq"));
+        let mismatches = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            mismatches,
+            0,
+            "{t}: {mismatches} of {} values differ from gguf-py",
+            want.len()
+        );
+        assert!(want.iter().any(|v| *v != 0.0), "{t}: an all-zero oracle");
+    }
+}
+
+/// Each IQ row's integer dot product (the kernel this CPU runs, and the scalar reference)
+/// against another fixture row quantized as llama.cpp pairs them (Q8_0 or Q8_K) equals the f64
+/// dot product of the two dequantized rows, to f32 rounding: |error| ≤ 1e-5 · Σ|w·a|.
+#[test]
+fn iq_dot_products_equal_the_dequantized_rows() {
+    use herd_kernels::quant::{quantize_activation, vec_dot, vec_dot_scalar};
+    let f = fixture();
+    let src = f32_tensor(&f, "q4_0.src");
+    let n = 512;
+    let rows = src.len() / n;
+    for t in IQ_TYPES {
+        let name = t.name().to_lowercase();
+        let q = f.tensor_info(&format!("{name}.q")).unwrap();
+        let wq = f.tensor_bytes(q);
+        let wq = wq.as_slice();
+        let at = t.vec_dot_type();
+        for r in 0..rows {
+            let w_row = &wq[r * t.bytes_for(n)..(r + 1) * t.bytes_for(n)];
+            let w_deq = decode(t, w_row, n);
+            for ar in 0..rows {
+                let mut aq = vec![0u8; at.bytes_for(n)];
+                quantize_activation(at, &src[ar * n..(ar + 1) * n], &mut aq);
+                let a_deq = decode(at, &aq, n);
+                let (want, mag) = w_deq.iter().zip(&a_deq).fold((0f64, 0f64), |(s, m), (w, a)| {
+                    let p = *w as f64 * *a as f64;
+                    (s + p, m + p.abs())
+                });
+                let scalar = vec_dot_scalar(t, w_row, &aq, n);
+                let fast = vec_dot(t, w_row, &aq, n);
+                for (what, got) in [("scalar", scalar), ("dispatched", fast)] {
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-5 * mag.max(1e-30),
+                        "{t} row {r} · activations {ar} ({what}): {got} against {want} (Σ|w·a| {mag})"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -26,10 +26,23 @@ pub enum DType {
     Q6K,
     /// Activation-side: 256 int8 values with an f32 scale and 16-element sums.
     Q8K,
+    /// Importance-matrix types: lattice grids (`quant::iq` describes the layouts).
+    IQ2XXS,
+    IQ2XS,
+    IQ2S,
+    IQ3XXS,
+    IQ3S,
+    IQ1S,
+    IQ1M,
+    /// A 16-value non-linear table, 32 per block (IQ4_NL) or 256 with 6-bit block scales (IQ4_XS).
+    IQ4NL,
+    IQ4XS,
+    /// OCP microscaling FP4: E2M1 values with one E8M0 exponent per 32.
+    MXFP4,
 }
 
 impl DType {
-    pub const ALL: [DType; 15] = [
+    pub const ALL: [DType; 25] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -45,6 +58,16 @@ impl DType {
         DType::Q5K,
         DType::Q6K,
         DType::Q8K,
+        DType::IQ2XXS,
+        DType::IQ2XS,
+        DType::IQ2S,
+        DType::IQ3XXS,
+        DType::IQ3S,
+        DType::IQ1S,
+        DType::IQ1M,
+        DType::IQ4NL,
+        DType::IQ4XS,
+        DType::MXFP4,
     ];
 
     /// The type id in GGUF files (`ggml_type`).
@@ -64,7 +87,17 @@ impl DType {
             DType::Q5K => 13,
             DType::Q6K => 14,
             DType::Q8K => 15,
+            DType::IQ2XXS => 16,
+            DType::IQ2XS => 17,
+            DType::IQ3XXS => 18,
+            DType::IQ1S => 19,
+            DType::IQ4NL => 20,
+            DType::IQ3S => 21,
+            DType::IQ2S => 22,
+            DType::IQ4XS => 23,
+            DType::IQ1M => 29,
             DType::BF16 => 30,
+            DType::MXFP4 => 39,
         }
     }
 
@@ -76,8 +109,28 @@ impl DType {
     pub fn block_size(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
-            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q8_1 => 32,
-            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::Q8K => 256,
+            DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q8_0
+            | DType::Q8_1
+            | DType::IQ4NL
+            | DType::MXFP4 => 32,
+            DType::Q2K
+            | DType::Q3K
+            | DType::Q4K
+            | DType::Q5K
+            | DType::Q6K
+            | DType::Q8K
+            | DType::IQ2XXS
+            | DType::IQ2XS
+            | DType::IQ2S
+            | DType::IQ3XXS
+            | DType::IQ3S
+            | DType::IQ1S
+            | DType::IQ1M
+            | DType::IQ4XS => 256,
         }
     }
 
@@ -98,6 +151,16 @@ impl DType {
             DType::Q5K => 176,
             DType::Q6K => 210,
             DType::Q8K => 292,
+            DType::IQ2XXS => 66,
+            DType::IQ2XS => 74,
+            DType::IQ2S => 82,
+            DType::IQ3XXS => 98,
+            DType::IQ3S => 110,
+            DType::IQ1S => 50,
+            DType::IQ1M => 56,
+            DType::IQ4NL => 18,
+            DType::IQ4XS => 136,
+            DType::MXFP4 => 17,
         }
     }
 
@@ -141,6 +204,16 @@ impl DType {
             DType::Q5K => "Q5_K",
             DType::Q6K => "Q6_K",
             DType::Q8K => "Q8_K",
+            DType::IQ2XXS => "IQ2_XXS",
+            DType::IQ2XS => "IQ2_XS",
+            DType::IQ2S => "IQ2_S",
+            DType::IQ3XXS => "IQ3_XXS",
+            DType::IQ3S => "IQ3_S",
+            DType::IQ1S => "IQ1_S",
+            DType::IQ1M => "IQ1_M",
+            DType::IQ4NL => "IQ4_NL",
+            DType::IQ4XS => "IQ4_XS",
+            DType::MXFP4 => "MXFP4",
         }
     }
 
@@ -155,12 +228,23 @@ impl DType {
     pub fn vec_dot_type(self) -> DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => DType::F32,
-            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => DType::Q8_0,
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL | DType::MXFP4 => DType::Q8_0,
             DType::Q4_1 | DType::Q5_1 => DType::Q8_1,
             DType::Q8_1 => DType::Q8_1,
-            DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::Q8K => {
-                DType::Q8K
-            }
+            DType::Q2K
+            | DType::Q3K
+            | DType::Q4K
+            | DType::Q5K
+            | DType::Q6K
+            | DType::Q8K
+            | DType::IQ2XXS
+            | DType::IQ2XS
+            | DType::IQ2S
+            | DType::IQ3XXS
+            | DType::IQ3S
+            | DType::IQ1S
+            | DType::IQ1M
+            | DType::IQ4XS => DType::Q8K,
         }
     }
 }
@@ -247,6 +331,21 @@ mod tests {
             assert_eq!(DType::from_name(t.name()), Some(t));
         }
         assert_eq!(DType::Q4K.bytes_for(512), 288);
+        // shared/reference/gguf.md's table: bits per weight of the IQ types and MXFP4.
+        for (t, bpw) in [
+            (DType::IQ2XXS, 2.0625),
+            (DType::IQ2XS, 2.3125),
+            (DType::IQ2S, 2.5625),
+            (DType::IQ3XXS, 3.0625),
+            (DType::IQ3S, 3.4375),
+            (DType::IQ1S, 1.5625),
+            (DType::IQ1M, 1.75),
+            (DType::IQ4NL, 4.5),
+            (DType::IQ4XS, 4.25),
+            (DType::MXFP4, 4.25),
+        ] {
+            assert_eq!(8.0 * t.type_size() as f64 / t.block_size() as f64, bpw, "{t}");
+        }
         assert_eq!(DType::from_ggml_id(4), None, "removed Q4_2");
     }
 }

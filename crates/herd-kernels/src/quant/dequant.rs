@@ -24,6 +24,16 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         DType::Q5K => q5_k,
         DType::Q6K => q6_k,
         DType::Q8K => q8_k,
+        DType::IQ2XXS
+        | DType::IQ2XS
+        | DType::IQ2S
+        | DType::IQ3XXS
+        | DType::IQ3S
+        | DType::IQ1S
+        | DType::IQ1M
+        | DType::IQ4NL
+        | DType::IQ4XS
+        | DType::MXFP4 => super::iq::block_dequantizer(dtype),
         DType::F32 | DType::F16 | DType::BF16 => {
             return crate::dtype::decode_into(dtype, bytes, out);
         }

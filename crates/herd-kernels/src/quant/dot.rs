@@ -16,6 +16,7 @@
 //! KL divergence against an f64 reference, not by equality with another engine's bits.
 
 use super::dequant::five_bit;
+use super::iq;
 use super::{f16_at, f32_at, q3k_scales, scale_min_k4};
 use crate::DType;
 use crate::attention::hsum8;
@@ -71,6 +72,14 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
         DType::Q2K => block_sums(blocks, q2_k_q8_k),
         DType::Q3K => block_sums(blocks, q3_k_q8_k),
         DType::Q5K => block_sums(blocks, q5_k_q8_k),
+        DType::IQ4NL | DType::MXFP4 => block_fma(blocks, |w, a| iq::q8_0_pair(wtype, w, a)),
+        t if iq::is_super_block_type(t) => {
+            let acc = blocks.fold(0.0f32, |acc, (wb, ab)| {
+                let d = iq::super_scale(t, wb) * f32_at(ab, 0);
+                (iq::super_block_isum(t, wb, ab) as f32).mul_add(d, acc)
+            });
+            acc * iq::row_constant(t)
+        }
         other => panic!("no integer dot product for weights of type {other}"),
     }
 }

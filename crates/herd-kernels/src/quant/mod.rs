@@ -7,6 +7,9 @@
 
 mod dequant;
 mod dot;
+mod iq;
+#[rustfmt::skip]
+mod iq_tables;
 mod quantize;
 pub mod repack;
 

@@ -5,13 +5,27 @@
 use super::{QK_K, nearest_int, put_f16, scale_min_k4};
 use crate::DType;
 
-/// Types [`quantize`] can produce: every type herd reads (Q2_K and Q3_K included since
-/// 2026-12-01); kept so callers need not change when a read-only type is added.
-pub fn quantize_supported(_dtype: DType) -> bool {
-    true
+/// Types [`quantize`] can produce: every type herd reads except the IQ types and MXFP4, which
+/// herd reads and computes with but does not write yet.
+pub fn quantize_supported(dtype: DType) -> bool {
+    !matches!(
+        dtype,
+        DType::IQ2XXS
+            | DType::IQ2XS
+            | DType::IQ2S
+            | DType::IQ3XXS
+            | DType::IQ3S
+            | DType::IQ1S
+            | DType::IQ1M
+            | DType::IQ4NL
+            | DType::IQ4XS
+            | DType::MXFP4
+    )
 }
 
 /// Quantize `x` (a whole number of blocks) into `out` (exactly `dtype.bytes_for(x.len())` bytes).
+///
+/// Panics if `dtype` is not [`quantize_supported`].
 pub fn quantize(dtype: DType, x: &[f32], out: &mut [u8]) {
     assert_eq!(
         out.len(),
@@ -49,6 +63,7 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q8K => q8_k,
         DType::Q2K => q2_k,
         DType::Q3K => q3_k,
+        other => panic!("quantization to {other} is not supported"),
     };
     let (bs, ts) = (dtype.block_size(), dtype.type_size());
     for (xb, ob) in x.chunks_exact(bs).zip(out.chunks_exact_mut(ts)) {
