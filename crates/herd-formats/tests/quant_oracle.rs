@@ -151,10 +151,13 @@ fn iq_dot_products_equal_the_dequantized_rows() {
                 let mut aq = vec![0u8; at.bytes_for(n)];
                 quantize_activation(at, &src[ar * n..(ar + 1) * n], &mut aq);
                 let a_deq = decode(at, &aq, n);
-                let (want, mag) = w_deq.iter().zip(&a_deq).fold((0f64, 0f64), |(s, m), (w, a)| {
-                    let p = *w as f64 * *a as f64;
-                    (s + p, m + p.abs())
-                });
+                let (want, mag) = w_deq
+                    .iter()
+                    .zip(&a_deq)
+                    .fold((0f64, 0f64), |(s, m), (w, a)| {
+                        let p = *w as f64 * *a as f64;
+                        (s + p, m + p.abs())
+                    });
                 let scalar = vec_dot_scalar(t, w_row, &aq, n);
                 let fast = vec_dot(t, w_row, &aq, n);
                 for (what, got) in [("scalar", scalar), ("dispatched", fast)] {

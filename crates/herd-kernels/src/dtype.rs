@@ -344,7 +344,11 @@ mod tests {
             (DType::IQ4XS, 4.25),
             (DType::MXFP4, 4.25),
         ] {
-            assert_eq!(8.0 * t.type_size() as f64 / t.block_size() as f64, bpw, "{t}");
+            assert_eq!(
+                8.0 * t.type_size() as f64 / t.block_size() as f64,
+                bpw,
+                "{t}"
+            );
         }
         assert_eq!(DType::from_ggml_id(4), None, "removed Q4_2");
     }

@@ -24,6 +24,9 @@ pub(crate) fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> Option<f32>
             DType::Q4K => Some(q4_k_row(w, a, nb)),
             DType::Q5K => Some(q5_k_q8_k(w, a, nb)),
             DType::Q6K => Some(q6_k_row(w, a, nb)),
+            DType::IQ4NL => Some(q0_row::<IQ4_NL>(w, a, nb)),
+            DType::MXFP4 => Some(q0_row::<MXFP4>(w, a, nb)),
+            t if super::iq::is_super_block_type(t) => Some(super::avx2_iq::row(t, w, a, nb)),
             _ => None,
         }
     }
@@ -53,6 +56,8 @@ pub(crate) fn rows_x4(
             DType::Q8_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q8_0>(wr, a, nb)),
             DType::Q5_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q5_0>(wr, a, nb)),
             DType::Q4_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q4_0>(wr, a, nb)),
+            DType::IQ4NL => rows.for_each(|(wr, o)| *o = q0_rows_x4::<IQ4_NL>(wr, a, nb)),
+            DType::MXFP4 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<MXFP4>(wr, a, nb)),
             _ => return None,
         }
     }
@@ -100,18 +105,45 @@ fn hsum_ps(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
 }
 
-/// Block kinds of the 32-value formats with one f16 scale at byte 0 (const parameters).
+/// Block kinds of the 32-value formats paired with Q8_0 activations (const parameters): one
+/// scale at byte 0 (f16, or MXFP4's E8M0 exponent byte).
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q5_0: u8 = 2;
+const IQ4_NL: u8 = 3;
+const MXFP4: u8 = 4;
 
 /// Bytes per block of kind `T`.
 const fn q0_size<const T: u8>() -> usize {
     match T {
         Q8_0 => 34,
-        Q4_0 => 18,
+        Q4_0 | IQ4_NL => 18,
+        MXFP4 => 17,
         _ => 22,
     }
+}
+
+/// The weight scale of a block of kind `T`.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn q0_scale<const T: u8>(wb: &[u8]) -> f32 {
+    if T == MXFP4 {
+        super::iq::e8m0_to_f32_half(wb[0])
+    } else {
+        // SAFETY: every other kind's block starts with its f16 scale.
+        unsafe { f16_ptr(wb.as_ptr()) }
+    }
+}
+
+/// 32 values of a 16-value table indexed by the nibbles of `q` (low nibbles are elements
+/// 0..16), as signed bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn table_nibbles(table: __m128i, q: __m128i) -> __m256i {
+    let low = _mm_set1_epi8(0x0F);
+    let lo = _mm_shuffle_epi8(table, _mm_and_si128(q, low));
+    let hi = _mm_shuffle_epi8(table, _mm_and_si128(_mm_srli_epi16::<4>(q), low));
+    _mm256_set_m128i(hi, lo)
 }
 
 /// The 32 signed weights of a block of kind `T` as bytes, element order.
@@ -122,6 +154,21 @@ fn q0_weights<const T: u8>(wb: &[u8]) -> __m256i {
         // SAFETY: bytes 2..34 of the 34-byte block.
         Q8_0 => unsafe { load(wb, 2) },
         Q4_0 => unpack_q4_0(wb),
+        IQ4_NL | MXFP4 => {
+            let (table, at) = if T == IQ4_NL {
+                (&super::iq_tables::KVALUES_IQ4NL, 2)
+            } else {
+                (&super::iq_tables::KVALUES_MXFP4, 1)
+            };
+            // SAFETY: the table holds 16 bytes; the block 16 index bytes at `at`.
+            let (t, q) = unsafe {
+                (
+                    _mm_loadu_si128(table.as_ptr() as *const __m128i),
+                    _mm_loadu_si128(wb.as_ptr().add(at) as *const __m128i),
+                )
+            };
+            table_nibbles(t, q)
+        }
         _ => unpack_q5_0(wb),
     }
 }
@@ -134,8 +181,8 @@ unsafe fn q0_row<const T: u8>(w: &[u8], a: &[u8], nb: usize) -> f32 {
     let mut acc = 0.0f32;
     for i in 0..nb {
         let (wb, ab) = (&w[wt * i..wt * (i + 1)], &a[34 * i..34 * (i + 1)]);
-        // SAFETY: bytes 2..34 of the Q8_0 block; the scales are the blocks' first two bytes.
-        let (y, d) = unsafe { (load(ab, 2), f16_ptr(wb.as_ptr()) * f16_ptr(ab.as_ptr())) };
+        // SAFETY: bytes 2..34 of the Q8_0 block; its scale is its first two bytes.
+        let (y, d) = unsafe { (load(ab, 2), q0_scale::<T>(wb) * f16_ptr(ab.as_ptr())) };
         let isum = hsum_i32(dot_i8(q0_weights::<T>(wb), y));
         acc = (isum as f32).mul_add(d, acc);
     }
@@ -153,7 +200,7 @@ unsafe fn q0_rows_x4<const T: u8>(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4
         // SAFETY: the weight block's scale is its first two bytes; each activation block's
         // values are bytes 2..34 and its scale the first two.
         unsafe {
-            let dw = f16_ptr(wb.as_ptr());
+            let dw = q0_scale::<T>(wb);
             let ab = a.map(|r| r.as_ptr().add(34 * i));
             let sums =
                 hsum4_i32(ab.map(|p| dot_i8(x, _mm256_loadu_si256(p.add(2) as *const __m256i))));
@@ -214,7 +261,7 @@ fn unpack_q5_0(wb: &[u8]) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn load(p: &[u8], off: usize) -> __m256i {
+pub(super) unsafe fn load(p: &[u8], off: usize) -> __m256i {
     debug_assert!(off + 32 <= p.len());
     // SAFETY: callers keep off + 32 within the block; unaligned load.
     unsafe { _mm256_loadu_si256(p.as_ptr().add(off) as *const __m256i) }
@@ -222,7 +269,7 @@ unsafe fn load(p: &[u8], off: usize) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-fn hsum_i32(v: __m256i) -> i32 {
+pub(super) fn hsum_i32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
@@ -636,7 +683,7 @@ fn hsum128_i32(v: __m128i) -> i32 {
 /// An f16 (raw little-endian bits at p) as f32, exactly.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn f16_ptr(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_ptr(p: *const u8) -> f32 {
     // SAFETY: the caller's block holds two bytes at p.
     let bits = unsafe { std::ptr::read_unaligned(p as *const u16) };
     // black_box makes the whole register exist: seeing only lane 0 used, the compiler would
@@ -648,7 +695,7 @@ unsafe fn f16_ptr(p: *const u8) -> f32 {
 }
 
 #[inline]
-unsafe fn f32_ptr(p: *const u8) -> f32 {
+pub(super) unsafe fn f32_ptr(p: *const u8) -> f32 {
     // SAFETY: the caller's block holds four bytes at p.
     unsafe { std::ptr::read_unaligned(p as *const f32) }
 }

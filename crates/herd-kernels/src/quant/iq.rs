@@ -231,7 +231,7 @@ fn iq1_s(b: &[u8], y: &mut [f32]) {
 
 /// IQ1_M's f16 super-block scale, held in the top nibbles of its four u16 scale words.
 #[inline]
-fn iq1_m_d(b: &[u8]) -> f32 {
+pub(crate) fn iq1_m_d(b: &[u8]) -> f32 {
     let sc = |i: usize| u16_at(b, 48 + 2 * i);
     let bits = (sc(0) >> 12) | ((sc(1) >> 8) & 0x00F0) | ((sc(2) >> 4) & 0x0F00) | (sc(3) & 0xF000);
     half::f16::from_bits(bits).to_f32()
@@ -252,7 +252,7 @@ fn iq1_m_scales(b: &[u8], ib: usize) -> [i32; 2] {
 #[inline]
 fn iq1_m_group(b: &[u8], ib: usize, l: usize) -> (usize, bool) {
     let qh = b[32 + 2 * ib + l / 2] as usize;
-    let qh = if l % 2 == 0 { qh } else { qh >> 4 };
+    let qh = qh >> (4 * (l % 2));
     (b[4 * ib + l] as usize | ((qh & 7) << 8), qh & 8 != 0)
 }
 
@@ -445,8 +445,7 @@ pub(crate) fn super_block_isum(wtype: DType, w: &[u8], a: &[u8]) -> i32 {
                 let s: i32 = (0..16)
                     .map(|j| {
                         KVALUES_IQ4NL[(qs[j] & 0xF) as usize] as i32 * q8k_value(a, e + j)
-                            + KVALUES_IQ4NL[(qs[j] >> 4) as usize] as i32
-                                * q8k_value(a, e + 16 + j)
+                            + KVALUES_IQ4NL[(qs[j] >> 4) as usize] as i32 * q8k_value(a, e + 16 + j)
                     })
                     .sum();
                 iq4_xs_scale(w, ib) * s

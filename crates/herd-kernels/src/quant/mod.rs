@@ -15,6 +15,8 @@ pub mod repack;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_iq;
 
 pub use dequant::dequantize;
 pub use dot::{
