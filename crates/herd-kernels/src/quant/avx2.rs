@@ -86,12 +86,22 @@ pub(crate) fn rows_x8<const N: usize>(
     // blocks and every activation row nb whole blocks (asserted above), and every sums row
     // nb values where the kernel reads them.
     unsafe {
-        match wtype {
-            DType::Q4K => Some(q4_k_x8(g, a, nb)),
-            DType::Q8_0 => Some(q0_x8::<Q8_0, N>(g, a, sums, nb)),
-            DType::Q4_0 => Some(q0_x8::<Q4_0, N>(g, a, sums, nb)),
-            DType::Q5_0 => Some(q0_x8::<Q5_0, N>(g, a, sums, nb)),
-            _ => None,
+        if super::has_vnni() {
+            match wtype {
+                DType::Q4K => Some(q4_k_x8_vnni(g, a, nb)),
+                DType::Q8_0 => Some(q0_x8_vnni::<Q8_0, N>(g, a, sums, nb)),
+                DType::Q4_0 => Some(q0_x8_vnni::<Q4_0, N>(g, a, sums, nb)),
+                DType::Q5_0 => Some(q0_x8_vnni::<Q5_0, N>(g, a, sums, nb)),
+                _ => None,
+            }
+        } else {
+            match wtype {
+                DType::Q4K => Some(q4_k_x8(g, a, nb)),
+                DType::Q8_0 => Some(q0_x8::<Q8_0, N>(g, a, sums, nb)),
+                DType::Q4_0 => Some(q0_x8::<Q4_0, N>(g, a, sums, nb)),
+                DType::Q5_0 => Some(q0_x8::<Q5_0, N>(g, a, sums, nb)),
+                _ => None,
+            }
         }
     }
 }
@@ -435,91 +445,143 @@ unsafe fn q4_k_block_x4(w: *const u8, a: [*const u8; 4]) -> (__m128i, __m128i) {
 /// holds row `m`'s exact block sums, and the f32 steps are the reference's.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_x8<const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize) -> [[f32; 8]; N] {
-    let m4 = _mm256_set1_epi8(0x0F);
-    let (mut acc, mut acc_min) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
-    let (mut sc, mut mn) = ([0u8; 64], [0u8; 64]);
-    for b in 0..nb {
-        // SAFETY: block b of the group is X8_BLOCK bytes at X8_BLOCK·b and block b of each
-        // activation row 292 bytes at 292·b (checked by rows_x8); every load below is inside
-        // them, and the stores go to the 64-byte arrays above.
-        unsafe {
-            let gb = g.as_ptr().add(X8_BLOCK * b);
-            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
-            // Scales and mins, byte 8j + m: low four bits at 32.., top two bits at 96...
-            let lo0 = _mm256_loadu_si256(gb.add(32) as *const __m256i);
-            let lo1 = _mm256_loadu_si256(gb.add(64) as *const __m256i);
-            let hi = _mm256_loadu_si256(gb.add(96) as *const __m256i);
-            let m30 = _mm256_set1_epi8(0x30);
-            let top = |v: __m256i| _mm256_and_si256(v, m30);
-            let sc0 = _mm256_or_si256(_mm256_and_si256(lo0, m4), top(_mm256_slli_epi16::<4>(hi)));
-            let sc1 = _mm256_or_si256(_mm256_and_si256(lo1, m4), top(_mm256_slli_epi16::<2>(hi)));
-            let mn0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(lo0), m4), top(hi));
-            let mn1 = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(lo1), m4),
-                top(_mm256_srli_epi16::<2>(hi)),
-            );
-            _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, sc0);
-            _mm256_storeu_si256(sc.as_mut_ptr().add(32) as *mut __m256i, sc1);
-            _mm256_storeu_si256(mn.as_mut_ptr() as *mut __m256i, mn0);
-            _mm256_storeu_si256(mn.as_mut_ptr().add(32) as *mut __m256i, mn1);
+    // SAFETY: forwarded (the features are enabled here).
+    unsafe { q4_k_x8_body::<N, false>(g, a, nb) }
+}
 
-            let mut sumi = [_mm256_setzero_si256(); N];
-            for c in 0..4 {
-                let q = gb.add(128 + 256 * c);
-                let lo = q4_k_x8_sub_block::<N, false>(q, ab.map(|ar| ar.add(4 + 64 * c)));
-                let hi = q4_k_x8_sub_block::<N, true>(q, ab.map(|ar| ar.add(36 + 64 * c)));
-                // Row m's scale of sub-blocks 2c and 2c + 1 in both i16 halves of lane m.
-                let scale = |j: usize| {
-                    let s8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                        sc.as_ptr().add(8 * j) as *const __m128i
-                    ));
-                    _mm256_or_si256(s8, _mm256_slli_epi32::<16>(s8))
-                };
-                let (s_lo, s_hi) = (scale(2 * c), scale(2 * c + 1));
-                for r in 0..N {
-                    let t = _mm256_add_epi32(
-                        _mm256_madd_epi16(lo[r], s_lo),
-                        _mm256_madd_epi16(hi[r], s_hi),
-                    );
-                    sumi[r] = _mm256_add_epi32(sumi[r], t);
-                }
-            }
+/// [`q4_k_x8`] with AVX-512 VNNI on 256-bit registers: `vpdpbusd` sums each four quants times
+/// four activations straight into the row's i32 lane (no i16 step), and the sub-block's sum is
+/// multiplied by its scale in i32. The same exact integers, so the same result.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q4_k_x8_vnni<const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize) -> [[f32; 8]; N] {
+    // SAFETY: forwarded (the features are enabled here).
+    unsafe { q4_k_x8_body::<N, true>(g, a, nb) }
+}
 
-            // Mins: lane m of madd(pairs of row m's mins of sub-blocks 2i, 2i+1, pairs of the
-            // activations' 32-value sums).
-            let mins: [__m256i; 4] = std::array::from_fn(|i| {
-                let m_even = _mm_loadl_epi64(mn.as_ptr().add(16 * i) as *const __m128i);
-                let m_odd = _mm_loadl_epi64(mn.as_ptr().add(16 * i + 8) as *const __m128i);
-                _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m_even, m_odd))
-            });
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(gb as *const __m128i));
-            let dmw = _mm256_cvtph_ps(_mm_loadu_si128(gb.add(16) as *const __m128i));
-            for r in 0..N {
-                let bsums = _mm256_loadu_si256(ab[r].add(260) as *const __m256i);
-                // i16 lane j: the sum of sub-block j's 32 activations.
-                let sums = _mm_hadd_epi16(
-                    _mm256_castsi256_si128(bsums),
-                    _mm256_extracti128_si256::<1>(bsums),
+/// The body of [`q4_k_x8`] and [`q4_k_x8_vnni`].
+///
+/// # Safety
+/// AVX2, FMA and F16C (and AVX-512 VNNI + VL if `VNNI`); the slices as `rows_x8` checks them.
+#[inline(always)]
+unsafe fn q4_k_x8_body<const N: usize, const VNNI: bool>(
+    g: &[u8],
+    a: [&[u8]; N],
+    nb: usize,
+) -> [[f32; 8]; N] {
+    // SAFETY: the caller guarantees the target features and the slice sizes (see above).
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let (mut acc, mut acc_min) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+        let (mut sc, mut mn) = ([0u8; 64], [0u8; 64]);
+        for b in 0..nb {
+            // In bounds: block b of the group is X8_BLOCK bytes at X8_BLOCK·b and block b of each
+            // activation row 292 bytes at 292·b (checked by rows_x8); every load below is inside
+            // them, and the stores go to the 64-byte arrays above.
+            {
+                let gb = g.as_ptr().add(X8_BLOCK * b);
+                let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
+                // Scales and mins, byte 8j + m: low four bits at 32.., top two bits at 96...
+                let lo0 = _mm256_loadu_si256(gb.add(32) as *const __m256i);
+                let lo1 = _mm256_loadu_si256(gb.add(64) as *const __m256i);
+                let hi = _mm256_loadu_si256(gb.add(96) as *const __m256i);
+                let m30 = _mm256_set1_epi8(0x30);
+                let top = |v: __m256i| _mm256_and_si256(v, m30);
+                let sc0 =
+                    _mm256_or_si256(_mm256_and_si256(lo0, m4), top(_mm256_slli_epi16::<4>(hi)));
+                let sc1 =
+                    _mm256_or_si256(_mm256_and_si256(lo1, m4), top(_mm256_slli_epi16::<2>(hi)));
+                let mn0 =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(lo0), m4), top(hi));
+                let mn1 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(lo1), m4),
+                    top(_mm256_srli_epi16::<2>(hi)),
                 );
-                let pair = |i: usize| _mm256_set1_epi32(extract_i32(sums, i));
-                let mut summ = _mm256_madd_epi16(mins[0], pair(0));
-                for (i, mi) in mins.iter().enumerate().skip(1) {
-                    summ = _mm256_add_epi32(summ, _mm256_madd_epi16(*mi, pair(i)));
+                _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, sc0);
+                _mm256_storeu_si256(sc.as_mut_ptr().add(32) as *mut __m256i, sc1);
+                _mm256_storeu_si256(mn.as_mut_ptr() as *mut __m256i, mn0);
+                _mm256_storeu_si256(mn.as_mut_ptr().add(32) as *mut __m256i, mn1);
+
+                let mut sumi = [_mm256_setzero_si256(); N];
+                for c in 0..4 {
+                    let q = gb.add(128 + 256 * c);
+                    if VNNI {
+                        let lo =
+                            q4_k_x8_sub_block_vnni::<N, false>(q, ab.map(|ar| ar.add(4 + 64 * c)));
+                        let hi =
+                            q4_k_x8_sub_block_vnni::<N, true>(q, ab.map(|ar| ar.add(36 + 64 * c)));
+                        let scale = |j: usize| {
+                            _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                sc.as_ptr().add(8 * j) as *const __m128i
+                            ))
+                        };
+                        let (s_lo, s_hi) = (scale(2 * c), scale(2 * c + 1));
+                        for r in 0..N {
+                            let t = _mm256_add_epi32(
+                                _mm256_mullo_epi32(lo[r], s_lo),
+                                _mm256_mullo_epi32(hi[r], s_hi),
+                            );
+                            sumi[r] = _mm256_add_epi32(sumi[r], t);
+                        }
+                        continue;
+                    }
+                    let lo = q4_k_x8_sub_block::<N, false>(q, ab.map(|ar| ar.add(4 + 64 * c)));
+                    let hi = q4_k_x8_sub_block::<N, true>(q, ab.map(|ar| ar.add(36 + 64 * c)));
+                    // Row m's scale of sub-blocks 2c and 2c + 1 in both i16 halves of lane m.
+                    let scale = |j: usize| {
+                        let s8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                            sc.as_ptr().add(8 * j) as *const __m128i
+                        ));
+                        _mm256_or_si256(s8, _mm256_slli_epi32::<16>(s8))
+                    };
+                    let (s_lo, s_hi) = (scale(2 * c), scale(2 * c + 1));
+                    for r in 0..N {
+                        let t = _mm256_add_epi32(
+                            _mm256_madd_epi16(lo[r], s_lo),
+                            _mm256_madd_epi16(hi[r], s_hi),
+                        );
+                        sumi[r] = _mm256_add_epi32(sumi[r], t);
+                    }
                 }
-                let ad = _mm256_set1_ps(f32_ptr(ab[r]));
-                acc[r] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_mul_ps(dw, ad), acc[r]);
-                acc_min[r] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(summ), _mm256_mul_ps(dmw, ad), acc_min[r]);
+
+                // Mins: lane m of madd(pairs of row m's mins of sub-blocks 2i, 2i+1, pairs of the
+                // activations' 32-value sums).
+                let mins: [__m256i; 4] = std::array::from_fn(|i| {
+                    let m_even = _mm_loadl_epi64(mn.as_ptr().add(16 * i) as *const __m128i);
+                    let m_odd = _mm_loadl_epi64(mn.as_ptr().add(16 * i + 8) as *const __m128i);
+                    _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m_even, m_odd))
+                });
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(gb as *const __m128i));
+                let dmw = _mm256_cvtph_ps(_mm_loadu_si128(gb.add(16) as *const __m128i));
+                for r in 0..N {
+                    let bsums = _mm256_loadu_si256(ab[r].add(260) as *const __m256i);
+                    // i16 lane j: the sum of sub-block j's 32 activations.
+                    let sums = _mm_hadd_epi16(
+                        _mm256_castsi256_si128(bsums),
+                        _mm256_extracti128_si256::<1>(bsums),
+                    );
+                    let pair = |i: usize| _mm256_set1_epi32(extract_i32(sums, i));
+                    let mut summ = _mm256_madd_epi16(mins[0], pair(0));
+                    for (i, mi) in mins.iter().enumerate().skip(1) {
+                        summ = _mm256_add_epi32(summ, _mm256_madd_epi16(*mi, pair(i)));
+                    }
+                    let ad = _mm256_set1_ps(f32_ptr(ab[r]));
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[r]), _mm256_mul_ps(dw, ad), acc[r]);
+                    acc_min[r] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(summ),
+                        _mm256_mul_ps(dmw, ad),
+                        acc_min[r],
+                    );
+                }
             }
         }
+        std::array::from_fn(|r| {
+            let mut out = [0.0f32; 8];
+            // out holds eight f32; unaligned store.
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[r], acc_min[r]));
+            out
+        })
     }
-    std::array::from_fn(|r| {
-        let mut out = [0.0f32; 8];
-        // SAFETY: out holds eight f32; unaligned store.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc[r], acc_min[r])) };
-        out
-    })
 }
 
 /// One sub-block of eight interleaved Q4_K rows (the low nibbles of the part at `q`, or the
@@ -553,6 +615,35 @@ unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool>(
     }
 }
 
+/// [`q4_k_x8_sub_block`] by `vpdpbusd`: lane `m` of result `r` (i32) is row `m`'s sum.
+///
+/// # Safety
+/// AVX2 and AVX-512 VNNI + VL; `q` points at 256 readable bytes and each `a[r]` at 32.
+#[inline(always)]
+unsafe fn q4_k_x8_sub_block_vnni<const N: usize, const HI: bool>(
+    q: *const u8,
+    a: [*const u8; N],
+) -> [__m256i; N] {
+    // SAFETY: forwarded to the caller (the features and the byte ranges above).
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut p = [_mm256_setzero_si256(); N];
+        for k in 0..8 {
+            let v = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+            let w = if HI {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)
+            } else {
+                _mm256_and_si256(v, m4)
+            };
+            for (pr, ar) in p.iter_mut().zip(a) {
+                let y = _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(4 * k) as *const i32));
+                *pr = _mm256_dpbusd_epi32(*pr, w, y);
+            }
+        }
+        p
+    }
+}
+
 /// Eight interleaved Q8_0/Q4_0/Q5_0 rows (one group, `nb` blocks) against `N` Q8_0 activation
 /// rows: lane `m` is weight row `m`. Per block, step `s` takes four quants of each row against
 /// four broadcast activations by `maddubs`. Q8_0's signed quants go through the sign trick,
@@ -567,81 +658,128 @@ unsafe fn q0_x8<const T: u8, const N: usize>(
     sums: [&[i32]; N],
     nb: usize,
 ) -> [[f32; 8]; N] {
-    let gbb = GROUP * q0_size::<T>();
-    let ones = _mm256_set1_epi16(1);
-    let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for b in 0..nb {
-        // SAFETY: group block b is gbb bytes at gbb·b and activation block b 34 bytes at 34·b
-        // (checked by rows_x8); every load below is inside them.
-        unsafe {
-            let gb = g.as_ptr().add(gbb * b);
-            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(34 * b));
-            let y = |ar: *const u8, s: usize| {
-                _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(2 + 4 * s) as *const i32))
-            };
-            let mut isum = [_mm256_setzero_si256(); N];
-            if T == Q8_0 {
-                for s in 0..8 {
-                    let w = _mm256_loadu_si256(gb.add(16 + 32 * s) as *const __m256i);
-                    let aw = _mm256_sign_epi8(w, w);
-                    for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
-                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y(ar, s), w));
-                        *acc_i = _mm256_add_epi32(*acc_i, _mm256_madd_epi16(p, ones));
-                    }
-                }
-            } else {
-                let body = if T == Q5_0 { 48 } else { 16 };
-                let plane = _mm256_loadu_si256(gb.add(16) as *const __m256i);
-                for high in [false, true] {
-                    let mut p = [_mm256_setzero_si256(); N];
-                    for k in 0..4 {
-                        let s = k + if high { 4 } else { 0 };
-                        let v = _mm256_loadu_si256(gb.add(body + 32 * k) as *const __m256i);
-                        let nib = if high {
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)
-                        } else {
-                            _mm256_and_si256(v, m4)
-                        };
-                        let w = if T == Q5_0 {
-                            // Bit s of each plane byte, moved to bit 4 (16-bit shifts: the
-                            // mask keeps only bits that stayed inside their byte).
-                            let moved = if s <= 4 {
-                                _mm256_sll_epi16(plane, _mm_cvtsi32_si128(4 - s as i32))
+    // SAFETY: forwarded (the features are enabled here).
+    unsafe { q0_x8_body::<T, N, false>(g, a, sums, nb) }
+}
+
+/// [`q0_x8`] with AVX-512 VNNI on 256-bit registers: `vpdpbusd` adds each step's four
+/// products per row straight into the row's i32 lane. The same exact integers.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q0_x8_vnni<const T: u8, const N: usize>(
+    g: &[u8],
+    a: [&[u8]; N],
+    sums: [&[i32]; N],
+    nb: usize,
+) -> [[f32; 8]; N] {
+    // SAFETY: forwarded (the features are enabled here).
+    unsafe { q0_x8_body::<T, N, true>(g, a, sums, nb) }
+}
+
+/// The body of [`q0_x8`] and [`q0_x8_vnni`].
+///
+/// # Safety
+/// AVX2, FMA and F16C (and AVX-512 VNNI + VL if `VNNI`); the slices as `rows_x8` checks them.
+#[inline(always)]
+unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
+    g: &[u8],
+    a: [&[u8]; N],
+    sums: [&[i32]; N],
+    nb: usize,
+) -> [[f32; 8]; N] {
+    // SAFETY: the caller guarantees the target features and the slice sizes (see above).
+    unsafe {
+        let gbb = GROUP * q0_size::<T>();
+        let ones = _mm256_set1_epi16(1);
+        let m4 = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for b in 0..nb {
+            // In bounds: group block b is gbb bytes at gbb·b and activation block b 34 bytes at 34·b
+            // (checked by rows_x8); every load below is inside them.
+            {
+                let gb = g.as_ptr().add(gbb * b);
+                let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(34 * b));
+                let y = |ar: *const u8, s: usize| {
+                    _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(2 + 4 * s) as *const i32))
+                };
+                let mut isum = [_mm256_setzero_si256(); N];
+                if T == Q8_0 {
+                    for s in 0..8 {
+                        let w = _mm256_loadu_si256(gb.add(16 + 32 * s) as *const __m256i);
+                        let aw = _mm256_sign_epi8(w, w);
+                        for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
+                            let sy = _mm256_sign_epi8(y(ar, s), w);
+                            *acc_i = if VNNI {
+                                _mm256_dpbusd_epi32(*acc_i, aw, sy)
                             } else {
-                                _mm256_srl_epi16(plane, _mm_cvtsi32_si128(s as i32 - 4))
+                                let p = _mm256_maddubs_epi16(aw, sy);
+                                _mm256_add_epi32(*acc_i, _mm256_madd_epi16(p, ones))
                             };
-                            _mm256_or_si256(nib, _mm256_and_si256(moved, _mm256_set1_epi8(0x10)))
-                        } else {
-                            nib
-                        };
-                        for (pr, &ar) in p.iter_mut().zip(&ab) {
-                            *pr = _mm256_add_epi16(*pr, _mm256_maddubs_epi16(w, y(ar, s)));
                         }
                     }
-                    for (acc_i, pr) in isum.iter_mut().zip(p) {
-                        *acc_i = _mm256_add_epi32(*acc_i, _mm256_madd_epi16(pr, ones));
+                } else {
+                    let body = if T == Q5_0 { 48 } else { 16 };
+                    let plane = _mm256_loadu_si256(gb.add(16) as *const __m256i);
+                    for high in [false, true] {
+                        let mut p = [_mm256_setzero_si256(); N];
+                        for k in 0..4 {
+                            let s = k + if high { 4 } else { 0 };
+                            let v = _mm256_loadu_si256(gb.add(body + 32 * k) as *const __m256i);
+                            let nib = if high {
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)
+                            } else {
+                                _mm256_and_si256(v, m4)
+                            };
+                            let w = if T == Q5_0 {
+                                // Bit s of each plane byte, moved to bit 4 (16-bit shifts: the
+                                // mask keeps only bits that stayed inside their byte).
+                                let moved = if s <= 4 {
+                                    _mm256_sll_epi16(plane, _mm_cvtsi32_si128(4 - s as i32))
+                                } else {
+                                    _mm256_srl_epi16(plane, _mm_cvtsi32_si128(s as i32 - 4))
+                                };
+                                _mm256_or_si256(
+                                    nib,
+                                    _mm256_and_si256(moved, _mm256_set1_epi8(0x10)),
+                                )
+                            } else {
+                                nib
+                            };
+                            if VNNI {
+                                for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
+                                    *acc_i = _mm256_dpbusd_epi32(*acc_i, w, y(ar, s));
+                                }
+                            } else {
+                                for (pr, &ar) in p.iter_mut().zip(&ab) {
+                                    *pr = _mm256_add_epi16(*pr, _mm256_maddubs_epi16(w, y(ar, s)));
+                                }
+                            }
+                        }
+                        if !VNNI {
+                            for (acc_i, pr) in isum.iter_mut().zip(p) {
+                                *acc_i = _mm256_add_epi32(*acc_i, _mm256_madd_epi16(pr, ones));
+                            }
+                        }
+                    }
+                    let offset = if T == Q5_0 { 16 } else { 8 };
+                    for (acc_i, sr) in isum.iter_mut().zip(&sums) {
+                        *acc_i = _mm256_sub_epi32(*acc_i, _mm256_set1_epi32(offset * sr[b]));
                     }
                 }
-                let offset = if T == Q5_0 { 16 } else { 8 };
-                for (acc_i, sr) in isum.iter_mut().zip(&sums) {
-                    *acc_i = _mm256_sub_epi32(*acc_i, _mm256_set1_epi32(offset * sr[b]));
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(gb as *const __m128i));
+                for r in 0..N {
+                    let da = _mm256_set1_ps(f16_ptr(ab[r]));
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, da), acc[r]);
                 }
             }
-            let dw = _mm256_cvtph_ps(_mm_loadu_si128(gb as *const __m128i));
-            for r in 0..N {
-                let da = _mm256_set1_ps(f16_ptr(ab[r]));
-                acc[r] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, da), acc[r]);
-            }
         }
+        acc.map(|v| {
+            let mut out = [0.0f32; 8];
+            // out holds eight f32; unaligned store.
+            _mm256_storeu_ps(out.as_mut_ptr(), v);
+            out
+        })
     }
-    acc.map(|v| {
-        let mut out = [0.0f32; 8];
-        // SAFETY: out holds eight f32; unaligned store.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
-        out
-    })
 }
 
 /// i32 lane `i` (0..4) of `v`.
@@ -1168,6 +1306,74 @@ mod tests {
                         let wr = &w[j * row..(j + 1) * row];
                         let slow = vec_dot_scalar(wt, wr, a[r], n);
                         assert_eq!(o[r].to_bits(), slow.to_bits(), "{wt} n={n} ({j}, {r})");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 and the AVX-512 VNNI group kernels both equal the scalar reference (the
+    /// dispatch picks one; this runs each that the CPU supports).
+    #[test]
+    fn every_group_kernel_variant_equals_scalar() {
+        use crate::quant::{repack::repack, vec_dot_x8_scalar};
+        if !super::super::has_avx2() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let vnni = is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+        if !vnni {
+            eprintln!("no AVX-512 VNNI on this CPU: the AVX2 kernels only");
+        }
+        for t in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
+            for nb in [1, 3] {
+                let k = t.block_size() * nb;
+                let mut wq = vec![0u8; t.bytes_for(8 * k)];
+                quantize(t, &rand_vec(8 * k, 60 + nb as u64, 3.0), &mut wq);
+                let g = repack(t, &wq, 8, k);
+                let at = t.vec_dot_type();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|r| {
+                        let mut a = vec![0u8; at.bytes_for(k)];
+                        quantize(at, &rand_vec(k, 70 + r, 1.0 + r as f32), &mut a);
+                        a
+                    })
+                    .collect();
+                let sums: Vec<Vec<i32>> = acts
+                    .iter()
+                    .map(|a| {
+                        let mut s = Vec::new();
+                        crate::quant::q8_0_block_sums(a, k, &mut s);
+                        s
+                    })
+                    .collect();
+                let a: [&[u8]; 4] = std::array::from_fn(|r| &acts[r][..]);
+                let sm: [&[i32]; 4] = std::array::from_fn(|r| &sums[r][..]);
+                let want = vec_dot_x8_scalar(t, &g, a, k);
+                // SAFETY: AVX2/FMA/F16C checked above, VNNI + VL where used; the group and
+                // activation rows hold nb whole blocks.
+                let variants = unsafe {
+                    let mut v = vec![match t {
+                        DType::Q4K => q4_k_x8(&g, a, nb),
+                        DType::Q8_0 => q0_x8::<Q8_0, 4>(&g, a, sm, nb),
+                        DType::Q4_0 => q0_x8::<Q4_0, 4>(&g, a, sm, nb),
+                        _ => q0_x8::<Q5_0, 4>(&g, a, sm, nb),
+                    }];
+                    if vnni {
+                        v.push(match t {
+                            DType::Q4K => q4_k_x8_vnni(&g, a, nb),
+                            DType::Q8_0 => q0_x8_vnni::<Q8_0, 4>(&g, a, sm, nb),
+                            DType::Q4_0 => q0_x8_vnni::<Q4_0, 4>(&g, a, sm, nb),
+                            _ => q0_x8_vnni::<Q5_0, 4>(&g, a, sm, nb),
+                        });
+                    }
+                    v
+                };
+                for (i, got) in variants.iter().enumerate() {
+                    for (gr, wr) in got.iter().zip(&want) {
+                        for (x, y) in gr.iter().zip(wr) {
+                            assert_eq!(x.to_bits(), y.to_bits(), "{t} variant {i}, nb {nb}");
+                        }
                     }
                 }
             }

@@ -78,6 +78,20 @@ pub(crate) fn q3k_scales(s: &[u8]) -> [i8; 16] {
     out
 }
 
+/// Does this CPU also have AVX-512 VNNI with 256-bit (VL) forms, for the group kernels'
+/// `vpdpbusd` variants? Checked once; `HERD_NO_AVX512` turns it off (to compare the two).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_vnni() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        has_avx2()
+            && std::env::var_os("HERD_NO_AVX512").is_none()
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+    })
+}
+
 /// Is the AVX2 + FMA path usable on this CPU? Checked once.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2() -> bool {
