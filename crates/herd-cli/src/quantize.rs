@@ -104,6 +104,29 @@ pub fn run(
             "warning: {requantized} input tensors are already quantized; requantizing loses precision"
         );
     }
+    let types = herd_formats::quantize::choose_types(
+        ft,
+        &plan.shape,
+        tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.dims.as_slice(), t.dtype)),
+    );
+    let mut unwritable: Vec<&str> = types
+        .iter()
+        .filter(|t| !herd_kernels::quant::quantize_supported(**t))
+        .map(|t| t.name())
+        .collect();
+    unwritable.sort_unstable();
+    unwritable.dedup();
+    if !unwritable.is_empty() {
+        bail!(
+            "{} would need {} tensors, which herd reads and runs but does not write yet; \
+             llama.cpp's llama-quantize writes them (with an importance matrix from \
+             llama-imatrix, which the 1- and 2-bit types require)",
+            ft.name(),
+            unwritable.join(", ")
+        );
+    }
     write_split_with_progress(&plan, ft, output, split)
 }
 
@@ -192,6 +215,12 @@ fn from_gguf(f: &GgufFile) -> Result<GgufPlan> {
             .filter(|t| t.name.contains("attn_v.weight"))
             .count(),
         tied_embeddings: f.tensor_info("output.weight").is_none(),
+        // llama.cpp's n_gqa(): heads per kv head (1 when a key is missing or per layer).
+        n_gqa: match (key("attention.head_count"), key("attention.head_count_kv")) {
+            (Some(h), Some(kv)) if kv > 0 => h / kv,
+            _ => 1,
+        },
+        imatrix: false,
     };
     Ok(GgufPlan {
         metadata: meta,

@@ -25,10 +25,29 @@ pub enum FileType {
     Q5KS,
     Q5KM,
     Q6K,
+    Q2K,
+    Q2KS,
+    Q3KS,
+    Q3KM,
+    Q3KL,
+    IQ1S,
+    IQ1M,
+    IQ2XXS,
+    IQ2XS,
+    IQ2S,
+    IQ2M,
+    IQ3XXS,
+    IQ3XS,
+    IQ3S,
+    IQ3M,
+    IQ4NL,
+    IQ4XS,
+    /// MoE expert tensors MXFP4, everything else Q8_0 (as gpt-oss files are published).
+    MXFP4MOE,
 }
 
 impl FileType {
-    pub const ALL: [FileType; 13] = [
+    pub const ALL: [FileType; 31] = [
         FileType::F32,
         FileType::F16,
         FileType::BF16,
@@ -42,6 +61,24 @@ impl FileType {
         FileType::Q5KS,
         FileType::Q5KM,
         FileType::Q6K,
+        FileType::Q2K,
+        FileType::Q2KS,
+        FileType::Q3KS,
+        FileType::Q3KM,
+        FileType::Q3KL,
+        FileType::IQ1S,
+        FileType::IQ1M,
+        FileType::IQ2XXS,
+        FileType::IQ2XS,
+        FileType::IQ2S,
+        FileType::IQ2M,
+        FileType::IQ3XXS,
+        FileType::IQ3XS,
+        FileType::IQ3S,
+        FileType::IQ3M,
+        FileType::IQ4NL,
+        FileType::IQ4XS,
+        FileType::MXFP4MOE,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +96,24 @@ impl FileType {
             FileType::Q5KS => "q5_k_s",
             FileType::Q5KM => "q5_k_m",
             FileType::Q6K => "q6_k",
+            FileType::Q2K => "q2_k",
+            FileType::Q2KS => "q2_k_s",
+            FileType::Q3KS => "q3_k_s",
+            FileType::Q3KM => "q3_k_m",
+            FileType::Q3KL => "q3_k_l",
+            FileType::IQ1S => "iq1_s",
+            FileType::IQ1M => "iq1_m",
+            FileType::IQ2XXS => "iq2_xxs",
+            FileType::IQ2XS => "iq2_xs",
+            FileType::IQ2S => "iq2_s",
+            FileType::IQ2M => "iq2_m",
+            FileType::IQ3XXS => "iq3_xxs",
+            FileType::IQ3XS => "iq3_xs",
+            FileType::IQ3S => "iq3_s",
+            FileType::IQ3M => "iq3_m",
+            FileType::IQ4NL => "iq4_nl",
+            FileType::IQ4XS => "iq4_xs",
+            FileType::MXFP4MOE => "mxfp4_moe",
         }
     }
 
@@ -83,7 +138,25 @@ impl FileType {
             FileType::Q5KS => 16,
             FileType::Q5KM => 17,
             FileType::Q6K => 18,
+            FileType::Q2K => 10,
+            FileType::Q3KS => 11,
+            FileType::Q3KM => 12,
+            FileType::Q3KL => 13,
+            FileType::IQ2XXS => 19,
+            FileType::IQ2XS => 20,
+            FileType::Q2KS => 21,
+            FileType::IQ3XS => 22,
+            FileType::IQ3XXS => 23,
+            FileType::IQ1S => 24,
+            FileType::IQ4NL => 25,
+            FileType::IQ3S => 26,
+            FileType::IQ3M => 27,
+            FileType::IQ2S => 28,
+            FileType::IQ2M => 29,
+            FileType::IQ4XS => 30,
+            FileType::IQ1M => 31,
             FileType::BF16 => 32,
+            FileType::MXFP4MOE => 38,
         }
     }
 
@@ -101,7 +174,33 @@ impl FileType {
             FileType::Q4KS | FileType::Q4KM => DType::Q4K,
             FileType::Q5KS | FileType::Q5KM => DType::Q5K,
             FileType::Q6K => DType::Q6K,
+            FileType::Q2K | FileType::Q2KS => DType::Q2K,
+            FileType::Q3KS | FileType::Q3KM | FileType::Q3KL => DType::Q3K,
+            FileType::IQ1S => DType::IQ1S,
+            FileType::IQ1M => DType::IQ1M,
+            FileType::IQ2XXS => DType::IQ2XXS,
+            FileType::IQ2XS | FileType::IQ2S => DType::IQ2XS,
+            FileType::IQ2M => DType::IQ2S,
+            FileType::IQ3XXS => DType::IQ3XXS,
+            FileType::IQ3XS | FileType::IQ3S | FileType::IQ3M => DType::IQ3S,
+            FileType::IQ4NL => DType::IQ4NL,
+            FileType::IQ4XS => DType::IQ4XS,
+            FileType::MXFP4MOE => DType::MXFP4,
         }
+    }
+
+    /// The file types whose lowest-bit tensors llama.cpp guards the same way (its IQ1/IQ2
+    /// branch: attn_v, the first ffn_down tensors and attn_output get more bits).
+    fn is_iq2_or_less(self) -> bool {
+        matches!(
+            self,
+            FileType::IQ2XXS
+                | FileType::IQ2XS
+                | FileType::IQ1S
+                | FileType::IQ2S
+                | FileType::IQ2M
+                | FileType::IQ1M
+        )
     }
 }
 
@@ -114,6 +213,71 @@ pub struct ModelShape {
     pub n_attn_v: usize,
     /// True when there is no `output.weight` (the embedding doubles as the output head).
     pub tied_embeddings: bool,
+    /// Query heads per kv head (llama.cpp's `n_gqa()`).
+    pub n_gqa: usize,
+    /// Whether an importance matrix guides the quantization (llama-quantize's `has_imatrix`;
+    /// it changes IQ3_XXS's and IQ4's choices). herd's own quantization never has one.
+    pub imatrix: bool,
+}
+
+/// How many tensors of each counted kind llama-quantize has visited before the current one
+/// (its `i_attention_wv`, `i_ffn_down`, `i_ffn_gate`, `i_ffn_up`), in its visiting order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Visit {
+    pub attn_v: usize,
+    pub ffn_down: usize,
+    pub ffn_gate: usize,
+    pub ffn_up: usize,
+}
+
+impl Visit {
+    /// The counts before layer `layer`'s tensors in a model whose every layer has one tensor
+    /// of each kind (true of the architectures herd quantizes at load, except MoE layers'
+    /// several ffn_down tensors, where only the IQ1/IQ2 rules, which herd does not write,
+    /// read the count).
+    pub fn at_layer(layer: usize) -> Self {
+        Visit {
+            attn_v: layer,
+            ffn_down: layer,
+            ffn_gate: layer,
+            ffn_up: layer,
+        }
+    }
+}
+
+/// llama.cpp's `tensor_category`, for the names of the architectures herd reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Category {
+    Output,
+    TokenEmbd,
+    AttnV,
+    AttnK,
+    AttnQ,
+    AttnOutput,
+    FfnUp,
+    FfnGate,
+    FfnDown,
+    Other,
+}
+
+fn category(name: &str, shape: &ModelShape) -> Category {
+    if name == "output.weight" || (shape.tied_embeddings && name == "token_embd.weight") {
+        return Category::Output;
+    }
+    // In llama.cpp's order: the first name fragment that matches decides.
+    [
+        ("token_embd.weight", Category::TokenEmbd),
+        ("attn_v.weight", Category::AttnV),
+        ("attn_k.weight", Category::AttnK),
+        ("attn_q.weight", Category::AttnQ),
+        ("attn_output.weight", Category::AttnOutput),
+        ("ffn_up", Category::FfnUp),
+        ("ffn_gate", Category::FfnGate),
+        ("ffn_down", Category::FfnDown),
+    ]
+    .into_iter()
+    .find(|(fragment, _)| name.contains(fragment))
+    .map_or(Category::Other, |(_, c)| c)
 }
 
 /// llama.cpp's `tensor_allows_quantization` for the tensor names of the architectures we read.
@@ -135,16 +299,18 @@ fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 
-/// The type llama.cpp's `llama_tensor_get_type` picks for one tensor. `attn_v_index` counts the
-/// `attn_v` tensors before this one.
+/// The type llama.cpp's `llama_tensor_get_type` picks for one tensor (without `--tensor-type`
+/// overrides; architecture-specific rules for Falcon, GLM and Llama 2 70B left out), then its
+/// shape fallback. `visit` counts the tensors before this one ([`choose_types`] keeps it).
 pub fn choose_type(
     ft: FileType,
     shape: &ModelShape,
     name: &str,
     dims: &[u64],
     current: DType,
-    attn_v_index: usize,
+    visit: Visit,
 ) -> DType {
+    use FileType as F;
     if !allows_quantization(name, dims.len()) {
         return current;
     }
@@ -152,41 +318,193 @@ pub fn choose_type(
     if !t.is_quantized() {
         return t;
     }
-    let k_mix = matches!(ft, FileType::Q4KM | FileType::Q5KM);
-    let is_output =
-        name == "output.weight" || (shape.tied_embeddings && name == "token_embd.weight");
-    if is_output {
-        if !dims[0].is_multiple_of(t.block_size() as u64) {
-            t = DType::Q8_0;
+    let cat = category(name, shape);
+    let (gqa, n_exp, imatrix) = (shape.n_gqa, shape.n_experts, shape.imatrix);
+    let is = |fts: &[FileType]| fts.contains(&ft);
+    // llama.cpp's layer_info: MoE models take the layer from the name, others the count.
+    let layer = |count: usize| {
+        if n_exp > 1 {
+            layer_of(name).unwrap_or(count)
+        } else {
+            count
+        }
+    };
+    let n = shape.n_layers;
+    if cat == Category::Output {
+        t = if ft == F::MXFP4MOE || !dims[0].is_multiple_of(t.block_size() as u64) {
+            DType::Q8_0
+        } else if is(&[
+            F::IQ2XXS,
+            F::IQ2XS,
+            F::IQ3XXS,
+            F::IQ1S,
+            F::IQ2S,
+            F::IQ2M,
+            F::IQ1M,
+        ]) {
+            DType::Q5K
         } else if t != DType::Q8_0 {
-            t = DType::Q6K;
+            DType::Q6K
+        } else {
+            t
+        };
+    } else if ft == F::MXFP4MOE {
+        t = if dims.len() > 2 && dims[2] > 1 {
+            DType::MXFP4
+        } else {
+            DType::Q8_0
+        };
+    } else if cat == Category::TokenEmbd {
+        if is(&[F::IQ2XXS, F::IQ2XS, F::IQ1S, F::IQ1M]) {
+            t = DType::Q2K;
+        } else if is(&[F::IQ2S, F::IQ2M, F::IQ3XXS]) {
+            t = DType::IQ3S;
         }
-    } else if name.contains("attn_v.weight") {
-        if k_mix && use_more_bits(attn_v_index, shape.n_attn_v) {
-            t = DType::Q6K;
-        } else if ft == FileType::Q4KS && attn_v_index < 4 {
-            t = DType::Q5K;
+    } else if ft.is_iq2_or_less() {
+        let wider = if is(&[F::IQ2S, F::IQ2M]) {
+            DType::IQ3S
+        } else {
+            DType::Q2K
+        };
+        match cat {
+            Category::AttnV => {
+                t = if gqa >= 4 || n_exp >= 4 {
+                    DType::Q4K
+                } else {
+                    wider
+                }
+            }
+            Category::AttnK if n_exp == 8 => t = DType::Q4K,
+            // The count, not the layer: a MoE layer's several ffn_down tensors all count.
+            Category::FfnDown if visit.ffn_down < n / 8 => t = wider,
+            Category::AttnOutput if n_exp == 8 => t = DType::Q5K,
+            Category::AttnOutput if is(&[F::IQ1S, F::IQ1M]) => t = DType::IQ2XXS,
+            Category::AttnOutput if is(&[F::IQ2S, F::IQ2M]) => t = DType::IQ3S,
+            _ => {}
         }
-        if shape.n_experts == 8 {
-            t = DType::Q8_0;
+    } else {
+        match cat {
+            Category::AttnV => {
+                let i = visit.attn_v;
+                if ft == F::Q2K {
+                    t = if gqa >= 4 { DType::Q4K } else { DType::Q3K };
+                } else if ft == F::Q2KS && gqa >= 4 {
+                    t = DType::Q4K;
+                } else if ft == F::IQ3XXS {
+                    t = if gqa >= 4 {
+                        DType::Q4K
+                    } else if !imatrix {
+                        DType::IQ3S
+                    } else {
+                        DType::IQ3XXS
+                    };
+                } else if (is(&[F::IQ3XS, F::IQ3S]) && gqa >= 4) || ft == F::IQ3M {
+                    t = DType::Q4K;
+                } else if ft == F::Q3KM {
+                    t = if i < 2 { DType::Q5K } else { DType::Q4K };
+                } else if ft == F::Q3KL || (is(&[F::IQ4NL, F::IQ4XS]) && gqa >= 4) {
+                    t = DType::Q5K;
+                } else if is(&[F::Q4KM, F::Q5KM]) && use_more_bits(i, shape.n_attn_v) {
+                    t = DType::Q6K;
+                } else if ft == F::Q4KS && i < 4 {
+                    t = DType::Q5K;
+                }
+                if n_exp == 8 {
+                    t = DType::Q8_0;
+                }
+            }
+            Category::AttnK => {
+                if n_exp == 8 {
+                    t = DType::Q8_0;
+                } else if ft == F::IQ3XS {
+                    t = DType::IQ3XXS;
+                } else if ft == F::IQ3XXS {
+                    t = DType::IQ2S;
+                }
+            }
+            Category::AttnQ => {
+                if ft == F::IQ3XS {
+                    t = DType::IQ3XXS;
+                } else if ft == F::IQ3XXS {
+                    t = DType::IQ2S;
+                }
+            }
+            Category::FfnDown => {
+                let i = layer(visit.ffn_down);
+                let more = use_more_bits(i, n);
+                if ft == F::Q2K {
+                    t = DType::Q3K;
+                } else if ft == F::Q2KS {
+                    if i < n / 8 {
+                        t = DType::Q4K;
+                    }
+                } else if ft == F::IQ3XXS && !imatrix {
+                    t = if i < n / 8 { DType::Q4K } else { DType::Q3K };
+                } else if ft == F::Q3KM {
+                    t = if i < n / 16 { DType::Q5K } else { DType::Q4K };
+                } else if ft == F::IQ3M && (i < n / 8 || (n_exp == 8 && more)) {
+                    t = DType::Q4K;
+                } else if ft == F::Q3KL {
+                    t = DType::Q5K;
+                } else if ft == F::Q4KM {
+                    if more {
+                        t = DType::Q6K;
+                    }
+                } else if i < n / 8 && is(&[F::IQ4NL, F::IQ4XS]) && !imatrix {
+                    t = DType::Q5K;
+                } else if ft == F::Q5KM && more {
+                    t = DType::Q6K;
+                } else if ft == F::Q4KS && i < n / 8 {
+                    t = DType::Q5K;
+                } else if is(&[F::Q4_0, F::Q5_0]) && imatrix && i < n / 8 {
+                    t = if ft == F::Q4_0 {
+                        DType::Q4_1
+                    } else {
+                        DType::Q5_1
+                    };
+                }
+            }
+            Category::AttnOutput => {
+                if n_exp == 8 {
+                    let to_q5k = [
+                        F::Q2K,
+                        F::IQ3XS,
+                        F::IQ3XXS,
+                        F::Q3KS,
+                        F::Q3KM,
+                        F::IQ4NL,
+                        F::Q4KS,
+                        F::Q4KM,
+                        F::IQ3S,
+                        F::IQ3M,
+                        F::IQ4XS,
+                    ];
+                    if is(&to_q5k) {
+                        t = DType::Q5K;
+                    }
+                } else {
+                    t = match ft {
+                        F::Q2K => DType::Q3K,
+                        F::IQ3XXS => DType::IQ3S,
+                        F::Q3KM | F::IQ3M => DType::Q4K,
+                        F::Q3KL => DType::Q5K,
+                        _ => t,
+                    };
+                }
+            }
+            Category::FfnGate | Category::FfnUp => {
+                let count = if cat == Category::FfnGate {
+                    visit.ffn_gate
+                } else {
+                    visit.ffn_up
+                };
+                let i = layer(count);
+                if ft == F::IQ3XS && i >= n / 8 && i < 7 * n / 8 {
+                    t = DType::IQ3XXS;
+                }
+            }
+            _ => {}
         }
-    } else if name.contains("attn_k.weight") {
-        if shape.n_experts == 8 {
-            t = DType::Q8_0;
-        }
-    } else if name.contains("ffn_down") {
-        let i = layer_of(name).unwrap_or(0);
-        let n = shape.n_layers;
-        if k_mix && use_more_bits(i, n) {
-            t = DType::Q6K;
-        } else if ft == FileType::Q4KS && i < n / 8 {
-            t = DType::Q5K;
-        }
-    } else if name.contains("attn_output.weight")
-        && shape.n_experts == 8
-        && matches!(ft, FileType::Q4KS | FileType::Q4KM)
-    {
-        t = DType::Q5K;
     }
     fallback(t, dims[0])
 }
@@ -212,12 +530,18 @@ pub fn choose_types<'a>(
         key(a).cmp(&key(b))
     });
     let mut types = vec![DType::F32; tensors.len()];
-    let mut attn_v = 0;
+    let mut counts = Visit::default();
     for i in visit {
         let (name, dims, current) = tensors[i];
-        types[i] = choose_type(ft, shape, name, dims, current, attn_v);
-        if name.contains("attn_v.weight") {
-            attn_v += 1;
+        types[i] = choose_type(ft, shape, name, dims, current, counts);
+        if allows_quantization(name, dims.len()) {
+            match category(name, shape) {
+                Category::AttnV => counts.attn_v += 1,
+                Category::FfnDown => counts.ffn_down += 1,
+                Category::FfnGate => counts.ffn_gate += 1,
+                Category::FfnUp => counts.ffn_up += 1,
+                _ => {}
+            }
         }
     }
     types
@@ -229,6 +553,15 @@ fn fallback(t: DType, ncols: u64) -> DType {
         return t;
     }
     let smaller = match t {
+        DType::IQ1S
+        | DType::IQ1M
+        | DType::IQ2XXS
+        | DType::IQ2XS
+        | DType::IQ2S
+        | DType::IQ3XXS
+        | DType::IQ3S
+        | DType::IQ4XS => DType::IQ4NL,
+        DType::Q2K | DType::Q3K => DType::Q4_0,
         DType::Q4K => DType::Q5_0,
         DType::Q5K => DType::Q5_1,
         DType::Q6K => DType::Q8_0,
@@ -526,6 +859,8 @@ mod tests {
             n_experts: 16,
             n_attn_v: n_layers,
             tied_embeddings: false,
+            n_gqa: 4,
+            imatrix: false,
         }
     }
 
@@ -533,7 +868,14 @@ mod tests {
     fn q4_k_m_follows_llama_cpp_rules() {
         let s = shape(32);
         let pick = |name: &str, ne0: u64, v: usize| {
-            choose_type(FileType::Q4KM, &s, name, &[ne0, 4096], DType::F32, v)
+            choose_type(
+                FileType::Q4KM,
+                &s,
+                name,
+                &[ne0, 4096],
+                DType::F32,
+                Visit::at_layer(v),
+            )
         };
         assert_eq!(pick("output.weight", 4096, 0), DType::Q6K);
         assert_eq!(pick("token_embd.weight", 4096, 0), DType::Q4K);
@@ -560,7 +902,7 @@ mod tests {
                 "blk.1.ffn_gate_inp.weight",
                 &[4096, 16],
                 DType::F32,
-                0
+                Visit::default()
             ),
             DType::F32,
             "routers are never quantized"
@@ -610,7 +952,14 @@ mod tests {
             "blk.0.ffn_down_exps.weight",
         ] {
             assert_eq!(
-                choose_type(FileType::Q8_0, &s, name, &[256, 8], DType::F32, 0),
+                choose_type(
+                    FileType::Q8_0,
+                    &s,
+                    name,
+                    &[256, 8],
+                    DType::F32,
+                    Visit::default()
+                ),
                 DType::Q8_0,
                 "{name}"
             );

@@ -3,7 +3,7 @@
 //! into interleaved row groups, and viewed as matrices for the kernels.
 
 use herd_formats::gguf::GgufFile;
-use herd_formats::quantize::{FileType, ModelShape, choose_type, quantize_rows};
+use herd_formats::quantize::{FileType, ModelShape, Visit, choose_type, quantize_rows};
 use herd_formats::{TensorBytes, TensorSet};
 use herd_kernels::{DType, Layout, MatRef};
 
@@ -173,8 +173,8 @@ impl LoadQuantization {
     /// The type `m` gets as the tensor `gguf_name` (GGUF naming, `blk.N.…`).
     pub fn target(&self, m: &Matrix, gguf_name: &str) -> DType {
         // Every layer of the architectures herd loads has one attn_v, so the count of attn_v
-        // tensors before layer N's is N.
-        let attn_v_index = gguf_name
+        // tensors before layer N's is N (see `Visit::at_layer` for the other counts).
+        let layer = gguf_name
             .strip_prefix("blk.")
             .and_then(|r| r.split('.').next())
             .and_then(|n| n.parse().ok())
@@ -185,7 +185,7 @@ impl LoadQuantization {
             gguf_name,
             &[m.in_features as u64, m.out_features as u64],
             m.dtype,
-            attn_v_index,
+            Visit::at_layer(layer),
         )
     }
 

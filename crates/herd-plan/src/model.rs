@@ -188,6 +188,8 @@ impl ModelFacts {
             n_experts: 0,
             n_attn_v: c.num_hidden_layers,
             tied_embeddings: true,
+            n_gqa: c.num_attention_heads / c.num_key_value_heads.max(1),
+            imatrix: false,
         };
         let tensors = with_types(list, &shape, ft);
         Self {

@@ -113,6 +113,8 @@ pub fn gguf_from_hf(dir: &HfModelDir) -> Result<GgufPlan> {
         n_experts: c.num_local_experts,
         n_attn_v: c.num_hidden_layers,
         tied_embeddings: !tensors.iter().any(|t| t.name == "output.weight"),
+        n_gqa: c.num_attention_heads / c.num_key_value_heads.max(1),
+        imatrix: false,
     };
     Ok(GgufPlan {
         metadata: meta,
@@ -172,6 +174,8 @@ pub fn gguf_model_shape(c: &Llama4Config) -> ModelShape {
         n_experts: c.num_local_experts,
         n_attn_v: c.num_hidden_layers,
         tied_embeddings: c.tie_word_embeddings,
+        n_gqa: c.num_attention_heads / c.num_key_value_heads.max(1),
+        imatrix: false,
     }
 }
 

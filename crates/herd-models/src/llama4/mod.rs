@@ -117,6 +117,8 @@ fn model_shape(c: &Llama4Config, has_lm_head: bool) -> ModelShape {
         n_experts: c.num_local_experts,
         n_attn_v: c.num_hidden_layers,
         tied_embeddings: c.tie_word_embeddings && !has_lm_head,
+        n_gqa: c.num_attention_heads / c.num_key_value_heads.max(1),
+        imatrix: false,
     }
 }
 
