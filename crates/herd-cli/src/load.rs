@@ -19,10 +19,21 @@ pub struct LoadArgs {
 impl LoadArgs {
     /// The file type of `--quantize`, checked.
     pub fn file_type(&self) -> Result<Option<FileType>> {
-        self.quantize
+        let ft = self
+            .quantize
             .as_deref()
             .map(|t| crate::quantize::file_type_of_flag("--quantize", t))
-            .transpose()
+            .transpose()?;
+        if let Some(ft) = ft
+            && !ft.herd_writes()
+        {
+            anyhow::bail!(
+                "--quantize {}: herd runs files of this type (made by llama.cpp's \
+                 llama-quantize) but does not quantize to its IQ/MXFP4 tensors yet",
+                ft.name()
+            );
+        }
+        Ok(ft)
     }
 
     /// Options for the loader, with a progress bar while matrices are quantized (cleared when

@@ -189,6 +189,19 @@ impl FileType {
         }
     }
 
+    /// Whether herd can write every type this file type may choose (not the IQ types and
+    /// MXFP4, which herd reads and runs but does not quantize to).
+    pub fn herd_writes(self) -> bool {
+        quant::quantize_supported(self.default_type())
+    }
+
+    /// Whether files of this type are made with an importance matrix: llama-quantize requires
+    /// one for the 1- and 2-bit types, and the IQ files people publish are made with one, so
+    /// `herd plan` predicts them that way (it changes IQ3_XXS's and IQ4's attn_v and ffn_down).
+    pub fn made_with_imatrix(self) -> bool {
+        !self.herd_writes()
+    }
+
     /// The file types whose lowest-bit tensors llama.cpp guards the same way (its IQ1/IQ2
     /// branch: attn_v, the first ffn_down tensors and attn_output get more bits).
     fn is_iq2_or_less(self) -> bool {

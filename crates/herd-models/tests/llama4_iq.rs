@@ -93,13 +93,15 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 /// position on (position 4 of 64 on iq2_xxs.gguf) while agreeing to 3e-7 before it, and herd
 /// parts from each at some position (measured: 36 and 59 against the one-token runs); IQ4_XS
 /// agrees to 5e-7 at every position.
-fn check(file: &str, oracle_name: &str) {
+fn check(file: &str, oracle_name: &str) -> f32 {
     let got = herd_logits(file);
     let f32_logits = oracle("f32");
     let (kl_herd, _) = kl_top1(&f32_logits, &got);
+    let mut worst = 0.0f32;
     for name in [oracle_name.to_string(), format!("{oracle_name}.steps")] {
         let want = oracle(&name);
         let e = rel_err(&got, &want);
+        worst = worst.max(e);
         let (kl, top1) = kl_top1(&want, &got);
         let (kl_llama, _) = kl_top1(&f32_logits, &want);
         eprintln!(
@@ -114,6 +116,7 @@ fn check(file: &str, oracle_name: &str) {
             "{file}: herd's KL from the f32 model {kl_herd} exceeds llama.cpp's {kl_llama}"
         );
     }
+    worst
 }
 
 #[test]
@@ -123,7 +126,12 @@ fn iq2_xxs_file_equals_llama_cpp() {
 
 #[test]
 fn iq4_xs_file_equals_llama_cpp() {
-    check("iq4_xs.gguf", "iq4_xs");
+    // No discrete flip on this file: the logits agree to f32 round-off (measured 4e-7).
+    let e = check("iq4_xs.gguf", "iq4_xs");
+    assert!(
+        e < 1e-5,
+        "iq4_xs.gguf: relative error {e:e} against llama.cpp"
+    );
 }
 
 /// The mixed file (experts IQ2_XXS, attention Q4_K, output Q6_K) as three shards, opened from

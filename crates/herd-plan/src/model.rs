@@ -89,10 +89,17 @@ impl Tensor {
 
 /// Types for a derived tensor list, as llama-quantize picks them for `ft` (tensors the rules
 /// never quantize are written as f32 by the converter).
+///
+/// IQ file types are predicted as made with an importance matrix, as the files people publish
+/// are (llama-quantize requires one for the 1- and 2-bit types).
 fn with_types(list: Vec<(String, Vec<u64>)>, shape: &ModelShape, ft: FileType) -> Vec<Tensor> {
+    let shape = ModelShape {
+        imatrix: ft.made_with_imatrix(),
+        ..*shape
+    };
     let types = choose_types(
         ft,
-        shape,
+        &shape,
         list.iter()
             .map(|(n, d)| (n.as_str(), d.as_slice(), DType::F32)),
     );

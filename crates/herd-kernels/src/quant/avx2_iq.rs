@@ -5,8 +5,8 @@
 //! Per 32 values: the grid entries are gathered into one register of unsigned magnitudes
 //! (`_mm256_set_epi64x` of table loads, as ggml's AVX2 kernels do), the signs are applied to
 //! the activations (`_mm256_sign_epi8` with bytes 0x01 or 0xFF; Q8_K values lie in −127..127,
-//! so negation never wraps), `maddubs` forms pair sums in i16 (at most 2·62·127) and `madd`
-//! multiplies them by the block scales into i32 lanes.
+//! so negation never wraps), `maddubs` forms pair sums in i16 (at most 2·62·127 for the grids,
+//! 2·127·127 for IQ4_XS's table) and `madd` multiplies them by the block scales into i32 lanes.
 
 use std::arch::x86_64::*;
 
@@ -40,25 +40,44 @@ const fn signs8() -> [u64; 256] {
 
 /// One row of a 256-value IQ type: `nb` super-blocks of `w` against `nb` Q8_K blocks of `a`.
 /// The caller has checked AVX2, FMA and F16C and that both rows hold `nb` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn row(wtype: DType, w: &[u8], a: &[u8], nb: usize) -> f32 {
-    let ts = wtype.type_size();
-    debug_assert!(w.len() >= nb * ts && a.len() >= nb * Q8K_BYTES);
-    // SAFETY: AVX2/FMA/F16C were checked by the caller; each kernel reads only inside block i
-    // of `w` (ts bytes) and of `a` (292 bytes).
+    // SAFETY: the features are enabled here; each kernel reads only inside block i of `w`
+    // and of `a` (checked by the caller).
     unsafe {
-        let isum: unsafe fn(*const u8, *const u8) -> i32 = match wtype {
-            DType::IQ2XXS => iq2_xxs,
-            DType::IQ2XS => iq2_xs,
-            DType::IQ2S => iq2_s,
-            DType::IQ3XXS => iq3_xxs,
-            DType::IQ3S => iq3_s,
-            DType::IQ1S => iq1_s,
-            DType::IQ1M => iq1_m,
-            DType::IQ4XS => iq4_xs,
+        let acc = match wtype {
+            DType::IQ2XXS => row_of(wtype, w, a, nb, |wb, ab| iq2_xxs(wb, ab)),
+            DType::IQ2XS => row_of(wtype, w, a, nb, |wb, ab| iq2_xs(wb, ab)),
+            DType::IQ2S => row_of(wtype, w, a, nb, |wb, ab| iq2_s(wb, ab)),
+            DType::IQ3XXS => row_of(wtype, w, a, nb, |wb, ab| iq3_xxs(wb, ab)),
+            DType::IQ3S => row_of(wtype, w, a, nb, |wb, ab| iq3_s(wb, ab)),
+            DType::IQ1S => row_of(wtype, w, a, nb, |wb, ab| iq1_s(wb, ab)),
+            DType::IQ1M => row_of(wtype, w, a, nb, |wb, ab| iq1_m(wb, ab)),
+            DType::IQ4XS => row_of(wtype, w, a, nb, |wb, ab| iq4_xs(wb, ab)),
             other => unreachable!("{other} is not a 256-value IQ type"),
         };
-        let mut acc = 0.0f32;
-        for i in 0..nb {
+        acc * iq::row_constant(wtype)
+    }
+}
+
+/// The reference's f32 steps over a row, `isum` giving each super-block's exact integer sum.
+///
+/// # Safety
+/// AVX2, FMA and F16C; both rows hold `nb` blocks.
+#[inline(always)]
+unsafe fn row_of(
+    wtype: DType,
+    w: &[u8],
+    a: &[u8],
+    nb: usize,
+    isum: impl Fn(*const u8, *const u8) -> i32,
+) -> f32 {
+    let ts = wtype.type_size();
+    debug_assert!(w.len() >= nb * ts && a.len() >= nb * Q8K_BYTES);
+    let mut acc = 0.0f32;
+    for i in 0..nb {
+        // SAFETY: block i of each row is in bounds (the caller's promise).
+        unsafe {
             let (wb, ab) = (w.as_ptr().add(i * ts), a.as_ptr().add(i * Q8K_BYTES));
             let dw = if wtype == DType::IQ1M {
                 iq1_m_d(std::slice::from_raw_parts(wb, ts))
@@ -68,19 +87,17 @@ pub(super) unsafe fn row(wtype: DType, w: &[u8], a: &[u8], nb: usize) -> f32 {
             let d = dw * f32_ptr(ab);
             acc = (isum(wb, ab) as f32).mul_add(d, acc);
         }
-        acc * iq::row_constant(wtype)
     }
+    acc
 }
 
 #[inline]
-#[target_feature(enable = "avx2")]
 unsafe fn u16_ptr(p: *const u8) -> u16 {
     // SAFETY: the caller's block holds two bytes at p.
     unsafe { std::ptr::read_unaligned(p as *const u16) }
 }
 
 #[inline]
-#[target_feature(enable = "avx2")]
 unsafe fn u32_ptr(p: *const u8) -> u32 {
     // SAFETY: the caller's block holds four bytes at p.
     unsafe { std::ptr::read_unaligned(p as *const u32) }

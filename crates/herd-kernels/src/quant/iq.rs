@@ -31,8 +31,9 @@
 //!   applied in integers), `acc = isum·(d_w·d_a) + acc` by fused multiply-add, and the row's
 //!   result `acc·c` with the type's constant `c` (1/8 for IQ2_*, 1/4 for IQ3_XXS, 1 for IQ3_S
 //!   and IQ4_XS; IQ1_* sum `8·Σ ls·q·a + Σ ls·shift·bsum` so their ±1/8 shift stays an integer,
-//!   and take 1/8). ggml sums each super-block in the same integers and differs only in where
-//!   it applies `c`.
+//!   and take 1/8). ggml sums the IQ1/IQ2/IQ3 super-blocks in the same integers and differs
+//!   only in where it applies `c`; for IQ4_XS it adds an f32 per 32 values, where herd's one
+//!   exact integer per super-block rounds less.
 
 use super::iq_tables::*;
 use super::{QK_K, f16_at};

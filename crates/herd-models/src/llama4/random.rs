@@ -8,7 +8,7 @@
 
 use herd_formats::TensorBytes;
 use herd_formats::gguf::Value;
-use herd_formats::quantize::{FileType, GgufPlan, SourceTensor, choose_types};
+use herd_formats::quantize::{FileType, GgufPlan, ModelShape, SourceTensor, choose_types};
 use herd_formats::random::random_tensor;
 use herd_kernels::DType;
 
@@ -54,7 +54,11 @@ pub fn random_gguf_plan(c: &Llama4Config, ft: FileType, seed: u64) -> GgufPlan {
         .into_iter()
         .filter(|(name, _)| name != "rope_freqs.weight")
         .collect();
-    let shape = gguf_model_shape(c);
+    // Typed as published files of `ft` are (with an importance matrix for the IQ types).
+    let shape = ModelShape {
+        imatrix: ft.made_with_imatrix(),
+        ..gguf_model_shape(c)
+    };
     let types = choose_types(
         ft,
         &shape,
