@@ -44,26 +44,32 @@ const TYPES: [DType; 13] = [
     DType::Q8K,
 ];
 
+/// herd's dequantization of the fixture's `<t>.q` equals its `<t>.deq`, bit for bit.
+fn assert_dequantization_matches(f: &GgufFile, t: DType) {
+    let name = t.name().to_lowercase();
+    let q = f.tensor_info(&format!("{name}.q")).unwrap();
+    assert_eq!(q.dtype, t);
+    let got = decode(t, f.tensor_bytes(q).as_slice(), q.n_elements() as usize);
+    let want = f32_tensor(f, &format!("{name}.deq"));
+    let mismatches = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(
+        mismatches,
+        0,
+        "{t}: {mismatches} of {} values differ from the oracle",
+        want.len()
+    );
+    assert!(want.iter().any(|v| *v != 0.0), "{t}: an all-zero oracle");
+}
+
 #[test]
 fn dequantization_equals_the_oracle_bit_for_bit() {
     let f = fixture();
     for t in TYPES {
-        let name = t.name().to_lowercase();
-        let q = f.tensor_info(&format!("{name}.q")).unwrap();
-        assert_eq!(q.dtype, t);
-        let got = decode(t, f.tensor_bytes(q).as_slice(), q.n_elements() as usize);
-        let want = f32_tensor(&f, &format!("{name}.deq"));
-        let mismatches = got
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-        assert_eq!(
-            mismatches,
-            0,
-            "{t}: {mismatches} of {} values differ",
-            want.len()
-        );
+        assert_dequantization_matches(&f, t);
     }
 }
 
@@ -108,23 +114,7 @@ const IQ_TYPES: [DType; 10] = [
 fn iq_dequantization_equals_gguf_py_bit_for_bit() {
     let f = fixture();
     for t in IQ_TYPES {
-        let name = t.name().to_lowercase();
-        let q = f.tensor_info(&format!("{name}.q")).unwrap();
-        assert_eq!(q.dtype, t);
-        let got = decode(t, f.tensor_bytes(q).as_slice(), q.n_elements() as usize);
-        let want = f32_tensor(&f, &format!("{name}.deq"));
-        let mismatches = got
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-        assert_eq!(
-            mismatches,
-            0,
-            "{t}: {mismatches} of {} values differ from gguf-py",
-            want.len()
-        );
-        assert!(want.iter().any(|v| *v != 0.0), "{t}: an all-zero oracle");
+        assert_dequantization_matches(&f, t);
     }
 }
 

@@ -506,9 +506,9 @@ unsafe fn q4_k_x8_body<const N: usize, const VNNI: bool>(
                     let q = gb.add(128 + 256 * c);
                     if VNNI {
                         let lo =
-                            q4_k_x8_sub_block_vnni::<N, false>(q, ab.map(|ar| ar.add(4 + 64 * c)));
+                            q4_k_x8_sub_block::<N, false, true>(q, ab.map(|ar| ar.add(4 + 64 * c)));
                         let hi =
-                            q4_k_x8_sub_block_vnni::<N, true>(q, ab.map(|ar| ar.add(36 + 64 * c)));
+                            q4_k_x8_sub_block::<N, true, true>(q, ab.map(|ar| ar.add(36 + 64 * c)));
                         let scale = |j: usize| {
                             _mm256_cvtepu8_epi32(_mm_loadl_epi64(
                                 sc.as_ptr().add(8 * j) as *const __m128i
@@ -524,8 +524,10 @@ unsafe fn q4_k_x8_body<const N: usize, const VNNI: bool>(
                         }
                         continue;
                     }
-                    let lo = q4_k_x8_sub_block::<N, false>(q, ab.map(|ar| ar.add(4 + 64 * c)));
-                    let hi = q4_k_x8_sub_block::<N, true>(q, ab.map(|ar| ar.add(36 + 64 * c)));
+                    let lo =
+                        q4_k_x8_sub_block::<N, false, false>(q, ab.map(|ar| ar.add(4 + 64 * c)));
+                    let hi =
+                        q4_k_x8_sub_block::<N, true, false>(q, ab.map(|ar| ar.add(36 + 64 * c)));
                     // Row m's scale of sub-blocks 2c and 2c + 1 in both i16 halves of lane m.
                     let scale = |j: usize| {
                         let s8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
@@ -585,42 +587,15 @@ unsafe fn q4_k_x8_body<const N: usize, const VNNI: bool>(
 }
 
 /// One sub-block of eight interleaved Q4_K rows (the low nibbles of the part at `q`, or the
-/// high ones if `HI`) against the 32 activations at each `a[r]`: lane pair `2m, 2m + 1` of
-/// result `r` (i16) sums row `m`'s quants times the activations.
+/// high ones if `HI`) against the 32 activations at each `a[r]`. Without `VNNI`, lane pair
+/// `2m, 2m + 1` of result `r` (i16) sums row `m`'s quants times the activations; with it
+/// (`vpdpbusd`), lane `m` (i32) holds row `m`'s sum.
 ///
 /// # Safety
-/// AVX2; `q` points at 256 readable bytes and each `a[r]` at 32.
+/// AVX2 (and AVX-512 VNNI + VL if `VNNI`); `q` points at 256 readable bytes and each `a[r]` at
+/// 32.
 #[inline(always)]
-unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool>(
-    q: *const u8,
-    a: [*const u8; N],
-) -> [__m256i; N] {
-    // SAFETY: forwarded to the caller (AVX2 and the byte ranges above).
-    unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let mut p = [_mm256_setzero_si256(); N];
-        for k in 0..8 {
-            let v = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
-            let w = if HI {
-                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)
-            } else {
-                _mm256_and_si256(v, m4)
-            };
-            for (pr, ar) in p.iter_mut().zip(a) {
-                let y = _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(4 * k) as *const i32));
-                *pr = _mm256_add_epi16(*pr, _mm256_maddubs_epi16(w, y));
-            }
-        }
-        p
-    }
-}
-
-/// [`q4_k_x8_sub_block`] by `vpdpbusd`: lane `m` of result `r` (i32) is row `m`'s sum.
-///
-/// # Safety
-/// AVX2 and AVX-512 VNNI + VL; `q` points at 256 readable bytes and each `a[r]` at 32.
-#[inline(always)]
-unsafe fn q4_k_x8_sub_block_vnni<const N: usize, const HI: bool>(
+unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool, const VNNI: bool>(
     q: *const u8,
     a: [*const u8; N],
 ) -> [__m256i; N] {
@@ -637,7 +612,11 @@ unsafe fn q4_k_x8_sub_block_vnni<const N: usize, const HI: bool>(
             };
             for (pr, ar) in p.iter_mut().zip(a) {
                 let y = _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(4 * k) as *const i32));
-                *pr = _mm256_dpbusd_epi32(*pr, w, y);
+                *pr = if VNNI {
+                    _mm256_dpbusd_epi32(*pr, w, y)
+                } else {
+                    _mm256_add_epi16(*pr, _mm256_maddubs_epi16(w, y))
+                };
             }
         }
         p
