@@ -189,8 +189,8 @@ impl FileType {
         }
     }
 
-    /// Whether herd can write every type this file type may choose (not the IQ types and
-    /// MXFP4, which herd reads and runs but does not quantize to).
+    /// Whether herd can write every type this file type may choose (not the IQ types below 4
+    /// bits and MXFP4, which herd reads and runs but does not quantize to).
     pub fn herd_writes(self) -> bool {
         quant::quantize_supported(self.default_type())
     }
@@ -199,7 +199,21 @@ impl FileType {
     /// one for the 1- and 2-bit types, and the IQ files people publish are made with one, so
     /// `herd plan` predicts them that way (it changes IQ3_XXS's and IQ4's attn_v and ffn_down).
     pub fn made_with_imatrix(self) -> bool {
-        !self.herd_writes()
+        matches!(
+            self,
+            FileType::IQ1S
+                | FileType::IQ1M
+                | FileType::IQ2XXS
+                | FileType::IQ2XS
+                | FileType::IQ2S
+                | FileType::IQ2M
+                | FileType::IQ3XXS
+                | FileType::IQ3XS
+                | FileType::IQ3S
+                | FileType::IQ3M
+                | FileType::IQ4NL
+                | FileType::IQ4XS
+        )
     }
 
     /// The file types whose lowest-bit tensors llama.cpp guards the same way (its IQ1/IQ2

@@ -118,6 +118,31 @@ fn iq_dequantization_equals_gguf_py_bit_for_bit() {
     }
 }
 
+/// herd's IQ4_NL and IQ4_XS quantizers (ggml's, without an importance matrix) write the bytes
+/// ggml's `ggml_quantize_chunk` wrote for the fixture's rows.
+#[test]
+fn iq4_quantization_equals_llama_cpp_byte_for_byte() {
+    let f = fixture();
+    let src = f32_tensor(&f, "q4_0.src");
+    for t in [DType::IQ4NL, DType::IQ4XS] {
+        let info = f
+            .tensor_info(&format!("{}.q", t.name().to_lowercase()))
+            .unwrap();
+        let want = f.tensor_bytes(info);
+        let mut got = vec![0u8; want.len()];
+        quantize(t, &src, &mut got);
+        let bad_blocks = got
+            .chunks_exact(t.type_size())
+            .zip(want.as_slice().chunks_exact(t.type_size()))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            bad_blocks, 0,
+            "{t}: {bad_blocks} blocks differ from llama.cpp"
+        );
+    }
+}
+
 /// Each IQ row's integer dot product (the kernel this CPU runs, and the scalar reference)
 /// against another fixture row quantized as llama.cpp pairs them (Q8_0 or Q8_K) equals the f64
 /// dot product of the two dequantized rows, to f32 rounding: |error| ≤ 1e-5 · Σ|w·a|.

@@ -5,8 +5,9 @@
 use super::{QK_K, nearest_int, put_f16, scale_min_k4};
 use crate::DType;
 
-/// Types [`quantize`] can produce: every type herd reads except the IQ types and MXFP4, which
-/// herd reads and computes with but does not write yet.
+/// Types [`quantize`] can produce: every type herd reads except the IQ types below 4 bits and
+/// MXFP4, which herd reads and computes with but does not write yet (ggml's IQ1/IQ2 quantizers
+/// need an importance matrix).
 pub fn quantize_supported(dtype: DType) -> bool {
     !matches!(
         dtype,
@@ -17,8 +18,6 @@ pub fn quantize_supported(dtype: DType) -> bool {
             | DType::IQ3S
             | DType::IQ1S
             | DType::IQ1M
-            | DType::IQ4NL
-            | DType::IQ4XS
             | DType::MXFP4
     )
 }
@@ -60,6 +59,8 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q4K => q4_k,
         DType::Q5K => q5_k,
         DType::Q6K => q6_k,
+        DType::IQ4NL => |x: &[f32], b: &mut [u8]| iq4(x, b, 32),
+        DType::IQ4XS => |x: &[f32], b: &mut [u8]| iq4(x, b, QK_K),
         DType::Q8K => q8_k,
         DType::Q2K => q2_k,
         DType::Q3K => q3_k,
@@ -688,6 +689,130 @@ fn q6_k(x: &[f32], b: &mut [u8]) {
     }
 }
 
+/// ggml's `GROUP_MAX_EPS`: groups whose largest magnitude is below it quantize to zero.
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// ggml's `best_index_int8`: the index of the table value nearest `x` (ties to the larger).
+fn best_index_int8(values: &[i8; 16], x: f32) -> usize {
+    if x <= values[0] as f32 {
+        return 0;
+    }
+    if x >= values[15] as f32 {
+        return 15;
+    }
+    let (mut ml, mut mu) = (0, 15);
+    while mu - ml > 1 {
+        let mav = (ml + mu) / 2;
+        if x < values[mav] as f32 {
+            mu = mav;
+        } else {
+            ml = mav;
+        }
+    }
+    if x - (values[mu - 1] as f32) < values[mu] as f32 - x {
+        mu - 1
+    } else {
+        mu
+    }
+}
+
+/// ggml's `quantize_row_iq4_nl_impl` as `quantize_iq4_nl` / `quantize_iq4_xs` call it without an
+/// importance matrix (`ntry` 7: the scale of each 32 values searched over 15 candidates, each
+/// value's weight its square): one IQ4_NL block (`super_block` 32) or IQ4_XS super-block (256,
+/// the 32-value scales then quantized to 6 bits against one f16 scale).
+fn iq4(x: &[f32], b: &mut [u8], super_block: usize) {
+    const NTRY: i32 = 7;
+    let values = &super::iq_tables::KVALUES_IQ4NL;
+    let nb = super_block / 32;
+    let mut l = [0u8; QK_K];
+    let mut scales = [0.0f32; QK_K / 32];
+    let (mut max_scale, mut amax_scale) = (0.0f32, 0.0f32);
+    for ib in 0..nb {
+        let xb = &x[32 * ib..32 * ib + 32];
+        let weight: [f32; 32] = std::array::from_fn(|j| xb[j] * xb[j]);
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax < GROUP_MAX_EPS {
+            scales[ib] = 0.0;
+            continue;
+        }
+        let sums = |id: f32, lb: Option<&mut [u8]>| {
+            let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
+            let mut lb = lb;
+            for j in 0..32 {
+                let k = best_index_int8(values, id * xb[j]);
+                if let Some(lb) = lb.as_deref_mut() {
+                    lb[j] = k as u8;
+                }
+                let q = values[k] as f32;
+                sumqx += weight[j] * q * xb[j];
+                sumq2 += weight[j] * q * q;
+            }
+            (sumqx, sumq2)
+        };
+        let d = -max / values[0] as f32;
+        let (sumqx, sumq2) = sums(1.0 / d, Some(&mut l[32 * ib..32 * ib + 32]));
+        let mut d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
+        let mut best = d * sumqx;
+        for itry in -NTRY..=NTRY {
+            let id = (itry + values[0] as i32) as f32 / max;
+            let (sumqx, sumq2) = sums(id, None);
+            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+                d = sumqx / sumq2;
+                best = d * sumqx;
+            }
+        }
+        scales[ib] = d;
+        if d.abs() > amax_scale {
+            amax_scale = d.abs();
+            max_scale = d;
+        }
+    }
+    let qs_at = if nb > 1 {
+        // IQ4_XS: f16 d @0, scales_h u16 @2, scales_l @4..8, quants @8.
+        b[..8].fill(0);
+        let d = -max_scale / 32.0;
+        put_f16(b, 0, d);
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut scales_h = 0u16;
+        for ib in 0..nb {
+            let ls = nearest_int(id * scales[ib]).clamp(-32, 31);
+            let dl = d * ls as f32;
+            let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
+            for j in 0..32 {
+                l[32 * ib + j] = best_index_int8(values, idl * x[32 * ib + j]) as u8;
+            }
+            let ls = (ls + 32) as u8;
+            b[4 + ib / 2] |= (ls & 0xF) << (4 * (ib % 2));
+            scales_h |= ((ls >> 4) as u16) << (2 * ib);
+        }
+        b[2..4].copy_from_slice(&scales_h.to_le_bytes());
+        8
+    } else {
+        // IQ4_NL: f16 d @0, quants @2.
+        put_f16(b, 0, scales[0]);
+        let id = if scales[0] != 0.0 {
+            1.0 / scales[0]
+        } else {
+            0.0
+        };
+        for j in 0..32 {
+            l[j] = best_index_int8(values, id * x[j]) as u8;
+        }
+        2
+    };
+    for i in 0..super_block / 32 {
+        for j in 0..16 {
+            b[qs_at + 16 * i + j] = l[32 * i + j] | (l[32 * i + 16 + j] << 4);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::quantize;
@@ -708,6 +833,8 @@ mod tests {
             (DType::Q6K, 0.03),
             (DType::Q4_0, 0.15),
             (DType::Q8_0, 0.01),
+            (DType::IQ4NL, 0.12),
+            (DType::IQ4XS, 0.12),
         ] {
             for scale in [1e-3f32, 1.0, 300.0] {
                 let mut x = rand_vec(n, 7, scale);
