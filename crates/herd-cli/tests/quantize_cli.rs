@@ -259,3 +259,52 @@ fn split_outputs_and_split_inputs() {
         );
     }
 }
+
+/// File types whose tensors herd cannot write (IQ1–IQ3, MXFP4) are refused before any work,
+/// by `herd quantize` and by `--quantize` at load, naming the types.
+#[test]
+fn types_herd_cannot_write_are_refused_up_front() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Rows of 256, so IQ2_XXS does not fall back to IQ4_NL (which herd writes).
+    let f32_file = tmp.path().join("f32.gguf");
+    let config = fixture("../llama4_iq/config.json");
+    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .arg("random-model")
+        .arg(&config)
+        .arg(&f32_file)
+        .args(["--type", "f32"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = tmp.path().join("out.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .arg("quantize")
+        .arg(&f32_file)
+        .arg(&out)
+        .args(["--type", "iq2_xxs"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && !out.exists(), "{err}");
+    assert!(
+        err.contains("iq2_xxs") && err.contains("does not write"),
+        "{err}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "bench",
+            "-p",
+            "8",
+            "-n",
+            "0",
+            "-b",
+            "0",
+            "--quantize",
+            "mxfp4_moe",
+        ])
+        .arg(fixture("tiny-f32.gguf"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("mxfp4_moe"), "{err}");
+}
