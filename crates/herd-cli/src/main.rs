@@ -122,6 +122,10 @@ enum Command {
         /// Write a split set of files holding at most this many tensors each.
         #[arg(long, value_name = "N")]
         split_max_tensors: Option<usize>,
+        /// An importance matrix from llama.cpp's llama-imatrix (GGUF or legacy .dat) to guide
+        /// the quantization, as llama-quantize --imatrix (IQ4_NL and IQ4_XS tensors so far).
+        #[arg(long, value_name = "FILE")]
+        imatrix: Option<PathBuf>,
     },
 }
 
@@ -184,9 +188,10 @@ fn run(command: Command) -> Result<()> {
             file_type,
             split_max_size,
             split_max_tensors,
+            imatrix,
         } => {
             let split = quantize::split_limit(split_max_size.as_deref(), split_max_tensors)?;
-            quantize::run(&input, &output, &file_type, split)
+            quantize::run(&input, &output, &file_type, split, imatrix.as_deref())
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use herd_formats::quantize::{
-    FileType, GgufPlan, ModelShape, SourceTensor, SplitLimit, write_quantized_split,
+    FileType, GgufPlan, ModelShape, SourceTensor, SplitLimit, write_quantized_with,
 };
 use herd_formats::{GgufFile, HfModelDir};
 
@@ -55,8 +55,12 @@ pub fn run(
     output: &Path,
     file_type_name: &str,
     split: Option<SplitLimit>,
+    imatrix: Option<&Path>,
 ) -> Result<()> {
     let ft = file_type(file_type_name)?;
+    let imatrix = imatrix
+        .map(herd_formats::imatrix::ImportanceMatrix::open)
+        .transpose()?;
     if output.exists() && output.canonicalize().ok() == input.canonicalize().ok() {
         bail!("output would overwrite the input");
     }
@@ -104,9 +108,13 @@ pub fn run(
             "warning: {requantized} input tensors are already quantized; requantizing loses precision"
         );
     }
+    let shape = ModelShape {
+        imatrix: imatrix.is_some(),
+        ..plan.shape
+    };
     let types = herd_formats::quantize::choose_types(
         ft,
-        &plan.shape,
+        &shape,
         tensors
             .iter()
             .map(|t| (t.name.as_str(), t.dims.as_slice(), t.dtype)),
@@ -127,12 +135,35 @@ pub fn run(
             unwritable.join(", ")
         );
     }
-    write_split_with_progress(&plan, ft, output, split)
+    if let Some(m) = &imatrix {
+        let mut unguided: Vec<&str> = tensors
+            .iter()
+            .zip(&types)
+            .filter(|(t, ty)| {
+                ty.is_quantized()
+                    && **ty != t.dtype
+                    && m.get(&t.name).is_some()
+                    && !herd_kernels::quant::importance_supported(**ty)
+            })
+            .map(|(_, ty)| ty.name())
+            .collect();
+        unguided.sort_unstable();
+        unguided.dedup();
+        if !unguided.is_empty() {
+            bail!(
+                "--imatrix: herd quantizes IQ4_NL and IQ4_XS tensors with an importance matrix, \
+                 not yet {} ({} chooses them for tensors the matrix covers)",
+                unguided.join(", "),
+                ft.name()
+            );
+        }
+    }
+    write_split_with_progress(&plan, ft, output, split, imatrix.as_ref())
 }
 
 /// Write `plan` as a GGUF typed for `ft`, with a progress bar and a per-type summary.
 pub fn write_with_progress(plan: &GgufPlan, ft: FileType, output: &Path) -> Result<()> {
-    write_split_with_progress(plan, ft, output, None)
+    write_split_with_progress(plan, ft, output, None, None)
 }
 
 /// [`write_with_progress`], as a split set when `split` is given.
@@ -141,6 +172,7 @@ fn write_split_with_progress(
     ft: FileType,
     output: &Path,
     split: Option<SplitLimit>,
+    imatrix: Option<&herd_formats::imatrix::ImportanceMatrix>,
 ) -> Result<()> {
     let tensors = &plan.tensors;
     let start = Instant::now();
@@ -148,7 +180,7 @@ fn write_split_with_progress(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {msg}")
             .expect("valid template"),
     );
-    let (summary, files) = write_quantized_split(output, plan, ft, split, |i, _, name| {
+    let (summary, files) = write_quantized_with(output, plan, ft, split, imatrix, |i, _, name| {
         bar.set_position(i as u64);
         bar.set_message(name.to_string());
     })?;

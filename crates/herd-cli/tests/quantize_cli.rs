@@ -308,3 +308,52 @@ fn types_herd_cannot_write_are_refused_up_front() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("mxfp4_moe"), "{err}");
 }
+
+/// `herd quantize --imatrix` with llama-imatrix's matrix, in its GGUF and its legacy `.dat`
+/// form, writes llama-quantize's `--imatrix … IQ4_XS` file of the same f32 model
+/// (tests/fixtures/llama4_iq, made by gen_llama4_iq.py from `herd random-model … --seed 11`)
+/// tensor for tensor, byte for byte.
+#[test]
+fn iq4_xs_with_an_importance_matrix_equals_llama_quantize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_file = tmp.path().join("f32.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .arg("random-model")
+        .arg(fixture("../llama4_iq/config.json"))
+        .arg(&f32_file)
+        .args(["--type", "f32", "--seed", "11"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let theirs = GgufFile::open(&fixture("../llama4_iq/iq4_xs.gguf")).unwrap();
+    for imatrix in ["imatrix.gguf", "imatrix.dat"] {
+        let out = tmp.path().join(format!("{imatrix}.iq4_xs.gguf"));
+        let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .arg("quantize")
+            .arg(&f32_file)
+            .arg(&out)
+            .args(["--type", "iq4_xs", "--imatrix"])
+            .arg(fixture(&format!("../llama4_iq/{imatrix}")))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_same_tensors(&GgufFile::open(&out).unwrap(), &theirs);
+    }
+    // Without the matrix the bytes differ: the matrix is what made them equal.
+    let out = tmp.path().join("plain.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .arg("quantize")
+        .arg(&f32_file)
+        .arg(&out)
+        .args(["--type", "iq4_xs"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let plain = GgufFile::open(&out).unwrap();
+    let t = plain.tensor_info("blk.0.attn_q.weight").unwrap();
+    let u = theirs.tensor_info("blk.0.attn_q.weight").unwrap();
+    assert_ne!(
+        plain.tensor_bytes(t).as_slice(),
+        theirs.tensor_bytes(u).as_slice()
+    );
+}

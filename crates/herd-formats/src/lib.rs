@@ -10,6 +10,7 @@ mod bytes;
 pub mod gguf;
 pub mod hf;
 pub mod hub;
+pub mod imatrix;
 pub mod npy;
 pub mod quantize;
 pub mod random;
@@ -52,6 +53,8 @@ pub enum Error {
     NoWeights { path: PathBuf },
     #[error("{path}: not a valid GGUF file: {reason}")]
     Gguf { path: PathBuf, reason: String },
+    #[error("{path}: not an importance matrix (llama-imatrix's GGUF or legacy .dat): {reason}")]
+    Imatrix { path: PathBuf, reason: String },
     #[error("{path}: GGUF split set: {reason}")]
     GgufSplit { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]

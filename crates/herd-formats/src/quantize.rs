@@ -735,9 +735,31 @@ pub fn write_quantized_split(
     plan: &GgufPlan,
     ft: FileType,
     split: Option<SplitLimit>,
+    progress: impl FnMut(usize, usize, &str),
+) -> Result<(Summary, Vec<std::path::PathBuf>)> {
+    write_quantized_with(out, plan, ft, split, None, progress)
+}
+
+/// [`write_quantized_split`] guided by an importance matrix, as `llama-quantize --imatrix`:
+/// the type rules take `has_imatrix`, and each tensor the matrix covers is quantized with its
+/// importances (one run of columns per matrix of a MoE tensor).
+///
+/// # Errors
+/// As [`write_quantized_split`], and [`Error::Quantize`] naming the tensor when the matrix's
+/// entry has the wrong length or its type has no importance-guided quantizer in herd.
+pub fn write_quantized_with(
+    out: &Path,
+    plan: &GgufPlan,
+    ft: FileType,
+    split: Option<SplitLimit>,
+    imatrix: Option<&crate::imatrix::ImportanceMatrix>,
     mut progress: impl FnMut(usize, usize, &str),
 ) -> Result<(Summary, Vec<std::path::PathBuf>)> {
-    let (tensors, shape) = (&plan.tensors, &plan.shape);
+    let tensors = &plan.tensors;
+    let shape = &ModelShape {
+        imatrix: imatrix.is_some(),
+        ..plan.shape
+    };
     let targets = choose_types(
         ft,
         shape,
@@ -798,7 +820,12 @@ pub fn write_quantized_split(
             progress(i, tensors.len(), &t.name);
             let bytes = match &t.raw {
                 Some(raw) if t.dtype == target => raw().as_slice().to_vec(),
-                _ => quantize_rows(&(t.read)()?, t.dims[0] as usize, target, &t.name)?,
+                _ => match imatrix.and_then(|m| m.get(&t.name)) {
+                    Some(w) if target.is_quantized() => {
+                        quantize_rows_with_importance(&(t.read)()?, t, target, w)?
+                    }
+                    _ => quantize_rows(&(t.read)()?, t.dims[0] as usize, target, &t.name)?,
+                },
             };
             summary.bytes += bytes.len() as u64;
             summary
@@ -809,6 +836,44 @@ pub fn write_quantized_split(
         written.push(path);
     }
     Ok((summary, written))
+}
+
+/// `t`'s values quantized row by row with `importance` (`n_per_row` values per matrix of `t`).
+fn quantize_rows_with_importance(
+    values: &[f32],
+    t: &SourceTensor,
+    target: DType,
+    importance: &[f32],
+) -> Result<Vec<u8>> {
+    let row_len = t.dims[0] as usize;
+    let n_mat = t.dims.get(2).copied().unwrap_or(1) as usize;
+    let rows_per_mat = t.dims.get(1).copied().unwrap_or(1) as usize;
+    if importance.len() != row_len * n_mat {
+        return Err(Error::Quantize(format!(
+            "{}: the importance matrix has {} values, the tensor {row_len} per row × {n_mat} \
+             matrices",
+            t.name,
+            importance.len()
+        )));
+    }
+    if !quant::importance_supported(target) {
+        return Err(Error::Quantize(format!(
+            "{}: quantizing to {target} with an importance matrix is not supported yet (IQ4_NL \
+             and IQ4_XS are)",
+            t.name
+        )));
+    }
+    let n_rows = values.len() / row_len;
+    let row_bytes = target.bytes_for(row_len);
+    let mut out = vec![0u8; n_rows * row_bytes];
+    let shared = pool::SharedMut::new(&mut out);
+    pool::global().run(n_rows, |r| {
+        let w = &importance[(r / rows_per_mat) * row_len..][..row_len];
+        // SAFETY: each task writes its own row.
+        let dst = unsafe { shared.slice(r * row_bytes, row_bytes) };
+        quant::quantize_with_importance(target, &values[r * row_len..(r + 1) * row_len], w, dst);
+    });
+    Ok(out)
 }
 
 /// Quantize rows of `row_len` values (`values.len() / row_len` rows) to `target` in parallel on

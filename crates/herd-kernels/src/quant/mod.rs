@@ -23,7 +23,10 @@ pub use dot::{
     q8_0_block_sums, vec_dot, vec_dot_scalar, vec_dot_x4_rows, vec_dot_x8, vec_dot_x8_scalar,
     vec_dot_x8_sums, x8_wants_block_sums,
 };
-pub use quantize::{quantize, quantize_activation, quantize_supported};
+pub use quantize::{
+    importance_supported, quantize, quantize_activation, quantize_supported,
+    quantize_with_importance,
+};
 
 /// Elements per K-quant super-block.
 pub const QK_K: usize = 256;

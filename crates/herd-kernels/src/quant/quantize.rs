@@ -22,6 +22,40 @@ pub fn quantize_supported(dtype: DType) -> bool {
     )
 }
 
+/// Types [`quantize_with_importance`] takes an importance matrix for.
+pub fn importance_supported(dtype: DType) -> bool {
+    matches!(dtype, DType::IQ4NL | DType::IQ4XS)
+}
+
+/// Quantize one row `x` guided by `importance` (one weight per column, llama-imatrix's mean
+/// squared activation), as ggml's quantizers do when given `quant_weights`.
+///
+/// Panics if `dtype` is not [`importance_supported`] or the lengths differ.
+pub fn quantize_with_importance(dtype: DType, x: &[f32], importance: &[f32], out: &mut [u8]) {
+    assert!(
+        importance_supported(dtype),
+        "no importance-guided quantizer for {dtype}"
+    );
+    assert_eq!(
+        x.len(),
+        importance.len(),
+        "quantize_with_importance: length mismatch"
+    );
+    assert_eq!(
+        out.len(),
+        dtype.bytes_for(x.len()),
+        "quantize_with_importance: length mismatch"
+    );
+    let bs = dtype.block_size();
+    for ((xb, qw), ob) in x
+        .chunks_exact(bs)
+        .zip(importance.chunks_exact(bs))
+        .zip(out.chunks_exact_mut(dtype.type_size()))
+    {
+        iq4(xb, ob, bs, Some(qw));
+    }
+}
+
 /// Quantize `x` (a whole number of blocks) into `out` (exactly `dtype.bytes_for(x.len())` bytes).
 ///
 /// Panics if `dtype` is not [`quantize_supported`].
@@ -59,8 +93,8 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q4K => q4_k,
         DType::Q5K => q5_k,
         DType::Q6K => q6_k,
-        DType::IQ4NL => |x: &[f32], b: &mut [u8]| iq4(x, b, 32),
-        DType::IQ4XS => |x: &[f32], b: &mut [u8]| iq4(x, b, QK_K),
+        DType::IQ4NL => |x: &[f32], b: &mut [u8]| iq4(x, b, 32, None),
+        DType::IQ4XS => |x: &[f32], b: &mut [u8]| iq4(x, b, QK_K, None),
         DType::Q8K => q8_k,
         DType::Q2K => q2_k,
         DType::Q3K => q3_k,
@@ -716,20 +750,29 @@ fn best_index_int8(values: &[i8; 16], x: f32) -> usize {
     }
 }
 
-/// ggml's `quantize_row_iq4_nl_impl` as `quantize_iq4_nl` / `quantize_iq4_xs` call it without an
-/// importance matrix (`ntry` 7: the scale of each 32 values searched over 15 candidates, each
-/// value's weight its square): one IQ4_NL block (`super_block` 32) or IQ4_XS super-block (256,
-/// the 32-value scales then quantized to 6 bits against one f16 scale).
-fn iq4(x: &[f32], b: &mut [u8], super_block: usize) {
+/// ggml's `quantize_row_iq4_nl_impl` as `quantize_iq4_nl` / `quantize_iq4_xs` call it (`ntry`
+/// 7: the scale of each 32 values searched over 15 candidates; each value's weight its square,
+/// or with importances `qw`, `qw·sqrt(σ² + x²)` where σ² is twice the block's mean square): one
+/// IQ4_NL block (`super_block` 32) or IQ4_XS super-block (256, the 32-value scales then
+/// quantized to 6 bits against one f16 scale).
+fn iq4(x: &[f32], b: &mut [u8], super_block: usize, qw: Option<&[f32]>) {
     const NTRY: i32 = 7;
     let values = &super::iq_tables::KVALUES_IQ4NL;
     let nb = super_block / 32;
     let mut l = [0u8; QK_K];
     let mut scales = [0.0f32; QK_K / 32];
     let (mut max_scale, mut amax_scale) = (0.0f32, 0.0f32);
+    let mut sigma2 = 0.0f32;
+    for &v in &x[..super_block] {
+        sigma2 += v * v;
+    }
+    sigma2 *= 2.0 / super_block as f32;
     for ib in 0..nb {
         let xb = &x[32 * ib..32 * ib + 32];
-        let weight: [f32; 32] = std::array::from_fn(|j| xb[j] * xb[j]);
+        let weight: [f32; 32] = std::array::from_fn(|j| match qw {
+            Some(qw) => qw[32 * ib + j] * (sigma2 + xb[j] * xb[j]).sqrt(),
+            None => xb[j] * xb[j],
+        });
         let (mut amax, mut max) = (0.0f32, 0.0f32);
         for &v in xb {
             if v.abs() > amax {
