@@ -24,13 +24,20 @@ impl LoadArgs {
             .as_deref()
             .map(|t| crate::quantize::file_type_of_flag("--quantize", t))
             .transpose()?;
+        // MXFP4_MOE types the 3-D expert tensors of a file; at load each expert is its own
+        // 2-D matrix, so it would silently become Q8_0 everywhere.
         if let Some(ft) = ft
-            && !ft.herd_writes()
+            && (!ft.herd_writes() || ft == FileType::MXFP4MOE)
         {
             anyhow::bail!(
-                "--quantize {}: herd runs files of this type (made by llama.cpp's \
-                 llama-quantize) but does not quantize to its IQ/MXFP4 tensors yet",
-                ft.name()
+                "--quantize {}: herd runs files of this type but does not quantize to it while \
+                 loading (write the file with herd quantize{})",
+                ft.name(),
+                if ft.herd_writes() {
+                    ""
+                } else {
+                    " or llama.cpp's llama-quantize"
+                }
             );
         }
         Ok(ft)

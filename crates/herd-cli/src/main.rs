@@ -111,7 +111,7 @@ enum Command {
         input: PathBuf,
         output: PathBuf,
         /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k,
-        /// q2_k, q2_k_s, q3_k_s, q3_k_m, q3_k_l, iq4_nl, iq4_xs
+        /// q2_k, q2_k_s, q3_k_s, q3_k_m, q3_k_l, iq4_nl, iq4_xs, mxfp4_moe
         #[arg(long = "type", short = 't')]
         file_type: String,
         /// Write a split set (as llama.cpp's llama-gguf-split does) of files holding at most

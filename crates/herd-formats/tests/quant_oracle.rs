@@ -118,13 +118,13 @@ fn iq_dequantization_equals_gguf_py_bit_for_bit() {
     }
 }
 
-/// herd's IQ4_NL and IQ4_XS quantizers (ggml's, without an importance matrix) write the bytes
-/// ggml's `ggml_quantize_chunk` wrote for the fixture's rows.
+/// herd's IQ4_NL, IQ4_XS and MXFP4 quantizers (ggml's, without an importance matrix) write the
+/// bytes ggml's `ggml_quantize_chunk` wrote for the fixture's rows.
 #[test]
-fn iq4_quantization_equals_llama_cpp_byte_for_byte() {
+fn iq4_and_mxfp4_quantization_equals_llama_cpp_byte_for_byte() {
     let f = fixture();
     let src = f32_tensor(&f, "q4_0.src");
-    for t in [DType::IQ4NL, DType::IQ4XS] {
+    for t in [DType::IQ4NL, DType::IQ4XS, DType::MXFP4] {
         let info = f
             .tensor_info(&format!("{}.q", t.name().to_lowercase()))
             .unwrap();

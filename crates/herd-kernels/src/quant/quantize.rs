@@ -5,9 +5,9 @@
 use super::{QK_K, nearest_int, put_f16, scale_min_k4};
 use crate::DType;
 
-/// Types [`quantize`] can produce: every type herd reads except the IQ types below 4 bits and
-/// MXFP4, which herd reads and computes with but does not write yet (ggml's IQ1/IQ2 quantizers
-/// need an importance matrix).
+/// Types [`quantize`] can produce: every type herd reads except the IQ types below 4 bits,
+/// which herd reads and computes with but does not write yet (ggml's IQ1/IQ2 quantizers need
+/// an importance matrix).
 pub fn quantize_supported(dtype: DType) -> bool {
     !matches!(
         dtype,
@@ -18,7 +18,6 @@ pub fn quantize_supported(dtype: DType) -> bool {
             | DType::IQ3S
             | DType::IQ1S
             | DType::IQ1M
-            | DType::MXFP4
     )
 }
 
@@ -95,6 +94,7 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q6K => q6_k,
         DType::IQ4NL => |x: &[f32], b: &mut [u8]| iq4(x, b, 32, None),
         DType::IQ4XS => |x: &[f32], b: &mut [u8]| iq4(x, b, QK_K, None),
+        DType::MXFP4 => mxfp4,
         DType::Q8K => q8_k,
         DType::Q2K => q2_k,
         DType::Q3K => q3_k,
@@ -723,6 +723,35 @@ fn q6_k(x: &[f32], b: &mut [u8]) {
     }
 }
 
+/// ggml's `quantize_row_mxfp4_ref`: the E8M0 exponent `floor(log2(amax)) − 2` (biased by 127),
+/// then each value's nearest of the 16 E2M1 values at that scale (the first of equals).
+fn mxfp4(x: &[f32], b: &mut [u8]) {
+    let values = &super::iq_tables::KVALUES_MXFP4;
+    let amax = x
+        .iter()
+        .fold(0.0f32, |m, v| if m < v.abs() { v.abs() } else { m });
+    let e = if amax > 0.0 {
+        (amax.log2().floor() - 2.0 + 127.0) as u8
+    } else {
+        0
+    };
+    let d = super::iq::e8m0_to_f32_half(e);
+    let best = |v: f32| {
+        let mut best = (0usize, (values[0] as f32 * d - v).abs());
+        for (i, &q) in values.iter().enumerate().skip(1) {
+            let err = (q as f32 * d - v).abs();
+            if err < best.1 {
+                best = (i, err);
+            }
+        }
+        best.0 as u8
+    };
+    b[0] = e;
+    for j in 0..16 {
+        b[1 + j] = best(x[j]) | (best(x[16 + j]) << 4);
+    }
+}
+
 /// ggml's `GROUP_MAX_EPS`: groups whose largest magnitude is below it quantize to zero.
 const GROUP_MAX_EPS: f32 = 1e-15;
 
@@ -878,6 +907,7 @@ mod tests {
             (DType::Q8_0, 0.01),
             (DType::IQ4NL, 0.12),
             (DType::IQ4XS, 0.12),
+            (DType::MXFP4, 0.2),
         ] {
             for scale in [1e-3f32, 1.0, 300.0] {
                 let mut x = rand_vec(n, 7, scale);
