@@ -136,16 +136,27 @@ pub fn run(
         );
     }
     if let Some(m) = &imatrix {
-        let mut unguided: Vec<&str> = tensors
-            .iter()
-            .zip(&types)
-            .filter(|(t, ty)| {
-                ty.is_quantized()
-                    && **ty != t.dtype
-                    && m.get(&t.name).is_some()
-                    && !herd_kernels::quant::importance_supported(**ty)
+        let guided = || {
+            tensors.iter().zip(&types).filter_map(|(t, ty)| {
+                let w = m.get(&t.name)?;
+                (*ty != t.dtype && herd_formats::quantize::importance_matters(*ty, t, w))
+                    .then_some((t, *ty, w))
             })
-            .map(|(_, ty)| ty.name())
+        };
+        for (t, _, w) in guided() {
+            let want = t.dims[0] * t.dims.get(2).copied().unwrap_or(1);
+            if w.len() as u64 != want {
+                bail!(
+                    "--imatrix: {} has {} importances, the tensor {want} ({:?})",
+                    t.name,
+                    w.len(),
+                    t.dims
+                );
+            }
+        }
+        let mut unguided: Vec<&str> = guided()
+            .filter(|(_, ty, _)| !herd_kernels::quant::importance_supported(*ty))
+            .map(|(_, ty, _)| ty.name())
             .collect();
         unguided.sort_unstable();
         unguided.dedup();

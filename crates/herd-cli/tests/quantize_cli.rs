@@ -260,8 +260,8 @@ fn split_outputs_and_split_inputs() {
     }
 }
 
-/// File types whose tensors herd cannot write (IQ1–IQ3, MXFP4) are refused before any work,
-/// by `herd quantize` and by `--quantize` at load, naming the types.
+/// File types whose tensors herd cannot write (IQ1–IQ3) are refused before any work by `herd
+/// quantize`, and MXFP4_MOE (3-D experts only in files) by `--quantize` at load.
 #[test]
 fn types_herd_cannot_write_are_refused_up_front() {
     let tmp = tempfile::tempdir().unwrap();

@@ -46,6 +46,19 @@ impl ImportanceMatrix {
         self.entries.get(name).map(Vec::as_slice)
     }
 
+    /// llama-quantize refuses matrices with infinite or NaN values (they would write NaN
+    /// scales); so does herd.
+    fn check_finite(&self) -> std::result::Result<(), String> {
+        match self
+            .entries
+            .iter()
+            .find(|(_, v)| v.iter().any(|x| !x.is_finite()))
+        {
+            Some((name, _)) => Err(format!("{name} has a non-finite value")),
+            None => Ok(()),
+        }
+    }
+
     fn from_gguf(path: &Path) -> Result<Self> {
         let bad = |reason: String| Error::Imatrix {
             path: path.to_path_buf(),
@@ -72,7 +85,7 @@ impl ImportanceMatrix {
             };
             let sums = f32_values(&t.name)?;
             let counts = f32_values(&format!("{name}.counts"))?;
-            if counts.is_empty() || !sums.len().is_multiple_of(counts.len()) {
+            if sums.is_empty() || counts.is_empty() || !sums.len().is_multiple_of(counts.len()) {
                 return Err(bad(format!(
                     "{name}: {} sums for {} counts",
                     sums.len(),
@@ -93,6 +106,7 @@ impl ImportanceMatrix {
         if m.entries.is_empty() {
             return Err(bad("no .in_sum2 tensors".into()));
         }
+        m.check_finite().map_err(bad)?;
         if let Some(crate::gguf::Value::Array(_, items)) = f.get("imatrix.datasets") {
             m.datasets = items
                 .iter()
@@ -145,6 +159,7 @@ impl ImportanceMatrix {
                 .collect();
             m.entries.insert(name, values);
         }
+        m.check_finite().map_err(|r| bad(&r))?;
         // Optional trailer: chunk count, then the dataset's name.
         if let (Some(_chunks), Some(len)) = (i32_at(&mut at), i32_at(&mut at))
             && len > 0
@@ -187,6 +202,9 @@ mod tests {
         assert_eq!(m.get("blk.0.attn_q.weight"), Some(&[2.0, 0.5][..]));
         assert_eq!(m.get("w"), Some(&[3.0][..]), "no calls: taken as they are");
         assert_eq!(m.datasets, ["wiki"]);
+        std::fs::write(&path, legacy(&[("w", 1, &[f32::INFINITY])])).unwrap();
+        let err = ImportanceMatrix::open(&path).unwrap_err().to_string();
+        assert!(err.contains("w has a non-finite value"), "{err}");
         for cut in [2, 10, bytes.len() - 20] {
             std::fs::write(&path, &bytes[..cut]).unwrap();
             let err = ImportanceMatrix::open(&path).unwrap_err().to_string();

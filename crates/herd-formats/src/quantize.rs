@@ -821,7 +821,7 @@ pub fn write_quantized_with(
             let bytes = match &t.raw {
                 Some(raw) if t.dtype == target => raw().as_slice().to_vec(),
                 _ => match imatrix.and_then(|m| m.get(&t.name)) {
-                    Some(w) if target.is_quantized() => {
+                    Some(w) if importance_matters(target, t, w) => {
                         quantize_rows_with_importance(&(t.read)()?, t, target, w)?
                     }
                     _ => quantize_rows(&(t.read)()?, t.dims[0] as usize, target, &t.name)?,
@@ -838,6 +838,16 @@ pub fn write_quantized_with(
     Ok((summary, written))
 }
 
+/// Whether quantizing `t` to `target` takes its importances `w`: ggml's Q8_0 and MXFP4
+/// quantizers ignore them, float types have none, and as llama-quantize does, a token
+/// embedding whose entry does not fit is quantized without.
+pub fn importance_matters(target: DType, t: &SourceTensor, w: &[f32]) -> bool {
+    let fits = w.len() as u64 == t.dims[0] * t.dims.get(2).copied().unwrap_or(1);
+    target.is_quantized()
+        && !matches!(target, DType::Q8_0 | DType::MXFP4)
+        && (fits || t.name != "token_embd.weight")
+}
+
 /// `t`'s values quantized row by row with `importance` (`n_per_row` values per matrix of `t`).
 fn quantize_rows_with_importance(
     values: &[f32],
@@ -848,6 +858,12 @@ fn quantize_rows_with_importance(
     let row_len = t.dims[0] as usize;
     let n_mat = t.dims.get(2).copied().unwrap_or(1) as usize;
     let rows_per_mat = t.dims.get(1).copied().unwrap_or(1) as usize;
+    if t.dims.len() > 3 || values.len() != row_len * rows_per_mat * n_mat {
+        return Err(Error::Quantize(format!(
+            "{}: an importance matrix needs a 2-D or 3-D tensor of {:?}",
+            t.name, t.dims
+        )));
+    }
     if importance.len() != row_len * n_mat {
         return Err(Error::Quantize(format!(
             "{}: the importance matrix has {} values, the tensor {row_len} per row × {n_mat} \
@@ -866,12 +882,17 @@ fn quantize_rows_with_importance(
     let n_rows = values.len() / row_len;
     let row_bytes = target.bytes_for(row_len);
     let mut out = vec![0u8; n_rows * row_bytes];
+    let rows_per_task = (n_rows / (pool::global().n_threads() * 8)).max(1);
     let shared = pool::SharedMut::new(&mut out);
-    pool::global().run(n_rows, |r| {
-        let w = &importance[(r / rows_per_mat) * row_len..][..row_len];
-        // SAFETY: each task writes its own row.
-        let dst = unsafe { shared.slice(r * row_bytes, row_bytes) };
-        quant::quantize_with_importance(target, &values[r * row_len..(r + 1) * row_len], w, dst);
+    pool::global().run(n_rows.div_ceil(rows_per_task), |task| {
+        let first = task * rows_per_task;
+        for r in first..(first + rows_per_task).min(n_rows) {
+            let w = &importance[(r / rows_per_mat) * row_len..][..row_len];
+            // SAFETY: tasks write disjoint rows.
+            let dst = unsafe { shared.slice(r * row_bytes, row_bytes) };
+            let x = &values[r * row_len..(r + 1) * row_len];
+            quant::quantize_with_importance(target, x, w, dst);
+        }
     });
     Ok(out)
 }

@@ -7,8 +7,8 @@
 //! block drawn at random from the pool: every block is a real quantized block, and the order of
 //! blocks has no pattern a cache or a predictor could use.
 //!
-//! Types herd does not quantize to (the IQ types and MXFP4, whose quantizers need an importance
-//! matrix or are not written yet) get a pool of random bytes instead, every bit pattern being a
+//! Types herd does not quantize to (IQ1–IQ3, whose quantizers need an importance matrix or are
+//! not written yet) get a pool of random bytes instead, every bit pattern being a
 //! valid block of them, with the block scales set so the values have the requested spread.
 
 use herd_kernels::rng::SplitMix64;
@@ -112,10 +112,10 @@ mod tests {
         }
     }
 
-    /// The types herd reads but does not quantize to: valid blocks of about the requested
-    /// spread (MXFP4's scale is a power of two, so within a factor of √2).
+    /// The IQ types and MXFP4 (random bytes for IQ1–IQ3, quantized normals for the others):
+    /// valid blocks of about the requested spread (MXFP4's scale is a power of two).
     #[test]
-    fn random_tensors_of_read_only_types() {
+    fn random_tensors_of_iq_and_mxfp4_types() {
         for dtype in [
             DType::IQ1S,
             DType::IQ1M,
