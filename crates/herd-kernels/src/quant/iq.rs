@@ -47,11 +47,11 @@ const IQ1_DELTA: f32 = 0.125;
 /// Panics for other types.
 pub(crate) fn block_dequantizer(dtype: DType) -> fn(&[u8], &mut [f32]) {
     match dtype {
-        DType::IQ2XXS => iq2_xxs,
-        DType::IQ2XS => iq2_xs,
-        DType::IQ2S => iq2_s,
-        DType::IQ3XXS => iq3_xxs,
-        DType::IQ3S => iq3_s,
+        DType::IQ2XXS => |b, y| signed_grid_block(DType::IQ2XXS, b, y),
+        DType::IQ2XS => |b, y| signed_grid_block(DType::IQ2XS, b, y),
+        DType::IQ2S => |b, y| signed_grid_block(DType::IQ2S, b, y),
+        DType::IQ3XXS => |b, y| signed_grid_block(DType::IQ3XXS, b, y),
+        DType::IQ3S => |b, y| signed_grid_block(DType::IQ3S, b, y),
         DType::IQ1S => iq1_s,
         DType::IQ1M => iq1_m,
         DType::IQ4NL => iq4_nl,
@@ -104,103 +104,82 @@ fn signed_grid8(y: &mut [f32], db: f32, entry: u64, signs: u8) {
     }
 }
 
-fn iq2_xxs(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    for ib in 0..QK_K / 32 {
-        let idx = &b[2 + 8 * ib..6 + 8 * ib];
-        let aux = u32_at(b, 6 + 8 * ib);
-        let db = d * (0.5 + (aux >> 28) as f32) * 0.25;
-        for l in 0..4 {
+/// Value group `l` (values `8l..8l+8`) of 32-value sub-block `ib` of a signed-grid block
+/// (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S): its eight grid magnitudes (the bytes of the
+/// entry, or of two four-value entries) and its sign byte.
+#[inline]
+fn signed_group(wtype: DType, b: &[u8], ib: usize, l: usize) -> (u64, u8) {
+    match wtype {
+        DType::IQ2XXS => {
+            let aux = u32_at(b, 6 + 8 * ib);
             let signs = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
-            let y = &mut y[32 * ib + 8 * l..];
-            signed_grid8(y, db, IQ2XXS_GRID[idx[l] as usize], signs);
+            (IQ2XXS_GRID[b[2 + 8 * ib + l] as usize], signs)
         }
-    }
-}
-
-fn iq2_xs(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    for ib in 0..QK_K / 32 {
-        let sc = b[66 + ib];
-        let db = [
-            d * (0.5 + (sc & 0xF) as f32) * 0.25,
-            d * (0.5 + (sc >> 4) as f32) * 0.25,
-        ];
-        for l in 0..4 {
+        DType::IQ2XS => {
             let q = u16_at(b, 2 + 2 * (4 * ib + l));
-            let signs = KSIGNS_IQ2XS[(q >> 9) as usize];
-            let y = &mut y[32 * ib + 8 * l..];
-            signed_grid8(y, db[l / 2], IQ2XS_GRID[(q & 511) as usize], signs);
+            (
+                IQ2XS_GRID[(q & 511) as usize],
+                KSIGNS_IQ2XS[(q >> 9) as usize],
+            )
         }
-    }
-}
-
-/// IQ2_S grid index `l` (0..4) of 32-value block `ib`.
-#[inline]
-fn iq2_s_index(b: &[u8], ib: usize, l: usize) -> usize {
-    b[2 + 4 * ib + l] as usize | ((b[66 + ib] as usize) << (8 - 2 * l) & 0x300)
-}
-
-fn iq2_s(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    for ib in 0..QK_K / 32 {
-        let sc = b[74 + ib];
-        let db = [
-            d * (0.5 + (sc & 0xF) as f32) * 0.25,
-            d * (0.5 + (sc >> 4) as f32) * 0.25,
-        ];
-        for l in 0..4 {
-            let signs = b[34 + 4 * ib + l];
-            let y = &mut y[32 * ib + 8 * l..];
-            signed_grid8(y, db[l / 2], IQ2S_GRID[iq2_s_index(b, ib, l)], signs);
+        DType::IQ2S => {
+            let index = b[2 + 4 * ib + l] as usize | ((b[66 + ib] as usize) << (8 - 2 * l) & 0x300);
+            (IQ2S_GRID[index], b[34 + 4 * ib + l])
         }
-    }
-}
-
-/// Eight values from two 4-magnitude grid entries and one sign byte.
-#[inline]
-fn signed_grid4x2(y: &mut [f32], db: f32, g1: u32, g2: u32, signs: u8) {
-    let entry = g1 as u64 | (g2 as u64) << 32;
-    signed_grid8(y, db, entry, signs);
-}
-
-fn iq3_xxs(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    for ib in 0..QK_K / 32 {
-        let q3 = &b[2 + 8 * ib..10 + 8 * ib];
-        let aux = u32_at(b, 66 + 4 * ib);
-        let db = d * (0.5 + (aux >> 28) as f32) * 0.5;
-        for l in 0..4 {
+        DType::IQ3XXS => {
+            let aux = u32_at(b, 66 + 4 * ib);
             let signs = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
-            let (g1, g2) = (
-                IQ3XXS_GRID[q3[2 * l] as usize],
-                IQ3XXS_GRID[q3[2 * l + 1] as usize],
-            );
-            signed_grid4x2(&mut y[32 * ib + 8 * l..], db, g1, g2, signs);
+            let g1 = IQ3XXS_GRID[b[2 + 8 * ib + 2 * l] as usize] as u64;
+            let g2 = IQ3XXS_GRID[b[3 + 8 * ib + 2 * l] as usize] as u64;
+            (g1 | g2 << 32, signs)
         }
+        DType::IQ3S => {
+            let qs = &b[2 + 8 * ib..10 + 8 * ib];
+            let qh = b[66 + ib] as usize;
+            let i1 = qs[2 * l] as usize | ((qh << (8 - 2 * l)) & 256);
+            let i2 = qs[2 * l + 1] as usize | ((qh << (7 - 2 * l)) & 256);
+            let entry = IQ3S_GRID[i1] as u64 | (IQ3S_GRID[i2] as u64) << 32;
+            (entry, b[74 + 4 * ib + l])
+        }
+        other => unreachable!("{other} is not a signed-grid type"),
     }
 }
 
-/// IQ3_S's two grid entries for values `8l..8l+8` of 32-value block `ib`.
+/// The block scale of value group `l` of sub-block `ib` of a signed-grid block, as the odd
+/// integer `2s + 1` of its stored scale `s` (IQ2_XS and IQ2_S keep one per 16 values).
 #[inline]
-fn iq3_s_entries(b: &[u8], ib: usize, l: usize) -> (u32, u32) {
-    let qs = &b[2 + 8 * ib..10 + 8 * ib];
-    let qh = b[66 + ib] as usize;
-    let i1 = qs[2 * l] as usize | ((qh << (8 - 2 * l)) & 256);
-    let i2 = qs[2 * l + 1] as usize | ((qh << (7 - 2 * l)) & 256);
-    (IQ3S_GRID[i1], IQ3S_GRID[i2])
+fn group_scale(wtype: DType, b: &[u8], ib: usize, l: usize) -> i32 {
+    let s = match wtype {
+        DType::IQ2XXS => u32_at(b, 6 + 8 * ib) >> 28,
+        DType::IQ3XXS => u32_at(b, 66 + 4 * ib) >> 28,
+        DType::IQ2XS | DType::IQ2S => {
+            let sc = b[if wtype == DType::IQ2XS { 66 } else { 74 } + ib];
+            (if l < 2 { sc & 0xF } else { sc >> 4 }) as u32
+        }
+        DType::IQ3S => {
+            let sc = b[106 + ib / 2];
+            ((sc >> (4 * (ib % 2))) & 0xF) as u32
+        }
+        other => unreachable!("{other} is not a signed-grid type"),
+    };
+    2 * s as i32 + 1
 }
 
-fn iq3_s(b: &[u8], y: &mut [f32]) {
+/// One signed-grid block dequantized in ggml's arithmetic: each value `db · grid · ±1`, where
+/// `db` is `d·(0.5 + s)·0.25` for IQ2 (`0.5 + s` is exactly `(2s + 1)·0.5`), `d·(0.5 + s)·0.5`
+/// for IQ3_XXS and `d·(2s + 1)` for IQ3_S.
+fn signed_grid_block(wtype: DType, b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for ib in 0..QK_K / 32 {
-        let sc = b[106 + ib / 2];
-        let ls = if ib % 2 == 0 { sc & 0xF } else { sc >> 4 };
-        let db = d * (1 + 2 * ls as i32) as f32;
         for l in 0..4 {
-            let (g1, g2) = iq3_s_entries(b, ib, l);
-            let signs = b[74 + 4 * ib + l];
-            signed_grid4x2(&mut y[32 * ib + 8 * l..], db, g1, g2, signs);
+            let ls = group_scale(wtype, b, ib, l) as f32;
+            let db = match wtype {
+                DType::IQ3S => d * ls,
+                DType::IQ3XXS => d * (ls * 0.5) * 0.5,
+                _ => d * (ls * 0.5) * 0.25,
+            };
+            let (entry, signs) = signed_group(wtype, b, ib, l);
+            signed_grid8(&mut y[32 * ib + 8 * l..], db, entry, signs);
         }
     }
 }
@@ -363,60 +342,12 @@ pub(crate) fn super_block_isum(wtype: DType, w: &[u8], a: &[u8]) -> i32 {
     for ib in 0..QK_K / 32 {
         let e = 32 * ib;
         isum += match wtype {
-            DType::IQ2XXS => {
-                let aux = u32_at(w, 6 + 8 * ib);
-                let s: i32 = (0..4)
-                    .map(|l| {
-                        let signs = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
-                        let entry = IQ2XXS_GRID[w[2 + 8 * ib + l] as usize];
-                        signed_dot8(entry, signs, a, e + 8 * l)
-                    })
-                    .sum();
-                (2 * (aux >> 28) as i32 + 1) * s
-            }
-            DType::IQ2XS => {
-                let sc = w[66 + ib];
-                let part = |l: usize| {
-                    let q = u16_at(w, 2 + 2 * (4 * ib + l));
-                    let entry = IQ2XS_GRID[(q & 511) as usize];
-                    signed_dot8(entry, KSIGNS_IQ2XS[(q >> 9) as usize], a, e + 8 * l)
-                };
-                (2 * (sc & 0xF) as i32 + 1) * (part(0) + part(1))
-                    + (2 * (sc >> 4) as i32 + 1) * (part(2) + part(3))
-            }
-            DType::IQ2S => {
-                let sc = w[74 + ib];
-                let part = |l: usize| {
-                    let entry = IQ2S_GRID[iq2_s_index(w, ib, l)];
-                    signed_dot8(entry, w[34 + 4 * ib + l], a, e + 8 * l)
-                };
-                (2 * (sc & 0xF) as i32 + 1) * (part(0) + part(1))
-                    + (2 * (sc >> 4) as i32 + 1) * (part(2) + part(3))
-            }
-            DType::IQ3XXS => {
-                let aux = u32_at(w, 66 + 4 * ib);
-                let s: i32 = (0..4)
-                    .map(|l| {
-                        let signs = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
-                        let g1 = IQ3XXS_GRID[w[2 + 8 * ib + 2 * l] as usize] as u64;
-                        let g2 = IQ3XXS_GRID[w[3 + 8 * ib + 2 * l] as usize] as u64;
-                        signed_dot8(g1 | g2 << 32, signs, a, e + 8 * l)
-                    })
-                    .sum();
-                (2 * (aux >> 28) as i32 + 1) * s
-            }
-            DType::IQ3S => {
-                let sc = w[106 + ib / 2];
-                let ls = if ib % 2 == 0 { sc & 0xF } else { sc >> 4 };
-                let s: i32 = (0..4)
-                    .map(|l| {
-                        let (g1, g2) = iq3_s_entries(w, ib, l);
-                        let entry = g1 as u64 | (g2 as u64) << 32;
-                        signed_dot8(entry, w[74 + 4 * ib + l], a, e + 8 * l)
-                    })
-                    .sum();
-                (2 * ls as i32 + 1) * s
-            }
+            DType::IQ2XXS | DType::IQ2XS | DType::IQ2S | DType::IQ3XXS | DType::IQ3S => (0..4)
+                .map(|l| {
+                    let (entry, signs) = signed_group(wtype, w, ib, l);
+                    group_scale(wtype, w, ib, l) * signed_dot8(entry, signs, a, e + 8 * l)
+                })
+                .sum::<i32>(),
             DType::IQ1S => {
                 let qh = u16_at(w, 34 + 2 * ib) as usize;
                 let ls = 2 * ((qh >> 12) & 7) as i32 + 1;
