@@ -260,51 +260,64 @@ fn split_outputs_and_split_inputs() {
     }
 }
 
+/// `herd` with `args`, its output.
+fn herd(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The f32 Llama 4 of tests/fixtures/llama4_iq (rows of 256; `herd random-model … --seed 11`,
+/// the model llama.cpp quantized there), written into `dir`.
+fn iq_fixture_f32(dir: &Path) -> PathBuf {
+    let f32_file = dir.join("f32.gguf");
+    let config = fixture("../llama4_iq/config.json");
+    let o = herd(&[
+        "random-model".as_ref(),
+        config.as_os_str(),
+        f32_file.as_os_str(),
+        "--type".as_ref(),
+        "f32".as_ref(),
+        "--seed".as_ref(),
+        "11".as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    f32_file
+}
+
 /// File types whose tensors herd cannot write (IQ1–IQ3) are refused before any work by `herd
 /// quantize`, and MXFP4_MOE (3-D experts only in files) by `--quantize` at load.
 #[test]
 fn types_herd_cannot_write_are_refused_up_front() {
     let tmp = tempfile::tempdir().unwrap();
     // Rows of 256, so IQ2_XXS does not fall back to IQ4_NL (which herd writes).
-    let f32_file = tmp.path().join("f32.gguf");
-    let config = fixture("../llama4_iq/config.json");
-    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .arg("random-model")
-        .arg(&config)
-        .arg(&f32_file)
-        .args(["--type", "f32"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f32_file = iq_fixture_f32(tmp.path());
     let out = tmp.path().join("out.gguf");
-    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .arg("quantize")
-        .arg(&f32_file)
-        .arg(&out)
-        .args(["--type", "iq2_xxs"])
-        .output()
-        .unwrap();
+    let o = herd(&[
+        "quantize".as_ref(),
+        f32_file.as_os_str(),
+        out.as_os_str(),
+        "--type".as_ref(),
+        "iq2_xxs".as_ref(),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && !out.exists(), "{err}");
     assert!(
         err.contains("iq2_xxs") && err.contains("does not write"),
         "{err}"
     );
-    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args([
-            "bench",
-            "-p",
-            "8",
-            "-n",
-            "0",
-            "-b",
-            "0",
-            "--quantize",
-            "mxfp4_moe",
-        ])
-        .arg(fixture("tiny-f32.gguf"))
-        .output()
-        .unwrap();
+    let tiny = fixture("tiny-f32.gguf");
+    let mut args: Vec<&std::ffi::OsStr> = ["bench", "-p", "8", "-n", "0", "-b", "0"]
+        .iter()
+        .map(|a| a.as_ref())
+        .collect();
+    args.extend([
+        "--quantize".as_ref(),
+        "mxfp4_moe".as_ref(),
+        tiny.as_os_str(),
+    ]);
+    let o = herd(&args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("mxfp4_moe"), "{err}");
 }
@@ -316,40 +329,30 @@ fn types_herd_cannot_write_are_refused_up_front() {
 #[test]
 fn iq4_xs_with_an_importance_matrix_equals_llama_quantize() {
     let tmp = tempfile::tempdir().unwrap();
-    let f32_file = tmp.path().join("f32.gguf");
-    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .arg("random-model")
-        .arg(fixture("../llama4_iq/config.json"))
-        .arg(&f32_file)
-        .args(["--type", "f32", "--seed", "11"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f32_file = iq_fixture_f32(tmp.path());
     let theirs = GgufFile::open(&fixture("../llama4_iq/iq4_xs.gguf")).unwrap();
+    let quantize_iq4_xs = |out: &Path, imatrix: Option<PathBuf>| {
+        let mut args = vec![
+            "quantize".as_ref(),
+            f32_file.as_os_str(),
+            out.as_os_str(),
+            "--type".as_ref(),
+            "iq4_xs".as_ref(),
+        ];
+        if let Some(m) = &imatrix {
+            args.extend(["--imatrix".as_ref(), m.as_os_str()]);
+        }
+        let o = herd(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        GgufFile::open(out).unwrap()
+    };
     for imatrix in ["imatrix.gguf", "imatrix.dat"] {
         let out = tmp.path().join(format!("{imatrix}.iq4_xs.gguf"));
-        let o = Command::new(env!("CARGO_BIN_EXE_herd"))
-            .arg("quantize")
-            .arg(&f32_file)
-            .arg(&out)
-            .args(["--type", "iq4_xs", "--imatrix"])
-            .arg(fixture(&format!("../llama4_iq/{imatrix}")))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_same_tensors(&GgufFile::open(&out).unwrap(), &theirs);
+        let ours = quantize_iq4_xs(&out, Some(fixture(&format!("../llama4_iq/{imatrix}"))));
+        assert_same_tensors(&ours, &theirs);
     }
     // Without the matrix the bytes differ: the matrix is what made them equal.
-    let out = tmp.path().join("plain.gguf");
-    let o = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .arg("quantize")
-        .arg(&f32_file)
-        .arg(&out)
-        .args(["--type", "iq4_xs"])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let plain = GgufFile::open(&out).unwrap();
+    let plain = quantize_iq4_xs(&tmp.path().join("plain.gguf"), None);
     let t = plain.tensor_info("blk.0.attn_q.weight").unwrap();
     let u = theirs.tensor_info("blk.0.attn_q.weight").unwrap();
     assert_ne!(

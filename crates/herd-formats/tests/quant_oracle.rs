@@ -73,25 +73,32 @@ fn dequantization_equals_the_oracle_bit_for_bit() {
     }
 }
 
+/// herd's quantization of `src` to `t` equals the fixture's `<t>.q` (ggml's bytes), block for
+/// block.
+fn assert_quantization_matches(f: &GgufFile, t: DType, src: &[f32]) {
+    let info = f
+        .tensor_info(&format!("{}.q", t.name().to_lowercase()))
+        .unwrap();
+    let want = f.tensor_bytes(info);
+    let mut got = vec![0u8; want.len()];
+    quantize(t, src, &mut got);
+    let bad_blocks = got
+        .chunks_exact(t.type_size())
+        .zip(want.as_slice().chunks_exact(t.type_size()))
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        bad_blocks, 0,
+        "{t}: {bad_blocks} blocks differ from llama.cpp"
+    );
+}
+
 #[test]
 fn quantization_equals_llama_cpp_byte_for_byte() {
     let f = fixture();
     for t in TYPES {
-        let name = t.name().to_lowercase();
-        let src = f32_tensor(&f, &format!("{name}.src"));
-        let info = f.tensor_info(&format!("{name}.q")).unwrap();
-        let want = f.tensor_bytes(info);
-        let mut got = vec![0u8; want.len()];
-        quantize(t, &src, &mut got);
-        let bad_blocks = got
-            .chunks_exact(t.type_size())
-            .zip(want.as_slice().chunks_exact(t.type_size()))
-            .filter(|(a, b)| a != b)
-            .count();
-        assert_eq!(
-            bad_blocks, 0,
-            "{t}: {bad_blocks} blocks differ from llama.cpp"
-        );
+        let src = f32_tensor(&f, &format!("{}.src", t.name().to_lowercase()));
+        assert_quantization_matches(&f, t, &src);
     }
 }
 
@@ -125,21 +132,7 @@ fn iq4_and_mxfp4_quantization_equals_llama_cpp_byte_for_byte() {
     let f = fixture();
     let src = f32_tensor(&f, "q4_0.src");
     for t in [DType::IQ4NL, DType::IQ4XS, DType::MXFP4] {
-        let info = f
-            .tensor_info(&format!("{}.q", t.name().to_lowercase()))
-            .unwrap();
-        let want = f.tensor_bytes(info);
-        let mut got = vec![0u8; want.len()];
-        quantize(t, &src, &mut got);
-        let bad_blocks = got
-            .chunks_exact(t.type_size())
-            .zip(want.as_slice().chunks_exact(t.type_size()))
-            .filter(|(a, b)| a != b)
-            .count();
-        assert_eq!(
-            bad_blocks, 0,
-            "{t}: {bad_blocks} blocks differ from llama.cpp"
-        );
+        assert_quantization_matches(&f, t, &src);
     }
 }
 
