@@ -4,6 +4,7 @@
 //! Nothing here does tensor arithmetic (that is `herd-models` and `herd-kernels`) or speaks
 //! HTTP (that is `herd-server`).
 
+pub mod card;
 pub mod chat;
 pub mod constraint;
 pub mod detokenize;
@@ -13,6 +14,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
 
+pub use card::{ModelCard, model_card};
 pub use chat::{ChatTemplate, Message};
 pub use detokenize::{StopMatcher, StreamDecoder};
 pub use tokenizer::Tokenizer;

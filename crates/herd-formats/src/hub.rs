@@ -2,10 +2,12 @@
 //! repositories): whole files downloaded resumably and checked against the hub's SHA-256, or the
 //! first bytes of a file (a config, a GGUF header) without downloading the rest.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+use crate::download::{download_err, download_resumable};
 
 use crate::{Error, Result};
 
@@ -32,10 +34,7 @@ impl Hub {
     }
 
     pub fn new(endpoint: &str, token: Option<String>) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+        let agent = crate::download::agent();
         Self {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token,
@@ -156,51 +155,27 @@ impl Hub {
         repo: &str,
         file: &str,
         dest: &Path,
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<PathBuf> {
         let url = self.url(repo, file);
-        let partial = PathBuf::from(format!("{}.partial", dest.display()));
-        let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
-        let mut resp = self.get(&url, (have > 0).then(|| format!("bytes={have}-")))?;
-        let resumed = resp.status().as_u16() == 206;
-        let etag = ["x-linked-etag", "etag"]
-            .iter()
-            .find_map(|h| resp.headers().get(*h).and_then(|v| v.to_str().ok()))
-            .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string());
-        let len: u64 = resp
-            .headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let start = if resumed { have } else { 0 };
-        let total = start + len;
-        let mut out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(resumed)
-            .write(true)
-            .truncate(!resumed)
-            .open(&partial)
-            .map_err(|e| hub_err(&partial.display().to_string(), e))?;
-        let mut reader = resp.body_mut().as_reader();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut done = start;
-        loop {
-            let n = reader.read(&mut buf).map_err(|e| hub_err(&url, e))?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buf[..n])
-                .map_err(|e| hub_err(&partial.display().to_string(), e))?;
-            done += n as u64;
-            progress(done, total);
-        }
-        out.flush()
-            .map_err(|e| hub_err(&partial.display().to_string(), e))?;
-        drop(out);
-        let want = etag.filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()));
-        commit_verified(&partial, dest, want.as_deref())
-            .map_err(|e| Error::Hub(format!("{url}: {e}")))?;
+        download_resumable(
+            &url,
+            dest,
+            |range| self.get(&url, range),
+            |resp| {
+                ["x-linked-etag", "etag"]
+                    .iter()
+                    .find_map(|h| resp.headers().get(*h).and_then(|v| v.to_str().ok()))
+                    .map(|v| v.trim_start_matches("W/").trim_matches('"').to_string())
+                    .filter(|e| e.len() == 64 && e.bytes().all(|b| b.is_ascii_hexdigit()))
+            },
+            progress,
+        )
+        .map_err(|e| match e {
+            Error::Download(m) if !m.contains(&url) => Error::Hub(format!("{url}: {m}")),
+            Error::Download(m) => Error::Hub(m),
+            e => e,
+        })?;
         Ok(dest.to_path_buf())
     }
 }
@@ -227,24 +202,25 @@ pub fn commit_verified(partial: &Path, dest: &Path, sha256: Option<&str>) -> Res
         let got = sha256_file(partial)?;
         if got != want {
             let _ = std::fs::remove_file(partial);
-            return Err(Error::Hub(format!(
+            return Err(Error::Download(format!(
                 "{}: checksum mismatch (got {got}, expected {want}); the download was removed",
                 dest.display()
             )));
         }
     }
-    std::fs::rename(partial, dest).map_err(|e| hub_err(&dest.display().to_string(), e))
+    std::fs::rename(partial, dest).map_err(|e| download_err(&dest.display().to_string(), e))
 }
 
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| hub_err(&path.display().to_string(), e))?;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| download_err(&path.display().to_string(), e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f
             .read(&mut buf)
-            .map_err(|e| hub_err(&path.display().to_string(), e))?;
+            .map_err(|e| download_err(&path.display().to_string(), e))?;
         if n == 0 {
             break;
         }

@@ -7,11 +7,13 @@
 //! trusted; bad files give an [`Error`] that names the file, never a panic.
 
 mod bytes;
+mod download;
 pub mod gguf;
 pub mod hf;
 pub mod hub;
 pub mod imatrix;
 pub mod npy;
+pub mod pypi;
 pub mod quantize;
 pub mod random;
 pub mod safetensors;
@@ -61,6 +63,11 @@ pub enum Error {
     Tokenizer { path: PathBuf, reason: String },
     #[error("hub: {0}")]
     Hub(String),
+    /// A download that failed or did not match its checksum (the message names the URL or file).
+    #[error("{0}")]
+    Download(String),
+    #[error("package index: {0}")]
+    PackageIndex(String),
     #[error("quantize: {0}")]
     Quantize(String),
     #[error("{path}: {reason}")]
