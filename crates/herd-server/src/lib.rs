@@ -397,57 +397,83 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
     handle(st, headers, body, Endpoint::Completions).await
 }
 
-async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Body, ep: Endpoint) -> Response {
-    let in_flight = InFlight::begin(&st);
+/// A generation request the scheduler accepted: what every API's response writer reads.
+struct Started {
+    job: Job,
+    run: Running,
+    prompt_tokens: usize,
+}
+
+/// What every API does with a generation request before its response takes shape: check the
+/// key, read the body within its limits, read it into a [`Job`] with `parse` (the API's own
+/// request shape), render and tokenize the prompt, check it fits, compile the output
+/// constraint, and submit. A constrained stream waits for its first event here, so that a
+/// grammar that fails at its first step is a 400 like a whole response's, not a 200 stream
+/// that fails (its first token comes no later for it). Errors are counted in the metrics.
+async fn start(
+    st: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Body,
+    parse: impl FnOnce(&[u8]) -> ApiResult<Job>,
+) -> ApiResult<Started> {
+    let started = start_inner(st, headers, body, parse).await;
+    if started.is_err() {
+        st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
+    }
+    started
+}
+
+async fn start_inner(
+    st: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Body,
+    parse: impl FnOnce(&[u8]) -> ApiResult<Job>,
+) -> ApiResult<Started> {
+    let in_flight = InFlight::begin(st);
     // The key is checked before the body is read: a client without one sends nothing more.
-    let read = match authorize(&st, &headers) {
-        Ok(tenant) => read_body(&st, body).await.map(|body| (tenant, body)),
-        Err(e) => Err(e),
-    };
+    let tenant = authorize(st, headers)?;
+    let body = read_body(st, body).await?;
     // Latency counts from the whole request's arrival (a slow upload is the client's time).
     let arrived = Instant::now();
+    let job = parse(&body)?;
     // Templating and tokenizing (linear, but a long prompt still takes milliseconds) run on a
     // blocking thread, never on the runtime that serves every connection.
-    let prepared =
-        match read.and_then(|(tenant, body)| openai::parse(&body, ep).map(|job| (tenant, job))) {
-            Ok((tenant, job)) => {
-                let st = st.clone();
-                tokio::task::spawn_blocking(move || prepare(&st, job).map(|(j, p)| (tenant, j, p)))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ApiError::bad_request("internal error preparing the prompt")
-                            .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error"))
-                    })
-            }
-            Err(e) => Err(e),
-        };
-    let (tenant, job, prompt) = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
-            return error_response(&e);
-        }
+    let (job, prompt) = {
+        let st = st.clone();
+        tokio::task::spawn_blocking(move || prepare(&st, job))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::bad_request("internal error preparing the prompt")
+                    .status(StatusCode::INTERNAL_SERVER_ERROR, "server_error"))
+            })?
     };
     // The prompt must fit before a grammar is compiled for it (seconds for a large schema).
-    let constraint = match fits_context(&st, &job, &prompt) {
-        Ok(()) => compile_constraint(&st, &job).await,
-        Err(e) => Err(e),
-    };
-    let constraint = match constraint {
-        Ok(c) => c,
-        Err(e) => {
-            st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
-            return error_response(&e);
-        }
-    };
+    fits_context(st, &job, &prompt)?;
+    let constraint = compile_constraint(st, &job).await?;
     let constrained = constraint.is_some();
     let salt = cache_salt(tenant, job.cache_salt.as_deref());
-    let run = match submit(&st, &job, &prompt, constraint, salt, arrived, in_flight) {
-        Ok(r) => r,
-        Err(e) => {
-            st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
-            return error_response(&e);
+    let mut run = submit(st, &job, &prompt, constraint, salt, arrived, in_flight)?;
+    if job.stream && constrained {
+        match run.rx.recv().await {
+            Some((_, Event::GrammarFailed(why), _)) => return Err(grammar_failed(why)),
+            first => run.first = first,
         }
+    }
+    Ok(Started {
+        job,
+        run,
+        prompt_tokens: prompt.len(),
+    })
+}
+
+async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Body, ep: Endpoint) -> Response {
+    let Started {
+        job,
+        run,
+        prompt_tokens,
+    } = match start(&st, &headers, body, |b| openai::parse(b, ep)).await {
+        Ok(s) => s,
+        Err(e) => return error_response(&e),
     };
     let created = unix_now();
     let id = format!(
@@ -468,22 +494,8 @@ async fn handle(st: Arc<AppState>, headers: HeaderMap, body: Body, ep: Endpoint)
         endpoint: ep,
         logprobs: job.logprobs,
         include_usage: job.include_usage,
-        prompt_tokens: prompt.len(),
+        prompt_tokens,
     };
-    if job.stream && constrained {
-        // A constrained stream's headers wait for its first event, so that a grammar that
-        // fails at its first step (one that accepts nothing) is a 400 like a whole response's,
-        // not a 200 stream that fails. Its first token comes no later for it.
-        let mut run = run;
-        match run.rx.recv().await {
-            Some((_, Event::GrammarFailed(why), _)) => {
-                st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
-                return error_response(&grammar_failed(why));
-            }
-            first => run.first = first,
-        }
-        return stream_response(st, run, meta);
-    }
     if job.stream {
         stream_response(st, run, meta)
     } else {
@@ -1138,12 +1150,66 @@ fn completion_logprobs(c: &Choice) -> Value {
     json!({"tokens": c.tokens, "token_logprobs": c.token_logprobs, "top_logprobs": c.top, "text_offset": offsets})
 }
 
-/// The chat `logprobs` of held-back tokens sent together (`null` without logprobs).
-fn held_content_logprobs(held: &mut Vec<Value>, logprobs: bool) -> Value {
-    if logprobs {
-        json!({"content": std::mem::take(held)})
-    } else {
-        Value::Null
+/// One choice's output on its way to a client. With tools in play, text is held back while it
+/// may be a call: from the start when a call is forced, else until its first non-blank
+/// character shows whether it opens JSON (`{` or `[`); held text that parses as calls to the
+/// offered tools becomes calls at the end. Shared by every API's stream writer.
+struct CallHold {
+    /// The text held so far (`None`: not holding, text passes through).
+    held: Option<String>,
+    /// Holding until the first non-blank character decides.
+    undecided: bool,
+    /// Logprob entries of the held tokens, sent with their text.
+    logprobs: Vec<Value>,
+}
+
+/// How a choice ends: as calls, or as its last text (with the logprob entries of held tokens).
+enum Finale {
+    Calls(Vec<tools::Call>),
+    Text(String, Vec<Value>),
+}
+
+impl CallHold {
+    fn new(tools: Option<&tools::Tools>) -> Self {
+        let forced = tools.is_some_and(|t| t.forced_schema().is_some());
+        Self {
+            held: tools.map(|_| String::new()),
+            undecided: tools.is_some() && !forced,
+            logprobs: Vec::new(),
+        }
+    }
+
+    /// A token's text (and its logprob entry): what to send now, or `None` while it is held.
+    fn token(&mut self, text: &str, logprob: Option<Value>) -> Option<(String, Vec<Value>)> {
+        let Some(buf) = self.held.as_mut() else {
+            return Some((text.to_string(), logprob.into_iter().collect()));
+        };
+        buf.push_str(text);
+        self.logprobs.extend(logprob);
+        match buf.trim_start().chars().next() {
+            // Plain text after all: send what was held and stream from here.
+            Some(c) if self.undecided && c != '{' && c != '[' => Some((
+                self.held.take().unwrap_or_default(),
+                std::mem::take(&mut self.logprobs),
+            )),
+            Some(_) => {
+                self.undecided = false;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The choice's last text arrived: held text that parses as calls is calls.
+    fn done(&mut self, text: &str, tools: Option<&tools::Tools>) -> Finale {
+        let Some(mut buf) = self.held.take() else {
+            return Finale::Text(text.to_string(), Vec::new());
+        };
+        buf.push_str(text);
+        match tools.and_then(|t| t.parse_calls(&buf)) {
+            Some(calls) => Finale::Calls(calls),
+            None => Finale::Text(buf, std::mem::take(&mut self.logprobs)),
+        }
     }
 }
 
@@ -1214,17 +1280,7 @@ async fn pump(
         last: vec![None; n],
     };
     let (mut open, mut completion, mut cached) = (n, 0, 0);
-    // With tools in play, a choice's text is held back while it may be a call: from the start
-    // when a call is forced, else until its first non-blank character shows whether it opens
-    // JSON. Held text that parses as calls is sent as `tool_calls` at the end.
-    let forced = meta
-        .tools
-        .as_ref()
-        .is_some_and(|t| t.forced_schema().is_some());
-    let mut held: Vec<Option<String>> = vec![meta.tools.as_ref().map(|_| String::new()); n];
-    let mut undecided = vec![meta.tools.is_some() && !forced; n];
-    // Logprob entries of held tokens, sent with their text.
-    let mut held_logprobs: Vec<Vec<Value>> = vec![Vec::new(); n];
+    let mut holds: Vec<CallHold> = (0..n).map(|_| CallHold::new(meta.tools.as_ref())).collect();
     while open > 0 {
         // A client that leaves while its request waits (queued, or in a long prefill) is seen
         // at once, not at the next event: the guard then cancels the request before compute.
@@ -1236,82 +1292,36 @@ async fn pump(
             return;
         };
         let ok = match event {
-            Event::Token { text, sampled } if held[i].is_some() => {
+            Event::Token { sampled, text } => {
                 timing.token(&st, run.arrived, i, at);
-                if meta.logprobs {
-                    held_logprobs[i].push(openai::chat_logprob(&tok, &sampled));
-                }
-                let buf = held[i].as_mut().expect("held");
-                buf.push_str(&text);
-                match buf.trim_start().chars().next() {
-                    Some(c) if undecided[i] && c != '{' && c != '[' => {
-                        // Plain text after all: send what was held, with the logprobs of its
-                        // tokens, and stream from here.
-                        let text = held[i].take().unwrap_or_default();
-                        let lp = held_content_logprobs(&mut held_logprobs[i], meta.logprobs);
+                let lp = if !meta.logprobs {
+                    None
+                } else if meta.endpoint == Endpoint::Chat {
+                    Some(openai::chat_logprob(&tok, &sampled))
+                } else {
+                    let mut c = Choice::default();
+                    c.record(&tok, &sampled, &text);
+                    Some(completion_logprobs(&c))
+                };
+                match holds[i].token(&text, lp) {
+                    None => true,
+                    // Held-back text (a partial character or stop string) sends nothing yet,
+                    // unless logprobs are asked for: every token then has its chunk.
+                    Some((text, lps)) if text.is_empty() && lps.is_empty() => true,
+                    Some((text, lps)) => {
+                        let lp = match (meta.logprobs, meta.endpoint) {
+                            (false, _) => Value::Null,
+                            (true, Endpoint::Chat) => json!({"content": lps}),
+                            (true, Endpoint::Completions) => {
+                                lps.into_iter().next().unwrap_or(Value::Null)
+                            }
+                        };
                         send(chunk(
                             vec![piece(i, &text, lp, Value::Null)],
                             usage_field(Value::Null),
                         ))
                         .await
                     }
-                    Some(_) => {
-                        undecided[i] = false;
-                        true
-                    }
-                    None => true,
-                }
-            }
-            Event::Done {
-                text,
-                finish,
-                usage,
-            } if held[i].is_some() => {
-                open -= 1;
-                completion += usage.completion_tokens;
-                cached = cached.max(usage.cached_tokens);
-                let mut buf = held[i].take().unwrap_or_default();
-                buf.push_str(&text);
-                let calls = meta.tools.as_ref().and_then(|t| t.parse_calls(&buf));
-                let (body, reason) = match calls {
-                    Some(calls) => (
-                        json!({"index": i, "delta": {"tool_calls": tool_calls_json(&meta.id, i, &calls, true)},
-                               "logprobs": null, "finish_reason": null}),
-                        "tool_calls",
-                    ),
-                    None => {
-                        let lp = held_content_logprobs(&mut held_logprobs[i], meta.logprobs);
-                        (piece(i, &buf, lp, Value::Null), finish.as_str())
-                    }
-                };
-                send(chunk(vec![body], usage_field(Value::Null))).await
-                    && send(chunk(
-                        vec![piece(i, "", Value::Null, Value::from(reason))],
-                        usage_field(Value::Null),
-                    ))
-                    .await
-            }
-            Event::Token { sampled, text } => {
-                timing.token(&st, run.arrived, i, at);
-                let lp = if !meta.logprobs {
-                    Value::Null
-                } else if meta.endpoint == Endpoint::Chat {
-                    json!({"content": [openai::chat_logprob(&tok, &sampled)]})
-                } else {
-                    let mut c = Choice::default();
-                    c.record(&tok, &sampled, &text);
-                    completion_logprobs(&c)
-                };
-                // Held-back text (a partial character or stop string) sends nothing yet, unless
-                // logprobs are asked for: every token then has its chunk.
-                if text.is_empty() && lp.is_null() {
-                    true
-                } else {
-                    send(chunk(
-                        vec![piece(i, &text, lp, Value::Null)],
-                        usage_field(Value::Null),
-                    ))
-                    .await
                 }
             }
             Event::Done {
@@ -1322,16 +1332,31 @@ async fn pump(
                 open -= 1;
                 completion += usage.completion_tokens;
                 cached = cached.max(usage.cached_tokens);
-                let mut ok = true;
-                if !text.is_empty() {
-                    ok = send(chunk(
-                        vec![piece(i, &text, Value::Null, Value::Null)],
-                        usage_field(Value::Null),
-                    ))
-                    .await;
-                }
-                ok && send(chunk(
-                    vec![piece(i, "", Value::Null, Value::from(finish.as_str()))],
+                let (body, reason) = match holds[i].done(&text, meta.tools.as_ref()) {
+                    Finale::Calls(calls) => (
+                        Some(
+                            json!({"index": i, "delta": {"tool_calls": tool_calls_json(&meta.id, i, &calls, true)},
+                                    "logprobs": null, "finish_reason": null}),
+                        ),
+                        "tool_calls",
+                    ),
+                    Finale::Text(text, lps) => {
+                        let lp = if meta.logprobs && !lps.is_empty() {
+                            json!({"content": lps})
+                        } else {
+                            Value::Null
+                        };
+                        let body = (!text.is_empty() || !lp.is_null())
+                            .then(|| piece(i, &text, lp, Value::Null));
+                        (body, finish.as_str())
+                    }
+                };
+                let sent = match body {
+                    Some(b) => send(chunk(vec![b], usage_field(Value::Null))).await,
+                    None => true,
+                };
+                sent && send(chunk(
+                    vec![piece(i, "", Value::Null, Value::from(reason))],
                     usage_field(Value::Null),
                 ))
                 .await
