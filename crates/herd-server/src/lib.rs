@@ -1,4 +1,5 @@
-//! `herd serve`: the OpenAI HTTP API over the continuous-batching scheduler.
+//! `herd serve`: the OpenAI HTTP API, and Ollama's (`ollama`), over the continuous-batching
+//! scheduler.
 //!
 //! The listener opens before the model loads (`/health` answers 503 until it is ready). Each
 //! request is validated (`openai`), rendered through the chat template, tokenized and submitted
@@ -8,6 +9,7 @@
 
 pub mod conn;
 pub mod metrics;
+pub mod ollama;
 pub mod openai;
 pub mod request;
 pub mod tools;
@@ -50,6 +52,10 @@ pub struct Engine {
     pub max_token_bytes: usize,
     /// Each token's bytes as it adds them to text (logprobs report them).
     pub token_bytes: Arc<Vec<Vec<u8>>>,
+    /// What the model is (listings: Ollama's `/api/tags`, `/api/show`).
+    pub card: herd_engine::ModelCard,
+    /// The model's own chat template source, when it has one.
+    pub template_source: Option<String>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -129,8 +135,13 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
         model,
         tokenizer,
         family,
-        ..
+        path,
     } = loaded;
+    let card = herd_engine::model_card(&path).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot describe the model for listings");
+        herd_engine::ModelCard::default()
+    });
+    let template_source = tokenizer.chat_template.clone();
     let template = match ChatTemplate::for_model(tokenizer.chat_template.as_deref(), &family) {
         Ok((t, source)) => {
             if source == herd_engine::chat::TemplateSource::Builtin {
@@ -162,6 +173,8 @@ pub fn engine(loaded: herd_engine::Loaded, config: SchedulerConfig) -> herd_engi
         family,
         max_token_bytes,
         token_bytes: Arc::new(token_bytes),
+        card,
+        template_source,
     })
 }
 
@@ -175,6 +188,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*id}", get(model))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .merge(ollama::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
@@ -404,38 +418,57 @@ struct Started {
     prompt_tokens: usize,
 }
 
-/// What every API does with a generation request before its response takes shape: check the
-/// key, read the body within its limits, read it into a [`Job`] with `parse` (the API's own
-/// request shape), render and tokenize the prompt, check it fits, compile the output
-/// constraint, and submit. A constrained stream waits for its first event here, so that a
-/// grammar that fails at its first step is a 400 like a whole response's, not a 200 stream
-/// that fails (its first token comes no later for it). Errors are counted in the metrics.
+/// What every API does with a generation request before its response takes shape:
+/// [`read_request`], the API's own `parse` into a [`Job`], then [`launch`]. Errors are counted
+/// in the metrics.
 async fn start(
     st: &Arc<AppState>,
     headers: &HeaderMap,
     body: Body,
     parse: impl FnOnce(&[u8]) -> ApiResult<Job>,
 ) -> ApiResult<Started> {
-    let started = start_inner(st, headers, body, parse).await;
+    let started = match read_request(st, headers, body).await {
+        Ok(req) => match parse(&req.body) {
+            Ok(job) => launch(st, req, job).await,
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     if started.is_err() {
         st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
     }
     started
 }
 
-async fn start_inner(
-    st: &Arc<AppState>,
-    headers: &HeaderMap,
-    body: Body,
-    parse: impl FnOnce(&[u8]) -> ApiResult<Job>,
-) -> ApiResult<Started> {
+/// A generation request's body, read and authorized.
+struct Arrived {
+    in_flight: InFlight,
+    tenant: Tenant,
+    body: Bytes,
+    /// When the whole body had arrived (latency counts from here: a slow upload is the
+    /// client's time).
+    at: Instant,
+}
+
+/// Count the request in flight, check the key (before the body is read: a client without one
+/// sends nothing more), and read the body within its limits.
+async fn read_request(st: &Arc<AppState>, headers: &HeaderMap, body: Body) -> ApiResult<Arrived> {
     let in_flight = InFlight::begin(st);
-    // The key is checked before the body is read: a client without one sends nothing more.
     let tenant = authorize(st, headers)?;
     let body = read_body(st, body).await?;
-    // Latency counts from the whole request's arrival (a slow upload is the client's time).
-    let arrived = Instant::now();
-    let job = parse(&body)?;
+    Ok(Arrived {
+        in_flight,
+        tenant,
+        body,
+        at: Instant::now(),
+    })
+}
+
+/// Render and tokenize a job's prompt, check it fits, compile its output constraint, and
+/// submit it. A constrained stream waits for its first event here, so that a grammar that
+/// fails at its first step is a 400 like a whole response's, not a 200 stream that fails (its
+/// first token comes no later for it).
+async fn launch(st: &Arc<AppState>, req: Arrived, job: Job) -> ApiResult<Started> {
     // Templating and tokenizing (linear, but a long prompt still takes milliseconds) run on a
     // blocking thread, never on the runtime that serves every connection.
     let (job, prompt) = {
@@ -451,8 +484,8 @@ async fn start_inner(
     fits_context(st, &job, &prompt)?;
     let constraint = compile_constraint(st, &job).await?;
     let constrained = constraint.is_some();
-    let salt = cache_salt(tenant, job.cache_salt.as_deref());
-    let mut run = submit(st, &job, &prompt, constraint, salt, arrived, in_flight)?;
+    let salt = cache_salt(req.tenant, job.cache_salt.as_deref());
+    let mut run = submit(st, &job, &prompt, constraint, salt, req.at, req.in_flight)?;
     if job.stream && constrained {
         match run.rx.recv().await {
             Some((_, Event::GrammarFailed(why), _)) => return Err(grammar_failed(why)),
@@ -805,14 +838,30 @@ fn grammar_failed(why: String) -> ApiError {
 /// `max_tokens` when the client set it (OpenAI answers 400 there too, rather than cutting the
 /// output short).
 fn fits_context(st: &AppState, job: &Job, prompt: &[u32]) -> ApiResult<()> {
-    let context = ready(st)?.scheduler.config().context;
+    let engine = ready(st)?;
+    let server = engine.scheduler.config().context;
+    if let Some((asked, field)) = job.context_limit
+        && asked > server
+    {
+        return Err(ApiError::bad_request(format!(
+            "'{field}' is {asked}, more than this server's context of {server} tokens (the KV \
+             cache is sized when the server starts: start it with a larger --ctx-size)"
+        ))
+        .param(field)
+        .code("context_length_exceeded"));
+    }
+    let context = job_context(engine, job);
+    let whose = match job.context_limit {
+        Some((_, field)) => format!("the request's context ({field})"),
+        None => "this server's context".to_string(),
+    };
     let prompt_param = match job.prompt_source {
         PromptSource::Messages(_) => "messages",
         _ => "prompt",
     };
     if prompt.len() >= context {
         return Err(ApiError::bad_request(format!(
-            "the prompt has {} tokens; this server's context is {context} tokens",
+            "the prompt has {} tokens; {whose} is {context} tokens",
             prompt.len()
         ))
         .param(prompt_param)
@@ -822,7 +871,7 @@ fn fits_context(st: &AppState, job: &Job, prompt: &[u32]) -> ApiResult<()> {
         && prompt.len() + max > context
     {
         return Err(ApiError::bad_request(format!(
-            "this server's context is {context} tokens, and the request asks for {} ({} in the \
+            "{whose} is {context} tokens, and the request asks for {} ({} in the \
              prompt, {max} to generate): lower {} or shorten the prompt",
             prompt.len() + max,
             prompt.len(),
@@ -832,6 +881,12 @@ fn fits_context(st: &AppState, job: &Job, prompt: &[u32]) -> ApiResult<()> {
         .code("context_length_exceeded"));
     }
     Ok(())
+}
+
+/// The context a job's prompt and output must fit: the server's, or the job's own smaller one.
+fn job_context(engine: &Engine, job: &Job) -> usize {
+    let server = engine.scheduler.config().context;
+    job.context_limit.map_or(server, |(c, _)| c.min(server))
 }
 
 /// Grammar compilations running at once; more wait their turn (each can take seconds of CPU on
@@ -880,7 +935,7 @@ fn submit(
 ) -> ApiResult<Running> {
     fits_context(st, job, prompt)?;
     let engine = ready(st)?;
-    let context = engine.scheduler.config().context;
+    let context = job_context(engine, job);
     let max_tokens = job.max_tokens.unwrap_or(context - prompt.len());
     let seed = job.seed.unwrap_or_else(|| {
         SystemTime::now()

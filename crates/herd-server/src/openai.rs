@@ -98,6 +98,9 @@ pub struct Job {
     pub tools: Option<Tools>,
     /// The prefix-cache partition the client asked for (vLLM's `cache_salt`).
     pub cache_salt: Option<String>,
+    /// A context smaller than the server's that prompt and output must fit in (Ollama's
+    /// `num_ctx`), and the field it came from.
+    pub context_limit: Option<(usize, &'static str)>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +122,7 @@ fn in_range(key: &str, v: Option<f64>, lo: f64, hi: f64) -> ApiResult<Option<f64
 
 /// The 400 for a body that does not read as a request (`request::parse`'s error). Inside
 /// objects read by a tag (`role`, `type`) the path ends at the tagged object.
-fn parse_error(e: request::ParseError) -> ApiError {
+pub(crate) fn parse_error(e: request::ParseError) -> ApiError {
     let backticked = |prefix: &str| {
         e.message
             .strip_prefix(prefix)
@@ -171,9 +174,9 @@ fn parse_error(e: request::ParseError) -> ApiError {
     }
 }
 
-/// Parse and check a request body.
-pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
-    // A body that is not JSON at all gets serde_json's own message first.
+/// A body that is not JSON at all gets serde_json's own message; one that is JSON but not an
+/// object is said so (before any field is read).
+pub(crate) fn json_object(body: &[u8]) -> ApiResult<()> {
     if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
         return Err(ApiError::bad_request(format!(
             "the request body is not valid JSON: {e}"
@@ -184,6 +187,12 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
             "the request body must be a JSON object",
         ));
     }
+    Ok(())
+}
+
+/// Parse and check a request body.
+pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
+    json_object(body)?;
     let req = request::parse(body).map_err(parse_error)?;
     let chat = endpoint == Endpoint::Chat;
     if let Some(k) = req.foreign_fields(chat).first() {
@@ -360,6 +369,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
         grammar,
         tools,
         cache_salt,
+        context_limit: None,
     })
 }
 

@@ -381,8 +381,14 @@ pub struct ParseError {
 
 /// Read a request body.
 pub fn parse(body: &[u8]) -> Result<Request, ParseError> {
+    parse_as(body)
+}
+
+/// Read a request body into any request type (every API's requests read the same way: errors
+/// carry their JSON path, an unknown field is named).
+pub fn parse_as<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ParseError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let result: Result<Request, _> = serde_path_to_error::deserialize(&mut de);
+    let result: Result<T, _> = serde_path_to_error::deserialize(&mut de);
     let request = result.map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

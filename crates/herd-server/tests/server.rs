@@ -931,3 +931,201 @@ fn logprobs_carry_real_bytes_and_cover_every_token() {
         "{body}"
     );
 }
+
+/// The lines of an NDJSON body.
+fn ndjson(body: &str) -> Vec<Value> {
+    body.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn ollama_routes_translate_onto_the_same_engine() {
+    let s = start(SchedulerConfig::default(), Vec::new());
+    // Listings describe the served file.
+    let (status, text) = get(&s.base, "/api/version");
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        v["version"]
+            .as_str()
+            .is_some_and(|v| v.split('.').count() == 3)
+    );
+    let (_, text) = get(&s.base, "/api/tags");
+    let tags: Value = serde_json::from_str(&text).unwrap();
+    let m = &tags["models"][0];
+    assert_eq!(m["name"], "gemma3:270m");
+    let file_len = std::fs::metadata(model_path()).unwrap().len();
+    assert_eq!(m["size"], file_len);
+    assert_eq!(m["digest"].as_str().map(str::len), Some(64));
+    assert_eq!(m["details"]["format"], "gguf");
+    assert_eq!(m["details"]["family"], "gemma3");
+    assert_eq!(m["details"]["quantization_level"], "Q4_K_M");
+    assert_eq!(m["details"]["parameter_size"], "268.1M");
+    let show = post(&s.base, "/api/show", &json!({"model": "gemma3:270m"}));
+    assert_eq!(show["model_info"]["general.architecture"], "gemma3");
+    assert_eq!(show["model_info"]["gemma3.context_length"], 32768);
+    assert!(show["model_info"]["general.parameter_count"].as_u64() > Some(260_000_000));
+    let (_, text) = get(&s.base, "/api/ps");
+    let ps: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(ps["models"][0]["size_vram"], 0);
+    assert_eq!(
+        ps["models"][0]["context_length"],
+        SchedulerConfig::default().context
+    );
+
+    // /api/generate with `raw` is the completions path: the same text, greedy.
+    let prompt = "The capital of France is";
+    let openai = post(
+        &s.base,
+        "/v1/completions",
+        &json!({"model": "gemma3:270m", "prompt": prompt, "max_tokens": 12, "temperature": 0}),
+    );
+    let body = json!({"model": "gemma3:270m", "prompt": prompt, "raw": true, "stream": false,
+                      "options": {"temperature": 0, "num_predict": 12}});
+    let whole = post(&s.base, "/api/generate", &body);
+    assert_eq!(whole["response"], openai["choices"][0]["text"]);
+    assert_eq!(whole["done"], true);
+    assert_eq!(whole["done_reason"], "length");
+    assert_eq!(whole["eval_count"], 12);
+    assert_eq!(whole["load_duration"], 0);
+    let total = whole["total_duration"].as_u64().unwrap();
+    let parts =
+        whole["prompt_eval_duration"].as_u64().unwrap() + whole["eval_duration"].as_u64().unwrap();
+    assert!(total >= parts && parts > 0, "{whole}");
+    // The prompt was served from the prefix cache but for its last block's worth at most.
+    assert!(whole["prompt_eval_count"].as_u64() <= openai["usage"]["prompt_tokens"].as_u64());
+    assert!(
+        whole["created_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z') && t.contains('T'))
+    );
+
+    // Streamed: NDJSON, the same text in pieces, then the final object.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (status, text) = post_raw(&s.base, "/api/generate", &sb.to_string(), None);
+    assert_eq!(status, 200);
+    let lines = ndjson(&text);
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (&last["done"], &last["done_reason"]),
+        (&json!(true), &json!("length"))
+    );
+    assert_eq!(last["eval_count"], 12);
+    assert!(lines[..lines.len() - 1].iter().all(|l| l["done"] == false));
+    let streamed: String = lines
+        .iter()
+        .map(|l| l["response"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, whole["response"].as_str().unwrap());
+
+    // /api/chat through the chat template, equal to the OpenAI route's answer; with a schema,
+    // valid JSON that follows it.
+    let messages = json!([{"role": "user", "content": "Name a fruit."}]);
+    let openai = post(
+        &s.base,
+        "/v1/chat/completions",
+        &json!({"model": "gemma3:270m", "messages": messages, "max_tokens": 10, "temperature": 0}),
+    );
+    let chat = post(
+        &s.base,
+        "/api/chat",
+        &json!({"model": "gemma3:270m", "messages": messages, "stream": false,
+                "options": {"temperature": 0, "num_predict": 10}}),
+    );
+    assert_eq!(chat["message"]["role"], "assistant");
+    assert_eq!(
+        chat["message"]["content"],
+        openai["choices"][0]["message"]["content"]
+    );
+    let schema = json!({"type": "object", "properties": {"fruit": {"type": "string", "maxLength": 12}},
+                        "required": ["fruit"], "additionalProperties": false});
+    let (status, text) = post_raw(
+        &s.base,
+        "/api/chat",
+        &json!({"model": "gemma3:270m", "messages": messages, "format": schema,
+                "options": {"temperature": 0.7, "seed": 3}})
+        .to_string(),
+        None,
+    );
+    assert_eq!(status, 200);
+    let lines = ndjson(&text);
+    assert_eq!(lines.last().unwrap()["done_reason"], "stop");
+    let content: String = lines
+        .iter()
+        .map(|l| l["message"]["content"].as_str().unwrap())
+        .collect();
+    let parsed: Value = serde_json::from_str(&content).unwrap_or_else(|e| panic!("{content}: {e}"));
+    assert!(parsed["fruit"].is_string(), "{parsed}");
+
+    // Nothing to generate: the model is loaded.
+    let load = post(&s.base, "/api/generate", &json!({"model": "gemma3:270m"}));
+    assert_eq!(
+        (&load["done"], &load["done_reason"]),
+        (&json!(true), &json!("load"))
+    );
+    // The served model is "pulled"; another is a clear 400.
+    let pulled = post(&s.base, "/api/pull", &json!({"model": "gemma3:270m"}));
+    assert_eq!(pulled["status"], "success");
+
+    // Errors in Ollama's shape, and the server keeps serving.
+    for (path, body, status, needle) in [
+        (
+            "/api/chat",
+            json!({"model": "llama3", "messages": messages}),
+            404,
+            "not found",
+        ),
+        (
+            "/api/chat",
+            json!({"model": "gemma3:270m", "messages": messages, "options": {"mirostat": 2}}),
+            400,
+            "options.mirostat",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "gemma3:270m", "prompt": "x", "images": ["aGk="]}),
+            400,
+            "images",
+        ),
+        (
+            "/api/generate",
+            json!({"model": "gemma3:270m", "prompt": "x", "options": {"num_ctx": 1_000_000}}),
+            400,
+            "options.num_ctx",
+        ),
+        (
+            "/api/pull",
+            json!({"model": "llama3"}),
+            400,
+            "herd pull llama3",
+        ),
+        (
+            "/api/embed",
+            json!({"model": "gemma3:270m", "input": "x"}),
+            404,
+            "/api/embed",
+        ),
+    ] {
+        let (got, text) = post_raw(&s.base, path, &body.to_string(), None);
+        assert_eq!(got, status, "{path} {body}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let e = v["error"].as_str().unwrap_or_else(|| panic!("{text}"));
+        assert!(e.contains(needle), "{path} {body}: {e}");
+    }
+    // A prompt over a request's own num_ctx is refused naming it.
+    let (got, text) = post_raw(
+        &s.base,
+        "/api/generate",
+        &json!({"model": "gemma3:270m", "prompt": "word ".repeat(64), "raw": true,
+                "options": {"num_ctx": 16}})
+        .to_string(),
+        None,
+    );
+    assert_eq!(got, 400, "{text}");
+    assert!(text.contains("num_ctx"), "{text}");
+    let again = post(&s.base, "/api/generate", &body);
+    assert_eq!(again["response"], whole["response"]);
+}
