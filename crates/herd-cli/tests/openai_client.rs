@@ -3,7 +3,10 @@
 //! and completions (whole and streamed) against each other and against `herd run`, 32 concurrent
 //! streams against sequential runs, the error statuses and a disconnect;
 //! tests/openai/test_structured.py checks 33 JSON schemas (validated with `jsonschema`), JSON
-//! mode, regex and Lark grammars and schema errors. Then SIGTERM must stop the server cleanly.
+//! mode, regex and Lark grammars and schema errors; tests/ollama/test_client.py checks the
+//! official `ollama` client on the `/api` routes (listings, generate and chat whole and
+//! streamed against the OpenAI routes, schemas, a tool round trip, errors). Then SIGTERM must
+//! stop the server cleanly.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -90,6 +93,17 @@ fn official_openai_client_against_herd_serve() {
         "{structured_out}{}",
         String::from_utf8_lossy(&structured.stderr)
     );
+    let ollama = Command::new(&python)
+        .arg(root.join("tests/ollama/test_client.py"))
+        .args([
+            &format!("http://127.0.0.1:{port}"),
+            "gemma3:270m",
+            "test-key",
+        ])
+        .output()
+        .unwrap();
+    let ollama_out = String::from_utf8_lossy(&ollama.stdout);
+    eprintln!("{ollama_out}{}", String::from_utf8_lossy(&ollama.stderr));
 
     let term = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
@@ -105,6 +119,8 @@ fn official_openai_client_against_herd_serve() {
         "the structured output checks failed"
     );
     assert!(structured_out.contains("all checks passed"));
+    assert!(ollama.status.success(), "the ollama client checks failed");
+    assert!(ollama_out.contains("all checks passed"));
     assert!(
         status.success(),
         "herd serve exited with {status} after SIGTERM: {log:?}"
