@@ -5,8 +5,11 @@
 //! tests/openai/test_structured.py checks 33 JSON schemas (validated with `jsonschema`), JSON
 //! mode, regex and Lark grammars and schema errors; tests/ollama/test_client.py checks the
 //! official `ollama` client on the `/api` routes (listings, generate and chat whole and
-//! streamed against the OpenAI routes, schemas, a tool round trip, errors). Then SIGTERM must
-//! stop the server cleanly.
+//! streamed against the OpenAI routes, schemas, a tool round trip, errors);
+//! tests/anthropic/test_client.py checks the official `anthropic` client on `/v1/messages`
+//! (whole and streamed against the OpenAI route, count_tokens, stop sequences, forced tool
+//! calls whole and streamed, a tool round trip in Claude Code's shapes, typed errors). Then
+//! SIGTERM must stop the server cleanly.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -104,6 +107,20 @@ fn official_openai_client_against_herd_serve() {
         .unwrap();
     let ollama_out = String::from_utf8_lossy(&ollama.stdout);
     eprintln!("{ollama_out}{}", String::from_utf8_lossy(&ollama.stderr));
+    let anthropic = Command::new(&python)
+        .arg(root.join("tests/anthropic/test_client.py"))
+        .args([
+            &format!("http://127.0.0.1:{port}"),
+            "gemma3:270m",
+            "test-key",
+        ])
+        .output()
+        .unwrap();
+    let anthropic_out = String::from_utf8_lossy(&anthropic.stdout);
+    eprintln!(
+        "{anthropic_out}{}",
+        String::from_utf8_lossy(&anthropic.stderr)
+    );
 
     let term = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
@@ -121,6 +138,11 @@ fn official_openai_client_against_herd_serve() {
     assert!(structured_out.contains("all checks passed"));
     assert!(ollama.status.success(), "the ollama client checks failed");
     assert!(ollama_out.contains("all checks passed"));
+    assert!(
+        anthropic.status.success(),
+        "the anthropic client checks failed"
+    );
+    assert!(anthropic_out.contains("all checks passed"));
     assert!(
         status.success(),
         "herd serve exited with {status} after SIGTERM: {log:?}"

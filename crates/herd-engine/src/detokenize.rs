@@ -64,6 +64,8 @@ impl StreamDecoder {
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// The stop string that matched, once one has.
+    matched: Option<String>,
 }
 
 /// What a chunk of streamed text amounts to.
@@ -80,17 +82,25 @@ impl StopMatcher {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             held: String::new(),
+            matched: None,
         }
+    }
+
+    /// The stop string that ended the text, once [`StopMatcher::push`] returned
+    /// [`StopResult::Stop`] (the earliest in the text; the first listed of those starting there).
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     pub fn push(&mut self, delta: &str) -> StopResult {
         self.held.push_str(delta);
-        if let Some(pos) = self
+        if let Some((pos, stop)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|s| self.held.find(s.as_str()).map(|p| (p, s)))
+            .min_by_key(|&(p, _)| p)
         {
+            self.matched = Some(stop.clone());
             let out = self.held[..pos].to_string();
             self.held.clear();
             return StopResult::Stop(out);
@@ -126,7 +136,9 @@ mod tests {
         let mut m = StopMatcher::new(vec!["</end>".into(), "STOP".into()]);
         assert_eq!(m.push("hello </"), StopResult::Continue("hello ".into()));
         assert_eq!(m.push("e"), StopResult::Continue(String::new()));
+        assert_eq!(m.matched(), None);
         assert_eq!(m.push("nd> more"), StopResult::Stop("".into()));
+        assert_eq!(m.matched(), Some("</end>"));
         let mut m = StopMatcher::new(vec!["STOP".into()]);
         assert_eq!(m.push("aST"), StopResult::Continue("a".into()));
         assert_eq!(m.push("x"), StopResult::Continue("STx".into()));

@@ -87,6 +87,9 @@ pub enum Event {
         text: String,
         finish: FinishReason,
         usage: Usage,
+        /// The stop string that ended generation (`finish` is then `Stop`); `None` for an
+        /// end-of-generation token or the token limit.
+        stop: Option<String>,
     },
     /// The request's grammar could not go on (a step beyond llguidance's parser limits, such as
     /// a parser row of more than 2,000 items): a fault of the request, not of the server.
@@ -1042,6 +1045,7 @@ fn process_outputs(tokenizer: &Tokenizer, rx: &Receiver<Output>, cancel: &Sender
                         text: String::new(),
                         finish: FinishReason::Stop,
                         usage,
+                        stop: s.stops.matched().map(str::to_string),
                     });
                 }
                 if !alive || stopped {
@@ -1065,6 +1069,7 @@ fn process_outputs(tokenizer: &Tokenizer, rx: &Receiver<Output>, cancel: &Sender
                     text,
                     finish,
                     usage,
+                    stop: s.stops.matched().map(str::to_string),
                 });
             }
             Output::Failed { id, why, grammar } => {

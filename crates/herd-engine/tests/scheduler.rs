@@ -42,6 +42,8 @@ struct Outcome {
     text: String,
     finish: FinishReason,
     usage: Usage,
+    /// The stop string that ended it.
+    stop: Option<String>,
 }
 
 fn submit(
@@ -77,6 +79,7 @@ fn collect(rx: Receiver<Event>) -> Outcome {
                 text: t,
                 finish,
                 usage,
+                stop,
             } => {
                 text.push_str(&t);
                 return Outcome {
@@ -84,6 +87,7 @@ fn collect(rx: Receiver<Event>) -> Outcome {
                     text,
                     finish,
                     usage,
+                    stop,
                 };
             }
             Event::Failed(why) | Event::GrammarFailed(why) => panic!("request failed: {why}"),
@@ -164,6 +168,7 @@ fn concurrent_requests_equal_the_same_requests_alone() {
         if got.finish == FinishReason::Length {
             assert_eq!(got.tokens.len(), 12);
         }
+        assert_eq!(got.stop, None, "no stop strings were given");
     }
     let st = s.stats();
     assert!(
@@ -477,6 +482,7 @@ fn a_stop_string_ends_the_request_and_frees_its_blocks() {
     .unwrap();
     let got = collect(rx);
     assert_eq!(got.finish, FinishReason::Stop);
+    assert_eq!(got.stop.as_deref(), Some(stop.as_str()));
     assert_eq!(got.text, full[..full.find(&stop).unwrap()]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while s.stats().kv_blocks_used != 0 || s.stats().running != 0 {

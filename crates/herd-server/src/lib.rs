@@ -1,5 +1,5 @@
-//! `herd serve`: the OpenAI HTTP API, and Ollama's (`ollama`), over the continuous-batching
-//! scheduler.
+//! `herd serve`: the OpenAI HTTP API, and Ollama's (`ollama`) and Anthropic's Messages API
+//! (`anthropic`) as translations onto it, over the continuous-batching scheduler.
 //!
 //! The listener opens before the model loads (`/health` answers 503 until it is ready). Each
 //! request is validated (`openai`), rendered through the chat template, tokenized and submitted
@@ -7,6 +7,7 @@
 //! response or a stream of server-sent events shaped exactly like OpenAI's. A client that goes
 //! away cancels its sequences at once, freeing their KV blocks.
 
+pub mod anthropic;
 pub mod conn;
 pub mod metrics;
 pub mod ollama;
@@ -189,6 +190,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .merge(ollama::routes())
+        .merge(anthropic::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
@@ -282,10 +284,12 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<Tenant> {
     if st.api_keys.is_empty() {
         return Ok(None);
     }
+    // `Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`.
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     // Compared in constant time, as SHA-256 digests (so neither a key's prefix nor its length
     // shows in the response time); every key is compared, whichever matches.
     let find = |k: &str| {
@@ -1102,6 +1106,7 @@ async fn whole_response(st: Arc<AppState>, mut run: Running, meta: Meta, n: usiz
                 text,
                 finish,
                 usage,
+                ..
             } => {
                 choices[i].text.push_str(&text);
                 choices[i].finish = Some(finish);
@@ -1383,6 +1388,7 @@ async fn pump(
                 text,
                 finish,
                 usage,
+                ..
             } => {
                 open -= 1;
                 completion += usage.completion_tokens;

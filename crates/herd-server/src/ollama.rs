@@ -836,6 +836,7 @@ async fn whole_response(st: Arc<AppState>, started: Started, shape: Shape) -> Re
                 text: last,
                 finish,
                 usage,
+                ..
             } => {
                 let stats = clock.stats(at, &usage, prompt_tokens);
                 let body = match hold.done(&last, tools.as_ref()) {
@@ -932,6 +933,7 @@ async fn pump(
                 text,
                 finish,
                 usage,
+                ..
             } => {
                 let stats = clock.stats(at, &usage, prompt_tokens);
                 let last = match hold.done(&text, tools.as_ref()) {

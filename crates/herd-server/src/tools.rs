@@ -163,7 +163,8 @@ impl Tools {
 
     /// Messages for templates that do not know tools (Gemma 3): the tools and the call format
     /// go into the first system (or user) message; assistant calls become their JSON text; tool
-    /// results become user turns (consecutive results merged into one).
+    /// results become user turns (consecutive results merged into one, with the user's text
+    /// that follows them).
     pub fn adapt_messages(&self, messages: &[Value]) -> Vec<Value> {
         adapt_messages(&self.functions, messages)
     }
@@ -205,8 +206,12 @@ fn adapt_messages(functions: &[Value], messages: &[Value]) -> Vec<Value> {
     }
     let mut out: Vec<Value> = Vec::new();
     let mut introduced = false;
+    // Whether the last turn written holds function results (a user turn the client did not
+    // write, which the user's own text after the results joins, keeping turns alternating).
+    let mut results_turn = false;
     for m in messages {
         let role = m["role"].as_str().unwrap_or("");
+        let was_results = std::mem::replace(&mut results_turn, role == "tool");
         match role {
             "system" if !introduced && !functions.is_empty() => {
                 let text = format!("{intro}{}", text_of(&m["content"]));
@@ -242,6 +247,13 @@ fn adapt_messages(functions: &[Value], messages: &[Value]) -> Vec<Value> {
                     Value::Array(calls).to_string()
                 };
                 out.push(json!({"role": "assistant", "content": text}));
+            }
+            "user" if was_results => {
+                if let Some(last) = out.last_mut() {
+                    let joined =
+                        format!("{}\n{}", text_of(&last["content"]), text_of(&m["content"]));
+                    last["content"] = Value::from(joined);
+                }
             }
             _ => out.push(m.clone()),
         }
@@ -380,6 +392,13 @@ mod tests {
             r#"{"name":"weather","parameters":{"city":"Oslo"}}"#
         );
         assert_eq!(out[3]["content"], "Function result: 12 C");
+        // The user's text after the results (Anthropic's tool_result and text in one turn) joins
+        // the results' turn.
+        let mut more = msgs.clone();
+        more.push(json!({"role": "user", "content": "So, a coat?"}));
+        let out = t.adapt_messages(&more);
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[3]["content"], "Function result: 12 C\nSo, a coat?");
 
         // The same conversation for Llama 4: its template gets the tools and argument objects.
         let (msgs4, listed) = for_template("llama4", Some(&t), &msgs);
