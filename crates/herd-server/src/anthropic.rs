@@ -631,6 +631,7 @@ fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
         prompt_source: PromptSource::Messages(messages),
         max_tokens,
         max_tokens_field: "max_tokens",
+        max_tokens_is_bound: false,
         stop,
         sampling,
         seed: None,

@@ -842,19 +842,7 @@ fn grammar_failed(why: String) -> ApiError {
 /// `max_tokens` when the client set it (OpenAI answers 400 there too, rather than cutting the
 /// output short).
 fn fits_context(st: &AppState, job: &Job, prompt: &[u32]) -> ApiResult<()> {
-    let engine = ready(st)?;
-    let server = engine.scheduler.config().context;
-    if let Some((asked, field)) = job.context_limit
-        && asked > server
-    {
-        return Err(ApiError::bad_request(format!(
-            "'{field}' is {asked}, more than this server's context of {server} tokens (the KV \
-             cache is sized when the server starts: start it with a larger --ctx-size)"
-        ))
-        .param(field)
-        .code("context_length_exceeded"));
-    }
-    let context = job_context(engine, job);
+    let context = job_context(ready(st)?, job);
     let whose = match job.context_limit {
         Some((_, field)) => format!("the request's context ({field})"),
         None => "this server's context".to_string(),
@@ -872,6 +860,7 @@ fn fits_context(st: &AppState, job: &Job, prompt: &[u32]) -> ApiResult<()> {
         .code("context_length_exceeded"));
     }
     if let Some(max) = job.max_tokens
+        && !job.max_tokens_is_bound
         && prompt.len() + max > context
     {
         return Err(ApiError::bad_request(format!(
@@ -887,7 +876,8 @@ fn fits_context(st: &AppState, job: &Job, prompt: &[u32]) -> ApiResult<()> {
     Ok(())
 }
 
-/// The context a job's prompt and output must fit: the server's, or the job's own smaller one.
+/// The context a job's prompt and output must fit: the server's, or the job's own if smaller
+/// (a larger one is the server's: as Ollama holds `num_ctx` to the model's context length).
 fn job_context(engine: &Engine, job: &Job) -> usize {
     let server = engine.scheduler.config().context;
     job.context_limit.map_or(server, |(c, _)| c.min(server))
@@ -940,7 +930,8 @@ fn submit(
     fits_context(st, job, prompt)?;
     let engine = ready(st)?;
     let context = job_context(engine, job);
-    let max_tokens = job.max_tokens.unwrap_or(context - prompt.len());
+    let room = context - prompt.len();
+    let max_tokens = job.max_tokens.map_or(room, |m| m.min(room));
     let seed = job.seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)

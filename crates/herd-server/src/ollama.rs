@@ -9,13 +9,20 @@
 //!   except `repeat_penalty`, which defaults to 1.0: herd's repetition penalty covers the whole
 //!   sequence, not Ollama's last 64 tokens (`repeat_last_n` is refused rather than ignored).
 //! - `num_ctx` narrows the context of one request within the server's (`--ctx-size`); a larger
-//!   one is a 400, since the server cannot grow its KV cache per request.
+//!   one gets the server's, as Ollama holds `num_ctx` to the model's context length (the KV
+//!   cache is sized when the server starts). A prompt longer than the context is a 400, where
+//!   Ollama would cut its beginning off.
+//! - `num_predict` is a bound: generation stops there or at the end of the context, whichever
+//!   comes first (`done_reason: "length"` either way), as in Ollama.
 //! - `keep_alive` is accepted and checked; herd keeps its one model loaded while it serves, so
 //!   an unload request (`keep_alive: 0` with nothing to generate) is a 400 saying so.
 //! - `/api/pull` answers success for the served model (it is here) and 400 for any other:
 //!   one server serves one model; `herd pull` fetches others.
 //! - `prompt_eval_count` counts the prompt tokens computed for this request (those taken from
-//!   the prefix cache are not), so that with `prompt_eval_duration` it is a true prefill rate.
+//!   the prefix cache are not). `prompt_eval_duration` runs from the request's arrival to its
+//!   first token (time in the queue included), `eval_duration` from the first token to the
+//!   last, and `eval_count` counts every generated token, the first included (the rate a
+//!   client derives is high by one token of `eval_count`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -84,9 +91,10 @@ async fn version() -> Response {
     axum::Json(json!({"version": API_VERSION, "herd": env!("CARGO_PKG_VERSION")})).into_response()
 }
 
-/// RFC 3339 with microseconds, as Ollama writes times.
+/// RFC 3339 with microseconds, as Ollama writes times (a time before 1970, which the
+/// formatter does not take, is written as 1970).
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_micros(t).to_string()
+    humantime::format_rfc3339_micros(t.max(SystemTime::UNIX_EPOCH)).to_string()
 }
 
 /// The served model's `details` object.
@@ -600,6 +608,7 @@ fn job(
         prompt_source: source,
         max_tokens,
         max_tokens_field: "options.num_predict",
+        max_tokens_is_bound: true,
         stop,
         sampling,
         seed,
@@ -720,7 +729,10 @@ async fn respond(st: Arc<AppState>, headers: HeaderMap, body: Body, shape: Shape
     match started {
         Ok(Ok(started)) if started.job.stream => stream_response(st, started, shape),
         Ok(Ok(started)) => whole_response(st, started, shape).await,
-        Ok(Err(answer)) => axum::Json(answer).into_response(),
+        Ok(Err(answer)) => {
+            st.metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
+            axum::Json(answer).into_response()
+        }
         Err(e) => {
             st.metrics.requests_error.fetch_add(1, Ordering::Relaxed);
             error_response(&e)

@@ -81,6 +81,10 @@ pub struct Job {
     pub max_tokens: Option<usize>,
     /// The field `max_tokens` came from (`max_tokens` or `max_completion_tokens`).
     pub max_tokens_field: &'static str,
+    /// `max_tokens` is an upper bound that generation stops at or at the end of the context,
+    /// whichever comes first (Ollama's `num_predict`), rather than a promise that the context
+    /// must hold (OpenAI's `max_tokens`, a 400 when prompt and it do not fit).
+    pub max_tokens_is_bound: bool,
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
     /// Random seed given by the client (otherwise one is drawn per request).
@@ -358,6 +362,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint) -> ApiResult<Job> {
         prompt_source,
         max_tokens: max_tokens.map(|m| m as usize),
         max_tokens_field: max_key,
+        max_tokens_is_bound: false,
         stop,
         sampling,
         seed: req.seed.map(Seed::bits),

@@ -982,6 +982,7 @@ fn ollama_routes_translate_onto_the_same_engine() {
         "/v1/completions",
         &json!({"model": "gemma3:270m", "prompt": prompt, "max_tokens": 12, "temperature": 0}),
     );
+    let raw_prompt_tokens = openai["usage"]["prompt_tokens"].as_u64().unwrap();
     let body = json!({"model": "gemma3:270m", "prompt": prompt, "raw": true, "stream": false,
                       "options": {"temperature": 0, "num_predict": 12}});
     let whole = post(&s.base, "/api/generate", &body);
@@ -1091,12 +1092,6 @@ fn ollama_routes_translate_onto_the_same_engine() {
             "images",
         ),
         (
-            "/api/generate",
-            json!({"model": "gemma3:270m", "prompt": "x", "options": {"num_ctx": 1_000_000}}),
-            400,
-            "options.num_ctx",
-        ),
-        (
             "/api/pull",
             json!({"model": "llama3"}),
             400,
@@ -1126,6 +1121,23 @@ fn ollama_routes_translate_onto_the_same_engine() {
     );
     assert_eq!(got, 400, "{text}");
     assert!(text.contains("num_ctx"), "{text}");
+    // num_ctx beyond the server's context is the server's; num_predict beyond the room left
+    // is a bound, not an error.
+    let mut big = body.clone();
+    big["options"] = json!({"temperature": 0, "num_ctx": 1_000_000, "num_predict": 12});
+    assert_eq!(
+        post(&s.base, "/api/generate", &big)["response"],
+        whole["response"]
+    );
+    let mut bounded = body.clone();
+    bounded["options"] = json!({"temperature": 0, "num_ctx": 16, "num_predict": 1_000});
+    let r = post(&s.base, "/api/generate", &bounded);
+    assert_eq!(r["done_reason"], "length");
+    assert_eq!(
+        r["eval_count"].as_u64().unwrap() + raw_prompt_tokens,
+        16,
+        "{r}"
+    );
     let again = post(&s.base, "/api/generate", &body);
     assert_eq!(again["response"], whole["response"]);
 }
