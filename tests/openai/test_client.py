@@ -216,4 +216,51 @@ while metric("herd_kv_blocks_used") > 0:
         raise AssertionError("blocks still used after the client disconnected")
     time.sleep(0.05)
 check("disconnect freed every block", metric("herd_requests_running") == 0)
+
+# The Responses API: whole and streamed equal to chat completions, a forced call, a round trip.
+resp = client.responses.create(model=model, instructions="Answer in one short sentence.",
+                               input="What colour is the sky?", max_output_tokens=12, temperature=0)
+same = client.chat.completions.create(
+    model=model, max_tokens=12, temperature=0,
+    messages=[{"role": "system", "content": "Answer in one short sentence."},
+              {"role": "user", "content": "What colour is the sky?"}])
+check("responses equals chat completions", resp.output_text == same.choices[0].message.content,
+      f"{resp.output_text!r} vs {same.choices[0].message.content!r}")
+check("a length stop is incomplete", resp.status == "incomplete"
+      and resp.incomplete_details.reason == "max_output_tokens"
+      and resp.usage.output_tokens == 12 and resp.usage.input_tokens == same.usage.prompt_tokens, resp)
+# A length stop ends the stream with response.incomplete (the SDK's stream helper waits for
+# response.completed only, so the events are read here).
+events = list(client.responses.create(model=model, instructions="Answer in one short sentence.",
+                                      input="What colour is the sky?", max_output_tokens=12,
+                                      temperature=0, stream=True))
+kinds = [e.type for e in events]
+check("responses stream events", kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+      and [e.sequence_number for e in events] == list(range(len(events))), kinds)
+deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+check("streamed response equals the whole", deltas == resp.output_text
+      and events[-1].response.output_text == resp.output_text, events[-1])
+fn = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+      "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                     "required": ["city"], "additionalProperties": False}, "strict": True}
+called = client.responses.create(model=model, input="Weather in Oslo?", tools=[fn],
+                                 tool_choice={"type": "function", "name": "get_weather"},
+                                 max_output_tokens=64)
+calls = [o for o in called.output if o.type == "function_call"]
+check("a forced function call", called.status == "completed" and len(calls) == 1
+      and json.loads(calls[0].arguments).get("city"), called.output)
+with client.responses.stream(model=model, input="Weather in Oslo?", tools=[fn], tool_choice="required",
+                             parallel_tool_calls=False, max_output_tokens=64) as stream:
+    streamed = stream.get_final_response()
+check("a streamed function call", [o.type for o in streamed.output] == ["function_call"]
+      and isinstance(json.loads(streamed.output[0].arguments), dict), streamed.output)
+again = client.responses.create(
+    model=model, tools=[fn], max_output_tokens=16, temperature=0,
+    input=[{"role": "user", "content": "Weather in Oslo?"}] + [o.to_dict() for o in called.output]
+    + [{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 5 C"}])
+check("the round trip with the output sent back", again.status in ("completed", "incomplete"), again)
+raises("previous_response_id is a 400", openai.BadRequestError,
+       lambda: client.responses.create(model=model, input="x", previous_response_id=resp.id))
+raises("stored responses are not there", openai.NotFoundError,
+       lambda: client.responses.retrieve(resp.id))
 print("all checks passed")

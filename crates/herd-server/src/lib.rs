@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod ollama;
 pub mod openai;
 pub mod request;
+pub mod responses;
 pub mod tools;
 
 use std::sync::atomic::Ordering;
@@ -191,6 +192,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .merge(ollama::routes())
         .merge(anthropic::routes())
+        .merge(responses::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
