@@ -82,6 +82,8 @@ pub fn generate_in(
     let prefill_time = t0.elapsed();
     let t1 = Instant::now();
     let mut finish = FinishReason::Length;
+    // Whether a stop string ended the text (else held-back text is released at the end).
+    let mut stopped_by_string = false;
     while tokens.len() < req.max_tokens {
         let s = sampler.sample(&mut logits[..vocab]);
         let token = s.token;
@@ -100,6 +102,7 @@ pub fn generate_in(
                 on_text(&out);
                 text.push_str(&out);
                 finish = FinishReason::Stop;
+                stopped_by_string = true;
                 break;
             }
         }
@@ -113,7 +116,7 @@ pub fn generate_in(
             .forward_into(&batch, &mut cache, None, &mut logits)
             .map_err(|e| Error::Encode(e.to_string()))?;
     }
-    if finish == FinishReason::Length {
+    if !stopped_by_string {
         let rest = decoder.finish(tok)?;
         let out = match stops.push(&rest) {
             StopResult::Continue(out) => out + &stops.finish(),

@@ -1057,13 +1057,14 @@ fn process_outputs(tokenizer: &Tokenizer, rx: &Receiver<Output>, cancel: &Sender
                     continue;
                 };
                 let rest = s.decoder.finish(tokenizer).unwrap_or_default();
+                // Text held back as a possible stop string is released when no stop string
+                // ended the sequence (the token limit, or an end-of-generation token).
                 let (text, finish) = match (s.stops.push(&rest), reason) {
                     (StopResult::Continue(out), Finish::Length) => {
                         (out + &s.stops.finish(), FinishReason::Length)
                     }
-                    (StopResult::Continue(out) | StopResult::Stop(out), _) => {
-                        (out, FinishReason::Stop)
-                    }
+                    (StopResult::Continue(out), _) => (out + &s.stops.finish(), FinishReason::Stop),
+                    (StopResult::Stop(out), _) => (out, FinishReason::Stop),
                 };
                 (s.sink)(Event::Done {
                     text,

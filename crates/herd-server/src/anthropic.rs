@@ -103,6 +103,8 @@ struct CacheControl {
     _kind: CacheKind,
     #[serde(rename = "ttl")]
     _ttl: Option<String>,
+    #[serde(rename = "scope")]
+    _scope: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,11 +222,38 @@ enum Block {
     },
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged, expecting = "a string or a list of text blocks")]
+/// A tool result's content: a string or text blocks (read by hand so that an image block's
+/// own error reaches the client).
+#[derive(Debug)]
 enum ToolResultContent {
     Text(String),
     Blocks(Vec<TextBlock>),
+}
+
+impl<'de> Deserialize<'de> for ToolResultContent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ToolResultContent;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string or a list of text blocks")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ToolResultContent, E> {
+                Ok(ToolResultContent::Text(s.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ToolResultContent, A::Error> {
+                let mut blocks = Vec::new();
+                while let Some(b) = seq.next_element()? {
+                    blocks.push(b);
+                }
+                Ok(ToolResultContent::Blocks(blocks))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +268,13 @@ struct ToolParam {
     #[serde(rename = "cache_control")]
     _cache_control: Option<CacheControl>,
     strict: Option<bool>,
+    /// A transport hint (stream the arguments as they come); herd sends them whole.
+    #[serde(rename = "eager_input_streaming")]
+    _eager_input_streaming: Option<bool>,
+    /// Example inputs: written into the description the model reads.
+    input_examples: Option<Vec<Value>>,
+    /// Tools loaded on demand by a tool search: only `false` (herd offers every tool).
+    defer_loading: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,7 +297,8 @@ enum ToolChoice {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 enum Thinking {
     Enabled {
-        budget_tokens: u32,
+        #[serde(rename = "budget_tokens")]
+        _budget_tokens: u32,
         #[serde(rename = "display")]
         _display: Option<String>,
     },
@@ -293,9 +330,12 @@ struct MessagesRequest {
     top_k: Option<u32>,
     #[serde(rename = "metadata")]
     _metadata: Option<Metadata>,
-    tools: Option<Vec<ToolParam>>,
+    /// Read one by one, so that a server tool is named before its fields are.
+    tools: Option<Vec<Map<String, Value>>>,
     tool_choice: Option<ToolChoice>,
-    thinking: Option<Thinking>,
+    /// Read for its shape only: there is no reasoning mode to switch.
+    #[serde(rename = "thinking")]
+    _thinking: Option<Thinking>,
     stream: Option<bool>,
     #[serde(rename = "service_tier")]
     _service_tier: Option<String>,
@@ -303,6 +343,17 @@ struct MessagesRequest {
     #[serde(rename = "cache_control")]
     _cache_control: Option<CacheControl>,
     output_config: Option<OutputConfig>,
+    /// The structured-outputs beta's spelling of `output_config.format`.
+    output_format: Option<OutputFormat>,
+    context_management: Option<ContextManagement>,
+    speed: Option<String>,
+}
+
+/// `context_management`: server-side edits of the conversation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContextManagement {
+    edits: Vec<Map<String, Value>>,
 }
 
 /// `output_config`: `format` constrains the output to a JSON schema (as `response_format`
@@ -348,7 +399,11 @@ fn joined(blocks: Vec<TextBlock>) -> String {
 /// and any system-role messages), tool results as tool messages right after the assistant
 /// turn that made the calls (then the user's text of that turn), consecutive turns of one role
 /// merged as the API merges them.
-fn template_messages(system: Option<System>, list: Vec<MessageParam>) -> ApiResult<Vec<Value>> {
+fn template_messages(
+    system: Option<System>,
+    list: Vec<MessageParam>,
+    counting: bool,
+) -> ApiResult<Vec<Value>> {
     let mut system_text: Vec<String> = match system {
         None => Vec::new(),
         Some(System::Text(t)) => vec![t],
@@ -361,7 +416,7 @@ fn template_messages(system: Option<System>, list: Vec<MessageParam>) -> ApiResu
     if list.is_empty() {
         return Err(ApiError::bad_request("'messages' must not be empty").param("messages"));
     }
-    if list.last().is_some_and(|m| m.role == Role::Assistant) {
+    if !counting && list.last().is_some_and(|m| m.role == Role::Assistant) {
         return Err(ApiError::bad_request(
             "a final assistant message (a prefill for the model to continue) is not supported: \
              end the conversation with a user message",
@@ -470,7 +525,20 @@ fn template_messages(system: Option<System>, list: Vec<MessageParam>) -> ApiResu
                 if calls.is_empty() {
                     push_text(&mut out, "assistant", texts.join("\n"));
                 } else {
-                    let content = (!texts.is_empty()).then(|| texts.join("\n"));
+                    let mut content = (!texts.is_empty()).then(|| texts.join("\n"));
+                    // An assistant text turn right before joins this one (the API merges
+                    // consecutive turns of one role).
+                    if let Some(last) = out.last()
+                        && last["role"] == "assistant"
+                        && last.get("tool_calls").is_none()
+                    {
+                        let before = last["content"].as_str().unwrap_or_default().to_string();
+                        out.pop();
+                        content = Some(match content {
+                            Some(c) => format!("{before}\n{c}"),
+                            None => before,
+                        });
+                    }
                     out.push(json!({"role": "assistant", "content": content, "tool_calls": calls}));
                 }
             }
@@ -487,11 +555,26 @@ fn template_messages(system: Option<System>, list: Vec<MessageParam>) -> ApiResu
 
 /// The offered tools and the choice, as herd's tools.
 fn tools(
-    list: Option<Vec<ToolParam>>,
+    list: Option<Vec<Map<String, Value>>>,
     choice: Option<ToolChoice>,
 ) -> ApiResult<Option<tools::Tools>> {
     let mut functions = Vec::new();
-    for (i, t) in list.unwrap_or_default().into_iter().enumerate() {
+    for (i, raw) in list.unwrap_or_default().into_iter().enumerate() {
+        if let Some(kind) = raw.get("type").and_then(Value::as_str)
+            && kind != "custom"
+        {
+            return Err(ApiError::bad_request(format!(
+                "tools.{i}: '{kind}' is a server tool, which herd does not run; give client \
+                 tools (name, description, input_schema)"
+            ))
+            .param("tools"));
+        }
+        let t: ToolParam = serde_path_to_error::deserialize(Value::Object(raw)).map_err(|e| {
+            let path = e.path().to_string();
+            ApiError::bad_request(format!("tools.{i}.{path}: {}", e.into_inner()))
+                .param("tools")
+                .code("unsupported_field")
+        })?;
         if let Some(kind) = t.kind.as_deref()
             && kind != "custom"
         {
@@ -501,10 +584,28 @@ fn tools(
             ))
             .param("tools"));
         }
+        if t.defer_loading == Some(true) {
+            return Err(ApiError::bad_request(format!(
+                "tools.{i}: deferred loading (a tool search) is not supported: herd offers every \
+                 tool it is given"
+            ))
+            .param("tools"));
+        }
+        let description = match (t.description, t.input_examples) {
+            (d, None) => d,
+            (d, Some(examples)) => {
+                let shown: Vec<String> = examples.iter().map(Value::to_string).collect();
+                Some(format!(
+                    "{}Example inputs: {}",
+                    d.map(|d| format!("{d}\n")).unwrap_or_default(),
+                    shown.join("; ")
+                ))
+            }
+        };
         functions.push(request::Tool::Function {
             function: request::FunctionDef {
                 name: t.name,
-                description: t.description,
+                description,
                 parameters: Some(t.input_schema),
                 strict: t.strict,
             },
@@ -569,14 +670,27 @@ fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
         }
         (false, Some(n)) => Some(n as usize),
     };
-    if let Some(Thinking::Enabled { budget_tokens, .. }) = &req.thinking {
-        let over = max_tokens.is_some_and(|m| *budget_tokens as usize >= m);
-        if *budget_tokens < 1024 || over {
-            return Err(ApiError::bad_request(
-                "'thinking.budget_tokens' must be at least 1024 and less than 'max_tokens'",
-            )
-            .param("thinking"));
-        }
+    // `thinking` is read for its shape only: there is no reasoning mode to switch.
+    if let Some(cm) = &req.context_management
+        && let Some(edit) = cm
+            .edits
+            .iter()
+            .filter_map(|e| e.get("type").and_then(Value::as_str))
+            .find(|t| !t.starts_with("clear_thinking_"))
+    {
+        return Err(ApiError::bad_request(format!(
+            "context_management edit '{edit}' is not supported: herd does not edit the \
+             conversation it is given (clearing thinking is accepted: none is rendered)"
+        ))
+        .param("context_management"));
+    }
+    if let Some(speed) = req.speed.as_deref()
+        && speed != "standard"
+    {
+        return Err(ApiError::bad_request(format!(
+            "'speed' {speed:?} is not offered: herd serves at one speed (\"standard\")"
+        ))
+        .param("speed"));
     }
     let range = |key: &str, v: Option<f64>| -> ApiResult<Option<f64>> {
         match v {
@@ -609,6 +723,7 @@ fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
     let format = req
         .output_config
         .and_then(|o| o.format)
+        .or(req.output_format)
         .map(|OutputFormat::JsonSchema { schema }| Grammar::JsonSchema(Value::Object(schema)));
     let grammar = match (forced, format) {
         (Some(_), Some(_)) => {
@@ -619,7 +734,7 @@ fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
         }
         (forced, format) => forced.or(format),
     };
-    let messages = template_messages(req.system, req.messages)?;
+    let messages = template_messages(req.system, req.messages, count)?;
     let sampling = SamplingParams {
         temperature: temperature.unwrap_or(1.0) as f32,
         top_k: req.top_k.unwrap_or(0) as usize,
@@ -631,7 +746,7 @@ fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
         prompt_source: PromptSource::Messages(messages),
         max_tokens,
         max_tokens_field: "max_tokens",
-        max_tokens_is_bound: false,
+        max_tokens_is_bound: true,
         stop,
         sampling,
         seed: None,
@@ -698,10 +813,20 @@ async fn messages(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Bod
     }
 }
 
-/// `stop_reason` and `stop_sequence` for how a turn ended.
-fn stop_reason(calls: bool, finish: FinishReason, stop: Option<String>) -> (&'static str, Value) {
+/// `stop_reason` and `stop_sequence` for how a turn ended. `max_tokens` is a bound (as the API
+/// treats it): a turn the context cut short before it is `model_context_window_exceeded`.
+fn stop_reason(
+    calls: bool,
+    finish: FinishReason,
+    stop: Option<String>,
+    generated: usize,
+    max_tokens: Option<usize>,
+) -> (&'static str, Value) {
     match (calls, finish, stop) {
         (true, _, _) => ("tool_use", Value::Null),
+        (false, FinishReason::Length, _) if max_tokens.is_some_and(|m| generated < m) => {
+            ("model_context_window_exceeded", Value::Null)
+        }
         (false, FinishReason::Length, _) => ("max_tokens", Value::Null),
         (false, FinishReason::Stop, Some(s)) => ("stop_sequence", Value::String(s)),
         (false, FinishReason::Stop, None) => ("end_turn", Value::Null),
@@ -761,7 +886,8 @@ async fn whole_response(st: Arc<AppState>, started: Started, id: String, rid: &s
                         (blocks, false)
                     }
                 };
-                let (reason, sequence) = stop_reason(calls, finish, stop);
+                let (reason, sequence) =
+                    stop_reason(calls, finish, stop, usage.completion_tokens, job.max_tokens);
                 run.guard.finished = true;
                 st.metrics.requests_ok.fetch_add(1, Ordering::Relaxed);
                 return axum::Json(json!({
@@ -791,6 +917,9 @@ async fn whole_response(st: Arc<AppState>, started: Started, id: String, rid: &s
         rid,
     )
 }
+
+/// Silence after which a stream sends a `ping`.
+const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One server-sent event, named as its `type` (the SDKs dispatch on the name).
 fn event(v: &Value) -> Bytes {
@@ -841,11 +970,22 @@ async fn pump(
     let mut timing = Timing { last: vec![None] };
     // The index of the next block, and whether the text block (always the first) is open.
     let (mut next_index, mut text_open) = (0usize, false);
+    // A ping every few seconds of silence (a long prefill, or a call held until it is whole),
+    // so that clients' read timeouts and stream watchdogs see the stream alive.
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.reset();
     loop {
         let next = tokio::select! {
             next = run.next() => next,
             () = tx.closed() => return,
+            _ = ping.tick() => {
+                if !send(json!({"type": "ping"})).await {
+                    return;
+                }
+                continue;
+            }
         };
+        ping.reset();
         let Some((_, ev, at)) = next else {
             return;
         };
@@ -907,7 +1047,13 @@ async fn pump(
                     events.push(json!({"type": "content_block_stop", "index": next_index}));
                     next_index += 1;
                 }
-                let (reason, sequence) = stop_reason(calls.is_some(), finish, stop);
+                let (reason, sequence) = stop_reason(
+                    calls.is_some(),
+                    finish,
+                    stop,
+                    usage.completion_tokens,
+                    job.max_tokens,
+                );
                 events.push(json!({"type": "message_delta",
                                    "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                    "usage": {"output_tokens": usage.completion_tokens}}));
@@ -1054,9 +1200,18 @@ mod tests {
                 "server tool",
             ),
             (
-                format!(r#"{{"model":"m","max_tokens":2000,"messages":[{user}],"thinking":{{"type":"enabled","budget_tokens":100}}}}"#),
-                "budget_tokens",
+                format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"context_management":{{"edits":[{{"type":"clear_tool_uses_20250919"}}]}}}}"#),
+                "clear_tool_uses",
             ),
+            (
+                format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"tools":[{{"type":"web_search_20250305","name":"web_search","max_uses":5}}]}}"#),
+                "server tool",
+            ),
+            (
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"aGk="}}]}]}]}"#.to_string(),
+                "image blocks are not supported",
+            ),
+            (format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"speed":"fast"}}"#), "speed"),
             (format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"container":"c"}}"#), "container"),
             (
                 format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"system":[{{"type":"text","text":"s","cache_control":{{"type":"forever"}}}}]}}"#),
@@ -1086,16 +1241,27 @@ mod tests {
 
     #[test]
     fn stop_reasons_follow_how_the_turn_ended() {
-        assert_eq!(stop_reason(true, FinishReason::Stop, None).0, "tool_use");
+        let m = Some(10);
         assert_eq!(
-            stop_reason(false, FinishReason::Length, None).0,
+            stop_reason(true, FinishReason::Stop, None, 3, m).0,
+            "tool_use"
+        );
+        assert_eq!(
+            stop_reason(false, FinishReason::Length, None, 10, m).0,
             "max_tokens"
         );
         assert_eq!(
-            stop_reason(false, FinishReason::Stop, Some("END".into())),
+            stop_reason(false, FinishReason::Length, None, 4, m).0,
+            "model_context_window_exceeded"
+        );
+        assert_eq!(
+            stop_reason(false, FinishReason::Stop, Some("END".into()), 3, m),
             ("stop_sequence", json!("END"))
         );
-        assert_eq!(stop_reason(false, FinishReason::Stop, None).0, "end_turn");
+        assert_eq!(
+            stop_reason(false, FinishReason::Stop, None, 3, m).0,
+            "end_turn"
+        );
         assert_eq!(error_type(StatusCode::NOT_FOUND), "not_found_error");
         assert_eq!(
             error_type(StatusCode::from_u16(529).unwrap()),

@@ -286,12 +286,13 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<Tenant> {
     if st.api_keys.is_empty() {
         return Ok(None);
     }
-    // `Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`.
-    let given = headers
+    // `Authorization: Bearer KEY` or Anthropic's `x-api-key: KEY`; either may carry the key
+    // (Claude Code can send a placeholder in one and the key in the other).
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     // Compared in constant time, as SHA-256 digests (so neither a key's prefix nor its length
     // shows in the response time); every key is compared, whichever matches.
     let find = |k: &str| {
@@ -306,10 +307,10 @@ fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<Tenant> {
         }
         bool::from(found).then_some(index as usize)
     };
-    match given.and_then(find) {
+    match bearer.and_then(find).or_else(|| x_api_key.and_then(find)) {
         Some(i) => Ok(Some(i)),
         None => Err(ApiError::bad_request(
-            "a valid API key is required (Authorization: Bearer <key>)",
+            "a valid API key is required (Authorization: Bearer <key>, or x-api-key: <key>)",
         )
         .status(StatusCode::UNAUTHORIZED, "authentication_error")
         .code("invalid_api_key")),

@@ -134,7 +134,8 @@ impl Tools {
             obj @ Value::Object(_) => vec![obj],
             _ => return None,
         };
-        if list.is_empty() {
+        // Without parallel calls, at most one: a list of several is the model's text, not calls.
+        if list.is_empty() || (!self.parallel && list.len() > 1) {
             return None;
         }
         // A forced list of parallel calls is closed right after the first call that repeats an
@@ -338,9 +339,10 @@ mod tests {
         assert_eq!(tools(json!("auto"), true).forced_schema(), None);
         assert!(!tools(json!("none"), true).active());
 
-        let calls = t
-            .parse_calls(r#" [{"name": "weather", "parameters": {"city": "Oslo"}}, {"name": "time", "parameters": {}}] "#)
-            .unwrap();
+        let list = r#" [{"name": "weather", "parameters": {"city": "Oslo"}}, {"name": "time", "parameters": {}}] "#;
+        // Without parallel calls, a list of several is not calls.
+        assert_eq!(t.parse_calls(list), None);
+        let calls = tools(json!("required"), true).parse_calls(list).unwrap();
         assert_eq!(calls[0].arguments, r#"{"city":"Oslo"}"#);
         assert_eq!(calls[1].name, "time");
         assert_eq!(t.parse_calls(r#"{"name": "nope", "parameters": {}}"#), None);

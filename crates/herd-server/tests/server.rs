@@ -47,6 +47,8 @@ fn start(config: SchedulerConfig, keys: Vec<String>) -> Server {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let st = state.clone();
+    // Checked here so that a missing fixture fails at once, not after the readiness wait.
+    let path = model_path();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -58,7 +60,7 @@ fn start(config: SchedulerConfig, keys: Vec<String>) -> Server {
             addr_tx.send(listener.local_addr().unwrap()).unwrap();
             let loader = st.clone();
             tokio::task::spawn_blocking(move || {
-                let loaded = herd_engine::load(&model_path()).unwrap();
+                let loaded = herd_engine::load(&path).unwrap();
                 let _ = loader
                     .engine
                     .set(herd_server::engine(loaded, config).unwrap());
