@@ -1,4 +1,5 @@
-//! `herd inspect`: what a GGUF file holds.
+//! `herd inspect`: what a GGUF file (or split set) holds, or what a Hugging Face checkpoint
+//! directory is; and the model's licence, with Llama 4's licence terms named.
 
 use std::io::Write;
 use std::path::Path;
@@ -8,6 +9,58 @@ use herd_formats::GgufFile;
 use herd_formats::gguf::Value;
 
 pub fn run(path: &Path, full: bool) -> Result<()> {
+    if path.is_dir() {
+        return checkpoint(path);
+    }
+    gguf(path, full)?;
+    let card = herd_engine::card::model_card(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    licence(&card)
+}
+
+/// A checkpoint directory: its card (config.json, the safetensors headers, README.md).
+fn checkpoint(path: &Path) -> Result<()> {
+    let card = herd_engine::card::model_card(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}: Hugging Face checkpoint", path.display())?;
+    writeln!(out, "architecture    {}", card.architecture)?;
+    writeln!(
+        out,
+        "parameters      {} ({})",
+        card.parameters,
+        card.parameter_size()
+    )?;
+    writeln!(
+        out,
+        "weights         {} bytes, mostly {}",
+        card.bytes, card.quantization
+    )?;
+    if let Some(n) = card.context_length {
+        writeln!(out, "context length  {n} tokens")?;
+    }
+    drop(out);
+    licence(&card)
+}
+
+/// The licence line, and Llama 4's terms where they apply.
+fn licence(card: &herd_engine::card::ModelCard) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out)?;
+    match card.license_summary() {
+        Some(l) => writeln!(out, "licence: {l}")?,
+        None => writeln!(
+            out,
+            "licence: not stated in the file; check where you downloaded it"
+        )?,
+    }
+    if card.is_llama4_licensed() {
+        writeln!(out, "{}", herd_engine::card::LLAMA4_LICENSE_NOTICE)?;
+    }
+    Ok(())
+}
+
+fn gguf(path: &Path, full: bool) -> Result<()> {
     let f = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
     let h = &f.header;
     let mut out = std::io::stdout().lock();

@@ -81,7 +81,8 @@ enum Command {
     Pull { model: String },
     /// List the model catalog and the cache directory.
     Models,
-    /// Print a GGUF file's metadata and tensor table (name, type, shape, bytes).
+    /// Print a GGUF file's metadata and tensor table (name, type, shape, bytes), or a Hugging
+    /// Face directory's summary; and the model's licence (Llama 4's terms named).
     Inspect {
         file: PathBuf,
         /// Print every element of long arrays (the vocabulary, say) instead of the first few.

@@ -3,6 +3,7 @@
 use anyhow::{Result, bail};
 use herd_formats::quantize::FileType;
 use herd_plan::hardware::{self, GIB};
+use herd_plan::plan::Pricing;
 use herd_plan::{Hardware, KvType, Request};
 
 #[derive(clap::Args, Debug)]
@@ -43,6 +44,14 @@ pub struct PlanArgs {
     /// Read this machine's RAM and measure its memory bandwidth (about a second).
     #[arg(long)]
     this_machine: bool,
+    /// What the machine costs, USD per hour (overrides the catalog's GPU rental prices):
+    /// placements are then costed per million tokens, for comparing with a hosted API.
+    #[arg(long)]
+    price_per_hour: Option<f64>,
+    /// A measured decode throughput in tokens/s over all sequences (from `herd bench` or a
+    /// serving benchmark), costed per million tokens at the same price.
+    #[arg(long)]
+    tokens_per_s: Option<f64>,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -76,6 +85,7 @@ pub fn run(a: &PlanArgs) -> Result<()> {
                     memory: bytes,
                     bandwidth: 1e12,
                     flops: 1e14,
+                    price_per_hour: None,
                 });
                 hw.gpu_count = 1;
                 eprintln!(
@@ -106,11 +116,23 @@ pub fn run(a: &PlanArgs) -> Result<()> {
         }
         hw.cpu_flops = Some(t * 1e12);
     }
+    for (flag, value) in [
+        ("--price-per-hour", a.price_per_hour),
+        ("--tokens-per-s", a.tokens_per_s),
+    ] {
+        if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            bail!("{flag} must be a positive number");
+        }
+    }
     let req = Request {
         context: a.context,
         sequences: a.sequences,
         kv_type: KvType::parse(&a.kv_type)?,
         hardware: hw,
+        pricing: Pricing {
+            price_per_hour: a.price_per_hour,
+            measured_tokens_per_s: a.tokens_per_s,
+        },
     };
     let report = herd_plan::plan(&facts, &req)?;
     if a.json {

@@ -482,3 +482,83 @@ fn pulls_of_a_safetensors_repository_fetch_what_its_index_names() {
         "{err}"
     );
 }
+
+/// `herd inspect` names the licence a file or checkpoint declares, and Llama 4's licence and
+/// acceptable use policy for Llama 4 weights (a GGUF file, or a checkpoint whose model card
+/// names the llama4 licence).
+#[test]
+fn inspect_names_the_licence_and_llama4_terms() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let notice = "Llama 4 Community License Agreement";
+    let gemma = root.join("downloaded/gemma-3-270m-q4_k_m.gguf");
+    if gemma.exists() {
+        let (code, out, err) = herd(&["inspect", gemma.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(out.contains("\nlicence: gemma\n"), "{out}");
+        assert!(!out.contains(notice), "{out}");
+    }
+    let tiny = root.join("llama4_gguf/tiny-q8_0.gguf");
+    let (code, out, err) = herd(&["inspect", tiny.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("licence: not stated in the file"), "{out}");
+    assert!(out.contains(notice), "{out}");
+    assert!(
+        out.contains("https://www.llama.com/llama4/use-policy/"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(root.join("llama4/hf_defaults").join(f), dir.path().join(f)).unwrap();
+    }
+    let (code, out, err) = herd(&["inspect", dir.path().to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("architecture    llama4_text"), "{out}");
+    assert!(out.contains(notice), "{out}");
+    std::fs::write(
+        dir.path().join("README.md"),
+        "---\nlicense: other\nlicense_name: llama4\nlicense_link: LICENSE\n---\n# Model\n",
+    )
+    .unwrap();
+    let (code, out, err) = herd(&["inspect", dir.path().to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("licence: other (llama4): LICENSE"), "{out}");
+    assert!(out.contains(notice), "{out}");
+}
+
+/// `herd plan --price-per-hour` costs each placement per million tokens; catalog GPUs carry a
+/// default price; a measured throughput is costed too; a price that is not positive is refused.
+#[test]
+fn plan_turns_tokens_per_second_into_cost() {
+    let (code, out, err) = herd(&["plan", "llama4:scout", "-t", "q4_k_m", "--gpu", "h100x2"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("per million output tokens"), "{out}");
+    assert!(
+        out.contains("catalog: 2x h100 at $3.35 per GPU-hour"),
+        "{out}"
+    );
+    let (code, out, err) = herd(&[
+        "plan",
+        "llama4:scout",
+        "-t",
+        "q4_k_m",
+        "--mem-bandwidth",
+        "90GB/s",
+        "--price-per-hour",
+        "1.5",
+        "--tokens-per-s",
+        "50",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("at $1.50/hour (--price-per-hour)"), "{out}");
+    assert!(
+        out.contains("measured: 50.0 tokens/s costs $8.33 per million output tokens"),
+        "{out}"
+    );
+    let (code, _, err) = herd(&["plan", "llama4:scout", "--price-per-hour", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--price-per-hour must be a positive number"),
+        "{err}"
+    );
+}

@@ -27,8 +27,14 @@ pub struct ModelCard {
     pub quantization: String,
     /// The context length the model was trained for, when the file says.
     pub context_length: Option<usize>,
-    /// `general.license` (GGUF) or config.json's `license`, when present.
+    /// The licence identifier: `general.license` (GGUF), or `license` in the model card's
+    /// front matter (README.md) or config.json of a Hugging Face directory: an SPDX-style id
+    /// (`apache-2.0`), or `other` with a name.
     pub license: Option<String>,
+    /// `general.license.name` (GGUF) or the front matter's `license_name` (`llama4`).
+    pub license_name: Option<String>,
+    /// `general.license.link` (GGUF) or the front matter's `license_link`.
+    pub license_link: Option<String>,
     /// The weights' modification time.
     pub modified: Option<SystemTime>,
 }
@@ -45,7 +51,49 @@ impl ModelCard {
             format!("{}", self.parameters)
         }
     }
+
+    /// The licence in one line (`other (llama4): https://…`), when the model says anything.
+    pub fn license_summary(&self) -> Option<String> {
+        let id = self.license.as_deref();
+        let name = self.license_name.as_deref().filter(|n| Some(*n) != id);
+        let mut s = match (id, name) {
+            (Some(id), Some(name)) => format!("{id} ({name})"),
+            (Some(one), None) | (None, Some(one)) => one.to_string(),
+            (None, None) => String::new(),
+        };
+        if let Some(link) = &self.license_link {
+            if !s.is_empty() {
+                s.push_str(": ");
+            }
+            s.push_str(link);
+        }
+        (!s.is_empty()).then_some(s)
+    }
+
+    /// Whether Meta's Llama 4 licence governs the weights: a Llama 4 architecture, or a licence
+    /// that names Llama 4 (fine-tunes and quantizations keep it).
+    pub fn is_llama4_licensed(&self) -> bool {
+        let names_llama4 = |s: &String| {
+            let s = s.to_ascii_lowercase().replace([' ', '-', '_'], "");
+            s.contains("llama4")
+        };
+        // `llama4`, and `llama4_text` for text-only checkpoints.
+        self.architecture.starts_with("llama4")
+            || [&self.license, &self.license_name, &self.license_link]
+                .into_iter()
+                .flatten()
+                .any(names_llama4)
+    }
 }
+
+/// What `herd inspect` says about Llama 4 weights.
+pub const LLAMA4_LICENSE_NOTICE: &str = "\
+Llama 4 is licensed under the Llama 4 Community License Agreement, and its use is subject
+to the Llama 4 Acceptable Use Policy. Read both before you use or share this model or its
+output:
+  licence:         https://www.llama.com/llama4/license/
+  acceptable use:  https://www.llama.com/llama4/use-policy/
+  (copies in https://github.com/meta-llama/llama-models/tree/main/models/llama4)";
 
 /// Describe the model at `path`: a GGUF file (or any shard of a split set) or a Hugging Face
 /// checkpoint directory.
@@ -75,16 +123,17 @@ pub fn model_card(path: &Path) -> Result<ModelCard> {
         bytes: file.file_len(),
         quantization,
         context_length: file.arch_usize("context_length"),
-        license: file
-            .get("general.license")
-            .and_then(|v| v.as_str())
-            .map(str::to_string),
+        license: gguf_string(&file, "general.license"),
+        license_name: gguf_string(&file, "general.license.name"),
+        license_link: gguf_string(&file, "general.license.link"),
         modified,
     })
 }
 
 fn checkpoint_card(dir: &Path, modified: Option<SystemTime>) -> Result<ModelCard> {
     let config = herd_formats::hf::read_json(&dir.join("config.json"))?;
+    // The model card, where the licence is declared (a missing one says nothing).
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap_or_default();
     let architecture = herd_models::config_json::model_type(&config)
         .map_err(|e| Error::Registry(format!("{}: {e}", dir.display())))?
         .to_string();
@@ -113,9 +162,51 @@ fn checkpoint_card(dir: &Path, modified: Option<SystemTime>) -> Result<ModelCard
         bytes: set.total_bytes(),
         quantization: most_common(types.into_iter()).to_ascii_uppercase(),
         context_length,
-        license: config["license"].as_str().map(str::to_string),
+        license: front_matter(&readme, "license")
+            .or_else(|| config["license"].as_str().map(str::to_string)),
+        license_name: front_matter(&readme, "license_name"),
+        license_link: front_matter(&readme, "license_link"),
         modified,
     })
+}
+
+fn gguf_string(file: &GgufFile, key: &str) -> Option<String> {
+    file.get(key).and_then(|v| v.as_str()).map(str::to_string)
+}
+
+/// A top-level scalar of a Hugging Face model card's YAML front matter (the block between
+/// `---` lines that opens README.md): `key: value`, quoted or not, or a folded `>-` / `|`
+/// value on the indented lines after it. Lists and nested maps are not read (None).
+fn front_matter(readme: &str, key: &str) -> Option<String> {
+    let mut lines = readme.lines();
+    if lines.next()?.trim_end() != "---" {
+        return None;
+    }
+    let body: Vec<&str> = lines.take_while(|l| l.trim_end() != "---").collect();
+    let at = body
+        .iter()
+        .position(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
+    let value = body[at][key.len() + 1..].trim();
+    let value = if value.is_empty() || value.starts_with('>') || value.starts_with('|') {
+        // A block scalar (or a nested value): the indented lines that follow, joined.
+        let block: Vec<&str> = body[at + 1..]
+            .iter()
+            .take_while(|l| l.starts_with(' ') || l.is_empty())
+            .map(|l| l.trim())
+            .collect();
+        if value.is_empty() && block.first().is_some_and(|l| l.starts_with('-')) {
+            return None;
+        }
+        block.join(" ").trim().to_string()
+    } else {
+        value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(value)
+            .to_string()
+    };
+    (!value.is_empty()).then_some(value)
 }
 
 /// The name with the most weight (elements) among `(name, weight)` pairs.
@@ -146,6 +237,53 @@ mod tests {
         assert_eq!(card(268_098_176).parameter_size(), "268.1M");
         assert_eq!(card(108_641_000_000).parameter_size(), "108.6B");
         assert_eq!(card(4096).parameter_size(), "4096");
+    }
+
+    #[test]
+    fn licences_are_read_from_front_matter() {
+        let readme = "---\nlanguage:\n- en\nlicense: other\nlicense_name: llama4\n\
+            license_link: >-\n  https://example.com/\n  LICENSE\nbase_model: 'x'\n---\n# Title\n\
+            license: not-this\n";
+        assert_eq!(front_matter(readme, "license").as_deref(), Some("other"));
+        assert_eq!(
+            front_matter(readme, "license_name").as_deref(),
+            Some("llama4")
+        );
+        assert_eq!(
+            front_matter(readme, "license_link").as_deref(),
+            Some("https://example.com/ LICENSE")
+        );
+        assert_eq!(front_matter(readme, "base_model").as_deref(), Some("x"));
+        assert_eq!(front_matter(readme, "language"), None);
+        assert_eq!(front_matter(readme, "tags"), None);
+        assert_eq!(
+            front_matter("# no front matter\nlicense: mit\n", "license"),
+            None
+        );
+
+        let card = ModelCard {
+            architecture: "gemma3".into(),
+            license: front_matter(readme, "license"),
+            license_name: front_matter(readme, "license_name"),
+            ..ModelCard::default()
+        };
+        assert_eq!(card.license_summary().as_deref(), Some("other (llama4)"));
+        assert!(
+            card.is_llama4_licensed(),
+            "a Llama 4 licence on another architecture"
+        );
+        let apache = ModelCard {
+            architecture: "gemma3".into(),
+            license: Some("apache-2.0".into()),
+            ..ModelCard::default()
+        };
+        assert!(!apache.is_llama4_licensed());
+        let llama4 = ModelCard {
+            architecture: "llama4".into(),
+            ..ModelCard::default()
+        };
+        assert!(llama4.is_llama4_licensed());
+        assert_eq!(llama4.license_summary(), None);
     }
 
     #[test]

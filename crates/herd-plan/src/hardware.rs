@@ -16,47 +16,56 @@ pub struct Gpu {
     pub bandwidth: f64,
     /// Dense bf16 FLOP/s.
     pub flops: f64,
+    /// A rental price, USD per GPU-hour, when the catalog or the user's file has one.
+    pub price_per_hour: Option<f64>,
 }
 
 /// Built-in GPUs: name, memory GiB (as sold, GB where vendors quote GB), bandwidth GB/s, dense
-/// bf16 TFLOP/s. Vendor datasheet figures.
-const GPUS: &[(&str, f64, f64, f64)] = &[
-    ("rtx3060", 12.0, 360.0, 51.0),
-    ("rtx3080", 10.0, 760.0, 119.0),
-    ("rtx3090", 24.0, 936.0, 142.0),
-    ("rtx4060ti", 16.0, 288.0, 88.0),
-    ("rtx4070", 12.0, 504.0, 117.0),
-    ("rtx4080", 16.0, 717.0, 195.0),
-    ("rtx4090", 24.0, 1008.0, 330.0),
-    ("rtx5070", 12.0, 672.0, 247.0),
-    ("rtx5080", 16.0, 960.0, 450.0),
-    ("rtx5090", 32.0, 1792.0, 838.0),
-    ("l40s", 48.0, 864.0, 362.0),
-    ("a100-40gb", 40.0, 1555.0, 312.0),
-    ("a100-80gb", 80.0, 2039.0, 312.0),
-    ("h100-pcie", 80.0, 2000.0, 756.0),
-    ("h100-sxm", 80.0, 3350.0, 989.0),
-    ("h100", 80.0, 3350.0, 989.0),
-    ("h200", 141.0, 4800.0, 989.0),
-    ("b200", 180.0, 8000.0, 2250.0),
-    ("mi300x", 192.0, 5300.0, 1307.0),
+/// bf16 TFLOP/s (vendor datasheet figures), and a rental price in USD per GPU-hour where one
+/// provider publishes it: RunPod Serverless active-worker rates per second × 3600, as listed at
+/// docs.runpod.io/serverless/pricing in 2026 (A100 80 GB $0.00060, H100 $0.00093, H200
+/// $0.00124, B200 $0.00190, L40S $0.00037, RTX 4090 $0.00021, RTX 3090 $0.00013). Prices
+/// move and differ between providers: `--price-per-hour` or a `price_per_hour` entry in
+/// `HERD_HARDWARE` overrides them.
+const GPUS: &[(&str, f64, f64, f64, Option<f64>)] = &[
+    ("rtx3060", 12.0, 360.0, 51.0, None),
+    ("rtx3080", 10.0, 760.0, 119.0, None),
+    ("rtx3090", 24.0, 936.0, 142.0, Some(0.468)),
+    ("rtx4060ti", 16.0, 288.0, 88.0, None),
+    ("rtx4070", 12.0, 504.0, 117.0, None),
+    ("rtx4080", 16.0, 717.0, 195.0, None),
+    ("rtx4090", 24.0, 1008.0, 330.0, Some(0.756)),
+    ("rtx5070", 12.0, 672.0, 247.0, None),
+    ("rtx5080", 16.0, 960.0, 450.0, None),
+    ("rtx5090", 32.0, 1792.0, 838.0, None),
+    ("l40s", 48.0, 864.0, 362.0, Some(1.332)),
+    ("a100-40gb", 40.0, 1555.0, 312.0, None),
+    ("a100-80gb", 80.0, 2039.0, 312.0, Some(2.16)),
+    ("h100-pcie", 80.0, 2000.0, 756.0, None),
+    ("h100-sxm", 80.0, 3350.0, 989.0, Some(3.348)),
+    ("h100", 80.0, 3350.0, 989.0, Some(3.348)),
+    ("h200", 141.0, 4800.0, 989.0, Some(4.464)),
+    ("b200", 180.0, 8000.0, 2250.0, Some(6.84)),
+    ("mi300x", 192.0, 5300.0, 1307.0, None),
     // Apple unified memory: the "GPU" is the SoC; memory is what the machine has.
-    ("m2-max", 96.0, 400.0, 27.0),
-    ("m2-ultra", 192.0, 800.0, 54.0),
-    ("m3-max", 128.0, 400.0, 28.0),
-    ("m4-max", 128.0, 546.0, 34.0),
+    ("m2-max", 96.0, 400.0, 27.0, None),
+    ("m2-ultra", 192.0, 800.0, 54.0, None),
+    ("m3-max", 128.0, 400.0, 28.0, None),
+    ("m4-max", 128.0, 546.0, 34.0, None),
 ];
 
 /// The catalog, plus entries from the JSON file in `HERD_HARDWARE` (a list of
-/// `{"name", "memory_gib", "bandwidth_gbs", "tflops"}`), which may add or override.
+/// `{"name", "memory_gib", "bandwidth_gbs", "tflops"}`, optionally `"price_per_hour"` in USD
+/// per GPU-hour), which may add or override.
 pub fn catalog() -> Result<Vec<Gpu>> {
     let mut gpus: Vec<Gpu> = GPUS
         .iter()
-        .map(|&(name, mem, bw, tf)| Gpu {
+        .map(|&(name, mem, bw, tf, price)| Gpu {
             name: name.into(),
             memory: mem * GIB,
             bandwidth: bw * 1e9,
             flops: tf * 1e12,
+            price_per_hour: price,
         })
         .collect();
     if let Ok(path) = std::env::var("HERD_HARDWARE") {
@@ -66,6 +75,8 @@ pub fn catalog() -> Result<Vec<Gpu>> {
             memory_gib: f64,
             bandwidth_gbs: f64,
             tflops: f64,
+            #[serde(default)]
+            price_per_hour: Option<f64>,
         }
         let text =
             std::fs::read_to_string(&path).map_err(|e| Error::Hardware(format!("{path}: {e}")))?;
@@ -78,6 +89,7 @@ pub fn catalog() -> Result<Vec<Gpu>> {
                 memory: e.memory_gib * GIB,
                 bandwidth: e.bandwidth_gbs * 1e9,
                 flops: e.tflops * 1e12,
+                price_per_hour: e.price_per_hour,
             });
         }
     }

@@ -58,6 +58,23 @@ pub struct Request {
     pub sequences: usize,
     pub kv_type: KvType,
     pub hardware: Hardware,
+    pub pricing: Pricing,
+}
+
+/// What the machine costs, for turning tokens/s into cost per million tokens.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Pricing {
+    /// The whole machine's price, USD per hour (`--price-per-hour`); without it, GPU
+    /// placements use the catalog's per-GPU price times the GPU count, where it has one.
+    pub price_per_hour: Option<f64>,
+    /// A measured decode throughput, tokens/s over all sequences (`herd bench`, a serving
+    /// benchmark), costed at the same price instead of a bound.
+    pub measured_tokens_per_s: Option<f64>,
+}
+
+/// USD per million tokens at `price_per_hour` USD and `tokens_per_s`.
+pub fn cost_per_million(price_per_hour: f64, tokens_per_s: f64) -> f64 {
+    price_per_hour / 3600.0 / tokens_per_s * 1e6
 }
 
 /// Memory a GPU loses to the runtime (CUDA context, activations, fragmentation).
@@ -101,7 +118,38 @@ pub struct Placement {
     pub decode_tokens_per_s: Option<f64>,
     /// Upper bound from compute.
     pub prefill_tokens_per_s: Option<f64>,
+    /// The price this placement is costed at, USD per hour, and where it came from.
+    pub price_per_hour: Option<f64>,
+    pub price_source: String,
+    /// USD per million generated tokens at the decode bound: the least one sequence can cost
+    /// here (a real engine reaches part of the bound; batching lowers cost per token).
+    pub output_cost_per_million: Option<f64>,
+    /// USD per million prompt tokens at the prefill (compute) bound, a least cost likewise.
+    pub input_cost_per_million: Option<f64>,
     pub note: String,
+}
+
+impl Placement {
+    /// The price fields, unset (`price` fills them).
+    fn unpriced() -> Self {
+        Placement {
+            name: String::new(),
+            fits: false,
+            gpu_bytes_needed: 0.0,
+            gpu_bytes_available: 0.0,
+            ram_bytes_needed: 0.0,
+            ram_bytes_available: None,
+            gpu_read_per_token: 0.0,
+            ram_read_per_token: 0.0,
+            decode_tokens_per_s: None,
+            prefill_tokens_per_s: None,
+            price_per_hour: None,
+            price_source: String::new(),
+            output_cost_per_million: None,
+            input_cost_per_million: None,
+            note: String::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -118,6 +166,9 @@ pub struct Report {
     pub cpu_process_bytes: f64,
     pub placements: Vec<Placement>,
     pub recommendation: String,
+    /// USD per million generated tokens at the measured throughput and the machine's price
+    /// (the given `--price-per-hour`, else the recommended placement's).
+    pub measured_output_cost_per_million: Option<f64>,
 }
 
 pub fn plan(m: &ModelFacts, req: &Request) -> Result<Report> {
@@ -212,6 +263,7 @@ pub fn plan(m: &ModelFacts, req: &Request) -> Result<Report> {
             decode_tokens_per_s: Some(n * gpu.bandwidth / (read_all + kv_read)),
             prefill_tokens_per_s: Some(n * gpu.flops / flops_per_token(&all)),
             note: "decode bound assumes ideal tensor parallelism".into(),
+            ..Placement::unpriced()
         });
         if bytes_routed > 0.0 {
             let gpu_need = weight_bytes as f64 - bytes_routed + kv_total;
@@ -240,6 +292,7 @@ pub fn plan(m: &ModelFacts, req: &Request) -> Result<Report> {
                 decode_tokens_per_s: decode,
                 prefill_tokens_per_s: prefill,
                 note: "experts computed on the CPU where they live".into(),
+                ..Placement::unpriced()
             });
         }
     }
@@ -255,8 +308,23 @@ pub fn plan(m: &ModelFacts, req: &Request) -> Result<Report> {
         decode_tokens_per_s: hw.ram_bandwidth.map(|rb| rb / (read_all + kv_read)),
         prefill_tokens_per_s: hw.cpu_flops.map(|cf| cf / flops_per_token(&all)),
         note: String::new(),
+        ..Placement::unpriced()
     });
+    for p in &mut placements {
+        price(p, req, hw);
+    }
     let recommendation = recommend(&placements);
+    let measured_output_cost_per_million = req.pricing.measured_tokens_per_s.and_then(|t| {
+        let price = req.pricing.price_per_hour.or_else(|| {
+            let best = placements.iter().filter(|p| p.fits).max_by(|a, b| {
+                a.decode_tokens_per_s
+                    .unwrap_or(0.0)
+                    .total_cmp(&b.decode_tokens_per_s.unwrap_or(0.0))
+            })?;
+            best.price_per_hour
+        })?;
+        Some(cost_per_million(price, t))
+    });
     Ok(Report {
         model: m.name.clone(),
         weight_types: types.into_iter().collect(),
@@ -269,7 +337,33 @@ pub fn plan(m: &ModelFacts, req: &Request) -> Result<Report> {
         cpu_process_bytes,
         placements,
         recommendation,
+        measured_output_cost_per_million,
     })
+}
+
+/// Set a placement's price (the user's, else the catalog GPU's times the count for placements
+/// that use GPUs) and its costs per million tokens at its bounds.
+fn price(p: &mut Placement, req: &Request, hw: &Hardware) {
+    let catalog = hw
+        .gpu
+        .as_ref()
+        .filter(|_| p.gpu_bytes_needed > 0.0)
+        .and_then(|g| Some((g, g.price_per_hour?)));
+    (p.price_per_hour, p.price_source) = match (req.pricing.price_per_hour, catalog) {
+        (Some(usd), _) => (Some(usd), "--price-per-hour".into()),
+        (None, Some((g, usd))) => {
+            let n = hw.gpu_count.max(1);
+            (
+                Some(usd * n as f64),
+                format!("catalog: {n}x {} at ${usd:.2} per GPU-hour", g.name),
+            )
+        }
+        (None, None) => (None, String::new()),
+    };
+    if let Some(usd) = p.price_per_hour {
+        p.output_cost_per_million = p.decode_tokens_per_s.map(|t| cost_per_million(usd, t));
+        p.input_cost_per_million = p.prefill_tokens_per_s.map(|t| cost_per_million(usd, t));
+    }
 }
 
 fn recommend(placements: &[Placement]) -> String {

@@ -99,10 +99,50 @@ pub fn text(r: &Report) -> String {
         if let Some(t) = p.prefill_tokens_per_s {
             let _ = writeln!(s, "    prefill ≤ {t:.0} tokens/s (compute)");
         }
+        if let Some(usd) = p.price_per_hour {
+            let mut costs = Vec::new();
+            if let Some(c) = p.output_cost_per_million {
+                costs.push(format!("${c:.2} per million output tokens (one sequence)"));
+            }
+            if let Some(c) = p.input_cost_per_million {
+                costs.push(format!("${c:.2} per million input tokens"));
+            }
+            if costs.is_empty() {
+                costs.push("no speed bound to cost".into());
+            }
+            let _ = writeln!(
+                s,
+                "    cost at these bounds: {}, at ${usd:.2}/hour ({})",
+                costs.join(", "),
+                p.price_source
+            );
+        }
         if !p.note.is_empty() {
             let _ = writeln!(s, "    ({})", p.note);
         }
     }
     let _ = writeln!(s, "\nrecommendation: {}", r.recommendation);
+    if let (Some(t), Some(c)) = (
+        r.request.pricing.measured_tokens_per_s,
+        r.measured_output_cost_per_million,
+    ) {
+        let _ = writeln!(
+            s,
+            "measured: {t:.1} tokens/s costs ${c:.2} per million output tokens"
+        );
+    } else if r.request.pricing.measured_tokens_per_s.is_some() {
+        let _ = writeln!(
+            s,
+            "measured: no fitting placement has a catalog price; give --price-per-hour to cost it"
+        );
+    }
+    if r.placements.iter().any(|p| p.price_per_hour.is_some()) {
+        let _ = writeln!(
+            s,
+            "(a bound's cost is the least one sequence can cost: a real engine reaches part of the \
+             bound, and batching many sequences lowers cost per token; give --tokens-per-s with \
+             a measured throughput)"
+        );
+    }
     s
 }

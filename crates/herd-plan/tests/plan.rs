@@ -6,6 +6,7 @@ use herd_formats::GgufFile;
 use herd_formats::quantize::FileType;
 use herd_plan::hardware::{self, GIB};
 use herd_plan::model::Part;
+use herd_plan::plan::Pricing;
 use herd_plan::{Hardware, KvType, Request, plan, resolve};
 
 fn request(hw: Hardware) -> Request {
@@ -14,6 +15,7 @@ fn request(hw: Hardware) -> Request {
         sequences: 1,
         kv_type: KvType::F16,
         hardware: hw,
+        pricing: Pricing::default(),
     }
 }
 
@@ -291,4 +293,63 @@ fn gemma3_directories_are_planned_from_their_own_config() {
     );
     assert_eq!(m.hidden as u64, config["hidden_size"].as_u64().unwrap());
     assert_eq!(m.n_experts, 0);
+}
+
+/// Cost per million tokens is the price per second over tokens per second: the catalog's
+/// per-GPU price times the count for GPU placements, the user's price for every placement when
+/// given (the CPU-only placement has no catalog price), and a measured throughput costed at the
+/// recommended placement's price.
+#[test]
+fn costs_per_million_tokens_follow_the_price_and_the_bounds() {
+    let facts = resolve("llama4:scout", Some(FileType::Q4KM)).unwrap();
+    let (gpu, n) = hardware::parse_gpu("h100x2").unwrap();
+    let catalog_price = gpu.price_per_hour.unwrap();
+    let hw = Hardware {
+        gpu: Some(gpu),
+        gpu_count: n,
+        ram: Some(256.0 * GIB),
+        ram_bandwidth: Some(90e9),
+        cpu_flops: Some(2e12),
+    };
+    let r = plan(&facts, &request(hw.clone())).unwrap();
+    let all_gpu = &r.placements[0];
+    assert!(all_gpu.fits, "{}", all_gpu.name);
+    assert_eq!(all_gpu.price_per_hour, Some(2.0 * catalog_price));
+    let decode = all_gpu.decode_tokens_per_s.unwrap();
+    let want = 2.0 * catalog_price / 3600.0 / decode * 1e6;
+    assert!(within(
+        all_gpu.output_cost_per_million.unwrap(),
+        want,
+        1e-12
+    ));
+    let prefill = all_gpu.prefill_tokens_per_s.unwrap();
+    let want = 2.0 * catalog_price / 3600.0 / prefill * 1e6;
+    assert!(within(all_gpu.input_cost_per_million.unwrap(), want, 1e-12));
+    let cpu = r.placements.last().unwrap();
+    assert_eq!(cpu.price_per_hour, None);
+    assert_eq!(cpu.output_cost_per_million, None);
+    assert_eq!(r.measured_output_cost_per_million, None);
+
+    let priced = Request {
+        pricing: Pricing {
+            price_per_hour: Some(1.5),
+            measured_tokens_per_s: Some(50.0),
+        },
+        ..request(hw)
+    };
+    let r = plan(&facts, &priced).unwrap();
+    for p in &r.placements {
+        assert_eq!(p.price_per_hour, Some(1.5), "{}", p.name);
+        let want = 1.5 / 3600.0 / p.decode_tokens_per_s.unwrap() * 1e6;
+        assert!(within(p.output_cost_per_million.unwrap(), want, 1e-12));
+    }
+    // 50 tokens/s at $1.50 an hour: 180,000 tokens for $1.50, so $8.33 per million.
+    assert!(within(
+        r.measured_output_cost_per_million.unwrap(),
+        1.5 / 0.18,
+        1e-12
+    ));
+    let text = herd_plan::render::text(&r);
+    assert!(text.contains("per million output tokens"), "{text}");
+    assert!(text.contains("$8.33 per million output tokens"), "{text}");
 }
