@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// `--cors-origin http://localhost:3000`. Without it browsers refuse cross-origin calls.
     #[arg(long = "cors-origin")]
     cors_origins: Vec<String>,
+    /// Do not serve the chat page at `/`.
+    #[arg(long)]
+    no_webui: bool,
     /// Compute threads, the engine thread included (default: one per CPU).
     #[arg(short = 't', long, env = "HERD_THREADS")]
     threads: Option<usize>,
@@ -130,6 +133,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             shutdown_grace: secs(args.shutdown_grace),
         },
         cors_origins: args.cors_origins.clone(),
+        no_webui: args.no_webui,
     };
     let state = AppState::with_options(name, keys, options);
     let compute = match args.threads {

@@ -8,8 +8,15 @@
 //! streamed against the OpenAI routes, schemas, a tool round trip, errors);
 //! tests/anthropic/test_client.py checks the official `anthropic` client on `/v1/messages`
 //! (whole and streamed against the OpenAI route, count_tokens, stop sequences, forced tool
-//! calls whole and streamed, a tool round trip in Claude Code's shapes, typed errors). Then
-//! SIGTERM must stop the server cleanly.
+//! calls whole and streamed, a tool round trip in Claude Code's shapes, typed errors);
+//! tests/ui/test_chat_page.py drives the chat page at `/` in Debian's headless Chromium with
+//! Playwright (the CSP and no requests elsewhere, the 401 and the key, a streamed greedy reply
+//! sent by Enter against the same request made directly, tokens/s, Stop cancelling the request
+//! on the server and freeing its KV blocks, labels and Tab order, a screenshot). Then SIGTERM
+//! must stop the server cleanly.
+//!
+//! The browser is /usr/bin/chromium or `$HERD_CHROMIUM`; without one the test fails, unless
+//! `HERD_SKIP_BROWSER=1` skips the chat page check (and says so).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -32,9 +39,33 @@ fn health(port: u16) -> Option<u16> {
         .map(|r| r.status().as_u16())
 }
 
+/// The Chromium the chat page check drives, or `None` when `HERD_SKIP_BROWSER=1` skips it.
+fn chromium() -> Option<PathBuf> {
+    if std::env::var("HERD_SKIP_BROWSER").is_ok_and(|v| v == "1") {
+        eprintln!(
+            "\n*** HERD_SKIP_BROWSER=1: the chat page check (tests/ui/test_chat_page.py) \
+             was SKIPPED ***\n"
+        );
+        return None;
+    }
+    let path = PathBuf::from(
+        std::env::var("HERD_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into()),
+    );
+    assert!(
+        path.exists(),
+        "no browser at {}: install Debian's `chromium` package (apt-get install chromium, or run \
+         tests/fixtures/fetch.sh as root), set HERD_CHROMIUM to a Chromium binary, or set \
+         HERD_SKIP_BROWSER=1 to skip the chat page check",
+        path.display()
+    );
+    Some(path)
+}
+
 #[test]
 fn official_openai_client_against_herd_serve() {
     let root = root();
+    // Checked first: a missing browser fails at once, not after the other clients' checks.
+    let browser = chromium();
     let model = root.join("tests/fixtures/downloaded/gemma-3-270m-q4_k_m.gguf");
     let python = root.join("tests/fixtures/downloaded/venv/bin/python");
     assert!(
@@ -121,6 +152,24 @@ fn official_openai_client_against_herd_serve() {
         "{anthropic_out}{}",
         String::from_utf8_lossy(&anthropic.stderr)
     );
+    let ui = browser.map(|browser| {
+        let screenshot = std::env::temp_dir().join(format!("herd-chat-page-{}.png", server.id()));
+        let out = Command::new(&python)
+            .arg(root.join("tests/ui/test_chat_page.py"))
+            .args([
+                &format!("http://127.0.0.1:{port}"),
+                "gemma3:270m",
+                "test-key",
+            ])
+            .arg(&screenshot)
+            .env("HERD_CHROMIUM", &browser)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("chat page screenshot: {}", screenshot.display());
+        (out.status, stdout)
+    });
 
     let term = Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
@@ -143,6 +192,13 @@ fn official_openai_client_against_herd_serve() {
         "the anthropic client checks failed"
     );
     assert!(anthropic_out.contains("all checks passed"));
+    match &ui {
+        Some((ui_status, ui_out)) => {
+            assert!(ui_status.success(), "the chat page checks failed");
+            assert!(ui_out.contains("all checks passed"));
+        }
+        None => eprintln!("\n*** the chat page check was SKIPPED (HERD_SKIP_BROWSER=1) ***\n"),
+    }
     assert!(
         status.success(),
         "herd serve exited with {status} after SIGTERM: {log:?}"

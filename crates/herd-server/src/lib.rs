@@ -15,6 +15,7 @@ pub mod openai;
 pub mod request;
 pub mod responses;
 pub mod tools;
+pub mod ui;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -106,6 +107,8 @@ pub struct ServerOptions {
     /// Origins whose browser pages may call the API (`*`: any); empty: no CORS headers, so
     /// browsers refuse cross-origin calls.
     pub cors_origins: Vec<String>,
+    /// Do not serve the chat page at `/` (`herd serve --no-webui`).
+    pub no_webui: bool,
 }
 
 impl AppState {
@@ -192,7 +195,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .merge(ollama::routes())
         .merge(anthropic::routes())
-        .merge(responses::routes())
+        .merge(responses::routes());
+    let router = if state.options.no_webui {
+        router
+    } else {
+        router.merge(ui::routes())
+    };
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
