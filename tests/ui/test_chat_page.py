@@ -171,7 +171,7 @@ with sync_playwright() as p:
           (length, len(partial)))
     stopped_stats = page.eval_on_selector_all(".stats", "s => s[1].textContent")
     check("the stopped reply is marked and counted",
-          re.search(r"^Stopped, \d+ tokens, [\d.]+ tokens/s", stopped_stats), stopped_stats)
+          re.search(r"^Stopped, ≈\d+ tokens, ≈[\d.]+ tokens/s", stopped_stats), stopped_stats)
     check("Stop is disabled again, Send enabled",
           page.is_disabled("#stop") and page.is_enabled("#send"))
     deadline = time.time() + 10
@@ -199,13 +199,45 @@ with sync_playwright() as p:
     check("the conversation continues after a stop",
           len(page.eval_on_selector_all(".bubble.assistant", "b => b[2].textContent")) > 0)
 
+    # Stopped at once, before any text (as a stop while a long prompt is processed is): the
+    # unanswered turn leaves the history, so the next message still alternates with replies
+    # (two user turns in a row would break the chat template).
+    phase[0] = "stop at once"
+    count = lambda selector: page.eval_on_selector_all(selector, "e => e.length")
+    turns = count(".assistant-turn")
+    # A long message, so that the prompt's processing leaves time to stop after the response
+    # has started (the reply's bubble is there) and before its first token.
+    long_message = "The keeper counted the waves and wrote each one down. " * 60
+    page.fill("#message", long_message)
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"() => document.querySelectorAll('.assistant-turn').length > {turns}",
+                           timeout=120_000)
+    page.keyboard.press("Escape")
+    page.wait_for_function("() => !document.getElementById('send').disabled", timeout=120_000)
+    stopped_empty = page.eval_on_selector_all(".bubble.assistant", "b => b.at(-1).textContent")
+    check("a stop before the first token leaves an empty reply", stopped_empty == "",
+          stopped_empty)
+    check("and gives the message back to the box", page.input_value("#message") == long_message)
+    stats_before, errors_before = count(".assistant-turn .stats"), count(".error-msg")
+    page.fill("#message", "Go on.")
+    page.keyboard.press("Enter")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('.assistant-turn .stats').length > {stats_before}"
+        f" || document.querySelectorAll('.error-msg').length > {errors_before}",
+        timeout=120_000)
+    check("after a stop at once the conversation goes on",
+          count(".error-msg") == errors_before
+          and count(".assistant-turn .stats") == stats_before + 1,
+          page.eval_on_selector_all(".error-msg", "e => e.map(x => x.textContent)"))
+
     # A refused request: the server's JSON error is shown, the text goes back to the box.
     phase[0] = "wrong key"
     page.fill("#api-key", "not-the-key")
     page.fill("#message", "Hello?")
+    errors_before = count(".error-msg")
     page.click("#send")
-    page.wait_for_selector(".error-msg")
-    error = text(".error-msg")
+    page.wait_for_function(f"() => document.querySelectorAll('.error-msg').length > {errors_before}")
+    error = page.eval_on_selector_all(".error-msg", "e => e.at(-1).textContent")
     check("a 401 while chatting shows the server's message",
           "401" in error and "valid API key is required" in error, error)
     check("the unsent message goes back to the box", page.input_value("#message") == "Hello?",
@@ -237,6 +269,7 @@ with sync_playwright() as p:
           page.eval_on_selector("#messages", "m => m.getAttribute('role') === 'log' "
                                 "&& m.getAttribute('aria-live') === 'polite'"))
     check("no console errors while chatting", not errors("chat") and not errors("stop")
+          and not errors("stop at once")
           and not [c for c in errors("wrong key") if "status of 401" not in c[2]], console)
     check("every request went to this server", not foreign, foreign)
 

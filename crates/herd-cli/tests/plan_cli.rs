@@ -491,12 +491,11 @@ fn inspect_names_the_licence_and_llama4_terms() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     let notice = "Llama 4 Community License Agreement";
     let gemma = root.join("downloaded/gemma-3-270m-q4_k_m.gguf");
-    if gemma.exists() {
-        let (code, out, err) = herd(&["inspect", gemma.to_str().unwrap()]);
-        assert_eq!(code, Some(0), "{err}");
-        assert!(out.contains("\nlicence: gemma\n"), "{out}");
-        assert!(!out.contains(notice), "{out}");
-    }
+    assert!(gemma.exists(), "run tests/fixtures/fetch.sh first");
+    let (code, out, err) = herd(&["inspect", gemma.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\nlicence: gemma\n"), "{out}");
+    assert!(!out.contains(notice), "{out}");
     let tiny = root.join("llama4_gguf/tiny-q8_0.gguf");
     let (code, out, err) = herd(&["inspect", tiny.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
@@ -552,7 +551,10 @@ fn plan_turns_tokens_per_second_into_cost() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("at $1.50/hour (--price-per-hour)"), "{out}");
     assert!(
-        out.contains("measured: 50.0 tokens/s costs $8.33 per million output tokens"),
+        out.contains(
+            "measured: 50.0 tokens/s costs $8.33 per million output tokens at $1.50/hour \
+             (--price-per-hour)"
+        ),
         "{out}"
     );
     let (code, _, err) = herd(&["plan", "llama4:scout", "--price-per-hour", "0"]);

@@ -73,10 +73,7 @@ impl ModelCard {
     /// Whether Meta's Llama 4 licence governs the weights: a Llama 4 architecture, or a licence
     /// that names Llama 4 (fine-tunes and quantizations keep it).
     pub fn is_llama4_licensed(&self) -> bool {
-        let names_llama4 = |s: &String| {
-            let s = s.to_ascii_lowercase().replace([' ', '-', '_'], "");
-            s.contains("llama4")
-        };
+        let names_llama4 = |s: &String| mentions_llama4(s);
         // `llama4`, and `llama4_text` for text-only checkpoints.
         self.architecture.starts_with("llama4")
             || [&self.license, &self.license_name, &self.license_link]
@@ -170,19 +167,36 @@ fn checkpoint_card(dir: &Path, modified: Option<SystemTime>) -> Result<ModelCard
     })
 }
 
+/// `llama4`, `Llama 4`, `llama-4`, `LLAMA_4`, … as a name of its own: not `TinyLlama-42M` or
+/// `Llama-400M` (no digit may follow the 4).
+fn mentions_llama4(s: &str) -> bool {
+    let s = s.to_ascii_lowercase();
+    let b = s.as_bytes();
+    s.match_indices("llama").any(|(at, _)| {
+        let mut i = at + "llama".len();
+        if matches!(b.get(i), Some(b' ' | b'-' | b'_')) {
+            i += 1;
+        }
+        b.get(i) == Some(&b'4') && !b.get(i + 1).is_some_and(u8::is_ascii_digit)
+    })
+}
+
 fn gguf_string(file: &GgufFile, key: &str) -> Option<String> {
     file.get(key).and_then(|v| v.as_str()).map(str::to_string)
 }
 
 /// A top-level scalar of a Hugging Face model card's YAML front matter (the block between
 /// `---` lines that opens README.md): `key: value`, quoted or not, or a folded `>-` / `|`
-/// value on the indented lines after it. Lists and nested maps are not read (None).
+/// value on the indented lines after it; a `# comment` after a plain value is dropped. Lists,
+/// nested maps and a block that is never closed are not read (None).
 fn front_matter(readme: &str, key: &str) -> Option<String> {
     let mut lines = readme.lines();
     if lines.next()?.trim_end() != "---" {
         return None;
     }
-    let body: Vec<&str> = lines.take_while(|l| l.trim_end() != "---").collect();
+    let rest: Vec<&str> = lines.collect();
+    let end = rest.iter().position(|l| l.trim_end() == "---")?;
+    let body = &rest[..end];
     let at = body
         .iter()
         .position(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))?;
@@ -194,11 +208,20 @@ fn front_matter(readme: &str, key: &str) -> Option<String> {
             .take_while(|l| l.starts_with(' ') || l.is_empty())
             .map(|l| l.trim())
             .collect();
-        if value.is_empty() && block.first().is_some_and(|l| l.starts_with('-')) {
+        // A list (`- item`) or a nested map (`name: x`) is not a scalar.
+        if value.is_empty()
+            && block
+                .first()
+                .is_some_and(|l| l.starts_with('-') || l.contains(": "))
+        {
             return None;
         }
         block.join(" ").trim().to_string()
     } else {
+        let value = match value.find(" #") {
+            Some(at) if !value.starts_with(['"', '\'']) => value[..at].trim_end(),
+            _ => value,
+        };
         value
             .strip_prefix('"')
             .and_then(|v| v.strip_suffix('"'))
@@ -260,6 +283,30 @@ mod tests {
             front_matter("# no front matter\nlicense: mit\n", "license"),
             None
         );
+        assert_eq!(
+            front_matter("---\nlicense: mit\n# never closed\n", "license"),
+            None
+        );
+        assert_eq!(
+            front_matter("---\nlicense: mit # SPDX\n---\n", "license").as_deref(),
+            Some("mit")
+        );
+        assert_eq!(
+            front_matter("---\nlicense:\n  name: x\n---\n", "license"),
+            None,
+            "a nested map"
+        );
+        for (name, llama4) in [
+            ("llama4", true),
+            ("Llama 4 Community License", true),
+            ("meta-llama/Llama-4-Scout-17B-16E", true),
+            ("LLAMA_4", true),
+            ("TinyLlama-42M", false),
+            ("Llama-400M", false),
+            ("llama3.1", false),
+        ] {
+            assert_eq!(mentions_llama4(name), llama4, "{name}");
+        }
 
         let card = ModelCard {
             architecture: "gemma3".into(),

@@ -83,6 +83,18 @@ pub fn catalog() -> Result<Vec<Gpu>> {
         let extra: Vec<Entry> =
             serde_json::from_str(&text).map_err(|e| Error::Hardware(format!("{path}: {e}")))?;
         for e in extra {
+            let positive = |v: f64| v.is_finite() && v > 0.0;
+            if ![e.memory_gib, e.bandwidth_gbs, e.tflops]
+                .into_iter()
+                .all(positive)
+                || e.price_per_hour.is_some_and(|p| !positive(p))
+            {
+                return Err(Error::Hardware(format!(
+                    "{path}: {}: memory_gib, bandwidth_gbs, tflops and price_per_hour must be \
+                     positive numbers",
+                    e.name
+                )));
+            }
             gpus.retain(|g| g.name != e.name);
             gpus.push(Gpu {
                 name: e.name,

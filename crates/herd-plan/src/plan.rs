@@ -169,6 +169,9 @@ pub struct Report {
     /// USD per million generated tokens at the measured throughput and the machine's price
     /// (the given `--price-per-hour`, else the recommended placement's).
     pub measured_output_cost_per_million: Option<f64>,
+    /// The price the measured throughput is costed at, USD per hour, and where it came from.
+    pub measured_price_per_hour: Option<f64>,
+    pub measured_price_source: String,
 }
 
 pub fn plan(m: &ModelFacts, req: &Request) -> Result<Report> {
@@ -314,17 +317,26 @@ pub fn plan(m: &ModelFacts, req: &Request) -> Result<Report> {
         price(p, req, hw);
     }
     let recommendation = recommend(&placements);
-    let measured_output_cost_per_million = req.pricing.measured_tokens_per_s.and_then(|t| {
-        let price = req.pricing.price_per_hour.or_else(|| {
-            let best = placements.iter().filter(|p| p.fits).max_by(|a, b| {
+    // The measured throughput is costed at the user's price, else at the price of the
+    // placement recommended (the fastest that fits).
+    let (measured_price_per_hour, measured_price_source) = match req.pricing.price_per_hour {
+        Some(usd) => (Some(usd), "--price-per-hour".to_string()),
+        None => placements
+            .iter()
+            .filter(|p| p.fits)
+            .max_by(|a, b| {
                 a.decode_tokens_per_s
                     .unwrap_or(0.0)
                     .total_cmp(&b.decode_tokens_per_s.unwrap_or(0.0))
-            })?;
-            best.price_per_hour
-        })?;
-        Some(cost_per_million(price, t))
-    });
+            })
+            .and_then(|p| Some((p.price_per_hour?, p.price_source.clone())))
+            .map_or((None, String::new()), |(usd, source)| (Some(usd), source)),
+    };
+    let measured_output_cost_per_million = req
+        .pricing
+        .measured_tokens_per_s
+        .zip(measured_price_per_hour)
+        .map(|(t, usd)| cost_per_million(usd, t));
     Ok(Report {
         model: m.name.clone(),
         weight_types: types.into_iter().collect(),
@@ -338,6 +350,8 @@ pub fn plan(m: &ModelFacts, req: &Request) -> Result<Report> {
         placements,
         recommendation,
         measured_output_cost_per_million,
+        measured_price_per_hour,
+        measured_price_source,
     })
 }
 

@@ -122,13 +122,15 @@ pub fn text(r: &Report) -> String {
         }
     }
     let _ = writeln!(s, "\nrecommendation: {}", r.recommendation);
-    if let (Some(t), Some(c)) = (
+    if let (Some(t), Some(c), Some(usd)) = (
         r.request.pricing.measured_tokens_per_s,
         r.measured_output_cost_per_million,
+        r.measured_price_per_hour,
     ) {
         let _ = writeln!(
             s,
-            "measured: {t:.1} tokens/s costs ${c:.2} per million output tokens"
+            "measured: {t:.1} tokens/s costs ${c:.2} per million output tokens at ${usd:.2}/hour ({})",
+            r.measured_price_source
         );
     } else if r.request.pricing.measured_tokens_per_s.is_some() {
         let _ = writeln!(

@@ -330,6 +330,28 @@ fn costs_per_million_tokens_follow_the_price_and_the_bounds() {
     assert_eq!(cpu.output_cost_per_million, None);
     assert_eq!(r.measured_output_cost_per_million, None);
 
+    // A measured throughput without a price: the recommended placement's (all on the GPUs).
+    let measured = Request {
+        pricing: Pricing {
+            price_per_hour: None,
+            measured_tokens_per_s: Some(100.0),
+        },
+        ..request(hw.clone())
+    };
+    let m = plan(&facts, &measured).unwrap();
+    assert!(
+        m.recommendation.starts_with("all on GPU"),
+        "{}",
+        m.recommendation
+    );
+    assert_eq!(m.measured_price_per_hour, Some(2.0 * catalog_price));
+    let want = 2.0 * catalog_price / 3600.0 / 100.0 * 1e6;
+    assert!(within(
+        m.measured_output_cost_per_million.unwrap(),
+        want,
+        1e-12
+    ));
+
     let priced = Request {
         pricing: Pricing {
             price_per_hour: Some(1.5),

@@ -9,22 +9,30 @@
 //! Choices made here, each documented because a field is never silently ignored:
 //! - `x-api-key` or `Authorization: Bearer` carries the key; `anthropic-version` and
 //!   `anthropic-beta` headers are accepted whatever their value.
-//! - `thinking` is accepted and checked (the API's rules on `budget_tokens`); the models herd
-//!   serves have no reasoning mode, so no `thinking` block comes back. `thinking` and
-//!   `redacted_thinking` blocks sent back in history are not rendered, for the same reason.
-//! - `cache_control` is accepted wherever the API takes it: herd's prefix cache keeps every
-//!   prompt's blocks without being asked. `metadata.user_id` and `service_tier` are
-//!   informational. `output_config.format` (a JSON schema) constrains the output as
-//!   `response_format` does on the OpenAI routes; `output_config.effort` is accepted and, like
-//!   `thinking`, has no effect on models without a reasoning mode.
+//! - Accepted with no effect, because herd's models and cache need nothing from them:
+//!   `thinking` (read for its shape; the models have no reasoning mode, so no `thinking` block
+//!   comes back, and `thinking` / `redacted_thinking` blocks in history are not rendered),
+//!   `output_config.effort`, `cache_control` wherever the API takes it, its `scope` included
+//!   (herd's prefix cache keeps every prompt's blocks unasked), a tool's
+//!   `eager_input_streaming`, `metadata.user_id`, `service_tier`, `speed: "standard"` (any
+//!   other speed is a 400), and `context_management` edits that clear thinking (other edits
+//!   are 400s: herd does not edit the conversation it is given).
+//! - `output_config.format` (or the older beta `output_format`, not both) constrains the
+//!   output as `response_format` does on the OpenAI routes. A tool's `input_examples` are
+//!   appended to its description; `defer_loading: true` (tool search) is a 400.
 //! - `temperature`, `top_p` and `top_k`, which newer SDKs no longer send, are still taken.
+//! - `max_tokens` is a bound: a reply the context cuts short first ends with
+//!   `stop_reason: "model_context_window_exceeded"`.
 //! - Claude Code's per-request attribution block (`x-anthropic-billing-header: …`, different
 //!   every request) is left out of the system prompt, so that the prefix cache can serve the
 //!   rest of the conversation (llama.cpp does the same).
 //! - `usage.input_tokens` is the whole prompt (clients track the context from it); the
 //!   optional cache fields are not reported.
+//! - A stream silent for 10 s (a long prompt's processing, a held tool call) gets `ping`
+//!   events.
 //! - Images, documents, server tools and a final assistant message to continue (prefill) are
-//!   400s naming them; unknown fields are 400s naming them, as on every herd route.
+//!   400s naming them (count_tokens takes a final assistant message: it only counts); unknown
+//!   fields are 400s naming them, as on every herd route.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -675,7 +683,7 @@ fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
         && let Some(edit) = cm
             .edits
             .iter()
-            .filter_map(|e| e.get("type").and_then(Value::as_str))
+            .map(|e| e.get("type").and_then(Value::as_str).unwrap_or("(no type)"))
             .find(|t| !t.starts_with("clear_thinking_"))
     {
         return Err(ApiError::bad_request(format!(
@@ -720,10 +728,17 @@ fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
             }
         })
     });
-    let format = req
-        .output_config
-        .and_then(|o| o.format)
-        .or(req.output_format)
+    let format = match (req.output_config.and_then(|o| o.format), req.output_format) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give the JSON schema once: 'output_config.format' or the older \
+                 'output_format', not both",
+            )
+            .param("output_format"));
+        }
+        (a, b) => a.or(b),
+    };
+    let format = format
         .map(|OutputFormat::JsonSchema { schema }| Grammar::JsonSchema(Value::Object(schema)));
     let grammar = match (forced, format) {
         (Some(_), Some(_)) => {
@@ -1212,6 +1227,14 @@ mod tests {
                 "image blocks are not supported",
             ),
             (format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"speed":"fast"}}"#), "speed"),
+            (
+                format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"context_management":{{"edits":[{{"keep":1}}]}}}}"#),
+                "context_management",
+            ),
+            (
+                format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"output_config":{{"format":{{"type":"json_schema","schema":{{"type":"object"}}}}}},"output_format":{{"type":"json_schema","schema":{{"type":"object"}}}}}}"#),
+                "output_format",
+            ),
             (format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"container":"c"}}"#), "container"),
             (
                 format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}],"system":[{{"type":"text","text":"s","cache_control":{{"type":"forever"}}}}]}}"#),

@@ -69,7 +69,14 @@ async function loadModel() {
   }
   if (seq !== modelsSeq) return 'superseded';
   if (res.ok) {
-    const body = await res.json();
+    let body = null;
+    try {
+      body = await res.json();
+    } catch {
+      modelName = null;
+      setStatus('The server answered /v1/models with something that is not JSON', 'error');
+      return 'the model list is not JSON';
+    }
     modelName = body?.data?.[0]?.id ?? null;
     setStatus(modelName ? `Model: ${modelName}` : 'The server lists no model', modelName ? 'ok' : 'error');
     return modelName ? null : 'the server lists no model';
@@ -134,8 +141,12 @@ function addError(text) {
 }
 
 function setGenerating(on) {
+  // Focus on a button about to be disabled would fall to the page: hand it to the other one.
+  const moveTo = on && document.activeElement === els.send ? els.stop
+    : !on && document.activeElement === els.stop ? els.send : null;
   els.send.disabled = on;
   els.stop.disabled = !on;
+  moveTo?.focus();
   els.messages.setAttribute('aria-busy', String(on));
 }
 
@@ -236,8 +247,8 @@ async function send() {
     }
   };
 
+  const reader = res.body.getReader();
   try {
-    const reader = res.body.getReader();
     const decoder = new TextDecoder();
     let buf = '';
     for (;;) {
@@ -256,32 +267,56 @@ async function send() {
   } catch (e) {
     if (e.name === 'AbortError') stopped = true;
     else streamError = `the stream broke: ${e.message}`;
+  } finally {
+    // A stream that broke off (bad data, a lost [DONE]) must not keep the request running on
+    // the server: cancelling the body closes the connection, which cancels the request.
+    if (!sawDone) reader.cancel().catch(() => {});
   }
   const endedAt = performance.now();
   controller = null;
   setGenerating(false);
   if (thisChat !== chat) return;
 
-  // Keep what arrived, even a stopped reply, so that the conversation can go on from it.
-  if (content) history.push({ role: 'assistant', content });
+  // Keep what arrived, even a stopped reply, so that the conversation can go on from it. With
+  // nothing arrived (stopped during the prompt's processing, an empty reply, an error), the
+  // user's turn goes too: two user turns in a row would break a chat template that requires
+  // alternating roles.
+  if (content) {
+    history.push({ role: 'assistant', content });
+  } else {
+    const at = history.length - 1;
+    if (history[at]?.role === 'user' && history[at].content === text) history.splice(at, 1);
+    user.turn.classList.add('unsent');
+    if (!els.message.value) els.message.value = text;
+  }
   if (stopped) turn.classList.add('stopped');
 
-  // Tokens/s counts from the first token (the prompt's processing is the first-token time).
-  // A stopped request sends no usage: each content delta is one token's text then.
+  // Tokens/s counts the tokens after the first over the time from the first to the end (the
+  // first token's time is the prompt's processing, shown apart). A stopped request sends no
+  // usage: each content delta is about one token's text then (hence the ≈).
   const tokens = usage?.completion_tokens ?? deltas;
+  const approx = usage ? '' : '≈';
   const parts = [];
   if (stopped) parts.push('Stopped');
-  parts.push(`${tokens} token${tokens === 1 ? '' : 's'}`);
+  parts.push(`${approx}${tokens} token${tokens === 1 ? '' : 's'}`);
   if (firstAt !== null) {
     const secs = (endedAt - firstAt) / 1000;
-    if (tokens > 1 && secs > 0) parts.push(`${(tokens / secs).toFixed(1)} tokens/s`);
+    if (tokens > 1 && secs > 0) parts.push(`${approx}${((tokens - 1) / secs).toFixed(1)} tokens/s`);
     parts.push(`first token ${((firstAt - started) / 1000).toFixed(2)} s`);
   }
   if (finish === 'length') parts.push('cut at max tokens');
   addStats(turn, parts.join(', '));
   if (streamError) addError(streamError);
   if (!content && !stopped && !streamError) addError('the reply was empty');
-  els.message.focus();
+  refocus();
+}
+
+// Back to the message box after a reply, unless the user has moved on to another field.
+function refocus() {
+  const at = document.activeElement;
+  if (!at || at === document.body || at === els.send || at === els.stop || at === els.message) {
+    els.message.focus();
+  }
 }
 
 // The request failed before any reply: say why, drop the unanswered turn from the history,
@@ -294,7 +329,7 @@ function failed(user, index, text, why) {
   user.turn.classList.add('unsent');
   addError(why);
   if (!els.message.value) els.message.value = text;
-  els.message.focus();
+  refocus();
 }
 
 function stop() {
