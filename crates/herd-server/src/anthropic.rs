@@ -51,7 +51,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::openai::{self, ApiError, ApiResult, Job, PromptSource};
-use crate::request;
+use crate::request::{self, TextOr};
 use crate::{AppState, CallHold, Finale, Started, Timing, tools};
 
 /// The routes.
@@ -158,40 +158,7 @@ struct MessageParam {
 }
 
 /// A message's content: a string (one text block) or blocks.
-#[derive(Debug)]
-enum Content {
-    Text(String),
-    Blocks(Vec<Block>),
-}
-
-impl<'de> Deserialize<'de> for Content {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Content;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or a list of content blocks")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Content, E> {
-                Ok(Content::Text(s.to_string()))
-            }
-            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Content, E> {
-                Ok(Content::Text(s))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Content, A::Error> {
-                let mut blocks = Vec::new();
-                while let Some(b) = seq.next_element()? {
-                    blocks.push(b);
-                }
-                Ok(Content::Blocks(blocks))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+type Content = TextOr<Block>;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -230,39 +197,9 @@ enum Block {
     },
 }
 
-/// A tool result's content: a string or text blocks (read by hand so that an image block's
-/// own error reaches the client).
-#[derive(Debug)]
-enum ToolResultContent {
-    Text(String),
-    Blocks(Vec<TextBlock>),
-}
-
-impl<'de> Deserialize<'de> for ToolResultContent {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = ToolResultContent;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or a list of text blocks")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ToolResultContent, E> {
-                Ok(ToolResultContent::Text(s.to_string()))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<ToolResultContent, A::Error> {
-                let mut blocks = Vec::new();
-                while let Some(b) = seq.next_element()? {
-                    blocks.push(b);
-                }
-                Ok(ToolResultContent::Blocks(blocks))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+/// A tool result's content: a string or text blocks (an image block's own error reaches the
+/// client).
+type ToolResultContent = TextOr<TextBlock>;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -452,7 +389,7 @@ fn template_messages(
                 _cache_control: None,
                 _citations: None,
             }],
-            Content::Blocks(b) => b,
+            Content::List(b) => b,
         };
         match m.role {
             Role::System => {
@@ -482,7 +419,7 @@ fn template_messages(
                             let text = match content {
                                 None => String::new(),
                                 Some(ToolResultContent::Text(t)) => t,
-                                Some(ToolResultContent::Blocks(b)) => joined(b),
+                                Some(ToolResultContent::List(b)) => joined(b),
                             };
                             let text = if is_error == Some(true) {
                                 format!("Error: {text}")
@@ -948,14 +885,7 @@ fn event(v: &Value) -> Bytes {
 /// `input_json_delta`, stop), `message_delta` with the stop reason and output tokens, then
 /// `message_stop`. Blocks are indexed from 0 in order and each is closed before the next opens.
 fn stream_response(st: Arc<AppState>, started: Started, id: String) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
-    tokio::spawn(pump(st, started, id, tx));
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(body)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    crate::streamed("text/event-stream", |tx| pump(st, started, id, tx))
 }
 
 async fn pump(

@@ -1276,18 +1276,33 @@ impl CallHold {
     }
 }
 
+/// The sending end of a streamed response's body.
+pub(crate) type ChunkSender = mpsc::Sender<Result<Bytes, std::convert::Infallible>>;
+
+/// A streamed response of `content_type` (uncached) whose body `pump` writes, on a task of its
+/// own, into the channel it is given; the body ends when `pump` drops the sender.
+pub(crate) fn streamed<Fut>(
+    content_type: &'static str,
+    pump: impl FnOnce(ChunkSender) -> Fut,
+) -> Response
+where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(pump(tx));
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
 /// Server-sent events as OpenAI sends them: per choice a role chunk first (chat), content
 /// chunks, a chunk with the finish reason; then with `include_usage` a chunk with empty choices
 /// and the usage; then `[DONE]`.
 fn stream_response(st: Arc<AppState>, run: Running, meta: Meta) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
-    tokio::spawn(pump(st, run, meta, tx));
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(body)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    streamed("text/event-stream", |tx| pump(st, run, meta, tx))
 }
 
 async fn pump(

@@ -887,14 +887,7 @@ async fn whole_response(st: Arc<AppState>, started: Started, shape: Shape) -> Re
 /// object, then the final object with `done: true`, `done_reason` and the statistics. An error
 /// after the headers went out is an `{"error": …}` line, as Ollama sends it.
 fn stream_response(st: Arc<AppState>, started: Started, shape: Shape) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
-    tokio::spawn(pump(st, started, shape, tx));
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    axum::response::Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(body)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    crate::streamed("application/x-ndjson", |tx| pump(st, started, shape, tx))
 }
 
 async fn pump(

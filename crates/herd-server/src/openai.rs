@@ -420,7 +420,7 @@ fn grammar(
 fn content_value(c: Content) -> Value {
     match c {
         Content::Text(s) => Value::String(s),
-        Content::Parts(parts) => Value::Array(
+        Content::List(parts) => Value::Array(
             parts
                 .into_iter()
                 .map(|ContentPart::Text { text }| json!({"type": "text", "text": text}))

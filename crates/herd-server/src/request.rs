@@ -298,44 +298,48 @@ pub struct CalledFunction {
     pub parsed_arguments: Option<IgnoredAny>,
 }
 
-/// A message's content: a string or a list of text parts. Written by hand rather than as an
-/// untagged enum so that a part's own error (an `image_url` part) reaches the client.
+/// A string, or a list of `T` (content parts, blocks): how every API herd speaks writes a
+/// message's content. Read by hand rather than as an untagged enum so that an element's own
+/// error (an `image_url` part, an image block) reaches the client.
 #[derive(Debug)]
-pub enum Content {
+pub enum TextOr<T> {
     Text(String),
-    Parts(Vec<ContentPart>),
+    List(Vec<T>),
 }
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for TextOr<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = TextOr<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a list of content parts")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<TextOr<T>, E> {
+                Ok(TextOr::Text(s.to_string()))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<TextOr<T>, E> {
+                Ok(TextOr::Text(s))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<TextOr<T>, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(TextOr::List(items))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// An OpenAI chat message's content: a string or text parts.
+pub type Content = TextOr<ContentPart>;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ContentPart {
     Text { text: String },
-}
-
-impl<'de> Deserialize<'de> for Content {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Content;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or a list of text parts")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<Content, E> {
-                Ok(Content::Text(s.to_string()))
-            }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<Content, E> {
-                Ok(Content::Text(s))
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Content, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(p) = seq.next_element()? {
-                    parts.push(p);
-                }
-                Ok(Content::Parts(parts))
-            }
-        }
-        d.deserialize_any(V)
-    }
 }
 
 /// A response field a client sent back: accepted when null (`Option`'s `None`) or empty, and

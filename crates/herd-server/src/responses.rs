@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
 use herd_engine::constraint::Grammar;
@@ -34,7 +34,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::openai::{self, ApiError, ApiResult, Job, PromptSource};
-use crate::request::{self, Schema};
+use crate::request::{self, Schema, TextOr};
 use crate::{AppState, CallHold, Finale, Started, Timing, tools};
 
 /// The routes.
@@ -185,42 +185,8 @@ struct MessageItem {
     _phase: Option<IgnoredAny>,
 }
 
-/// A string or content parts; read by hand so that a part's own error (an `input_image`)
-/// reaches the client.
-#[derive(Debug)]
-enum MessageContent {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-impl<'de> Deserialize<'de> for MessageContent {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = MessageContent;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or a list of content parts")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<MessageContent, E> {
-                Ok(MessageContent::Text(s.to_string()))
-            }
-            fn visit_string<E: serde::de::Error>(self, s: String) -> Result<MessageContent, E> {
-                Ok(MessageContent::Text(s))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<MessageContent, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(p) = seq.next_element()? {
-                    parts.push(p);
-                }
-                Ok(MessageContent::Parts(parts))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
+/// A string or content parts (a part's own error, an `input_image`, reaches the client).
+type MessageContent = TextOr<Part>;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -298,7 +264,7 @@ fn content_text(i: usize, c: MessageContent) -> String {
     let _ = i;
     match c {
         MessageContent::Text(t) => t,
-        MessageContent::Parts(parts) => parts
+        MessageContent::List(parts) => parts
             .into_iter()
             .map(|p| match p {
                 Part::InputText { text } | Part::OutputText { text, .. } => text,
@@ -800,14 +766,7 @@ async fn whole_response(st: Arc<AppState>, started: Started, shell: Shell) -> Re
 /// one delta, done); then `response.completed` or `response.incomplete` with the whole
 /// response, or `response.failed`. Every event carries its `sequence_number`, from 0.
 fn stream_response(st: Arc<AppState>, started: Started, shell: Shell) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
-    tokio::spawn(pump(st, started, shell, tx));
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(body)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    crate::streamed("text/event-stream", |tx| pump(st, started, shell, tx))
 }
 
 /// Numbers events and sends them.
