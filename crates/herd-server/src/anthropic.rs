@@ -50,6 +50,7 @@ use serde::de::IgnoredAny;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
+use crate::conversation::{self, Ending};
 use crate::openai::{self, ApiError, ApiResult, Job, PromptSource};
 use crate::request::{self, TextOr};
 use crate::{AppState, CallHold, Finale, Started, Timing, tools};
@@ -79,7 +80,7 @@ fn error_type(status: StatusCode) -> &'static str {
 /// An error in Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`. A busy
 /// or loading server is 529 `overloaded_error` (retried by the SDKs, after `retry-after`); a
 /// prompt over the context says "prompt is too long", the words clients look for to compact.
-fn error_response(e: &ApiError, request_id: &str) -> Response {
+pub(crate) fn error_response(e: &ApiError, request_id: &str) -> Response {
     let status = if e.status == StatusCode::SERVICE_UNAVAILABLE {
         StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
     } else {
@@ -495,7 +496,13 @@ fn template_messages(
             json!({"role": "system", "content": system_text.join("\n")}),
         );
     }
-    Ok(out)
+    // Content that renders nothing (empty lists, thinking blocks only) leaves nothing to answer.
+    let ending = if counting {
+        Ending::Any
+    } else {
+        Ending::Answer
+    };
+    conversation::shape(out, ending, "messages")
 }
 
 /// The offered tools and the choice, as herd's tools.
@@ -603,6 +610,26 @@ fn parse_error(e: request::ParseError) -> ApiError {
 fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
     openai::json_object(body)?;
     let req: MessagesRequest = request::parse_as(body).map_err(parse_error)?;
+    if count {
+        // count_tokens takes the prompt's fields only (its parameters are the create
+        // parameters less `max_tokens` and those about generating).
+        let generating = [
+            ("max_tokens", req.max_tokens.is_some()),
+            ("stream", req.stream.is_some()),
+            ("stop_sequences", req.stop_sequences.is_some()),
+            ("temperature", req.temperature.is_some()),
+            ("top_p", req.top_p.is_some()),
+            ("top_k", req.top_k.is_some()),
+            ("metadata", req._metadata.is_some()),
+            ("service_tier", req._service_tier.is_some()),
+        ];
+        if let Some((field, _)) = generating.iter().find(|(_, given)| *given) {
+            return Err(ApiError::bad_request(format!(
+                "'{field}' is not a count_tokens parameter: it counts the prompt's tokens only"
+            ))
+            .param(field));
+        }
+    }
     let max_tokens = match (count, req.max_tokens) {
         (true, _) => None,
         (false, None) => {
@@ -714,7 +741,7 @@ fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
     })
 }
 
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
@@ -1182,6 +1209,24 @@ mod tests {
                 e.param
             );
         }
+        // Content that renders nothing leaves nothing to answer.
+        for content in [
+            r#"[]"#,
+            r#"[{"type":"thinking","thinking":"t","signature":"s"}]"#,
+        ] {
+            let body = format!(
+                r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"user","content":{content}}}]}}"#
+            );
+            let e = job(&body).expect_err(&body);
+            assert!(e.message.contains("no message to answer"), "{}", e.message);
+        }
+        // count_tokens refuses what is about generating.
+        let e = parse(
+            format!(r#"{{"model":"m","max_tokens":5,"messages":[{user}]}}"#).as_bytes(),
+            true,
+        )
+        .expect_err("max_tokens when counting");
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
         // count_tokens takes no max_tokens.
         assert!(
             parse(

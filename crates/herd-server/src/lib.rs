@@ -9,6 +9,7 @@
 
 pub mod anthropic;
 pub mod conn;
+mod conversation;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
@@ -260,10 +261,24 @@ fn error_response(e: &ApiError) -> Response {
     response
 }
 
-async fn not_found() -> Response {
-    error_response(
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error_in_shape_of(
+        &uri,
         &ApiError::bad_request("no such endpoint").status(StatusCode::NOT_FOUND, "not_found_error"),
     )
+}
+
+/// An error in the shape of the API that `uri` belongs to: Ollama's under `/api/`,
+/// Anthropic's under `/v1/messages`, OpenAI's elsewhere.
+fn error_in_shape_of(uri: &axum::http::Uri, e: &ApiError) -> Response {
+    let path = uri.path();
+    if path.starts_with("/api/") {
+        ollama::error_response(e)
+    } else if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+        anthropic::error_response(e, &anthropic::request_id())
+    } else {
+        error_response(e)
+    }
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
@@ -381,9 +396,10 @@ async fn model(
     axum::Json(model_object(&st)).into_response()
 }
 
-/// A method the route does not take, in OpenAI's error shape (axum's own 405 has no body).
-async fn method_not_allowed() -> Response {
-    error_response(
+/// A method the route does not take, in its API's error shape (axum's own 405 has no body).
+async fn method_not_allowed(uri: axum::http::Uri) -> Response {
+    error_in_shape_of(
+        &uri,
         &ApiError::bad_request("this route does not take that method")
             .status(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error"),
     )

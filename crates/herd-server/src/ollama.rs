@@ -40,6 +40,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
+use crate::conversation::{self, Ending};
 use crate::openai::{self, ApiError, ApiResult, Job, PromptSource};
 use crate::request::{self, Seed};
 use crate::{AppState, CallHold, Finale, Started, Timing, tools};
@@ -67,7 +68,7 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
 }
 
 /// An error in Ollama's shape: `{"error": "message"}` with the status.
-fn error_response(e: &ApiError) -> Response {
+pub(crate) fn error_response(e: &ApiError) -> Response {
     let mut response = (e.status, axum::Json(json!({"error": e.message}))).into_response();
     if e.status == StatusCode::SERVICE_UNAVAILABLE {
         response
@@ -77,7 +78,14 @@ fn error_response(e: &ApiError) -> Response {
     response
 }
 
-async fn unknown(axum::extract::Path(rest): axum::extract::Path<String>) -> Response {
+async fn unknown(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Path(rest): axum::extract::Path<String>,
+) -> Response {
+    if let Err(e) = crate::authorize(&st, &headers) {
+        return error_response(&e);
+    }
     error_response(
         &ApiError::bad_request(format!(
             "herd does not implement /api/{rest} (it serves /api/chat, /api/generate, \
@@ -87,7 +95,10 @@ async fn unknown(axum::extract::Path(rest): axum::extract::Path<String>) -> Resp
     )
 }
 
-async fn version() -> Response {
+async fn version(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = crate::authorize(&st, &headers) {
+        return error_response(&e);
+    }
     axum::Json(json!({"version": API_VERSION, "herd": env!("CARGO_PKG_VERSION")})).into_response()
 }
 
@@ -391,7 +402,7 @@ struct Options {
     frequency_penalty: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 enum Role {
     System,
@@ -460,8 +471,26 @@ struct GenerateRequest {
 }
 
 /// The messages as the chat templates read them.
-fn template_messages(list: Vec<Message>) -> Vec<Value> {
-    list.into_iter()
+///
+/// Errors: `tool_calls` on a message that is not the assistant's, `tool_name` on one that is
+/// not a tool result (they would be dropped).
+fn template_messages(list: Vec<Message>) -> ApiResult<Vec<Value>> {
+    for (i, m) in list.iter().enumerate() {
+        if m.tool_calls.is_some() && m.role != Role::Assistant {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}]: only an assistant message carries 'tool_calls'"
+            ))
+            .param("messages"));
+        }
+        if m.tool_name.is_some() && m.role != Role::Tool {
+            return Err(ApiError::bad_request(format!(
+                "messages[{i}]: only a tool message carries 'tool_name'"
+            ))
+            .param("messages"));
+        }
+    }
+    Ok(list
+        .into_iter()
         .map(|m| match m.role {
             Role::System => json!({"role": "system", "content": m.content}),
             Role::User => json!({"role": "user", "content": m.content}),
@@ -496,7 +525,7 @@ fn template_messages(list: Vec<Message>) -> Vec<Value> {
                 v
             }
         })
-        .collect()
+        .collect())
 }
 
 /// What a parsed request asks for: a generation, or only that the model be loaded (no
@@ -641,9 +670,12 @@ fn load_only(model: String, keep_alive: Option<&KeepAlive>) -> ApiResult<Parsed>
 fn parse_chat(body: &[u8], served: &str) -> ApiResult<Parsed> {
     openai::json_object(body)?;
     let req: ChatRequest = request::parse_as(body).map_err(openai::parse_error)?;
-    if req.messages.is_empty() {
-        return load_only(req.model, req.keep_alive.as_ref());
-    }
+    // Nothing to generate asks for the model to be loaded; the other fields are still checked.
+    let load = if req.messages.is_empty() {
+        Some(load_only(req.model.clone(), req.keep_alive.as_ref())?)
+    } else {
+        None
+    };
     let tools = crate::tools::parse(req.tools, None, None)?;
     let common = Common {
         model: req.model,
@@ -652,16 +684,23 @@ fn parse_chat(body: &[u8], served: &str) -> ApiResult<Parsed> {
         stream: req.stream,
         keep_alive: req.keep_alive,
     };
-    let source = PromptSource::Messages(template_messages(req.messages));
-    job(served, common, source, tools).map(|j| Parsed::Generate(Box::new(j)))
+    let messages = match load {
+        Some(_) => vec![json!({"role": "user", "content": ""})],
+        None => conversation::shape(template_messages(req.messages)?, Ending::Answer, "messages")?,
+    };
+    let job = job(served, common, PromptSource::Messages(messages), tools)?;
+    Ok(load.unwrap_or(Parsed::Generate(Box::new(job))))
 }
 
 fn parse_generate(body: &[u8], served: &str) -> ApiResult<Parsed> {
     openai::json_object(body)?;
     let req: GenerateRequest = request::parse_as(body).map_err(openai::parse_error)?;
-    if req.prompt.is_empty() {
-        return load_only(req.model, req.keep_alive.as_ref());
-    }
+    // Nothing to generate asks for the model to be loaded; the other fields are still checked.
+    let load = if req.prompt.is_empty() {
+        Some(load_only(req.model.clone(), req.keep_alive.as_ref())?)
+    } else {
+        None
+    };
     let raw = req.raw.unwrap_or(false);
     let source = match (raw, req.system) {
         (true, Some(_)) => {
@@ -688,7 +727,8 @@ fn parse_generate(body: &[u8], served: &str) -> ApiResult<Parsed> {
         stream: req.stream,
         keep_alive: req.keep_alive,
     };
-    job(served, common, source, None).map(|j| Parsed::Generate(Box::new(j)))
+    let job = job(served, common, source, None)?;
+    Ok(load.unwrap_or(Parsed::Generate(Box::new(job))))
 }
 
 /// Which endpoint's shapes a response takes.

@@ -33,6 +33,7 @@ use serde::de::IgnoredAny;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
+use crate::conversation::{self, Ending};
 use crate::openai::{self, ApiError, ApiResult, Job, PromptSource};
 use crate::request::{self, Schema, TextOr};
 use crate::{AppState, CallHold, Finale, Started, Timing, tools};
@@ -46,7 +47,10 @@ pub fn routes() -> axum::Router<Arc<AppState>> {
 
 /// Stored responses (`GET /v1/responses/{id}`, `DELETE`, `/cancel`, `/input_items`): herd keeps
 /// none.
-async fn stored() -> Response {
+async fn stored(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = crate::authorize(&st, &headers) {
+        return crate::error_response(&e);
+    }
     crate::error_response(
         &ApiError::bad_request(
             "herd stores no responses: there is nothing to retrieve, cancel or delete (send \
@@ -285,7 +289,7 @@ fn template_messages(instructions: Option<String>, input: Input) -> ApiResult<Ve
     let items = match input {
         Input::Text(t) => {
             out.push(json!({"role": "user", "content": t}));
-            return Ok(out);
+            return conversation::shape(out, Ending::Answer, "input");
         }
         Input::Items(items) => items,
     };
@@ -351,7 +355,9 @@ fn template_messages(instructions: Option<String>, input: Input) -> ApiResult<Ve
             }
         }
     }
-    Ok(out)
+    // Developer and system items lead as one system message, runs of one role join, and
+    // items that render nothing (reasoning only) leave nothing to answer.
+    conversation::shape(out, Ending::Answer, "input")
 }
 
 /// The tools and `tool_choice` as herd's tools.
@@ -985,7 +991,11 @@ mod tests {
         let PromptSource::Messages(m) = &job.prompt_source else {
             panic!("messages")
         };
-        assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
+        // System and developer text leads, as one system message.
+        assert_eq!(
+            m[0],
+            json!({"role": "system", "content": "Be brief.\n\nUse Celsius."})
+        );
         assert_eq!(m[1], json!({"role": "user", "content": "Weather in Oslo?"}));
         assert_eq!(m[2]["content"], "Checking.");
         assert_eq!(m[2]["tool_calls"][0]["id"], "c1");
@@ -993,8 +1003,7 @@ mod tests {
             m[3],
             json!({"role": "tool", "content": "5 C", "tool_call_id": "c1", "name": "weather"})
         );
-        assert_eq!(m[4], json!({"role": "system", "content": "Use Celsius."}));
-        assert_eq!(m.len(), 5);
+        assert_eq!(m.len(), 4);
         // allowed_tools keeps only the listed functions.
         let t = job.tools.as_ref().unwrap();
         assert_eq!(t.functions.len(), 1);
@@ -1046,6 +1055,14 @@ mod tests {
                 "computer_call",
             ),
             (r#"{"model":"m","input":[]}"#, "input"),
+            (
+                r#"{"model":"m","input":[{"type":"reasoning","summary":[]}]}"#,
+                "no message to answer",
+            ),
+            (
+                r#"{"model":"m","input":[{"role":"user","content":"hi"},{"role":"assistant","content":"Hel"}]}"#,
+                "final assistant message",
+            ),
             (
                 r#"{"model":"m","input":"x","tools":[{"type":"function","name":"f","parameters":{"type":"object"},"strict":true}],"tool_choice":"required","text":{"format":{"type":"json_object"}}}"#,
                 "tool_choice",

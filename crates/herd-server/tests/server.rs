@@ -1142,4 +1142,75 @@ fn ollama_routes_translate_onto_the_same_engine() {
     );
     let again = post(&s.base, "/api/generate", &body);
     assert_eq!(again["response"], whole["response"]);
+
+    // Runs of one role, which Gemma's template refuses, are joined as one turn: two user
+    // messages answer as their texts joined by a blank line do, and system text anywhere leads.
+    let chat = |messages: Value| {
+        json!({"model": "gemma3:270m", "messages": messages, "stream": false,
+               "options": {"temperature": 0, "num_predict": 8}})
+    };
+    let joined = post(
+        &s.base,
+        "/api/chat",
+        &chat(json!([{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Name a colour.\n\nAnd a fruit."}])),
+    );
+    let runs = post(
+        &s.base,
+        "/api/chat",
+        &chat(json!([{"role": "user", "content": "Name a colour."},
+                     {"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "And a fruit."}])),
+    );
+    assert_eq!(runs["message"]["content"], joined["message"]["content"]);
+    // A final assistant message, a conversation with nothing to answer, a field on the wrong
+    // role and checks skipped for a load request are 400s in Ollama's shape; so are a 405 and
+    // a 404 under /api/.
+    for (body, needle) in [
+        (
+            chat(json!([{"role": "user", "content": "Count to 5"},
+                        {"role": "assistant", "content": "1, 2,"}])),
+            "final assistant message",
+        ),
+        (
+            chat(json!([{"role": "system", "content": "s"}])),
+            "no message to answer",
+        ),
+        (
+            chat(json!([{"role": "user", "content": "x", "tool_name": "f"}])),
+            "tool_name",
+        ),
+        (
+            json!({"model": "gemma3:270m", "messages": [], "format": "yaml"}),
+            "format",
+        ),
+        (
+            json!({"model": "gemma3:270m", "prompt": "", "options": {"temperature": 99}}),
+            "temperature",
+        ),
+    ] {
+        let path = if body.get("prompt").is_some() {
+            "/api/generate"
+        } else {
+            "/api/chat"
+        };
+        let (got, text) = post_raw(&s.base, path, &body.to_string(), None);
+        assert_eq!(got, 400, "{body}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let e = v["error"].as_str().unwrap_or_else(|| panic!("{text}"));
+        assert!(e.contains(needle), "{body}: {e}");
+    }
+    let (got, text) = get(&s.base, "/api/chat");
+    assert_eq!(got, 405, "{text}");
+    assert!(
+        serde_json::from_str::<Value>(&text).unwrap()["error"].is_string(),
+        "{text}"
+    );
+    let (got, text) = get(&s.base, "/v1/messages");
+    assert_eq!(got, 405, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["type"],
+        "error",
+        "{text}"
+    );
 }
