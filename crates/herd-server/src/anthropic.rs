@@ -427,12 +427,18 @@ fn template_messages(
                             } else {
                                 text
                             };
-                            let mut msg = json!({"role": "tool", "content": text,
-                                                 "tool_call_id": tool_use_id});
-                            if let Some(name) = call_names.get(&tool_use_id) {
-                                msg["name"] = Value::String(name.clone());
-                            }
-                            out.push(msg);
+                            // A result answers a tool_use block earlier in the conversation, as
+                            // the API requires.
+                            let Some(name) = call_names.get(&tool_use_id) else {
+                                return Err(ApiError::bad_request(format!(
+                                    "messages.{i}: tool_result block(s) provided when previous \
+                                     message does not have a matching tool_use block (id \
+                                     '{tool_use_id}')"
+                                ))
+                                .param("messages"));
+                            };
+                            out.push(json!({"role": "tool", "content": text,
+                                            "tool_call_id": tool_use_id, "name": name}));
                         }
                         Block::ToolUse { .. } => {
                             return Err(ApiError::bad_request(format!(
@@ -1209,6 +1215,10 @@ mod tests {
                 e.param
             );
         }
+        // A tool result must answer an earlier tool_use.
+        let body = r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"nope","content":"5"}]}]}"#;
+        let e = job(body).expect_err(body);
+        assert!(e.message.contains("matching tool_use"), "{}", e.message);
         // Content that renders nothing leaves nothing to answer.
         for content in [
             r#"[]"#,

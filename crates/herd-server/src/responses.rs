@@ -164,6 +164,39 @@ enum ToolChoice {
     Object(Map<String, Value>),
 }
 
+/// `tool_choice: {"type": "function", "name"}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FunctionChoice {
+    #[serde(rename = "type")]
+    _kind: String,
+    name: String,
+}
+
+/// `tool_choice: {"type": "allowed_tools", "mode", "tools": [{"type": "function", "name"}]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowedTools {
+    #[serde(rename = "type")]
+    _kind: String,
+    mode: Option<String>,
+    tools: Vec<AllowedTool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowedTool {
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+}
+
+/// A `tool_choice` object read into its shape; a field it does not have is a 400 naming it.
+fn choice_as<T: serde::de::DeserializeOwned>(o: Map<String, Value>) -> ApiResult<T> {
+    serde_json::from_value(Value::Object(o))
+        .map_err(|e| bad(format!("tool_choice: {e}"), "tool_choice"))
+}
+
 /// `input`: a string (one user message) or items.
 #[derive(Debug, Deserialize)]
 #[serde(untagged, expecting = "a string or a list of input items")]
@@ -406,30 +439,35 @@ fn tools_of(
         Some(ToolChoice::Mode(m)) => Some(request::ToolChoice::Mode(mode(&m)?)),
         Some(ToolChoice::Object(o)) => match o.get("type").and_then(Value::as_str) {
             Some("function") => {
-                let name = o.get("name").and_then(Value::as_str).ok_or_else(|| {
-                    bad(
-                        "tool_choice: a function choice needs 'name'".into(),
-                        "tool_choice",
-                    )
-                })?;
+                let f: FunctionChoice = choice_as(o)?;
                 Some(request::ToolChoice::Named(request::NamedTool::Function {
-                    function: request::FunctionName { name: name.into() },
+                    function: request::FunctionName { name: f.name },
                 }))
             }
             Some("allowed_tools") => {
-                // Only the listed functions are offered, in the given mode.
-                let allowed: Vec<&str> = o
-                    .get("tools")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|t| t.get("name").and_then(Value::as_str))
-                    .collect();
+                // Only the listed functions are offered, in the given mode; each must be one
+                // of `tools`.
+                let a: AllowedTools = choice_as(o)?;
+                for (i, t) in a.tools.iter().enumerate() {
+                    let known = functions
+                        .iter()
+                        .any(|request::Tool::Function { function }| function.name == t.name);
+                    if t.kind != "function" || !known {
+                        return Err(bad(
+                            format!(
+                                "tool_choice.tools[{i}]: '{}' is not a function in 'tools'",
+                                t.name
+                            ),
+                            "tool_choice",
+                        ));
+                    }
+                }
                 functions.retain(|request::Tool::Function { function }| {
-                    allowed.contains(&function.name.as_str())
+                    a.tools.iter().any(|t| t.name == function.name)
                 });
-                let m = o.get("mode").and_then(Value::as_str).unwrap_or("auto");
-                Some(request::ToolChoice::Mode(mode(m)?))
+                Some(request::ToolChoice::Mode(mode(
+                    a.mode.as_deref().unwrap_or("auto"),
+                )?))
             }
             other => {
                 return Err(bad(
@@ -1055,6 +1093,14 @@ mod tests {
                 "computer_call",
             ),
             (r#"{"model":"m","input":[]}"#, "input"),
+            (
+                r#"{"model":"m","input":"x","tools":[{"type":"function","name":"f","parameters":{"type":"object"}}],"tool_choice":{"type":"function","name":"f","bogus":1}}"#,
+                "bogus",
+            ),
+            (
+                r#"{"model":"m","input":"x","tools":[{"type":"function","name":"f","parameters":{"type":"object"}}],"tool_choice":{"type":"allowed_tools","mode":"auto","tools":[{"type":"function","name":"g"}]}}"#,
+                "'g' is not a function in 'tools'",
+            ),
             (
                 r#"{"model":"m","input":[{"type":"reasoning","summary":[]}]}"#,
                 "no message to answer",
