@@ -12,10 +12,10 @@ pub fn run(path: &Path, full: bool) -> Result<()> {
     if path.is_dir() {
         return checkpoint(path);
     }
-    gguf(path, full)?;
-    let card = herd_engine::card::model_card(path)
-        .with_context(|| format!("reading {}", path.display()))?;
-    licence(&card)
+    let f = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+    gguf(path, &f, full)?;
+    // The licence from the header already read (the modification time is not shown).
+    licence(&herd_engine::card::gguf_card(&f, None))
 }
 
 /// A checkpoint directory: its card (config.json, the safetensors headers, README.md).
@@ -60,8 +60,7 @@ fn licence(card: &herd_engine::card::ModelCard) -> Result<()> {
     Ok(())
 }
 
-fn gguf(path: &Path, full: bool) -> Result<()> {
-    let f = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
+fn gguf(path: &Path, f: &GgufFile, full: bool) -> Result<()> {
     let h = &f.header;
     let mut out = std::io::stdout().lock();
     writeln!(

@@ -101,7 +101,11 @@ pub fn model_card(path: &Path) -> Result<ModelCard> {
     if path.is_dir() {
         return checkpoint_card(path, modified);
     }
-    let file = GgufFile::open(path)?;
+    Ok(gguf_card(&GgufFile::open(path)?, modified))
+}
+
+/// Describe an open GGUF file (or split set); `modified` is the weights' modification time.
+pub fn gguf_card(file: &GgufFile, modified: Option<SystemTime>) -> ModelCard {
     let tensors = file.tensors();
     let parameters = tensors.iter().map(|t| t.n_elements()).sum();
     let quantization = file
@@ -113,18 +117,18 @@ pub fn model_card(path: &Path) -> Result<ModelCard> {
             most_common(tensors.iter().map(|t| (t.dtype.name(), t.n_elements())))
                 .to_ascii_uppercase()
         });
-    Ok(ModelCard {
+    ModelCard {
         format: "gguf",
         architecture: file.architecture().unwrap_or_default().to_string(),
         parameters,
         bytes: file.file_len(),
         quantization,
         context_length: file.arch_usize("context_length"),
-        license: gguf_string(&file, "general.license"),
-        license_name: gguf_string(&file, "general.license.name"),
-        license_link: gguf_string(&file, "general.license.link"),
+        license: gguf_string(file, "general.license"),
+        license_name: gguf_string(file, "general.license.name"),
+        license_link: gguf_string(file, "general.license.link"),
         modified,
-    })
+    }
 }
 
 fn checkpoint_card(dir: &Path, modified: Option<SystemTime>) -> Result<ModelCard> {

@@ -321,14 +321,7 @@ pub fn plan(m: &ModelFacts, req: &Request) -> Result<Report> {
     // placement recommended (the fastest that fits).
     let (measured_price_per_hour, measured_price_source) = match req.pricing.price_per_hour {
         Some(usd) => (Some(usd), "--price-per-hour".to_string()),
-        None => placements
-            .iter()
-            .filter(|p| p.fits)
-            .max_by(|a, b| {
-                a.decode_tokens_per_s
-                    .unwrap_or(0.0)
-                    .total_cmp(&b.decode_tokens_per_s.unwrap_or(0.0))
-            })
+        None => best(&placements)
             .and_then(|p| Some((p.price_per_hour?, p.price_source.clone())))
             .map_or((None, String::new()), |(usd, source)| (Some(usd), source)),
     };
@@ -380,13 +373,17 @@ fn price(p: &mut Placement, req: &Request, hw: &Hardware) {
     }
 }
 
-fn recommend(placements: &[Placement]) -> String {
-    let best = placements.iter().filter(|p| p.fits).max_by(|a, b| {
+/// The placement to recommend: the fastest decode among those that fit.
+fn best(placements: &[Placement]) -> Option<&Placement> {
+    placements.iter().filter(|p| p.fits).max_by(|a, b| {
         a.decode_tokens_per_s
             .unwrap_or(0.0)
             .total_cmp(&b.decode_tokens_per_s.unwrap_or(0.0))
-    });
-    match best {
+    })
+}
+
+fn recommend(placements: &[Placement]) -> String {
+    match best(placements) {
         Some(p) => match p.decode_tokens_per_s {
             Some(t) => format!("{}: fits, decode at most {t:.1} tokens/s", p.name),
             None => format!("{}: fits (give --mem-bandwidth for a speed bound)", p.name),

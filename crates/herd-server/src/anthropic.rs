@@ -208,9 +208,10 @@ struct ToolParam {
     name: String,
     description: Option<String>,
     input_schema: Map<String, Value>,
-    /// `"custom"` (a client tool) when given.
+    /// `"custom"` (a client tool) when given; any other type was refused as a server tool
+    /// before the fields were read.
     #[serde(rename = "type")]
-    kind: Option<String>,
+    _kind: Option<String>,
     #[serde(rename = "cache_control")]
     _cache_control: Option<CacheControl>,
     strict: Option<bool>,
@@ -533,15 +534,6 @@ fn tools(
                 .param("tools")
                 .code("unsupported_field")
         })?;
-        if let Some(kind) = t.kind.as_deref()
-            && kind != "custom"
-        {
-            return Err(ApiError::bad_request(format!(
-                "tools.{i}: '{kind}' is a server tool, which herd does not run; give client \
-                 tools (name, description, input_schema)"
-            ))
-            .param("tools"));
-        }
         if t.defer_loading == Some(true) {
             return Err(ApiError::bad_request(format!(
                 "tools.{i}: deferred loading (a tool search) is not supported: herd offers every \
@@ -648,7 +640,6 @@ fn parse(body: &[u8], count: bool) -> ApiResult<Job> {
         }
         (false, Some(n)) => Some(n as usize),
     };
-    // `thinking` is read for its shape only: there is no reasoning mode to switch.
     if let Some(cm) = &req.context_management
         && let Some(edit) = cm
             .edits
