@@ -765,9 +765,16 @@ mod quantized_tests {
     #[test]
     fn repacked_matmul_equals_the_file_layout() {
         let k = 768;
-        for (wt, n) in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0]
-            .into_iter()
-            .flat_map(|t| [(t, 8), (t, 21), (t, 40)])
+        for (wt, n) in [
+            DType::Q4K,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::IQ4NL,
+            DType::IQ4XS,
+        ]
+        .into_iter()
+        .flat_map(|t| [(t, 8), (t, 21), (t, 40)])
         {
             let mut wq = vec![0u8; wt.bytes_for(k * n)];
             quant::quantize(wt, &rand_vec(k * n, 13, 1.0), &mut wq);
@@ -803,12 +810,25 @@ mod quantized_tests {
     #[test]
     fn group_kernels_hold_extreme_blocks() {
         let k = 512;
-        for t in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
+        for t in [
+            DType::Q4K,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::IQ4NL,
+            DType::IQ4XS,
+        ] {
             for sign in [1i8, -1] {
                 let nb = k / t.block_size();
                 let mut row = vec![0u8; t.bytes_for(k)];
                 for blk in row.chunks_exact_mut(t.type_size()) {
-                    blk.fill(0xFF);
+                    // The IQ4 types' largest magnitudes are at index 0 (−127) and, for IQ4_XS,
+                    // block scale 0 (−32).
+                    blk.fill(if matches!(t, DType::IQ4NL | DType::IQ4XS) {
+                        0
+                    } else {
+                        0xFF
+                    });
                     // Finite scales (f16 1.0; Q4_K's dmin 0.5).
                     blk[0..2].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
                     if t == DType::Q4K {
@@ -857,7 +877,14 @@ mod quantized_tests {
                 }
             }
         }
-        for t in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
+        for t in [
+            DType::Q4K,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::IQ4NL,
+            DType::IQ4XS,
+        ] {
             for nb in 1..=5 {
                 let k = t.block_size() * nb;
                 let mut wq = vec![0u8; t.bytes_for(8 * k)];

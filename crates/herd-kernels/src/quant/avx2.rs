@@ -92,6 +92,8 @@ pub(crate) fn rows_x8<const N: usize>(
                 DType::Q8_0 => Some(q0_x8_vnni::<Q8_0, N>(g, a, sums, nb)),
                 DType::Q4_0 => Some(q0_x8_vnni::<Q4_0, N>(g, a, sums, nb)),
                 DType::Q5_0 => Some(q0_x8_vnni::<Q5_0, N>(g, a, sums, nb)),
+                DType::IQ4NL => Some(q0_x8_vnni::<IQ4_NL, N>(g, a, sums, nb)),
+                DType::IQ4XS => Some(iq4_xs_x8_vnni(g, a, nb)),
                 _ => None,
             }
         } else {
@@ -100,6 +102,8 @@ pub(crate) fn rows_x8<const N: usize>(
                 DType::Q8_0 => Some(q0_x8::<Q8_0, N>(g, a, sums, nb)),
                 DType::Q4_0 => Some(q0_x8::<Q4_0, N>(g, a, sums, nb)),
                 DType::Q5_0 => Some(q0_x8::<Q5_0, N>(g, a, sums, nb)),
+                DType::IQ4NL => Some(q0_x8::<IQ4_NL, N>(g, a, sums, nb)),
+                DType::IQ4XS => Some(iq4_xs_x8(g, a, nb)),
                 _ => None,
             }
         }
@@ -623,10 +627,11 @@ unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool, const VNNI: bool>(
     }
 }
 
-/// Eight interleaved Q8_0/Q4_0/Q5_0 rows (one group, `nb` blocks) against `N` Q8_0 activation
-/// rows: lane `m` is weight row `m`. Per block, step `s` takes four quants of each row against
-/// four broadcast activations by `maddubs`. Q8_0's signed quants go through the sign trick,
-/// each step widened to i32 by `madd`; Q4_0's and Q5_0's go in unsigned (0..15, 0..31), four
+/// Eight interleaved Q8_0/Q4_0/Q5_0/IQ4_NL rows (one group, `nb` blocks) against `N` Q8_0
+/// activation rows: lane `m` is weight row `m`. Per block, step `s` takes four quants of each
+/// row against four broadcast activations by `maddubs`. Q8_0's signed quants and IQ4_NL's
+/// (its nibbles looked up in `KVALUES_IQ4NL`) go through the sign trick, each step widened to
+/// i32 by `madd`; Q4_0's and Q5_0's go in unsigned (0..15, 0..31), four
 /// steps summed in i16 (at most 4·2·31·128 = 31744), and the offset (8 or 16) times the
 /// activations' block sum (`sums[r][b]`) is subtracted. Lane `m` of `isum` is then row `m`'s
 /// exact block sum, and the f32 step is the reference's (`acc = isum·(d_w·d_a) + acc`).
@@ -670,6 +675,7 @@ unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
         let gbb = GROUP * q0_size::<T>();
         let ones = _mm256_set1_epi16(1);
         let m4 = _mm256_set1_epi8(0x0F);
+        let iq4_table = iq4_nl_table();
         let mut acc = [_mm256_setzero_ps(); N];
         for b in 0..nb {
             // In bounds: group block b is gbb bytes at gbb·b and activation block b 34 bytes at 34·b
@@ -681,9 +687,20 @@ unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
                     _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(2 + 4 * s) as *const i32))
                 };
                 let mut isum = [_mm256_setzero_si256(); N];
-                if T == Q8_0 {
+                if T == Q8_0 || T == IQ4_NL {
                     for s in 0..8 {
-                        let w = _mm256_loadu_si256(gb.add(16 + 32 * s) as *const __m256i);
+                        let w = if T == Q8_0 {
+                            _mm256_loadu_si256(gb.add(16 + 32 * s) as *const __m256i)
+                        } else {
+                            // Step s < 4: the low nibbles of run s; s ≥ 4: the high of s − 4.
+                            let v = _mm256_loadu_si256(gb.add(16 + 32 * (s % 4)) as *const __m256i);
+                            let nib = if s < 4 {
+                                _mm256_and_si256(v, m4)
+                            } else {
+                                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)
+                            };
+                            _mm256_shuffle_epi8(iq4_table, nib)
+                        };
                         let aw = _mm256_sign_epi8(w, w);
                         for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
                             let sy = _mm256_sign_epi8(y(ar, s), w);
@@ -750,6 +767,138 @@ unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
                     acc[r] =
                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, da), acc[r]);
                 }
+            }
+        }
+        acc.map(|v| {
+            let mut out = [0.0f32; 8];
+            // out holds eight f32; unaligned store.
+            _mm256_storeu_ps(out.as_mut_ptr(), v);
+            out
+        })
+    }
+}
+
+/// `KVALUES_IQ4NL` in both 128-bit halves, for `vpshufb` lookups of nibbles.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn iq4_nl_table() -> __m256i {
+    // SAFETY: the table holds 16 bytes.
+    let t = unsafe { _mm_loadu_si128(super::iq_tables::KVALUES_IQ4NL.as_ptr() as *const __m128i) };
+    _mm256_broadcastsi128_si256(t)
+}
+
+/// Eight interleaved IQ4_XS rows (one group, `nb` super-blocks, the layout of `repack`)
+/// against `N` Q8_K activation rows: lane `m` is weight row `m`. Per 32-value block `j`, each
+/// step's four indexes of each row are looked up in `KVALUES_IQ4NL` and taken against four
+/// broadcast activations through the sign trick (`maddubs`: at most 2·127·127 = 32258 per
+/// i16), then `madd` by the rows' block scales (−32..31) into i32. Lane `m` of `isum` is then
+/// row `m`'s exact super-block sum (at most 8·32·32·127·127 < 2³¹), and the f32 step is the
+/// reference's (`acc = isum·(d_w·d_a) + acc`; IQ4_XS's row constant is 1).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn iq4_xs_x8<const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize) -> [[f32; 8]; N] {
+    // SAFETY: forwarded (the features are enabled here).
+    unsafe { iq4_xs_x8_body::<N, false>(g, a, nb) }
+}
+
+/// [`iq4_xs_x8`] with AVX-512 VNNI on 256-bit registers: `vpdpbusd` sums each block's steps
+/// into the row's i32 lane, which is then multiplied by the block scale. The same integers.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn iq4_xs_x8_vnni<const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize) -> [[f32; 8]; N] {
+    // SAFETY: forwarded (the features are enabled here).
+    unsafe { iq4_xs_x8_body::<N, true>(g, a, nb) }
+}
+
+/// The body of [`iq4_xs_x8`] and [`iq4_xs_x8_vnni`].
+///
+/// # Safety
+/// AVX2, FMA and F16C (and AVX-512 VNNI + VL if `VNNI`); the slices as `rows_x8` checks them.
+#[inline(always)]
+unsafe fn iq4_xs_x8_body<const N: usize, const VNNI: bool>(
+    g: &[u8],
+    a: [&[u8]; N],
+    nb: usize,
+) -> [[f32; 8]; N] {
+    const GBB: usize = GROUP * 136;
+    // SAFETY: the caller guarantees the target features and the slice sizes (see above).
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m30 = _mm256_set1_epi8(0x30);
+        let low16 = _mm256_set1_epi32(0xFFFF);
+        let table = iq4_nl_table();
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut sc = [0i8; 64];
+        for b in 0..nb {
+            // In bounds: group block b is GBB bytes at GBB·b and activation block b 292 bytes at
+            // 292·b (checked by rows_x8); every load below is inside them, and the stores go to
+            // the 64-byte array above.
+            let gb = g.as_ptr().add(GBB * b);
+            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
+            // Scale entry e = 8j + m: low four bits in the nibbles at 16.. (entries 0..32 low,
+            // 32..64 high); top two bits at 48..64, entries 0..16 at bits 0-1 of byte e,
+            // 16..32 at bits 2-3 of byte e − 16, and so on. The 16 top-bit bytes are in both
+            // halves of `h`, each half moves its pair of bits to bits 4-5.
+            let lo = _mm256_loadu_si256(gb.add(16) as *const __m256i);
+            let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(gb.add(48) as *const __m128i));
+            let top_a =
+                _mm256_blend_epi32::<0xF0>(_mm256_slli_epi16::<4>(h), _mm256_slli_epi16::<2>(h));
+            let top_b = _mm256_blend_epi32::<0xF0>(h, _mm256_srli_epi16::<2>(h));
+            let off = _mm256_set1_epi8(32);
+            let sc_a = _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(top_a, m30));
+            let sc_b = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(lo), m4),
+                _mm256_and_si256(top_b, m30),
+            );
+            _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, _mm256_sub_epi8(sc_a, off));
+            _mm256_storeu_si256(
+                sc.as_mut_ptr().add(32) as *mut __m256i,
+                _mm256_sub_epi8(sc_b, off),
+            );
+
+            let mut isum = [_mm256_setzero_si256(); N];
+            for j in 0..8 {
+                // Lane m: row m's scale of block j.
+                let s32 =
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(sc.as_ptr().add(8 * j) as *const __m128i));
+                // ... and in both i16 halves of lane m, for `madd`.
+                let pair =
+                    _mm256_or_si256(_mm256_and_si256(s32, low16), _mm256_slli_epi32::<16>(s32));
+                let q = gb.add(64 + 128 * j);
+                let y = |ar: *const u8, s: usize| {
+                    _mm256_set1_epi32(std::ptr::read_unaligned(
+                        ar.add(4 + 32 * j + 4 * s) as *const i32
+                    ))
+                };
+                let mut blk = [_mm256_setzero_si256(); N];
+                for k in 0..4 {
+                    let v = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
+                    for (s, nib) in [
+                        (k, _mm256_and_si256(v, m4)),
+                        (k + 4, _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)),
+                    ] {
+                        let w = _mm256_shuffle_epi8(table, nib);
+                        let aw = _mm256_sign_epi8(w, w);
+                        for r in 0..N {
+                            let sy = _mm256_sign_epi8(y(ab[r], s), w);
+                            if VNNI {
+                                blk[r] = _mm256_dpbusd_epi32(blk[r], aw, sy);
+                            } else {
+                                let p = _mm256_maddubs_epi16(aw, sy);
+                                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, pair));
+                            }
+                        }
+                    }
+                }
+                if VNNI {
+                    for r in 0..N {
+                        isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(blk[r], s32));
+                    }
+                }
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(gb as *const __m128i));
+            for r in 0..N {
+                let ad = _mm256_set1_ps(f32_ptr(ab[r]));
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, ad), acc[r]);
             }
         }
         acc.map(|v| {
@@ -1304,7 +1453,14 @@ mod tests {
         if !vnni {
             eprintln!("no AVX-512 VNNI on this CPU: the AVX2 kernels only");
         }
-        for t in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
+        for t in [
+            DType::Q4K,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::IQ4NL,
+            DType::IQ4XS,
+        ] {
             for nb in [1, 3] {
                 let k = t.block_size() * nb;
                 let mut wq = vec![0u8; t.bytes_for(8 * k)];
@@ -1336,6 +1492,8 @@ mod tests {
                         DType::Q4K => q4_k_x8(&g, a, nb),
                         DType::Q8_0 => q0_x8::<Q8_0, 4>(&g, a, sm, nb),
                         DType::Q4_0 => q0_x8::<Q4_0, 4>(&g, a, sm, nb),
+                        DType::IQ4NL => q0_x8::<IQ4_NL, 4>(&g, a, sm, nb),
+                        DType::IQ4XS => iq4_xs_x8(&g, a, nb),
                         _ => q0_x8::<Q5_0, 4>(&g, a, sm, nb),
                     }];
                     if vnni {
@@ -1343,6 +1501,8 @@ mod tests {
                             DType::Q4K => q4_k_x8_vnni(&g, a, nb),
                             DType::Q8_0 => q0_x8_vnni::<Q8_0, 4>(&g, a, sm, nb),
                             DType::Q4_0 => q0_x8_vnni::<Q4_0, 4>(&g, a, sm, nb),
+                            DType::IQ4NL => q0_x8_vnni::<IQ4_NL, 4>(&g, a, sm, nb),
+                            DType::IQ4XS => iq4_xs_x8_vnni(&g, a, nb),
                             _ => q0_x8_vnni::<Q5_0, 4>(&g, a, sm, nb),
                         });
                     }

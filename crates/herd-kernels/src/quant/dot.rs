@@ -249,7 +249,7 @@ pub fn vec_dot_x8_scalar<const N: usize>(
     let (tb, at) = (wtype.type_size(), wtype.vec_dot_type().type_size());
     let gbb = super::repack::group_block_bytes(wtype);
     assert!(g.len() >= nb * gbb && a.iter().all(|r| r.len() >= nb * at));
-    // Per output: Q4_K's two sums, or the 32-value formats' one (in [0]).
+    // Per output: Q4_K's two sums, or the other formats' one (in [0]).
     let mut acc = [[[0.0f32; 2]; 8]; N];
     let mut block = [0u8; 144];
     for b in 0..nb {
@@ -261,6 +261,15 @@ pub fn vec_dot_x8_scalar<const N: usize>(
                 let acc = &mut acc_r[m];
                 match wtype {
                     DType::Q4K => q4_k_step(acc, wb, ab),
+                    DType::IQ4XS => {
+                        let d = iq::super_scale(wtype, wb) * f32_at(ab, 0);
+                        let isum = iq::super_block_isum(wtype, wb, ab);
+                        acc[0] = (isum as f32).mul_add(d, acc[0]);
+                    }
+                    DType::IQ4NL => {
+                        let (d, isum) = iq::q8_0_pair(wtype, wb, ab);
+                        acc[0] = (isum as f32).mul_add(d, acc[0]);
+                    }
                     _ => {
                         let (d, isum) = q0_block(wtype, wb, ab);
                         acc[0] = (isum as f32).mul_add(d, acc[0]);
@@ -269,6 +278,8 @@ pub fn vec_dot_x8_scalar<const N: usize>(
             }
         }
     }
+    // IQ4_XS's row constant is 1 (see `iq::row_constant`): its result is the sum itself.
+    debug_assert!(wtype != DType::IQ4XS || iq::row_constant(wtype) == 1.0);
     acc.map(|r| r.map(|[s, m]| s - m))
 }
 

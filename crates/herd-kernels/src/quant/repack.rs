@@ -27,11 +27,21 @@
 //! The 32-value formats hold `d` of rows 0..8 (f16) at 0..16; step `s` pairs with activations
 //! `4s..4s + 4`:
 //! - Q8_0 (272 bytes): at 16.., for step `s` 0..8, row `m`: row `m`'s quants `4s..4s + 4`;
-//! - Q4_0 (144 bytes): at 16.., for `k` 0..4, row `m`: row `m`'s quant bytes `4k..4k + 4` (low
-//!   nibbles: step `k`, high nibbles: step `k + 4`);
+//! - Q4_0 and IQ4_NL (144 bytes): at 16.., for `k` 0..4, row `m`: row `m`'s quant bytes
+//!   `4k..4k + 4` (low nibbles: step `k`, high nibbles: step `k + 4`);
 //! - Q5_0 (176 bytes): at 16..48, byte `4m + i` whose bit `s` is the fifth bit of quant
 //!   `4s + i` of row `m` (a step's fifth bits sit at one bit position of the 32 bytes, where
 //!   its quants sit in the 32 bytes of nibbles); at 48.., the nibbles as Q4_0's.
+//!
+//! IQ4_XS (1088 bytes: eight rows × 136), scale entry `e = 8j + m` being row `m`'s 6-bit scale
+//! of its 32-value block `j`:
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 0..16 | `d` of rows 0..8 (f16) |
+//! | 16..48 | byte `p`: the low four bits of entry `p`, and of entry `p + 32` `<< 4` |
+//! | 48..64 | byte `i`: the top two bits of entries `i`, `i + 16`, `i + 32`, `i + 48` at bits 0, 2, 4, 6 |
+//! | 64..1088 | for block `j` 0..8, `k` 0..4, row `m`: row `m`'s index bytes `16j + 4k..+4` (Q4_0's order per block) |
 
 use super::scale_min_k4;
 use crate::DType;
@@ -53,7 +63,10 @@ pub fn group_kernels_available() -> bool {
 
 /// Whether `dtype` has an interleaved layout (the types with a group kernel).
 pub fn repack_supported(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4K | DType::Q8_0 | DType::Q4_0 | DType::Q5_0)
+    matches!(
+        dtype,
+        DType::Q4K | DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4NL | DType::IQ4XS
+    )
 }
 
 /// Bytes of one group block of `dtype`: eight of its blocks.
@@ -87,6 +100,7 @@ pub fn repack(dtype: DType, w: &[u8], rows: usize, k: usize) -> Vec<u8> {
                 });
                 match dtype {
                     DType::Q4K => pack_group_block(blocks, ob),
+                    DType::IQ4XS => pack_iq4_xs_group_block(blocks, ob),
                     _ => pack_q0_group_block(dtype, blocks, ob),
                 }
             }
@@ -102,12 +116,12 @@ pub fn repack(dtype: DType, w: &[u8], rows: usize, k: usize) -> Vec<u8> {
 fn q0_quants(dtype: DType) -> (usize, usize, usize) {
     match dtype {
         DType::Q8_0 => (2, 8, 16),
-        DType::Q4_0 => (2, 4, 16),
+        DType::Q4_0 | DType::IQ4NL => (2, 4, 16),
         _ => (6, 4, 48),
     }
 }
 
-/// Eight file-layout Q8_0/Q4_0/Q5_0 blocks as one group block.
+/// Eight file-layout Q8_0/Q4_0/Q5_0/IQ4_NL blocks as one group block.
 fn pack_q0_group_block(dtype: DType, blocks: [&[u8]; GROUP], out: &mut [u8]) {
     let (qs, runs, body) = q0_quants(dtype);
     let mut fifth = [0u8; 32];
@@ -129,7 +143,7 @@ fn pack_q0_group_block(dtype: DType, blocks: [&[u8]; GROUP], out: &mut [u8]) {
     }
 }
 
-/// Row `m`'s file-layout Q8_0/Q4_0/Q5_0 block back from a group block `gb`.
+/// Row `m`'s file-layout Q8_0/Q4_0/Q5_0/IQ4_NL block back from a group block `gb`.
 fn unpack_q0_group_block(dtype: DType, gb: &[u8], m: usize, out: &mut [u8]) {
     let (qs, runs, body) = q0_quants(dtype);
     out[0..2].copy_from_slice(&gb[2 * m..2 * m + 2]);
@@ -150,7 +164,53 @@ fn unpack_q0_group_block(dtype: DType, gb: &[u8], m: usize, out: &mut [u8]) {
 pub(crate) fn unpack_block(dtype: DType, gb: &[u8], m: usize, out: &mut [u8]) {
     match dtype {
         DType::Q4K => unpack_group_block(gb, m, out),
+        DType::IQ4XS => unpack_iq4_xs_group_block(gb, m, out),
         _ => unpack_q0_group_block(dtype, gb, m, out),
+    }
+}
+
+/// Eight file-layout IQ4_XS blocks (136 bytes: `d`, u16 high scale bits, four bytes of low
+/// scale nibbles, 128 index bytes) as one group super-block.
+fn pack_iq4_xs_group_block(blocks: [&[u8]; GROUP], out: &mut [u8]) {
+    let mut sc = [0u8; 64];
+    for (m, blk) in blocks.iter().enumerate() {
+        out[2 * m..2 * m + 2].copy_from_slice(&blk[0..2]);
+        let high = u16::from_le_bytes([blk[2], blk[3]]);
+        for j in 0..8 {
+            let low = (blk[4 + j / 2] >> (4 * (j % 2))) & 0xF;
+            sc[8 * j + m] = low | (((high >> (2 * j)) & 3) as u8) << 4;
+        }
+        for (s, q) in blk[8..136].chunks_exact(4).enumerate() {
+            let at = 64 + 32 * s + 4 * m;
+            out[at..at + 4].copy_from_slice(q);
+        }
+    }
+    for p in 0..32 {
+        out[16 + p] = (sc[p] & 15) | (sc[p + 32] & 15) << 4;
+    }
+    for i in 0..16 {
+        out[48 + i] = (0..4).fold(0, |b, t| b | (sc[i + 16 * t] >> 4) << (2 * t));
+    }
+}
+
+/// Scale entry `e = 8j + m` (row `m`'s 6-bit scale of block `j`) of an IQ4_XS group block.
+fn iq4_xs_group_scale(gb: &[u8], e: usize) -> u8 {
+    let low = (gb[16 + e % 32] >> (4 * (e / 32))) & 15;
+    low | ((gb[48 + e % 16] >> (2 * (e / 16))) & 3) << 4
+}
+
+/// Row `m`'s 136-byte file-layout IQ4_XS block back from a group super-block `gb`.
+fn unpack_iq4_xs_group_block(gb: &[u8], m: usize, out: &mut [u8]) {
+    out[0..2].copy_from_slice(&gb[2 * m..2 * m + 2]);
+    let sc: [u8; 8] = std::array::from_fn(|j| iq4_xs_group_scale(gb, 8 * j + m));
+    let high = (0..8).fold(0u16, |h, j| h | ((sc[j] >> 4) as u16) << (2 * j));
+    out[2..4].copy_from_slice(&high.to_le_bytes());
+    for i in 0..4 {
+        out[4 + i] = (sc[2 * i] & 15) | (sc[2 * i + 1] & 15) << 4;
+    }
+    for (s, q) in out[8..136].chunks_exact_mut(4).enumerate() {
+        let at = 64 + 32 * s + 4 * m;
+        q.copy_from_slice(&gb[at..at + 4]);
     }
 }
 
@@ -248,7 +308,14 @@ mod tests {
     #[test]
     fn every_row_unpacks_to_the_file_bytes() {
         let k = 512;
-        for dtype in [DType::Q4K, DType::Q8_0, DType::Q4_0, DType::Q5_0] {
+        for dtype in [
+            DType::Q4K,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::IQ4NL,
+            DType::IQ4XS,
+        ] {
             for rows in [1, 7, 8, 13, 24] {
                 let wf = rand_vec(rows * k, 11, 2.0);
                 let mut w = vec![0u8; dtype.bytes_for(rows * k)];
