@@ -73,7 +73,14 @@ fn gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm_2048x2048x64");
     g.sample_size(10);
     g.throughput(Throughput::Elements((k * n * rows) as u64));
-    for t in [DType::Q4K, DType::Q6K, DType::Q8_0, DType::Q5_0] {
+    for t in [
+        DType::Q4K,
+        DType::Q6K,
+        DType::Q8_0,
+        DType::Q5_0,
+        DType::IQ4NL,
+        DType::IQ4XS,
+    ] {
         let mut q = vec![0u8; t.bytes_for(k * n)];
         quantize(t, &w, &mut q);
         let m = MatRef::new(&q, t, k, n, Layout::OutMajor).unwrap();

@@ -76,7 +76,7 @@ pub(crate) fn rows_x8<const N: usize>(
     let nb = n / wtype.block_size();
     let at = wtype.vec_dot_type().type_size();
     assert!(g.len() >= nb * GROUP * wtype.type_size() && a.iter().all(|r| r.len() >= nb * at));
-    if matches!(wtype, DType::Q4_0 | DType::Q5_0) {
+    if super::x8_wants_block_sums(wtype) {
         assert!(
             sums.iter().all(|s| s.len() >= nb),
             "rows_x8: block sums missing"
@@ -647,7 +647,9 @@ unsafe fn q0_x8<const T: u8, const N: usize>(
 }
 
 /// [`q0_x8`] with AVX-512 VNNI on 256-bit registers: `vpdpbusd` adds each step's four
-/// products per row straight into the row's i32 lane. The same exact integers.
+/// products per row straight into the row's i32 lane; Q8_0's and IQ4_NL's signed weights go
+/// in offset by 128 (unsigned), and 128 times the activations' block sum comes off. The same
+/// exact integers.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 unsafe fn q0_x8_vnni<const T: u8, const N: usize>(
     g: &[u8],
@@ -676,6 +678,7 @@ unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
         let ones = _mm256_set1_epi16(1);
         let m4 = _mm256_set1_epi8(0x0F);
         let iq4_table = iq4_nl_table();
+        let flip = _mm256_set1_epi8(-128);
         let mut acc = [_mm256_setzero_ps(); N];
         for b in 0..nb {
             // In bounds: group block b is gbb bytes at gbb·b and activation block b 34 bytes at 34·b
@@ -701,15 +704,23 @@ unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
                             };
                             _mm256_shuffle_epi8(iq4_table, nib)
                         };
+                        if VNNI {
+                            // w + 128 as unsigned bytes; 128 times the block sum comes off below.
+                            let uw = _mm256_xor_si256(w, flip);
+                            for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
+                                *acc_i = _mm256_dpbusd_epi32(*acc_i, uw, y(ar, s));
+                            }
+                            continue;
+                        }
                         let aw = _mm256_sign_epi8(w, w);
                         for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
-                            let sy = _mm256_sign_epi8(y(ar, s), w);
-                            *acc_i = if VNNI {
-                                _mm256_dpbusd_epi32(*acc_i, aw, sy)
-                            } else {
-                                let p = _mm256_maddubs_epi16(aw, sy);
-                                _mm256_add_epi32(*acc_i, _mm256_madd_epi16(p, ones))
-                            };
+                            let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y(ar, s), w));
+                            *acc_i = _mm256_add_epi32(*acc_i, _mm256_madd_epi16(p, ones));
+                        }
+                    }
+                    if VNNI {
+                        for (acc_i, sr) in isum.iter_mut().zip(&sums) {
+                            *acc_i = _mm256_sub_epi32(*acc_i, _mm256_set1_epi32(128 * sr[b]));
                         }
                     }
                 } else {
@@ -800,8 +811,9 @@ unsafe fn iq4_xs_x8<const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize) -> [[f32
     unsafe { iq4_xs_x8_body::<N, false>(g, a, nb) }
 }
 
-/// [`iq4_xs_x8`] with AVX-512 VNNI on 256-bit registers: `vpdpbusd` sums each block's steps
-/// into the row's i32 lane, which is then multiplied by the block scale. The same integers.
+/// [`iq4_xs_x8`] with AVX-512 VNNI on 256-bit registers: the values go in offset by 128 as
+/// unsigned bytes, `vpdpbusd` sums each block's steps into the row's i32 lane, 128 times the
+/// block's activation sum comes off, and the block scale multiplies. The same integers.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
 unsafe fn iq4_xs_x8_vnni<const N: usize>(g: &[u8], a: [&[u8]; N], nb: usize) -> [[f32; 8]; N] {
     // SAFETY: forwarded (the features are enabled here).
@@ -824,7 +836,11 @@ unsafe fn iq4_xs_x8_body<const N: usize, const VNNI: bool>(
         let m4 = _mm256_set1_epi8(0x0F);
         let m30 = _mm256_set1_epi8(0x30);
         let low16 = _mm256_set1_epi32(0xFFFF);
-        let table = iq4_nl_table();
+        let table = if VNNI {
+            _mm256_xor_si256(iq4_nl_table(), _mm256_set1_epi8(-128))
+        } else {
+            iq4_nl_table()
+        };
         let mut acc = [_mm256_setzero_ps(); N];
         let mut sc = [0i8; 64];
         for b in 0..nb {
@@ -875,22 +891,31 @@ unsafe fn iq4_xs_x8_body<const N: usize, const VNNI: bool>(
                         (k, _mm256_and_si256(v, m4)),
                         (k + 4, _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4)),
                     ] {
+                        if VNNI {
+                            // The values + 128 as unsigned bytes (the table is stored so).
+                            let uw = _mm256_shuffle_epi8(table, nib);
+                            for r in 0..N {
+                                blk[r] = _mm256_dpbusd_epi32(blk[r], uw, y(ab[r], s));
+                            }
+                            continue;
+                        }
                         let w = _mm256_shuffle_epi8(table, nib);
                         let aw = _mm256_sign_epi8(w, w);
                         for r in 0..N {
-                            let sy = _mm256_sign_epi8(y(ab[r], s), w);
-                            if VNNI {
-                                blk[r] = _mm256_dpbusd_epi32(blk[r], aw, sy);
-                            } else {
-                                let p = _mm256_maddubs_epi16(aw, sy);
-                                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, pair));
-                            }
+                            let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y(ab[r], s), w));
+                            isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, pair));
                         }
                     }
                 }
                 if VNNI {
                     for r in 0..N {
-                        isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(blk[r], s32));
+                        // Block j's activation sum: its two 16-value sums (i16 at 260..).
+                        let bs = |i: usize| {
+                            std::ptr::read_unaligned(ab[r].add(260 + 2 * i) as *const i16) as i32
+                        };
+                        let offset = _mm256_set1_epi32(128 * (bs(2 * j) + bs(2 * j + 1)));
+                        let raw = _mm256_sub_epi32(blk[r], offset);
+                        isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(raw, s32));
                     }
                 }
             }

@@ -198,10 +198,17 @@ pub fn vec_dot_x8<const N: usize>(
     vec_dot_x8_sums(wtype, g, a, std::array::from_fn(|r| &sums[r][..]), n)
 }
 
-/// Whether [`vec_dot_x8_sums`] needs the activations' block sums for `wtype` (Q4_0 and Q5_0:
-/// their kernels take the unsigned quants and subtract the offset times the sum).
+/// Whether [`vec_dot_x8_sums`] needs the activations' block sums for `wtype` on this CPU:
+/// Q4_0's and Q5_0's kernels take the unsigned quants and subtract the offset times the sum,
+/// and so do Q8_0's and IQ4_NL's AVX-512 VNNI kernels (`vpdpbusd` multiplies unsigned by
+/// signed bytes: the signed weights go in offset by 128).
 pub fn x8_wants_block_sums(wtype: DType) -> bool {
-    matches!(wtype, DType::Q4_0 | DType::Q5_0)
+    match wtype {
+        DType::Q4_0 | DType::Q5_0 => true,
+        #[cfg(target_arch = "x86_64")]
+        DType::Q8_0 | DType::IQ4NL => super::has_vnni(),
+        _ => false,
+    }
 }
 
 /// The exact integer sum of each block of the Q8_0 activation row `a` (`n` values), appended
