@@ -121,14 +121,14 @@ fn hsum_ps(v: __m256) -> f32 {
 
 /// Block kinds of the 32-value formats paired with Q8_0 activations (const parameters): one
 /// scale at byte 0 (f16, or MXFP4's E8M0 exponent byte).
-const Q8_0: u8 = 0;
-const Q4_0: u8 = 1;
-const Q5_0: u8 = 2;
-const IQ4_NL: u8 = 3;
+pub(super) const Q8_0: u8 = 0;
+pub(super) const Q4_0: u8 = 1;
+pub(super) const Q5_0: u8 = 2;
+pub(super) const IQ4_NL: u8 = 3;
 const MXFP4: u8 = 4;
 
 /// Bytes per block of kind `T`.
-const fn q0_size<const T: u8>() -> usize {
+pub(super) const fn q0_size<const T: u8>() -> usize {
     match T {
         Q8_0 => 34,
         Q4_0 | IQ4_NL => 18,
@@ -792,7 +792,7 @@ unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
 /// `KVALUES_IQ4NL` in both 128-bit halves, for `vpshufb` lookups of nibbles.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn iq4_nl_table() -> __m256i {
+pub(super) fn iq4_nl_table() -> __m256i {
     // SAFETY: the table holds 16 bytes.
     let t = unsafe { _mm_loadu_si128(super::iq_tables::KVALUES_IQ4NL.as_ptr() as *const __m128i) };
     _mm256_broadcastsi128_si256(t)

@@ -240,6 +240,38 @@ pub fn vec_dot_x8_sums<const N: usize>(
     vec_dot_x8_scalar(wtype, g, a, n)
 }
 
+/// Whether this CPU has a 512-bit kernel for two groups of `wtype` at once
+/// ([`vec_dot_x16_sums`]).
+pub fn has_x16_kernel(wtype: DType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::has_avx512_vnni() {
+        return super::repack::repack_supported(wtype);
+    }
+    let _ = wtype;
+    false
+}
+
+/// [`vec_dot_x8_sums`] of two groups at once (`g0`, then `g1`: `out[r][m]` for `m` in 0..16),
+/// by the 512-bit kernels, the same bits as two [`vec_dot_x8_sums`] calls.
+///
+/// Panics if the CPU has no such kernel for `wtype` ([`has_x16_kernel`]) or the slices are
+/// short.
+pub fn vec_dot_x16_sums<const N: usize>(
+    wtype: DType,
+    g0: &[u8],
+    g1: &[u8],
+    a: [&[u8]; N],
+    sums: [&[i32]; N],
+    n: usize,
+) -> [[f32; 16]; N] {
+    assert!(has_x16_kernel(wtype), "no 512-bit group kernel for {wtype}");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(v) = super::avx512::rows_x16(wtype, g0, g1, a, sums, n) {
+        return v;
+    }
+    unreachable!("has_x16_kernel promised a kernel for {wtype}")
+}
+
 /// The scalar reference of [`vec_dot_x8`]: each row's blocks restored to the file's layout and
 /// taken through [`vec_dot_scalar`]'s steps.
 pub fn vec_dot_x8_scalar<const N: usize>(

@@ -1,0 +1,497 @@
+//! AVX-512 group kernels on 512-bit registers: two interleaved groups of eight rows side by
+//! side, lanes 0..8 the first group's rows and 8..16 the second's, so each broadcast
+//! activation feeds sixteen weight rows per `vpdpbusd` (the 256-bit forms in `avx2.rs` feed
+//! eight). The integers and the f32 steps per output are those of the scalar reference
+//! (`dot.rs`), so the results are bit-identical to it and to the 256-bit forms.
+
+use std::arch::x86_64::*;
+
+use super::avx2::{IQ4_NL, Q4_0, Q5_0, Q8_0, iq4_nl_table, q0_size};
+use super::repack::{GROUP, X8_BLOCK};
+use crate::DType;
+
+/// Does this CPU have AVX-512 F/BW and VNNI for the 512-bit group kernels? Checked once;
+/// `HERD_NO_AVX512` turns it off (with the 256-bit VNNI forms).
+pub(crate) fn has_avx512_vnni() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        super::has_vnni()
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+    })
+}
+
+/// `out[r][m]`: row `m` of the two interleaved groups `g0` (rows 0..8) and `g1` (rows 8..16)
+/// with activation row `a[r]` (and its block sums `sums[r]` where `x8_wants_block_sums`),
+/// each equal to `vec_dot` of that pair. `None` for types without
+/// a 512-bit kernel. Callers check [`has_avx512_vnni`] first.
+pub(crate) fn rows_x16<const N: usize>(
+    wtype: DType,
+    g0: &[u8],
+    g1: &[u8],
+    a: [&[u8]; N],
+    sums: [&[i32]; N],
+    n: usize,
+) -> Option<[[f32; 16]; N]> {
+    let nb = n / wtype.block_size();
+    let at = wtype.vec_dot_type().type_size();
+    let gbytes = nb * super::repack::group_block_bytes(wtype);
+    assert!(g0.len() >= gbytes && g1.len() >= gbytes && a.iter().all(|r| r.len() >= nb * at));
+    if super::x8_wants_block_sums(wtype) {
+        assert!(
+            sums.iter().all(|s| s.len() >= nb),
+            "rows_x16: block sums missing"
+        );
+    }
+    // SAFETY: has_avx512_vnni() confirmed AVX2, FMA, F16C, AVX-512 F/BW/VL/VNNI at run time;
+    // both groups hold nb whole blocks and every activation row nb whole blocks (asserted).
+    unsafe {
+        match wtype {
+            DType::Q4K => Some(q4_k_x16(g0, g1, a, nb)),
+            DType::Q8_0 => Some(q0_x16::<Q8_0, N>(g0, g1, a, sums, nb)),
+            DType::Q4_0 => Some(q0_x16::<Q4_0, N>(g0, g1, a, sums, nb)),
+            DType::Q5_0 => Some(q0_x16::<Q5_0, N>(g0, g1, a, sums, nb)),
+            DType::IQ4NL => Some(q0_x16::<IQ4_NL, N>(g0, g1, a, sums, nb)),
+            DType::IQ4XS => Some(iq4_xs_x16(g0, g1, a, nb)),
+            _ => None,
+        }
+    }
+}
+
+/// 32 bytes at `p0` in the low half, 32 at `p1` in the high half.
+///
+/// # Safety
+/// AVX-512 F; 32 readable bytes at each pointer.
+#[inline(always)]
+unsafe fn load_pair(p0: *const u8, p1: *const u8) -> __m512i {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        let lo = _mm256_loadu_si256(p0 as *const __m256i);
+        let hi = _mm256_loadu_si256(p1 as *const __m256i);
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+}
+
+/// Sixteen f16 values as f32: eight at `p0`, then eight at `p1`.
+///
+/// # Safety
+/// AVX-512 F; 16 readable bytes at each pointer.
+#[inline(always)]
+unsafe fn f16_pair(p0: *const u8, p1: *const u8) -> __m512 {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        let lo = _mm_loadu_si128(p0 as *const __m128i);
+        let hi = _mm_loadu_si128(p1 as *const __m128i);
+        _mm512_cvtph_ps(_mm256_set_m128i(hi, lo))
+    }
+}
+
+/// The 6-bit scales and mins of one Q4_K group super-block at `gb` (layout of `repack`), as
+/// bytes `8j + m` (sub-block `j`, row `m`) of `sc` and `mn`.
+///
+/// # Safety
+/// AVX2; `gb` points at a whole group super-block.
+#[inline(always)]
+unsafe fn q4_k_scales_mins(gb: *const u8, sc: &mut [u8; 64], mn: &mut [u8; 64]) {
+    // SAFETY: bytes 32..128 of the group block; the stores go to the 64-byte arrays.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m30 = _mm256_set1_epi8(0x30);
+        let lo0 = _mm256_loadu_si256(gb.add(32) as *const __m256i);
+        let lo1 = _mm256_loadu_si256(gb.add(64) as *const __m256i);
+        let hi = _mm256_loadu_si256(gb.add(96) as *const __m256i);
+        let top = |v: __m256i| _mm256_and_si256(v, m30);
+        let sc0 = _mm256_or_si256(_mm256_and_si256(lo0, m4), top(_mm256_slli_epi16::<4>(hi)));
+        let sc1 = _mm256_or_si256(_mm256_and_si256(lo1, m4), top(_mm256_slli_epi16::<2>(hi)));
+        let mn0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(lo0), m4), top(hi));
+        let mn1 = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(lo1), m4),
+            top(_mm256_srli_epi16::<2>(hi)),
+        );
+        _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, sc0);
+        _mm256_storeu_si256(sc.as_mut_ptr().add(32) as *mut __m256i, sc1);
+        _mm256_storeu_si256(mn.as_mut_ptr() as *mut __m256i, mn0);
+        _mm256_storeu_si256(mn.as_mut_ptr().add(32) as *mut __m256i, mn1);
+    }
+}
+
+/// Sixteen interleaved Q4_K rows (groups `g0` and `g1`, `nb` super-blocks each) against `N`
+/// Q8_K activation rows: lane `m` is weight row `m`. Per sub-block, each step's four quants of
+/// every row against four broadcast activations by `vpdpbusd` into the row's i32 lane, times
+/// the rows' scales; the mins against the activations' 32-value sums by `madd`. Lane `m` of
+/// `sumi` and `summ` is then row `m`'s exact super-block sums and the f32 steps are the
+/// reference's: `acc += sumi·(d·d_a)`, `acc_min += summ·(dmin·d_a)`, `acc − acc_min`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_k_x16<const N: usize>(
+    g0: &[u8],
+    g1: &[u8],
+    a: [&[u8]; N],
+    nb: usize,
+) -> [[f32; 16]; N] {
+    // SAFETY: the features are enabled here; rows_x16 checked that both groups hold nb group
+    // super-blocks (X8_BLOCK bytes each) and every activation row nb Q8_K blocks (292 bytes),
+    // and every load below stays inside block b of those.
+    unsafe {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let (mut acc, mut acc_min) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
+        let (mut sc0, mut mn0, mut sc1, mut mn1) = ([0u8; 64], [0u8; 64], [0u8; 64], [0u8; 64]);
+        for b in 0..nb {
+            let (p0, p1) = (g0.as_ptr().add(X8_BLOCK * b), g1.as_ptr().add(X8_BLOCK * b));
+            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
+            q4_k_scales_mins(p0, &mut sc0, &mut mn0);
+            q4_k_scales_mins(p1, &mut sc1, &mut mn1);
+            // Lane m (0..16) of sub-block j's scales (or mins): group 0's then group 1's.
+            let lanes = |x0: &[u8; 64], x1: &[u8; 64], j: usize| {
+                let v = _mm_unpacklo_epi64(
+                    _mm_loadl_epi64(x0.as_ptr().add(8 * j) as *const __m128i),
+                    _mm_loadl_epi64(x1.as_ptr().add(8 * j) as *const __m128i),
+                );
+                _mm512_cvtepu8_epi32(v)
+            };
+
+            let mut sumi = [_mm512_setzero_si512(); N];
+            for c in 0..4 {
+                let (q0, q1) = (p0.add(128 + 256 * c), p1.add(128 + 256 * c));
+                let (mut lo, mut hi) = ([_mm512_setzero_si512(); N], [_mm512_setzero_si512(); N]);
+                for k in 0..8 {
+                    let v = load_pair(q0.add(32 * k), q1.add(32 * k));
+                    let wl = _mm512_and_si512(v, m4);
+                    let wh = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                    for r in 0..N {
+                        // Activations 64c + 4k.. (low nibbles) and 64c + 32 + 4k.. (high).
+                        let at = ab[r].add(4 + 64 * c + 4 * k);
+                        let yl = _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32));
+                        let yh =
+                            _mm512_set1_epi32(std::ptr::read_unaligned(at.add(32) as *const i32));
+                        lo[r] = _mm512_dpbusd_epi32(lo[r], wl, yl);
+                        hi[r] = _mm512_dpbusd_epi32(hi[r], wh, yh);
+                    }
+                }
+                let (s_lo, s_hi) = (lanes(&sc0, &sc1, 2 * c), lanes(&sc0, &sc1, 2 * c + 1));
+                for r in 0..N {
+                    let t = _mm512_add_epi32(
+                        _mm512_mullo_epi32(lo[r], s_lo),
+                        _mm512_mullo_epi32(hi[r], s_hi),
+                    );
+                    sumi[r] = _mm512_add_epi32(sumi[r], t);
+                }
+            }
+
+            // Mins: i16 lanes 2m, 2m + 1 of `mins[i]` hold row m's mins of sub-blocks 2i and
+            // 2i + 1; `madd` with the activations' sums of those sub-blocks gives lane m.
+            let mins: [__m512i; 4] = std::array::from_fn(|i| {
+                let pairs = |x: &[u8; 64]| {
+                    _mm_unpacklo_epi8(
+                        _mm_loadl_epi64(x.as_ptr().add(16 * i) as *const __m128i),
+                        _mm_loadl_epi64(x.as_ptr().add(16 * i + 8) as *const __m128i),
+                    )
+                };
+                _mm512_cvtepu8_epi16(_mm256_set_m128i(pairs(&mn1), pairs(&mn0)))
+            });
+            let dw = f16_pair(p0, p1);
+            let dmw = f16_pair(p0.add(16), p1.add(16));
+            for r in 0..N {
+                // i16 lane j of `sums`: the sum of sub-block j's 32 activations (|·| ≤ 4064),
+                // from the 16-value sums at 260..
+                let bsums = _mm256_loadu_si256(ab[r].add(260) as *const __m256i);
+                let sums = _mm_hadd_epi16(
+                    _mm256_castsi256_si128(bsums),
+                    _mm256_extracti128_si256::<1>(bsums),
+                );
+                let mut pair = [0i32; 4];
+                _mm_storeu_si128(pair.as_mut_ptr() as *mut __m128i, sums);
+                let mut summ = _mm512_setzero_si512();
+                for (mi, &pi) in mins.iter().zip(&pair) {
+                    summ = _mm512_add_epi32(summ, _mm512_madd_epi16(*mi, _mm512_set1_epi32(pi)));
+                }
+                let ad = _mm512_set1_ps(super::avx2::f32_ptr(ab[r]));
+                acc[r] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[r]), _mm512_mul_ps(dw, ad), acc[r]);
+                acc_min[r] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dmw, ad), acc_min[r]);
+            }
+        }
+        std::array::from_fn(|r| {
+            let mut out = [0.0f32; 16];
+            // out holds sixteen f32; unaligned store.
+            _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(acc[r], acc_min[r]));
+            out
+        })
+    }
+}
+
+/// Sixteen interleaved rows of a 32-value format (groups `g0` and `g1` of kind `T`, `nb`
+/// blocks each) against `N` Q8_0 activation rows: lane `m` is weight row `m`. Each step's four
+/// quants of every row go in as unsigned bytes (Q4_0's and Q5_0's as stored; Q8_0's and
+/// IQ4_NL's values offset by 128) against four broadcast activations by `vpdpbusd`, and the
+/// offset times the activations' block sum (`sums[r][b]`) comes off: lane `m` of `isum` is
+/// row `m`'s exact block sum, and `acc = isum·(d_w·d_a) + acc` is the reference's f32 step.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q0_x16<const T: u8, const N: usize>(
+    g0: &[u8],
+    g1: &[u8],
+    a: [&[u8]; N],
+    sums: [&[i32]; N],
+    nb: usize,
+) -> [[f32; 16]; N] {
+    // SAFETY: the features are enabled here; rows_x16 checked that both groups hold nb group
+    // blocks (GROUP · q0_size bytes each), every activation row nb Q8_0 blocks (34 bytes) and
+    // every sums row nb values; every load below stays inside block b of those.
+    unsafe {
+        let gbb = GROUP * q0_size::<T>();
+        let m4 = _mm512_set1_epi8(0x0F);
+        let flip = _mm512_set1_epi8(-128);
+        let table = _mm512_xor_si512(
+            _mm512_broadcast_i64x4(iq4_nl_table()),
+            _mm512_set1_epi8(-128),
+        );
+        let offset = match T {
+            Q4_0 => 8,
+            Q5_0 => 16,
+            _ => 128,
+        };
+        let mut acc = [_mm512_setzero_ps(); N];
+        for b in 0..nb {
+            let (p0, p1) = (g0.as_ptr().add(gbb * b), g1.as_ptr().add(gbb * b));
+            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(34 * b));
+            let plane = if T == Q5_0 {
+                load_pair(p0.add(16), p1.add(16))
+            } else {
+                m4
+            };
+            let mut isum = [_mm512_setzero_si512(); N];
+            for s in 0..8 {
+                let w = if T == Q8_0 {
+                    _mm512_xor_si512(load_pair(p0.add(16 + 32 * s), p1.add(16 + 32 * s)), flip)
+                } else {
+                    // Step s < 4: the low nibbles of run s; s ≥ 4: the high of s − 4.
+                    let body = if T == Q5_0 { 48 } else { 16 };
+                    let at = body + 32 * (s % 4);
+                    let v = load_pair(p0.add(at), p1.add(at));
+                    let nib = if s < 4 {
+                        _mm512_and_si512(v, m4)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4)
+                    };
+                    match T {
+                        IQ4_NL => _mm512_shuffle_epi8(table, nib),
+                        Q5_0 => {
+                            // Bit s of each plane byte, moved to bit 4 (16-bit shifts: the mask
+                            // keeps only bits that stayed inside their byte).
+                            let moved = if s <= 4 {
+                                _mm512_sll_epi16(plane, _mm_cvtsi32_si128(4 - s as i32))
+                            } else {
+                                _mm512_srl_epi16(plane, _mm_cvtsi32_si128(s as i32 - 4))
+                            };
+                            _mm512_or_si512(nib, _mm512_and_si512(moved, _mm512_set1_epi8(0x10)))
+                        }
+                        _ => nib,
+                    }
+                };
+                for r in 0..N {
+                    let y = std::ptr::read_unaligned(ab[r].add(2 + 4 * s) as *const i32);
+                    isum[r] = _mm512_dpbusd_epi32(isum[r], w, _mm512_set1_epi32(y));
+                }
+            }
+            let dw = f16_pair(p0, p1);
+            for (r, sr) in sums.iter().enumerate() {
+                let raw = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(offset * sr[b]));
+                let da = _mm512_set1_ps(super::avx2::f16_ptr(ab[r]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(raw), _mm512_mul_ps(dw, da), acc[r]);
+            }
+        }
+        acc.map(|v| {
+            let mut out = [0.0f32; 16];
+            // out holds sixteen f32; unaligned store.
+            _mm512_storeu_ps(out.as_mut_ptr(), v);
+            out
+        })
+    }
+}
+
+/// The 6-bit scales of one IQ4_XS group super-block at `gb` (layout of `repack`), offset by
+/// −32, as bytes `8j + m` (block `j`, row `m`) of `sc`.
+///
+/// # Safety
+/// AVX2; `gb` points at a whole group super-block.
+#[inline(always)]
+unsafe fn iq4_xs_scales(gb: *const u8, sc: &mut [i8; 64]) {
+    // SAFETY: bytes 16..64 of the group block; the stores go to the 64-byte array.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m30 = _mm256_set1_epi8(0x30);
+        let lo = _mm256_loadu_si256(gb.add(16) as *const __m256i);
+        let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(gb.add(48) as *const __m128i));
+        let top_a =
+            _mm256_blend_epi32::<0xF0>(_mm256_slli_epi16::<4>(h), _mm256_slli_epi16::<2>(h));
+        let top_b = _mm256_blend_epi32::<0xF0>(h, _mm256_srli_epi16::<2>(h));
+        let off = _mm256_set1_epi8(32);
+        let sc_a = _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(top_a, m30));
+        let sc_b = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(lo), m4),
+            _mm256_and_si256(top_b, m30),
+        );
+        _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, _mm256_sub_epi8(sc_a, off));
+        _mm256_storeu_si256(
+            sc.as_mut_ptr().add(32) as *mut __m256i,
+            _mm256_sub_epi8(sc_b, off),
+        );
+    }
+}
+
+/// Sixteen interleaved IQ4_XS rows (groups `g0` and `g1`, `nb` super-blocks each) against `N`
+/// Q8_K activation rows: lane `m` is weight row `m`. Per 32-value block, the values offset by
+/// 128 as unsigned bytes against broadcast activations by `vpdpbusd`, 128 times the block's
+/// activation sum off, times the rows' block scales; one exact integer per super-block and
+/// the reference's f32 step (`acc = isum·(d_w·d_a) + acc`).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn iq4_xs_x16<const N: usize>(
+    g0: &[u8],
+    g1: &[u8],
+    a: [&[u8]; N],
+    nb: usize,
+) -> [[f32; 16]; N] {
+    const GBB: usize = GROUP * 136;
+    // SAFETY: the features are enabled here; rows_x16 checked that both groups hold nb group
+    // super-blocks (GBB bytes each) and every activation row nb Q8_K blocks (292 bytes); every
+    // load below stays inside block b of those.
+    unsafe {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let table = _mm512_xor_si512(
+            _mm512_broadcast_i64x4(iq4_nl_table()),
+            _mm512_set1_epi8(-128),
+        );
+        let mut acc = [_mm512_setzero_ps(); N];
+        let (mut sc0, mut sc1) = ([0i8; 64], [0i8; 64]);
+        for b in 0..nb {
+            let (p0, p1) = (g0.as_ptr().add(GBB * b), g1.as_ptr().add(GBB * b));
+            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
+            iq4_xs_scales(p0, &mut sc0);
+            iq4_xs_scales(p1, &mut sc1);
+            let mut isum = [_mm512_setzero_si512(); N];
+            for j in 0..8 {
+                let scale = _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(
+                    _mm_loadl_epi64(sc0.as_ptr().add(8 * j) as *const __m128i),
+                    _mm_loadl_epi64(sc1.as_ptr().add(8 * j) as *const __m128i),
+                ));
+                let (q0, q1) = (p0.add(64 + 128 * j), p1.add(64 + 128 * j));
+                let mut blk = [_mm512_setzero_si512(); N];
+                for k in 0..4 {
+                    let v = load_pair(q0.add(32 * k), q1.add(32 * k));
+                    let wl = _mm512_shuffle_epi8(table, _mm512_and_si512(v, m4));
+                    let wh =
+                        _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4));
+                    for r in 0..N {
+                        // Values 4k.. (low nibbles) and 16 + 4k.. (high) of block j.
+                        let at = ab[r].add(4 + 32 * j + 4 * k);
+                        let yl = _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32));
+                        let yh =
+                            _mm512_set1_epi32(std::ptr::read_unaligned(at.add(16) as *const i32));
+                        blk[r] = _mm512_dpbusd_epi32(blk[r], wl, yl);
+                        blk[r] = _mm512_dpbusd_epi32(blk[r], wh, yh);
+                    }
+                }
+                for r in 0..N {
+                    // Block j's activation sum: its two 16-value sums (i16 at 260..).
+                    let bs = |i: usize| {
+                        std::ptr::read_unaligned(ab[r].add(260 + 2 * i) as *const i16) as i32
+                    };
+                    let offset = _mm512_set1_epi32(128 * (bs(2 * j) + bs(2 * j + 1)));
+                    let raw = _mm512_sub_epi32(blk[r], offset);
+                    isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(raw, scale));
+                }
+            }
+            let dw = f16_pair(p0, p1);
+            for r in 0..N {
+                let ad = _mm512_set1_ps(super::avx2::f32_ptr(ab[r]));
+                acc[r] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dw, ad), acc[r]);
+            }
+        }
+        acc.map(|v| {
+            let mut out = [0.0f32; 16];
+            // out holds sixteen f32; unaligned store.
+            _mm512_storeu_ps(out.as_mut_ptr(), v);
+            out
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{quantize, quantize_activation, repack::repack, vec_dot_x8_scalar};
+    use crate::testing::rand_vec;
+
+    /// The 512-bit kernels equal the scalar reference bit for bit on random weights and
+    /// activations of 1..=4 blocks, for one to four activation rows.
+    #[test]
+    fn x16_kernels_equal_the_scalar_reference() {
+        if !has_avx512_vnni() {
+            eprintln!("no AVX-512 F/BW/VNNI on this CPU (or HERD_NO_AVX512): nothing to compare");
+            return;
+        }
+        fn check<const N: usize>(
+            t: DType,
+            g: &[u8],
+            acts: &[Vec<u8>],
+            sums: &[Vec<i32>],
+            k: usize,
+        ) {
+            let half = g.len() / 2;
+            let a: [&[u8]; N] = std::array::from_fn(|r| &acts[r][..]);
+            let s: [&[i32]; N] = std::array::from_fn(|r| &sums[r][..]);
+            let got = rows_x16(t, &g[..half], &g[half..], a, s, k).unwrap();
+            let want0 = vec_dot_x8_scalar(t, &g[..half], a, k);
+            let want1 = vec_dot_x8_scalar(t, &g[half..], a, k);
+            for r in 0..N {
+                for m in 0..16 {
+                    let want = if m < 8 { want0[r][m] } else { want1[r][m - 8] };
+                    assert_eq!(
+                        got[r][m].to_bits(),
+                        want.to_bits(),
+                        "{t}: N {N}, k {k}, row {m}"
+                    );
+                }
+            }
+        }
+        for t in [
+            DType::Q4K,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q5_0,
+            DType::IQ4NL,
+            DType::IQ4XS,
+        ] {
+            for nb in 1..=4 {
+                let k = t.block_size() * nb;
+                let mut wq = vec![0u8; t.bytes_for(16 * k)];
+                quantize(t, &rand_vec(16 * k, 80 + nb as u64, 3.0), &mut wq);
+                let g = repack(t, &wq, 16, k);
+                let at = t.vec_dot_type();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|r| {
+                        let mut a = vec![0u8; at.bytes_for(k)];
+                        quantize_activation(at, &rand_vec(k, 90 + r, 1.0 + r as f32), &mut a);
+                        a
+                    })
+                    .collect();
+                let sums: Vec<Vec<i32>> = acts
+                    .iter()
+                    .map(|a| {
+                        let mut s = Vec::new();
+                        if crate::quant::x8_wants_block_sums(t) {
+                            crate::quant::q8_0_block_sums(a, k, &mut s);
+                        }
+                        s
+                    })
+                    .collect();
+                check::<1>(t, &g, &acts, &sums, k);
+                check::<2>(t, &g, &acts, &sums, k);
+                check::<3>(t, &g, &acts, &sums, k);
+                check::<4>(t, &g, &acts, &sums, k);
+            }
+        }
+    }
+}
