@@ -1454,6 +1454,14 @@ mod tests {
                 let mut out = [[0.0f32; 4]; 3];
                 assert!(rows_x4(wt, &w, a, n, &mut out).is_some(), "{wt}");
                 let row = wt.bytes_for(n);
+                if wt == DType::Q6K {
+                    // The AVX2 form directly, as the dispatch may take another one.
+                    for (j, o) in out.iter().enumerate() {
+                        // SAFETY: AVX2/FMA/F16C checked above; the row holds `blocks` blocks.
+                        let got = unsafe { q6_k_rows_x4(&w[j * row..(j + 1) * row], a, blocks) };
+                        assert_eq!(got.map(f32::to_bits), o.map(f32::to_bits), "Q6_K AVX2");
+                    }
+                }
                 for (j, o) in out.iter().enumerate() {
                     for r in 0..4 {
                         let wr = &w[j * row..(j + 1) * row];
