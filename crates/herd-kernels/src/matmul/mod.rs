@@ -337,8 +337,9 @@ fn quantize_activations(
         }
     });
     for ((p, plan), a) in products.iter().zip(plans).zip(prepared.iter_mut()) {
-        // The Q4_0/Q5_0 group kernels subtract their offset times each block's sum: one pass
-        // here instead of once per row group.
+        // The group kernels that take unsigned quants (Q4_0, Q5_0; Q8_0 and IQ4_NL where the
+        // CPU has VNNI) subtract their offset times each block's sum: one pass here instead of
+        // once per row group.
         a.sums.clear();
         if matches!(plan, Plan::Groups { .. }) && quant::x8_wants_block_sums(p.w.dtype) {
             let k = p.w.in_features;
@@ -352,8 +353,9 @@ fn quantize_activations(
 
 /// Task `task` of a product with an `OutMajorX8` matrix, given its activations quantized:
 /// a run of `per_task` row groups and, per group, every four activation rows in one
-/// group-kernel call (the rest one by one, for the same bits); task `group_tasks` is the
-/// tail rows (fewer than eight, in the file's layout), by the one-row kernel.
+/// group-kernel call (the rest one by one, for the same bits); with 512-bit kernels and four
+/// rows or more, two groups per call (an odd last group alone). Task `group_tasks` is the tail
+/// rows (fewer than eight, in the file's layout), by the one-row kernel.
 fn x8_task(
     p: &Product<'_>,
     a: &Activations,
@@ -806,7 +808,7 @@ mod quantized_tests {
             DType::IQ4XS,
         ]
         .into_iter()
-        .flat_map(|t| [(t, 8), (t, 21), (t, 40)])
+        .flat_map(|t| [(t, 8), (t, 21), (t, 40), (t, 56)])
         {
             let mut wq = vec![0u8; wt.bytes_for(k * n)];
             quant::quantize(wt, &rand_vec(k * n, 13, 1.0), &mut wq);
@@ -870,8 +872,9 @@ mod quantized_tests {
                         blk[2..34].fill((127 * sign) as u8);
                     }
                 }
-                let w = row.repeat(8);
-                let g = quant::repack::repack(t, &w, 8, k);
+                let w = row.repeat(16);
+                let g = quant::repack::repack(t, &w, 16, k);
+                let (g0, g1) = g.split_at(g.len() / 2);
                 let at = t.vec_dot_type();
                 let mut a = vec![0u8; at.bytes_for(k)];
                 // All equal (every product at its largest), or mixed signs.
@@ -880,11 +883,22 @@ mod quantized_tests {
                     .collect();
                 quant::quantize_activation(at, &x, &mut a);
                 let want = quant::vec_dot_scalar(t, &row, &a, k);
-                let [got] = quant::vec_dot_x8(t, &g, [&a[..]], k);
-                let [got4, ..] = quant::vec_dot_x8(t, &g, [&a[..]; 4], k);
+                let [got] = quant::vec_dot_x8(t, g0, [&a[..]], k);
+                let [got4, ..] = quant::vec_dot_x8(t, g0, [&a[..]; 4], k);
                 for m in 0..8 {
                     assert_eq!(got[m].to_bits(), want.to_bits(), "{t} {sign}: row {m}");
                     assert_eq!(got4[m].to_bits(), want.to_bits(), "{t} {sign}: row {m}, x4");
+                }
+                if quant::has_x16_kernel(t) {
+                    let mut sums = Vec::new();
+                    if quant::x8_wants_block_sums(t) {
+                        quant::q8_0_block_sums(&a, k, &mut sums);
+                    }
+                    let [got16, ..] =
+                        quant::vec_dot_x16_sums(t, g0, g1, [&a[..]; 4], [&sums[..]; 4], k);
+                    for (m, x) in got16.iter().enumerate() {
+                        assert_eq!(x.to_bits(), want.to_bits(), "{t} {sign}: row {m}, x16");
+                    }
                 }
                 assert!(
                     want.is_finite() && want != 0.0,

@@ -798,6 +798,39 @@ pub(super) fn iq4_nl_table() -> __m256i {
     _mm256_broadcastsi128_si256(t)
 }
 
+/// The 6-bit scales of one IQ4_XS group super-block at `gb` (layout of `repack`), offset by
+/// −32, as bytes `8j + m` (block `j`, row `m`) of `sc`. Entry `e`'s low four bits are the
+/// nibbles at 16.. (entries 0..32 low, 32..64 high); its top two bits are at 48..64, entries
+/// 0..16 at bits 0-1 of byte `e`, 16..32 at bits 2-3 of byte `e − 16`, and so on: the 16
+/// top-bit bytes go into both halves of `h`, and each half moves its pair of bits to bits 4-5.
+///
+/// # Safety
+/// AVX2; `gb` points at a whole group super-block.
+#[inline(always)]
+pub(super) unsafe fn iq4_xs_scales(gb: *const u8, sc: &mut [i8; 64]) {
+    // SAFETY: bytes 16..64 of the group block; the stores go to the 64-byte array.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m30 = _mm256_set1_epi8(0x30);
+        let lo = _mm256_loadu_si256(gb.add(16) as *const __m256i);
+        let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(gb.add(48) as *const __m128i));
+        let top_a =
+            _mm256_blend_epi32::<0xF0>(_mm256_slli_epi16::<4>(h), _mm256_slli_epi16::<2>(h));
+        let top_b = _mm256_blend_epi32::<0xF0>(h, _mm256_srli_epi16::<2>(h));
+        let off = _mm256_set1_epi8(32);
+        let sc_a = _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(top_a, m30));
+        let sc_b = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(lo), m4),
+            _mm256_and_si256(top_b, m30),
+        );
+        _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, _mm256_sub_epi8(sc_a, off));
+        _mm256_storeu_si256(
+            sc.as_mut_ptr().add(32) as *mut __m256i,
+            _mm256_sub_epi8(sc_b, off),
+        );
+    }
+}
+
 /// Eight interleaved IQ4_XS rows (one group, `nb` super-blocks, the layout of `repack`)
 /// against `N` Q8_K activation rows: lane `m` is weight row `m`. Per 32-value block `j`, each
 /// step's four indexes of each row are looked up in `KVALUES_IQ4NL` and taken against four
@@ -834,7 +867,6 @@ unsafe fn iq4_xs_x8_body<const N: usize, const VNNI: bool>(
     // SAFETY: the caller guarantees the target features and the slice sizes (see above).
     unsafe {
         let m4 = _mm256_set1_epi8(0x0F);
-        let m30 = _mm256_set1_epi8(0x30);
         let low16 = _mm256_set1_epi32(0xFFFF);
         let table = if VNNI {
             _mm256_xor_si256(iq4_nl_table(), _mm256_set1_epi8(-128))
@@ -849,26 +881,7 @@ unsafe fn iq4_xs_x8_body<const N: usize, const VNNI: bool>(
             // the 64-byte array above.
             let gb = g.as_ptr().add(GBB * b);
             let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
-            // Scale entry e = 8j + m: low four bits in the nibbles at 16.. (entries 0..32 low,
-            // 32..64 high); top two bits at 48..64, entries 0..16 at bits 0-1 of byte e,
-            // 16..32 at bits 2-3 of byte e − 16, and so on. The 16 top-bit bytes are in both
-            // halves of `h`, each half moves its pair of bits to bits 4-5.
-            let lo = _mm256_loadu_si256(gb.add(16) as *const __m256i);
-            let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(gb.add(48) as *const __m128i));
-            let top_a =
-                _mm256_blend_epi32::<0xF0>(_mm256_slli_epi16::<4>(h), _mm256_slli_epi16::<2>(h));
-            let top_b = _mm256_blend_epi32::<0xF0>(h, _mm256_srli_epi16::<2>(h));
-            let off = _mm256_set1_epi8(32);
-            let sc_a = _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(top_a, m30));
-            let sc_b = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(lo), m4),
-                _mm256_and_si256(top_b, m30),
-            );
-            _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, _mm256_sub_epi8(sc_a, off));
-            _mm256_storeu_si256(
-                sc.as_mut_ptr().add(32) as *mut __m256i,
-                _mm256_sub_epi8(sc_b, off),
-            );
+            iq4_xs_scales(gb, &mut sc);
 
             let mut isum = [_mm256_setzero_si256(); N];
             for j in 0..8 {
@@ -1494,24 +1507,47 @@ mod tests {
             DType::IQ4NL,
             DType::IQ4XS,
         ] {
-            for nb in [1, 3] {
+            // Random blocks, and extreme ones: weights all −1 (the largest magnitudes of the
+            // signed types), activations ±127 (the i16 sums of the AVX2 forms at their limit).
+            for (nb, extreme) in [(1, false), (3, false), (2, true)] {
                 let k = t.block_size() * nb;
                 let mut wq = vec![0u8; t.bytes_for(8 * k)];
-                quantize(t, &rand_vec(8 * k, 60 + nb as u64, 3.0), &mut wq);
+                let wf = if extreme {
+                    vec![-1.0; 8 * k]
+                } else {
+                    rand_vec(8 * k, 60 + nb as u64, 3.0)
+                };
+                quantize(t, &wf, &mut wq);
                 let g = repack(t, &wq, 8, k);
                 let at = t.vec_dot_type();
                 let acts: Vec<Vec<u8>> = (0..4)
                     .map(|r| {
                         let mut a = vec![0u8; at.bytes_for(k)];
-                        quantize(at, &rand_vec(k, 70 + r, 1.0 + r as f32), &mut a);
+                        let x = if extreme {
+                            (0..k)
+                                .map(|i| {
+                                    if (i + r as usize).is_multiple_of(3) {
+                                        -1.0
+                                    } else {
+                                        1.0
+                                    }
+                                })
+                                .collect()
+                        } else {
+                            rand_vec(k, 70 + r, 1.0 + r as f32)
+                        };
+                        quantize(at, &x, &mut a);
                         a
                     })
                     .collect();
+                // Block sums of the Q8_0 activations (the kernels of Q8_K types take none).
                 let sums: Vec<Vec<i32>> = acts
                     .iter()
                     .map(|a| {
                         let mut s = Vec::new();
-                        crate::quant::q8_0_block_sums(a, k, &mut s);
+                        if at == DType::Q8_0 {
+                            crate::quant::q8_0_block_sums(a, k, &mut s);
+                        }
                         s
                     })
                     .collect();

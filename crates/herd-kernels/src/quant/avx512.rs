@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{IQ4_NL, Q4_0, Q5_0, Q8_0, iq4_nl_table, q0_size};
+use super::avx2::{IQ4_NL, Q4_0, Q5_0, Q8_0, iq4_nl_table, iq4_xs_scales, q0_size};
 use super::repack::{GROUP, X8_BLOCK};
 use crate::DType;
 
@@ -22,10 +22,20 @@ pub(crate) fn has_avx512_vnni() -> bool {
     })
 }
 
+/// Whether [`rows_x16`] has a kernel for `wtype` (on a CPU with [`has_avx512_vnni`]).
+pub(crate) fn has_kernel(wtype: DType) -> bool {
+    matches!(
+        wtype,
+        DType::Q4K | DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4NL | DType::IQ4XS
+    )
+}
+
 /// `out[r][m]`: row `m` of the two interleaved groups `g0` (rows 0..8) and `g1` (rows 8..16)
 /// with activation row `a[r]` (and its block sums `sums[r]` where `x8_wants_block_sums`),
-/// each equal to `vec_dot` of that pair. `None` for types without
-/// a 512-bit kernel. Callers check [`has_avx512_vnni`] first.
+/// each equal to `vec_dot` of that pair. `None` for types without a 512-bit kernel
+/// ([`has_kernel`]). Callers check [`has_avx512_vnni`] first. The Q4_K and IQ4_XS kernels take
+/// the activations' 16-value sums from their Q8_K blocks, which must be those of their values
+/// (as `quantize_activation` writes them).
 pub(crate) fn rows_x16<const N: usize>(
     wtype: DType,
     g0: &[u8],
@@ -307,36 +317,6 @@ unsafe fn q0_x16<const T: u8, const N: usize>(
             _mm512_storeu_ps(out.as_mut_ptr(), v);
             out
         })
-    }
-}
-
-/// The 6-bit scales of one IQ4_XS group super-block at `gb` (layout of `repack`), offset by
-/// −32, as bytes `8j + m` (block `j`, row `m`) of `sc`.
-///
-/// # Safety
-/// AVX2; `gb` points at a whole group super-block.
-#[inline(always)]
-unsafe fn iq4_xs_scales(gb: *const u8, sc: &mut [i8; 64]) {
-    // SAFETY: bytes 16..64 of the group block; the stores go to the 64-byte array.
-    unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m30 = _mm256_set1_epi8(0x30);
-        let lo = _mm256_loadu_si256(gb.add(16) as *const __m256i);
-        let h = _mm256_broadcastsi128_si256(_mm_loadu_si128(gb.add(48) as *const __m128i));
-        let top_a =
-            _mm256_blend_epi32::<0xF0>(_mm256_slli_epi16::<4>(h), _mm256_slli_epi16::<2>(h));
-        let top_b = _mm256_blend_epi32::<0xF0>(h, _mm256_srli_epi16::<2>(h));
-        let off = _mm256_set1_epi8(32);
-        let sc_a = _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(top_a, m30));
-        let sc_b = _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16::<4>(lo), m4),
-            _mm256_and_si256(top_b, m30),
-        );
-        _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, _mm256_sub_epi8(sc_a, off));
-        _mm256_storeu_si256(
-            sc.as_mut_ptr().add(32) as *mut __m256i,
-            _mm256_sub_epi8(sc_b, off),
-        );
     }
 }
 

@@ -201,7 +201,9 @@ pub fn vec_dot_x8<const N: usize>(
 /// Whether [`vec_dot_x8_sums`] needs the activations' block sums for `wtype` on this CPU:
 /// Q4_0's and Q5_0's kernels take the unsigned quants and subtract the offset times the sum,
 /// and so do Q8_0's and IQ4_NL's AVX-512 VNNI kernels (`vpdpbusd` multiplies unsigned by
-/// signed bytes: the signed weights go in offset by 128).
+/// signed bytes: the signed weights go in offset by 128). The Q8_K types' kernels (Q4_K,
+/// IQ4_XS) take the sums stored in the activation blocks instead, so the activations must be
+/// those [`quantize_activation`](super::quantize_activation) wrote.
 pub fn x8_wants_block_sums(wtype: DType) -> bool {
     match wtype {
         DType::Q4_0 | DType::Q5_0 => true,
@@ -245,7 +247,7 @@ pub fn vec_dot_x8_sums<const N: usize>(
 pub fn has_x16_kernel(wtype: DType) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::avx512::has_avx512_vnni() {
-        return super::repack::repack_supported(wtype);
+        return super::avx512::has_kernel(wtype);
     }
     let _ = wtype;
     false
