@@ -799,16 +799,9 @@ mod quantized_tests {
     #[test]
     fn repacked_matmul_equals_the_file_layout() {
         let k = 768;
-        for (wt, n) in [
-            DType::Q4K,
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q5_0,
-            DType::IQ4NL,
-            DType::IQ4XS,
-        ]
-        .into_iter()
-        .flat_map(|t| [(t, 8), (t, 21), (t, 40), (t, 56)])
+        for (wt, n) in crate::quant::repack::GROUP_TYPES
+            .into_iter()
+            .flat_map(|t| [(t, 8), (t, 21), (t, 40), (t, 56)])
         {
             let mut wq = vec![0u8; wt.bytes_for(k * n)];
             quant::quantize(wt, &rand_vec(k * n, 13, 1.0), &mut wq);
@@ -844,14 +837,7 @@ mod quantized_tests {
     #[test]
     fn group_kernels_hold_extreme_blocks() {
         let k = 512;
-        for t in [
-            DType::Q4K,
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q5_0,
-            DType::IQ4NL,
-            DType::IQ4XS,
-        ] {
+        for t in crate::quant::repack::GROUP_TYPES {
             for sign in [1i8, -1] {
                 let nb = k / t.block_size();
                 let mut row = vec![0u8; t.bytes_for(k)];
@@ -923,14 +909,7 @@ mod quantized_tests {
                 }
             }
         }
-        for t in [
-            DType::Q4K,
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q5_0,
-            DType::IQ4NL,
-            DType::IQ4XS,
-        ] {
+        for t in crate::quant::repack::GROUP_TYPES {
             for nb in 1..=5 {
                 let k = t.block_size() * nb;
                 let mut wq = vec![0u8; t.bytes_for(8 * k)];

@@ -442,6 +442,35 @@ unsafe fn q4_k_block_x4(w: *const u8, a: [*const u8; 4]) -> (__m128i, __m128i) {
     (hsum4_i32(totals), min_totals)
 }
 
+/// The 6-bit scales and mins of one Q4_K group super-block at `gb` (layout of `repack`), as
+/// bytes `8j + m` (sub-block `j`, row `m`) of `sc` and `mn`.
+///
+/// # Safety
+/// AVX2; `gb` points at a whole group super-block.
+#[inline(always)]
+pub(super) unsafe fn q4_k_scales_mins(gb: *const u8, sc: &mut [u8; 64], mn: &mut [u8; 64]) {
+    // SAFETY: bytes 32..128 of the group block; the stores go to the 64-byte arrays.
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m30 = _mm256_set1_epi8(0x30);
+        let lo0 = _mm256_loadu_si256(gb.add(32) as *const __m256i);
+        let lo1 = _mm256_loadu_si256(gb.add(64) as *const __m256i);
+        let hi = _mm256_loadu_si256(gb.add(96) as *const __m256i);
+        let top = |v: __m256i| _mm256_and_si256(v, m30);
+        let sc0 = _mm256_or_si256(_mm256_and_si256(lo0, m4), top(_mm256_slli_epi16::<4>(hi)));
+        let sc1 = _mm256_or_si256(_mm256_and_si256(lo1, m4), top(_mm256_slli_epi16::<2>(hi)));
+        let mn0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(lo0), m4), top(hi));
+        let mn1 = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(lo1), m4),
+            top(_mm256_srli_epi16::<2>(hi)),
+        );
+        _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, sc0);
+        _mm256_storeu_si256(sc.as_mut_ptr().add(32) as *mut __m256i, sc1);
+        _mm256_storeu_si256(mn.as_mut_ptr() as *mut __m256i, mn0);
+        _mm256_storeu_si256(mn.as_mut_ptr().add(32) as *mut __m256i, mn1);
+    }
+}
+
 /// Eight interleaved Q4_K rows (one group, `nb` super-blocks) against `N` activation rows: lane
 /// `m` of each vector is weight row `m`. Per super-block and sub-block `j`: four quants of each
 /// row times four broadcast activations by `maddubs` (eight steps summed in i16: at most
@@ -474,7 +503,6 @@ unsafe fn q4_k_x8_body<const N: usize, const VNNI: bool>(
 ) -> [[f32; 8]; N] {
     // SAFETY: the caller guarantees the target features and the slice sizes (see above).
     unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
         let (mut acc, mut acc_min) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
         let (mut sc, mut mn) = ([0u8; 64], [0u8; 64]);
         for b in 0..nb {
@@ -484,26 +512,7 @@ unsafe fn q4_k_x8_body<const N: usize, const VNNI: bool>(
             {
                 let gb = g.as_ptr().add(X8_BLOCK * b);
                 let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
-                // Scales and mins, byte 8j + m: low four bits at 32.., top two bits at 96...
-                let lo0 = _mm256_loadu_si256(gb.add(32) as *const __m256i);
-                let lo1 = _mm256_loadu_si256(gb.add(64) as *const __m256i);
-                let hi = _mm256_loadu_si256(gb.add(96) as *const __m256i);
-                let m30 = _mm256_set1_epi8(0x30);
-                let top = |v: __m256i| _mm256_and_si256(v, m30);
-                let sc0 =
-                    _mm256_or_si256(_mm256_and_si256(lo0, m4), top(_mm256_slli_epi16::<4>(hi)));
-                let sc1 =
-                    _mm256_or_si256(_mm256_and_si256(lo1, m4), top(_mm256_slli_epi16::<2>(hi)));
-                let mn0 =
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(lo0), m4), top(hi));
-                let mn1 = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(lo1), m4),
-                    top(_mm256_srli_epi16::<2>(hi)),
-                );
-                _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, sc0);
-                _mm256_storeu_si256(sc.as_mut_ptr().add(32) as *mut __m256i, sc1);
-                _mm256_storeu_si256(mn.as_mut_ptr() as *mut __m256i, mn0);
-                _mm256_storeu_si256(mn.as_mut_ptr().add(32) as *mut __m256i, mn1);
+                q4_k_scales_mins(gb, &mut sc, &mut mn);
 
                 let mut sumi = [_mm256_setzero_si256(); N];
                 for c in 0..4 {
@@ -1499,14 +1508,7 @@ mod tests {
         if !vnni {
             eprintln!("no AVX-512 VNNI on this CPU: the AVX2 kernels only");
         }
-        for t in [
-            DType::Q4K,
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q5_0,
-            DType::IQ4NL,
-            DType::IQ4XS,
-        ] {
+        for t in crate::quant::repack::GROUP_TYPES {
             // Random blocks, and extreme ones: weights all −1 (the largest magnitudes of the
             // signed types), activations ±127 (the i16 sums of the AVX2 forms at their limit).
             for (nb, extreme) in [(1, false), (3, false), (2, true)] {

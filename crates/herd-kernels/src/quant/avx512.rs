@@ -6,7 +6,9 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{IQ4_NL, Q4_0, Q5_0, Q8_0, iq4_nl_table, iq4_xs_scales, q0_size};
+use super::avx2::{
+    IQ4_NL, Q4_0, Q5_0, Q8_0, iq4_nl_table, iq4_xs_scales, q0_size, q4_k_scales_mins,
+};
 use super::repack::{GROUP, X8_BLOCK};
 use crate::DType;
 
@@ -94,35 +96,6 @@ unsafe fn f16_pair(p0: *const u8, p1: *const u8) -> __m512 {
         let lo = _mm_loadu_si128(p0 as *const __m128i);
         let hi = _mm_loadu_si128(p1 as *const __m128i);
         _mm512_cvtph_ps(_mm256_set_m128i(hi, lo))
-    }
-}
-
-/// The 6-bit scales and mins of one Q4_K group super-block at `gb` (layout of `repack`), as
-/// bytes `8j + m` (sub-block `j`, row `m`) of `sc` and `mn`.
-///
-/// # Safety
-/// AVX2; `gb` points at a whole group super-block.
-#[inline(always)]
-unsafe fn q4_k_scales_mins(gb: *const u8, sc: &mut [u8; 64], mn: &mut [u8; 64]) {
-    // SAFETY: bytes 32..128 of the group block; the stores go to the 64-byte arrays.
-    unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m30 = _mm256_set1_epi8(0x30);
-        let lo0 = _mm256_loadu_si256(gb.add(32) as *const __m256i);
-        let lo1 = _mm256_loadu_si256(gb.add(64) as *const __m256i);
-        let hi = _mm256_loadu_si256(gb.add(96) as *const __m256i);
-        let top = |v: __m256i| _mm256_and_si256(v, m30);
-        let sc0 = _mm256_or_si256(_mm256_and_si256(lo0, m4), top(_mm256_slli_epi16::<4>(hi)));
-        let sc1 = _mm256_or_si256(_mm256_and_si256(lo1, m4), top(_mm256_slli_epi16::<2>(hi)));
-        let mn0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(lo0), m4), top(hi));
-        let mn1 = _mm256_or_si256(
-            _mm256_and_si256(_mm256_srli_epi16::<4>(lo1), m4),
-            top(_mm256_srli_epi16::<2>(hi)),
-        );
-        _mm256_storeu_si256(sc.as_mut_ptr() as *mut __m256i, sc0);
-        _mm256_storeu_si256(sc.as_mut_ptr().add(32) as *mut __m256i, sc1);
-        _mm256_storeu_si256(mn.as_mut_ptr() as *mut __m256i, mn0);
-        _mm256_storeu_si256(mn.as_mut_ptr().add(32) as *mut __m256i, mn1);
     }
 }
 
@@ -436,14 +409,7 @@ mod tests {
                 }
             }
         }
-        for t in [
-            DType::Q4K,
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q5_0,
-            DType::IQ4NL,
-            DType::IQ4XS,
-        ] {
+        for t in crate::quant::repack::GROUP_TYPES {
             for nb in 1..=4 {
                 let k = t.block_size() * nb;
                 let mut wq = vec![0u8; t.bytes_for(16 * k)];

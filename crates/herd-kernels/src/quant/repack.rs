@@ -61,12 +61,19 @@ pub fn group_kernels_available() -> bool {
     false
 }
 
-/// Whether `dtype` has an interleaved layout (the types with a group kernel).
+/// The types with an interleaved layout and group kernels.
+pub const GROUP_TYPES: [DType; 6] = [
+    DType::Q4K,
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q5_0,
+    DType::IQ4NL,
+    DType::IQ4XS,
+];
+
+/// Whether `dtype` has an interleaved layout (one of [`GROUP_TYPES`]).
 pub fn repack_supported(dtype: DType) -> bool {
-    matches!(
-        dtype,
-        DType::Q4K | DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4NL | DType::IQ4XS
-    )
+    GROUP_TYPES.contains(&dtype)
 }
 
 /// Bytes of one group block of `dtype`: eight of its blocks.
@@ -308,14 +315,7 @@ mod tests {
     #[test]
     fn every_row_unpacks_to_the_file_bytes() {
         let k = 512;
-        for dtype in [
-            DType::Q4K,
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q5_0,
-            DType::IQ4NL,
-            DType::IQ4XS,
-        ] {
+        for dtype in crate::quant::repack::GROUP_TYPES {
             for rows in [1, 7, 8, 13, 24] {
                 let wf = rand_vec(rows * k, 11, 2.0);
                 let mut w = vec![0u8; dtype.bytes_for(rows * k)];
