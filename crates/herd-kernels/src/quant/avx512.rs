@@ -278,8 +278,11 @@ unsafe fn q0_x16<const T: u8, const N: usize>(
                 }
             }
             let dw = f16_pair(p0, p1);
-            for (r, sr) in sums.iter().enumerate() {
-                let raw = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(offset * sr[b]));
+            for r in 0..N {
+                // Unchecked: rows_x16 asserted nb sums per row (a bounds check here costs a
+                // reload from the stack per row and block, the registers being all in use).
+                let sum = *sums[r].as_ptr().add(b);
+                let raw = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(offset * sum));
                 let da = _mm512_set1_ps(super::avx2::f16_ptr(ab[r]));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(raw), _mm512_mul_ps(dw, da), acc[r]);
             }
