@@ -807,6 +807,18 @@ pub(super) fn iq4_nl_table() -> __m256i {
     _mm256_broadcastsi128_si256(t)
 }
 
+/// The sum of activations `32j..32j + 32` of the Q8_K block at `ab`: its two 16-value sums
+/// (i16 at 260..).
+///
+/// # Safety
+/// `ab` points at a whole 292-byte Q8_K block and `j < 8`.
+#[inline(always)]
+pub(super) unsafe fn q8_k_sum32(ab: *const u8, j: usize) -> i32 {
+    // SAFETY: bytes 260 + 4j..264 + 4j of the block (the caller's contract).
+    let bs = |i: usize| unsafe { std::ptr::read_unaligned(ab.add(260 + 2 * i) as *const i16) };
+    bs(2 * j) as i32 + bs(2 * j + 1) as i32
+}
+
 /// The 6-bit scales of one IQ4_XS group super-block at `gb` (layout of `repack`), offset by
 /// −32, as bytes `8j + m` (block `j`, row `m`) of `sc`. Entry `e`'s low four bits are the
 /// nibbles at 16.. (entries 0..32 low, 32..64 high); its top two bits are at 48..64, entries
@@ -931,11 +943,7 @@ unsafe fn iq4_xs_x8_body<const N: usize, const VNNI: bool>(
                 }
                 if VNNI {
                     for r in 0..N {
-                        // Block j's activation sum: its two 16-value sums (i16 at 260..).
-                        let bs = |i: usize| {
-                            std::ptr::read_unaligned(ab[r].add(260 + 2 * i) as *const i16) as i32
-                        };
-                        let offset = _mm256_set1_epi32(128 * (bs(2 * j) + bs(2 * j + 1)));
+                        let offset = _mm256_set1_epi32(128 * q8_k_sum32(ab[r], j));
                         let raw = _mm256_sub_epi32(blk[r], offset);
                         isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(raw, s32));
                     }

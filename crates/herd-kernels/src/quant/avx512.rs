@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::{
-    IQ4_NL, Q4_0, Q5_0, Q8_0, iq4_nl_table, iq4_xs_scales, q0_size, q4_k_scales_mins,
+    IQ4_NL, Q4_0, Q5_0, Q8_0, iq4_nl_table, iq4_xs_scales, q0_size, q4_k_scales_mins, q8_k_sum32,
 };
 use super::repack::{GROUP, X8_BLOCK};
 use crate::DType;
@@ -349,11 +349,7 @@ unsafe fn iq4_xs_x16<const N: usize>(
                     }
                 }
                 for r in 0..N {
-                    // Block j's activation sum: its two 16-value sums (i16 at 260..).
-                    let bs = |i: usize| {
-                        std::ptr::read_unaligned(ab[r].add(260 + 2 * i) as *const i16) as i32
-                    };
-                    let offset = _mm512_set1_epi32(128 * (bs(2 * j) + bs(2 * j + 1)));
+                    let offset = _mm512_set1_epi32(128 * q8_k_sum32(ab[r], j));
                     let raw = _mm512_sub_epi32(blk[r], offset);
                     isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(raw, scale));
                 }

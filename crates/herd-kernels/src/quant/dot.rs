@@ -74,10 +74,7 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
         DType::Q5K => block_sums(blocks, q5_k_q8_k),
         DType::IQ4NL | DType::MXFP4 => block_fma(blocks, |w, a| iq::q8_0_pair(wtype, w, a)),
         t if iq::is_super_block_type(t) => {
-            let acc = blocks.fold(0.0f32, |acc, (wb, ab)| {
-                let d = iq::super_scale(t, wb) * f32_at(ab, 0);
-                (iq::super_block_isum(t, wb, ab) as f32).mul_add(d, acc)
-            });
+            let acc = blocks.fold(0.0f32, |acc, (wb, ab)| iq_super_block_step(t, wb, ab, acc));
             acc * iq::row_constant(t)
         }
         other => panic!("no integer dot product for weights of type {other}"),
@@ -302,15 +299,7 @@ pub fn vec_dot_x8_scalar<const N: usize>(
                 let acc = &mut acc_r[m];
                 match wtype {
                     DType::Q4K => q4_k_step(acc, wb, ab),
-                    DType::IQ4XS => {
-                        let d = iq::super_scale(wtype, wb) * f32_at(ab, 0);
-                        let isum = iq::super_block_isum(wtype, wb, ab);
-                        acc[0] = (isum as f32).mul_add(d, acc[0]);
-                    }
-                    DType::IQ4NL => {
-                        let (d, isum) = iq::q8_0_pair(wtype, wb, ab);
-                        acc[0] = (isum as f32).mul_add(d, acc[0]);
-                    }
+                    DType::IQ4XS => acc[0] = iq_super_block_step(wtype, wb, ab, acc[0]),
                     _ => {
                         let (d, isum) = q0_block(wtype, wb, ab);
                         acc[0] = (isum as f32).mul_add(d, acc[0]);
@@ -324,8 +313,19 @@ pub fn vec_dot_x8_scalar<const N: usize>(
     acc.map(|r| r.map(|[s, m]| s - m))
 }
 
-/// A Q8_0/Q4_0/Q5_0 block against a Q8_0 activation block: `(d_w·d_a, exact integer sum)`.
+/// One 256-value IQ super-block of the reference: `acc + isum·(d_w·d_a)` by fused
+/// multiply-add (the row constant is applied at the end of the row).
+fn iq_super_block_step(wtype: DType, w: &[u8], a: &[u8], acc: f32) -> f32 {
+    let d = iq::super_scale(wtype, w) * f32_at(a, 0);
+    (iq::super_block_isum(wtype, w, a) as f32).mul_add(d, acc)
+}
+
+/// A Q8_0/Q4_0/Q5_0/IQ4_NL block against a Q8_0 activation block: `(d_w·d_a, exact integer
+/// sum)`.
 fn q0_block(wtype: DType, w: &[u8], a: &[u8]) -> (f32, i32) {
+    if wtype == DType::IQ4NL {
+        return iq::q8_0_pair(wtype, w, a);
+    }
     let values = match wtype {
         DType::Q4_0 => q4_0_values(w),
         DType::Q5_0 => q5_0_values(w),

@@ -264,7 +264,7 @@ fn iq4_nl(b: &[u8], y: &mut [f32]) {
 
 /// IQ4_XS's 6-bit scale of 32-value block `ib`, offset by −32.
 #[inline]
-fn iq4_xs_scale(b: &[u8], ib: usize) -> i32 {
+pub(crate) fn iq4_xs_scale(b: &[u8], ib: usize) -> i32 {
     let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF;
     let high = (u16_at(b, 2) >> (2 * ib)) & 3;
     (low as i32 | (high as i32) << 4) - 32

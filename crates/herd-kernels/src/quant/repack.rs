@@ -182,10 +182,9 @@ fn pack_iq4_xs_group_block(blocks: [&[u8]; GROUP], out: &mut [u8]) {
     let mut sc = [0u8; 64];
     for (m, blk) in blocks.iter().enumerate() {
         out[2 * m..2 * m + 2].copy_from_slice(&blk[0..2]);
-        let high = u16::from_le_bytes([blk[2], blk[3]]);
         for j in 0..8 {
-            let low = (blk[4 + j / 2] >> (4 * (j % 2))) & 0xF;
-            sc[8 * j + m] = low | (((high >> (2 * j)) & 3) as u8) << 4;
+            // The stored 6-bit value (the file's scale reader gives it offset by −32).
+            sc[8 * j + m] = (super::iq::iq4_xs_scale(blk, j) + 32) as u8;
         }
         for (s, q) in blk[8..136].chunks_exact(4).enumerate() {
             let at = 64 + 32 * s + 4 * m;
