@@ -208,8 +208,8 @@ unsafe fn q4_k_x16<const N: usize>(
 /// blocks each) against `N` Q8_0 activation rows: lane `m` is weight row `m`. Each step's four
 /// quants of every row go in as unsigned bytes (Q4_0's and Q5_0's as stored; Q8_0's and
 /// IQ4_NL's values offset by 128) against four broadcast activations by `vpdpbusd`, and the
-/// offset times the activations' block sum (`sums[r][b]`) comes off: lane `m` of `isum` is
-/// row `m`'s exact block sum, and `acc = isum·(d_w·d_a) + acc` is the reference's f32 step.
+/// offset times the activations' block sum (`sums[r][b]`) comes off: lane `m` of `raw` is
+/// row `m`'s exact block sum, and `acc = raw·(d_w·d_a) + acc` is the reference's f32 step.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q0_x16<const T: u8, const N: usize>(
     g0: &[u8],
@@ -243,7 +243,14 @@ unsafe fn q0_x16<const T: u8, const N: usize>(
             } else {
                 m4
             };
-            let mut isum = [_mm512_setzero_si512(); N];
+            // Two chains per row (even and odd steps), so that eight `vpdpbusd` are in flight
+            // with four rows. The even chain starts at minus the offset times the row's block
+            // sum. Unchecked: rows_x16 asserted nb sums per row (a bounds check here costs a
+            // reload from the stack per row and block, the registers being all in use).
+            let mut chain: [[__m512i; N]; 2] = [
+                std::array::from_fn(|r| _mm512_set1_epi32(-offset * *sums[r].as_ptr().add(b))),
+                [_mm512_setzero_si512(); N],
+            ];
             for s in 0..8 {
                 let w = if T == Q8_0 {
                     _mm512_xor_si512(load_pair(p0.add(16 + 32 * s), p1.add(16 + 32 * s)), flip)
@@ -274,16 +281,17 @@ unsafe fn q0_x16<const T: u8, const N: usize>(
                 };
                 for r in 0..N {
                     let y = std::ptr::read_unaligned(ab[r].add(2 + 4 * s) as *const i32);
-                    isum[r] = _mm512_dpbusd_epi32(isum[r], w, _mm512_set1_epi32(y));
+                    let c = &mut chain[s % 2][r];
+                    *c = _mm512_dpbusd_epi32(*c, w, _mm512_set1_epi32(y));
                 }
             }
             let dw = f16_pair(p0, p1);
             for r in 0..N {
-                // Unchecked: rows_x16 asserted nb sums per row (a bounds check here costs a
-                // reload from the stack per row and block, the registers being all in use).
-                let sum = *sums[r].as_ptr().add(b);
-                let raw = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(offset * sum));
-                let da = _mm512_set1_ps(super::avx2::f16_ptr(ab[r]));
+                // The activation block's f16 scale, converted in the vector unit.
+                let da = _mm512_cvtph_ps(_mm256_set1_epi16(std::ptr::read_unaligned(
+                    ab[r] as *const i16,
+                )));
+                let raw = _mm512_add_epi32(chain[0][r], chain[1][r]);
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(raw), _mm512_mul_ps(dw, da), acc[r]);
             }
         }
