@@ -48,7 +48,7 @@ impl Matrix {
     /// `HERD_NO_REPACK`), on CPUs without the group kernels, for other types and layouts, and
     /// for matrices of fewer than eight rows.
     pub fn repacked_for_cpu(self) -> Self {
-        if !weight_repacking() || !herd_kernels::quant::repack::group_kernels_available() {
+        if !weight_repacking() || !herd_kernels::quant::repack::repack_at_load(self.dtype) {
             return self;
         }
         let Some(packed) = self.as_ref().repacked() else {

@@ -353,8 +353,8 @@ fn quantize_activations(
 
 /// Task `task` of a product with an `OutMajorX8` matrix, given its activations quantized:
 /// a run of `per_task` row groups and, per group, every four activation rows in one
-/// group-kernel call (the rest one by one, for the same bits); with 512-bit kernels and four
-/// rows or more, two groups per call (an odd last group alone). Task `group_tasks` is the tail
+/// group-kernel call (the rest one by one, for the same bits); with 512-bit kernels and at
+/// least `x16_min_rows` rows, two groups per call (an odd last group alone). Task `group_tasks` is the tail
 /// rows (fewer than eight, in the file's layout), by the one-row kernel.
 fn x8_task(
     p: &Product<'_>,
@@ -400,10 +400,7 @@ fn x8_task(
     // vs 21.3 tok/s at Q4_K_M, alternating runs).
     let end = (first + per_task).min(groups);
     let group = |gi: usize| &w.bytes[gi * group_bytes..(gi + 1) * group_bytes];
-    // Decoding one row is bound by memory, not by the multiply-adds, and measured ~12% slower
-    // through the 512-bit kernels (Scout-shaped Q4_K_M tg128: 37-40 against 43-46 tok/s):
-    // they serve batches of four rows and more.
-    let x16 = n_rows >= 4 && quant::has_x16_kernel(w.dtype);
+    let x16 = quant::has_x16_kernel(w.dtype) && n_rows >= quant::x16_min_rows(w.dtype);
     let mut gi = first;
     while gi < end {
         let g = group(gi);
@@ -849,8 +846,15 @@ mod quantized_tests {
                     } else {
                         0xFF
                     });
-                    // Finite scales (f16 1.0; Q4_K's dmin 0.5).
-                    blk[0..2].copy_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
+                    // Finite scales (f16 1.0; Q4_K's dmin 0.5; Q6_K's `d` last, and its
+                    // sub-block scales at their largest magnitude, −128).
+                    let one = half::f16::from_f32(1.0).to_le_bytes();
+                    if t == DType::Q6K {
+                        blk[192..208].fill(0x80);
+                        blk[208..210].copy_from_slice(&one);
+                    } else {
+                        blk[0..2].copy_from_slice(&one);
+                    }
                     if t == DType::Q4K {
                         blk[2..4].copy_from_slice(&half::f16::from_f32(0.5).to_le_bytes());
                     }

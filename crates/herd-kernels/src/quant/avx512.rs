@@ -28,7 +28,13 @@ pub(crate) fn has_avx512_vnni() -> bool {
 pub(crate) fn has_kernel(wtype: DType) -> bool {
     matches!(
         wtype,
-        DType::Q4K | DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4NL | DType::IQ4XS
+        DType::Q4K
+            | DType::Q6K
+            | DType::Q8_0
+            | DType::Q4_0
+            | DType::Q5_0
+            | DType::IQ4NL
+            | DType::IQ4XS
     )
 }
 
@@ -61,6 +67,7 @@ pub(crate) fn rows_x16<const N: usize>(
     unsafe {
         match wtype {
             DType::Q4K => Some(q4_k_x16(g0, g1, a, nb)),
+            DType::Q6K => Some(q6_k_x16(g0, g1, a, nb)),
             DType::Q8_0 => Some(q0_x16::<Q8_0, N>(g0, g1, a, sums, nb)),
             DType::Q4_0 => Some(q0_x16::<Q4_0, N>(g0, g1, a, sums, nb)),
             DType::Q5_0 => Some(q0_x16::<Q5_0, N>(g0, g1, a, sums, nb)),
@@ -200,6 +207,146 @@ unsafe fn q4_k_x16<const N: usize>(
             // out holds sixteen f32; unaligned store.
             _mm512_storeu_ps(out.as_mut_ptr(), _mm512_sub_ps(acc[r], acc_min[r]));
             out
+        })
+    }
+}
+
+/// Sixteen interleaved Q6_K rows (groups `g0` and `g1`, `nb` super-blocks each) against `N`
+/// Q8_K activation rows, keeping ggml's eight lanes per row (`dot::q6_k_lanes`): step
+/// `(h, k, j)` (values `128h + 32k + 4j..+4`) belongs to lane `j`. Its six-bit quants of
+/// sixteen rows against four broadcast activations by `maddubs` (pairs of products, at most
+/// 2·63·127 in i16), then `vpdpwssd` with the rows' sub-block scales (each in both halves of
+/// the row's lane) adds the scaled step into lane `j`'s i32 sum, which starts at the
+/// reference's `−32·(sc(2j)·bsum(2j) + sc(2j+1)·bsum(2j+1))`. Lane `j` is then the reference's
+/// exact integer, and the f32 steps are its: `lane_acc[j] = lane·(d_w·d_a) + lane_acc[j]` per
+/// super-block, the eight lanes added as `hsum8` at the end.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q6_k_x16<const N: usize>(
+    g0: &[u8],
+    g1: &[u8],
+    a: [&[u8]; N],
+    nb: usize,
+) -> [[f32; 16]; N] {
+    const GBB: usize = GROUP * 210;
+    // SAFETY: the features are enabled here; rows_x16 checked that both groups hold nb group
+    // blocks (GBB bytes each) and every activation row nb Q8_K blocks (292 bytes); every load
+    // below stays inside block b of those.
+    unsafe {
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m30 = _mm512_set1_epi8(0x30);
+        // Lane j's f32 sums of each activation row: rows in the sixteen f32 lanes.
+        let mut lane_acc = [[_mm512_setzero_ps(); 8]; N];
+        for b in 0..nb {
+            let (p0, p1) = (g0.as_ptr().add(GBB * b), g1.as_ptr().add(GBB * b));
+            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
+            // Sixteen rows' scales of sub-block i: eight bytes of each group at 16 + 8i.
+            let scales = |i: usize| {
+                _mm_unpacklo_epi64(
+                    _mm_loadl_epi64(p0.add(16 + 8 * i) as *const __m128i),
+                    _mm_loadl_epi64(p1.add(16 + 8 * i) as *const __m128i),
+                )
+            };
+            let dw = f16_pair(p0, p1);
+            let d: [__m512; N] = std::array::from_fn(|r| {
+                _mm512_mul_ps(_mm512_set1_ps(super::avx2::f32_ptr(ab[r])), dw)
+            });
+            for jh in 0..2 {
+                // Row m's scale of sub-block 8h + 2k + jh in both i16 halves of lane m, for
+                // hk = 4h + k.
+                let sc: [__m512i; 8] = std::array::from_fn(|hk| {
+                    let v = scales(8 * (hk / 4) + 2 * (hk % 4) + jh);
+                    _mm512_cvtepi8_epi16(_mm256_set_m128i(
+                        _mm_unpackhi_epi8(v, v),
+                        _mm_unpacklo_epi8(v, v),
+                    ))
+                });
+                for jj in 0..4 {
+                    let j = 4 * jh + jj;
+                    // The next block's bytes of this lane into L1 while this one computes
+                    // (the two groups are two streams a group apart; the hardware prefetcher
+                    // alone left one-row decode ~10% slower than the file layout).
+                    if b + 1 < nb {
+                        for line in 0..3 {
+                            let at = GBB + 144 + 192 * j + 64 * line;
+                            _mm_prefetch::<_MM_HINT_T0>(p0.add(at) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(p1.add(at) as *const i8);
+                        }
+                        if j < 3 {
+                            _mm_prefetch::<_MM_HINT_T0>(p0.add(GBB + 64 * j) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(p1.add(GBB + 64 * j) as *const i8);
+                        }
+                    }
+                    // (−32·sc(2j), −32·sc(2j + 1)) per row, against the activations' 16-value
+                    // sums 2j and 2j + 1 (one i32 at 260 + 4j): the lane's starting value.
+                    let (s0, s1) = (scales(2 * j), scales(2 * j + 1));
+                    let pairs = _mm512_cvtepi8_epi16(_mm256_set_m128i(
+                        _mm_unpackhi_epi8(s0, s1),
+                        _mm_unpacklo_epi8(s0, s1),
+                    ));
+                    let neg32 =
+                        _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_slli_epi16::<5>(pairs));
+                    // Independent chains per row (by run k), so that several `vpdpwssd` are
+                    // in flight: four for one row (decode), two for more. The first starts at
+                    // the offset term; they are added before the lane's f32 step.
+                    let chains = if N == 1 { 4 } else { 2 };
+                    let mut lane: [[__m512i; 4]; N] = std::array::from_fn(|r| {
+                        let bsums = std::ptr::read_unaligned(ab[r].add(260 + 4 * j) as *const i32);
+                        let mut c = [_mm512_setzero_si512(); 4];
+                        c[0] = _mm512_madd_epi16(neg32, _mm512_set1_epi32(bsums));
+                        c
+                    });
+                    for h in 0..2 {
+                        let run = 144 + 192 * j + 96 * h;
+                        let qh = load_pair(p0.add(run), p1.add(run));
+                        for kk in 0..2 {
+                            let at = run + 32 * (1 + kk);
+                            let v = load_pair(p0.add(at), p1.add(at));
+                            // Run kk: low nibbles with qh bits 2kk.. moved to bits 4, 5; run
+                            // kk + 2: high nibbles with qh bits 2kk + 4.. (16-bit shifts: the
+                            // masks keep only bits that stayed inside their byte).
+                            let lo = _mm512_or_si512(
+                                _mm512_and_si512(v, m4),
+                                _mm512_and_si512(
+                                    _mm512_sll_epi16(qh, _mm_cvtsi32_si128(4 - 2 * kk as i32)),
+                                    m30,
+                                ),
+                            );
+                            let hi = _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4),
+                                _mm512_and_si512(
+                                    _mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * kk as i32)),
+                                    m30,
+                                ),
+                            );
+                            for (k, w) in [(kk, lo), (kk + 2, hi)] {
+                                for r in 0..N {
+                                    let y = std::ptr::read_unaligned(
+                                        ab[r].add(4 + 128 * h + 32 * k + 4 * j) as *const i32,
+                                    );
+                                    let p = _mm512_maddubs_epi16(w, _mm512_set1_epi32(y));
+                                    let c = &mut lane[r][k % chains];
+                                    *c = _mm512_dpwssd_epi32(*c, p, sc[4 * h + k]);
+                                }
+                            }
+                        }
+                    }
+                    for r in 0..N {
+                        let [c0, c1, c2, c3] = lane[r];
+                        let sum =
+                            _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3));
+                        lane_acc[r][j] =
+                            _mm512_fmadd_ps(d[r], _mm512_cvtepi32_ps(sum), lane_acc[r][j]);
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|r| {
+            let mut l = [[0.0f32; 16]; 8];
+            for (lj, v) in l.iter_mut().zip(&lane_acc[r]) {
+                // lj holds sixteen f32; unaligned store.
+                _mm512_storeu_ps(lj.as_mut_ptr(), *v);
+            }
+            std::array::from_fn(|m| crate::attention::hsum8(&std::array::from_fn(|j| l[j][m])))
         })
     }
 }

@@ -235,8 +235,23 @@ pub fn vec_dot_x8_sums<const N: usize>(
     {
         return v;
     }
+    if has_x16_kernel(wtype) {
+        // A type whose group kernels are 512-bit only (Q6_K): the group beside itself, half
+        // the work thrown away (callers pair groups through `vec_dot_x16_sums`; this serves a
+        // last odd one).
+        return vec_dot_x16_sums(wtype, g, g, a, sums, n).map(|r| std::array::from_fn(|m| r[m]));
+    }
     let _ = sums;
     vec_dot_x8_scalar(wtype, g, a, n)
+}
+
+/// The fewest activation rows for which [`vec_dot_x16_sums`] is faster than two
+/// [`vec_dot_x8_sums`] calls: one for the types whose group kernels are 512-bit only (Q6_K),
+/// four for the others, whose one-row decode measured ~12% slower through the 512-bit forms
+/// (Scout-shaped Q4_K_M tg128: 37-40 against 43-46 tok/s; decoding one row is bound by memory,
+/// not by the multiply-adds).
+pub fn x16_min_rows(wtype: DType) -> usize {
+    if wtype == DType::Q6K { 1 } else { 4 }
 }
 
 /// Whether this CPU has a 512-bit kernel for two groups of `wtype` at once
@@ -287,9 +302,27 @@ pub fn vec_dot_x8_scalar<const N: usize>(
     let (tb, at) = (wtype.type_size(), wtype.vec_dot_type().type_size());
     let gbb = super::repack::group_block_bytes(wtype);
     assert!(g.len() >= nb * gbb && a.iter().all(|r| r.len() >= nb * at));
+    let mut block = [0u8; 210];
+    if wtype == DType::Q6K {
+        // ggml's eight lanes per output, added as [`hsum8`] at the end (as `vec_dot_scalar`).
+        let mut lanes = [[[0.0f32; 8]; 8]; N];
+        for b in 0..nb {
+            for m in 0..8 {
+                let wb = &mut block[..tb];
+                super::repack::unpack_block(wtype, &g[b * gbb..(b + 1) * gbb], m, wb);
+                for (lanes_r, ar) in lanes.iter_mut().zip(&a) {
+                    let ab = &ar[b * at..(b + 1) * at];
+                    let d = f32_at(ab, 0) * f16_at(wb, 208);
+                    for (l, v) in lanes_r[m].iter_mut().zip(q6_k_lanes(wb, ab)) {
+                        *l = d.mul_add(v as f32, *l);
+                    }
+                }
+            }
+        }
+        return lanes.map(|r| r.map(|l| hsum8(&l)));
+    }
     // Per output: Q4_K's two sums, or the other formats' one (in [0]).
     let mut acc = [[[0.0f32; 2]; 8]; N];
-    let mut block = [0u8; 144];
     for b in 0..nb {
         for m in 0..8 {
             let wb = &mut block[..tb];

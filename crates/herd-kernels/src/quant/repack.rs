@@ -42,6 +42,18 @@
 //! | 16..48 | byte `p`: the low four bits of entry `p`, and of entry `p + 32` `<< 4` |
 //! | 48..64 | byte `i`: the top two bits of entries `i`, `i + 16`, `i + 32`, `i + 48` at bits 0, 2, 4, 6 |
 //! | 64..1088 | for block `j` 0..8, `k` 0..4, row `m`: row `m`'s index bytes `16j + 4k..+4` (Q4_0's order per block) |
+//!
+//! Q6_K (1680 bytes: eight rows × 210). In the file, value `e = 128h + 32k + l` of a row (half
+//! `h`, run `k` 0..4, `l` 0..32) is a nibble of `ql[64h + 32(k mod 2) + l]` (low for `k` < 2)
+//! with two high bits from `qh[32h + l]` (bits `2k`, `2k + 1`), scaled by sub-block
+//! `8h + 2k + l/16`. Step `(h, k, j)` is values `l = 4j..4j + 4`; ggml's eight lanes put it in
+//! lane `j`, which the kernels keep.
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 0..16 | `d` of rows 0..8 (f16) |
+//! | 16..144 | byte `16 + 8i + m`: row `m`'s scale of sub-block `i` (i8) |
+//! | 144..1680 | for `j` 0..8, `h` 0..2 (96 bytes each, in the order the kernels read them): for row `m`, its `qh` bytes `32h + 4j..+4`; then for `kk` 0..2, row `m`: its `ql` bytes `64h + 32kk + 4j..+4` (low nibbles: step `(h, kk, j)`, high: `(h, kk + 2, j)`) |
 
 use super::scale_min_k4;
 use crate::DType;
@@ -61,9 +73,11 @@ pub fn group_kernels_available() -> bool {
     false
 }
 
-/// The types with an interleaved layout and group kernels.
-pub const GROUP_TYPES: [DType; 6] = [
+/// The types with an interleaved layout and group kernels. Q6_K's kernels are 512-bit only:
+/// models repack it at load only where [`repack_at_load`] says so.
+pub const GROUP_TYPES: [DType; 7] = [
     DType::Q4K,
+    DType::Q6K,
     DType::Q8_0,
     DType::Q4_0,
     DType::Q5_0,
@@ -74,6 +88,15 @@ pub const GROUP_TYPES: [DType; 6] = [
 /// Whether `dtype` has an interleaved layout (one of [`GROUP_TYPES`]).
 pub fn repack_supported(dtype: DType) -> bool {
     GROUP_TYPES.contains(&dtype)
+}
+
+/// Whether a model loaded on this CPU should hold `dtype` in the interleaved layout: it has
+/// one and this CPU runs its group kernels natively (Q6_K's need AVX-512 VNNI; without it the
+/// file's layout and its four-row kernel are faster than the scalar group reference).
+pub fn repack_at_load(dtype: DType) -> bool {
+    group_kernels_available()
+        && repack_supported(dtype)
+        && (dtype != DType::Q6K || super::has_x16_kernel(dtype))
 }
 
 /// Bytes of one group block of `dtype`: eight of its blocks.
@@ -108,6 +131,7 @@ pub fn repack(dtype: DType, w: &[u8], rows: usize, k: usize) -> Vec<u8> {
                 match dtype {
                     DType::Q4K => pack_group_block(blocks, ob),
                     DType::IQ4XS => pack_iq4_xs_group_block(blocks, ob),
+                    DType::Q6K => pack_q6_k_group_block(blocks, ob),
                     _ => pack_q0_group_block(dtype, blocks, ob),
                 }
             }
@@ -172,7 +196,45 @@ pub(crate) fn unpack_block(dtype: DType, gb: &[u8], m: usize, out: &mut [u8]) {
     match dtype {
         DType::Q4K => unpack_group_block(gb, m, out),
         DType::IQ4XS => unpack_iq4_xs_group_block(gb, m, out),
+        DType::Q6K => unpack_q6_k_group_block(gb, m, out),
         _ => unpack_q0_group_block(dtype, gb, m, out),
+    }
+}
+
+/// Where row `m`'s four-byte runs of a Q6_K block go in its group block: `(file offset,
+/// group offset)` of each of its 16 `qh` and 32 `ql` runs.
+fn q6_k_runs(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..8).flat_map(move |j| {
+        (0..2).flat_map(move |h| {
+            let at = 144 + 192 * j + 96 * h + 4 * m;
+            let qh = (128 + 32 * h + 4 * j, at);
+            let ql = (0..2).map(move |kk| (64 * h + 32 * kk + 4 * j, at + 32 * (1 + kk)));
+            std::iter::once(qh).chain(ql)
+        })
+    })
+}
+
+/// Eight file-layout Q6_K blocks (210 bytes: `ql`, `qh`, 16 scales, `d`) as one group block.
+fn pack_q6_k_group_block(blocks: [&[u8]; GROUP], out: &mut [u8]) {
+    for (m, blk) in blocks.iter().enumerate() {
+        out[2 * m..2 * m + 2].copy_from_slice(&blk[208..210]);
+        for i in 0..16 {
+            out[16 + 8 * i + m] = blk[192 + i];
+        }
+        for (f, g) in q6_k_runs(m) {
+            out[g..g + 4].copy_from_slice(&blk[f..f + 4]);
+        }
+    }
+}
+
+/// Row `m`'s 210-byte file-layout Q6_K block back from a group block `gb`.
+fn unpack_q6_k_group_block(gb: &[u8], m: usize, out: &mut [u8]) {
+    out[208..210].copy_from_slice(&gb[2 * m..2 * m + 2]);
+    for i in 0..16 {
+        out[192 + i] = gb[16 + 8 * i + m];
+    }
+    for (f, g) in q6_k_runs(m) {
+        out[f..f + 4].copy_from_slice(&gb[g..g + 4]);
     }
 }
 
