@@ -45,8 +45,9 @@ impl Matrix {
     /// eight for the types that have such a layout (`OutMajorX8`, same size, same results),
     /// the file's pages released (the copy is anonymous memory: not shared with other
     /// processes mapping the file). Unchanged when repacking is off ([`set_weight_repacking`],
-    /// `HERD_NO_REPACK`), on CPUs without the group kernels, for other types and layouts, and
-    /// for matrices of fewer than eight rows.
+    /// `HERD_NO_REPACK`), on CPUs without the group kernels (for Q6_K: without AVX-512 VNNI,
+    /// [`repack_at_load`](herd_kernels::quant::repack::repack_at_load)), for other types and
+    /// layouts, and for matrices of fewer than eight rows.
     pub fn repacked_for_cpu(self) -> Self {
         if !weight_repacking() || !herd_kernels::quant::repack::repack_at_load(self.dtype) {
             return self;

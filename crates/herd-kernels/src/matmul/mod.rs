@@ -169,7 +169,12 @@ impl Plan {
         match w.layout {
             Layout::OutMajorX8 => {
                 let groups = n / quant::repack::GROUP;
-                let per_task = groups.div_ceil(threads * 4).max(1);
+                let mut per_task = groups.div_ceil(threads * 4).max(1);
+                if quant::has_x16_kernel(w.dtype) && p.n_rows >= quant::x16_min_rows(w.dtype) {
+                    // The 512-bit kernels take groups in pairs: a task's odd group alone costs
+                    // the work of a pair where the type has only those kernels (Q6_K).
+                    per_task += per_task % 2;
+                }
                 Plan::Groups {
                     per_task,
                     group_tasks: groups.div_ceil(per_task),
@@ -354,8 +359,9 @@ fn quantize_activations(
 /// Task `task` of a product with an `OutMajorX8` matrix, given its activations quantized:
 /// a run of `per_task` row groups and, per group, every four activation rows in one
 /// group-kernel call (the rest one by one, for the same bits); with 512-bit kernels and at
-/// least `x16_min_rows` rows, two groups per call (an odd last group alone). Task `group_tasks` is the tail
-/// rows (fewer than eight, in the file's layout), by the one-row kernel.
+/// least `x16_min_rows` rows, two groups per call (an odd last group alone). Task
+/// `group_tasks` is the tail rows (fewer than eight, in the file's layout), by the one-row
+/// kernel.
 fn x8_task(
     p: &Product<'_>,
     a: &Activations,
@@ -840,12 +846,10 @@ mod quantized_tests {
                 let mut row = vec![0u8; t.bytes_for(k)];
                 for blk in row.chunks_exact_mut(t.type_size()) {
                     // The IQ4 types' largest magnitudes are at index 0 (−127) and, for IQ4_XS,
-                    // block scale 0 (−32).
-                    blk.fill(if matches!(t, DType::IQ4NL | DType::IQ4XS) {
-                        0
-                    } else {
-                        0xFF
-                    });
+                    // block scale 0 (−32); Q6_K's at quant 0 (−32) and 63 (+31), one per sign.
+                    let low = matches!(t, DType::IQ4NL | DType::IQ4XS)
+                        || (t == DType::Q6K && sign < 0);
+                    blk.fill(if low { 0 } else { 0xFF });
                     // Finite scales (f16 1.0; Q4_K's dmin 0.5; Q6_K's `d` last, and its
                     // sub-block scales at their largest magnitude, −128).
                     let one = half::f16::from_f32(1.0).to_le_bytes();

@@ -1,8 +1,9 @@
 //! AVX-512 group kernels on 512-bit registers: two interleaved groups of eight rows side by
 //! side, lanes 0..8 the first group's rows and 8..16 the second's, so each broadcast
-//! activation feeds sixteen weight rows per `vpdpbusd` (the 256-bit forms in `avx2.rs` feed
-//! eight). The integers and the f32 steps per output are those of the scalar reference
-//! (`dot.rs`), so the results are bit-identical to it and to the 256-bit forms.
+//! activation feeds sixteen weight rows per instruction (`vpdpbusd`; Q6_K's `maddubs` and
+//! `vpdpwssd`), where the 256-bit forms in `avx2.rs` feed eight. The integers and the f32
+//! steps per output are those of the scalar reference (`dot.rs`), so the results are
+//! bit-identical to it and to the 256-bit forms (Q6_K has only this one).
 
 use std::arch::x86_64::*;
 
@@ -41,9 +42,9 @@ pub(crate) fn has_kernel(wtype: DType) -> bool {
 /// `out[r][m]`: row `m` of the two interleaved groups `g0` (rows 0..8) and `g1` (rows 8..16)
 /// with activation row `a[r]` (and its block sums `sums[r]` where `x8_wants_block_sums`),
 /// each equal to `vec_dot` of that pair. `None` for types without a 512-bit kernel
-/// ([`has_kernel`]). Callers check [`has_avx512_vnni`] first. The Q4_K and IQ4_XS kernels take
-/// the activations' 16-value sums from their Q8_K blocks, which must be those of their values
-/// (as `quantize_activation` writes them).
+/// ([`has_kernel`]). Callers check [`has_avx512_vnni`] first. The Q4_K, Q6_K and IQ4_XS
+/// kernels take the activations' 16-value sums from their Q8_K blocks, which must be those of
+/// their values (as `quantize_activation` writes them).
 pub(crate) fn rows_x16<const N: usize>(
     wtype: DType,
     g0: &[u8],
@@ -215,7 +216,7 @@ unsafe fn q4_k_x16<const N: usize>(
 /// Q8_K activation rows, keeping ggml's eight lanes per row (`dot::q6_k_lanes`): step
 /// `(h, k, j)` (values `128h + 32k + 4j..+4`) belongs to lane `j`. Its six-bit quants of
 /// sixteen rows against four broadcast activations by `maddubs` (pairs of products, at most
-/// 2·63·127 in i16), then `vpdpwssd` with the rows' sub-block scales (each in both halves of
+/// 2·63·128 in i16), then `vpdpwssd` with the rows' sub-block scales (each in both halves of
 /// the row's lane) adds the scaled step into lane `j`'s i32 sum, which starts at the
 /// reference's `−32·(sc(2j)·bsum(2j) + sc(2j+1)·bsum(2j+1))`. Lane `j` is then the reference's
 /// exact integer, and the f32 steps are its: `lane_acc[j] = lane·(d_w·d_a) + lane_acc[j]` per
@@ -230,7 +231,8 @@ unsafe fn q6_k_x16<const N: usize>(
     const GBB: usize = GROUP * 210;
     // SAFETY: the features are enabled here; rows_x16 checked that both groups hold nb group
     // blocks (GBB bytes each) and every activation row nb Q8_K blocks (292 bytes); every load
-    // below stays inside block b of those.
+    // below stays inside block b of those, and every prefetch address inside block b + 1
+    // (taken only when b + 1 < nb).
     unsafe {
         let m4 = _mm512_set1_epi8(0x0F);
         let m30 = _mm512_set1_epi8(0x30);
@@ -271,9 +273,16 @@ unsafe fn q6_k_x16<const N: usize>(
                             _mm_prefetch::<_MM_HINT_T0>(p0.add(at) as *const i8);
                             _mm_prefetch::<_MM_HINT_T0>(p1.add(at) as *const i8);
                         }
-                        if j < 3 {
-                            _mm_prefetch::<_MM_HINT_T0>(p0.add(GBB + 64 * j) as *const i8);
-                            _mm_prefetch::<_MM_HINT_T0>(p1.add(GBB + 64 * j) as *const i8);
+                        // The header (scales) in the first lanes' turns, the block's last
+                        // bytes (a line the eighth lane may start) in the last one's.
+                        let extra = match j {
+                            0..3 => Some(GBB + 64 * j),
+                            7 => Some(2 * GBB - 1),
+                            _ => None,
+                        };
+                        if let Some(at) = extra {
+                            _mm_prefetch::<_MM_HINT_T0>(p0.add(at) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(p1.add(at) as *const i8);
                         }
                     }
                     // (−32·sc(2j), −32·sc(2j + 1)) per row, against the activations' 16-value
@@ -307,14 +316,22 @@ unsafe fn q6_k_x16<const N: usize>(
                             let lo = _mm512_or_si512(
                                 _mm512_and_si512(v, m4),
                                 _mm512_and_si512(
-                                    _mm512_sll_epi16(qh, _mm_cvtsi32_si128(4 - 2 * kk as i32)),
+                                    if kk == 0 {
+                                        _mm512_slli_epi16::<4>(qh)
+                                    } else {
+                                        _mm512_slli_epi16::<2>(qh)
+                                    },
                                     m30,
                                 ),
                             );
                             let hi = _mm512_or_si512(
                                 _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4),
                                 _mm512_and_si512(
-                                    _mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * kk as i32)),
+                                    if kk == 0 {
+                                        qh
+                                    } else {
+                                        _mm512_srli_epi16::<2>(qh)
+                                    },
                                     m30,
                                 ),
                             );
@@ -592,6 +609,33 @@ mod tests {
                 check::<3>(t, &g, &acts, &sums, k);
                 check::<4>(t, &g, &acts, &sums, k);
             }
+        }
+        // Q6_K blocks of random bytes (any bytes are a valid block: every quant, high-bit
+        // pattern and sub-block scale from −128 to 127 occurs, rows differing), `d` finite,
+        // against activations at ±127 in places.
+        let t = DType::Q6K;
+        for nb in 1..=5 {
+            let k = 256 * nb;
+            let mut wq: Vec<u8> = rand_vec(16 * 210 * nb, 95 + nb as u64, 1.0)
+                .iter()
+                .map(|x| (x.to_bits() >> 7) as u8)
+                .collect();
+            for blk in wq.chunks_exact_mut(210) {
+                blk[208..210].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+            }
+            let g = repack(t, &wq, 16, k);
+            let acts: Vec<Vec<u8>> = (0..4)
+                .map(|r| {
+                    let mut x = rand_vec(k, 99 + r, 1.0);
+                    x.iter_mut().step_by(5).for_each(|v| *v = v.signum() * 4.0);
+                    let mut a = vec![0u8; DType::Q8K.bytes_for(k)];
+                    quantize_activation(DType::Q8K, &x, &mut a);
+                    a
+                })
+                .collect();
+            let sums = vec![Vec::new(); 4];
+            check::<1>(t, &g, &acts, &sums, k);
+            check::<4>(t, &g, &acts, &sums, k);
         }
     }
 }

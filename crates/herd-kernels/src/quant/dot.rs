@@ -199,8 +199,8 @@ pub fn vec_dot_x8<const N: usize>(
 /// Q4_0's and Q5_0's kernels take the unsigned quants and subtract the offset times the sum,
 /// and so do Q8_0's and IQ4_NL's AVX-512 VNNI kernels (`vpdpbusd` multiplies unsigned by
 /// signed bytes: the signed weights go in offset by 128). The Q8_K types' kernels (Q4_K,
-/// IQ4_XS) take the sums stored in the activation blocks instead, so the activations must be
-/// those [`quantize_activation`](super::quantize_activation) wrote.
+/// Q6_K, IQ4_XS) take the sums stored in the activation blocks instead, so the activations
+/// must be those [`quantize_activation`](super::quantize_activation) wrote.
 pub fn x8_wants_block_sums(wtype: DType) -> bool {
     match wtype {
         DType::Q4_0 | DType::Q5_0 => true,

@@ -64,8 +64,9 @@ pub const GROUP: usize = 8;
 /// Bytes of one Q4_K group block (eight super-blocks).
 pub const X8_BLOCK: usize = GROUP * 144;
 
-/// Whether this CPU runs the group kernels natively (AVX2); elsewhere the interleaved layout
-/// would only be read through the scalar reference, slower than the file's layout.
+/// Whether this CPU runs the group kernels natively (AVX2; Q6_K's need AVX-512 VNNI, which
+/// [`repack_at_load`] checks); elsewhere the interleaved layout would only be read through the
+/// scalar reference, slower than the file's layout.
 pub fn group_kernels_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return super::has_avx2();
