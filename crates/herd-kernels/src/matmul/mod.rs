@@ -847,8 +847,8 @@ mod quantized_tests {
                 for blk in row.chunks_exact_mut(t.type_size()) {
                     // The IQ4 types' largest magnitudes are at index 0 (−127) and, for IQ4_XS,
                     // block scale 0 (−32); Q6_K's at quant 0 (−32) and 63 (+31), one per sign.
-                    let low = matches!(t, DType::IQ4NL | DType::IQ4XS)
-                        || (t == DType::Q6K && sign < 0);
+                    let low =
+                        matches!(t, DType::IQ4NL | DType::IQ4XS) || (t == DType::Q6K && sign < 0);
                     blk.fill(if low { 0 } else { 0xFF });
                     // Finite scales (f16 1.0; Q4_K's dmin 0.5; Q6_K's `d` last, and its
                     // sub-block scales at their largest magnitude, −128).
