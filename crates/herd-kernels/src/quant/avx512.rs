@@ -93,6 +93,22 @@ unsafe fn load_pair(p0: *const u8, p1: *const u8) -> __m512i {
     }
 }
 
+/// Eight bytes at `p0` in the low half, eight at `p1` in the high half (a row-indexed byte
+/// per row of the two groups: lane `m` of 0..16).
+///
+/// # Safety
+/// SSE2; 8 readable bytes at each pointer.
+#[inline(always)]
+unsafe fn bytes8_pair(p0: *const u8, p1: *const u8) -> __m128i {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        _mm_unpacklo_epi64(
+            _mm_loadl_epi64(p0 as *const __m128i),
+            _mm_loadl_epi64(p1 as *const __m128i),
+        )
+    }
+}
+
 /// Sixteen f16 values as f32: eight at `p0`, then eight at `p1`.
 ///
 /// # Safety
@@ -134,11 +150,7 @@ unsafe fn q4_k_x16<const N: usize>(
             q4_k_scales_mins(p1, &mut sc1, &mut mn1);
             // Lane m (0..16) of sub-block j's scales (or mins): group 0's then group 1's.
             let lanes = |x0: &[u8; 64], x1: &[u8; 64], j: usize| {
-                let v = _mm_unpacklo_epi64(
-                    _mm_loadl_epi64(x0.as_ptr().add(8 * j) as *const __m128i),
-                    _mm_loadl_epi64(x1.as_ptr().add(8 * j) as *const __m128i),
-                );
-                _mm512_cvtepu8_epi32(v)
+                _mm512_cvtepu8_epi32(bytes8_pair(x0.as_ptr().add(8 * j), x1.as_ptr().add(8 * j)))
             };
 
             let mut sumi = [_mm512_setzero_si512(); N];
@@ -242,11 +254,13 @@ unsafe fn q6_k_x16<const N: usize>(
             let (p0, p1) = (g0.as_ptr().add(GBB * b), g1.as_ptr().add(GBB * b));
             let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(292 * b));
             // Sixteen rows' scales of sub-block i: eight bytes of each group at 16 + 8i.
-            let scales = |i: usize| {
-                _mm_unpacklo_epi64(
-                    _mm_loadl_epi64(p0.add(16 + 8 * i) as *const __m128i),
-                    _mm_loadl_epi64(p1.add(16 + 8 * i) as *const __m128i),
-                )
+            let scales = |i: usize| bytes8_pair(p0.add(16 + 8 * i), p1.add(16 + 8 * i));
+            // Bytes x[m] and y[m] of sixteen rows as the i16 pair (x[m], y[m]) of lane m.
+            let pairs = |x: __m128i, y: __m128i| {
+                _mm512_cvtepi8_epi16(_mm256_set_m128i(
+                    _mm_unpackhi_epi8(x, y),
+                    _mm_unpacklo_epi8(x, y),
+                ))
             };
             let dw = f16_pair(p0, p1);
             let d: [__m512; N] = std::array::from_fn(|r| {
@@ -257,10 +271,7 @@ unsafe fn q6_k_x16<const N: usize>(
                 // hk = 4h + k.
                 let sc: [__m512i; 8] = std::array::from_fn(|hk| {
                     let v = scales(8 * (hk / 4) + 2 * (hk % 4) + jh);
-                    _mm512_cvtepi8_epi16(_mm256_set_m128i(
-                        _mm_unpackhi_epi8(v, v),
-                        _mm_unpacklo_epi8(v, v),
-                    ))
+                    pairs(v, v)
                 });
                 for jj in 0..4 {
                     let j = 4 * jh + jj;
@@ -287,13 +298,9 @@ unsafe fn q6_k_x16<const N: usize>(
                     }
                     // (−32·sc(2j), −32·sc(2j + 1)) per row, against the activations' 16-value
                     // sums 2j and 2j + 1 (one i32 at 260 + 4j): the lane's starting value.
-                    let (s0, s1) = (scales(2 * j), scales(2 * j + 1));
-                    let pairs = _mm512_cvtepi8_epi16(_mm256_set_m128i(
-                        _mm_unpackhi_epi8(s0, s1),
-                        _mm_unpacklo_epi8(s0, s1),
-                    ));
+                    let sc_j = pairs(scales(2 * j), scales(2 * j + 1));
                     let neg32 =
-                        _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_slli_epi16::<5>(pairs));
+                        _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_slli_epi16::<5>(sc_j));
                     // Independent chains per row (by run k), so that several `vpdpwssd` are
                     // in flight: four for one row (decode), two for more. The first starts at
                     // the offset term; they are added before the lane's f32 step.
@@ -499,9 +506,9 @@ unsafe fn iq4_xs_x16<const N: usize>(
             iq4_xs_scales(p1, &mut sc1);
             let mut isum = [_mm512_setzero_si512(); N];
             for j in 0..8 {
-                let scale = _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(
-                    _mm_loadl_epi64(sc0.as_ptr().add(8 * j) as *const __m128i),
-                    _mm_loadl_epi64(sc1.as_ptr().add(8 * j) as *const __m128i),
+                let scale = _mm512_cvtepi8_epi32(bytes8_pair(
+                    sc0.as_ptr().add(8 * j).cast(),
+                    sc1.as_ptr().add(8 * j).cast(),
                 ));
                 let (q0, q1) = (p0.add(64 + 128 * j), p1.add(64 + 128 * j));
                 let mut blk = [_mm512_setzero_si512(); N];

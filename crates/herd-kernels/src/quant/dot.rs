@@ -57,9 +57,7 @@ pub fn vec_dot_scalar(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
     let blocks = w.chunks_exact(wt).zip(a.chunks_exact(at));
     match wtype {
         DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => block_fma(blocks, |w, a| q0_block(wtype, w, a)),
-        DType::Q6K => eight_lanes(blocks, |w, a| {
-            (f32_at(a, 0) * f16_at(w, 208), q6_k_lanes(w, a))
-        }),
+        DType::Q6K => eight_lanes(blocks, q6_k_block),
         DType::Q4K => {
             let mut acc = [0.0f32; 2];
             for (wb, ab) in blocks {
@@ -89,12 +87,21 @@ type Blocks<'a> = std::iter::Zip<std::slice::ChunksExact<'a, u8>, std::slice::Ch
 fn eight_lanes(blocks: Blocks<'_>, lanes_of: impl Fn(&[u8], &[u8]) -> (f32, [i32; 8])) -> f32 {
     let mut acc = [0.0f32; 8];
     for (wb, ab) in blocks {
-        let (d, lanes) = lanes_of(wb, ab);
-        for (l, v) in acc.iter_mut().zip(lanes) {
-            *l = d.mul_add(v as f32, *l);
-        }
+        add_lanes(&mut acc, lanes_of(wb, ab));
     }
     hsum8(&acc)
+}
+
+/// One block's step of [`eight_lanes`]: `acc[l] = lanes[l]·d + acc[l]` by fused multiply-add.
+fn add_lanes(acc: &mut [f32; 8], (d, lanes): (f32, [i32; 8])) {
+    for (l, v) in acc.iter_mut().zip(lanes) {
+        *l = d.mul_add(v as f32, *l);
+    }
+}
+
+/// A Q6_K × Q8_K super-block for [`eight_lanes`]: `(d_a·d_w, ggml's eight lane sums)`.
+fn q6_k_block(w: &[u8], a: &[u8]) -> (f32, [i32; 8]) {
+    (f32_at(a, 0) * f16_at(w, 208), q6_k_lanes(w, a))
 }
 
 /// One f32 sum over the blocks in order: `acc = isum·d + acc` by fused multiply-add, where
@@ -245,13 +252,13 @@ pub fn vec_dot_x8_sums<const N: usize>(
     vec_dot_x8_scalar(wtype, g, a, n)
 }
 
-/// The fewest activation rows for which [`vec_dot_x16_sums`] is faster than two
-/// [`vec_dot_x8_sums`] calls: one for the types whose group kernels are 512-bit only (Q6_K),
-/// four for the others, whose one-row decode measured ~12% slower through the 512-bit forms
-/// (Scout-shaped Q4_K_M tg128: 37-40 against 43-46 tok/s; decoding one row is bound by memory,
-/// not by the multiply-adds).
-pub fn x16_min_rows(wtype: DType) -> usize {
-    if wtype == DType::Q6K { 1 } else { 4 }
+/// Whether a product of `n_rows` activation rows with a repacked `wtype` matrix should take
+/// its groups in pairs through [`vec_dot_x16_sums`]: where this CPU has the 512-bit kernel, for
+/// any batch if the type's group kernels are 512-bit only (Q6_K), else for four rows and more
+/// (one-row decode measured ~12% slower through the 512-bit forms, Scout-shaped Q4_K_M tg128:
+/// 37-40 against 43-46 tok/s; decoding one row is bound by memory, not by the multiply-adds).
+pub fn x16_serves(wtype: DType, n_rows: usize) -> bool {
+    has_x16_kernel(wtype) && n_rows >= if wtype == DType::Q6K { 1 } else { 4 }
 }
 
 /// Whether this CPU has a 512-bit kernel for two groups of `wtype` at once
@@ -302,27 +309,9 @@ pub fn vec_dot_x8_scalar<const N: usize>(
     let (tb, at) = (wtype.type_size(), wtype.vec_dot_type().type_size());
     let gbb = super::repack::group_block_bytes(wtype);
     assert!(g.len() >= nb * gbb && a.iter().all(|r| r.len() >= nb * at));
+    // Per output: Q6_K's eight lanes, Q4_K's two sums, or the other formats' one (in [0]).
+    let mut acc = [[[0.0f32; 8]; 8]; N];
     let mut block = [0u8; 210];
-    if wtype == DType::Q6K {
-        // ggml's eight lanes per output, added as [`hsum8`] at the end (as `vec_dot_scalar`).
-        let mut lanes = [[[0.0f32; 8]; 8]; N];
-        for b in 0..nb {
-            for m in 0..8 {
-                let wb = &mut block[..tb];
-                super::repack::unpack_block(wtype, &g[b * gbb..(b + 1) * gbb], m, wb);
-                for (lanes_r, ar) in lanes.iter_mut().zip(&a) {
-                    let ab = &ar[b * at..(b + 1) * at];
-                    let d = f32_at(ab, 0) * f16_at(wb, 208);
-                    for (l, v) in lanes_r[m].iter_mut().zip(q6_k_lanes(wb, ab)) {
-                        *l = d.mul_add(v as f32, *l);
-                    }
-                }
-            }
-        }
-        return lanes.map(|r| r.map(|l| hsum8(&l)));
-    }
-    // Per output: Q4_K's two sums, or the other formats' one (in [0]).
-    let mut acc = [[[0.0f32; 2]; 8]; N];
     for b in 0..nb {
         for m in 0..8 {
             let wb = &mut block[..tb];
@@ -331,7 +320,8 @@ pub fn vec_dot_x8_scalar<const N: usize>(
                 let ab = &ar[b * at..(b + 1) * at];
                 let acc = &mut acc_r[m];
                 match wtype {
-                    DType::Q4K => q4_k_step(acc, wb, ab),
+                    DType::Q4K => q4_k_step(acc.first_chunk_mut().unwrap(), wb, ab),
+                    DType::Q6K => add_lanes(acc, q6_k_block(wb, ab)),
                     DType::IQ4XS => acc[0] = iq_super_block_step(wtype, wb, ab, acc[0]),
                     _ => {
                         let (d, isum) = q0_block(wtype, wb, ab);
@@ -343,7 +333,12 @@ pub fn vec_dot_x8_scalar<const N: usize>(
     }
     // IQ4_XS's row constant is 1 (see `iq::row_constant`): its result is the sum itself.
     debug_assert!(wtype != DType::IQ4XS || iq::row_constant(wtype) == 1.0);
-    acc.map(|r| r.map(|[s, m]| s - m))
+    acc.map(|r| {
+        r.map(|l| match wtype {
+            DType::Q6K => hsum8(&l),
+            _ => l[0] - l[1],
+        })
+    })
 }
 
 /// One 256-value IQ super-block of the reference: `acc + isum·(d_w·d_a)` by fused
