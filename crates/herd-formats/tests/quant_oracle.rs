@@ -136,6 +136,54 @@ fn iq4_and_mxfp4_quantization_equals_llama_cpp_byte_for_byte() {
     }
 }
 
+/// herd's lattice-type quantizers (ggml's `quantize_row_iq*_impl`) write the bytes ggml's
+/// `ggml_quantize_chunk` wrote for the fixture's rows: with the fixture's importance matrix for
+/// the types ggml requires one for, without it for the others (their no-matrix paths).
+#[test]
+fn iq1_to_iq3_quantization_equals_llama_cpp_byte_for_byte() {
+    use herd_kernels::quant::{quantize_with_importance, requires_importance};
+    let f = fixture();
+    let src = f32_tensor(&f, "q4_0.src");
+    let imatrix = f32_tensor(&f, "imatrix");
+    let n = imatrix.len();
+    for t in [
+        DType::IQ2XXS,
+        DType::IQ2XS,
+        DType::IQ2S,
+        DType::IQ3XXS,
+        DType::IQ3S,
+        DType::IQ1S,
+        DType::IQ1M,
+    ] {
+        let info = f
+            .tensor_info(&format!("{}.q", t.name().to_lowercase()))
+            .unwrap();
+        let want = f.tensor_bytes(info);
+        let want = want.as_slice();
+        let mut got = vec![0u8; want.len()];
+        let row_bytes = t.bytes_for(n);
+        for (x, out) in src.chunks_exact(n).zip(got.chunks_exact_mut(row_bytes)) {
+            if requires_importance(t) || t == DType::IQ1M {
+                quantize_with_importance(t, x, &imatrix, out);
+            } else {
+                quantize(t, x, out);
+            }
+        }
+        let bad: Vec<usize> = got
+            .chunks_exact(t.type_size())
+            .zip(want.chunks_exact(t.type_size()))
+            .enumerate()
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| i)
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{t}: super-blocks {bad:?} of {} differ from llama.cpp",
+            want.len() / t.type_size()
+        );
+    }
+}
+
 /// Each IQ row's integer dot product (the kernel this CPU runs, and the scalar reference)
 /// against another fixture row quantized as llama.cpp pairs them (Q8_0 or Q8_K) equals the f64
 /// dot product of the two dequantized rows, to f32 rounding: |error| ≤ 1e-5 · Σ|w·a|.

@@ -11,6 +11,7 @@ mod iq;
 #[rustfmt::skip]
 mod iq_tables;
 mod quantize;
+mod quantize_iq;
 pub mod repack;
 
 #[cfg(target_arch = "x86_64")]
@@ -27,7 +28,7 @@ pub use dot::{
 };
 pub use quantize::{
     importance_supported, quantize, quantize_activation, quantize_supported,
-    quantize_with_importance,
+    quantize_with_importance, requires_importance,
 };
 
 /// Elements per K-quant super-block.

@@ -2,28 +2,22 @@
 //! the bytes equal what llama.cpp writes without an importance matrix. ggml builds these in plain
 //! f32 without fused multiply-add; Rust never fuses implicitly, so the arithmetic matches.
 
+use super::quantize_iq;
+pub use super::quantize_iq::requires_importance;
 use super::{QK_K, nearest_int, put_f16, scale_min_k4};
 use crate::DType;
 
-/// Types [`quantize`] can produce: every type herd reads except the IQ types below 4 bits,
-/// which herd reads and computes with but does not write yet (ggml's IQ1/IQ2 quantizers need
-/// an importance matrix).
+/// Types [`quantize`] can produce: every type herd reads except those whose ggml quantizer
+/// requires an importance matrix (IQ2_XXS, IQ2_XS, IQ1_S: [`requires_importance`]), which
+/// [`quantize_with_importance`] writes.
 pub fn quantize_supported(dtype: DType) -> bool {
-    !matches!(
-        dtype,
-        DType::IQ2XXS
-            | DType::IQ2XS
-            | DType::IQ2S
-            | DType::IQ3XXS
-            | DType::IQ3S
-            | DType::IQ1S
-            | DType::IQ1M
-    )
+    !requires_importance(dtype)
 }
 
-/// Types [`quantize_with_importance`] takes an importance matrix for.
+/// Types [`quantize_with_importance`] takes an importance matrix for: the IQ types. (The
+/// K-quants and the 32-value types use theirs too: see [`quantize_with_importance`].)
 pub fn importance_supported(dtype: DType) -> bool {
-    matches!(dtype, DType::IQ4NL | DType::IQ4XS)
+    matches!(dtype, DType::IQ4NL | DType::IQ4XS) || quantize_iq::is_lattice_type(dtype)
 }
 
 /// Quantize one row `x` guided by `importance` (one weight per column, llama-imatrix's mean
@@ -51,7 +45,11 @@ pub fn quantize_with_importance(dtype: DType, x: &[f32], importance: &[f32], out
         .zip(importance.chunks_exact(bs))
         .zip(out.chunks_exact_mut(dtype.type_size()))
     {
-        iq4(xb, ob, bs, Some(qw));
+        if quantize_iq::is_lattice_type(dtype) {
+            quantize_iq::quantize_iq(dtype, xb, Some(qw), ob);
+        } else {
+            iq4(xb, ob, bs, Some(qw));
+        }
     }
 }
 
@@ -98,6 +96,12 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q8K => q8_k,
         DType::Q2K => q2_k,
         DType::Q3K => q3_k,
+        DType::IQ2S => |x: &[f32], b: &mut [u8]| quantize_iq::quantize_iq(DType::IQ2S, x, None, b),
+        DType::IQ3XXS => {
+            |x: &[f32], b: &mut [u8]| quantize_iq::quantize_iq(DType::IQ3XXS, x, None, b)
+        }
+        DType::IQ3S => |x: &[f32], b: &mut [u8]| quantize_iq::quantize_iq(DType::IQ3S, x, None, b),
+        DType::IQ1M => |x: &[f32], b: &mut [u8]| quantize_iq::quantize_iq(DType::IQ1M, x, None, b),
         other => panic!("quantization to {other} is not supported"),
     };
     let (bs, ts) = (dtype.block_size(), dtype.type_size());
