@@ -136,34 +136,54 @@ fn iq4_and_mxfp4_quantization_equals_llama_cpp_byte_for_byte() {
     }
 }
 
-/// herd's lattice-type quantizers (ggml's `quantize_row_iq*_impl`) write the bytes ggml's
-/// `ggml_quantize_chunk` wrote for the fixture's rows: with the fixture's importance matrix for
-/// the types ggml requires one for, without it for the others (their no-matrix paths).
+/// herd's quantizers write the bytes ggml's `ggml_quantize_chunk` wrote for the fixture's rows
+/// (`q4_0.src`) in each case the fixture holds: the IQ1–IQ3 types as their `.q` (with the
+/// fixture's importance matrix for the types ggml requires one for, IQ1_M too; without for the
+/// others), every type whose quantizer reads a matrix with it (`.qw`: ggml's
+/// `quantize_row_*_impl`, what llama-quantize runs with `--imatrix`), and IQ1_M without
+/// (`iq1_m.q0`).
 #[test]
-fn iq1_to_iq3_quantization_equals_llama_cpp_byte_for_byte() {
-    use herd_kernels::quant::{quantize_with_importance, requires_importance};
+fn importance_guided_quantization_equals_llama_cpp_byte_for_byte() {
+    use herd_kernels::quant::quantize_with_importance;
     let f = fixture();
     let src = f32_tensor(&f, "q4_0.src");
     let imatrix = f32_tensor(&f, "imatrix");
     let n = imatrix.len();
+    let mut cases: Vec<(String, DType, bool)> = Vec::new();
+    for t in [DType::IQ2XXS, DType::IQ2XS, DType::IQ1S, DType::IQ1M] {
+        cases.push((format!("{}.q", t.name().to_lowercase()), t, true));
+    }
+    for t in [DType::IQ2S, DType::IQ3XXS, DType::IQ3S] {
+        cases.push((format!("{}.q", t.name().to_lowercase()), t, false));
+    }
     for t in [
-        DType::IQ2XXS,
-        DType::IQ2XS,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
         DType::IQ2S,
         DType::IQ3XXS,
         DType::IQ3S,
-        DType::IQ1S,
-        DType::IQ1M,
+        DType::IQ4NL,
+        DType::IQ4XS,
     ] {
-        let info = f
-            .tensor_info(&format!("{}.q", t.name().to_lowercase()))
-            .unwrap();
+        cases.push((format!("{}.qw", t.name().to_lowercase()), t, true));
+    }
+    cases.push(("iq1_m.q0".into(), DType::IQ1M, false));
+    for (name, t, with_matrix) in cases {
+        let info = f.tensor_info(&name).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(info.dtype, t, "{name}");
         let want = f.tensor_bytes(info);
         let want = want.as_slice();
         let mut got = vec![0u8; want.len()];
         let row_bytes = t.bytes_for(n);
         for (x, out) in src.chunks_exact(n).zip(got.chunks_exact_mut(row_bytes)) {
-            if requires_importance(t) || t == DType::IQ1M {
+            if with_matrix {
                 quantize_with_importance(t, x, &imatrix, out);
             } else {
                 quantize(t, x, out);
@@ -178,7 +198,7 @@ fn iq1_to_iq3_quantization_equals_llama_cpp_byte_for_byte() {
             .collect();
         assert!(
             bad.is_empty(),
-            "{t}: super-blocks {bad:?} of {} differ from llama.cpp",
+            "{name}: blocks {bad:?} of {} differ from llama.cpp",
             want.len() / t.type_size()
         );
     }

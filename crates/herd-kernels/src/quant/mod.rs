@@ -12,6 +12,7 @@ mod iq;
 mod iq_tables;
 mod quantize;
 mod quantize_iq;
+mod quantize_weighted;
 pub mod repack;
 
 #[cfg(target_arch = "x86_64")]

@@ -2,9 +2,9 @@
 //! the bytes equal what llama.cpp writes without an importance matrix. ggml builds these in plain
 //! f32 without fused multiply-add; Rust never fuses implicitly, so the arithmetic matches.
 
-use super::quantize_iq;
 pub use super::quantize_iq::requires_importance;
 use super::{QK_K, nearest_int, put_f16, scale_min_k4};
+use super::{quantize_iq, quantize_weighted};
 use crate::DType;
 
 /// Types [`quantize`] can produce: every type herd reads except those whose ggml quantizer
@@ -14,10 +14,12 @@ pub fn quantize_supported(dtype: DType) -> bool {
     !requires_importance(dtype)
 }
 
-/// Types [`quantize_with_importance`] takes an importance matrix for: the IQ types. (The
-/// K-quants and the 32-value types use theirs too: see [`quantize_with_importance`].)
+/// Types [`quantize_with_importance`] takes an importance matrix for: every quantized type
+/// whose ggml quantizer reads one (all but Q8_0, MXFP4 and the activation types).
 pub fn importance_supported(dtype: DType) -> bool {
-    matches!(dtype, DType::IQ4NL | DType::IQ4XS) || quantize_iq::is_lattice_type(dtype)
+    matches!(dtype, DType::IQ4NL | DType::IQ4XS)
+        || quantize_iq::is_lattice_type(dtype)
+        || quantize_weighted::is_weighted_type(dtype)
 }
 
 /// Quantize one row `x` guided by `importance` (one weight per column, llama-imatrix's mean
@@ -39,6 +41,9 @@ pub fn quantize_with_importance(dtype: DType, x: &[f32], importance: &[f32], out
         dtype.bytes_for(x.len()),
         "quantize_with_importance: length mismatch"
     );
+    if quantize_weighted::is_weighted_type(dtype) {
+        return quantize_weighted::quantize_row_weighted(dtype, x, importance, out);
+    }
     let bs = dtype.block_size();
     for ((xb, qw), ob) in x
         .chunks_exact(bs)
@@ -89,7 +94,7 @@ pub fn quantize(dtype: DType, x: &[f32], out: &mut [u8]) {
         DType::Q8_1 => q8_1,
         DType::Q4K => q4_k,
         DType::Q5K => q5_k,
-        DType::Q6K => q6_k,
+        DType::Q6K => |x: &[f32], b: &mut [u8]| q6_k_with(x, b, None),
         DType::IQ4NL => |x: &[f32], b: &mut [u8]| iq4(x, b, 32, None),
         DType::IQ4XS => |x: &[f32], b: &mut [u8]| iq4(x, b, QK_K, None),
         DType::MXFP4 => mxfp4,
@@ -162,7 +167,7 @@ pub(crate) fn q8_activation_block(dtype: DType, xb: &[f32], b: &mut [u8]) {
 }
 
 /// The element of largest magnitude, sign kept (the first one on ties), and that magnitude.
-fn signed_absmax(x: &[f32]) -> (f32, f32) {
+pub(super) fn signed_absmax(x: &[f32]) -> (f32, f32) {
     let (mut amax, mut max) = (0.0f32, 0.0f32);
     for &v in x {
         if amax < v.abs() {
@@ -230,7 +235,7 @@ fn q4_1(x: &[f32], b: &mut [u8]) {
 }
 
 /// Pack 32 five-bit values: nibbles at `qs`, fifth bits into the u32 at `qh`.
-fn pack_five_bit(q: &[u8; 32], b: &mut [u8], qh_off: usize, qs_off: usize) {
+pub(super) fn pack_five_bit(q: &[u8; 32], b: &mut [u8], qh_off: usize, qs_off: usize) {
     let mut qh = 0u32;
     for j in 0..16 {
         b[qs_off + j] = (q[j] & 0xF) | ((q[j + 16] & 0xF) << 4);
@@ -287,7 +292,7 @@ fn q8_k(x: &[f32], b: &mut [u8]) {
 /// squared error (absolute error with `use_mad`), searching `nstep + 1` candidate inverse
 /// scales. Fills `l` with 0..=nmax.
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+pub(super) fn make_qkx2_quants(
     nmax: i32,
     x: &[f32],
     w: &[f32],
@@ -402,22 +407,17 @@ fn k_quant_asymmetric(
         0.0
     };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
-    let packed = &mut b[4..16];
-    packed.fill(0);
-    for j in 0..8 {
-        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
-        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
-        if j < 4 {
-            packed[j] = ls;
-            packed[j + 4] = lm;
-        } else {
-            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
-            packed[j - 4] |= (ls >> 4) << 6;
-            packed[j] |= (lm >> 4) << 6;
-        }
-    }
+    let ls = scales.map(|v| (nearest_int(inv_scale * v) as u8).min(63));
+    let lm = mins.map(|v| (nearest_int(inv_min * v) as u8).min(63));
+    pack_scale_min_k4(&ls, &lm, &mut b[4..16]);
     put_f16(b, 0, max_scale / 63.0);
     put_f16(b, 2, max_min / 63.0);
+    k_quant_requantize(x, b, nmax, l);
+}
+
+/// Q4_K's and Q5_K's requantization against the stored (f16) scales and mins, shared with the
+/// importance-guided quantizers; a sub-block whose scale is zero keeps the search's values.
+pub(super) fn k_quant_requantize(x: &[f32], b: &[u8], nmax: i32, l: &mut [u8; QK_K]) {
     let (d, dmin) = (super::f16_at(b, 0), super::f16_at(b, 2));
     for j in 0..8 {
         let (sc, m) = scale_min_k4(j, &b[4..16]);
@@ -432,9 +432,26 @@ fn k_quant_asymmetric(
     }
 }
 
+/// The eight 6-bit (scale, min) pairs of Q4_K/Q5_K into their 12 bytes (`scale_min_k4` reads
+/// them back).
+pub(super) fn pack_scale_min_k4(ls: &[u8; 8], lm: &[u8; 8], packed: &mut [u8]) {
+    packed.fill(0);
+    for j in 0..8 {
+        let (ls, lm) = (ls[j], lm[j]);
+        if j < 4 {
+            packed[j] = ls;
+            packed[j + 4] = lm;
+        } else {
+            packed[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            packed[j - 4] |= (ls >> 4) << 6;
+            packed[j] |= (lm >> 4) << 6;
+        }
+    }
+}
+
 /// Four 2-bit values per byte as ggml packs Q2_K and Q3_K quants: byte `32h + l` holds values
 /// `128h + l`, `+32`, `+64`, `+96` at bits 0, 2, 4, 6.
-fn pack_two_bit(l: &[u8; QK_K], qs: &mut [u8]) {
+pub(super) fn pack_two_bit(l: &[u8; QK_K], qs: &mut [u8]) {
     for h in 0..2 {
         for i in 0..32 {
             let at = 128 * h + i;
@@ -479,6 +496,12 @@ fn q2_k(x: &[f32], b: &mut [u8]) {
     } else {
         put_f16(b, 82, 0.0);
     }
+    q2_k_finish(x, &mut l, b);
+}
+
+/// Q2_K's last step, shared with the importance-guided quantizer: each 16 values requantized
+/// against the block's stored (f16) scale and min, then packed.
+pub(super) fn q2_k_finish(x: &[f32], l: &mut [u8; QK_K], b: &mut [u8]) {
     let (d, dmin) = (super::f16_at(b, 80), super::f16_at(b, 82));
     for j in 0..16 {
         let dj = d * (b[j] & 0xF) as f32;
@@ -490,7 +513,7 @@ fn q2_k(x: &[f32], b: &mut [u8]) {
             l[16 * j + i] = nearest_int((x[16 * j + i] + dm) / dj).clamp(0, 3) as u8;
         }
     }
-    pack_two_bit(&l, &mut b[16..80]);
+    pack_two_bit(l, &mut b[16..80]);
 }
 
 /// ggml's `make_q3_quants` with `do_rmse`: symmetric values in `-nmax..nmax` for one group,
@@ -579,6 +602,12 @@ fn q3_k(x: &[f32], b: &mut [u8]) {
     } else {
         put_f16(b, 108, 0.0);
     }
+    q3_k_finish(x, &mut l, b);
+}
+
+/// Q3_K's last step, shared with the importance-guided quantizer: each 16 values requantized
+/// against the stored scales, third bits into `hmask`, low bits packed.
+pub(super) fn q3_k_finish(x: &[f32], l: &mut [i8; QK_K], b: &mut [u8]) {
     let d = super::f16_at(b, 108);
     let sc = super::q3k_scales(&b[96..108]);
     for j in 0..16 {
@@ -608,6 +637,11 @@ fn q3_k(x: &[f32], b: &mut [u8]) {
 fn q4_k(x: &[f32], b: &mut [u8]) {
     let mut l = [0u8; QK_K];
     k_quant_asymmetric(x, b, 15, -1.0, 20, &mut l);
+    q4_k_pack(&l, b);
+}
+
+/// Q4_K's nibbles: byte `32c + i` holds values `64c + i` and `64c + 32 + i`.
+pub(super) fn q4_k_pack(l: &[u8; QK_K], b: &mut [u8]) {
     for c in 0..4 {
         for i in 0..32 {
             b[16 + 32 * c + i] = l[64 * c + i] | (l[64 * c + 32 + i] << 4);
@@ -618,6 +652,11 @@ fn q4_k(x: &[f32], b: &mut [u8]) {
 fn q5_k(x: &[f32], b: &mut [u8]) {
     let mut l = [0u8; QK_K];
     k_quant_asymmetric(x, b, 31, -0.5, 15, &mut l);
+    q5_k_pack(&l, b);
+}
+
+/// Q5_K's fifth bits (`qh`) and nibbles.
+pub(super) fn q5_k_pack(l: &[u8; QK_K], b: &mut [u8]) {
     let (qh, ql) = b[16..176].split_at_mut(32);
     qh.fill(0);
     for c in 0..4 {
@@ -637,19 +676,21 @@ fn q5_k(x: &[f32], b: &mut [u8]) {
     }
 }
 
-/// ggml's `make_qx_quants` with rmse_type 1 (weights x²): a signed scale for one sub-block.
-fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+/// ggml's `make_qx_quants` with rmse_type 1: a signed scale for one group, each value weighted
+/// by its importance `qw` when given, else by x². Leaves `l` offset by `nmax`.
+pub(super) fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8], qw: Option<&[f32]>) -> f32 {
     let (max, amax) = signed_absmax(x);
-    if amax < 1e-15 {
+    if amax < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;
     }
+    let weight = |i: usize| qw.map_or(x[i] * x[i], |q| q[i]);
     let mut iscale = -(nmax as f32) / max;
     let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
     for i in 0..x.len() {
         let q = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
         l[i] = (q + nmax) as i8;
-        let w = x[i] * x[i];
+        let w = weight(i);
         sumlx += w * x[i] * q as f32;
         suml2 += w * q as f32 * q as f32;
     }
@@ -662,9 +703,9 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
         iscale = -(nmax as f32 + 0.1 * is as f32) / max;
         sumlx = 0.0;
         suml2 = 0.0;
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let q = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-            let w = v * v;
+            let w = weight(i);
             sumlx += w * v * q as f32;
             suml2 += w * q as f32 * q as f32;
         }
@@ -679,19 +720,26 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
     scale
 }
 
-fn q6_k(x: &[f32], b: &mut [u8]) {
+/// ggml's `quantize_row_q6_K_ref` (`qw` None) or `quantize_row_q6_K_impl` (importances `qw`,
+/// used as the group weights directly) for one super-block.
+pub(super) fn q6_k_with(x: &[f32], b: &mut [u8], qw: Option<&[f32]>) {
     let mut l = [0i8; QK_K];
     let mut scales = [0f32; 16];
     let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
     for ib in 0..16 {
-        let s = make_qx_quants(32, &x[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+        let s = make_qx_quants(
+            32,
+            &x[16 * ib..16 * ib + 16],
+            &mut l[16 * ib..16 * ib + 16],
+            qw.map(|q| &q[16 * ib..16 * ib + 16]),
+        );
         scales[ib] = s;
         if s.abs() > max_abs_scale {
             max_abs_scale = s.abs();
             max_scale = s;
         }
     }
-    if max_abs_scale < 1e-15 {
+    if max_abs_scale < GROUP_MAX_EPS {
         b.fill(0);
         return;
     }
@@ -754,6 +802,75 @@ fn mxfp4(x: &[f32], b: &mut [u8]) {
     for j in 0..16 {
         b[1 + j] = best(x[j]) | (best(x[16 + j]) << 4);
     }
+}
+
+/// ggml's `make_qp_quants`: levels `0..=nmax` for non-negative `x` and the weighted
+/// least-squares scale, refined by moving single levels.
+pub(super) fn make_qp_quants(nmax: i32, x: &[f32], l: &mut [u8], w: &[f32]) -> f32 {
+    let max = x.iter().fold(0.0f32, |m, &v| if m > v { m } else { v });
+    if max < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let mut iscale = nmax as f32 / max;
+    for (o, &v) in l.iter_mut().zip(x) {
+        *o = nearest_int(iscale * v) as u8;
+    }
+    let scale = 1.0 / iscale;
+    let mut best_mse = 0.0f32;
+    for i in 0..x.len() {
+        let diff = x[i] - scale * l[i] as f32;
+        best_mse += w[i] * diff * diff;
+    }
+    for is in -4..=4 {
+        if is == 0 {
+            continue;
+        }
+        let iscale_is = (0.1 * is as f32 + nmax as f32) / max;
+        let scale_is = 1.0 / iscale_is;
+        let mut mse = 0.0f32;
+        for i in 0..x.len() {
+            let li = nearest_int(iscale_is * x[i]).min(nmax);
+            let diff = x[i] - scale_is * li as f32;
+            mse += w[i] * diff * diff;
+        }
+        if mse < best_mse {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for i in 0..x.len() {
+        let li = nearest_int(iscale * x[i]).min(nmax);
+        l[i] = li as u8;
+        sumlx += w[i] * x[i] * li as f32;
+        suml2 += w[i] * li as f32 * li as f32;
+    }
+    for _ in 0..5 {
+        let mut n_changed = 0;
+        for i in 0..x.len() {
+            let li = l[i] as f32;
+            let mut slx = sumlx - w[i] * x[i] * li;
+            let mut sl2 = suml2 - w[i] * li * li;
+            if slx > 0.0 && sl2 > 0.0 {
+                let new_l = nearest_int(x[i] * sl2 / slx).min(nmax);
+                if new_l != l[i] as i32 {
+                    slx += w[i] * x[i] * new_l as f32;
+                    sl2 += w[i] * new_l as f32 * new_l as f32;
+                    if slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        l[i] = new_l as u8;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        n_changed += 1;
+                    }
+                }
+            }
+        }
+        if n_changed == 0 {
+            break;
+        }
+    }
+    if suml2 > 0.0 { sumlx / suml2 } else { 0.0 }
 }
 
 /// ggml's `GROUP_MAX_EPS`: groups whose largest magnitude is below it quantize to zero.

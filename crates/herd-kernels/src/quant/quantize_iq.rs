@@ -23,6 +23,7 @@
 use std::sync::OnceLock;
 
 use super::iq_tables::{IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID};
+use super::quantize::make_qp_quants;
 use super::{QK_K, nearest_int, put_f16};
 use crate::DType;
 
@@ -425,75 +426,6 @@ fn round_levels(id: f32, xval: &[f32], max: i32, l: &mut [i8]) {
     for (o, &v) in l.iter_mut().zip(xval) {
         *o = nearest_int(0.5 * (id * v - 1.0)).clamp(0, max) as i8;
     }
-}
-
-/// ggml's `make_qp_quants`: levels `0..=nmax` for non-negative `x` and the weighted
-/// least-squares scale, refined by moving single levels.
-fn make_qp_quants(nmax: i32, x: &[f32], l: &mut [u8], w: &[f32]) -> f32 {
-    let max = x.iter().fold(0.0f32, |m, &v| if m > v { m } else { v });
-    if max < GROUP_MAX_EPS {
-        l.fill(0);
-        return 0.0;
-    }
-    let mut iscale = nmax as f32 / max;
-    for (o, &v) in l.iter_mut().zip(x) {
-        *o = nearest_int(iscale * v) as u8;
-    }
-    let scale = 1.0 / iscale;
-    let mut best_mse = 0.0f32;
-    for i in 0..x.len() {
-        let diff = x[i] - scale * l[i] as f32;
-        best_mse += w[i] * diff * diff;
-    }
-    for is in -4..=4 {
-        if is == 0 {
-            continue;
-        }
-        let iscale_is = (0.1 * is as f32 + nmax as f32) / max;
-        let scale_is = 1.0 / iscale_is;
-        let mut mse = 0.0f32;
-        for i in 0..x.len() {
-            let li = nearest_int(iscale_is * x[i]).min(nmax);
-            let diff = x[i] - scale_is * li as f32;
-            mse += w[i] * diff * diff;
-        }
-        if mse < best_mse {
-            best_mse = mse;
-            iscale = iscale_is;
-        }
-    }
-    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-    for i in 0..x.len() {
-        let li = nearest_int(iscale * x[i]).min(nmax);
-        l[i] = li as u8;
-        sumlx += w[i] * x[i] * li as f32;
-        suml2 += w[i] * li as f32 * li as f32;
-    }
-    for _ in 0..5 {
-        let mut n_changed = 0;
-        for i in 0..x.len() {
-            let li = l[i] as f32;
-            let mut slx = sumlx - w[i] * x[i] * li;
-            let mut sl2 = suml2 - w[i] * li * li;
-            if slx > 0.0 && sl2 > 0.0 {
-                let new_l = nearest_int(x[i] * sl2 / slx).min(nmax);
-                if new_l != l[i] as i32 {
-                    slx += w[i] * x[i] * new_l as f32;
-                    sl2 += w[i] * new_l as f32 * new_l as f32;
-                    if slx * slx * suml2 > sumlx * sumlx * sl2 {
-                        l[i] = new_l as u8;
-                        sumlx = slx;
-                        suml2 = sl2;
-                        n_changed += 1;
-                    }
-                }
-            }
-        }
-        if n_changed == 0 {
-            break;
-        }
-    }
-    if suml2 > 0.0 { sumlx / suml2 } else { 0.0 }
 }
 
 /// The 4-bit block scale `clamp(round((s/d − 1)/2), 0, 15)` (`id` = 1/d).
