@@ -8,6 +8,7 @@ use herd_formats::quantize::{
     FileType, GgufPlan, ModelShape, SourceTensor, SplitLimit, write_quantized_with,
 };
 use herd_formats::{GgufFile, HfModelDir};
+use herd_kernels::DType;
 
 /// The file type called `name`, or an error listing them.
 pub fn file_type(name: &str) -> Result<FileType> {
@@ -119,31 +120,46 @@ pub fn run(
             .iter()
             .map(|t| (t.name.as_str(), t.dims.as_slice(), t.dtype)),
     );
-    let mut unwritable: Vec<&str> = types
+    // As llama-quantize: the very low-bit types are written only from an importance matrix,
+    // and every tensor they are chosen for must have its entry.
+    let needs_matrix: Vec<(&str, DType)> = tensors
         .iter()
-        .filter(|t| !herd_kernels::quant::quantize_supported(**t))
-        .map(|t| t.name())
+        .zip(&types)
+        .filter(|(t, ty)| {
+            **ty != t.dtype
+                && (herd_formats::quantize::tensor_requires_imatrix(&t.name, **ty, ft)
+                    || herd_kernels::quant::requires_importance(**ty))
+        })
+        .map(|(t, ty)| (t.name.as_str(), *ty))
         .collect();
-    unwritable.sort_unstable();
-    unwritable.dedup();
-    if !unwritable.is_empty() {
-        bail!(
-            "{} would need {} tensors, which herd reads and runs but does not write yet; \
-             llama.cpp's llama-quantize writes them (with an importance matrix from \
-             llama-imatrix, which the 1- and 2-bit types require)",
+    match (&imatrix, needs_matrix.first()) {
+        (None, Some((name, ty))) => bail!(
+            "{} needs an importance matrix (--imatrix FILE, made by llama.cpp's llama-imatrix): \
+             {name} would be {ty}{}",
             ft.name(),
-            unwritable.join(", ")
-        );
+            match needs_matrix.len() - 1 {
+                0 => String::new(),
+                n => format!(", and {n} more tensors of such types"),
+            }
+        ),
+        (Some(m), _) => {
+            if let Some((name, ty)) = needs_matrix.iter().find(|(name, _)| m.get(name).is_none()) {
+                bail!(
+                    "--imatrix has no entry for {name}, which {} quantizes to {ty}: an {ty} \
+                     tensor without one would be garbage (llama-quantize refuses it too)",
+                    ft.name()
+                );
+            }
+        }
+        (None, None) => {}
     }
     if let Some(m) = &imatrix {
-        let guided = || {
-            tensors.iter().zip(&types).filter_map(|(t, ty)| {
-                let w = m.get(&t.name)?;
-                (*ty != t.dtype && herd_formats::quantize::importance_matters(*ty, t, w))
-                    .then_some((t, *ty, w))
-            })
-        };
-        for (t, _, w) in guided() {
+        let guided = tensors.iter().zip(&types).filter_map(|(t, ty)| {
+            let w = m.get(&t.name)?;
+            (*ty != t.dtype && herd_formats::quantize::importance_matters(*ty, t, w))
+                .then_some((t, w))
+        });
+        for (t, w) in guided {
             let want = t.dims[0] * t.dims.get(2).copied().unwrap_or(1);
             if w.len() as u64 != want {
                 bail!(
@@ -153,20 +169,6 @@ pub fn run(
                     t.dims
                 );
             }
-        }
-        let mut unguided: Vec<&str> = guided()
-            .filter(|(_, ty, _)| !herd_kernels::quant::importance_supported(*ty))
-            .map(|(_, ty, _)| ty.name())
-            .collect();
-        unguided.sort_unstable();
-        unguided.dedup();
-        if !unguided.is_empty() {
-            bail!(
-                "--imatrix: herd quantizes IQ4_NL and IQ4_XS tensors with an importance matrix, \
-                 not yet {} ({} chooses them for tensors the matrix covers)",
-                unguided.join(", "),
-                ft.name()
-            );
         }
     }
     write_split_with_progress(&plan, ft, output, split, imatrix.as_ref())

@@ -286,40 +286,99 @@ fn iq_fixture_f32(dir: &Path) -> PathBuf {
     f32_file
 }
 
-/// File types whose tensors herd cannot write (IQ1–IQ3) are refused before any work by `herd
-/// quantize`, and MXFP4_MOE (3-D experts only in files) by `--quantize` at load.
+/// A legacy `.dat` importance matrix holding `entries` (name, values), as llama-imatrix writes
+/// it (`herd_formats::imatrix` module docs).
+fn write_dat(path: &Path, entries: &[(&str, Vec<f32>)]) {
+    let mut b = Vec::new();
+    b.extend((entries.len() as i32).to_le_bytes());
+    for (name, values) in entries {
+        b.extend((name.len() as i32).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend(1i32.to_le_bytes());
+        b.extend((values.len() as i32).to_le_bytes());
+        for v in values {
+            b.extend(v.to_le_bytes());
+        }
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+/// As llama-quantize does, `herd quantize` refuses the very low-bit file types without an
+/// importance matrix, and with one that lacks a tensor they would quantize to such a type,
+/// before any work, naming the type and the tensor; `--quantize` at load (where there is no
+/// matrix) refuses them, and MXFP4_MOE (3-D experts only in files).
 #[test]
-fn types_herd_cannot_write_are_refused_up_front() {
+fn types_that_need_an_importance_matrix_are_refused_without_one() {
     let tmp = tempfile::tempdir().unwrap();
-    // Rows of 256, so IQ2_XXS does not fall back to IQ4_NL (which herd writes).
+    // Rows of 256, so IQ2_XXS does not fall back to IQ4_NL.
     let f32_file = iq_fixture_f32(tmp.path());
     let out = tmp.path().join("out.gguf");
-    let o = herd(&[
-        "quantize".as_ref(),
-        f32_file.as_os_str(),
-        out.as_os_str(),
-        "--type".as_ref(),
-        "iq2_xxs".as_ref(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && !out.exists(), "{err}");
+    let quantize = |ty: &str, imatrix: Option<&Path>| {
+        let mut args = vec![
+            "quantize".as_ref(),
+            f32_file.as_os_str(),
+            out.as_os_str(),
+            "--type".as_ref(),
+            ty.as_ref(),
+        ];
+        if let Some(m) = imatrix {
+            args.extend(["--imatrix".as_ref(), m.as_os_str()]);
+        }
+        let o = herd(&args);
+        assert!(!o.status.success() && !out.exists(), "{ty}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    for ty in ["iq2_xxs", "iq1_s", "iq3_xxs"] {
+        let err = quantize(ty, None);
+        assert!(
+            err.contains(ty) && err.contains("needs an importance matrix"),
+            "{err}"
+        );
+    }
+    let partial = tmp.path().join("partial.dat");
+    write_dat(&partial, &[("blk.0.attn_q.weight", vec![1.0; 256])]);
+    let err = quantize("iq2_xxs", Some(&partial));
     assert!(
-        err.contains("iq2_xxs") && err.contains("does not write"),
+        err.contains("no entry for blk.0.attn_k.weight") && err.contains("IQ2_XXS"),
         "{err}"
     );
     let tiny = fixture("tiny-f32.gguf");
-    let mut args: Vec<&std::ffi::OsStr> = ["bench", "-p", "8", "-n", "0", "-b", "0"]
-        .iter()
-        .map(|a| a.as_ref())
-        .collect();
-    args.extend([
-        "--quantize".as_ref(),
-        "mxfp4_moe".as_ref(),
-        tiny.as_os_str(),
-    ]);
-    let o = herd(&args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("mxfp4_moe"), "{err}");
+    for ty in ["mxfp4_moe", "iq2_xxs", "iq3_xxs"] {
+        let mut args: Vec<&std::ffi::OsStr> = ["bench", "-p", "8", "-n", "0", "-b", "0"]
+            .iter()
+            .map(|a| a.as_ref())
+            .collect();
+        args.extend(["--quantize".as_ref(), ty.as_ref(), tiny.as_os_str()]);
+        let o = herd(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(ty), "{err}");
+    }
+}
+
+/// `herd quantize --imatrix … --type iq2_xxs` writes llama-quantize's `--imatrix … IQ2_XXS`
+/// file of the same f32 model (tests/fixtures/llama4_iq) tensor for tensor, byte for byte:
+/// its IQ2_XXS tensors, its Q2_K `attn_v` (both quantized from the matrix) and its Q2_K token
+/// embedding and Q5_K output (the matrix has no entry for them).
+#[test]
+fn iq2_xxs_with_an_importance_matrix_equals_llama_quantize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_file = iq_fixture_f32(tmp.path());
+    let theirs = GgufFile::open(&fixture("../llama4_iq/iq2_xxs.gguf")).unwrap();
+    for imatrix in ["imatrix.gguf", "imatrix.dat"] {
+        let out = tmp.path().join(format!("{imatrix}.iq2_xxs.gguf"));
+        let m = fixture(&format!("../llama4_iq/{imatrix}"));
+        let o = herd(&[
+            "quantize".as_ref(),
+            f32_file.as_os_str(),
+            out.as_os_str(),
+            "--type".as_ref(),
+            "iq2_xxs".as_ref(),
+            "--imatrix".as_ref(),
+            m.as_os_str(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_same_tensors(&GgufFile::open(&out).unwrap(), &theirs);
+    }
 }
 
 /// `herd quantize --imatrix` with llama-imatrix's matrix, in its GGUF and its legacy `.dat`

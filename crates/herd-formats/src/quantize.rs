@@ -189,10 +189,22 @@ impl FileType {
         }
     }
 
-    /// Whether herd can write every type this file type may choose (not the IQ types below 4
-    /// bits and MXFP4, which herd reads and runs but does not quantize to).
+    /// Whether herd can write this file type without an importance matrix (so also while
+    /// loading, `--quantize`): every type but those that choose tensor types llama-quantize
+    /// quantizes only with a matrix ([`tensor_requires_imatrix`]).
     pub fn herd_writes(self) -> bool {
-        quant::quantize_supported(self.default_type())
+        !matches!(
+            self,
+            FileType::IQ1S
+                | FileType::IQ1M
+                | FileType::IQ2XXS
+                | FileType::IQ2XS
+                | FileType::IQ2S
+                | FileType::IQ2M
+                | FileType::IQ3XXS
+                | FileType::IQ3XS
+                | FileType::Q2KS
+        ) && quant::quantize_supported(self.default_type())
     }
 
     /// Whether files of this type are made with an importance matrix: llama-quantize requires
@@ -838,6 +850,26 @@ pub fn write_quantized_with(
     Ok((summary, written))
 }
 
+/// llama-quantize's `tensor_requires_imatrix`: the tensors it refuses to quantize without an
+/// importance matrix ("the result will be garbage"): IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S and
+/// IQ3_XXS tensors, and Q2_K tensors of a Q2_K_S file, except the token embedding and the
+/// output matrix.
+pub fn tensor_requires_imatrix(name: &str, target: DType, ft: FileType) -> bool {
+    if matches!(
+        name,
+        "token_embd.weight" | "per_layer_token_embd.weight" | "output.weight"
+    ) {
+        return false;
+    }
+    match target {
+        DType::IQ1S | DType::IQ1M | DType::IQ2XXS | DType::IQ2XS | DType::IQ2S | DType::IQ3XXS => {
+            true
+        }
+        DType::Q2K => ft == FileType::Q2KS,
+        _ => false,
+    }
+}
+
 /// Whether quantizing `t` to `target` takes its importances `w`: ggml's Q8_0 and MXFP4
 /// quantizers ignore them, float types have none, and as llama-quantize does, a token
 /// embedding whose entry does not fit is quantized without.
@@ -874,8 +906,7 @@ fn quantize_rows_with_importance(
     }
     if !quant::importance_supported(target) {
         return Err(Error::Quantize(format!(
-            "{}: quantizing to {target} with an importance matrix is not supported yet (IQ4_NL \
-             and IQ4_XS are)",
+            "{}: ggml's {target} quantizer takes no importance matrix",
             t.name
         )));
     }
@@ -915,7 +946,7 @@ pub fn quantize_rows(values: &[f32], row_len: usize, target: DType, name: &str) 
     }
     if target.is_quantized() && !quant::quantize_supported(target) {
         return Err(Error::Quantize(format!(
-            "{name}: quantizing to {target} is not supported"
+            "{name}: {target} needs an importance matrix (--imatrix)"
         )));
     }
     let n_rows = values.len() / row_len;
