@@ -107,12 +107,14 @@ enum Command {
         seed: u64,
     },
     /// Write a quantized GGUF from a GGUF file or a Hugging Face directory, choosing each
-    /// tensor's type as llama-quantize does (no importance matrix).
+    /// tensor's type and quantizing it as llama-quantize does (byte for byte).
     Quantize {
         input: PathBuf,
         output: PathBuf,
         /// f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k,
-        /// q2_k, q2_k_s, q3_k_s, q3_k_m, q3_k_l, iq4_nl, iq4_xs, mxfp4_moe
+        /// q2_k, q2_k_s, q3_k_s, q3_k_m, q3_k_l, iq1_s, iq1_m, iq2_xxs, iq2_xs, iq2_s, iq2_m,
+        /// iq3_xxs, iq3_xs, iq3_s, iq3_m, iq4_nl, iq4_xs, mxfp4_moe (iq1_*, iq2_*, iq3_xxs,
+        /// iq3_xs and q2_k_s need --imatrix)
         #[arg(long = "type", short = 't')]
         file_type: String,
         /// Write a split set (as llama.cpp's llama-gguf-split does) of files holding at most
@@ -124,9 +126,20 @@ enum Command {
         #[arg(long, value_name = "N")]
         split_max_tensors: Option<usize>,
         /// An importance matrix from llama.cpp's llama-imatrix (GGUF or legacy .dat) to guide
-        /// the quantization, as llama-quantize --imatrix (IQ4_NL and IQ4_XS tensors so far).
+        /// the quantization of every tensor it covers, as llama-quantize --imatrix.
         #[arg(long, value_name = "FILE")]
         imatrix: Option<PathBuf>,
+        /// Quantize the tensors whose names match the regular expression PATTERN to TYPE (a
+        /// tensor type: q4_k, iq2_xxs, q8_0, …), instead of the file type's choice; repeatable,
+        /// the first match wins. E.g. `--tensor-type 'ffn_.*_exps=iq2_xxs'`.
+        #[arg(long, value_name = "PATTERN=TYPE")]
+        tensor_type: Vec<String>,
+        /// The type of the output matrix (output.weight).
+        #[arg(long, value_name = "TYPE")]
+        output_tensor_type: Option<String>,
+        /// The type of the token embedding.
+        #[arg(long, value_name = "TYPE")]
+        token_embedding_type: Option<String>,
     },
 }
 
@@ -190,9 +203,24 @@ fn run(command: Command) -> Result<()> {
             split_max_size,
             split_max_tensors,
             imatrix,
+            tensor_type,
+            output_tensor_type,
+            token_embedding_type,
         } => {
             let split = quantize::split_limit(split_max_size.as_deref(), split_max_tensors)?;
-            quantize::run(&input, &output, &file_type, split, imatrix.as_deref())
+            let overrides = quantize::type_overrides(
+                &tensor_type,
+                output_tensor_type.as_deref(),
+                token_embedding_type.as_deref(),
+            )?;
+            quantize::run(
+                &input,
+                &output,
+                &file_type,
+                split,
+                imatrix.as_deref(),
+                &overrides,
+            )
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow, bail};
 use herd_formats::quantize::{
-    FileType, GgufPlan, ModelShape, SourceTensor, SplitLimit, write_quantized_with,
+    FileType, GgufPlan, ModelShape, SourceTensor, SplitLimit, TypeOverrides, write_quantized_with,
 };
 use herd_formats::{GgufFile, HfModelDir};
 use herd_kernels::DType;
@@ -57,6 +57,7 @@ pub fn run(
     file_type_name: &str,
     split: Option<SplitLimit>,
     imatrix: Option<&Path>,
+    overrides: &TypeOverrides,
 ) -> Result<()> {
     let ft = file_type(file_type_name)?;
     let imatrix = imatrix
@@ -113,9 +114,10 @@ pub fn run(
         imatrix: imatrix.is_some(),
         ..plan.shape
     };
-    let types = herd_formats::quantize::choose_types(
+    let types = herd_formats::quantize::choose_types_with(
         ft,
         &shape,
+        overrides,
         tensors
             .iter()
             .map(|t| (t.name.as_str(), t.dims.as_slice(), t.dtype)),
@@ -171,12 +173,12 @@ pub fn run(
             }
         }
     }
-    write_split_with_progress(&plan, ft, output, split, imatrix.as_ref())
+    write_split_with_progress(&plan, ft, output, split, imatrix.as_ref(), overrides)
 }
 
 /// Write `plan` as a GGUF typed for `ft`, with a progress bar and a per-type summary.
 pub fn write_with_progress(plan: &GgufPlan, ft: FileType, output: &Path) -> Result<()> {
-    write_split_with_progress(plan, ft, output, None, None)
+    write_split_with_progress(plan, ft, output, None, None, &TypeOverrides::default())
 }
 
 /// [`write_with_progress`], as a split set when `split` is given.
@@ -186,6 +188,7 @@ fn write_split_with_progress(
     output: &Path,
     split: Option<SplitLimit>,
     imatrix: Option<&herd_formats::imatrix::ImportanceMatrix>,
+    overrides: &TypeOverrides,
 ) -> Result<()> {
     let tensors = &plan.tensors;
     let start = Instant::now();
@@ -193,10 +196,11 @@ fn write_split_with_progress(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {msg}")
             .expect("valid template"),
     );
-    let (summary, files) = write_quantized_with(output, plan, ft, split, imatrix, |i, _, name| {
-        bar.set_position(i as u64);
-        bar.set_message(name.to_string());
-    })?;
+    let (summary, files) =
+        write_quantized_with(output, plan, ft, split, imatrix, overrides, |i, _, name| {
+            bar.set_position(i as u64);
+            bar.set_message(name.to_string());
+        })?;
     bar.finish_and_clear();
     let mut by_type = std::collections::BTreeMap::new();
     for (_, t, bytes) in &summary.tensors {
@@ -314,4 +318,49 @@ pub fn random_model(preset: &str, output: &Path, file_type_name: &str, seed: u64
     let ft = file_type(file_type_name)?;
     let plan = random_plan(preset, ft, seed)?;
     write_with_progress(&plan, ft, output)
+}
+
+/// llama-quantize's type overrides from `herd quantize`'s flags: `--tensor-type PATTERN=TYPE`
+/// (a regular expression searched in each tensor name; the first match wins),
+/// `--output-tensor-type TYPE`, `--token-embedding-type TYPE`; TYPE a ggml type name (q4_k,
+/// iq2_xxs, q8_0, f16, …).
+pub fn type_overrides(
+    tensor_types: &[String],
+    output: Option<&str>,
+    token_embd: Option<&str>,
+) -> Result<TypeOverrides> {
+    let dtype = |flag: &str, name: &str| -> Result<DType> {
+        DType::from_name(name)
+            .filter(|t| !matches!(t, DType::Q8K | DType::Q8_1))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{flag} {name}: not a tensor type (one of {})",
+                    DType::ALL
+                        .iter()
+                        .filter(|t| !matches!(t, DType::Q8K | DType::Q8_1))
+                        .map(|t| t.name().to_lowercase())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    };
+    let mut tensors = Vec::new();
+    for arg in tensor_types {
+        let (pattern, ty) = arg.rsplit_once('=').ok_or_else(|| {
+            anyhow!("--tensor-type {arg}: expected PATTERN=TYPE, e.g. ffn_.*_exps=iq2_xxs")
+        })?;
+        let re = regex::Regex::new(pattern).map_err(|e| {
+            anyhow!("--tensor-type {arg}: {pattern} is not a regular expression: {e}")
+        })?;
+        tensors.push((re, dtype("--tensor-type", ty)?));
+    }
+    Ok(TypeOverrides {
+        output: output
+            .map(|t| dtype("--output-tensor-type", t))
+            .transpose()?,
+        token_embd: token_embd
+            .map(|t| dtype("--token-embedding-type", t))
+            .transpose()?,
+        tensors,
+    })
 }

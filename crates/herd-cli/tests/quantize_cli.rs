@@ -381,6 +381,83 @@ fn iq2_xxs_with_an_importance_matrix_equals_llama_quantize() {
     }
 }
 
+/// llama-quantize's type overrides: `herd quantize --imatrix … --type q4_k_m --tensor-type
+/// ffn_*_exps=iq2_xxs … --output-tensor-type q6_k --split-max-tensors 20` writes the mixed split
+/// set of tests/fixtures/llama4_iq (llama-quantize with the same flags, then
+/// llama-gguf-split --split-max-tensors 20) shard for shard, tensor for tensor, byte for byte:
+/// the overridden experts, and the rules' choices for the rest, which skip the overridden
+/// tensors in their counts as llama.cpp does (attn_v and ffn_down get Q6_K by their count).
+#[test]
+fn mixed_types_with_overrides_equal_llama_quantize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f32_file = iq_fixture_f32(tmp.path());
+    let m = fixture("../llama4_iq/imatrix.gguf");
+    let out = tmp.path().join("mixed");
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "quantize".as_ref(),
+        f32_file.as_os_str(),
+        out.as_os_str(),
+        "--type".as_ref(),
+        "q4_k_m".as_ref(),
+        "--imatrix".as_ref(),
+        m.as_os_str(),
+        "--output-tensor-type".as_ref(),
+        "q6_k".as_ref(),
+        "--split-max-tensors".as_ref(),
+        "20".as_ref(),
+    ];
+    let experts = ["gate", "up", "down"].map(|kind| format!("ffn_{kind}_exps=iq2_xxs"));
+    for e in &experts {
+        args.extend::<[&std::ffi::OsStr; 2]>(["--tensor-type".as_ref(), e.as_ref()]);
+    }
+    let o = herd(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shard_tensors = |path: &Path| {
+        let bytes = std::fs::read(path).unwrap();
+        let f = GgufFile::from_prefix("shard", &bytes, bytes.len() as u64).unwrap();
+        f.tensors()
+            .iter()
+            .map(|t| t.name.clone())
+            .collect::<Vec<_>>()
+    };
+    for i in 1..=3 {
+        let name = format!("mixed-0000{i}-of-00003.gguf");
+        let (ours, theirs) = (
+            tmp.path().join(&name),
+            fixture(&format!("../llama4_iq/{name}")),
+        );
+        assert_eq!(shard_tensors(&ours), shard_tensors(&theirs), "{name}");
+    }
+    let first = "mixed-00001-of-00003.gguf";
+    assert_same_tensors(
+        &GgufFile::open(&tmp.path().join(first)).unwrap(),
+        &GgufFile::open(&fixture(&format!("../llama4_iq/{first}"))).unwrap(),
+    );
+    // Bad overrides are clear errors.
+    let bad = tmp.path().join("bad.gguf");
+    for (flag, value, want) in [
+        ("--tensor-type", "ffn_up", "expected PATTERN=TYPE"),
+        ("--tensor-type", "ffn_(up=q4_k", "not a regular expression"),
+        ("--tensor-type", "ffn_up=q9_k", "not a tensor type"),
+        ("--output-tensor-type", "q8_k", "not a tensor type"),
+    ] {
+        let o = herd(&[
+            "quantize".as_ref(),
+            f32_file.as_os_str(),
+            bad.as_os_str(),
+            "--type".as_ref(),
+            "q4_k_m".as_ref(),
+            flag.as_ref(),
+            value.as_ref(),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(want),
+            "{flag} {value}: {err}"
+        );
+    }
+}
+
 /// `herd quantize --imatrix` with llama-imatrix's matrix, in its GGUF and its legacy `.dat`
 /// form, writes llama-quantize's `--imatrix … IQ4_XS` file of the same f32 model
 /// (tests/fixtures/llama4_iq, made by gen_llama4_iq.py from `herd random-model … --seed 11`)

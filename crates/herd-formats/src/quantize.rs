@@ -557,33 +557,88 @@ pub fn choose_types<'a>(
     shape: &ModelShape,
     tensors: impl IntoIterator<Item = (&'a str, &'a [u64], DType)>,
 ) -> Vec<DType> {
+    choose_types_with(ft, shape, &TypeOverrides::default(), tensors)
+}
+
+/// The user's choices that take precedence over the file type's rules, as llama-quantize's
+/// `--output-tensor-type`, `--token-embedding-type` and `--tensor-type PATTERN=TYPE`.
+#[derive(Clone, Debug, Default)]
+pub struct TypeOverrides {
+    /// The type of `output.weight`.
+    pub output: Option<DType>,
+    /// The type of the token embedding.
+    pub token_embd: Option<DType>,
+    /// A tensor whose name the pattern matches anywhere (the first matching pattern wins) gets
+    /// the type, then the shape fallback; the rules' per-kind counts skip it, as in llama.cpp.
+    pub tensors: Vec<(regex::Regex, DType)>,
+}
+
+/// [`choose_types`] with the user's overrides: llama.cpp's `llama_tensor_get_type` with
+/// `tensor_type_patterns`, `output_tensor_type` and `token_embedding_type`.
+pub fn choose_types_with<'a>(
+    ft: FileType,
+    shape: &ModelShape,
+    overrides: &TypeOverrides,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [u64], DType)>,
+) -> Vec<DType> {
     let tensors: Vec<_> = tensors.into_iter().collect();
-    let mut visit: Vec<usize> = (0..tensors.len()).collect();
-    visit.sort_by(|&a, &b| {
-        let key = |i: usize| {
-            (
-                layer_of(tensors[i].0).map_or(-1, |l| l as i64),
-                tensors[i].0,
-            )
-        };
-        key(a).cmp(&key(b))
-    });
+    let visit = visit_order(tensors.iter().map(|t| t.0));
     let mut types = vec![DType::F32; tensors.len()];
     let mut counts = Visit::default();
     for i in visit {
         let (name, dims, current) = tensors[i];
+        if !allows_quantization(name, dims.len()) {
+            types[i] = current;
+            continue;
+        }
+        let cat = category(name, shape);
+        // By name first (a tied embedding takes --token-embedding-type), ...
+        let fixed = match name {
+            "token_embd.weight" | "per_layer_token_embd.weight" => overrides.token_embd,
+            "output.weight" => overrides.output,
+            _ => None,
+        };
+        if let Some(t) = fixed {
+            types[i] = t;
+            continue;
+        }
+        if !ft.default_type().is_quantized() {
+            types[i] = choose_type(ft, shape, name, dims, current, counts);
+            continue;
+        }
+        let manual = overrides
+            .tensors
+            .iter()
+            .find(|(pattern, _)| pattern.is_match(name))
+            .map(|(_, t)| *t);
+        if let Some(t) = manual {
+            types[i] = fallback(t, dims[0]);
+            continue;
+        }
+        // ... then by role (else the output head's type by --output-tensor-type).
+        if let (Category::Output, Some(t)) = (cat, overrides.output) {
+            types[i] = t;
+            continue;
+        }
         types[i] = choose_type(ft, shape, name, dims, current, counts);
-        if allows_quantization(name, dims.len()) {
-            match category(name, shape) {
-                Category::AttnV => counts.attn_v += 1,
-                Category::FfnDown => counts.ffn_down += 1,
-                Category::FfnGate => counts.ffn_gate += 1,
-                Category::FfnUp => counts.ffn_up += 1,
-                _ => {}
-            }
+        match cat {
+            Category::AttnV => counts.attn_v += 1,
+            Category::FfnDown => counts.ffn_down += 1,
+            Category::FfnGate => counts.ffn_gate += 1,
+            Category::FfnUp => counts.ffn_up += 1,
+            _ => {}
         }
     }
     types
+}
+
+/// The order llama-quantize visits (and writes) tensors in: its model loader's
+/// `weight_name_comparer`, by layer (tensors outside the blocks first), then by name.
+pub fn visit_order<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<usize> {
+    let names: Vec<&str> = names.into_iter().collect();
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by_key(|&i| (layer_of(names[i]).map_or(-1, |l| l as i64), names[i]));
+    order
 }
 
 /// llama.cpp's `tensor_type_fallback`: rows that are not whole blocks get a smaller block.
@@ -749,11 +804,19 @@ pub fn write_quantized_split(
     split: Option<SplitLimit>,
     progress: impl FnMut(usize, usize, &str),
 ) -> Result<(Summary, Vec<std::path::PathBuf>)> {
-    write_quantized_with(out, plan, ft, split, None, progress)
+    write_quantized_with(
+        out,
+        plan,
+        ft,
+        split,
+        None,
+        &TypeOverrides::default(),
+        progress,
+    )
 }
 
-/// [`write_quantized_split`] guided by an importance matrix, as `llama-quantize --imatrix`:
-/// the type rules take `has_imatrix`, and each tensor the matrix covers is quantized with its
+/// [`write_quantized_split`] guided by an importance matrix, as `llama-quantize --imatrix`, and
+/// with the user's type `overrides`: the type rules take `has_imatrix`, and each tensor the matrix covers is quantized with its
 /// importances (one run of columns per matrix of a MoE tensor).
 ///
 /// # Errors
@@ -765,6 +828,7 @@ pub fn write_quantized_with(
     ft: FileType,
     split: Option<SplitLimit>,
     imatrix: Option<&crate::imatrix::ImportanceMatrix>,
+    overrides: &TypeOverrides,
     mut progress: impl FnMut(usize, usize, &str),
 ) -> Result<(Summary, Vec<std::path::PathBuf>)> {
     let tensors = &plan.tensors;
@@ -772,20 +836,24 @@ pub fn write_quantized_with(
         imatrix: imatrix.is_some(),
         ..plan.shape
     };
-    let targets = choose_types(
+    let targets = choose_types_with(
         ft,
         shape,
+        overrides,
         tensors
             .iter()
             .map(|t| (t.name.as_str(), t.dims.as_slice(), t.dtype)),
     );
+    // Written in llama-quantize's order (its loader's: by layer, then by name), so that split
+    // sets hold the same tensors in the same files.
+    let order = visit_order(tensors.iter().map(|t| t.name.as_str()));
     let ranges = match split {
         None => std::iter::once(0..tensors.len()).collect(),
         Some(limit) => {
-            let padded: Vec<u64> = tensors
+            let padded: Vec<u64> = order
                 .iter()
-                .zip(&targets)
-                .map(|(t, d)| {
+                .map(|&i| {
+                    let (t, d) = (&tensors[i], targets[i]);
                     let n = d.bytes_for(t.dims.iter().product::<u64>() as usize) as u64;
                     n.div_ceil(crate::gguf::DEFAULT_ALIGNMENT) * crate::gguf::DEFAULT_ALIGNMENT
                 })
@@ -819,7 +887,7 @@ pub fn write_quantized_with(
                 Value::I32(tensors.len() as i32),
             );
         }
-        for i in range.clone() {
+        for &i in &order[range.clone()] {
             writer.add_tensor(&tensors[i].name, &tensors[i].dims, targets[i]);
         }
         let path = match split {
@@ -827,9 +895,9 @@ pub fn write_quantized_with(
             Some(_) => split_path(out, no, count),
         };
         writer.write(&path, |j| {
-            let i = range.start + j;
+            let i = order[range.start + j];
             let (t, target) = (&tensors[i], targets[i]);
-            progress(i, tensors.len(), &t.name);
+            progress(range.start + j, tensors.len(), &t.name);
             let bytes = match &t.raw {
                 Some(raw) if t.dtype == target => raw().as_slice().to_vec(),
                 _ => match imatrix.and_then(|m| m.get(&t.name)) {
