@@ -272,8 +272,8 @@ pub struct Visit {
 impl Visit {
     /// The counts before layer `layer`'s tensors in a model whose every layer has one tensor
     /// of each kind (true of the architectures herd quantizes at load, except MoE layers'
-    /// several ffn_down tensors, where only the IQ1/IQ2 rules, which herd does not write,
-    /// read the count).
+    /// several ffn_down tensors, where only the IQ1/IQ2 rules read the count, and those file
+    /// types need an importance matrix, so `--quantize` at load refuses them).
     pub fn at_layer(layer: usize) -> Self {
         Visit {
             attn_v: layer,
