@@ -374,6 +374,28 @@ fn weights(
     }
 }
 
+/// ggml's block prologue: the weights ([`weights`]) and their square roots (the neighbour
+/// search's), the magnitudes with one sign mask per 8 values ([`signs_of`]), and the largest
+/// magnitude.
+fn prologue(
+    xb: &[f32],
+    qw: Option<&[f32]>,
+    sigma2: f32,
+    fallback: impl Fn(f32) -> f32,
+    even: bool,
+    (weight, waux, xval): (&mut [f32], &mut [f32], &mut [f32]),
+    signs: &mut [u8],
+) -> f32 {
+    weights(xb, qw, sigma2, fallback, weight);
+    for (r, w) in waux.iter_mut().zip(weight.iter()) {
+        *r = w.sqrt();
+    }
+    for (k, s) in signs.iter_mut().enumerate() {
+        *s = signs_of(&xb[8 * k..], &weight[8 * k..], even, &mut xval[8 * k..]);
+    }
+    max_of(xval)
+}
+
 /// Magnitudes of 8 values into `xval` and their sign bits. With `even`, an odd count of
 /// negatives flips the least important value's sign (so 7 bits hold the signs, ggml's
 /// `ksigns` parity), keeping its magnitude negated.
@@ -445,15 +467,16 @@ fn iq2_xxs(x: &[f32], qw: &[f32], b: &mut [u8]) {
     let (mut weight, mut waux, mut xval) = ([0.0f32; 32], [0.0f32; 32], [0.0f32; 32]);
     for ib in 0..QK_K / 32 {
         let xb = &x[32 * ib..32 * ib + 32];
-        weights(xb, Some(&qw[32 * ib..]), sigma2, |_| 0.0, &mut weight);
-        for i in 0..32 {
-            waux[i] = weight[i].sqrt();
-        }
         let mut block_signs = [0u8; 4];
-        for k in 0..4 {
-            block_signs[k] = signs_of(&xb[8 * k..], &weight[8 * k..], true, &mut xval[8 * k..]);
-        }
-        let max = max_of(&xval);
+        let max = prologue(
+            xb,
+            Some(&qw[32 * ib..]),
+            sigma2,
+            |_| 0.0,
+            true,
+            (&mut weight, &mut waux, &mut xval),
+            &mut block_signs,
+        );
         if max < GROUP_MAX_EPS {
             scales[ib] = 0.0;
             continue;
@@ -539,21 +562,16 @@ fn iq2_xs_s(dtype: DType, x: &[f32], qw: Option<&[f32]>, b: &mut [u8]) {
     let (mut weight, mut waux, mut xval) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
     for ib in 0..QK_K / 16 {
         let xb = &x[16 * ib..16 * ib + 16];
-        weights(
+        let mut block_signs = [0u8; 2];
+        let max = prologue(
             xb,
             qw.map(|q| &q[16 * ib..]),
             sigma2,
             |v| 0.25 * sigma2 + v * v,
-            &mut weight,
+            !is_s,
+            (&mut weight, &mut waux, &mut xval),
+            &mut block_signs,
         );
-        for i in 0..16 {
-            waux[i] = weight[i].sqrt();
-        }
-        let mut block_signs = [0u8; 2];
-        for k in 0..2 {
-            block_signs[k] = signs_of(&xb[8 * k..], &weight[8 * k..], !is_s, &mut xval[8 * k..]);
-        }
-        let max = max_of(&xval);
         let mut l = [0i8; 16];
         if max < eps {
             scales[ib] = 0.0;
@@ -627,21 +645,16 @@ fn iq3_xxs(x: &[f32], qw: Option<&[f32]>, b: &mut [u8]) {
     let (mut weight, mut waux, mut xval) = ([0.0f32; 32], [0.0f32; 32], [0.0f32; 32]);
     for ib in 0..QK_K / 32 {
         let xb = &x[32 * ib..32 * ib + 32];
-        weights(
+        let mut block_signs = [0u8; 4];
+        let max = prologue(
             xb,
             qw.map(|q| &q[32 * ib..]),
             sigma2,
             |v| v * v,
-            &mut weight,
+            true,
+            (&mut weight, &mut waux, &mut xval),
+            &mut block_signs,
         );
-        for i in 0..32 {
-            waux[i] = weight[i].sqrt();
-        }
-        let mut block_signs = [0u8; 4];
-        for k in 0..4 {
-            block_signs[k] = signs_of(&xb[8 * k..], &weight[8 * k..], true, &mut xval[8 * k..]);
-        }
-        let max = max_of(&xval);
         let mut l = [0i8; 32];
         if max < GROUP_MAX_EPS_IQ3_XXS {
             scales[ib] = 0.0;
@@ -711,21 +724,16 @@ fn iq3_s(x: &[f32], qw: Option<&[f32]>, b: &mut [u8]) {
     let (mut weight, mut waux, mut xval) = ([0.0f32; 32], [0.0f32; 32], [0.0f32; 32]);
     for ib in 0..QK_K / 32 {
         let xb = &x[32 * ib..32 * ib + 32];
-        weights(
+        let mut block_signs = [0u8; 4];
+        let max = prologue(
             xb,
             qw.map(|q| &q[32 * ib..]),
             sigma2,
             |v| v * v,
-            &mut weight,
+            false,
+            (&mut weight, &mut waux, &mut xval),
+            &mut block_signs,
         );
-        for i in 0..32 {
-            waux[i] = weight[i].sqrt();
-        }
-        let mut block_signs = [0u8; 4];
-        for k in 0..4 {
-            block_signs[k] = signs_of(&xb[8 * k..], &weight[8 * k..], false, &mut xval[8 * k..]);
-        }
-        let max = max_of(&xval);
         let mut l = [0i8; 32];
         if max == 0.0 {
             scales[ib] = 0.0;
