@@ -245,15 +245,11 @@ impl Lattice {
     /// group's levels are rounded (clamped to `max_level`) and snapped at `1/id`; the candidate
     /// with the best weighted fit `(Σwxq)²/Σwq²` (q = 2l + 1) gives the scale, the levels `l`
     /// and which groups were on the grid. Returns `scale` unchanged if no candidate fits.
-    #[allow(clippy::too_many_arguments)]
     fn search(
         &self,
         ids: impl Iterator<Item = f32>,
         mut scale: f32,
-        max_level: i32,
-        xval: &[f32],
-        weight: &[f32],
-        waux: &[f32],
+        (max_level, xval, weight, waux): BlockArgs<'_>,
         l: &mut [i8],
         on_grid: &mut [bool],
     ) -> f32 {
@@ -282,14 +278,10 @@ impl Lattice {
 
     /// ggml's second pass: the groups `redo` selects rounded again at `scale` and snapped to
     /// the grid, then the scale refit over all levels (kept when `Σwq² = 0`).
-    #[allow(clippy::too_many_arguments)]
     fn refit(
         &self,
         scale: f32,
-        max_level: i32,
-        xval: &[f32],
-        weight: &[f32],
-        waux: &[f32],
+        (max_level, xval, weight, waux): BlockArgs<'_>,
         l: &mut [i8],
         redo: impl Fn(usize) -> bool,
     ) -> f32 {
@@ -302,7 +294,69 @@ impl Lattice {
         let (sumqx, sumq2) = sums_odd(weight, xval, l);
         if sumq2 > 0.0 { sumqx / sumq2 } else { scale }
     }
+
+    /// One block's fit as every lattice quantizer does it: [`Lattice::search`] over `ids` from
+    /// `start.scale`, the second pass [`Lattice::refit`] as `start.refit` says (only when the
+    /// scale is positive), and a negative scale made positive by flipping the block's sign
+    /// masks (`!s & sign_mask`: 127 for 7-bit even-parity signs, 255 for whole bytes). Returns
+    /// the scale; `l` holds the block's grid points.
+    #[allow(clippy::too_many_arguments)]
+    fn fit_block(
+        &self,
+        ids: impl Iterator<Item = f32>,
+        start: Fit,
+        max_level: i32,
+        (xval, weight, waux): (&[f32], &[f32], &[f32]),
+        l: &mut [i8],
+        signs: &mut [u8],
+        sign_mask: u8,
+    ) -> f32 {
+        let mut on_grid = [start.on_grid; 8];
+        let on_grid = &mut on_grid[..xval.len() / self.dim];
+        let args = (max_level, xval, weight, waux);
+        let mut scale = self.search(ids, start.scale, args, l, on_grid);
+        let any_off = on_grid.contains(&false);
+        if scale > 0.0 {
+            scale = match start.refit {
+                Refit::All => self.refit(scale, args, l, |_| true),
+                Refit::AllIfAnyOff if any_off => self.refit(scale, args, l, |_| true),
+                Refit::OffGrid if any_off => self.refit(scale, args, l, |k| !on_grid[k]),
+                _ => scale,
+            };
+        }
+        if scale < 0.0 {
+            scale = -scale;
+            for s in signs {
+                *s = !*s & sign_mask;
+            }
+        }
+        scale
+    }
 }
+
+/// How [`Lattice::fit_block`] starts: the scale kept if no candidate fits, whether groups count
+/// as on the grid before the search, and which groups the second pass re-snaps.
+#[derive(Clone, Copy)]
+struct Fit {
+    scale: f32,
+    on_grid: bool,
+    refit: Refit,
+}
+
+/// Which groups ggml's second pass rounds again at the chosen scale.
+#[derive(Clone, Copy)]
+enum Refit {
+    /// Every group, always (IQ2_XXS).
+    All,
+    /// Every group, when any was off the grid (IQ3_S).
+    AllIfAnyOff,
+    /// The groups that were off the grid (IQ2_XS, IQ2_S, IQ3_XXS).
+    OffGrid,
+}
+
+/// A block's values, weights and second weights as [`Lattice::search`] reads them, with the
+/// largest level: `(max_level, xval, weight, waux)`.
+type BlockArgs<'a> = (i32, &'a [f32], &'a [f32], &'a [f32]);
 
 fn grid_rows_u64(t: &[u64], signed: bool) -> Vec<[i16; 8]> {
     t.iter()
@@ -482,7 +536,7 @@ fn iq2_xxs(x: &[f32], qw: &[f32], b: &mut [u8]) {
             continue;
         }
         let mut lu = [0u8; 32];
-        let mut scale = make_qp_quants(K_MAX_Q + 1, &xval, &mut lu, &weight);
+        let scale = make_qp_quants(K_MAX_Q + 1, &xval, &mut lu, &weight);
         let eff_max = scale * K_MAX_Q as f32;
         if eff_max <= 0.0 {
             scales[ib] = 0.0;
@@ -490,26 +544,21 @@ fn iq2_xxs(x: &[f32], qw: &[f32], b: &mut [u8]) {
         }
         let mut l = lu.map(|v| v as i8);
         let ids = (-6..=6).map(|is| ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.1) / eff_max);
-        let mut on_grid = [true; 4];
-        scale = grid.search(
-            ids,
+        let start = Fit {
             scale,
+            on_grid: true,
+            refit: Refit::All,
+        };
+        let block = (&xval[..], &weight[..], &waux[..]);
+        let scale = grid.fit_block(
+            ids,
+            start,
             K_MAX_Q - 1,
-            &xval,
-            &weight,
-            &waux,
+            block,
             &mut l,
-            &mut on_grid,
+            &mut block_signs,
+            127,
         );
-        if scale > 0.0 {
-            scale = grid.refit(scale, K_MAX_Q - 1, &xval, &weight, &waux, &mut l, |_| true);
-        }
-        if scale < 0.0 {
-            scale = -scale;
-            for s in &mut block_signs {
-                *s = !*s & 127;
-            }
-        }
         for k in 0..4 {
             let j = grid_index_of(grid, &l[8 * k..8 * k + 8]);
             q2[2 * ib] |= (j as u32) << (8 * k);
@@ -578,29 +627,22 @@ fn iq2_xs_s(dtype: DType, x: &[f32], qw: Option<&[f32]>, b: &mut [u8]) {
             continue;
         }
         let ids = (-9..=9).map(|is| ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.1) / max);
-        let mut on_grid = [true; 2];
-        let mut scale = max / (2 * K_MAX_Q - 1) as f32;
-        scale = grid.search(
+        let start = Fit {
+            scale: max / (2 * K_MAX_Q - 1) as f32,
+            on_grid: true,
+            refit: Refit::OffGrid,
+        };
+        let block = (&xval[..], &weight[..], &waux[..]);
+        let sign_mask = if is_s { 255 } else { 127 };
+        let scale = grid.fit_block(
             ids,
-            scale,
+            start,
             K_MAX_Q - 1,
-            &xval,
-            &weight,
-            &waux,
+            block,
             &mut l,
-            &mut on_grid,
+            &mut block_signs,
+            sign_mask,
         );
-        if on_grid.contains(&false) && scale > 0.0 {
-            scale = grid.refit(scale, K_MAX_Q - 1, &xval, &weight, &waux, &mut l, |k| {
-                !on_grid[k]
-            });
-        }
-        if scale < 0.0 {
-            scale = -scale;
-            for s in &mut block_signs {
-                *s = if is_s { !*s } else { !*s & 127 };
-            }
-        }
         for k in 0..2 {
             let j = grid_index_of(grid, &l[8 * k..8 * k + 8]);
             let i8 = 2 * ib + k;
@@ -661,29 +703,21 @@ fn iq3_xxs(x: &[f32], qw: Option<&[f32]>, b: &mut [u8]) {
             continue;
         }
         let ids = (-15..=15).map(|is| ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.2) / max);
-        let mut on_grid = [true; 8];
-        let mut scale = max / (2 * K_MAX_Q - 1) as f32;
-        scale = grid.search(
+        let start = Fit {
+            scale: max / (2 * K_MAX_Q - 1) as f32,
+            on_grid: true,
+            refit: Refit::OffGrid,
+        };
+        let block = (&xval[..], &weight[..], &waux[..]);
+        let scale = grid.fit_block(
             ids,
-            scale,
+            start,
             K_MAX_Q - 1,
-            &xval,
-            &weight,
-            &waux,
+            block,
             &mut l,
-            &mut on_grid,
+            &mut block_signs,
+            127,
         );
-        if on_grid.contains(&false) && scale > 0.0 {
-            scale = grid.refit(scale, K_MAX_Q - 1, &xval, &weight, &waux, &mut l, |k| {
-                !on_grid[k]
-            });
-        }
-        if scale < 0.0 {
-            scale = -scale;
-            for s in &mut block_signs {
-                *s = !*s & 127;
-            }
-        }
         for k in 0..8 {
             // d@0, 64 index bytes @2.
             b[2 + 8 * ib + k] = grid_index_of(grid, &l[4 * k..4 * k + 4]) as u8;
@@ -740,27 +774,22 @@ fn iq3_s(x: &[f32], qw: Option<&[f32]>, b: &mut [u8]) {
             continue;
         }
         let ids = (-9..=9).map(|is| ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.2) / max);
-        let mut on_grid = [false; 8];
-        let mut scale = max / (2 * K_MAX_Q - 1) as f32;
-        scale = grid.search(
+        // ggml starts IQ3_S's groups off the grid: with no fitting candidate, all are re-snapped.
+        let start = Fit {
+            scale: max / (2 * K_MAX_Q - 1) as f32,
+            on_grid: false,
+            refit: Refit::AllIfAnyOff,
+        };
+        let block = (&xval[..], &weight[..], &waux[..]);
+        let scale = grid.fit_block(
             ids,
-            scale,
+            start,
             K_MAX_Q - 1,
-            &xval,
-            &weight,
-            &waux,
+            block,
             &mut l,
-            &mut on_grid,
+            &mut block_signs,
+            255,
         );
-        if on_grid.contains(&false) && scale > 0.0 {
-            scale = grid.refit(scale, K_MAX_Q - 1, &xval, &weight, &waux, &mut l, |_| true);
-        }
-        if scale < 0.0 {
-            scale = -scale;
-            for s in &mut block_signs {
-                *s = !*s;
-            }
-        }
         for k in 0..8 {
             let j = grid_index_of(grid, &l[4 * k..4 * k + 4]);
             b[qs_at + k] = j as u8;
