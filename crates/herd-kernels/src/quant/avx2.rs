@@ -58,6 +58,9 @@ pub(crate) fn rows_x4(
             DType::Q4_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q4_0>(wr, a, nb)),
             DType::IQ4NL => rows.for_each(|(wr, o)| *o = q0_rows_x4::<IQ4_NL>(wr, a, nb)),
             DType::MXFP4 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<MXFP4>(wr, a, nb)),
+            t if super::iq::is_super_block_type(t) => {
+                rows.for_each(|(wr, o)| *o = super::avx2_iq::rows_x4(t, wr, a, nb))
+            }
             _ => return None,
         }
     }

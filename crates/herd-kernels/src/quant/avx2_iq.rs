@@ -2,11 +2,14 @@
 //! integer sum is the scalar reference's (`iq.rs`), exact in i32 lanes, and the f32 steps are
 //! the reference's, so results are bit-identical.
 //!
-//! Per 32 values: the grid entries are gathered into one register of unsigned magnitudes
-//! (`_mm256_set_epi64x` of table loads, as ggml's AVX2 kernels do), the signs are applied to
-//! the activations (`_mm256_sign_epi8` with bytes 0x01 or 0xFF; Q8_K values lie in −127..127,
-//! so negation never wraps), `maddubs` forms pair sums in i16 (at most 2·62·127 for the grids,
-//! 2·127·127 for IQ4_XS's table) and `madd` multiplies them by the block scales into i32 lanes.
+//! Every type is unpacked the same way, one 32-value sub-block at a time, into a [`Sub`]: the
+//! grid entries gathered into one register of unsigned magnitudes (`_mm256_set_epi64x` of table
+//! loads, as ggml's AVX2 kernels do), the signs to give the activations (bytes 0x01 or 0xFF for
+//! `_mm256_sign_epi8`; Q8_K values lie in −127..127, so negation never wraps) and the i16 block
+//! scales. `maddubs` then forms pair sums in i16 (at most 2·62·127 for the grids, 2·127·127 for
+//! IQ4_XS's table) and `madd` multiplies them by the scales into i32 lanes. Decode uses each
+//! sub-block once ([`row`]); prefill unpacks it once for four activation rows ([`rows_x4`]),
+//! where the table gathers, not the multiplies, are most of the work.
 
 use std::arch::x86_64::*;
 
@@ -18,60 +21,67 @@ use crate::DType;
 /// Bytes of a Q8_K block; its values start at 4 and its sums of 16 at 260.
 const Q8K_BYTES: usize = 292;
 
-/// For each 8-bit sign mask, eight bytes: 0xFF where the bit is set (negate), else 0x01.
-static SIGNS8: [u64; 256] = signs8();
-
-const fn signs8() -> [u64; 256] {
-    let mut t = [0u64; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut v = 0u64;
-        let mut j = 0;
-        while j < 8 {
-            let b: u64 = if (i >> j) & 1 == 1 { 0xFF } else { 0x01 };
-            v |= b << (8 * j);
-            j += 1;
-        }
-        t[i] = v;
-        i += 1;
-    }
-    t
-}
+/// The kinds of [`sub`] (const generic parameters select the unpacking at compile time).
+const IQ2_XXS: u8 = 0;
+const IQ2_XS: u8 = 1;
+const IQ2_S: u8 = 2;
+const IQ3_XXS: u8 = 3;
+const IQ3_S: u8 = 4;
+const IQ1_S: u8 = 5;
+const IQ1_M: u8 = 6;
+const IQ4_XS: u8 = 7;
 
 /// One row of a 256-value IQ type: `nb` super-blocks of `w` against `nb` Q8_K blocks of `a`.
 /// The caller has checked AVX2, FMA and F16C and that both rows hold `nb` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn row(wtype: DType, w: &[u8], a: &[u8], nb: usize) -> f32 {
-    // SAFETY: the features are enabled here; each kernel reads only inside block i of `w`
-    // and of `a` (checked by the caller).
-    unsafe {
-        let acc = match wtype {
-            DType::IQ2XXS => row_of(wtype, w, a, nb, |wb, ab| iq2_xxs(wb, ab)),
-            DType::IQ2XS => row_of(wtype, w, a, nb, |wb, ab| iq2_xs(wb, ab)),
-            DType::IQ2S => row_of(wtype, w, a, nb, |wb, ab| iq2_s(wb, ab)),
-            DType::IQ3XXS => row_of(wtype, w, a, nb, |wb, ab| iq3_xxs(wb, ab)),
-            DType::IQ3S => row_of(wtype, w, a, nb, |wb, ab| iq3_s(wb, ab)),
-            DType::IQ1S => row_of(wtype, w, a, nb, |wb, ab| iq1_s(wb, ab)),
-            DType::IQ1M => row_of(wtype, w, a, nb, |wb, ab| iq1_m(wb, ab)),
-            DType::IQ4XS => row_of(wtype, w, a, nb, |wb, ab| iq4_xs(wb, ab)),
+    // SAFETY: the features are enabled here; the caller's promise bounds every block.
+    let acc = unsafe {
+        match wtype {
+            DType::IQ2XXS => row_of::<IQ2_XXS>(wtype, w, a, nb),
+            DType::IQ2XS => row_of::<IQ2_XS>(wtype, w, a, nb),
+            DType::IQ2S => row_of::<IQ2_S>(wtype, w, a, nb),
+            DType::IQ3XXS => row_of::<IQ3_XXS>(wtype, w, a, nb),
+            DType::IQ3S => row_of::<IQ3_S>(wtype, w, a, nb),
+            DType::IQ1S => row_of::<IQ1_S>(wtype, w, a, nb),
+            DType::IQ1M => row_of::<IQ1_M>(wtype, w, a, nb),
+            DType::IQ4XS => row_of::<IQ4_XS>(wtype, w, a, nb),
             other => unreachable!("{other} is not a 256-value IQ type"),
-        };
-        acc * iq::row_constant(wtype)
-    }
+        }
+    };
+    acc * iq::row_constant(wtype)
 }
 
-/// The reference's f32 steps over a row, `isum` giving each super-block's exact integer sum.
+/// One weight row `w` of a 256-value IQ type against four activation rows, each result equal
+/// to [`row`] of that pair. The caller has checked AVX2, FMA and F16C and that every row holds
+/// `nb` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn rows_x4(wtype: DType, w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
+    // SAFETY: the features are enabled here; the caller's promise bounds every block.
+    let acc = unsafe {
+        match wtype {
+            DType::IQ2XXS => rows_x4_of::<IQ2_XXS>(wtype, w, a, nb),
+            DType::IQ2XS => rows_x4_of::<IQ2_XS>(wtype, w, a, nb),
+            DType::IQ2S => rows_x4_of::<IQ2_S>(wtype, w, a, nb),
+            DType::IQ3XXS => rows_x4_of::<IQ3_XXS>(wtype, w, a, nb),
+            DType::IQ3S => rows_x4_of::<IQ3_S>(wtype, w, a, nb),
+            DType::IQ1S => rows_x4_of::<IQ1_S>(wtype, w, a, nb),
+            DType::IQ1M => rows_x4_of::<IQ1_M>(wtype, w, a, nb),
+            DType::IQ4XS => rows_x4_of::<IQ4_XS>(wtype, w, a, nb),
+            other => unreachable!("{other} is not a 256-value IQ type"),
+        }
+    };
+    acc.map(|r| r * iq::row_constant(wtype))
+}
+
+/// The reference's f32 steps over a row: per super-block, its exact integer sum times the two
+/// scales, added by fused multiply-add.
 ///
 /// # Safety
 /// AVX2, FMA and F16C; both rows hold `nb` blocks.
-#[inline(always)]
-unsafe fn row_of(
-    wtype: DType,
-    w: &[u8],
-    a: &[u8],
-    nb: usize,
-    isum: impl Fn(*const u8, *const u8) -> i32,
-) -> f32 {
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_of<const T: u8>(wtype: DType, w: &[u8], a: &[u8], nb: usize) -> f32 {
     let ts = wtype.type_size();
     debug_assert!(w.len() >= nb * ts && a.len() >= nb * Q8K_BYTES);
     let mut acc = 0.0f32;
@@ -79,16 +89,149 @@ unsafe fn row_of(
         // SAFETY: block i of each row is in bounds (the caller's promise).
         unsafe {
             let (wb, ab) = (w.as_ptr().add(i * ts), a.as_ptr().add(i * Q8K_BYTES));
-            let dw = if wtype == DType::IQ1M {
-                iq1_m_d(std::slice::from_raw_parts(wb, ts))
-            } else {
-                f16_ptr(wb)
-            };
-            let d = dw * f32_ptr(ab);
-            acc = (isum(wb, ab) as f32).mul_add(d, acc);
+            let d = super_scale::<T>(wb, ts) * f32_ptr(ab);
+            acc = (isum::<T>(wb, ab) as f32).mul_add(d, acc);
         }
     }
     acc
+}
+
+/// [`row_of`] for four activation rows, each sub-block unpacked once.
+///
+/// # Safety
+/// AVX2, FMA and F16C; every row holds `nb` blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_x4_of<const T: u8>(wtype: DType, w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
+    let ts = wtype.type_size();
+    debug_assert!(w.len() >= nb * ts && a.iter().all(|r| r.len() >= nb * Q8K_BYTES));
+    let mut acc = [0.0f32; 4];
+    for i in 0..nb {
+        // SAFETY: block i of each row is in bounds (the caller's promise).
+        unsafe {
+            let wb = w.as_ptr().add(i * ts);
+            let ab = a.map(|r| r.as_ptr().add(i * Q8K_BYTES));
+            let dw = super_scale::<T>(wb, ts);
+            let sums = isum_x4::<T>(wb, ab);
+            for r in 0..4 {
+                let d = dw * f32_ptr(ab[r]);
+                acc[r] = (sums[r] as f32).mul_add(d, acc[r]);
+            }
+        }
+    }
+    acc
+}
+
+/// The f16 super-block scale (IQ1_M's, spread over its scale bytes).
+///
+/// # Safety
+/// F16C; `wb` points at a whole block of `ts` bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn super_scale<const T: u8>(wb: *const u8, ts: usize) -> f32 {
+    // SAFETY: the caller's block.
+    unsafe {
+        if T == IQ1_M {
+            iq1_m_d(std::slice::from_raw_parts(wb, ts))
+        } else {
+            f16_ptr(wb)
+        }
+    }
+}
+
+/// One super-block's exact integer sum against one Q8_K block.
+///
+/// # Safety
+/// AVX2; whole blocks at `wb` and `ab`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn isum<const T: u8>(wb: *const u8, ab: *const u8) -> i32 {
+    let mut s = _mm256_setzero_si256();
+    for ib in 0..8 {
+        // SAFETY: sub-block ib of both blocks.
+        s = _mm256_add_epi32(s, unsafe { sub::<T>(wb, ib).dot(q8(ab, 32 * ib)) });
+    }
+    if T == IQ1_S {
+        // SAFETY: whole blocks.
+        s = _mm256_add_epi32(s, unsafe {
+            _mm256_madd_epi16(iq1_s_shifts(wb), q8_sums(ab))
+        });
+    }
+    hsum_i32(s)
+}
+
+/// [`isum`] against four Q8_K blocks.
+///
+/// # Safety
+/// AVX2; whole blocks at `wb` and every `ab`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn isum_x4<const T: u8>(wb: *const u8, ab: [*const u8; 4]) -> [i32; 4] {
+    let mut s = [_mm256_setzero_si256(); 4];
+    for ib in 0..8 {
+        // SAFETY: sub-block ib of every block.
+        unsafe {
+            let w = sub::<T>(wb, ib);
+            for r in 0..4 {
+                s[r] = _mm256_add_epi32(s[r], w.dot(q8(ab[r], 32 * ib)));
+            }
+        }
+    }
+    if T == IQ1_S {
+        // SAFETY: whole blocks.
+        let shifts = unsafe { iq1_s_shifts(wb) };
+        for r in 0..4 {
+            // SAFETY: whole blocks.
+            s[r] = _mm256_add_epi32(s[r], unsafe { _mm256_madd_epi16(shifts, q8_sums(ab[r])) });
+        }
+    }
+    s.map(|v| hsum_i32(v))
+}
+
+/// One 32-value sub-block of weights, ready for `maddubs`.
+#[derive(Clone, Copy)]
+struct Sub {
+    /// |w|, unsigned bytes.
+    mag: __m256i,
+    /// The sign of each w, given to the activations by `_mm256_sign_epi8` (any byte of the
+    /// sign wanted, or 0 where |w| is 0).
+    sign: __m256i,
+    /// The i16 multiplier of each pair sum (the block scales).
+    scale: __m256i,
+}
+
+impl Sub {
+    /// Σ scale·w·y over the 32 activations `y`, in eight i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot(self, y: __m256i) -> __m256i {
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(self.mag, _mm256_sign_epi8(y, self.sign)),
+            self.scale,
+        )
+    }
+}
+
+/// Sub-block `ib` (values 32·ib..32·ib+32) of the super-block of kind `T` at `wb`.
+///
+/// # Safety
+/// AVX2; a whole block at `wb`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn sub<const T: u8>(wb: *const u8, ib: usize) -> Sub {
+    // SAFETY: the caller's block.
+    unsafe {
+        match T {
+            IQ2_XXS => iq2_xxs(wb, ib),
+            IQ2_XS => iq2_xs(wb, ib),
+            IQ2_S => iq2_s(wb, ib),
+            IQ3_XXS => iq3_xxs(wb, ib),
+            IQ3_S => iq3_s(wb, ib),
+            IQ1_S => iq1_s(wb, ib),
+            IQ1_M => iq1_m(wb, ib),
+            _ => iq4_xs(wb, ib),
+        }
+    }
 }
 
 #[inline]
@@ -109,6 +252,34 @@ unsafe fn u32_ptr(p: *const u8) -> u32 {
 unsafe fn q8(ab: *const u8, e: usize) -> __m256i {
     // SAFETY: e + 32 ≤ 256 values at 4.
     unsafe { _mm256_loadu_si256(ab.add(4 + e) as *const __m256i) }
+}
+
+/// The sixteen i16 sums of 16 activations of a Q8_K block.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q8_sums(ab: *const u8) -> __m256i {
+    // SAFETY: bytes 260..292 of the block.
+    unsafe { _mm256_loadu_si256(ab.add(260) as *const __m256i) }
+}
+
+/// For each 8-bit sign mask, eight bytes: 0xFF where the bit is set (negate), else 0x01.
+static SIGNS8: [u64; 256] = signs8();
+
+const fn signs8() -> [u64; 256] {
+    let mut t = [0u64; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut v = 0u64;
+        let mut j = 0;
+        while j < 8 {
+            let b: u64 = if (i >> j) & 1 == 1 { 0xFF } else { 0x01 };
+            v |= b << (8 * j);
+            j += 1;
+        }
+        t[i] = v;
+        i += 1;
+    }
+    t
 }
 
 /// For each 7-bit sign index of IQ2_XXS, IQ2_XS and IQ3_XXS, the sign bytes of its 8-bit mask
@@ -150,14 +321,6 @@ fn sign_bytes(s: [u8; 4]) -> __m256i {
     )
 }
 
-/// Pair sums of unsigned magnitudes `x` and signed activations `y`, times the i16 scale of
-/// each pair, in eight i32 lanes.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn scaled(x: __m256i, y: __m256i, scales: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), scales)
-}
-
 /// One scale for values 0..16 and another for 16..32, as i16 pair multipliers.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -165,202 +328,210 @@ fn two_scales(lo: i32, hi: i32) -> __m256i {
     _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16))
 }
 
-#[target_feature(enable = "avx2")]
-unsafe fn iq2_xxs(wb: *const u8, ab: *const u8) -> i32 {
-    let mut s = _mm256_setzero_si256();
-    for ib in 0..8 {
-        // SAFETY: bytes 2 + 8·ib .. 10 + 8·ib of the 66-byte block.
-        let (idx, aux) = unsafe { (u32_ptr(wb.add(2 + 8 * ib)), u32_ptr(wb.add(6 + 8 * ib))) };
-        let g = |l: u32| IQ2XXS_GRID[((idx >> (8 * l)) & 0xFF) as usize] as i64;
-        let x = _mm256_set_epi64x(g(3), g(2), g(1), g(0));
-        let signs = [0, 1, 2, 3].map(|l| ((aux >> (7 * l)) & 127) as usize);
-        // SAFETY: 32 values of the Q8_K block.
-        let y = _mm256_sign_epi8(unsafe { q8(ab, 32 * ib) }, even_sign_bytes(signs));
-        let ls = 2 * (aux >> 28) as i32 + 1;
-        s = _mm256_add_epi32(s, scaled(x, y, _mm256_set1_epi16(ls as i16)));
-    }
-    hsum_i32(s)
-}
-
-#[target_feature(enable = "avx2")]
-unsafe fn iq2_xs(wb: *const u8, ab: *const u8) -> i32 {
-    let mut s = _mm256_setzero_si256();
-    for ib in 0..8 {
-        // SAFETY: four u16 at 2 + 8·ib and the scale byte at 66 + ib of the 74-byte block.
-        let (q, sc) = unsafe {
-            (
-                [0, 1, 2, 3].map(|l| u16_ptr(wb.add(2 + 8 * ib + 2 * l))),
-                *wb.add(66 + ib),
-            )
-        };
-        let g = |l: usize| IQ2XS_GRID[(q[l] & 511) as usize] as i64;
-        let x = _mm256_set_epi64x(g(3), g(2), g(1), g(0));
-        let signs = q.map(|v| (v >> 9) as usize);
-        // SAFETY: 32 values of the Q8_K block.
-        let y = _mm256_sign_epi8(unsafe { q8(ab, 32 * ib) }, even_sign_bytes(signs));
-        let scales = two_scales(2 * (sc & 0xF) as i32 + 1, 2 * (sc >> 4) as i32 + 1);
-        s = _mm256_add_epi32(s, scaled(x, y, scales));
-    }
-    hsum_i32(s)
-}
-
-#[target_feature(enable = "avx2")]
-unsafe fn iq2_s(wb: *const u8, ab: *const u8) -> i32 {
-    let mut s = _mm256_setzero_si256();
-    for ib in 0..8 {
-        // SAFETY: index bytes at 2 + 4·ib, signs at 34 + 4·ib, high bits at 66 + ib and the
-        // scale at 74 + ib, all inside the 82-byte block.
-        let (lo, signs, qh, sc) = unsafe {
-            (
-                [0, 1, 2, 3].map(|l| *wb.add(2 + 4 * ib + l) as usize),
-                [0, 1, 2, 3].map(|l| *wb.add(34 + 4 * ib + l)),
-                *wb.add(66 + ib) as usize,
-                *wb.add(74 + ib),
-            )
-        };
-        let g = |l: usize| IQ2S_GRID[lo[l] | ((qh << (8 - 2 * l)) & 0x300)] as i64;
-        let x = _mm256_set_epi64x(g(3), g(2), g(1), g(0));
-        // SAFETY: 32 values of the Q8_K block.
-        let y = _mm256_sign_epi8(unsafe { q8(ab, 32 * ib) }, sign_bytes(signs));
-        let scales = two_scales(2 * (sc & 0xF) as i32 + 1, 2 * (sc >> 4) as i32 + 1);
-        s = _mm256_add_epi32(s, scaled(x, y, scales));
-    }
-    hsum_i32(s)
-}
-
-#[target_feature(enable = "avx2")]
-unsafe fn iq3_xxs(wb: *const u8, ab: *const u8) -> i32 {
-    let mut s = _mm256_setzero_si256();
-    for ib in 0..8 {
-        // SAFETY: eight index bytes at 2 + 8·ib and the u32 at 66 + 4·ib of the 98-byte block.
-        let (idx, aux) = unsafe {
-            (
-                [0, 1, 2, 3, 4, 5, 6, 7].map(|k| *wb.add(2 + 8 * ib + k) as usize),
-                u32_ptr(wb.add(66 + 4 * ib)),
-            )
-        };
-        let g = |k: usize| IQ3XXS_GRID[idx[k]] as i32;
-        let x = _mm256_set_epi32(g(7), g(6), g(5), g(4), g(3), g(2), g(1), g(0));
-        let signs = [0, 1, 2, 3].map(|l| ((aux >> (7 * l)) & 127) as usize);
-        // SAFETY: 32 values of the Q8_K block.
-        let y = _mm256_sign_epi8(unsafe { q8(ab, 32 * ib) }, even_sign_bytes(signs));
-        let ls = 2 * (aux >> 28) as i32 + 1;
-        s = _mm256_add_epi32(s, scaled(x, y, _mm256_set1_epi16(ls as i16)));
-    }
-    hsum_i32(s)
-}
-
-#[target_feature(enable = "avx2")]
-unsafe fn iq3_s(wb: *const u8, ab: *const u8) -> i32 {
-    let mut s = _mm256_setzero_si256();
-    for ib in 0..8 {
-        // SAFETY: index bytes at 2 + 8·ib, the high bits at 66 + ib, signs at 74 + 4·ib and the
-        // scales at 106 + ib/2, all inside the 110-byte block.
-        let (lo, qh, signs, sc) = unsafe {
-            (
-                [0, 1, 2, 3, 4, 5, 6, 7].map(|k| *wb.add(2 + 8 * ib + k) as usize),
-                *wb.add(66 + ib) as usize,
-                [0, 1, 2, 3].map(|l| *wb.add(74 + 4 * ib + l)),
-                *wb.add(106 + ib / 2),
-            )
-        };
-        // Entry k (four values): its ninth index bit is bit k of qh.
-        let g = |k: usize| IQ3S_GRID[lo[k] | (((qh >> k) & 1) << 8)] as i32;
-        let x = _mm256_set_epi32(g(7), g(6), g(5), g(4), g(3), g(2), g(1), g(0));
-        // SAFETY: 32 values of the Q8_K block.
-        let y = _mm256_sign_epi8(unsafe { q8(ab, 32 * ib) }, sign_bytes(signs));
-        let ls = if ib % 2 == 0 { sc & 0xF } else { sc >> 4 };
-        let scale = _mm256_set1_epi16((2 * ls as i32 + 1) as i16);
-        s = _mm256_add_epi32(s, scaled(x, y, scale));
-    }
-    hsum_i32(s)
-}
-
-/// Σ grid·y over 32 values with the signed IQ1 grid values (−1, 0, 1) in `g`, as i16 pairs.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn ternary_pairs(g: __m256i, y: __m256i) -> __m256i {
-    _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_sign_epi8(y, g))
+unsafe fn iq2_xxs(wb: *const u8, ib: usize) -> Sub {
+    // SAFETY: bytes 2 + 8·ib .. 10 + 8·ib of the 66-byte block.
+    let (idx, aux) = unsafe { (u32_ptr(wb.add(2 + 8 * ib)), u32_ptr(wb.add(6 + 8 * ib))) };
+    let g = |l: u32| IQ2XXS_GRID[((idx >> (8 * l)) & 0xFF) as usize] as i64;
+    let signs = [0, 1, 2, 3].map(|l| ((aux >> (7 * l)) & 127) as usize);
+    Sub {
+        mag: _mm256_set_epi64x(g(3), g(2), g(1), g(0)),
+        sign: even_sign_bytes(signs),
+        scale: _mm256_set1_epi16((2 * (aux >> 28) + 1) as i16),
+    }
 }
 
+#[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn iq1_s(wb: *const u8, ab: *const u8) -> i32 {
-    let mut s = _mm256_setzero_si256();
-    let mut shifts = 0i32;
-    for ib in 0..8 {
-        // SAFETY: index bytes at 2 + 4·ib and the u16 at 34 + 2·ib of the 50-byte block; the
-        // Q8_K block's sums of 16 at 260.
-        let (lo, qh, bsum) = unsafe {
-            (
-                [0, 1, 2, 3].map(|l| *wb.add(2 + 4 * ib + l) as usize),
-                u16_ptr(wb.add(34 + 2 * ib)) as usize,
-                std::ptr::read_unaligned(ab.add(260 + 4 * ib) as *const i16) as i32
-                    + std::ptr::read_unaligned(ab.add(262 + 4 * ib) as *const i16) as i32,
-            )
-        };
-        let g = |l: usize| IQ1S_GRID[lo[l] | (((qh >> (3 * l)) & 7) << 8)] as i64;
-        let x = _mm256_set_epi64x(g(3), g(2), g(1), g(0));
-        let ls = 2 * ((qh >> 12) & 7) as i32 + 1;
-        // SAFETY: 32 values of the Q8_K block.
-        let p = ternary_pairs(x, unsafe { q8(ab, 32 * ib) });
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, _mm256_set1_epi16((8 * ls) as i16)));
-        shifts += ls * if qh & 0x8000 != 0 { -bsum } else { bsum };
+unsafe fn iq2_xs(wb: *const u8, ib: usize) -> Sub {
+    // SAFETY: four u16 at 2 + 8·ib and the scale byte at 66 + ib of the 74-byte block.
+    let (q, sc) = unsafe {
+        (
+            [0, 1, 2, 3].map(|l| u16_ptr(wb.add(2 + 8 * ib + 2 * l))),
+            *wb.add(66 + ib),
+        )
+    };
+    let g = |l: usize| IQ2XS_GRID[(q[l] & 511) as usize] as i64;
+    Sub {
+        mag: _mm256_set_epi64x(g(3), g(2), g(1), g(0)),
+        sign: even_sign_bytes(q.map(|v| (v >> 9) as usize)),
+        scale: two_scales(2 * (sc & 0xF) as i32 + 1, 2 * (sc >> 4) as i32 + 1),
     }
-    hsum_i32(s) + shifts
 }
 
+#[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn iq1_m(wb: *const u8, ab: *const u8) -> i32 {
-    let mut s = _mm256_setzero_si256();
-    for ib in 0..8 {
-        // SAFETY: index bytes at 4·ib, high bits at 32 + 2·ib and the scales at 48 of the
-        // 56-byte block.
-        let (lo, qh, sc) = unsafe {
-            (
-                [0, 1, 2, 3].map(|l| *wb.add(4 * ib + l) as usize),
-                [*wb.add(32 + 2 * ib) as usize, *wb.add(33 + 2 * ib) as usize],
-                u16_ptr(wb.add(48 + 2 * (ib / 2))) as i32,
-            )
-        };
-        let high = |l: usize| (qh[l / 2] >> (4 * (l % 2))) & 0xF;
-        let g = |l: usize| IQ1S_GRID[lo[l] | ((high(l) & 7) << 8)] as i64;
-        let x = _mm256_set_epi64x(g(3), g(2), g(1), g(0));
-        let shift = |l: usize| if high(l) & 8 != 0 { 0xFFu8 } else { 0x01 };
-        let shifts = _mm256_set_epi64x(
-            (shift(3) as u64 * 0x0101_0101_0101_0101) as i64,
-            (shift(2) as u64 * 0x0101_0101_0101_0101) as i64,
-            (shift(1) as u64 * 0x0101_0101_0101_0101) as i64,
-            (shift(0) as u64 * 0x0101_0101_0101_0101) as i64,
-        );
-        let k = 6 * (ib % 2);
-        let (ls1, ls2) = (2 * ((sc >> k) & 7) + 1, 2 * ((sc >> (k + 3)) & 7) + 1);
-        // SAFETY: 32 values of the Q8_K block.
-        let y = unsafe { q8(ab, 32 * ib) };
-        let grid = _mm256_madd_epi16(ternary_pairs(x, y), two_scales(8 * ls1, 8 * ls2));
-        let shifted = _mm256_madd_epi16(ternary_pairs(shifts, y), two_scales(ls1, ls2));
-        s = _mm256_add_epi32(s, _mm256_add_epi32(grid, shifted));
+unsafe fn iq2_s(wb: *const u8, ib: usize) -> Sub {
+    // SAFETY: index bytes at 2 + 4·ib, signs at 34 + 4·ib, high bits at 66 + ib and the
+    // scale at 74 + ib, all inside the 82-byte block.
+    let (lo, signs, qh, sc) = unsafe {
+        (
+            [0, 1, 2, 3].map(|l| *wb.add(2 + 4 * ib + l) as usize),
+            [0, 1, 2, 3].map(|l| *wb.add(34 + 4 * ib + l)),
+            *wb.add(66 + ib) as usize,
+            *wb.add(74 + ib),
+        )
+    };
+    let g = |l: usize| IQ2S_GRID[lo[l] | ((qh << (8 - 2 * l)) & 0x300)] as i64;
+    Sub {
+        mag: _mm256_set_epi64x(g(3), g(2), g(1), g(0)),
+        sign: sign_bytes(signs),
+        scale: two_scales(2 * (sc & 0xF) as i32 + 1, 2 * (sc >> 4) as i32 + 1),
     }
-    hsum_i32(s)
 }
 
+#[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn iq4_xs(wb: *const u8, ab: *const u8) -> i32 {
-    // SAFETY: the table holds 16 bytes.
-    let table = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
-    // SAFETY: the high scale bits at 2 and the low nibbles at 4..8 of the 136-byte block.
-    let (h, l) = unsafe { (u16_ptr(wb.add(2)) as i32, u32_ptr(wb.add(4)) as i32) };
-    let mut s = _mm256_setzero_si256();
-    for ib in 0..8 {
-        // SAFETY: 16 index bytes at 8 + 16·ib of the block.
-        let q = unsafe { _mm_loadu_si128(wb.add(8 + 16 * ib) as *const __m128i) };
-        let x = table_nibbles(table, q);
-        // SAFETY: 32 values of the Q8_K block.
-        let y = unsafe { q8(ab, 32 * ib) };
-        let ls = (((l >> (4 * ib)) & 0xF) | (((h >> (2 * ib)) & 3) << 4)) - 32;
-        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(p, _mm256_set1_epi16(ls as i16)));
+unsafe fn iq3_xxs(wb: *const u8, ib: usize) -> Sub {
+    // SAFETY: eight index bytes at 2 + 8·ib and the u32 at 66 + 4·ib of the 98-byte block.
+    let (idx, aux) = unsafe {
+        (
+            [0, 1, 2, 3, 4, 5, 6, 7].map(|k| *wb.add(2 + 8 * ib + k) as usize),
+            u32_ptr(wb.add(66 + 4 * ib)),
+        )
+    };
+    let g = |k: usize| IQ3XXS_GRID[idx[k]] as i32;
+    let signs = [0, 1, 2, 3].map(|l| ((aux >> (7 * l)) & 127) as usize);
+    Sub {
+        mag: _mm256_set_epi32(g(7), g(6), g(5), g(4), g(3), g(2), g(1), g(0)),
+        sign: even_sign_bytes(signs),
+        scale: _mm256_set1_epi16((2 * (aux >> 28) + 1) as i16),
     }
-    hsum_i32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq3_s(wb: *const u8, ib: usize) -> Sub {
+    // SAFETY: index bytes at 2 + 8·ib, the high bits at 66 + ib, signs at 74 + 4·ib and the
+    // scales at 106 + ib/2, all inside the 110-byte block.
+    let (lo, qh, signs, sc) = unsafe {
+        (
+            [0, 1, 2, 3, 4, 5, 6, 7].map(|k| *wb.add(2 + 8 * ib + k) as usize),
+            *wb.add(66 + ib) as usize,
+            [0, 1, 2, 3].map(|l| *wb.add(74 + 4 * ib + l)),
+            *wb.add(106 + ib / 2),
+        )
+    };
+    // Entry k (four values): its ninth index bit is bit k of qh.
+    let g = |k: usize| IQ3S_GRID[lo[k] | (((qh >> k) & 1) << 8)] as i32;
+    let ls = if ib % 2 == 0 { sc & 0xF } else { sc >> 4 };
+    Sub {
+        mag: _mm256_set_epi32(g(7), g(6), g(5), g(4), g(3), g(2), g(1), g(0)),
+        sign: sign_bytes(signs),
+        scale: _mm256_set1_epi16((2 * ls as i32 + 1) as i16),
+    }
+}
+
+/// IQ1_S sub-block `ib`'s grid values (−1, 0, 1 as signed bytes) and its 3-bit scale field and
+/// delta bit (`qh`).
+///
+/// # Safety
+/// A whole 50-byte block at `wb`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq1_s_grid(wb: *const u8, ib: usize) -> (__m256i, usize) {
+    // SAFETY: index bytes at 2 + 4·ib and the u16 at 34 + 2·ib of the 50-byte block.
+    let (lo, qh) = unsafe {
+        (
+            [0, 1, 2, 3].map(|l| *wb.add(2 + 4 * ib + l) as usize),
+            u16_ptr(wb.add(34 + 2 * ib)) as usize,
+        )
+    };
+    let g = |l: usize| IQ1S_GRID[lo[l] | (((qh >> (3 * l)) & 7) << 8)] as i64;
+    (_mm256_set_epi64x(g(3), g(2), g(1), g(0)), qh)
+}
+
+/// IQ1_S's grid term: Σ 8·ls·g·y (its delta term comes from the activation sums, see
+/// [`iq1_s_shifts`]).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq1_s(wb: *const u8, ib: usize) -> Sub {
+    // SAFETY: the caller's block.
+    let (g, qh) = unsafe { iq1_s_grid(wb, ib) };
+    let ls = 2 * ((qh >> 12) & 7) as i32 + 1;
+    Sub {
+        mag: _mm256_abs_epi8(g),
+        sign: g,
+        scale: _mm256_set1_epi16((8 * ls) as i16),
+    }
+}
+
+/// IQ1_S's delta term as multipliers of the Q8_K block's sums of 16: ±ls of each sub-block,
+/// twice (a sub-block holds two sums).
+///
+/// # Safety
+/// A whole 50-byte block at `wb`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq1_s_shifts(wb: *const u8) -> __m256i {
+    let mut m = [0i16; 16];
+    for ib in 0..8 {
+        // SAFETY: the u16 at 34 + 2·ib of the block.
+        let qh = unsafe { u16_ptr(wb.add(34 + 2 * ib)) };
+        let ls = 2 * ((qh >> 12) & 7) as i16 + 1;
+        let v = if qh & 0x8000 != 0 { -ls } else { ls };
+        m[2 * ib] = v;
+        m[2 * ib + 1] = v;
+    }
+    // SAFETY: 32 bytes of `m`.
+    unsafe { _mm256_loadu_si256(m.as_ptr() as *const __m256i) }
+}
+
+/// IQ1_M's grid and delta terms in one: Σ ls·(8·g ± 1)·y, the delta's sign per group of eight.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq1_m(wb: *const u8, ib: usize) -> Sub {
+    // SAFETY: index bytes at 4·ib, high bits at 32 + 2·ib and the scales at 48 of the
+    // 56-byte block.
+    let (lo, qh, sc) = unsafe {
+        (
+            [0, 1, 2, 3].map(|l| *wb.add(4 * ib + l) as usize),
+            [*wb.add(32 + 2 * ib) as usize, *wb.add(33 + 2 * ib) as usize],
+            u16_ptr(wb.add(48 + 2 * (ib / 2))) as i32,
+        )
+    };
+    let high = |l: usize| (qh[l / 2] >> (4 * (l % 2))) & 0xF;
+    let g = |l: usize| IQ1S_GRID[lo[l] | ((high(l) & 7) << 8)] as i64;
+    let grid = _mm256_set_epi64x(g(3), g(2), g(1), g(0));
+    let delta = |l: usize| (if high(l) & 8 != 0 { 0xFFu64 } else { 0x01 }) * 0x0101_0101_0101_0101;
+    let deltas = _mm256_set_epi64x(
+        delta(3) as i64,
+        delta(2) as i64,
+        delta(1) as i64,
+        delta(0) as i64,
+    );
+    // 8·g ± 1 lies in −9..9.
+    let w = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), deltas);
+    let k = 6 * (ib % 2);
+    let (ls1, ls2) = (2 * ((sc >> k) & 7) + 1, 2 * ((sc >> (k + 3)) & 7) + 1);
+    Sub {
+        mag: _mm256_abs_epi8(w),
+        sign: w,
+        scale: two_scales(ls1, ls2),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn iq4_xs(wb: *const u8, ib: usize) -> Sub {
+    // SAFETY: the table holds 16 bytes; the high scale bits at 2, the low ones at 4..8 and the
+    // 16 index bytes at 8 + 16·ib of the 136-byte block.
+    let (table, h, l, q) = unsafe {
+        (
+            _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i),
+            u16_ptr(wb.add(2)) as i32,
+            u32_ptr(wb.add(4)) as i32,
+            _mm_loadu_si128(wb.add(8 + 16 * ib) as *const __m128i),
+        )
+    };
+    let x = table_nibbles(table, q);
+    let ls = (((l >> (4 * ib)) & 0xF) | (((h >> (2 * ib)) & 3) << 4)) - 32;
+    Sub {
+        mag: _mm256_abs_epi8(x),
+        sign: x,
+        scale: _mm256_set1_epi16(ls as i16),
+    }
 }
 
 #[cfg(test)]
