@@ -23,6 +23,8 @@ pub(crate) fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> Option<f32>
             DType::Q5_0 => Some(q0_row::<Q5_0>(w, a, nb)),
             DType::Q4K => Some(q4_k_row(w, a, nb)),
             DType::Q5K => Some(q5_k_q8_k(w, a, nb)),
+            DType::Q2K => Some(q2_k_rows::<1>(w, [a], nb)[0]),
+            DType::Q3K => Some(q3_k_rows::<1>(w, [a], nb)[0]),
             DType::Q6K => Some(q6_k_row(w, a, nb)),
             DType::IQ4NL => Some(q0_row::<IQ4_NL>(w, a, nb)),
             DType::MXFP4 => Some(q0_row::<MXFP4>(w, a, nb)),
@@ -53,6 +55,8 @@ pub(crate) fn rows_x4(
         match wtype {
             DType::Q4K => rows.for_each(|(wr, o)| *o = q4_k_rows_x4(wr, a, nb)),
             DType::Q6K => rows.for_each(|(wr, o)| *o = q6_k_rows_x4(wr, a, nb)),
+            DType::Q2K => rows.for_each(|(wr, o)| *o = q2_k_rows::<4>(wr, a, nb)),
+            DType::Q3K => rows.for_each(|(wr, o)| *o = q3_k_rows::<4>(wr, a, nb)),
             DType::Q8_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q8_0>(wr, a, nb)),
             DType::Q5_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q5_0>(wr, a, nb)),
             DType::Q4_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q4_0>(wr, a, nb)),
@@ -1072,6 +1076,133 @@ unsafe fn q4_k_rows_x4(w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
     out
 }
 
+/// Sixteen i16 scales of a super-block (one per 16 values) as two registers holding scales
+/// 0..8 and 8..16 in both 128-bit lanes, for [`pair_scale`].
+#[inline]
+#[target_feature(enable = "avx2")]
+fn scales_by_lane(s: __m256i) -> [__m256i; 2] {
+    [
+        _mm256_permute2x128_si256::<0x00>(s, s),
+        _mm256_permute2x128_si256::<0x11>(s, s),
+    ]
+}
+
+/// The i16 multipliers of values `32j..32j+32`: scale `2j` for the first 16, `2j + 1` for the
+/// next 16 (a byte shuffle of [`scales_by_lane`]'s registers).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn pair_scale(s: &[__m256i; 2], j: usize) -> __m256i {
+    let m = (2 * j % 8) as u16;
+    let lo = ((2 * m + 1) << 8 | 2 * m) as i16;
+    let hi = ((2 * m + 3) << 8 | (2 * m + 2)) as i16;
+    _mm256_shuffle_epi8(
+        s[j / 4],
+        _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo)),
+    )
+}
+
+/// The sixteen i16 sums of 16 activations of a Q8_K block.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q8k_sums(ab: &[u8]) -> __m256i {
+    // SAFETY: bytes 260..292 of the block.
+    unsafe { load(ab, 260) }
+}
+
+/// `nb` Q2_K super-blocks of one weight row (84 bytes: 16 scale/min bytes, 64 bytes of 2-bit
+/// quants, f16 d and dmin) against `R` activation rows, each result equal to the reference's
+/// `block_sums` of `q2_k_q8_k`: per block the exact `Σ sc·q·a` and `Σ m·bsum`, combined in
+/// f32 by `combine_k`. The quants and scales are unpacked once for the `R` rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_k_rows<const R: usize>(w: &[u8], a: [&[u8]; R], nb: usize) -> [f32; R] {
+    let mut sum = [0.0f32; R];
+    let low2 = _mm256_set1_epi8(3);
+    let nibble = _mm_set1_epi8(0xF);
+    for i in 0..nb {
+        let wb = &w[84 * i..84 * i + 84];
+        let ab = a.map(|r| &r[292 * i..292 * i + 292]);
+        // SAFETY: the 16 scale bytes at 0.
+        let sm = unsafe { _mm_loadu_si128(wb.as_ptr() as *const __m128i) };
+        let scales = scales_by_lane(_mm256_cvtepu8_epi16(_mm_and_si128(sm, nibble)));
+        let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sm), nibble));
+        let mut acc = [_mm256_setzero_si256(); R];
+        for half in 0..2 {
+            // SAFETY: 32 quant bytes at 16 + 32·half.
+            let q = unsafe { load(wb, 16 + 32 * half) };
+            for k in 0..4 {
+                let j = 4 * half + k;
+                let u =
+                    _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * k as i32)), low2);
+                let sc = pair_scale(&scales, j);
+                for r in 0..R {
+                    // SAFETY: values 32j..32j+32 of the Q8_K block.
+                    let y = unsafe { load(ab[r], 4 + 32 * j) };
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), sc);
+                    acc[r] = _mm256_add_epi32(acc[r], p);
+                }
+            }
+        }
+        let (d, dmin) = (f16_at(wb, 80), f16_at(wb, 82));
+        for r in 0..R {
+            // SAFETY: the Q8_K block's sums.
+            let summ = hsum_i32(_mm256_madd_epi16(mins, unsafe { q8k_sums(ab[r]) }));
+            sum[r] += combine_k(f32_at(ab[r], 0), d, dmin, hsum_i32(acc[r]), summ);
+        }
+    }
+    sum
+}
+
+/// `nb` Q3_K super-blocks of one weight row (110 bytes: 32 high-bit mask bytes, 64 bytes of
+/// 2-bit quants, 12 bytes of 6-bit scales, f16 d) against `R` activation rows, each result
+/// equal to the reference's `block_sums` of `q3_k_q8_k`. Each value is `u − 4` with `u` the
+/// three bits (low two, and 4 where the mask bit is set), so a block's exact integer sum is
+/// `Σ sc·Σ u·a − 4·Σ sc·bsum`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k_rows<const R: usize>(w: &[u8], a: [&[u8]; R], nb: usize) -> [f32; R] {
+    let mut sum = [0.0f32; R];
+    let low2 = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    for i in 0..nb {
+        let wb = &w[110 * i..110 * i + 110];
+        let ab = a.map(|r| &r[292 * i..292 * i + 292]);
+        let sc8 = super::q3k_scales(&wb[96..108]);
+        // SAFETY: 16 bytes of `sc8`.
+        let sc16 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sc8.as_ptr() as *const __m128i) });
+        let scales = scales_by_lane(sc16);
+        // SAFETY: the 32 mask bytes at 0.
+        let hmask = unsafe { load(wb, 0) };
+        let mut acc = [_mm256_setzero_si256(); R];
+        for half in 0..2 {
+            // SAFETY: 32 quant bytes at 32 + 32·half.
+            let q = unsafe { load(wb, 32 + 32 * half) };
+            for k in 0..4 {
+                let j = 4 * half + k;
+                let bit = _mm256_set1_epi8((1u8 << j) as i8);
+                let high =
+                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hmask, bit), bit), four);
+                let low =
+                    _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * k as i32)), low2);
+                let u = _mm256_or_si256(low, high);
+                let sc = pair_scale(&scales, j);
+                for r in 0..R {
+                    // SAFETY: values 32j..32j+32 of the Q8_K block.
+                    let y = unsafe { load(ab[r], 4 + 32 * j) };
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), sc);
+                    acc[r] = _mm256_add_epi32(acc[r], p);
+                }
+            }
+        }
+        let d = f16_at(wb, 108);
+        for r in 0..R {
+            // SAFETY: the Q8_K block's sums.
+            let offset = hsum_i32(_mm256_madd_epi16(sc16, unsafe { q8k_sums(ab[r]) }));
+            let sumi = hsum_i32(acc[r]) - 4 * offset;
+            sum[r] += f32_at(ab[r], 0) * d * sumi as f32;
+        }
+    }
+    sum
+}
+
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q5_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
     let mut sum = 0.0f32;
@@ -1618,6 +1749,8 @@ mod tests {
             DType::Q4K,
             DType::Q5K,
             DType::Q6K,
+            DType::Q2K,
+            DType::Q3K,
         ] {
             let bs = wt.block_size();
             for blocks in 1..=9 {
@@ -1637,6 +1770,66 @@ mod tests {
                         slow.to_bits(),
                         "{wt} n={n}: {fast} vs {slow}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Q2_K and Q3_K on random blocks (every bit pattern of quants, masks and scales is a valid
+    /// block; the f16 scales set finite), one and four activation rows, and activations at
+    /// ±127 (the largest pair sums).
+    #[test]
+    fn low_bit_k_quants_equal_scalar_on_random_blocks() {
+        use crate::quant::{quantize_activation, vec_dot_x4_rows};
+        use crate::rng::SplitMix64;
+        if !super::super::has_avx2() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        let mut rng = SplitMix64::new(11);
+        for (wt, scales_at) in [(DType::Q2K, [80, 82]), (DType::Q3K, [108, 108])] {
+            for blocks in [1, 2, 5] {
+                let n = blocks * 256;
+                let mut w: Vec<u8> = (0..wt.bytes_for(n)).map(|_| rng.next_u64() as u8).collect();
+                for b in w.chunks_exact_mut(wt.type_size()) {
+                    for (k, at) in scales_at.into_iter().enumerate() {
+                        let d = half::f16::from_f32(0.01 + (b[k] as f32) / 1000.0);
+                        b[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                    }
+                }
+                let at = wt.vec_dot_type();
+                let quantized = |y: &[f32]| {
+                    let mut aq = vec![0u8; at.bytes_for(n)];
+                    quantize_activation(at, y, &mut aq);
+                    aq
+                };
+                let mut acts: Vec<Vec<u8>> = (0..4)
+                    .map(|r| quantized(&rand_vec(n, 30 + r, 1.0)))
+                    .collect();
+                let extreme: Vec<f32> = (0..n)
+                    .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+                    .collect();
+                acts.push(quantized(&extreme));
+                for aq in &acts {
+                    let fast = vec_dot(wt, &w, aq, n).unwrap();
+                    let slow = vec_dot_scalar(wt, &w, aq, n);
+                    assert_eq!(
+                        fast.to_bits(),
+                        slow.to_bits(),
+                        "{wt} n={n}: {fast} vs {slow}"
+                    );
+                }
+                let row = wt.bytes_for(n);
+                let two_rows = [&w[..], &w[..]].concat();
+                let mut out = [[0.0f32; 4]; 2];
+                let four = std::array::from_fn(|r| &acts[r + 1][..]);
+                vec_dot_x4_rows(wt, &two_rows, four, n, &mut out);
+                for (o, got) in out.iter().enumerate() {
+                    for (r, v) in got.iter().enumerate() {
+                        let want =
+                            vec_dot_scalar(wt, &two_rows[o * row..(o + 1) * row], four[r], n);
+                        assert_eq!(v.to_bits(), want.to_bits(), "{wt} n={n} four rows, {o}/{r}");
+                    }
                 }
             }
         }
