@@ -465,6 +465,9 @@ fn quantized_task(
     c: usize,
 ) {
     let (w, n_rows) = (&p.w, p.n_rows);
+    if n_rows >= UNPACK_MIN_ROWS && quant::unpack_x8_supported(w.dtype) {
+        return unpacked_task(p, act, out, chunk, c);
+    }
     let (k, n) = (w.in_features, w.out_features);
     let row_bytes = w.dtype.vec_dot_type().bytes_for(k);
     let w_row = w.dtype.bytes_for(k);
@@ -505,6 +508,54 @@ fn quantized_task(
             }
         }
     }
+}
+
+/// [`quantized_task`] for the types whose blocks cost more to unpack than to multiply (the
+/// IQ1–IQ3 grids): each eight weight rows of the chunk unpacked once ([`quant::unpack_x8`])
+/// and shared by every activation row, four at a time; the chunk's last rows (fewer than
+/// eight) pair by pair. The same bits as the pairwise kernels.
+fn unpacked_task(p: &Product<'_>, act: &[u8], out: &SharedMut<f32>, chunk: usize, c: usize) {
+    let (w, n_rows) = (&p.w, p.n_rows);
+    let (k, n) = (w.in_features, w.out_features);
+    let row_bytes = w.dtype.vec_dot_type().bytes_for(k);
+    let w_row = w.dtype.bytes_for(k);
+    let act_row = |t: usize| &act[t * row_bytes..(t + 1) * row_bytes];
+    let outputs = c * chunk..((c + 1) * chunk).min(n);
+    let put = |t: usize, o: usize, v: f32| {
+        // SAFETY: chunks own disjoint output columns o.
+        unsafe { out.slice(t * n + o, 1)[0] = v };
+    };
+    UNPACKED.with_borrow_mut(|u| {
+        u.clear();
+        u.resize(quant::unpacked_x8_bytes(k), 0);
+        let mut o = outputs.start;
+        while o + 8 <= outputs.end {
+            quant::unpack_x8(w.dtype, &w.bytes[o * w_row..(o + 8) * w_row], k, u);
+            let emit = |t: usize, v: &[[f32; 8]]| {
+                for (i, vi) in v.iter().enumerate() {
+                    for (m, &x) in vi.iter().enumerate() {
+                        put(t + i, o + m, x);
+                    }
+                }
+            };
+            let mut t = 0;
+            while t + 4 <= n_rows {
+                let rows = [t, t + 1, t + 2, t + 3].map(act_row);
+                emit(t, &quant::vec_dot_unpacked_x8(w.dtype, u, rows, k));
+                t += 4;
+            }
+            for t in t..n_rows {
+                emit(t, &quant::vec_dot_unpacked_x8(w.dtype, u, [act_row(t)], k));
+            }
+            o += 8;
+        }
+        for o in o..outputs.end {
+            let wr = &w.bytes[o * w_row..(o + 1) * w_row];
+            for t in 0..n_rows {
+                put(t, o, quant::vec_dot(w.dtype, wr, act_row(t), k));
+            }
+        }
+    });
 }
 
 /// Chunk `c` of a product with a float `OutMajor` matrix: each weight row decoded once, then
@@ -561,7 +612,13 @@ thread_local! {
     static JOB: std::cell::RefCell<Job> = std::cell::RefCell::new(Job::default());
     /// One decoded weight row (float weights), per worker thread.
     static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Eight weight rows unpacked by [`quant::unpack_x8`], per worker thread.
+    static UNPACKED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// Fewest activation rows for which [`unpacked_task`] unpacks weights: unpacking eight rows
+/// costs about what four activation rows cost through the pairwise kernels.
+const UNPACK_MIN_ROWS: usize = 8;
 
 /// Activation rows quantized per pool task (a batch's rows are quantized in parallel).
 const ACT_ROWS_PER_TASK: usize = 16;
@@ -679,6 +736,13 @@ mod quantized_tests {
             DType::Q4K,
             DType::Q6K,
             DType::Q5K,
+            DType::Q2K,
+            DType::Q3K,
+            // Eleven rows: the IQ types' unpacked kernels (eight weight rows at a time).
+            DType::IQ2S,
+            DType::IQ3XXS,
+            DType::IQ3S,
+            DType::IQ1M,
         ] {
             let wf = rand_vec(k * n, 3, 1.0);
             let mut wq = vec![0u8; wt.bytes_for(k * n)];

@@ -151,12 +151,6 @@ unsafe fn isum<const T: u8>(wb: *const u8, ab: *const u8) -> i32 {
         // SAFETY: sub-block ib of both blocks.
         s = _mm256_add_epi32(s, unsafe { sub::<T>(wb, ib).dot(q8(ab, 32 * ib)) });
     }
-    if T == IQ1_S {
-        // SAFETY: whole blocks.
-        s = _mm256_add_epi32(s, unsafe {
-            _mm256_madd_epi16(iq1_s_shifts(wb), q8_sums(ab))
-        });
-    }
     hsum_i32(s)
 }
 
@@ -175,14 +169,6 @@ unsafe fn isum_x4<const T: u8>(wb: *const u8, ab: [*const u8; 4]) -> [i32; 4] {
             for r in 0..4 {
                 s[r] = _mm256_add_epi32(s[r], w.dot(q8(ab[r], 32 * ib)));
             }
-        }
-    }
-    if T == IQ1_S {
-        // SAFETY: whole blocks.
-        let shifts = unsafe { iq1_s_shifts(wb) };
-        for r in 0..4 {
-            // SAFETY: whole blocks.
-            s[r] = _mm256_add_epi32(s[r], unsafe { _mm256_madd_epi16(shifts, q8_sums(ab[r])) });
         }
     }
     s.map(|v| hsum_i32(v))
@@ -252,14 +238,6 @@ unsafe fn u32_ptr(p: *const u8) -> u32 {
 unsafe fn q8(ab: *const u8, e: usize) -> __m256i {
     // SAFETY: e + 32 ≤ 256 values at 4.
     unsafe { _mm256_loadu_si256(ab.add(4 + e) as *const __m256i) }
-}
-
-/// The sixteen i16 sums of 16 activations of a Q8_K block.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn q8_sums(ab: *const u8) -> __m256i {
-    // SAFETY: bytes 260..292 of the block.
-    unsafe { _mm256_loadu_si256(ab.add(260) as *const __m256i) }
 }
 
 /// For each 8-bit sign mask, eight bytes: 0xFF where the bit is set (negate), else 0x01.
@@ -423,14 +401,12 @@ unsafe fn iq3_s(wb: *const u8, ib: usize) -> Sub {
     }
 }
 
-/// IQ1_S sub-block `ib`'s grid values (−1, 0, 1 as signed bytes) and its 3-bit scale field and
-/// delta bit (`qh`).
-///
-/// # Safety
-/// A whole 50-byte block at `wb`.
+/// IQ1_S's grid and delta terms in one: Σ ls·(8·g ± 1)·y, the delta's sign per sub-block
+/// (the reference adds its delta term from the activations' sums of 16; the integer is the
+/// same).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn iq1_s_grid(wb: *const u8, ib: usize) -> (__m256i, usize) {
+unsafe fn iq1_s(wb: *const u8, ib: usize) -> Sub {
     // SAFETY: index bytes at 2 + 4·ib and the u16 at 34 + 2·ib of the 50-byte block.
     let (lo, qh) = unsafe {
         (
@@ -439,43 +415,15 @@ unsafe fn iq1_s_grid(wb: *const u8, ib: usize) -> (__m256i, usize) {
         )
     };
     let g = |l: usize| IQ1S_GRID[lo[l] | (((qh >> (3 * l)) & 7) << 8)] as i64;
-    (_mm256_set_epi64x(g(3), g(2), g(1), g(0)), qh)
-}
-
-/// IQ1_S's grid term: Σ 8·ls·g·y (its delta term comes from the activation sums, see
-/// [`iq1_s_shifts`]).
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn iq1_s(wb: *const u8, ib: usize) -> Sub {
-    // SAFETY: the caller's block.
-    let (g, qh) = unsafe { iq1_s_grid(wb, ib) };
-    let ls = 2 * ((qh >> 12) & 7) as i32 + 1;
+    let grid = _mm256_set_epi64x(g(3), g(2), g(1), g(0));
+    let delta = _mm256_set1_epi8(if qh & 0x8000 != 0 { -1 } else { 1 });
+    // 8·g ± 1 lies in −9..9.
+    let w = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), grid), delta);
     Sub {
-        mag: _mm256_abs_epi8(g),
-        sign: g,
-        scale: _mm256_set1_epi16((8 * ls) as i16),
+        mag: _mm256_abs_epi8(w),
+        sign: w,
+        scale: _mm256_set1_epi16((2 * ((qh >> 12) & 7) + 1) as i16),
     }
-}
-
-/// IQ1_S's delta term as multipliers of the Q8_K block's sums of 16: ±ls of each sub-block,
-/// twice (a sub-block holds two sums).
-///
-/// # Safety
-/// A whole 50-byte block at `wb`.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn iq1_s_shifts(wb: *const u8) -> __m256i {
-    let mut m = [0i16; 16];
-    for ib in 0..8 {
-        // SAFETY: the u16 at 34 + 2·ib of the block.
-        let qh = unsafe { u16_ptr(wb.add(34 + 2 * ib)) };
-        let ls = 2 * ((qh >> 12) & 7) as i16 + 1;
-        let v = if qh & 0x8000 != 0 { -ls } else { ls };
-        m[2 * ib] = v;
-        m[2 * ib + 1] = v;
-    }
-    // SAFETY: 32 bytes of `m`.
-    unsafe { _mm256_loadu_si256(m.as_ptr() as *const __m256i) }
 }
 
 /// IQ1_M's grid and delta terms in one: Σ ls·(8·g ± 1)·y, the delta's sign per group of eight.
@@ -534,6 +482,189 @@ unsafe fn iq4_xs(wb: *const u8, ib: usize) -> Sub {
     }
 }
 
+/// Bytes of one super-block of eight weight rows unpacked by [`unpack_x8`]: at 0 the values
+/// plus 64 as unsigned bytes, ordered `[h: 16][c: 4][row: 8][4]` (four values `16h + 4c..` of
+/// each row side by side, one 32-byte register per `(h, c)`); at 2048 each row's i16 scale of
+/// the 16 values `16h..16h + 16`, twice per i32 lane (`[h: 16][row: 8]`, `madd` multipliers);
+/// at 2560 the offset's multipliers `64·scale` of value groups `2p` and `2p + 1` as an i16 pair
+/// (`[p: 8][row: 8]`); at 2816 each row's f32 super-block scale.
+pub(super) const UNPACKED_BLOCK: usize = 2848;
+
+/// Eight consecutive weight rows `w` of a 256-value IQ type (not IQ4_XS, whose values do not
+/// fit the offset form), `nb` super-blocks each, unpacked into `out` (`nb·UNPACKED_BLOCK`
+/// bytes) for [`rows_unpacked`]: once per eight rows, then shared by every activation row, as
+/// llama.cpp's tiled CPU products unpack their weights. The caller has checked AVX2, FMA and
+/// F16C and the lengths.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn unpack_x8(wtype: DType, w: &[u8], nb: usize, out: &mut [u8]) {
+    // SAFETY: the features are enabled here; the caller's promise bounds every block.
+    unsafe {
+        match wtype {
+            DType::IQ2XXS => unpack_x8_of::<IQ2_XXS>(wtype, w, nb, out),
+            DType::IQ2XS => unpack_x8_of::<IQ2_XS>(wtype, w, nb, out),
+            DType::IQ2S => unpack_x8_of::<IQ2_S>(wtype, w, nb, out),
+            DType::IQ3XXS => unpack_x8_of::<IQ3_XXS>(wtype, w, nb, out),
+            DType::IQ3S => unpack_x8_of::<IQ3_S>(wtype, w, nb, out),
+            DType::IQ1S => unpack_x8_of::<IQ1_S>(wtype, w, nb, out),
+            DType::IQ1M => unpack_x8_of::<IQ1_M>(wtype, w, nb, out),
+            other => unreachable!("{other} has no unpacked form"),
+        }
+    }
+}
+
+/// # Safety
+/// AVX2, FMA and F16C; `w` holds eight rows of `nb` blocks, `out` `nb` unpacked blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_x8_of<const T: u8>(wtype: DType, w: &[u8], nb: usize, out: &mut [u8]) {
+    let ts = wtype.type_size();
+    let row = nb * ts;
+    assert!(w.len() >= 8 * row && out.len() >= nb * UNPACKED_BLOCK);
+    let offset = _mm256_set1_epi8(64);
+    for b in 0..nb {
+        let ob = &mut out[b * UNPACKED_BLOCK..(b + 1) * UNPACKED_BLOCK];
+        let mut scales = [[0i16; 8]; 16];
+        let mut dw = [0.0f32; 8];
+        for ib in 0..8 {
+            let mut rows = [_mm256_setzero_si256(); 8];
+            for (m, r) in rows.iter_mut().enumerate() {
+                // SAFETY: block b of row m is in bounds (asserted above).
+                unsafe {
+                    let wb = w.as_ptr().add(m * row + b * ts);
+                    if ib == 0 {
+                        dw[m] = super_scale::<T>(wb, ts);
+                    }
+                    let s = sub::<T>(wb, ib);
+                    *r = _mm256_add_epi8(_mm256_sign_epi8(s.mag, s.sign), offset);
+                    scales[2 * ib][m] = _mm256_extract_epi16::<0>(s.scale) as i16;
+                    scales[2 * ib + 1][m] = _mm256_extract_epi16::<8>(s.scale) as i16;
+                }
+            }
+            // Row m's dword d (values 32·ib + 4d..) to lane m of register 8·ib + d.
+            for (d, v) in transpose_8x8_epi32(rows).into_iter().enumerate() {
+                let at = 32 * (8 * ib + d);
+                // SAFETY: 32 bytes inside `ob`.
+                unsafe { _mm256_storeu_si256(ob[at..at + 32].as_mut_ptr() as *mut __m256i, v) };
+            }
+        }
+        let lane = |lo: i16, hi: i16| (lo as u16 as u32 | (hi as u16 as u32) << 16).to_le_bytes();
+        for (h, sh) in scales.iter().enumerate() {
+            for (m, &sc) in sh.iter().enumerate() {
+                let at = 2048 + 4 * (8 * h + m);
+                ob[at..at + 4].copy_from_slice(&lane(sc, sc));
+            }
+        }
+        for p in 0..8 {
+            for m in 0..8 {
+                let at = 2560 + 4 * (8 * p + m);
+                let pair = lane(64 * scales[2 * p][m], 64 * scales[2 * p + 1][m]);
+                ob[at..at + 4].copy_from_slice(&pair);
+            }
+        }
+        for (m, d) in dw.iter().enumerate() {
+            ob[2816 + 4 * m..2820 + 4 * m].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+}
+
+/// An 8×8 matrix of i32 (one row per register) transposed.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose_8x8_epi32(r: [__m256i; 8]) -> [__m256i; 8] {
+    let t: [__m256i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(a, b)
+        } else {
+            _mm256_unpackhi_epi32(a, b)
+        }
+    });
+    // u[4q + j]: dwords j and j + 4 of rows 4q..4q + 4 (low and high 128-bit lanes).
+    let u: [__m256i; 8] = std::array::from_fn(|i| {
+        let (q, j) = (i / 4, i % 4);
+        let (a, b) = (t[4 * q + j / 2], t[4 * q + 2 + j / 2]);
+        if j % 2 == 0 {
+            _mm256_unpacklo_epi64(a, b)
+        } else {
+            _mm256_unpackhi_epi64(a, b)
+        }
+    });
+    std::array::from_fn(|d| {
+        if d < 4 {
+            _mm256_permute2x128_si256::<0x20>(u[d], u[4 + d])
+        } else {
+            _mm256_permute2x128_si256::<0x31>(u[d - 4], u[d])
+        }
+    })
+}
+
+/// Eight weight rows unpacked by [`unpack_x8`] (`u`, `nb` blocks) against `N` Q8_K activation
+/// rows: `out[r][m]`, each equal to [`row`] of weight row `m` and activation row `r`. Per
+/// `(h, c)` one weight register serves the `N` rows, each multiplied by four broadcast
+/// activations (`maddubs`, pair sums at most 2·126·127) and its 16 values' scale (`madd`);
+/// the offset's `64·Σ scale·(Σ of 16 activations)` comes off with the Q8_K block's sums; the
+/// exact integer then takes the reference's f32 steps, one weight row per lane.
+/// The caller has checked AVX2, FMA and F16C and the lengths.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn rows_unpacked<const N: usize>(
+    wtype: DType,
+    u: &[u8],
+    a: [&[u8]; N],
+    nb: usize,
+) -> [[f32; 8]; N] {
+    assert!(u.len() >= nb * UNPACKED_BLOCK && a.iter().all(|r| r.len() >= nb * Q8K_BYTES));
+    let at = |p: *const u8, off: usize| {
+        // SAFETY: callers keep `off + 32` inside the block at `p`.
+        unsafe { _mm256_loadu_si256(p.add(off) as *const __m256i) }
+    };
+    let four = |p: *const u8, off: usize| {
+        // SAFETY: callers keep `off + 4` inside the block at `p`.
+        _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(p.add(off) as *const i32) })
+    };
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        // SAFETY: block b of `u` and of every activation row (asserted above).
+        let (ub, ab) = unsafe {
+            (
+                u.as_ptr().add(b * UNPACKED_BLOCK),
+                a.map(|r| r.as_ptr().add(b * Q8K_BYTES)),
+            )
+        };
+        let mut blk = [_mm256_setzero_si256(); N];
+        for h in 0..16 {
+            let sc = at(ub, 2048 + 32 * h);
+            for c in 0..4 {
+                let wv = at(ub, 32 * (4 * h + c));
+                for t in 0..N {
+                    let y = four(ab[t], 4 + 16 * h + 4 * c);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, y), sc);
+                    blk[t] = _mm256_add_epi32(blk[t], p);
+                }
+            }
+        }
+        // SAFETY: the eight f32 scales at 2816.
+        let dw = unsafe { _mm256_loadu_ps(ub.add(2816) as *const f32) };
+        for t in 0..N {
+            let mut offset = _mm256_setzero_si256();
+            for p in 0..8 {
+                let sums = four(ab[t], 260 + 4 * p);
+                offset = _mm256_add_epi32(offset, _mm256_madd_epi16(at(ub, 2560 + 32 * p), sums));
+            }
+            let isum = _mm256_sub_epi32(blk[t], offset);
+            // SAFETY: the activation block's f32 scale at 0.
+            let d = _mm256_mul_ps(dw, _mm256_set1_ps(unsafe { f32_ptr(ab[t]) }));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc[t]);
+        }
+    }
+    let rc = _mm256_set1_ps(iq::row_constant(wtype));
+    acc.map(|v| {
+        let mut o = [0.0f32; 8];
+        // SAFETY: eight f32 into `o`.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(v, rc)) };
+        o
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use crate::DType;
@@ -565,24 +696,7 @@ mod tests {
         ] {
             for blocks in [1, 2, 3, 7] {
                 let n = blocks * wt.block_size();
-                let mut w: Vec<u8> = (0..wt.bytes_for(n)).map(|_| rng.next_u64() as u8).collect();
-                for b in w.chunks_exact_mut(wt.type_size()) {
-                    match wt {
-                        DType::MXFP4 => b[0] = 100 + b[0] % 56,
-                        DType::IQ1M => {
-                            // The f16 scale sits in the top nibbles of bytes 49, 51, 53, 55.
-                            let d = half::f16::from_f32(0.01 + (b[1] as f32) / 1000.0).to_bits();
-                            for i in 0..4 {
-                                let nib = ((d >> (4 * i)) & 0xF) as u8;
-                                b[49 + 2 * i] = (b[49 + 2 * i] & 0x0F) | (nib << 4);
-                            }
-                        }
-                        _ => {
-                            let d = half::f16::from_f32(0.01 + (b[2] as f32) / 1000.0);
-                            b[..2].copy_from_slice(&d.to_le_bytes());
-                        }
-                    }
-                }
+                let w = random_blocks(wt, n, &mut rng);
                 let at = wt.vec_dot_type();
                 for (seed, scale) in [(1, 1.0), (2, 1e-3), (3, 40.0)] {
                     let y = rand_vec(n, seed, scale);
@@ -627,6 +741,98 @@ mod tests {
                     slow.to_bits(),
                     "{wt} n={n} extreme: {fast} vs {slow}"
                 );
+            }
+        }
+    }
+
+    /// Random bytes as valid blocks of `wt` (each index selects a table entry), the f16
+    /// scales set to finite values.
+    fn random_blocks(wt: DType, n: usize, rng: &mut SplitMix64) -> Vec<u8> {
+        let mut w: Vec<u8> = (0..wt.bytes_for(n)).map(|_| rng.next_u64() as u8).collect();
+        for b in w.chunks_exact_mut(wt.type_size()) {
+            match wt {
+                DType::MXFP4 => b[0] = 100 + b[0] % 56,
+                DType::IQ1M => {
+                    // The f16 scale sits in the top nibbles of bytes 49, 51, 53, 55.
+                    let d = half::f16::from_f32(0.01 + (b[1] as f32) / 1000.0).to_bits();
+                    for i in 0..4 {
+                        let nib = ((d >> (4 * i)) & 0xF) as u8;
+                        b[49 + 2 * i] = (b[49 + 2 * i] & 0x0F) | (nib << 4);
+                    }
+                }
+                _ => {
+                    let d = half::f16::from_f32(0.01 + (b[2] as f32) / 1000.0);
+                    b[..2].copy_from_slice(&d.to_le_bytes());
+                }
+            }
+        }
+        w
+    }
+
+    /// Eight rows unpacked once, against four activation rows and one: the scalar reference's
+    /// bits for every pair, activations at ±127 included.
+    #[test]
+    fn unpacked_rows_equal_scalar_on_random_blocks() {
+        use crate::quant::{
+            unpack_x8, unpack_x8_supported, unpacked_x8_bytes, vec_dot_unpacked_x8,
+        };
+        let mut rng = SplitMix64::new(9);
+        for wt in [
+            DType::IQ2XXS,
+            DType::IQ2XS,
+            DType::IQ2S,
+            DType::IQ3XXS,
+            DType::IQ3S,
+            DType::IQ1S,
+            DType::IQ1M,
+        ] {
+            if !unpack_x8_supported(wt) {
+                eprintln!("no unpacked kernels on this CPU: nothing to compare");
+                return;
+            }
+            for blocks in [1, 3] {
+                let n = blocks * 256;
+                let row = wt.bytes_for(n);
+                let w = random_blocks(wt, 8 * n, &mut rng);
+                let mut u = vec![0u8; unpacked_x8_bytes(n)];
+                unpack_x8(wt, &w, n, &mut u);
+                let at = wt.vec_dot_type();
+                let mut acts: Vec<Vec<u8>> = (0..5)
+                    .map(|r| {
+                        let y: Vec<f32> = if r == 4 {
+                            (0..n)
+                                .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+                                .collect()
+                        } else {
+                            rand_vec(n, 40 + r, [1.0, 1e-3, 40.0, 1.0][r as usize])
+                        };
+                        let mut aq = vec![0u8; at.bytes_for(n)];
+                        quantize_activation(at, &y, &mut aq);
+                        aq
+                    })
+                    .collect();
+                let want =
+                    |m: usize, r: &[u8]| vec_dot_scalar(wt, &w[m * row..(m + 1) * row], r, n);
+                let four =
+                    vec_dot_unpacked_x8::<4>(wt, &u, std::array::from_fn(|r| &acts[r][..]), n);
+                for (r, got) in four.iter().enumerate() {
+                    for (m, v) in got.iter().enumerate() {
+                        assert_eq!(
+                            v.to_bits(),
+                            want(m, &acts[r]).to_bits(),
+                            "{wt} n={n} row {r}, weight row {m}"
+                        );
+                    }
+                }
+                let extreme = acts.pop().unwrap();
+                let [one] = vec_dot_unpacked_x8(wt, &u, [&extreme[..]], n);
+                for (m, v) in one.iter().enumerate() {
+                    assert_eq!(
+                        v.to_bits(),
+                        want(m, &extreme).to_bits(),
+                        "{wt} n={n} extreme, weight row {m}"
+                    );
+                }
             }
         }
     }

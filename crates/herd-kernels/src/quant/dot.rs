@@ -33,6 +33,76 @@ pub fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
     vec_dot_scalar(wtype, w, a, n)
 }
 
+/// Whether this CPU computes batched products with `wtype` weights by unpacking each eight
+/// weight rows once ([`unpack_x8`], [`vec_dot_unpacked_x8`]): the IQ1–IQ3 types, whose grid
+/// lookups cost more than the multiply-adds, with AVX2.
+pub fn unpack_x8_supported(wtype: DType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        return iq::is_super_block_type(wtype) && wtype != DType::IQ4XS;
+    }
+    let _ = wtype;
+    false
+}
+
+/// Bytes [`unpack_x8`] writes for eight rows of `n` values.
+pub fn unpacked_x8_bytes(n: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    return n / super::QK_K * super::avx2_iq::UNPACKED_BLOCK;
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = n;
+        0
+    }
+}
+
+/// Eight consecutive weight rows of `n` values (`w`) unpacked into `out`
+/// ([`unpacked_x8_bytes`] long) for [`vec_dot_unpacked_x8`].
+///
+/// # Panics
+/// If [`unpack_x8_supported`] is false for `wtype` or the slices are short.
+pub fn unpack_x8(wtype: DType, w: &[u8], n: usize, out: &mut [u8]) {
+    assert!(
+        unpack_x8_supported(wtype),
+        "{wtype} has no unpacked form here"
+    );
+    let nb = n / super::QK_K;
+    assert!(w.len() >= 8 * wtype.bytes_for(n) && out.len() >= unpacked_x8_bytes(n));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: unpack_x8_supported() confirmed AVX2, FMA and F16C; lengths asserted above.
+    unsafe {
+        super::avx2_iq::unpack_x8(wtype, w, nb, out)
+    }
+}
+
+/// `out[r][m]`: row `m` of eight weight rows unpacked by [`unpack_x8`] (`u`) with activation
+/// row `a[r]` (Q8_K), each equal to [`vec_dot`] of that pair.
+///
+/// # Panics
+/// If [`unpack_x8_supported`] is false for `wtype` or the slices are short.
+pub fn vec_dot_unpacked_x8<const N: usize>(
+    wtype: DType,
+    u: &[u8],
+    a: [&[u8]; N],
+    n: usize,
+) -> [[f32; 8]; N] {
+    assert!(
+        unpack_x8_supported(wtype),
+        "{wtype} has no unpacked form here"
+    );
+    let nb = n / super::QK_K;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: unpack_x8_supported() confirmed AVX2, FMA and F16C; the kernel asserts lengths.
+    unsafe {
+        super::avx2_iq::rows_unpacked(wtype, u, a, nb)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (u, a, nb);
+        unreachable!()
+    }
+}
+
 /// `out[j][r]` = [`vec_dot`] of weight row `j` (rows stored one after another in `w`) with
 /// activation row `a[r]`: one call for a tile of weight rows and four activation rows, so each
 /// unpacked weight block serves four rows.
