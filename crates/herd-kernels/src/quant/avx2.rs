@@ -5,9 +5,9 @@
 
 use std::arch::x86_64::*;
 
-use super::dot::{combine_k, q4_k_add, q8k_bsum};
+use super::dot::{combine_k, q4_k_add};
 use super::repack::{GROUP, X8_BLOCK};
-use super::{f16_at, f32_at, scale_min_k4};
+use super::{f16_at, f32_at};
 use crate::DType;
 
 /// `Some(result)` when there is an AVX2 kernel for `wtype`. Callers check `has_avx2()` first.
@@ -22,7 +22,7 @@ pub(crate) fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> Option<f32>
             DType::Q4_0 => Some(q0_row::<Q4_0>(w, a, nb)),
             DType::Q5_0 => Some(q0_row::<Q5_0>(w, a, nb)),
             DType::Q4K => Some(q4_k_row(w, a, nb)),
-            DType::Q5K => Some(q5_k_q8_k(w, a, nb)),
+            DType::Q5K => Some(q5_k_rows::<1>(w, [a], nb)[0]),
             DType::Q2K => Some(q2_k_rows::<1>(w, [a], nb)[0]),
             DType::Q3K => Some(q3_k_rows::<1>(w, [a], nb)[0]),
             DType::Q6K => Some(q6_k_row(w, a, nb)),
@@ -56,6 +56,7 @@ pub(crate) fn rows_x4(
             DType::Q4K => rows.for_each(|(wr, o)| *o = q4_k_rows_x4(wr, a, nb)),
             DType::Q6K => rows.for_each(|(wr, o)| *o = q6_k_rows_x4(wr, a, nb)),
             DType::Q2K => rows.for_each(|(wr, o)| *o = q2_k_rows::<4>(wr, a, nb)),
+            DType::Q5K => rows.for_each(|(wr, o)| *o = q5_k_rows::<4>(wr, a, nb)),
             DType::Q3K => rows.for_each(|(wr, o)| *o = q3_k_rows::<4>(wr, a, nb)),
             DType::Q8_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q8_0>(wr, a, nb)),
             DType::Q5_0 => rows.for_each(|(wr, o)| *o = q0_rows_x4::<Q5_0>(wr, a, nb)),
@@ -320,16 +321,6 @@ fn bytes_from_bits(x: u32) -> __m256i {
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), spread);
     let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
     _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
-}
-
-/// Unsigned bytes (0..63) times signed activations, widened to i32 lanes and multiplied by one
-/// 16-bit scale per half (elements 0..15 and 16..31).
-#[inline]
-#[target_feature(enable = "avx2")]
-fn scaled_dot_u8(q: __m256i, y: __m256i, sc_lo: i16, sc_hi: i16) -> __m256i {
-    let p = _mm256_maddubs_epi16(q, y);
-    let sc = _mm256_set_m128i(_mm_set1_epi16(sc_hi), _mm_set1_epi16(sc_lo));
-    _mm256_madd_epi16(p, sc)
 }
 
 /// Scales and mins of a Q4_K/Q5_K super-block (12 packed bytes at `s`) as sixteen i16 lanes:
@@ -1203,46 +1194,58 @@ unsafe fn q3_k_rows<const R: usize>(w: &[u8], a: [&[u8]; R], nb: usize) -> [f32;
     sum
 }
 
-#[target_feature(enable = "avx2,fma")]
-unsafe fn q5_k_q8_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
-    let mut sum = 0.0f32;
+/// `nb` Q5_K super-blocks of one weight row (176 bytes: f16 d and dmin, 12 bytes of 6-bit
+/// scales and mins, 32 high-bit bytes, 128 bytes of low nibbles) against `R` activation rows,
+/// each result equal to the reference's `block_sums` of `q5_k_q8_k`: per block the exact
+/// `Σ sc·q·a` and `Σ m·bsum`, combined in f32 by `combine_k`. Scales, mins and quants are
+/// unpacked once for the `R` rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_rows<const R: usize>(w: &[u8], a: [&[u8]; R], nb: usize) -> [f32; R] {
+    let mut sum = [0.0f32; R];
     let mask = _mm256_set1_epi8(0x0F);
     let sixteen = _mm256_set1_epi8(16);
     for i in 0..nb {
-        let (wb, ab) = (&w[176 * i..176 * i + 176], &a[292 * i..292 * i + 292]);
-        // SAFETY: qh is bytes 16..48.
-        let qh = unsafe { load(wb, 16) };
-        let mut acc = _mm256_setzero_si256();
-        let mut summ = 0i32;
+        let wb = &w[176 * i..176 * i + 176];
+        let ab = a.map(|r| &r[292 * i..292 * i + 292]);
+        // SAFETY: the 12 scale bytes at 4 and the 32 high-bit bytes at 16.
+        let (sm, qh) = unsafe { (k4_scales_mins(wb.as_ptr().add(4)), load(wb, 16)) };
+        let sc = _mm256_castsi256_si128(sm);
+        let scales = _mm256_set_m128i(sc, sc);
+        let mins = _mm256_extracti128_si256::<1>(sm);
+        let mut acc = [_mm256_setzero_si256(); R];
         for c in 0..4 {
-            let (sc1, m1) = scale_min_k4(2 * c, &wb[4..16]);
-            let (sc2, m2) = scale_min_k4(2 * c + 1, &wb[4..16]);
-            // SAFETY: ql chunk c is bytes 48+32c..80+32c; activations as in Q4_K.
-            let (q, y1, y2) = unsafe {
-                (
-                    load(wb, 48 + 32 * c),
-                    load(ab, 4 + 64 * c),
-                    load(ab, 36 + 64 * c),
-                )
-            };
+            // SAFETY: low nibbles of part c at 48 + 32c.
+            let q = unsafe { load(wb, 48 + 32 * c) };
             let bit1 = _mm256_set1_epi8((1u8 << (2 * c)) as i8);
             let bit2 = _mm256_set1_epi8((2u8 << (2 * c)) as i8);
             let h1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit1), bit1), sixteen);
             let h2 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit2), bit2), sixteen);
             let lo = _mm256_add_epi8(_mm256_and_si256(q, mask), h1);
             let hi = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(q), mask), h2);
-            acc = _mm256_add_epi32(acc, scaled_dot_u8(lo, y1, sc1 as i16, sc1 as i16));
-            acc = _mm256_add_epi32(acc, scaled_dot_u8(hi, y2, sc2 as i16, sc2 as i16));
-            summ += m1 as i32 * (q8k_bsum(ab, 4 * c) + q8k_bsum(ab, 4 * c + 1))
-                + m2 as i32 * (q8k_bsum(ab, 4 * c + 2) + q8k_bsum(ab, 4 * c + 3));
+            let s1 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c));
+            let s2 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c + 1));
+            for r in 0..R {
+                // SAFETY: values 64c..64c + 64 of the Q8_K block.
+                let (y1, y2) = unsafe { (load(ab[r], 4 + 64 * c), load(ab[r], 36 + 64 * c)) };
+                let p1 = _mm256_madd_epi16(s1, _mm256_maddubs_epi16(lo, y1));
+                let p2 = _mm256_madd_epi16(s2, _mm256_maddubs_epi16(hi, y2));
+                acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(p1, p2));
+            }
         }
-        sum += combine_k(
-            f32_at(ab, 0),
-            f16_at(wb, 0),
-            f16_at(wb, 2),
-            hsum_i32(acc),
-            summ,
-        );
+        let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
+        for r in 0..R {
+            // SAFETY: the Q8_K block's sums of 16 at 260; sub-block j has sums 2j and 2j + 1.
+            let bsums = unsafe { load(ab[r], 260) };
+            let pair_sums = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256::<1>(bsums),
+            );
+            let m = _mm_madd_epi16(mins, pair_sums);
+            let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
+            let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
+            let summ = _mm_cvtsi128_si32(m);
+            sum[r] += combine_k(f32_at(ab[r], 0), d, dmin, hsum_i32(acc[r]), summ);
+        }
     }
     sum
 }
@@ -1775,11 +1778,11 @@ mod tests {
         }
     }
 
-    /// Q2_K and Q3_K on random blocks (every bit pattern of quants, masks and scales is a valid
+    /// Q2_K, Q3_K and Q5_K on random blocks (every bit pattern of quants, masks and scales is a valid
     /// block; the f16 scales set finite), one and four activation rows, and activations at
     /// ±127 (the largest pair sums).
     #[test]
-    fn low_bit_k_quants_equal_scalar_on_random_blocks() {
+    fn k_quants_without_group_kernels_equal_scalar_on_random_blocks() {
         use crate::quant::{quantize_activation, vec_dot_x4_rows};
         use crate::rng::SplitMix64;
         if !super::super::has_avx2() {
@@ -1787,7 +1790,11 @@ mod tests {
             return;
         }
         let mut rng = SplitMix64::new(11);
-        for (wt, scales_at) in [(DType::Q2K, [80, 82]), (DType::Q3K, [108, 108])] {
+        for (wt, scales_at) in [
+            (DType::Q2K, [80, 82]),
+            (DType::Q3K, [108, 108]),
+            (DType::Q5K, [0, 2]),
+        ] {
             for blocks in [1, 2, 5] {
                 let n = blocks * 256;
                 let mut w: Vec<u8> = (0..wt.bytes_for(n)).map(|_| rng.next_u64() as u8).collect();
