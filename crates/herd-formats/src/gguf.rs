@@ -376,8 +376,13 @@ fn map_and_parse(path: &Path) -> Result<(Arc<Mmap>, Header)> {
     Ok((map, header))
 }
 
-/// `(split.no, split.count)` of a file's metadata, `None` if it is not part of a split set.
-fn split_position(meta: &[(String, Value)]) -> std::result::Result<Option<(u64, u64)>, String> {
+/// `(split.no, split.count)` of a file's metadata (0-based shard number, shard count), `None`
+/// if it is not part of a split set (no `split.count`, or a count of one, as llama.cpp reads
+/// it).
+///
+/// # Errors
+/// A key of the wrong type, `split.no` missing, or `split.no ≥ split.count`, as a sentence.
+pub fn split_position(meta: &[(String, Value)]) -> std::result::Result<Option<(u64, u64)>, String> {
     let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v);
     let Some(count) = get(SPLIT_COUNT) else {
         return Ok(None);
