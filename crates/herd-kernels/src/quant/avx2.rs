@@ -1084,8 +1084,8 @@ fn scales_by_lane(s: __m256i) -> [__m256i; 2] {
 #[target_feature(enable = "avx2")]
 fn pair_scale(s: &[__m256i; 2], j: usize) -> __m256i {
     let m = (2 * j % 8) as u16;
-    let lo = ((2 * m + 1) << 8 | 2 * m) as i16;
-    let hi = ((2 * m + 3) << 8 | (2 * m + 2)) as i16;
+    let lo = (((2 * m + 1) << 8) | (2 * m)) as i16;
+    let hi = (((2 * m + 3) << 8) | (2 * m + 2)) as i16;
     _mm256_shuffle_epi8(
         s[j / 4],
         _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo)),

@@ -438,7 +438,11 @@ unsafe fn iq3_s(wb: *const u8, ib: usize) -> Sub {
     };
     // Entry k (four values): its ninth index bit is bit k of qh.
     let g = |k: usize| IQ3S_GRID[lo[k] | (((qh >> k) & 1) << 8)] as i32;
-    let ls = if ib % 2 == 0 { sc & 0xF } else { sc >> 4 };
+    let ls = if ib.is_multiple_of(2) {
+        sc & 0xF
+    } else {
+        sc >> 4
+    };
     Sub {
         mag: _mm256_set_epi32(g(7), g(6), g(5), g(4), g(3), g(2), g(1), g(0)),
         sign: sign_bytes(signs),
@@ -599,11 +603,10 @@ unsafe fn unpack_x8_of<const T: u8>(wtype: DType, w: &[u8], nb: usize, out: &mut
                 ob[at..at + 4].copy_from_slice(&lane(sc, sc));
             }
         }
-        for p in 0..8 {
-            for m in 0..8 {
+        for (p, two) in scales.chunks_exact(2).enumerate() {
+            for (m, (&s0, &s1)) in two[0].iter().zip(&two[1]).enumerate() {
                 let at = 2560 + 4 * (8 * p + m);
-                let pair = lane(64 * scales[2 * p][m], 64 * scales[2 * p + 1][m]);
-                ob[at..at + 4].copy_from_slice(&pair);
+                ob[at..at + 4].copy_from_slice(&lane(64 * s0, 64 * s1));
             }
         }
         for (m, d) in dw.iter().enumerate() {
