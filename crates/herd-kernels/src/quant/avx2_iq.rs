@@ -31,24 +31,29 @@ const IQ1_S: u8 = 5;
 const IQ1_M: u8 = 6;
 const IQ4_XS: u8 = 7;
 
+/// `$f::<KIND>(args)` with `$wtype`'s kind (a 256-value IQ type).
+macro_rules! by_kind {
+    ($wtype:expr, $f:ident($($arg:expr),*)) => {
+        match $wtype {
+            DType::IQ2XXS => $f::<IQ2_XXS>($($arg),*),
+            DType::IQ2XS => $f::<IQ2_XS>($($arg),*),
+            DType::IQ2S => $f::<IQ2_S>($($arg),*),
+            DType::IQ3XXS => $f::<IQ3_XXS>($($arg),*),
+            DType::IQ3S => $f::<IQ3_S>($($arg),*),
+            DType::IQ1S => $f::<IQ1_S>($($arg),*),
+            DType::IQ1M => $f::<IQ1_M>($($arg),*),
+            DType::IQ4XS => $f::<IQ4_XS>($($arg),*),
+            other => unreachable!("{other} is not a 256-value IQ type"),
+        }
+    };
+}
+
 /// One row of a 256-value IQ type: `nb` super-blocks of `w` against `nb` Q8_K blocks of `a`.
 /// The caller has checked AVX2, FMA and F16C and that both rows hold `nb` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn row(wtype: DType, w: &[u8], a: &[u8], nb: usize) -> f32 {
     // SAFETY: the features are enabled here; the caller's promise bounds every block.
-    let acc = unsafe {
-        match wtype {
-            DType::IQ2XXS => row_of::<IQ2_XXS>(wtype, w, a, nb),
-            DType::IQ2XS => row_of::<IQ2_XS>(wtype, w, a, nb),
-            DType::IQ2S => row_of::<IQ2_S>(wtype, w, a, nb),
-            DType::IQ3XXS => row_of::<IQ3_XXS>(wtype, w, a, nb),
-            DType::IQ3S => row_of::<IQ3_S>(wtype, w, a, nb),
-            DType::IQ1S => row_of::<IQ1_S>(wtype, w, a, nb),
-            DType::IQ1M => row_of::<IQ1_M>(wtype, w, a, nb),
-            DType::IQ4XS => row_of::<IQ4_XS>(wtype, w, a, nb),
-            other => unreachable!("{other} is not a 256-value IQ type"),
-        }
-    };
+    let acc = unsafe { by_kind!(wtype, row_of(wtype, w, a, nb)) };
     acc * iq::row_constant(wtype)
 }
 
@@ -58,19 +63,7 @@ pub(super) unsafe fn row(wtype: DType, w: &[u8], a: &[u8], nb: usize) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows_x4(wtype: DType, w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
     // SAFETY: the features are enabled here; the caller's promise bounds every block.
-    let acc = unsafe {
-        match wtype {
-            DType::IQ2XXS => rows_x4_of::<IQ2_XXS>(wtype, w, a, nb),
-            DType::IQ2XS => rows_x4_of::<IQ2_XS>(wtype, w, a, nb),
-            DType::IQ2S => rows_x4_of::<IQ2_S>(wtype, w, a, nb),
-            DType::IQ3XXS => rows_x4_of::<IQ3_XXS>(wtype, w, a, nb),
-            DType::IQ3S => rows_x4_of::<IQ3_S>(wtype, w, a, nb),
-            DType::IQ1S => rows_x4_of::<IQ1_S>(wtype, w, a, nb),
-            DType::IQ1M => rows_x4_of::<IQ1_M>(wtype, w, a, nb),
-            DType::IQ4XS => rows_x4_of::<IQ4_XS>(wtype, w, a, nb),
-            other => unreachable!("{other} is not a 256-value IQ type"),
-        }
-    };
+    let acc = unsafe { by_kind!(wtype, rows_x4_of(wtype, w, a, nb)) };
     acc.map(|r| r * iq::row_constant(wtype))
 }
 
@@ -547,18 +540,8 @@ pub(super) const UNPACKED_BLOCK: usize = 2848;
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn unpack_x8(wtype: DType, w: &[u8], nb: usize, out: &mut [u8]) {
     // SAFETY: the features are enabled here; the caller's promise bounds every block.
-    unsafe {
-        match wtype {
-            DType::IQ2XXS => unpack_x8_of::<IQ2_XXS>(wtype, w, nb, out),
-            DType::IQ2XS => unpack_x8_of::<IQ2_XS>(wtype, w, nb, out),
-            DType::IQ2S => unpack_x8_of::<IQ2_S>(wtype, w, nb, out),
-            DType::IQ3XXS => unpack_x8_of::<IQ3_XXS>(wtype, w, nb, out),
-            DType::IQ3S => unpack_x8_of::<IQ3_S>(wtype, w, nb, out),
-            DType::IQ1S => unpack_x8_of::<IQ1_S>(wtype, w, nb, out),
-            DType::IQ1M => unpack_x8_of::<IQ1_M>(wtype, w, nb, out),
-            other => unreachable!("{other} has no unpacked form"),
-        }
-    }
+    assert!(wtype != DType::IQ4XS, "IQ4_XS has no unpacked form");
+    unsafe { by_kind!(wtype, unpack_x8_of(wtype, w, nb, out)) }
 }
 
 /// # Safety
