@@ -539,8 +539,8 @@ pub(super) const UNPACKED_BLOCK: usize = 2848;
 /// F16C and the lengths.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn unpack_x8(wtype: DType, w: &[u8], nb: usize, out: &mut [u8]) {
-    // SAFETY: the features are enabled here; the caller's promise bounds every block.
     assert!(wtype != DType::IQ4XS, "IQ4_XS has no unpacked form");
+    // SAFETY: the features are enabled here; the caller's promise bounds every block.
     unsafe { by_kind!(wtype, unpack_x8_of(wtype, w, nb, out)) }
 }
 
