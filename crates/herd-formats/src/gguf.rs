@@ -377,11 +377,12 @@ fn map_and_parse(path: &Path) -> Result<(Arc<Mmap>, Header)> {
 }
 
 /// `(split.no, split.count)` of a file's metadata (0-based shard number, shard count), `None`
-/// if it is not part of a split set (no `split.count`, or a count of one, as llama.cpp reads
-/// it).
+/// if it is not part of a split set (no `split.count`, or a count of 0 or 1: llama.cpp reads
+/// the split keys only when there is more than one file).
 ///
 /// # Errors
-/// A key of the wrong type, `split.no` missing, or `split.no ≥ split.count`, as a sentence.
+/// A key of the wrong type, `split.no` missing, or `split.no ≥ split.count`, described in
+/// words.
 pub fn split_position(meta: &[(String, Value)]) -> std::result::Result<Option<(u64, u64)>, String> {
     let get = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v);
     let Some(count) = get(SPLIT_COUNT) else {
@@ -398,7 +399,7 @@ pub fn split_position(meta: &[(String, Value)]) -> std::result::Result<Option<(u
         .ok_or_else(|| format!("{SPLIT_COUNT} is {count} but {SPLIT_NO} is missing"))?
         .as_u64()
         .ok_or_else(|| format!("{SPLIT_NO} is not an unsigned integer"))?;
-    if count == 0 || no >= count {
+    if no >= count {
         return Err(format!("{SPLIT_NO} {no} with {SPLIT_COUNT} {count}"));
     }
     Ok(Some((no, count)))

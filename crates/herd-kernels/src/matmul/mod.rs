@@ -190,10 +190,13 @@ impl Plan {
                 } else {
                     1
                 };
-                Plan::Quantized {
-                    chunk: chunk_size(n, threads),
-                    tile,
+                let mut chunk = chunk_size(n, threads);
+                if p.n_rows >= UNPACK_MIN_ROWS && quant::unpack_x8_supported(w.dtype) {
+                    // Whole groups of eight rows per chunk: only the matrix's last rows go
+                    // pair by pair.
+                    chunk = chunk.next_multiple_of(8);
                 }
+                Plan::Quantized { chunk, tile }
             }
             Layout::OutMajor => Plan::Float {
                 chunk: chunk_size(n, threads),
@@ -455,7 +458,9 @@ fn x8_task(
 }
 
 /// Chunk `c` (`chunk` output columns) of a product with a quantized `OutMajor` matrix, given
-/// its activations quantized (`act`), in tiles of `tile` weight rows.
+/// its activations quantized (`act`), in tiles of `tile` weight rows; for batches of
+/// [`UNPACK_MIN_ROWS`] and more of the types [`quant::unpack_x8_supported`] names, by
+/// [`unpacked_task`].
 fn quantized_task(
     p: &Product<'_>,
     act: &[u8],
@@ -526,7 +531,7 @@ fn unpacked_task(p: &Product<'_>, act: &[u8], out: &SharedMut<f32>, chunk: usize
         unsafe { out.slice(t * n + o, 1)[0] = v };
     };
     UNPACKED.with_borrow_mut(|u| {
-        u.clear();
+        // Every byte is written by unpack_x8 before it is read: no clearing.
         u.resize(quant::unpacked_x8_bytes(k), 0);
         let mut o = outputs.start;
         while o + 8 <= outputs.end {
@@ -728,7 +733,9 @@ mod quantized_tests {
     /// take the tiled path (two groups of four and three single rows), one row the decode path.
     #[test]
     fn quantized_matmul_is_thread_and_batch_invariant() {
-        let (k, n, rows) = (512, 37, 11);
+        // 45 outputs: with one thread, chunks of 16 (two groups of eight for the unpacked
+        // kernels) and a last chunk of 13 (a group and a tail).
+        let (k, n, rows) = (512, 45, 11);
         for wt in [
             DType::Q8_0,
             DType::Q4_0,

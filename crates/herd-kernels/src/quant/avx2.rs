@@ -1093,6 +1093,9 @@ fn pair_scale(s: &[__m256i; 2], j: usize) -> __m256i {
 }
 
 /// The sixteen i16 sums of 16 activations of a Q8_K block.
+///
+/// # Safety
+/// AVX2; `ab` holds a whole 292-byte block.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn q8k_sums(ab: &[u8]) -> __m256i {
@@ -1827,7 +1830,16 @@ mod tests {
                     );
                 }
                 let row = wt.bytes_for(n);
-                let two_rows = [&w[..], &w[..]].concat();
+                // A second, different weight row after the first (catches a wrong row stride).
+                let mut second = w.clone();
+                second.reverse();
+                for b in second.chunks_exact_mut(wt.type_size()) {
+                    for at in scales_at {
+                        let d = half::f16::from_f32(0.02);
+                        b[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                    }
+                }
+                let two_rows = [&w[..], &second[..]].concat();
                 let mut out = [[0.0f32; 4]; 2];
                 let four = std::array::from_fn(|r| &acts[r + 1][..]);
                 vec_dot_x4_rows(wt, &two_rows, four, n, &mut out);

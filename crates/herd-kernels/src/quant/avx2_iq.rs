@@ -8,8 +8,15 @@
 //! `_mm256_sign_epi8`; Q8_K values lie in −127..127, so negation never wraps) and the i16 block
 //! scales. `maddubs` then forms pair sums in i16 (at most 2·62·127 for the grids, 2·127·127 for
 //! IQ4_XS's table) and `madd` multiplies them by the scales into i32 lanes. Decode uses each
-//! sub-block once ([`row`]); prefill unpacks it once for four activation rows ([`rows_x4`]),
-//! where the table gathers, not the multiplies, are most of the work.
+//! sub-block once ([`row`]); a few activation rows share each unpacked sub-block
+//! ([`rows_x4`]); batches of eight rows and more unpack eight weight rows once into plain
+//! offset bytes ([`unpack_x8`]) for a multiply-add micro-kernel ([`rows_unpacked`]): there the
+//! table lookups, not the multiplies, were most of the work.
+//!
+//! IQ1_S's delta term and the unpacked kernels' offset are taken from the Q8_K block's sums of
+//! 16 where the reference sums the values (or the other way round): the same integers, so the
+//! same bits, for activations written by `quantize_activation` (whose sums are those of its
+//! values).
 
 use std::arch::x86_64::*;
 
@@ -194,7 +201,7 @@ impl Sub {
 /// Sub-block `ib` (values 32·ib..32·ib+32) of the super-block of kind `T` at `wb`.
 ///
 /// # Safety
-/// AVX2; a whole block at `wb`.
+/// AVX2; a whole block at `wb`; `ib < 8`.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn sub<const T: u8>(wb: *const u8, ib: usize) -> Sub {

@@ -73,6 +73,8 @@ pub fn unpack_x8(wtype: DType, w: &[u8], n: usize, out: &mut [u8]) {
     unsafe {
         super::avx2_iq::unpack_x8(wtype, w, nb, out)
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = nb;
 }
 
 /// `out[r][m]`: row `m` of eight weight rows unpacked by [`unpack_x8`] (`u`) with activation
