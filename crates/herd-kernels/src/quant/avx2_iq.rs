@@ -38,18 +38,19 @@ const IQ1_S: u8 = 5;
 const IQ1_M: u8 = 6;
 const IQ4_XS: u8 = 7;
 
-/// `$f::<KIND>(args)` with `$wtype`'s kind (a 256-value IQ type).
+/// `$f::<KIND, G…>(args)` with `$wtype`'s kind (a 256-value IQ type) as the first generic
+/// argument and `G…` (if any) after it.
 macro_rules! by_kind {
-    ($wtype:expr, $f:ident($($arg:expr),*)) => {
+    ($wtype:expr, $f:ident $(<$($g:tt),*>)? ($($arg:expr),*)) => {
         match $wtype {
-            DType::IQ2XXS => $f::<IQ2_XXS>($($arg),*),
-            DType::IQ2XS => $f::<IQ2_XS>($($arg),*),
-            DType::IQ2S => $f::<IQ2_S>($($arg),*),
-            DType::IQ3XXS => $f::<IQ3_XXS>($($arg),*),
-            DType::IQ3S => $f::<IQ3_S>($($arg),*),
-            DType::IQ1S => $f::<IQ1_S>($($arg),*),
-            DType::IQ1M => $f::<IQ1_M>($($arg),*),
-            DType::IQ4XS => $f::<IQ4_XS>($($arg),*),
+            DType::IQ2XXS => $f::<IQ2_XXS $($(, $g)*)?>($($arg),*),
+            DType::IQ2XS => $f::<IQ2_XS $($(, $g)*)?>($($arg),*),
+            DType::IQ2S => $f::<IQ2_S $($(, $g)*)?>($($arg),*),
+            DType::IQ3XXS => $f::<IQ3_XXS $($(, $g)*)?>($($arg),*),
+            DType::IQ3S => $f::<IQ3_S $($(, $g)*)?>($($arg),*),
+            DType::IQ1S => $f::<IQ1_S $($(, $g)*)?>($($arg),*),
+            DType::IQ1M => $f::<IQ1_M $($(, $g)*)?>($($arg),*),
+            DType::IQ4XS => $f::<IQ4_XS $($(, $g)*)?>($($arg),*),
             other => unreachable!("{other} is not a 256-value IQ type"),
         }
     };
@@ -60,7 +61,7 @@ macro_rules! by_kind {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn row(wtype: DType, w: &[u8], a: &[u8], nb: usize) -> f32 {
     // SAFETY: the features are enabled here; the caller's promise bounds every block.
-    let acc = unsafe { by_kind!(wtype, row_of(wtype, w, a, nb)) };
+    let [acc] = unsafe { by_kind!(wtype, rows_of<1>(wtype, w, [a], nb)) };
     acc * iq::row_constant(wtype)
 }
 
@@ -70,50 +71,35 @@ pub(super) unsafe fn row(wtype: DType, w: &[u8], a: &[u8], nb: usize) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn rows_x4(wtype: DType, w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
     // SAFETY: the features are enabled here; the caller's promise bounds every block.
-    let acc = unsafe { by_kind!(wtype, rows_x4_of(wtype, w, a, nb)) };
+    let acc = unsafe { by_kind!(wtype, rows_of<4>(wtype, w, a, nb)) };
     acc.map(|r| r * iq::row_constant(wtype))
 }
 
-/// The reference's f32 steps over a row: per super-block, its exact integer sum times the two
-/// scales, added by fused multiply-add.
-///
-/// # Safety
-/// AVX2, FMA and F16C; both rows hold `nb` blocks.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_of<const T: u8>(wtype: DType, w: &[u8], a: &[u8], nb: usize) -> f32 {
-    let ts = wtype.type_size();
-    debug_assert!(w.len() >= nb * ts && a.len() >= nb * Q8K_BYTES);
-    let mut acc = 0.0f32;
-    for i in 0..nb {
-        // SAFETY: block i of each row is in bounds (the caller's promise).
-        unsafe {
-            let (wb, ab) = (w.as_ptr().add(i * ts), a.as_ptr().add(i * Q8K_BYTES));
-            let d = super_scale::<T>(wb, ts) * f32_ptr(ab);
-            acc = (isum::<T>(wb, ab) as f32).mul_add(d, acc);
-        }
-    }
-    acc
-}
-
-/// [`row_of`] for four activation rows, each sub-block unpacked once.
+/// The reference's f32 steps over one weight row against `N` activation rows: per
+/// super-block, its exact integer sum times the two scales, added by fused multiply-add; each
+/// sub-block is unpacked once for the `N` rows.
 ///
 /// # Safety
 /// AVX2, FMA and F16C; every row holds `nb` blocks.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_x4_of<const T: u8>(wtype: DType, w: &[u8], a: [&[u8]; 4], nb: usize) -> [f32; 4] {
+unsafe fn rows_of<const T: u8, const N: usize>(
+    wtype: DType,
+    w: &[u8],
+    a: [&[u8]; N],
+    nb: usize,
+) -> [f32; N] {
     let ts = wtype.type_size();
     debug_assert!(w.len() >= nb * ts && a.iter().all(|r| r.len() >= nb * Q8K_BYTES));
-    let mut acc = [0.0f32; 4];
+    let mut acc = [0.0f32; N];
     for i in 0..nb {
         // SAFETY: block i of each row is in bounds (the caller's promise).
         unsafe {
             let wb = w.as_ptr().add(i * ts);
             let ab = a.map(|r| r.as_ptr().add(i * Q8K_BYTES));
             let dw = super_scale::<T>(wb, ts);
-            let sums = isum_x4::<T>(wb, ab);
-            for r in 0..4 {
+            let sums = isums::<T, N>(wb, ab);
+            for r in 0..N {
                 let d = dw * f32_ptr(ab[r]);
                 acc[r] = (sums[r] as f32).mul_add(d, acc[r]);
             }
@@ -139,34 +125,19 @@ unsafe fn super_scale<const T: u8>(wb: *const u8, ts: usize) -> f32 {
     }
 }
 
-/// One super-block's exact integer sum against one Q8_K block.
-///
-/// # Safety
-/// AVX2; whole blocks at `wb` and `ab`.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn isum<const T: u8>(wb: *const u8, ab: *const u8) -> i32 {
-    let mut s = _mm256_setzero_si256();
-    for ib in 0..8 {
-        // SAFETY: sub-block ib of both blocks.
-        s = _mm256_add_epi32(s, unsafe { sub::<T>(wb, ib).dot(q8(ab, 32 * ib)) });
-    }
-    hsum_i32(s)
-}
-
-/// [`isum`] against four Q8_K blocks.
+/// One super-block's exact integer sums against `N` Q8_K blocks.
 ///
 /// # Safety
 /// AVX2; whole blocks at `wb` and every `ab`.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn isum_x4<const T: u8>(wb: *const u8, ab: [*const u8; 4]) -> [i32; 4] {
-    let mut s = [_mm256_setzero_si256(); 4];
+unsafe fn isums<const T: u8, const N: usize>(wb: *const u8, ab: [*const u8; N]) -> [i32; N] {
+    let mut s = [_mm256_setzero_si256(); N];
     for ib in 0..8 {
         // SAFETY: sub-block ib of every block.
         unsafe {
             let w = sub::<T>(wb, ib);
-            for r in 0..4 {
+            for r in 0..N {
                 s[r] = _mm256_add_epi32(s[r], w.dot(q8(ab[r], 32 * ib)));
             }
         }
