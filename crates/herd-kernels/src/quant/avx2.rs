@@ -1092,6 +1092,28 @@ fn pair_scale(s: &[__m256i; 2], j: usize) -> __m256i {
     )
 }
 
+/// `acc[r] += Σ sc·u·y` in eight i32 lanes, for the 32 values `y` at byte `at` of each
+/// activation block `ab[r]`: unsigned quants `u` (at most 63, so `maddubs` pair sums fit in
+/// i16) and the i16 multiplier of each pair sum `sc`.
+///
+/// # Safety
+/// AVX2; `at + 32` bytes in every `ab[r]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn add_scaled<const R: usize>(
+    acc: &mut [__m256i; R],
+    u: __m256i,
+    sc: __m256i,
+    ab: [&[u8]; R],
+    at: usize,
+) {
+    for (acc, ab) in acc.iter_mut().zip(ab) {
+        // SAFETY: the caller's bound.
+        let y = unsafe { load(ab, at) };
+        *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), sc));
+    }
+}
+
 /// The sixteen i16 sums of 16 activations of a Q8_K block.
 ///
 /// # Safety
@@ -1128,12 +1150,8 @@ unsafe fn q2_k_rows<const R: usize>(w: &[u8], a: [&[u8]; R], nb: usize) -> [f32;
                 let u =
                     _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * k as i32)), low2);
                 let sc = pair_scale(&scales, j);
-                for r in 0..R {
-                    // SAFETY: values 32j..32j+32 of the Q8_K block.
-                    let y = unsafe { load(ab[r], 4 + 32 * j) };
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), sc);
-                    acc[r] = _mm256_add_epi32(acc[r], p);
-                }
+                // SAFETY: values 32j..32j+32 of each Q8_K block.
+                unsafe { add_scaled(&mut acc, u, sc, ab, 4 + 32 * j) };
             }
         }
         let (d, dmin) = (f16_at(wb, 80), f16_at(wb, 82));
@@ -1178,12 +1196,8 @@ unsafe fn q3_k_rows<const R: usize>(w: &[u8], a: [&[u8]; R], nb: usize) -> [f32;
                     _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * k as i32)), low2);
                 let u = _mm256_or_si256(low, high);
                 let sc = pair_scale(&scales, j);
-                for r in 0..R {
-                    // SAFETY: values 32j..32j+32 of the Q8_K block.
-                    let y = unsafe { load(ab[r], 4 + 32 * j) };
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, y), sc);
-                    acc[r] = _mm256_add_epi32(acc[r], p);
-                }
+                // SAFETY: values 32j..32j+32 of each Q8_K block.
+                unsafe { add_scaled(&mut acc, u, sc, ab, 4 + 32 * j) };
             }
         }
         let d = f16_at(wb, 108);
@@ -1227,12 +1241,10 @@ unsafe fn q5_k_rows<const R: usize>(w: &[u8], a: [&[u8]; R], nb: usize) -> [f32;
             let hi = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(q), mask), h2);
             let s1 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c));
             let s2 = _mm256_shuffle_epi8(scales, broadcast_i16_lane(2 * c + 1));
-            for r in 0..R {
-                // SAFETY: values 64c..64c + 64 of the Q8_K block.
-                let (y1, y2) = unsafe { (load(ab[r], 4 + 64 * c), load(ab[r], 36 + 64 * c)) };
-                let p1 = _mm256_madd_epi16(s1, _mm256_maddubs_epi16(lo, y1));
-                let p2 = _mm256_madd_epi16(s2, _mm256_maddubs_epi16(hi, y2));
-                acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(p1, p2));
+            // SAFETY: values 64c..64c + 64 of each Q8_K block.
+            unsafe {
+                add_scaled(&mut acc, lo, s1, ab, 4 + 64 * c);
+                add_scaled(&mut acc, hi, s2, ab, 36 + 64 * c);
             }
         }
         let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
