@@ -157,6 +157,10 @@ enum Plan {
     Groups { per_task: usize, group_tasks: usize },
     /// Quantized `OutMajor`: chunks of `chunk` output columns, each in tiles of `tile` rows.
     Quantized { chunk: usize, tile: usize },
+    /// Quantized `OutMajor` of a type whose blocks cost more to unpack than to multiply, in a
+    /// batch of [`UNPACK_MIN_ROWS`] or more: chunks of `chunk` (a multiple of eight) output
+    /// columns, each eight weight rows unpacked once ([`unpacked_task`]).
+    Unpacked { chunk: usize },
     /// Float `OutMajor`: chunks of `chunk` output columns.
     Float { chunk: usize },
     /// `InMajor`: chunks of `chunk` output columns.
@@ -180,6 +184,15 @@ impl Plan {
                     group_tasks: groups.div_ceil(per_task),
                 }
             }
+            Layout::OutMajor
+                if p.n_rows >= UNPACK_MIN_ROWS && quant::unpack_x8_supported(w.dtype) =>
+            {
+                // Whole groups of eight rows per chunk: only the matrix's last rows go pair by
+                // pair.
+                Plan::Unpacked {
+                    chunk: chunk_size(n, threads).next_multiple_of(8),
+                }
+            }
             Layout::OutMajor if w.dtype.is_quantized() => {
                 // A batch of more than four rows (prefill) is computed in tiles: a few weight
                 // rows and four activation rows, both staying in L1 while every pair of them is
@@ -190,13 +203,10 @@ impl Plan {
                 } else {
                     1
                 };
-                let mut chunk = chunk_size(n, threads);
-                if p.n_rows >= UNPACK_MIN_ROWS && quant::unpack_x8_supported(w.dtype) {
-                    // Whole groups of eight rows per chunk: only the matrix's last rows go
-                    // pair by pair.
-                    chunk = chunk.next_multiple_of(8);
+                Plan::Quantized {
+                    chunk: chunk_size(n, threads),
+                    tile,
                 }
-                Plan::Quantized { chunk, tile }
             }
             Layout::OutMajor => Plan::Float {
                 chunk: chunk_size(n, threads),
@@ -222,15 +232,19 @@ impl Plan {
             Plan::Groups { group_tasks, .. } => {
                 group_tasks + usize::from(!n.is_multiple_of(quant::repack::GROUP))
             }
-            Plan::Quantized { chunk, .. } | Plan::Float { chunk } | Plan::InMajor { chunk } => {
-                n.div_ceil(chunk)
-            }
+            Plan::Quantized { chunk, .. }
+            | Plan::Unpacked { chunk }
+            | Plan::Float { chunk }
+            | Plan::InMajor { chunk } => n.div_ceil(chunk),
         }
     }
 
     /// Whether the activations are quantized first (to the weight type's dot-product partner).
     fn quantizes(self) -> bool {
-        matches!(self, Plan::Groups { .. } | Plan::Quantized { .. })
+        matches!(
+            self,
+            Plan::Groups { .. } | Plan::Quantized { .. } | Plan::Unpacked { .. }
+        )
     }
 }
 
@@ -297,6 +311,7 @@ pub fn matmul_many_with(pool: &ThreadPool, products: &mut [Product<'_>]) {
                 Plan::Quantized { chunk, tile } => {
                     quantized_task(p, &a.act, &outs[pi], chunk, tile, task)
                 }
+                Plan::Unpacked { chunk } => unpacked_task(p, &a.act, &outs[pi], chunk, task),
                 Plan::Float { chunk } => float_task(p, &outs[pi], chunk, task),
                 Plan::InMajor { chunk } => in_major_task(p, &outs[pi], chunk, task),
             }
@@ -458,9 +473,7 @@ fn x8_task(
 }
 
 /// Chunk `c` (`chunk` output columns) of a product with a quantized `OutMajor` matrix, given
-/// its activations quantized (`act`), in tiles of `tile` weight rows; for batches of
-/// [`UNPACK_MIN_ROWS`] and more of the types [`quant::unpack_x8_supported`] names, by
-/// [`unpacked_task`].
+/// its activations quantized (`act`), in tiles of `tile` weight rows.
 fn quantized_task(
     p: &Product<'_>,
     act: &[u8],
@@ -470,9 +483,6 @@ fn quantized_task(
     c: usize,
 ) {
     let (w, n_rows) = (&p.w, p.n_rows);
-    if n_rows >= UNPACK_MIN_ROWS && quant::unpack_x8_supported(w.dtype) {
-        return unpacked_task(p, act, out, chunk, c);
-    }
     let (k, n) = (w.in_features, w.out_features);
     let row_bytes = w.dtype.vec_dot_type().bytes_for(k);
     let w_row = w.dtype.bytes_for(k);
@@ -515,8 +525,8 @@ fn quantized_task(
     }
 }
 
-/// [`quantized_task`] for the types whose blocks cost more to unpack than to multiply (the
-/// IQ1–IQ3 grids): each eight weight rows of the chunk unpacked once ([`quant::unpack_x8`])
+/// Chunk `c` of a product planned [`Plan::Unpacked`] (the IQ1–IQ3 grids), given its
+/// activations quantized (`act`): each eight weight rows of the chunk unpacked once ([`quant::unpack_x8`])
 /// and shared by every activation row, four at a time; the chunk's last rows (fewer than
 /// eight) pair by pair. The same bits as the pairwise kernels.
 fn unpacked_task(p: &Product<'_>, act: &[u8], out: &SharedMut<f32>, chunk: usize, c: usize) {
