@@ -785,20 +785,18 @@ mod tests {
         use crate::quant::{
             unpack_x8, unpack_x8_supported, unpacked_x8_bytes, vec_dot_unpacked_x8,
         };
+        if !crate::quant::has_avx2() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
         let mut rng = SplitMix64::new(9);
-        for wt in [
-            DType::IQ2XXS,
-            DType::IQ2XS,
-            DType::IQ2S,
-            DType::IQ3XXS,
-            DType::IQ3S,
-            DType::IQ1S,
-            DType::IQ1M,
-        ] {
-            if !unpack_x8_supported(wt) {
-                eprintln!("no unpacked kernels on this CPU: nothing to compare");
-                return;
-            }
+        // Every type the dispatch sends here (IQ1–IQ3).
+        let types: Vec<DType> = DType::ALL
+            .into_iter()
+            .filter(|&t| unpack_x8_supported(t))
+            .collect();
+        assert_eq!(types.len(), 7, "{types:?}");
+        for wt in types {
             for blocks in [1, 3] {
                 let n = blocks * 256;
                 let row = wt.bytes_for(n);
