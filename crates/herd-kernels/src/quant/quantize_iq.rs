@@ -300,20 +300,18 @@ impl Lattice {
     /// scale is positive), and a negative scale made positive by flipping the block's sign
     /// masks (`!s & sign_mask`: 127 for 7-bit even-parity signs, 255 for whole bytes). Returns
     /// the scale; `l` holds the block's grid points.
-    #[allow(clippy::too_many_arguments)]
     fn fit_block(
         &self,
         ids: impl Iterator<Item = f32>,
         start: Fit,
-        max_level: i32,
-        (xval, weight, waux): (&[f32], &[f32], &[f32]),
+        args: BlockArgs<'_>,
         l: &mut [i8],
         signs: &mut [u8],
         sign_mask: u8,
     ) -> f32 {
+        let (_, xval, _, _) = args;
         let mut on_grid = [start.on_grid; 8];
         let on_grid = &mut on_grid[..xval.len() / self.dim];
-        let args = (max_level, xval, weight, waux);
         let mut scale = self.search(ids, start.scale, args, l, on_grid);
         let any_off = on_grid.contains(&false);
         if scale > 0.0 {
@@ -549,16 +547,8 @@ fn iq2_xxs(x: &[f32], qw: &[f32], b: &mut [u8]) {
             on_grid: true,
             refit: Refit::All,
         };
-        let block = (&xval[..], &weight[..], &waux[..]);
-        let scale = grid.fit_block(
-            ids,
-            start,
-            K_MAX_Q - 1,
-            block,
-            &mut l,
-            &mut block_signs,
-            127,
-        );
+        let block = (K_MAX_Q - 1, &xval[..], &weight[..], &waux[..]);
+        let scale = grid.fit_block(ids, start, block, &mut l, &mut block_signs, 127);
         for k in 0..4 {
             let j = grid_index_of(grid, &l[8 * k..8 * k + 8]);
             q2[2 * ib] |= (j as u32) << (8 * k);
@@ -632,17 +622,9 @@ fn iq2_xs_s(dtype: DType, x: &[f32], qw: Option<&[f32]>, b: &mut [u8]) {
             on_grid: true,
             refit: Refit::OffGrid,
         };
-        let block = (&xval[..], &weight[..], &waux[..]);
+        let block = (K_MAX_Q - 1, &xval[..], &weight[..], &waux[..]);
         let sign_mask = if is_s { 255 } else { 127 };
-        let scale = grid.fit_block(
-            ids,
-            start,
-            K_MAX_Q - 1,
-            block,
-            &mut l,
-            &mut block_signs,
-            sign_mask,
-        );
+        let scale = grid.fit_block(ids, start, block, &mut l, &mut block_signs, sign_mask);
         for k in 0..2 {
             let j = grid_index_of(grid, &l[8 * k..8 * k + 8]);
             let i8 = 2 * ib + k;
@@ -708,16 +690,8 @@ fn iq3_xxs(x: &[f32], qw: Option<&[f32]>, b: &mut [u8]) {
             on_grid: true,
             refit: Refit::OffGrid,
         };
-        let block = (&xval[..], &weight[..], &waux[..]);
-        let scale = grid.fit_block(
-            ids,
-            start,
-            K_MAX_Q - 1,
-            block,
-            &mut l,
-            &mut block_signs,
-            127,
-        );
+        let block = (K_MAX_Q - 1, &xval[..], &weight[..], &waux[..]);
+        let scale = grid.fit_block(ids, start, block, &mut l, &mut block_signs, 127);
         for k in 0..8 {
             // d@0, 64 index bytes @2.
             b[2 + 8 * ib + k] = grid_index_of(grid, &l[4 * k..4 * k + 4]) as u8;
@@ -780,16 +754,8 @@ fn iq3_s(x: &[f32], qw: Option<&[f32]>, b: &mut [u8]) {
             on_grid: false,
             refit: Refit::AllIfAnyOff,
         };
-        let block = (&xval[..], &weight[..], &waux[..]);
-        let scale = grid.fit_block(
-            ids,
-            start,
-            K_MAX_Q - 1,
-            block,
-            &mut l,
-            &mut block_signs,
-            255,
-        );
+        let block = (K_MAX_Q - 1, &xval[..], &weight[..], &waux[..]);
+        let scale = grid.fit_block(ids, start, block, &mut l, &mut block_signs, 255);
         for k in 0..8 {
             let j = grid_index_of(grid, &l[4 * k..4 * k + 4]);
             b[qs_at + k] = j as u8;
