@@ -377,8 +377,9 @@ fn quantize_activations(
 /// Task `task` of a product with an `OutMajorX8` matrix, given its activations quantized:
 /// a run of `per_task` row groups and, per group, every four activation rows in one
 /// group-kernel call (the rest one by one, for the same bits); where `x16_serves`, two groups
-/// per call (an odd last group alone). Task `group_tasks` is the tail rows (fewer than eight,
-/// in the file's layout), by the one-row kernel.
+/// per call (an odd last group alone), and eight activation rows per call where the type's
+/// 512-bit kernel takes them (`x16_rows_per_call`). Task `group_tasks` is the tail rows (fewer
+/// than eight, in the file's layout), by the one-row kernel.
 fn x8_task(
     p: &Product<'_>,
     a: &Activations,
@@ -424,6 +425,7 @@ fn x8_task(
     let end = (first + per_task).min(groups);
     let group = |gi: usize| &w.bytes[gi * group_bytes..(gi + 1) * group_bytes];
     let x16 = quant::x16_serves(w.dtype, n_rows);
+    let rows8 = quant::x16_rows_per_call(w.dtype) == 8;
     let mut gi = first;
     while gi < end {
         let g = group(gi);
@@ -438,6 +440,14 @@ fn x8_task(
                 }
             };
             let mut t = 0;
+            if rows8 {
+                while t + 8 <= n_rows {
+                    let rows: [usize; 8] = std::array::from_fn(|i| t + i);
+                    let (a8, s8) = (rows.map(act_row), rows.map(sum_row));
+                    emit(t, &quant::vec_dot_x16_sums(w.dtype, g, g1, a8, s8, k));
+                    t += 8;
+                }
+            }
             while t + 4 <= n_rows {
                 let rows = [t, t + 1, t + 2, t + 3];
                 let (a4, s4) = (rows.map(act_row), rows.map(sum_row));
@@ -526,9 +536,9 @@ fn quantized_task(
 }
 
 /// Chunk `c` of a product planned [`Plan::Unpacked`] (the IQ1–IQ3 grids), given its
-/// activations quantized (`act`): each eight weight rows of the chunk unpacked once ([`quant::unpack_x8`])
-/// and shared by every activation row, four at a time; the chunk's last rows (fewer than
-/// eight) pair by pair. The same bits as the pairwise kernels.
+/// activations quantized (`act`): each eight weight rows of the chunk unpacked once
+/// ([`quant::unpack_x8`]) and shared by every activation row, four at a time; the chunk's last
+/// rows (fewer than eight) pair by pair. The same bits as the pairwise kernels.
 fn unpacked_task(p: &Product<'_>, act: &[u8], out: &SharedMut<f32>, chunk: usize, c: usize) {
     let (w, n_rows) = (&p.w, p.n_rows);
     let (k, n) = (w.in_features, w.out_features);

@@ -39,6 +39,17 @@ pub(crate) fn has_kernel(wtype: DType) -> bool {
     )
 }
 
+/// How many activation rows a [`rows_x16`] call should take at most: eight where the kernel
+/// holds a block's sixteen weight rows in registers for every activation row (the 32-value
+/// formats), four where it streams the weights once per step for all rows (the super-block
+/// formats, whose per-row sums would not fit in the registers beside eight rows).
+pub(crate) fn rows_per_call(wtype: DType) -> usize {
+    match wtype {
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4NL => 8,
+        _ => 4,
+    }
+}
+
 /// `out[r][m]`: row `m` of the two interleaved groups `g0` (rows 0..8) and `g1` (rows 8..16)
 /// with activation row `a[r]` (and its block sums `sums[r]` where `x8_wants_block_sums`),
 /// each equal to `vec_dot` of that pair. `None` for types without a 512-bit kernel
@@ -376,11 +387,13 @@ unsafe fn q6_k_x16<const N: usize>(
 }
 
 /// Sixteen interleaved rows of a 32-value format (groups `g0` and `g1` of kind `T`, `nb`
-/// blocks each) against `N` Q8_0 activation rows: lane `m` is weight row `m`. Each step's four
-/// quants of every row go in as unsigned bytes (Q4_0's and Q5_0's as stored; Q8_0's and
-/// IQ4_NL's values offset by 128) against four broadcast activations by `vpdpbusd`, and the
-/// offset times the activations' block sum (`sums[r][b]`) comes off: lane `m` of `raw` is
-/// row `m`'s exact block sum, and `acc = raw·(d_w·d_a) + acc` is the reference's f32 step.
+/// blocks each) against `N` Q8_0 activation rows (up to eight): lane `m` is weight row `m`.
+/// Per block, the eight steps of four quants of every row are unpacked once into registers as
+/// unsigned bytes (Q4_0's and Q5_0's as stored; Q8_0's and IQ4_NL's values offset by 128) and
+/// serve every activation row: four broadcast activations per step by `vpdpbusd`, starting
+/// from minus the offset times the activations' block sum (`sums[r][b]`). Lane `m` of `raw`
+/// is then row `m`'s exact block sum, and `acc = raw·(d_w·d_a) + acc` is the reference's f32
+/// step.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q0_x16<const T: u8, const N: usize>(
     g0: &[u8],
@@ -408,22 +421,14 @@ unsafe fn q0_x16<const T: u8, const N: usize>(
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..nb {
             let (p0, p1) = (g0.as_ptr().add(gbb * b), g1.as_ptr().add(gbb * b));
-            let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(34 * b));
             let plane = if T == Q5_0 {
                 load_pair(p0.add(16), p1.add(16))
             } else {
                 m4
             };
-            // Two chains per row (even and odd steps), so that eight `vpdpbusd` are in flight
-            // with four rows. The even chain starts at minus the offset times the row's block
-            // sum. Unchecked: rows_x16 asserted nb sums per row (a bounds check here costs a
-            // reload from the stack per row and block, the registers being all in use).
-            let mut chain: [[__m512i; N]; 2] = [
-                std::array::from_fn(|r| _mm512_set1_epi32(-offset * *sums[r].as_ptr().add(b))),
-                [_mm512_setzero_si512(); N],
-            ];
-            for s in 0..8 {
-                let w = if T == Q8_0 {
+            // Step s's four values of the sixteen rows, as unsigned bytes.
+            let w: [__m512i; 8] = std::array::from_fn(|s| {
+                if T == Q8_0 {
                     _mm512_xor_si512(load_pair(p0.add(16 + 32 * s), p1.add(16 + 32 * s)), flip)
                 } else {
                     // Step s < 4: the low nibbles of run s; s ≥ 4: the high of s − 4.
@@ -449,20 +454,27 @@ unsafe fn q0_x16<const T: u8, const N: usize>(
                         }
                         _ => nib,
                     }
-                };
-                for r in 0..N {
-                    let y = std::ptr::read_unaligned(ab[r].add(2 + 4 * s) as *const i32);
-                    let c = &mut chain[s % 2][r];
-                    *c = _mm512_dpbusd_epi32(*c, w, _mm512_set1_epi32(y));
                 }
-            }
+            });
             let dw = f16_pair(p0, p1);
             for r in 0..N {
+                let ab = a[r].as_ptr().add(34 * b);
+                // Two chains (even and odd steps); the even one starts at minus the offset
+                // times the row's block sum. Unchecked: rows_x16 asserted nb sums per row (a
+                // bounds check here costs a reload from the stack per row and block).
+                let mut even = _mm512_set1_epi32(-offset * *sums[r].as_ptr().add(b));
+                let mut odd = _mm512_setzero_si512();
+                for s in (0..8).step_by(2) {
+                    let y0 = std::ptr::read_unaligned(ab.add(2 + 4 * s) as *const i32);
+                    let y1 = std::ptr::read_unaligned(ab.add(6 + 4 * s) as *const i32);
+                    even = _mm512_dpbusd_epi32(even, w[s], _mm512_set1_epi32(y0));
+                    odd = _mm512_dpbusd_epi32(odd, w[s + 1], _mm512_set1_epi32(y1));
+                }
                 // The activation block's f16 scale, converted in the vector unit.
                 let da = _mm512_cvtph_ps(_mm256_set1_epi16(std::ptr::read_unaligned(
-                    ab[r] as *const i16,
+                    ab as *const i16,
                 )));
-                let raw = _mm512_add_epi32(chain[0][r], chain[1][r]);
+                let raw = _mm512_add_epi32(even, odd);
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(raw), _mm512_mul_ps(dw, da), acc[r]);
             }
         }
@@ -556,7 +568,8 @@ mod tests {
     use crate::testing::rand_vec;
 
     /// The 512-bit kernels equal the scalar reference bit for bit on random weights and
-    /// activations of 1..=4 blocks, for one to four activation rows.
+    /// activations of 1..=4 blocks, for one to four activation rows and eight (the most
+    /// [`rows_per_call`] asks).
     #[test]
     fn x16_kernels_equal_the_scalar_reference() {
         if !has_avx512_vnni() {
@@ -594,7 +607,7 @@ mod tests {
                 quantize(t, &rand_vec(16 * k, 80 + nb as u64, 3.0), &mut wq);
                 let g = repack(t, &wq, 16, k);
                 let at = t.vec_dot_type();
-                let acts: Vec<Vec<u8>> = (0..4)
+                let acts: Vec<Vec<u8>> = (0..8)
                     .map(|r| {
                         let mut a = vec![0u8; at.bytes_for(k)];
                         quantize_activation(at, &rand_vec(k, 90 + r, 1.0 + r as f32), &mut a);
@@ -615,6 +628,7 @@ mod tests {
                 check::<2>(t, &g, &acts, &sums, k);
                 check::<3>(t, &g, &acts, &sums, k);
                 check::<4>(t, &g, &acts, &sums, k);
+                check::<8>(t, &g, &acts, &sums, k);
             }
         }
         // Q6_K blocks of random bytes (any bytes are a valid block: every quant, high-bit

@@ -344,6 +344,18 @@ pub fn has_x16_kernel(wtype: DType) -> bool {
     false
 }
 
+/// The most activation rows one [`vec_dot_x16_sums`] call should take for `wtype` (8 or 4);
+/// callers give it that many while they have them, then four, then one. 4 where the CPU has
+/// no 512-bit kernel for the type.
+pub fn x16_rows_per_call(wtype: DType) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if has_x16_kernel(wtype) {
+        return super::avx512::rows_per_call(wtype);
+    }
+    let _ = wtype;
+    4
+}
+
 /// [`vec_dot_x8_sums`] of two groups at once (`g0`, then `g1`: `out[r][m]` for `m` in 0..16),
 /// by the 512-bit kernels, the same bits as two [`vec_dot_x8_sums`] calls.
 ///
