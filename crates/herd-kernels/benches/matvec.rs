@@ -60,6 +60,13 @@ fn matvec(c: &mut Criterion) {
         g.bench_function(t.name(), |b| {
             b.iter(|| matmul(black_box(&x), 1, &m, &mut out))
         });
+        // The interleaved layout the models load where the type has one.
+        if let Some(packed) = m.repacked().filter(|_| repack::repack_at_load(t)) {
+            let m = MatRef::new(&packed, t, k, n, Layout::OutMajorX8).unwrap();
+            g.bench_function(format!("{}_x8", t.name()), |b| {
+                b.iter(|| matmul(black_box(&x), 1, &m, &mut out))
+            });
+        }
     }
     g.finish();
 }

@@ -613,7 +613,11 @@ unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool, const VNNI: bool>(
     // SAFETY: forwarded to the caller (the features and the byte ranges above).
     unsafe {
         let m4 = _mm256_set1_epi8(0x0F);
-        let mut p = [_mm256_setzero_si256(); N];
+        // Steps k go to chain k % chains: with few rows, one chain per row would leave the
+        // eight steps waiting on each other's latency. The sums are exact integers, so the
+        // split does not change them.
+        let chains = super::independent_chains(N);
+        let mut p = [[_mm256_setzero_si256(); 4]; N];
         for k in 0..8 {
             let v = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
             let w = if HI {
@@ -623,14 +627,28 @@ unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool, const VNNI: bool>(
             };
             for (pr, ar) in p.iter_mut().zip(a) {
                 let y = _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(4 * k) as *const i32));
-                *pr = if VNNI {
-                    _mm256_dpbusd_epi32(*pr, w, y)
+                let c = &mut pr[k % chains];
+                *c = if VNNI {
+                    _mm256_dpbusd_epi32(*c, w, y)
                 } else {
-                    _mm256_add_epi16(*pr, _mm256_maddubs_epi16(w, y))
+                    _mm256_add_epi16(*c, _mm256_maddubs_epi16(w, y))
                 };
             }
         }
-        p
+        p.map(|[c0, c1, c2, c3]| {
+            let add = |x, y| {
+                if VNNI {
+                    _mm256_add_epi32(x, y)
+                } else {
+                    _mm256_add_epi16(x, y)
+                }
+            };
+            match chains {
+                1 => c0,
+                2 => add(c0, c1),
+                _ => add(add(c0, c1), add(c2, c3)),
+            }
+        })
     }
 }
 
@@ -1656,7 +1674,8 @@ mod tests {
     }
 
     /// The AVX2 and the AVX-512 VNNI group kernels both equal the scalar reference (the
-    /// dispatch picks one; this runs each that the CPU supports).
+    /// dispatch picks one; this runs each that the CPU supports), for one, two and four
+    /// activation rows.
     #[test]
     fn every_group_kernel_variant_equals_scalar() {
         use crate::quant::{repack::repack, vec_dot_x8_scalar};
@@ -1720,36 +1739,69 @@ mod tests {
                 let a: [&[u8]; 4] = std::array::from_fn(|r| &acts[r][..]);
                 let sm: [&[i32]; 4] = std::array::from_fn(|r| &sums[r][..]);
                 let want = vec_dot_x8_scalar(t, &g, a, k);
-                // SAFETY: AVX2/FMA/F16C checked above, VNNI + VL where used; the group and
-                // activation rows hold nb whole blocks.
-                let variants = unsafe {
-                    let mut v = vec![match t {
-                        DType::Q4K => q4_k_x8(&g, a, nb),
-                        DType::Q8_0 => q0_x8::<Q8_0, 4>(&g, a, sm, nb),
-                        DType::Q4_0 => q0_x8::<Q4_0, 4>(&g, a, sm, nb),
-                        DType::IQ4NL => q0_x8::<IQ4_NL, 4>(&g, a, sm, nb),
-                        DType::IQ4XS => iq4_xs_x8(&g, a, nb),
-                        _ => q0_x8::<Q5_0, 4>(&g, a, sm, nb),
-                    }];
-                    if vnni {
-                        v.push(match t {
-                            DType::Q4K => q4_k_x8_vnni(&g, a, nb),
-                            DType::Q8_0 => q0_x8_vnni::<Q8_0, 4>(&g, a, sm, nb),
-                            DType::Q4_0 => q0_x8_vnni::<Q4_0, 4>(&g, a, sm, nb),
-                            DType::IQ4NL => q0_x8_vnni::<IQ4_NL, 4>(&g, a, sm, nb),
-                            DType::IQ4XS => iq4_xs_x8_vnni(&g, a, nb),
-                            _ => q0_x8_vnni::<Q5_0, 4>(&g, a, sm, nb),
-                        });
-                    }
-                    v
-                };
-                for (i, got) in variants.iter().enumerate() {
-                    for (gr, wr) in got.iter().zip(&want) {
+                // Four rows, and one and two (their own accumulator chains).
+                let mut got: Vec<(usize, Vec<[f32; 8]>)> = Vec::new();
+                for (i, v) in variants::<4>(t, &g, a, sm, nb, vnni)
+                    .into_iter()
+                    .enumerate()
+                {
+                    got.push((i, v.to_vec()));
+                }
+                for (i, v) in variants::<1>(t, &g, [a[0]], [sm[0]], nb, vnni)
+                    .into_iter()
+                    .enumerate()
+                {
+                    got.push((i, v.to_vec()));
+                }
+                let (a2, s2) = ([a[0], a[1]], [sm[0], sm[1]]);
+                for (i, v) in variants::<2>(t, &g, a2, s2, nb, vnni)
+                    .into_iter()
+                    .enumerate()
+                {
+                    got.push((i, v.to_vec()));
+                }
+                for (i, rows) in &got {
+                    for (gr, wr) in rows.iter().zip(&want) {
                         for (x, y) in gr.iter().zip(wr) {
                             assert_eq!(x.to_bits(), y.to_bits(), "{t} variant {i}, nb {nb}");
                         }
                     }
                 }
+            }
+        }
+
+        /// Each group kernel the CPU supports (the AVX2 one, then the VNNI one where `vnni`)
+        /// for `N` activation rows.
+        fn variants<const N: usize>(
+            t: DType,
+            g: &[u8],
+            a: [&[u8]; N],
+            sm: [&[i32]; N],
+            nb: usize,
+            vnni: bool,
+        ) -> Vec<[[f32; 8]; N]> {
+            // SAFETY: the caller checked AVX2/FMA/F16C, and VNNI + VL where `vnni`; the group
+            // and activation rows hold nb whole blocks.
+            unsafe {
+                let mut v = vec![match t {
+                    DType::Q4K => q4_k_x8(g, a, nb),
+                    DType::Q8_0 => q0_x8::<Q8_0, N>(g, a, sm, nb),
+                    DType::Q4_0 => q0_x8::<Q4_0, N>(g, a, sm, nb),
+                    DType::IQ4NL => q0_x8::<IQ4_NL, N>(g, a, sm, nb),
+                    DType::IQ4XS => iq4_xs_x8(g, a, nb),
+                    _ => q0_x8::<Q5_0, N>(g, a, sm, nb),
+                }];
+                if vnni {
+                    v.push(match t {
+                        DType::Q4K => q4_k_x8_vnni(g, a, nb),
+                        DType::Q8_0 => q0_x8_vnni::<Q8_0, N>(g, a, sm, nb),
+                        DType::Q4_0 => q0_x8_vnni::<Q4_0, N>(g, a, sm, nb),
+                        DType::IQ4NL => q0_x8_vnni::<IQ4_NL, N>(g, a, sm, nb),
+                        DType::IQ4XS => iq4_xs_x8_vnni(g, a, nb),
+                        _ => q0_x8_vnni::<Q5_0, N>(g, a, sm, nb),
+                    });
+                }
+                v
             }
         }
     }

@@ -149,9 +149,10 @@ unsafe fn q4_k_x16<const N: usize>(
 ) -> [[f32; 16]; N] {
     // SAFETY: the features are enabled here; rows_x16 checked that both groups hold nb group
     // super-blocks (X8_BLOCK bytes each) and every activation row nb Q8_K blocks (292 bytes),
-    // and every load below stays inside block b of those.
+    // and every load below stays inside block b of those, every prefetch address inside block
+    // b + 1 (taken only when b + 1 < nb).
     unsafe {
-        let m4 = _mm512_set1_epi8(0x0F);
+        let (m4, zero) = (_mm512_set1_epi8(0x0F), _mm512_setzero_si512());
         let (mut acc, mut acc_min) = ([_mm512_setzero_ps(); N], [_mm512_setzero_ps(); N]);
         let (mut sc0, mut mn0, mut sc1, mut mn1) = ([0u8; 64], [0u8; 64], [0u8; 64], [0u8; 64]);
         for b in 0..nb {
@@ -166,8 +167,21 @@ unsafe fn q4_k_x16<const N: usize>(
 
             let mut sumi = [_mm512_setzero_si512(); N];
             for c in 0..4 {
+                // One row (decode) is bound by memory: the next block's bytes of both groups
+                // (two streams a group apart) go into L1 a quarter per sub-block pair, as in
+                // the Q6_K kernel, ahead of the hardware prefetcher.
+                if N == 1 && b + 1 < nb {
+                    for line in 5 * c..(5 * c + 5).min(19) {
+                        let at = (X8_BLOCK + 64 * line).min(2 * X8_BLOCK - 1);
+                        _mm_prefetch::<_MM_HINT_T0>(p0.add(at) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(p1.add(at) as *const i8);
+                    }
+                }
                 let (q0, q1) = (p0.add(128 + 256 * c), p1.add(128 + 256 * c));
-                let (mut lo, mut hi) = ([_mm512_setzero_si512(); N], [_mm512_setzero_si512(); N]);
+                // Steps k go to chain k % chains (exact integer sums: the split changes
+                // nothing), so that few rows still keep several `vpdpbusd` in flight.
+                let chains = super::independent_chains(N);
+                let (mut lo, mut hi) = ([[zero; 4]; N], [[zero; 4]; N]);
                 for k in 0..8 {
                     let v = load_pair(q0.add(32 * k), q1.add(32 * k));
                     let wl = _mm512_and_si512(v, m4);
@@ -178,10 +192,17 @@ unsafe fn q4_k_x16<const N: usize>(
                         let yl = _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32));
                         let yh =
                             _mm512_set1_epi32(std::ptr::read_unaligned(at.add(32) as *const i32));
-                        lo[r] = _mm512_dpbusd_epi32(lo[r], wl, yl);
-                        hi[r] = _mm512_dpbusd_epi32(hi[r], wh, yh);
+                        let (l, h) = (&mut lo[r][k % chains], &mut hi[r][k % chains]);
+                        *l = _mm512_dpbusd_epi32(*l, wl, yl);
+                        *h = _mm512_dpbusd_epi32(*h, wh, yh);
                     }
                 }
+                let join = |[c0, c1, c2, c3]: [__m512i; 4]| match chains {
+                    1 => c0,
+                    2 => _mm512_add_epi32(c0, c1),
+                    _ => _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                };
+                let (lo, hi) = (lo.map(join), hi.map(join));
                 let (s_lo, s_hi) = (lanes(&sc0, &sc1, 2 * c), lanes(&sc0, &sc1, 2 * c + 1));
                 for r in 0..N {
                     let t = _mm512_add_epi32(
@@ -523,7 +544,10 @@ unsafe fn iq4_xs_x16<const N: usize>(
                     sc1.as_ptr().add(8 * j).cast(),
                 ));
                 let (q0, q1) = (p0.add(64 + 128 * j), p1.add(64 + 128 * j));
-                let mut blk = [_mm512_setzero_si512(); N];
+                // Independent chains (exact integer sums: the split changes nothing), so that
+                // few rows still keep several `vpdpbusd` in flight.
+                let chains = super::independent_chains(N);
+                let mut blk = [[_mm512_setzero_si512(); 4]; N];
                 for k in 0..4 {
                     let v = load_pair(q0.add(32 * k), q1.add(32 * k));
                     let wl = _mm512_shuffle_epi8(table, _mm512_and_si512(v, m4));
@@ -535,13 +559,21 @@ unsafe fn iq4_xs_x16<const N: usize>(
                         let yl = _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32));
                         let yh =
                             _mm512_set1_epi32(std::ptr::read_unaligned(at.add(16) as *const i32));
-                        blk[r] = _mm512_dpbusd_epi32(blk[r], wl, yl);
-                        blk[r] = _mm512_dpbusd_epi32(blk[r], wh, yh);
+                        let cl = &mut blk[r][(2 * k) % chains];
+                        *cl = _mm512_dpbusd_epi32(*cl, wl, yl);
+                        let ch = &mut blk[r][(2 * k + 1) % chains];
+                        *ch = _mm512_dpbusd_epi32(*ch, wh, yh);
                     }
                 }
                 for r in 0..N {
+                    let [c0, c1, c2, c3] = blk[r];
+                    let sum = match chains {
+                        1 => c0,
+                        2 => _mm512_add_epi32(c0, c1),
+                        _ => _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                    };
                     let offset = _mm512_set1_epi32(128 * q8_k_sum32(ab[r], j));
-                    let raw = _mm512_sub_epi32(blk[r], offset);
+                    let raw = _mm512_sub_epi32(sum, offset);
                     isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(raw, scale));
                 }
             }

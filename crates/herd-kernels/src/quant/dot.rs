@@ -325,12 +325,13 @@ pub fn vec_dot_x8_sums<const N: usize>(
 }
 
 /// Whether a product of `n_rows` activation rows with a repacked `wtype` matrix should take
-/// its groups in pairs through [`vec_dot_x16_sums`]: where this CPU has the 512-bit kernel, for
-/// any batch if the type's group kernels are 512-bit only (Q6_K), else for four rows and more
-/// (one-row decode measured ~12% slower through the 512-bit forms, Scout-shaped Q4_K_M tg128:
-/// 37-40 against 43-46 tok/s; decoding one row is bound by memory, not by the multiply-adds).
+/// its groups in pairs through [`vec_dot_x16_sums`]: wherever this CPU has the type's 512-bit
+/// kernel, whatever the batch. One-row decode included: with several independent `vpdpbusd`
+/// chains per row and the next block prefetched, the 512-bit kernels streamed the Scout-shaped
+/// model faster than the 256-bit ones (Xeon with AVX-512 VNNI, `-t 2` tg128, alternating runs:
+/// Q4_K_M 25.4 → 29.9, Q8_0 17.3 → 19.9, IQ4_XS 24.7 → 31.5 tokens/s; docs/performance.md).
 pub fn x16_serves(wtype: DType, n_rows: usize) -> bool {
-    has_x16_kernel(wtype) && n_rows >= if wtype == DType::Q6K { 1 } else { 4 }
+    has_x16_kernel(wtype) && n_rows >= 1
 }
 
 /// Whether this CPU has a 512-bit kernel for two groups of `wtype` at once

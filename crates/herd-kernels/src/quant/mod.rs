@@ -100,6 +100,18 @@ pub(crate) fn has_vnni() -> bool {
     })
 }
 
+/// How many independent accumulator chains a group kernel keeps per activation row when it
+/// takes `rows` rows at once (1, 2 or 4): enough that about four multiply-add chains are in
+/// flight, since one chain waits a full instruction latency per step.
+#[cfg(target_arch = "x86_64")]
+pub(crate) const fn independent_chains(rows: usize) -> usize {
+    match rows {
+        1 => 4,
+        2 => 2,
+        _ => 1,
+    }
+}
+
 /// Is the AVX2 + FMA path usable on this CPU? Checked once.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2() -> bool {
