@@ -887,8 +887,9 @@ mod quantized_tests {
     }
 
     /// A matrix repacked into interleaved row groups gives the file layout's bits, for every
-    /// batch size 1..=9 (group calls of four rows, single rows, both), 1 and 3 threads, and
-    /// output counts with and without tail rows; its rows decode to the file's values.
+    /// batch size 1..=9 (group calls of eight rows where the 512-bit kernel takes them, four,
+    /// single rows, mixes), 1 and 3 threads, and output counts with and without tail rows; its
+    /// rows decode to the file's values.
     #[test]
     fn repacked_matmul_equals_the_file_layout() {
         let k = 768;

@@ -1741,37 +1741,29 @@ mod tests {
                 let want = vec_dot_x8_scalar(t, &g, a, k);
                 // Four rows, and one and two (their own accumulator chains).
                 let mut got: Vec<(usize, Vec<[f32; 8]>)> = Vec::new();
-                for (i, v) in variants::<4>(t, &g, a, sm, nb, vnni)
-                    .into_iter()
-                    .enumerate()
-                {
-                    got.push((i, v.to_vec()));
-                }
-                for (i, v) in variants::<1>(t, &g, [a[0]], [sm[0]], nb, vnni)
-                    .into_iter()
-                    .enumerate()
-                {
-                    got.push((i, v.to_vec()));
-                }
+                got.extend(variants::<4>(t, &g, a, sm, nb, vnni).map(|(i, v)| (i, v.to_vec())));
+                got.extend(
+                    variants::<1>(t, &g, [a[0]], [sm[0]], nb, vnni).map(|(i, v)| (i, v.to_vec())),
+                );
                 let (a2, s2) = ([a[0], a[1]], [sm[0], sm[1]]);
-                for (i, v) in variants::<2>(t, &g, a2, s2, nb, vnni)
-                    .into_iter()
-                    .enumerate()
-                {
-                    got.push((i, v.to_vec()));
-                }
+                got.extend(variants::<2>(t, &g, a2, s2, nb, vnni).map(|(i, v)| (i, v.to_vec())));
                 for (i, rows) in &got {
+                    let n = rows.len();
                     for (gr, wr) in rows.iter().zip(&want) {
                         for (x, y) in gr.iter().zip(wr) {
-                            assert_eq!(x.to_bits(), y.to_bits(), "{t} variant {i}, nb {nb}");
+                            assert_eq!(
+                                x.to_bits(),
+                                y.to_bits(),
+                                "{t} variant {i}, {n} rows, nb {nb}"
+                            );
                         }
                     }
                 }
             }
         }
 
-        /// Each group kernel the CPU supports (the AVX2 one, then the VNNI one where `vnni`)
-        /// for `N` activation rows.
+        /// Each group kernel the CPU supports (variant 0 the AVX2 one, 1 the VNNI one where
+        /// `vnni`) for `N` activation rows.
         fn variants<const N: usize>(
             t: DType,
             g: &[u8],
@@ -1779,7 +1771,7 @@ mod tests {
             sm: [&[i32]; N],
             nb: usize,
             vnni: bool,
-        ) -> Vec<[[f32; 8]; N]> {
+        ) -> impl Iterator<Item = (usize, [[f32; 8]; N])> {
             // SAFETY: the caller checked AVX2/FMA/F16C, and VNNI + VL where `vnni`; the group
             // and activation rows hold nb whole blocks.
             unsafe {
@@ -1801,7 +1793,7 @@ mod tests {
                         _ => q0_x8_vnni::<Q5_0, N>(g, a, sm, nb),
                     });
                 }
-                v
+                v.into_iter().enumerate()
             }
         }
     }

@@ -326,8 +326,9 @@ pub fn vec_dot_x8_sums<const N: usize>(
 
 /// Whether a product of `n_rows` activation rows with a repacked `wtype` matrix should take
 /// its groups in pairs through [`vec_dot_x16_sums`]: wherever this CPU has the type's 512-bit
-/// kernel, whatever the batch. One-row decode included: with several independent `vpdpbusd`
-/// chains per row and the next block prefetched, the 512-bit kernels streamed the Scout-shaped
+/// kernel, whatever the batch. One-row decode included: with independent `vpdpbusd` chains
+/// per row (four for Q4_K and IQ4_XS, two for the 32-value formats) and Q4_K's next block
+/// prefetched, the 512-bit kernels streamed the Scout-shaped
 /// model faster than the 256-bit ones (Xeon with AVX-512 VNNI, `-t 2` tg128, alternating runs:
 /// Q4_K_M 25.4 → 29.9, Q8_0 17.3 → 19.9, IQ4_XS 24.7 → 31.5 tokens/s; docs/performance.md).
 pub fn x16_serves(wtype: DType, n_rows: usize) -> bool {

@@ -100,8 +100,8 @@ pub(crate) fn has_vnni() -> bool {
     })
 }
 
-/// How many independent accumulator chains a group kernel keeps per activation row when it
-/// takes `rows` rows at once (1, 2 or 4): enough that about four multiply-add chains are in
+/// How many independent accumulator chains (4, 2 or 1) a group kernel keeps per activation
+/// row when it takes `rows` rows at once: enough that about four multiply-add chains are in
 /// flight, since one chain waits a full instruction latency per step.
 #[cfg(target_arch = "x86_64")]
 pub(crate) const fn independent_chains(rows: usize) -> usize {
