@@ -174,7 +174,7 @@ impl Plan {
             Layout::OutMajorX8 => {
                 let groups = n / quant::repack::GROUP;
                 let mut per_task = groups.div_ceil(threads * 4).max(1);
-                if quant::x16_serves(w.dtype, p.n_rows) {
+                if quant::has_x16_kernel(w.dtype) {
                     // The 512-bit kernels take groups in pairs: a task's odd group alone costs
                     // the work of a pair where the type has only those kernels (Q6_K).
                     per_task += per_task % 2;
@@ -376,10 +376,10 @@ fn quantize_activations(
 
 /// Task `task` of a product with an `OutMajorX8` matrix, given its activations quantized:
 /// a run of `per_task` row groups and, per group, every four activation rows in one
-/// group-kernel call (the rest one by one, for the same bits); where `x16_serves`, two groups
-/// per call (an odd last group alone), and eight activation rows per call where the type's
-/// 512-bit kernel takes them (`x16_rows_per_call`). Task `group_tasks` is the tail rows (fewer
-/// than eight, in the file's layout), by the one-row kernel.
+/// group-kernel call (the rest one by one, for the same bits); where `has_x16_kernel`, two
+/// groups per call (an odd last group alone), and eight activation rows per call where the
+/// type's 512-bit kernel takes them (`x16_rows_per_call`). Task `group_tasks` is the tail rows
+/// (fewer than eight, in the file's layout), by the one-row kernel.
 fn x8_task(
     p: &Product<'_>,
     a: &Activations,
@@ -424,7 +424,7 @@ fn x8_task(
     // vs 21.3 tok/s at Q4_K_M, alternating runs).
     let end = (first + per_task).min(groups);
     let group = |gi: usize| &w.bytes[gi * group_bytes..(gi + 1) * group_bytes];
-    let x16 = quant::x16_serves(w.dtype, n_rows);
+    let x16 = quant::has_x16_kernel(w.dtype);
     let rows8 = quant::x16_rows_per_call(w.dtype) == 8;
     let mut gi = first;
     while gi < end {

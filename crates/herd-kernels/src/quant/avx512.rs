@@ -120,6 +120,23 @@ unsafe fn bytes8_pair(p0: *const u8, p1: *const u8) -> __m128i {
     }
 }
 
+/// The sum of the first `chains` (1, 2 or 4) of a row's independent i32 accumulator chains
+/// ([`super::independent_chains`]); the others were never used.
+///
+/// # Safety
+/// AVX-512 F.
+#[inline(always)]
+unsafe fn join_chains([c0, c1, c2, c3]: [__m512i; 4], chains: usize) -> __m512i {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        match chains {
+            1 => c0,
+            2 => _mm512_add_epi32(c0, c1),
+            _ => _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+        }
+    }
+}
+
 /// Sixteen f16 values as f32: eight at `p0`, then eight at `p1`.
 ///
 /// # Safety
@@ -197,11 +214,7 @@ unsafe fn q4_k_x16<const N: usize>(
                         *h = _mm512_dpbusd_epi32(*h, wh, yh);
                     }
                 }
-                let join = |[c0, c1, c2, c3]: [__m512i; 4]| match chains {
-                    1 => c0,
-                    2 => _mm512_add_epi32(c0, c1),
-                    _ => _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
-                };
+                let join = |c| join_chains(c, chains);
                 let (lo, hi) = (lo.map(join), hi.map(join));
                 let (s_lo, s_hi) = (lanes(&sc0, &sc1, 2 * c), lanes(&sc0, &sc1, 2 * c + 1));
                 for r in 0..N {
@@ -566,12 +579,7 @@ unsafe fn iq4_xs_x16<const N: usize>(
                     }
                 }
                 for r in 0..N {
-                    let [c0, c1, c2, c3] = blk[r];
-                    let sum = match chains {
-                        1 => c0,
-                        2 => _mm512_add_epi32(c0, c1),
-                        _ => _mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
-                    };
+                    let sum = join_chains(blk[r], chains);
                     let offset = _mm512_set1_epi32(128 * q8_k_sum32(ab[r], j));
                     let raw = _mm512_sub_epi32(sum, offset);
                     isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(raw, scale));

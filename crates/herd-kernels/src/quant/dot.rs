@@ -324,19 +324,13 @@ pub fn vec_dot_x8_sums<const N: usize>(
     vec_dot_x8_scalar(wtype, g, a, n)
 }
 
-/// Whether a product of `n_rows` activation rows with a repacked `wtype` matrix should take
-/// its groups in pairs through [`vec_dot_x16_sums`]: wherever this CPU has the type's 512-bit
-/// kernel, whatever the batch. One-row decode included: with independent `vpdpbusd` chains
-/// per row (four for Q4_K and IQ4_XS, two for the 32-value formats) and Q4_K's next block
-/// prefetched, the 512-bit kernels streamed the Scout-shaped
-/// model faster than the 256-bit ones (Xeon with AVX-512 VNNI, `-t 2` tg128, alternating runs:
-/// Q4_K_M 25.4 → 29.9, Q8_0 17.3 → 19.9, IQ4_XS 24.7 → 31.5 tokens/s; docs/performance.md).
-pub fn x16_serves(wtype: DType, n_rows: usize) -> bool {
-    has_x16_kernel(wtype) && n_rows >= 1
-}
-
 /// Whether this CPU has a 512-bit kernel for two groups of `wtype` at once
-/// ([`vec_dot_x16_sums`]).
+/// ([`vec_dot_x16_sums`]). Where it does, products with a repacked `wtype` matrix take their
+/// groups in pairs through it whatever the batch, one-row decode included: with independent
+/// `vpdpbusd` chains per row (four for Q4_K and IQ4_XS, two for the 32-value formats) and
+/// Q4_K's next block prefetched, the 512-bit kernels streamed the Scout-shaped model faster
+/// than the 256-bit ones (Xeon with AVX-512 VNNI, `-t 2` tg128, alternating runs: Q4_K_M
+/// 25.4 → 29.9, Q8_0 17.3 → 19.9, IQ4_XS 24.7 → 31.5 tokens/s; docs/performance.md).
 pub fn has_x16_kernel(wtype: DType) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::avx512::has_avx512_vnni() {
