@@ -452,6 +452,13 @@ unsafe fn q0_x16<const T: u8, const N: usize>(
             Q5_0 => 16,
             _ => 128,
         };
+        // Eight rows are eight independent chains already; one chain each leaves the
+        // registers to the eight steps' weights (two each spilled them).
+        let chains = if N >= 8 {
+            1
+        } else {
+            super::independent_chains(N).max(2)
+        };
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..nb {
             let (p0, p1) = (g0.as_ptr().add(gbb * b), g1.as_ptr().add(gbb * b));
@@ -493,22 +500,22 @@ unsafe fn q0_x16<const T: u8, const N: usize>(
             let dw = f16_pair(p0, p1);
             for r in 0..N {
                 let ab = a[r].as_ptr().add(34 * b);
-                // Two chains (even and odd steps); the even one starts at minus the offset
-                // times the row's block sum. Unchecked: rows_x16 asserted nb sums per row (a
-                // bounds check here costs a reload from the stack per row and block).
-                let mut even = _mm512_set1_epi32(-offset * *sums[r].as_ptr().add(b));
-                let mut odd = _mm512_setzero_si512();
-                for s in (0..8).step_by(2) {
-                    let y0 = std::ptr::read_unaligned(ab.add(2 + 4 * s) as *const i32);
-                    let y1 = std::ptr::read_unaligned(ab.add(6 + 4 * s) as *const i32);
-                    even = _mm512_dpbusd_epi32(even, w[s], _mm512_set1_epi32(y0));
-                    odd = _mm512_dpbusd_epi32(odd, w[s + 1], _mm512_set1_epi32(y1));
+                // Step s goes to chain s % chains (exact integer sums: the split changes
+                // nothing); the first starts at minus the offset times the row's block sum.
+                // Unchecked: rows_x16 asserted nb sums per row (a bounds check here costs a
+                // reload from the stack per row and block).
+                let mut c = [_mm512_setzero_si512(); 4];
+                c[0] = _mm512_set1_epi32(-offset * *sums[r].as_ptr().add(b));
+                for (s, ws) in w.iter().enumerate() {
+                    let y = std::ptr::read_unaligned(ab.add(2 + 4 * s) as *const i32);
+                    let cs = &mut c[s % chains];
+                    *cs = _mm512_dpbusd_epi32(*cs, *ws, _mm512_set1_epi32(y));
                 }
                 // The activation block's f16 scale, converted in the vector unit.
                 let da = _mm512_cvtph_ps(_mm256_set1_epi16(std::ptr::read_unaligned(
                     ab as *const i16,
                 )));
-                let raw = _mm512_add_epi32(even, odd);
+                let raw = join_chains(c, chains);
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(raw), _mm512_mul_ps(dw, da), acc[r]);
             }
         }
