@@ -14,13 +14,16 @@
 //! tiles of 16 absolute positions), so batching, prompt splitting and cached prefixes never
 //! change it.
 //!
-//! The scalar reference of each kernel is in `scalar.rs`, the AVX2 + FMA + F16C forms (chosen
-//! at run time) in `avx2.rs`; they return the same bits.
+//! The scalar reference of each kernel is in `scalar.rs`, the AVX2 + FMA + F16C forms in
+//! `avx2.rs` and the AVX-512 forms of [`kv_scores`] and [`kv_weighted_sum`] in `avx512.rs`
+//! (each chosen at run time); they return the same bits.
 
 mod scalar;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 use crate::DType;
 
@@ -42,6 +45,11 @@ const SUM_BLOCK: usize = 64;
 #[cfg(target_arch = "x86_64")]
 fn simd() -> bool {
     crate::quant::has_avx2()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd512() -> bool {
+    crate::quant::has_avx512f()
 }
 
 /// [`expf_ggml`] of eight values.
@@ -147,6 +155,12 @@ pub fn kv_scores(ty: DType, d: usize, q: &[f32], keys: &[&[u8]], scale: f32, out
         "kv_scores: shapes"
     );
     #[cfg(target_arch = "x86_64")]
+    if simd512() {
+        // SAFETY: AVX2, FMA, F16C and AVX-512 F confirmed at run time; type and shapes
+        // checked above.
+        return unsafe { avx512::kv_scores(ty, d, q, keys, scale, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: AVX2, FMA and F16C confirmed at run time; type and shapes checked above.
         return unsafe { avx2::kv_scores(ty, d, q, keys, scale, out) };
@@ -168,6 +182,12 @@ pub fn kv_weighted_sum(ty: DType, d: usize, weights: &[f32], values: &[&[u8]], a
         acc.len().is_multiple_of(d) && weights.len() == acc.len() / d * values.len(),
         "kv_weighted_sum: shapes"
     );
+    #[cfg(target_arch = "x86_64")]
+    if simd512() {
+        // SAFETY: AVX2, FMA, F16C and AVX-512 F confirmed at run time; type and shapes
+        // checked above.
+        return unsafe { avx512::kv_weighted_sum(ty, d, weights, values, acc) };
+    }
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: AVX2, FMA and F16C confirmed at run time; type and shapes checked above.

@@ -100,6 +100,19 @@ pub(crate) fn has_vnni() -> bool {
     })
 }
 
+/// Does this CPU have AVX-512 F (beside AVX2, FMA and F16C), for the 512-bit attention
+/// kernels? Checked once; `HERD_NO_AVX512` turns it off, as it does the VNNI forms.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512f() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        has_avx2()
+            && std::env::var_os("HERD_NO_AVX512").is_none()
+            && is_x86_feature_detected!("avx512f")
+    })
+}
+
 /// How many independent accumulator chains (4, 2 or 1) a group kernel keeps per activation
 /// row when it takes `rows` rows at once: enough that about four multiply-add chains are in
 /// flight, since one chain waits a full instruction latency per step.
