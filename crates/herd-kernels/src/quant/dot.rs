@@ -327,10 +327,11 @@ pub fn vec_dot_x8_sums<const N: usize>(
 /// Whether this CPU has a 512-bit kernel for two groups of `wtype` at once
 /// ([`vec_dot_x16_sums`]). Where it does, products with a repacked `wtype` matrix take their
 /// groups in pairs through it whatever the batch, one-row decode included: with independent
-/// `vpdpbusd` chains per row (four for Q4_K and IQ4_XS, two for the 32-value formats) and
-/// Q4_K's next block prefetched, the 512-bit kernels streamed the Scout-shaped model faster
-/// than the 256-bit ones (Xeon with AVX-512 VNNI, `-t 2` tg128, alternating runs: Q4_K_M
-/// 25.4 → 29.9, Q8_0 17.3 → 19.9, IQ4_XS 24.7 → 31.5 tokens/s; docs/performance.md).
+/// `vpdpbusd` chains per row (four for Q4_K and IQ4_XS; two for the 32-value formats when
+/// measured, four since `q0_x16` follows `independent_chains` for one row) and Q4_K's next
+/// block prefetched, the 512-bit kernels streamed the Scout-shaped model faster than the
+/// 256-bit ones (Xeon with AVX-512 VNNI, `-t 2` tg128, alternating runs: Q4_K_M 25.4 → 29.9,
+/// Q8_0 17.3 → 19.9, IQ4_XS 24.7 → 31.5 tokens/s; docs/performance.md).
 pub fn has_x16_kernel(wtype: DType) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::avx512::has_avx512_vnni() {
