@@ -4,7 +4,7 @@
 use std::arch::x86_64::*;
 
 use super::scalar::{self, CHUNK};
-use super::{LANES, SUM_BLOCK};
+use super::{BF16, F16, F32, LANES, SUM_BLOCK};
 use crate::DType;
 
 #[inline]
@@ -139,26 +139,6 @@ fn exp8_m256(x: __m256) -> __m256 {
             ),
         )
     }
-}
-
-/// The KV element types as const parameters: each kernel is compiled once per type, with its
-/// loads inlined and no branch on the type in the inner loops.
-const F32: u8 = 0;
-const F16: u8 = 1;
-const BF16: u8 = 2;
-const Q8_0: u8 = 3;
-
-/// `$kernel::<T, $heads>($args)` with `T` the const parameter of the KV type `$ty`.
-macro_rules! for_type {
-    ($ty:expr, $kernel:ident, $heads:expr, ($($arg:expr),*)) => {
-        match $ty {
-            DType::F32 => $kernel::<F32, $heads>($($arg),*),
-            DType::F16 => $kernel::<F16, $heads>($($arg),*),
-            DType::BF16 => $kernel::<BF16, $heads>($($arg),*),
-            DType::Q8_0 => $kernel::<Q8_0, $heads>($($arg),*),
-            _ => unreachable!("KV type checked by the caller"),
-        }
-    };
 }
 
 /// Eight elements `e..e + 8` (`e` a multiple of 8) of a cached row of type `T`, widened exactly

@@ -9,26 +9,8 @@
 use std::arch::x86_64::*;
 
 use super::scalar::{self, CHUNK};
+use super::{BF16, F16, F32};
 use crate::DType;
-
-/// The KV element types as const parameters, as in `avx2.rs`.
-const F32: u8 = 0;
-const F16: u8 = 1;
-const BF16: u8 = 2;
-const Q8_0: u8 = 3;
-
-/// `$kernel::<T, $heads>($args)` with `T` the const parameter of the KV type `$ty`.
-macro_rules! for_type {
-    ($ty:expr, $kernel:ident, $heads:expr, ($($arg:expr),*)) => {
-        match $ty {
-            DType::F32 => $kernel::<F32, $heads>($($arg),*),
-            DType::F16 => $kernel::<F16, $heads>($($arg),*),
-            DType::BF16 => $kernel::<BF16, $heads>($($arg),*),
-            DType::Q8_0 => $kernel::<Q8_0, $heads>($($arg),*),
-            _ => unreachable!("KV type checked by the caller"),
-        }
-    };
-}
 
 /// Sixteen elements `e..e + 16` (`e` a multiple of 16) of a cached row of type `T`, widened
 /// exactly to f32 (Q8_0: `d·q`, the reference's product).

@@ -20,6 +20,32 @@
 
 mod scalar;
 
+/// The KV element types as const parameters of the SIMD kernels (`avx2.rs`, `avx512.rs`): each
+/// kernel is compiled once per type, with its loads inlined and no branch on the type in the
+/// inner loops.
+#[cfg(target_arch = "x86_64")]
+const F32: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const F16: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const BF16: u8 = 2;
+#[cfg(target_arch = "x86_64")]
+const Q8_0: u8 = 3;
+
+/// `$kernel::<T, $heads>($args)` with `T` the const parameter of the KV type `$ty`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_type {
+    ($ty:expr, $kernel:ident, $heads:expr, ($($arg:expr),*)) => {
+        match $ty {
+            DType::F32 => $kernel::<{ super::F32 }, $heads>($($arg),*),
+            DType::F16 => $kernel::<{ super::F16 }, $heads>($($arg),*),
+            DType::BF16 => $kernel::<{ super::BF16 }, $heads>($($arg),*),
+            DType::Q8_0 => $kernel::<{ super::Q8_0 }, $heads>($($arg),*),
+            _ => unreachable!("KV type checked by the caller"),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
