@@ -93,8 +93,7 @@ pub(crate) fn has_vnni() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
-        has_avx2()
-            && std::env::var_os("HERD_NO_AVX512").is_none()
+        has_avx512f()
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("avx512vl")
     })
