@@ -94,22 +94,11 @@ pub(super) unsafe fn kv_scores(
         return unsafe { super::avx2::kv_scores(ty, d, q, keys, scale, out) };
     }
     let heads = q.len() / d;
-    let mut h0 = 0;
-    while h0 < heads {
-        let h1 = (h0 + SCORE_HEADS).min(heads);
-        // SAFETY: forwarded from this function's contract.
-        unsafe {
-            match h1 - h0 {
-                1 => for_type!(ty, scores_heads, 1, (ty, d, q, h0, keys, scale, out)),
-                _ => for_type!(
-                    ty,
-                    scores_heads,
-                    SCORE_HEADS,
-                    (ty, d, q, h0, keys, scale, out)
-                ),
-            }
-        }
-        h0 = h1;
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        for_head_blocks!(ty, heads, scores_heads, SCORE_HEADS, [1], |h0| (
+            ty, d, q, h0, keys, scale, out
+        ))
     }
 }
 
@@ -174,24 +163,11 @@ pub(super) unsafe fn kv_weighted_sum(
     acc: &mut [f32],
 ) {
     let heads = acc.len() / d;
-    let mut h0 = 0;
-    while h0 < heads {
-        let h1 = (h0 + SUM_HEADS).min(heads);
-        // SAFETY: forwarded from this function's contract.
-        unsafe {
-            match h1 - h0 {
-                1 => for_type!(ty, weighted_sum_heads, 1, (ty, d, weights, values, acc, h0)),
-                2 => for_type!(ty, weighted_sum_heads, 2, (ty, d, weights, values, acc, h0)),
-                3 => for_type!(ty, weighted_sum_heads, 3, (ty, d, weights, values, acc, h0)),
-                _ => for_type!(
-                    ty,
-                    weighted_sum_heads,
-                    SUM_HEADS,
-                    (ty, d, weights, values, acc, h0)
-                ),
-            }
-        }
-        h0 = h1;
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        for_head_blocks!(ty, heads, weighted_sum_heads, SUM_HEADS, [1, 2, 3], |h0| (
+            ty, d, weights, values, acc, h0
+        ))
     }
 }
 

@@ -46,6 +46,27 @@ macro_rules! for_type {
     };
 }
 
+/// `$kernel::<T, H>($args)` for the heads `0..$heads` in blocks of `$block`, `$h0` bound to
+/// each block's first head: `H = $block`, or for a last, shorter block of `h` heads `H = h`
+/// (each such `h` listed in `[$n, …]`).
+#[cfg(target_arch = "x86_64")]
+macro_rules! for_head_blocks {
+    (
+        $ty:expr, $heads:expr, $kernel:ident, $block:expr, [$($n:literal),*],
+        |$h0:ident| $args:tt
+    ) => {{
+        let mut $h0 = 0;
+        while $h0 < $heads {
+            let h1 = ($h0 + $block).min($heads);
+            match h1 - $h0 {
+                $($n => for_type!($ty, $kernel, $n, $args),)*
+                _ => for_type!($ty, $kernel, $block, $args),
+            }
+            $h0 = h1;
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
