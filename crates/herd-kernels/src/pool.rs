@@ -173,7 +173,44 @@ impl ThreadPool {
     }
 }
 
+/// The fewest elements [`ThreadPool::for_row_runs`] gives one run: waking the pool costs
+/// microseconds, about what one element-wise pass over this many `f32` takes.
+pub const MIN_RUN_ELEMENTS: usize = 16 * 1024;
+
 impl ThreadPool {
+    /// `f(first_row, rows)` for `data`, rows of `row_len` elements, cut into runs of whole rows
+    /// spread over the pool: about four runs per thread, each of at least [`MIN_RUN_ELEMENTS`]
+    /// elements (one row at the least), so a small `data` (a decode step's) is one run on the
+    /// calling thread and wakes no worker. `first_row` is the index of the run's first row.
+    /// Each run holds its own rows only: per-row work gives the same results whatever the
+    /// thread count.
+    ///
+    /// # Panics
+    /// If `row_len` is 0 or does not divide `data.len()`.
+    pub fn for_row_runs<T: Send>(
+        &self,
+        data: &mut [T],
+        row_len: usize,
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        assert!(
+            row_len > 0 && data.len().is_multiple_of(row_len),
+            "for_row_runs: {} elements are not rows of {row_len}",
+            data.len()
+        );
+        let rows = data.len() / row_len;
+        let per_run = rows
+            .div_ceil(4 * self.n_threads())
+            .max(MIN_RUN_ELEMENTS.div_ceil(row_len));
+        let shared = SharedMut::new(data);
+        self.run(rows.div_ceil(per_run), |i| {
+            let first = i * per_run;
+            let n = per_run.min(rows - first);
+            // SAFETY: run i alone holds rows first..first + n, inside the slice.
+            f(first, unsafe { shared.slice(first * row_len, n * row_len) });
+        });
+    }
+
     /// No job is coming soon: workers that watch for one go to sleep now and leave their
     /// cores to other threads. The next `run` wakes them (tens of microseconds).
     pub fn rest(&self) {
@@ -308,6 +345,31 @@ mod tests {
             });
         });
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+    }
+
+    /// Every row is handed out once, to the run that says it starts where it does, for sizes
+    /// from one small run (on the caller) to many.
+    #[test]
+    fn row_runs_cover_every_row_once() {
+        let pool = ThreadPool::new(3);
+        for (rows, row_len) in [(1, 7), (5, 3), (1000, 1), (300, 100), (64, 2048)] {
+            let mut data = vec![0usize; rows * row_len];
+            let runs = AtomicUsize::new(0);
+            pool.for_row_runs(&mut data, row_len, |first, run| {
+                runs.fetch_add(1, Ordering::Relaxed);
+                for (i, row) in run.chunks_exact_mut(row_len).enumerate() {
+                    row.iter_mut().for_each(|v| *v += first + i + 1);
+                }
+            });
+            let want: Vec<usize> = (0..rows * row_len).map(|e| e / row_len + 1).collect();
+            assert_eq!(data, want, "{rows} rows of {row_len}");
+            let small = rows * row_len <= MIN_RUN_ELEMENTS;
+            assert_eq!(
+                runs.load(Ordering::Relaxed) == 1,
+                small,
+                "{rows} × {row_len}"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod llama4;
 mod moe;
 pub mod presets;
+mod rows;
 pub mod weights;
 
 pub use batch::{Batch, SeqId};

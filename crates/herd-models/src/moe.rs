@@ -15,8 +15,10 @@
 use herd_kernels::attention::expf_ggml;
 use herd_kernels::matmul::{Product, matmul_many};
 use herd_kernels::ops::{sigmoid, silu};
+use herd_kernels::pool;
 use smallvec::SmallVec;
 
+use crate::rows::silu_mul_into;
 use crate::weights::{Matrix, matmul_same_input};
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`; `gate`, `up` `[width, hidden]`, `down`
@@ -39,9 +41,7 @@ impl Mlp {
     /// The block on `n` rows of `x` (`[n, hidden]`), into `out` (`[n, hidden]`).
     pub fn forward(&self, x: &[f32], n: usize, w: &mut MlpWork, out: &mut Vec<f32>) {
         matmul_same_input(x, n, [(&self.gate, &mut w.gate), (&self.up, &mut w.act)]);
-        for (a, g) in w.act.iter_mut().zip(&w.gate) {
-            *a *= silu(*g);
-        }
+        silu_mul_into(&mut w.act, &w.gate, self.gate.out_features);
         self.down.matmul_into(&w.act, n, out);
     }
 }
@@ -126,6 +126,12 @@ pub(crate) struct MoeWork {
     routes: Vec<Vec<(usize, f32)>>,
     /// The selected experts, by index, and where their rows start in the buffers below.
     active: Vec<(usize, usize)>,
+    /// Per selected expert, where its outputs start in `gate` and in `up`.
+    outputs_at: Vec<(usize, usize)>,
+    /// Per row of the selected experts' blocks: its token and routing weight.
+    sources: Vec<(usize, f32)>,
+    /// Per token, `k` slots: the rows of its experts in index order, `usize::MAX` after.
+    slots: Vec<usize>,
     /// Every selected expert's input rows, one after another (`[rows, hidden]`).
     input: Vec<f32>,
     /// Gate and up outputs (split experts) or the fused gate-up outputs, per selected expert.
@@ -137,7 +143,6 @@ pub(crate) struct MoeWork {
     /// The shared expert's buffers (`[t, width]`) and output (`[t, hidden]`).
     shared_gate: Vec<f32>,
     shared_act: Vec<f32>,
-    routed: Vec<f32>,
 }
 
 impl Moe {
@@ -158,29 +163,50 @@ impl Moe {
             }
         }
 
-        // Inputs of the selected experts, one block of rows each.
+        // Inputs of the selected experts, one block of rows each: `sources[row]` is the
+        // (token, weight) of that row, and `slots[tok·k + i]` the row of the token's i-th
+        // expert by index (`usize::MAX` past its last).
         w.active.clear();
-        w.input.clear();
-        let mut rows = 0;
+        w.sources.clear();
+        w.slots.clear();
+        w.slots.resize(t * self.top_k, usize::MAX);
         for (e, tokens) in w.routes.iter().enumerate() {
             if tokens.is_empty() {
                 continue;
             }
-            w.active.push((e, rows));
-            rows += tokens.len();
+            w.active.push((e, w.sources.len()));
             for &(tok, weight) in tokens {
-                let row = &x[tok * h..(tok + 1) * h];
-                if self.routing.scales_input() {
-                    w.input.extend(row.iter().map(|v| v * weight));
-                } else {
-                    w.input.extend_from_slice(row);
-                }
+                let slot = w.slots[tok * self.top_k..(tok + 1) * self.top_k]
+                    .iter_mut()
+                    .find(|s| **s == usize::MAX)
+                    .expect("a token has at most top_k experts");
+                *slot = w.sources.len();
+                w.sources.push((tok, weight));
             }
         }
+        let rows = w.sources.len();
+        sized(&mut w.input, rows * h);
+        let (sources, scales_input) = (&w.sources, self.routing.scales_input());
+        pool::global().for_row_runs(&mut w.input, h, |first, run| {
+            for (row, &(tok, weight)) in run.chunks_exact_mut(h).zip(&sources[first..]) {
+                let x = &x[tok * h..(tok + 1) * h];
+                if scales_input {
+                    row.iter_mut().zip(x).for_each(|(r, v)| *r = v * weight);
+                } else {
+                    row.copy_from_slice(x);
+                }
+            }
+        });
+        // Every expert of a block has one width (the layer's intermediate size).
         let width = |e: usize| match &self.experts[e] {
             Expert::Fused { down, .. } => down.in_features,
             Expert::Split(mlp) => mlp.gate.out_features,
         };
+        let wd = w.active.first().map_or(0, |&(e, _)| width(e));
+        assert!(
+            w.active.iter().all(|&(e, _)| width(e) == wd),
+            "MoE: experts of one block differ in width"
+        );
         let rows_of = |i: usize, active: &[(usize, usize)]| {
             active.get(i + 1).map_or(rows, |a| a.1) - active[i].1
         };
@@ -189,7 +215,9 @@ impl Moe {
         // to `gate` and up rows to `up`.
         let fused = |e: usize| matches!(self.experts[e], Expert::Fused { .. });
         let (mut gate_len, mut up_len) = (0, 0);
+        w.outputs_at.clear();
         for (i, &(e, _)) in w.active.iter().enumerate() {
+            w.outputs_at.push((gate_len, up_len));
             let values = rows_of(i, &w.active) * width(e);
             if fused(e) {
                 gate_len += 2 * values;
@@ -198,11 +226,12 @@ impl Moe {
                 up_len += values;
             }
         }
-        resize(&mut w.gate, gate_len);
-        resize(&mut w.up, up_len);
+        // Product outputs: the products write every value.
+        sized(&mut w.gate, gate_len);
+        sized(&mut w.up, up_len);
         let shared_width = self.shared.as_ref().map_or(0, |s| s.gate.out_features);
-        resize(&mut w.shared_gate, t * shared_width);
-        resize(&mut w.shared_act, t * shared_width);
+        sized(&mut w.shared_gate, t * shared_width);
+        sized(&mut w.shared_act, t * shared_width);
         {
             let mut products: Products<'_> = SmallVec::new();
             let (mut gate, mut up) = (&mut w.gate[..], &mut w.up[..]);
@@ -232,32 +261,38 @@ impl Moe {
             matmul_many(&mut products);
         }
 
-        // silu(gate) ⊙ up, per selected expert into `act`, the shared expert's in place.
-        w.act.clear();
-        let (mut g_at, mut u_at) = (0, 0);
-        for (i, &(e, _)) in w.active.iter().enumerate() {
-            let (n, wd) = (rows_of(i, &w.active), width(e));
-            if fused(e) {
-                for r in 0..n {
-                    let (gate, up) =
-                        w.gate[g_at + r * 2 * wd..g_at + (r + 1) * 2 * wd].split_at(wd);
-                    w.act.extend(gate.iter().zip(up).map(|(g, u)| u * silu(*g)));
+        // silu(gate) ⊙ up, per selected expert into `act` (row r of every expert's block at
+        // r · wd: one width), the shared expert's in place.
+        sized(&mut w.act, rows * wd);
+        let (gate, up, active, outputs_at) = (&w.gate, &w.up, &w.active, &w.outputs_at);
+        pool::global().for_row_runs(&mut w.act, wd.max(1), |first, run| {
+            for (r, act) in (first..).zip(run.chunks_exact_mut(wd)) {
+                // Row r is row j of selected expert i, whose outputs start at (g_at, u_at).
+                let i = active.partition_point(|a| a.1 <= r) - 1;
+                let ((e, first_row), (g_at, u_at)) = (active[i], outputs_at[i]);
+                let j = r - first_row;
+                let (g, u) = if fused(e) {
+                    gate[g_at + j * 2 * wd..g_at + (j + 1) * 2 * wd].split_at(wd)
+                } else {
+                    let (g, u) = (g_at + j * wd, u_at + j * wd);
+                    (&gate[g..g + wd], &up[u..u + wd])
+                };
+                for ((a, g), u) in act.iter_mut().zip(g).zip(u) {
+                    *a = u * silu(*g);
                 }
-                g_at += n * 2 * wd;
-            } else {
-                let (gate, up) = (&w.gate[g_at..g_at + n * wd], &w.up[u_at..u_at + n * wd]);
-                w.act.extend(gate.iter().zip(up).map(|(g, u)| u * silu(*g)));
-                g_at += n * wd;
-                u_at += n * wd;
             }
-        }
-        for (a, g) in w.shared_act.iter_mut().zip(&w.shared_gate) {
-            *a *= silu(*g);
-        }
+        });
+        silu_mul_into(&mut w.shared_act, &w.shared_gate, shared_width.max(1));
 
-        // Every down projection: one product batch.
-        resize(&mut w.down, rows * h);
-        resize(out, t * h);
+        // Every down projection: one product batch (writing every value of `down`, and of
+        // `out` where there is a shared expert).
+        sized(&mut w.down, rows * h);
+        if self.shared.is_some() {
+            sized(out, t * h);
+        } else {
+            out.clear();
+            out.resize(t * h, 0.0);
+        }
         {
             let mut products: Products<'_> = SmallVec::new();
             let (mut act_at, mut down) = (0, &mut w.down[..]);
@@ -278,33 +313,46 @@ impl Moe {
             matmul_many(&mut products);
         }
 
-        // Each token's routed sum, experts in index order, then added to the shared output.
-        resize(&mut w.routed, t * h);
-        for &(e, first) in &w.active {
-            for (r, &(tok, weight)) in w.routes[e].iter().enumerate() {
-                let y = &w.down[(first + r) * h..(first + r + 1) * h];
-                let acc = &mut w.routed[tok * h..(tok + 1) * h];
-                if self.routing.scales_input() {
-                    acc.iter_mut().zip(y).for_each(|(o, v)| *o += v);
-                } else {
-                    acc.iter_mut().zip(y).for_each(|(o, v)| *o += weight * v);
+        // Each token's routed sum, experts in index order from zero, then added to the shared
+        // output; per value, in a run of the row's values at a time.
+        let (down, slots, k) = (&w.down, &w.slots, self.top_k);
+        pool::global().for_row_runs(out, h, |first, run| {
+            let mut acc = [0.0f32; SUM_RUN];
+            for (tok, o) in (first..).zip(run.chunks_exact_mut(h)) {
+                let rows = slots[tok * k..(tok + 1) * k]
+                    .iter()
+                    .take_while(|&&r| r != usize::MAX);
+                for (c, o) in o.chunks_mut(SUM_RUN).enumerate() {
+                    let acc = &mut acc[..o.len()];
+                    acc.fill(0.0);
+                    for &r in rows.clone() {
+                        let at = r * h + c * SUM_RUN;
+                        let y = &down[at..at + o.len()];
+                        if scales_input {
+                            acc.iter_mut().zip(y).for_each(|(a, v)| *a += v);
+                        } else {
+                            let weight = sources[r].1;
+                            acc.iter_mut().zip(y).for_each(|(a, v)| *a += weight * v);
+                        }
+                    }
+                    o.iter_mut().zip(&*acc).for_each(|(o, a)| *o += a);
                 }
             }
-        }
-        for (o, r) in out.iter_mut().zip(&w.routed) {
-            *o += r;
-        }
+        });
     }
 }
+
+/// Values of a token's routed sum formed at a time (on the stack).
+const SUM_RUN: usize = 256;
 
 /// The products of one batch: inline for a decode step's experts (so that it allocates
 /// nothing: a gate-up batch of split experts holds `2·k + 2` products, up to top-11 routing), on
 /// the heap for a large batch's many.
 type Products<'a> = SmallVec<[Product<'a>; 24]>;
 
-/// `buf` as `len` zeros (keeping its allocation).
-fn resize(buf: &mut Vec<f32>, len: usize) {
-    buf.clear();
+/// `buf` holding `len` values for a pass that writes every one: only a grown tail is
+/// zero-filled (keeping its allocation).
+fn sized(buf: &mut Vec<f32>, len: usize) {
     buf.resize(len, 0.0);
 }
 

@@ -20,6 +20,7 @@ use herd_formats::gguf::GgufFile;
 use herd_kernels::ops::{Rope, gelu_tanh, gelu_tanh_f16_table, rms_norm, softcap};
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
+use crate::rows::{add_into, gate_mul_into, norm_in_place, norm_into};
 use herd_formats::quantize::ModelShape;
 
 use crate::weights::{
@@ -263,16 +264,25 @@ impl Gemma3 {
                 (&layer.v, &mut w.v),
             ],
         );
-        rms_norm(&mut w.q, &layer.q_norm, self.eps());
-        rms_norm(&mut w.k, &layer.k_norm, self.eps());
         let rope = if layer.sliding {
             &self.rope_local
         } else {
             &self.rope_global
         };
-        for (row, &pos) in batch.positions.iter().enumerate() {
-            rope.apply_neox(&mut w.q[row * nh * d..(row + 1) * nh * d], d, pos);
-            rope.apply_neox(&mut w.k[row * nkv * d..(row + 1) * nkv * d], d, pos);
+        // Per row and head: the QK norm, then RoPE.
+        let pool = herd_kernels::pool::global();
+        let (positions, eps) = (&batch.positions, self.eps());
+        let (q_len, k_len) = (batch.len() * nh * d, batch.len() * nkv * d);
+        for (x, width, norm) in [
+            (&mut w.q[..q_len], nh * d, &layer.q_norm),
+            (&mut w.k[..k_len], nkv * d, &layer.k_norm),
+        ] {
+            pool.for_row_runs(x, width, |first, rows| {
+                for (xr, &pos) in rows.chunks_exact_mut(width).zip(&positions[first..]) {
+                    rms_norm(xr, norm, eps);
+                    rope.apply_neox(xr, d, pos);
+                }
+            });
         }
         cache_rows(&w.k, &w.v, batch, cache, li, nkv * d);
         let scale = (c.query_pre_attn_scalar as f32).powf(-0.5);
@@ -343,26 +353,21 @@ impl CausalLm for Gemma3 {
         };
         record(&w.hidden);
         for (li, layer) in self.layers.iter().enumerate() {
-            w.x.clone_from(&w.hidden);
-            rms_norm(&mut w.x, &layer.input_norm, self.eps());
+            norm_into(&w.hidden, &mut w.x, &layer.input_norm, self.eps());
             self.attention(li, layer, w, batch, cache);
-            rms_norm(&mut w.out, &layer.post_attention_norm, self.eps());
-            w.hidden.iter_mut().zip(&w.out).for_each(|(h, a)| *h += a);
+            norm_in_place(&mut w.out, &layer.post_attention_norm, self.eps());
+            add_into(&mut w.hidden, &w.out, h);
 
-            w.x.clone_from(&w.hidden);
-            rms_norm(&mut w.x, &layer.pre_ffn_norm, self.eps());
+            norm_into(&w.hidden, &mut w.x, &layer.pre_ffn_norm, self.eps());
             matmul_same_input(
                 &w.x,
                 batch.len(),
                 [(&layer.gate, &mut w.gate), (&layer.up, &mut w.act)],
             );
-            w.act
-                .iter_mut()
-                .zip(&w.gate)
-                .for_each(|(u, g)| *u *= (self.gelu)(*g));
+            gate_mul_into(&mut w.act, &w.gate, layer.gate.out_features, self.gelu);
             layer.down.matmul_into(&w.act, batch.len(), &mut w.out);
-            rms_norm(&mut w.out, &layer.post_ffn_norm, self.eps());
-            w.hidden.iter_mut().zip(&w.out).for_each(|(h, m)| *h += m);
+            norm_in_place(&mut w.out, &layer.post_ffn_norm, self.eps());
+            add_into(&mut w.hidden, &w.out, h);
             record(&w.hidden);
         }
         rms_norm(&mut w.hidden, &self.norm, self.eps());

@@ -21,6 +21,7 @@ use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved};
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
 use crate::moe::{Expert, Mlp, MlpWork, Moe, MoeWork, Routing};
+use crate::rows::{add_into, norm_into};
 use herd_formats::quantize::ModelShape;
 
 use crate::weights::{
@@ -438,22 +439,34 @@ impl Llama4 {
                 (&layer.v, &mut w.v),
             ],
         );
-        for (row, &pos) in batch.positions.iter().enumerate() {
-            let qr = &mut w.q[row * nh * d..(row + 1) * nh * d];
-            let kr = &mut w.k[row * nkv * d..(row + 1) * nkv * d];
-            if layer.use_rope {
-                rope_interleaved(qr, d, pos, &self.inv_freq);
-                rope_interleaved(kr, d, pos, &self.inv_freq);
+        // Per row: RoPE, the QK norm, and on the layers without RoPE the queries' temperature.
+        let pool = herd_kernels::pool::global();
+        let positions = &batch.positions;
+        let (q_len, k_len) = (batch.len() * nh * d, batch.len() * nkv * d);
+        pool.for_row_runs(&mut w.q[..q_len], nh * d, |first, rows| {
+            for (qr, &pos) in rows.chunks_exact_mut(nh * d).zip(&positions[first..]) {
+                if layer.use_rope {
+                    rope_interleaved(qr, d, pos, &self.inv_freq);
+                }
+                if layer.qk_norm {
+                    rms_norm_unweighted(qr, d, self.eps());
+                }
+                if !layer.use_rope && c.attn_temperature_tuning {
+                    let s = c.attn_temperature(pos);
+                    qr.iter_mut().for_each(|v| *v *= s);
+                }
             }
-            if layer.qk_norm {
-                rms_norm_unweighted(qr, d, self.eps());
-                rms_norm_unweighted(kr, d, self.eps());
+        });
+        pool.for_row_runs(&mut w.k[..k_len], nkv * d, |first, rows| {
+            for (kr, &pos) in rows.chunks_exact_mut(nkv * d).zip(&positions[first..]) {
+                if layer.use_rope {
+                    rope_interleaved(kr, d, pos, &self.inv_freq);
+                }
+                if layer.qk_norm {
+                    rms_norm_unweighted(kr, d, self.eps());
+                }
             }
-            if !layer.use_rope && c.attn_temperature_tuning {
-                let s = c.attn_temperature(pos);
-                qr.iter_mut().for_each(|v| *v *= s);
-            }
-        }
+        });
         cache_rows(&w.k, &w.v, batch, cache, li, nkv * d);
         let scale = 1.0 / (d as f32).sqrt();
         let heads = Heads {
@@ -521,20 +534,18 @@ impl CausalLm for Llama4 {
         };
         record(&w.hidden);
         for (li, layer) in self.layers.iter().enumerate() {
-            w.x.clone_from(&w.hidden);
-            rms_norm(&mut w.x, &layer.input_norm, self.eps());
+            norm_into(&w.hidden, &mut w.x, &layer.input_norm, self.eps());
             self.attention(li, layer, w, batch, cache);
-            w.hidden.iter_mut().zip(&w.out).for_each(|(a, b)| *a += b);
+            add_into(&mut w.hidden, &w.out, h);
 
-            w.x.clone_from(&w.hidden);
-            rms_norm(&mut w.x, &layer.post_attention_norm, self.eps());
+            norm_into(&w.hidden, &mut w.x, &layer.post_attention_norm, self.eps());
             match &layer.ffn {
                 FeedForward::Dense(mlp) => mlp.forward(&w.x, t, &mut w.mlp, &mut w.out),
                 // §b.3: the top-k experts by raw router logit, each chosen expert's input scaled
                 // by sigmoid(logit), plus the shared expert.
                 FeedForward::Moe(moe) => moe.forward(&w.x, t, &mut w.moe, &mut w.out),
             };
-            w.hidden.iter_mut().zip(&w.out).for_each(|(a, b)| *a += b);
+            add_into(&mut w.hidden, &w.out, h);
             record(&w.hidden);
         }
         rms_norm(&mut w.hidden, &self.norm, self.eps());
