@@ -114,7 +114,11 @@ fn attend_blocks(
         group.div_ceil(threads.div_ceil(units))
     };
     let shared = herd_kernels::pool::SharedMut::new(out);
-    pool.run(pairs.div_ceil(per_task), |task| {
+    let tasks = pairs.div_ceil(per_task);
+    pool.run(tasks, |i| {
+        // Later blocks see more keys (causal): hand them out first, so that the job ends on
+        // short tasks and no thread waits long for the last.
+        let task = tasks - 1 - i;
         SCRATCH.with_borrow_mut(|Scratch { states, scores }| {
             let (mut pair, end) = (task * per_task, ((task + 1) * per_task).min(pairs));
             while pair < end {
