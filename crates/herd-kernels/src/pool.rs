@@ -179,9 +179,9 @@ pub const MIN_RUN_ELEMENTS: usize = 16 * 1024;
 
 impl ThreadPool {
     /// `f(first_row, rows)` for `data`, rows of `row_len` elements, cut into runs of whole rows
-    /// spread over the pool: about four runs per thread, each of at least [`MIN_RUN_ELEMENTS`]
-    /// elements (one row at the least), so a small `data` (a decode step's) is one run on the
-    /// calling thread and wakes no worker. `first_row` is the index of the run's first row.
+    /// spread over the pool: about four runs per thread, every run but the last of at least
+    /// [`MIN_RUN_ELEMENTS`] elements (one row at the least), so a `data` of at most that many
+    /// (a decode step's) is one run on the calling thread and wakes no worker. `first_row` is the index of the run's first row.
     /// Each run holds its own rows only: per-row work gives the same results whatever the
     /// thread count.
     ///
@@ -206,7 +206,9 @@ impl ThreadPool {
         self.run(rows.div_ceil(per_run), |i| {
             let first = i * per_run;
             let n = per_run.min(rows - first);
-            // SAFETY: run i alone holds rows first..first + n, inside the slice.
+            // SAFETY: first < rows (i < the run count), so 1 ≤ n and first + n ≤ rows: the run
+            // is inside `data`, which stays borrowed until `run` returns; runs i ≠ j hold
+            // disjoint rows, and `T: Send` lets a worker hold its `&mut [T]`.
             f(first, unsafe { shared.slice(first * row_len, n * row_len) });
         });
     }
@@ -352,7 +354,14 @@ mod tests {
     #[test]
     fn row_runs_cover_every_row_once() {
         let pool = ThreadPool::new(3);
-        for (rows, row_len) in [(1, 7), (5, 3), (1000, 1), (300, 100), (64, 2048)] {
+        for (rows, row_len) in [
+            (1, 7),
+            (5, 3),
+            (1000, 1),
+            (300, 100),
+            (64, 2048),
+            (2, 10_000),
+        ] {
             let mut data = vec![0usize; rows * row_len];
             let runs = AtomicUsize::new(0);
             pool.for_row_runs(&mut data, row_len, |first, run| {
@@ -363,12 +372,9 @@ mod tests {
             });
             let want: Vec<usize> = (0..rows * row_len).map(|e| e / row_len + 1).collect();
             assert_eq!(data, want, "{rows} rows of {row_len}");
-            let small = rows * row_len <= MIN_RUN_ELEMENTS;
-            assert_eq!(
-                runs.load(Ordering::Relaxed) == 1,
-                small,
-                "{rows} × {row_len}"
-            );
+            // One run exactly where one run of at least MIN_RUN_ELEMENTS holds every row.
+            let one = rows <= MIN_RUN_ELEMENTS.div_ceil(row_len);
+            assert_eq!(runs.load(Ordering::Relaxed) == 1, one, "{rows} × {row_len}");
         }
     }
 

@@ -66,6 +66,9 @@ pub(crate) fn attend(
 ) {
     out.clear();
     out.resize(batch.len() * heads.q * heads.dim, 0.0);
+    if batch.is_empty() {
+        return;
+    }
     BLOCKS.with_borrow_mut(|blocks| {
         row_blocks(batch, blocks);
         attend_blocks(q, batch, cache, layer, heads, &first_key, blocks, out)
@@ -116,8 +119,9 @@ fn attend_blocks(
     let shared = herd_kernels::pool::SharedMut::new(out);
     let tasks = pairs.div_ceil(per_task);
     pool.run(tasks, |i| {
-        // Later blocks see more keys (causal): hand them out first, so that the job ends on
-        // short tasks and no thread waits long for the last.
+        // Within a sequence the later blocks see more keys (causal): hand them out first, so
+        // that a prefill's job ends on short tasks and no thread waits long for the last (a
+        // mixed batch's blocks go in batch order either way).
         let task = tasks - 1 - i;
         SCRATCH.with_borrow_mut(|Scratch { states, scores }| {
             let (mut pair, end) = (task * per_task, ((task + 1) * per_task).min(pairs));

@@ -19,7 +19,7 @@ use herd_kernels::pool;
 use smallvec::SmallVec;
 
 use crate::rows::silu_mul_into;
-use crate::weights::{Matrix, matmul_same_input};
+use crate::weights::{Matrix, matmul_same_input, set_len};
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`; `gate`, `up` `[width, hidden]`, `down`
 /// `[hidden, width]`.
@@ -185,7 +185,7 @@ impl Moe {
             }
         }
         let rows = w.sources.len();
-        sized(&mut w.input, rows * h);
+        set_len(&mut w.input, rows * h);
         let (sources, scales_input) = (&w.sources, self.routing.scales_input());
         pool::global().for_row_runs(&mut w.input, h, |first, run| {
             for (row, &(tok, weight)) in run.chunks_exact_mut(h).zip(&sources[first..]) {
@@ -197,7 +197,8 @@ impl Moe {
                 }
             }
         });
-        // Every expert of a block has one width (the layer's intermediate size).
+        // A layer's routed experts have one width (its intermediate size), which lets the
+        // gating below address every selected expert's rows alike.
         let width = |e: usize| match &self.experts[e] {
             Expert::Fused { down, .. } => down.in_features,
             Expert::Split(mlp) => mlp.gate.out_features,
@@ -205,7 +206,7 @@ impl Moe {
         let wd = w.active.first().map_or(0, |&(e, _)| width(e));
         assert!(
             w.active.iter().all(|&(e, _)| width(e) == wd),
-            "MoE: experts of one block differ in width"
+            "MoE layer: routed experts of different widths"
         );
         let rows_of = |i: usize, active: &[(usize, usize)]| {
             active.get(i + 1).map_or(rows, |a| a.1) - active[i].1
@@ -227,11 +228,11 @@ impl Moe {
             }
         }
         // Product outputs: the products write every value.
-        sized(&mut w.gate, gate_len);
-        sized(&mut w.up, up_len);
+        set_len(&mut w.gate, gate_len);
+        set_len(&mut w.up, up_len);
         let shared_width = self.shared.as_ref().map_or(0, |s| s.gate.out_features);
-        sized(&mut w.shared_gate, t * shared_width);
-        sized(&mut w.shared_act, t * shared_width);
+        set_len(&mut w.shared_gate, t * shared_width);
+        set_len(&mut w.shared_act, t * shared_width);
         {
             let mut products: Products<'_> = SmallVec::new();
             let (mut gate, mut up) = (&mut w.gate[..], &mut w.up[..]);
@@ -263,8 +264,9 @@ impl Moe {
 
         // silu(gate) ⊙ up, per selected expert into `act` (row r of every expert's block at
         // r · wd: one width), the shared expert's in place.
-        sized(&mut w.act, rows * wd);
+        set_len(&mut w.act, rows * wd);
         let (gate, up, active, outputs_at) = (&w.gate, &w.up, &w.active, &w.outputs_at);
+        // (With no selected expert, `act` is empty and the closure never runs: `wd` may be 0.)
         pool::global().for_row_runs(&mut w.act, wd.max(1), |first, run| {
             for (r, act) in (first..).zip(run.chunks_exact_mut(wd)) {
                 // Row r is row j of selected expert i, whose outputs start at (g_at, u_at).
@@ -286,9 +288,9 @@ impl Moe {
 
         // Every down projection: one product batch (writing every value of `down`, and of
         // `out` where there is a shared expert).
-        sized(&mut w.down, rows * h);
+        set_len(&mut w.down, rows * h);
         if self.shared.is_some() {
-            sized(out, t * h);
+            set_len(out, t * h);
         } else {
             out.clear();
             out.resize(t * h, 0.0);
@@ -349,12 +351,6 @@ const SUM_RUN: usize = 256;
 /// nothing: a gate-up batch of split experts holds `2·k + 2` products, up to top-11 routing), on
 /// the heap for a large batch's many.
 type Products<'a> = SmallVec<[Product<'a>; 24]>;
-
-/// `buf` holding `len` values for a pass that writes every one: only a grown tail is
-/// zero-filled (keeping its allocation).
-fn sized(buf: &mut Vec<f32>, len: usize) {
-    buf.resize(len, 0.0);
-}
 
 /// The product `x · m` of `n` rows into `out`.
 fn product<'a>(m: &'a Matrix, x: &'a [f32], n: usize, out: &'a mut [f32]) -> Product<'a> {
@@ -475,6 +471,54 @@ mod tests {
             moe.forward(xt, 1, &mut MoeWork::default(), &mut alone);
             assert_eq!(alone, out[tok * h..(tok + 1) * h], "token {tok} alone");
         }
+    }
+
+    /// A batch split over the pool (its gather, gating and routed sums in several runs; the
+    /// hidden size not a multiple of the routed sum's run), with a shared expert and Llama 4's
+    /// input-scaled routing: each token's output has the bits it has alone (one row, on the
+    /// calling thread), and a workspace last used by the larger batch gives a smaller one the
+    /// bits a fresh one does.
+    #[test]
+    fn split_batches_equal_tokens_alone() {
+        use herd_kernels::pool::MIN_RUN_ELEMENTS;
+        let (h, wd, n_exp, t) = (300, 136, 4, 96);
+        let vals = |seed: u64, n: usize| herd_kernels::testing::rand_vec(n, seed, 0.3);
+        let mlp = |seed: u64| Mlp {
+            gate: matrix(&vals(seed, wd * h), wd, h),
+            up: matrix(&vals(seed + 1, wd * h), wd, h),
+            down: matrix(&vals(seed + 2, h * wd), h, wd),
+        };
+        let moe = Moe {
+            router: matrix(&vals(1, n_exp * h), n_exp, h),
+            experts: (0..n_exp)
+                .map(|e| Expert::Split(mlp(10 + 3 * e as u64)))
+                .collect(),
+            shared: Some(mlp(50)),
+            routing: Routing::SigmoidScalesInput,
+            top_k: 2,
+        };
+        // t·k input rows of h and of wd, and t output rows of h: each more than one run.
+        let runs_of = |rows: usize, len: usize| rows > MIN_RUN_ELEMENTS.div_ceil(len);
+        assert!(runs_of(t, h) && runs_of(2 * t, h) && runs_of(2 * t, wd));
+        let x = vals(2, t * h);
+        let (mut work, mut out) = (MoeWork::default(), Vec::new());
+        moe.forward(&x, t, &mut work, &mut out);
+        assert!(out.iter().all(|v| v.is_finite()));
+        for tok in 0..t {
+            let mut alone = Vec::new();
+            moe.forward(
+                &x[tok * h..(tok + 1) * h],
+                1,
+                &mut MoeWork::default(),
+                &mut alone,
+            );
+            assert_eq!(alone, out[tok * h..(tok + 1) * h], "token {tok} alone");
+        }
+        let (mut again, mut fresh) = (Vec::new(), Vec::new());
+        moe.forward(&x[..7 * h], 7, &mut work, &mut again);
+        moe.forward(&x[..7 * h], 7, &mut MoeWork::default(), &mut fresh);
+        assert_eq!(again, fresh, "a used workspace");
+        assert_eq!(again, out[..7 * h], "the first seven tokens");
     }
 
     #[test]

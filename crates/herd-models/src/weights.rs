@@ -230,11 +230,11 @@ impl LoadQuantization {
     }
 }
 
-/// `out` at `len` values for a matrix product to overwrite: grown with zeros where it is
-/// short, and otherwise left as it is (every matmul plan writes every output, which the
-/// kernels' tests check on NaN-filled buffers), so that a prefill step's outputs of the same
-/// shape as the last are not zero-filled first (megabytes per product at 512 tokens).
-fn set_len(out: &mut Vec<f32>, len: usize) {
+/// `out` at `len` values for a pass that overwrites every one (a matrix product: every matmul
+/// plan writes every output, which the kernels' tests check on NaN-filled buffers): grown with
+/// zeros where it is short, and otherwise left as it is, so that a prefill step's buffers of
+/// the same shape as the last are not zero-filled first (megabytes per product at 512 tokens).
+pub(crate) fn set_len(out: &mut Vec<f32>, len: usize) {
     out.truncate(len);
     out.resize(len, 0.0);
 }

@@ -443,30 +443,25 @@ impl Llama4 {
         let pool = herd_kernels::pool::global();
         let positions = &batch.positions;
         let (q_len, k_len) = (batch.len() * nh * d, batch.len() * nkv * d);
-        pool.for_row_runs(&mut w.q[..q_len], nh * d, |first, rows| {
-            for (qr, &pos) in rows.chunks_exact_mut(nh * d).zip(&positions[first..]) {
-                if layer.use_rope {
-                    rope_interleaved(qr, d, pos, &self.inv_freq);
+        for (x, width, queries) in [
+            (&mut w.q[..q_len], nh * d, true),
+            (&mut w.k[..k_len], nkv * d, false),
+        ] {
+            pool.for_row_runs(x, width, |first, rows| {
+                for (xr, &pos) in rows.chunks_exact_mut(width).zip(&positions[first..]) {
+                    if layer.use_rope {
+                        rope_interleaved(xr, d, pos, &self.inv_freq);
+                    }
+                    if layer.qk_norm {
+                        rms_norm_unweighted(xr, d, self.eps());
+                    }
+                    if queries && !layer.use_rope && c.attn_temperature_tuning {
+                        let s = c.attn_temperature(pos);
+                        xr.iter_mut().for_each(|v| *v *= s);
+                    }
                 }
-                if layer.qk_norm {
-                    rms_norm_unweighted(qr, d, self.eps());
-                }
-                if !layer.use_rope && c.attn_temperature_tuning {
-                    let s = c.attn_temperature(pos);
-                    qr.iter_mut().for_each(|v| *v *= s);
-                }
-            }
-        });
-        pool.for_row_runs(&mut w.k[..k_len], nkv * d, |first, rows| {
-            for (kr, &pos) in rows.chunks_exact_mut(nkv * d).zip(&positions[first..]) {
-                if layer.use_rope {
-                    rope_interleaved(kr, d, pos, &self.inv_freq);
-                }
-                if layer.qk_norm {
-                    rms_norm_unweighted(kr, d, self.eps());
-                }
-            }
-        });
+            });
+        }
         cache_rows(&w.k, &w.v, batch, cache, li, nkv * d);
         let scale = 1.0 / (d as f32).sqrt();
         let heads = Heads {
