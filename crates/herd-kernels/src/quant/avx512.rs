@@ -156,7 +156,7 @@ unsafe fn f16_pair(p0: *const u8, p1: *const u8) -> __m512 {
 /// Sixteen interleaved Q4_K rows (groups `g0` and `g1`, `nb` super-blocks each) against `N`
 /// Q8_K activation rows: lane `m` is weight row `m`. Per sub-block, each step's four quants of
 /// every row against four broadcast activations by `vpdpbusd` into the row's i32 lane, times
-/// the rows' scales; the mins against the activations' 32-value sums by `madd`. Lane `m` of
+/// the rows' scales; the mins against the activations' 32-value sums by `vpdpwssd`. Lane `m` of
 /// `sumi` and `summ` is then row `m`'s exact super-block sums and the f32 steps are the
 /// reference's: `acc += sumi·(d·d_a)`, `acc_min += summ·(dmin·d_a)`, `acc − acc_min`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -229,7 +229,8 @@ unsafe fn q4_k_x16<const N: usize>(
             }
 
             // Mins: i16 lanes 2m, 2m + 1 of `mins[i]` hold row m's mins of sub-blocks 2i and
-            // 2i + 1; `madd` with the activations' sums of those sub-blocks gives lane m.
+            // 2i + 1; their products with the activations' sums of those sub-blocks, added
+            // pairwise (`vpdpwssd`), give lane m.
             let mins: [__m512i; 4] = std::array::from_fn(|i| {
                 let pairs = |x: &[u8; 64]| {
                     _mm_unpacklo_epi8(
@@ -253,7 +254,8 @@ unsafe fn q4_k_x16<const N: usize>(
                 _mm_storeu_si128(pair.as_mut_ptr() as *mut __m128i, sums);
                 let mut summ = _mm512_setzero_si512();
                 for (mi, &pi) in mins.iter().zip(&pair) {
-                    summ = _mm512_add_epi32(summ, _mm512_madd_epi16(*mi, _mm512_set1_epi32(pi)));
+                    // madd and add in one `vpdpwssd` (the same exact i32 sums).
+                    summ = _mm512_dpwssd_epi32(summ, *mi, _mm512_set1_epi32(pi));
                 }
                 let ad = _mm512_set1_ps(super::avx2::f32_ptr(ab[r]));
                 acc[r] =
