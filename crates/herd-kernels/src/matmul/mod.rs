@@ -161,8 +161,10 @@ enum Plan {
     /// batch of [`UNPACK_MIN_ROWS`] or more: chunks of `chunk` (a multiple of eight) output
     /// columns, each eight weight rows unpacked once ([`unpacked_task`]).
     Unpacked { chunk: usize },
-    /// Float `OutMajor`: chunks of `chunk` output columns.
-    Float { chunk: usize },
+    /// Float `OutMajor`: chunks of `chunk` output columns by runs of `row_chunk` activation
+    /// rows (all of them unless the columns are too few to give every thread work: a router's
+    /// sixteen).
+    Float { chunk: usize, row_chunk: usize },
     /// `InMajor`: chunks of `chunk` output columns.
     InMajor { chunk: usize },
 }
@@ -208,9 +210,17 @@ impl Plan {
                     tile,
                 }
             }
-            Layout::OutMajor => Plan::Float {
-                chunk: chunk_size(n, threads),
-            },
+            Layout::OutMajor => {
+                let chunk = chunk_size(n, threads);
+                // About four tasks per thread: what the columns do not give, the rows do.
+                let row_tasks = (4 * threads)
+                    .div_ceil(n.div_ceil(chunk).max(1))
+                    .clamp(1, p.n_rows.max(1));
+                Plan::Float {
+                    chunk,
+                    row_chunk: p.n_rows.div_ceil(row_tasks).max(1),
+                }
+            }
             Layout::InMajor => {
                 assert!(
                     !w.dtype.is_quantized(),
@@ -232,10 +242,10 @@ impl Plan {
             Plan::Groups { group_tasks, .. } => {
                 group_tasks + usize::from(!n.is_multiple_of(quant::repack::GROUP))
             }
-            Plan::Quantized { chunk, .. }
-            | Plan::Unpacked { chunk }
-            | Plan::Float { chunk }
-            | Plan::InMajor { chunk } => n.div_ceil(chunk),
+            Plan::Float { chunk, row_chunk } => n.div_ceil(chunk) * p.n_rows.div_ceil(row_chunk),
+            Plan::Quantized { chunk, .. } | Plan::Unpacked { chunk } | Plan::InMajor { chunk } => {
+                n.div_ceil(chunk)
+            }
         }
     }
 
@@ -312,7 +322,9 @@ pub fn matmul_many_with(pool: &ThreadPool, products: &mut [Product<'_>]) {
                     quantized_task(p, &a.act, &outs[pi], chunk, tile, task)
                 }
                 Plan::Unpacked { chunk } => unpacked_task(p, &a.act, &outs[pi], chunk, task),
-                Plan::Float { chunk } => float_task(p, &outs[pi], chunk, task),
+                Plan::Float { chunk, row_chunk } => {
+                    float_task(p, &outs[pi], chunk, row_chunk, task)
+                }
                 Plan::InMajor { chunk } => in_major_task(p, &outs[pi], chunk, task),
             }
         });
@@ -592,19 +604,24 @@ fn unpacked_task(p: &Product<'_>, act: &[u8], out: &SharedMut<f32>, chunk: usize
     });
 }
 
-/// Chunk `c` of a product with a float `OutMajor` matrix: each weight row decoded once, then
-/// dotted with every activation row.
-fn float_task(p: &Product<'_>, out: &SharedMut<f32>, chunk: usize, c: usize) {
+/// Task `task` of a product with a float `OutMajor` matrix: chunk `task / row_tasks` of
+/// `chunk` output columns against run `task % row_tasks` of `row_chunk` activation rows, each
+/// weight row decoded once, then dotted with each of the run's rows (every output is one
+/// [`dot`], however the product is cut).
+fn float_task(p: &Product<'_>, out: &SharedMut<f32>, chunk: usize, row_chunk: usize, task: usize) {
     let (w, x, n_rows) = (&p.w, p.x, p.n_rows);
     let (k, n) = (w.in_features, w.out_features);
+    let row_tasks = n_rows.div_ceil(row_chunk);
+    let (c, rows) = (task / row_tasks, task % row_tasks * row_chunk..);
+    let rows = rows.start..(rows.start + row_chunk).min(n_rows);
     ROW.with_borrow_mut(|row| {
         row.clear();
         row.resize(k, 0.0);
         for o in c * chunk..((c + 1) * chunk).min(n) {
             w.decode_row(o, row);
-            for t in 0..n_rows {
+            for t in rows.clone() {
                 let v = dot(&x[t * k..(t + 1) * k], row);
-                // SAFETY: chunks own disjoint output columns o.
+                // SAFETY: tasks own disjoint (output column, activation row) pairs.
                 unsafe { out.slice(t * n + o, 1)[0] = v };
             }
         }
@@ -895,6 +912,39 @@ mod quantized_tests {
                     same,
                     "product {i} ({} {:?}), {threads} threads",
                     w.dtype, w.layout
+                );
+            }
+        }
+    }
+
+    /// A float product with few output columns (a router's) and many rows, cut by rows over
+    /// the pool, gives every row the bits it has alone.
+    #[test]
+    fn few_column_float_products_split_by_rows() {
+        let (k, n, rows) = (200, 16, 77);
+        for wt in [DType::F32, DType::F16, DType::BF16] {
+            let mut wq = vec![0u8; wt.bytes_for(k * n)];
+            quant::quantize(wt, &rand_vec(k * n, 5, 1.0), &mut wq);
+            let w = MatRef::new(&wq, wt, k, n, Layout::OutMajor).unwrap();
+            let x = rand_vec(rows * k, 6, 1.0);
+            let pool = ThreadPool::new(3);
+            let mut out = vec![f32::NAN; rows * n];
+            let p = Product {
+                x: &x,
+                n_rows: rows,
+                w,
+                out: &mut out,
+            };
+            assert!(Plan::new(&p, 3).n_tasks(&p) > 3, "{wt}: cut by rows");
+            matmul_with(&pool, &x, rows, &w, &mut out);
+            for t in 0..rows {
+                let mut alone = vec![f32::NAN; n];
+                matmul_with(&pool, &x[t * k..(t + 1) * k], 1, &w, &mut alone);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&out[t * n..(t + 1) * n]),
+                    bits(&alone),
+                    "{wt}, row {t}"
                 );
             }
         }
