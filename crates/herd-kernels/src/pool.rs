@@ -179,11 +179,11 @@ pub const MIN_RUN_ELEMENTS: usize = 16 * 1024;
 
 impl ThreadPool {
     /// `f(first_row, rows)` for `data`, rows of `row_len` elements, cut into runs of whole rows
-    /// spread over the pool: about four runs per thread, every run but the last of at least
-    /// [`MIN_RUN_ELEMENTS`] elements (one row at the least), so a `data` of at most that many
-    /// (a decode step's) is one run on the calling thread and wakes no worker. `first_row` is the index of the run's first row.
-    /// Each run holds its own rows only: per-row work gives the same results whatever the
-    /// thread count.
+    /// spread over the pool (`first_row`: the index of the run's first row). About four runs
+    /// per thread, every run but the last of at least [`MIN_RUN_ELEMENTS`] elements (one row
+    /// at the least), so a `data` of at most that many (a decode step's) is one run on the
+    /// calling thread and wakes no worker. Each run holds its own rows only: per-row work
+    /// gives the same results whatever the thread count.
     ///
     /// # Panics
     /// If `row_len` is 0 or does not divide `data.len()`.

@@ -10,12 +10,14 @@
 use herd_kernels::ops::{rms_norm, silu};
 use herd_kernels::pool;
 
+use crate::weights::set_len;
+
 /// `out ← rms_norm(x)` by rows of `weight.len()` (`x`, `out`: `[rows, hidden]`; `out` is
 /// resized to `x`'s length).
 pub(crate) fn norm_into(x: &[f32], out: &mut Vec<f32>, weight: &[f32], eps: f32) {
     let h = weight.len();
-    // Every value is written below: only a grown tail is zero-filled first.
-    out.resize(x.len(), 0.0);
+    // Every value is written below.
+    set_len(out, x.len());
     pool::global().for_row_runs(out, h, |first, rows| {
         rows.copy_from_slice(&x[first * h..first * h + rows.len()]);
         rms_norm(rows, weight, eps);

@@ -235,7 +235,6 @@ impl LoadQuantization {
 /// zeros where it is short, and otherwise left as it is, so that a prefill step's buffers of
 /// the same shape as the last are not zero-filled first (megabytes per product at 512 tokens).
 pub(crate) fn set_len(out: &mut Vec<f32>, len: usize) {
-    out.truncate(len);
     out.resize(len, 0.0);
 }
 

@@ -612,8 +612,8 @@ fn float_task(p: &Product<'_>, out: &SharedMut<f32>, chunk: usize, row_chunk: us
     let (w, x, n_rows) = (&p.w, p.x, p.n_rows);
     let (k, n) = (w.in_features, w.out_features);
     let row_tasks = n_rows.div_ceil(row_chunk);
-    let (c, rows) = (task / row_tasks, task % row_tasks * row_chunk..);
-    let rows = rows.start..(rows.start + row_chunk).min(n_rows);
+    let (c, first) = (task / row_tasks, task % row_tasks * row_chunk);
+    let rows = first..(first + row_chunk).min(n_rows);
     ROW.with_borrow_mut(|row| {
         row.clear();
         row.resize(k, 0.0);

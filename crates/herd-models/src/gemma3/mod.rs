@@ -370,7 +370,7 @@ impl CausalLm for Gemma3 {
             add_into(&mut w.hidden, &w.out, h);
             record(&w.hidden);
         }
-        rms_norm(&mut w.hidden, &self.norm, self.eps());
+        norm_in_place(&mut w.hidden, &self.norm, self.eps());
         record(&w.hidden);
         logit_rows(&w.hidden, batch, h, &mut w.rows);
         self.embed

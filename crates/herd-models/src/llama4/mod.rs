@@ -17,11 +17,11 @@ use std::sync::Mutex;
 
 use herd_formats::HfModelDir;
 use herd_formats::gguf::GgufFile;
-use herd_kernels::ops::{rms_norm, rms_norm_unweighted, rope_interleaved};
+use herd_kernels::ops::{rms_norm_unweighted, rope_interleaved};
 
 use crate::attention::{Heads, attend, begin_step, cache_rows, logit_rows};
 use crate::moe::{Expert, Mlp, MlpWork, Moe, MoeWork, Routing};
-use crate::rows::{add_into, norm_into};
+use crate::rows::{add_into, norm_in_place, norm_into};
 use herd_formats::quantize::ModelShape;
 
 use crate::weights::{
@@ -543,7 +543,7 @@ impl CausalLm for Llama4 {
             add_into(&mut w.hidden, &w.out, h);
             record(&w.hidden);
         }
-        rms_norm(&mut w.hidden, &self.norm, self.eps());
+        norm_in_place(&mut w.hidden, &self.norm, self.eps());
         record(&w.hidden);
 
         logit_rows(&w.hidden, batch, h, &mut w.rows);
