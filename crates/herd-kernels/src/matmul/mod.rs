@@ -520,12 +520,14 @@ fn quantized_task(
     let act_row = |t: usize| &act[t * row_bytes..(t + 1) * row_bytes];
     let outputs = c * chunk..((c + 1) * chunk).min(n);
     // Weight rows are requested PREFETCH_ROWS ahead of the tile being read (into L2): the
-    // hardware prefetcher alone leaves the memory bus partly idle here.
+    // hardware prefetcher alone leaves the memory bus partly idle here. Not where the one-row
+    // kernel asks for its weights itself: the two together were slower.
+    let l2_prefetch = !(n_rows == 1 && quant::vec_dot_prefetches(w.dtype));
     let mut fetched = outputs.start;
     for first in outputs.clone().step_by(tile) {
         let rows = first..(first + tile).min(outputs.end);
         let want = (rows.end + PREFETCH_ROWS).min(n);
-        if fetched < want {
+        if l2_prefetch && fetched < want {
             prefetch(&w.bytes[fetched * w_row..want * w_row]);
             fetched = want;
         }

@@ -33,6 +33,20 @@ pub fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
     vec_dot_scalar(wtype, w, a, n)
 }
 
+/// Whether [`vec_dot`] for `wtype` asks for its own weights ahead (into L1) on this CPU, so a
+/// caller streaming rows one activation row at a time should not also prefetch them: AVX2's
+/// Q6_K row kernel. With both, Scout-shaped Q4_K_M decode (its Q6_K output head) was ~10%
+/// slower (docs/performance.md).
+pub fn vec_dot_prefetches(wtype: DType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::has_avx2() && wtype == DType::Q6K;
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = wtype;
+        false
+    }
+}
+
 /// Whether this CPU computes batched products with `wtype` weights by unpacking each eight
 /// weight rows once ([`unpack_x8`], [`vec_dot_unpacked_x8`]): the IQ1–IQ3 types, whose grid
 /// lookups cost more than the multiply-adds, with AVX2.

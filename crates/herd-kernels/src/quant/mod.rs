@@ -25,8 +25,8 @@ mod avx512;
 pub use dequant::dequantize;
 pub use dot::{
     has_x16_kernel, q8_0_block_sums, unpack_x8, unpack_x8_supported, unpacked_x8_bytes, vec_dot,
-    vec_dot_scalar, vec_dot_unpacked_x8, vec_dot_x4_rows, vec_dot_x8, vec_dot_x8_scalar,
-    vec_dot_x8_sums, vec_dot_x16_sums, x8_wants_block_sums, x16_rows_per_call,
+    vec_dot_prefetches, vec_dot_scalar, vec_dot_unpacked_x8, vec_dot_x4_rows, vec_dot_x8,
+    vec_dot_x8_scalar, vec_dot_x8_sums, vec_dot_x16_sums, x8_wants_block_sums, x16_rows_per_call,
 };
 pub use quantize::{
     importance_supported, quantize, quantize_activation, quantize_supported,
