@@ -436,9 +436,9 @@ fn x8_task(
         return;
     }
     let first = task * per_task;
-    // No software prefetch here: a group is one contiguous run of bytes, which the hardware
-    // prefetcher follows; asking for groups ahead made Scout-shaped decode ~10% slower (23.7
-    // vs 21.3 tok/s at Q4_K_M, alternating runs).
+    // No software prefetch of whole groups here: a group is one contiguous run of bytes, and
+    // asking for groups ahead made Scout-shaped decode ~10% slower (23.7 vs 21.3 tok/s at
+    // Q4_K_M, alternating runs). The one-row kernels ask for their next bytes themselves.
     let end = (first + per_task).min(groups);
     let group = |gi: usize| &w.bytes[gi * group_bytes..(gi + 1) * group_bytes];
     let x16 = quant::has_x16_kernel(w.dtype);
@@ -520,9 +520,10 @@ fn quantized_task(
     let act_row = |t: usize| &act[t * row_bytes..(t + 1) * row_bytes];
     let outputs = c * chunk..((c + 1) * chunk).min(n);
     // Weight rows are requested PREFETCH_ROWS ahead of the tile being read (into L2): the
-    // hardware prefetcher alone leaves the memory bus partly idle here. Not where the one-row
-    // kernel asks for its weights itself: the two together were slower.
-    let l2_prefetch = !(n_rows == 1 && quant::vec_dot_prefetches(w.dtype));
+    // hardware prefetcher alone leaves the memory bus partly idle here. Not where every
+    // activation row goes through a one-row kernel (fewer than four) that asks for its weights
+    // itself: the two together were slower.
+    let l2_prefetch = !(n_rows < 4 && quant::vec_dot_prefetches(w.dtype));
     let mut fetched = outputs.start;
     for first in outputs.clone().step_by(tile) {
         let rows = first..(first + tile).min(outputs.end);

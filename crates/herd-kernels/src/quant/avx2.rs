@@ -118,10 +118,11 @@ pub(crate) fn rows_x8<const N: usize>(
     }
 }
 
-/// How far ahead (bytes) the one-row kernels ask for their weights: for one activation row a
-/// group kernel does little work per byte, and Zen 3's hardware prefetcher alone left decode
-/// at ~75% of the read bandwidth (Scout-shaped tg256, alternating runs: Q8_0 18.4 → 21.0,
-/// Q4_K_M 28.7 → 33.1 tok/s with ~1.5 KiB ahead; docs/performance.md).
+/// How far ahead (bytes) the one-row kernels ask for their weights (the group kernels for one
+/// activation row, the file-layout Q6_K row kernel on every call): they do little work per
+/// byte, and with Zen 3's hardware prefetcher alone Scout-shaped decode read 61–73% of the
+/// bandwidth bound. Alternating tg256 runs, means of four (docs/performance.md): Q8_0 18.4 →
+/// 20.8 / 21.0 tok/s at 1024 / 1536 bytes ahead, Q4_K_M 28.7 → 33.1 / 32.9 at 1152 / 2304.
 const PREFETCH_AHEAD: usize = 1536;
 
 /// Ask for the `bytes` bytes [`PREFETCH_AHEAD`] past `p` into L1. The address may lie past
@@ -133,6 +134,18 @@ fn prefetch_ahead(p: *const u8, bytes: usize) {
         // SAFETY: a prefetch is a hint: it reads no memory architecturally and never faults.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8) };
     }
+}
+
+/// The four bytes at `p` in every 32-bit lane. `inline(always)` and a plain function, not a
+/// closure holding the intrinsic: a closure in a helper without target features that LLVM
+/// leaves out of line turns each intrinsic into a call (see `q4_k_x8_sub_block`).
+///
+/// # Safety
+/// AVX2; `p` points at four readable bytes.
+#[inline(always)]
+unsafe fn broadcast_i32(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees AVX2 and four readable bytes at p (unaligned read).
+    unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
 }
 
 /// The eight f32 lanes added as ggml's `hsum_float_8` (the reference's `hsum8`).
@@ -655,9 +668,10 @@ unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool, const VNNI: bool>(
                 };
             }
         }
-        // A loop, not `map` with a closure: a closure does not inherit the caller's target
-        // features, so where LLVM leaves it out of line (it did for one row once the kernel
-        // grew), every intrinsic in it becomes a call (decode 4× slower).
+        // A loop, not `map` with a closure: a closure has only its enclosing function's target
+        // features, and this helper has none, so where LLVM left the closure out of line (for
+        // one row, once the kernel grew) every intrinsic in it became a call (decode ~4.5×
+        // slower).
         let mut sums = [_mm256_setzero_si256(); N];
         for (sum, c) in sums.iter_mut().zip(p) {
             *sum = c[0];
@@ -735,9 +749,6 @@ unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
             {
                 let gb = g.as_ptr().add(gbb * b);
                 let ab: [*const u8; N] = a.map(|r| r.as_ptr().add(34 * b));
-                let y = |ar: *const u8, s: usize| {
-                    _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(2 + 4 * s) as *const i32))
-                };
                 let mut isum = [_mm256_setzero_si256(); N];
                 if T == Q8_0 || T == IQ4_NL {
                     for s in 0..8 {
@@ -757,13 +768,20 @@ unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
                             // w + 128 as unsigned bytes; 128 times the block sum comes off below.
                             let uw = _mm256_xor_si256(w, flip);
                             for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
-                                *acc_i = _mm256_dpbusd_epi32(*acc_i, uw, y(ar, s));
+                                *acc_i = _mm256_dpbusd_epi32(
+                                    *acc_i,
+                                    uw,
+                                    broadcast_i32(ar.add(2 + 4 * s)),
+                                );
                             }
                             continue;
                         }
                         let aw = _mm256_sign_epi8(w, w);
                         for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
-                            let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y(ar, s), w));
+                            let p = _mm256_maddubs_epi16(
+                                aw,
+                                _mm256_sign_epi8(broadcast_i32(ar.add(2 + 4 * s)), w),
+                            );
                             *acc_i = _mm256_add_epi32(*acc_i, _mm256_madd_epi16(p, ones));
                         }
                     }
@@ -802,11 +820,18 @@ unsafe fn q0_x8_body<const T: u8, const N: usize, const VNNI: bool>(
                             };
                             if VNNI {
                                 for (acc_i, &ar) in isum.iter_mut().zip(&ab) {
-                                    *acc_i = _mm256_dpbusd_epi32(*acc_i, w, y(ar, s));
+                                    *acc_i = _mm256_dpbusd_epi32(
+                                        *acc_i,
+                                        w,
+                                        broadcast_i32(ar.add(2 + 4 * s)),
+                                    );
                                 }
                             } else {
                                 for (pr, &ar) in p.iter_mut().zip(&ab) {
-                                    *pr = _mm256_add_epi16(*pr, _mm256_maddubs_epi16(w, y(ar, s)));
+                                    *pr = _mm256_add_epi16(
+                                        *pr,
+                                        _mm256_maddubs_epi16(w, broadcast_i32(ar.add(2 + 4 * s))),
+                                    );
                                 }
                             }
                         }
@@ -956,11 +981,6 @@ unsafe fn iq4_xs_x8_body<const N: usize, const VNNI: bool>(
                 let pair =
                     _mm256_or_si256(_mm256_and_si256(s32, low16), _mm256_slli_epi32::<16>(s32));
                 let q = gb.add(64 + 128 * j);
-                let y = |ar: *const u8, s: usize| {
-                    _mm256_set1_epi32(std::ptr::read_unaligned(
-                        ar.add(4 + 32 * j + 4 * s) as *const i32
-                    ))
-                };
                 let mut blk = [_mm256_setzero_si256(); N];
                 for k in 0..4 {
                     let v = _mm256_loadu_si256(q.add(32 * k) as *const __m256i);
@@ -972,14 +992,21 @@ unsafe fn iq4_xs_x8_body<const N: usize, const VNNI: bool>(
                             // The values + 128 as unsigned bytes (the table is stored so).
                             let uw = _mm256_shuffle_epi8(table, nib);
                             for r in 0..N {
-                                blk[r] = _mm256_dpbusd_epi32(blk[r], uw, y(ab[r], s));
+                                blk[r] = _mm256_dpbusd_epi32(
+                                    blk[r],
+                                    uw,
+                                    broadcast_i32(ab[r].add(4 + 32 * j + 4 * s)),
+                                );
                             }
                             continue;
                         }
                         let w = _mm256_shuffle_epi8(table, nib);
                         let aw = _mm256_sign_epi8(w, w);
                         for r in 0..N {
-                            let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(y(ab[r], s), w));
+                            let p = _mm256_maddubs_epi16(
+                                aw,
+                                _mm256_sign_epi8(broadcast_i32(ab[r].add(4 + 32 * j + 4 * s)), w),
+                            );
                             isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, pair));
                         }
                     }

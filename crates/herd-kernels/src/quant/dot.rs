@@ -34,9 +34,9 @@ pub fn vec_dot(wtype: DType, w: &[u8], a: &[u8], n: usize) -> f32 {
 }
 
 /// Whether [`vec_dot`] for `wtype` asks for its own weights ahead (into L1) on this CPU, so a
-/// caller streaming rows one activation row at a time should not also prefetch them: AVX2's
-/// Q6_K row kernel. With both, Scout-shaped Q4_K_M decode (its Q6_K output head) was ~10%
-/// slower (docs/performance.md).
+/// caller that streams weight rows through it should not also prefetch them: AVX2's Q6_K row
+/// kernel. With both, Scout-shaped Q4_K_M decode (its Q6_K output head) was ~10% slower
+/// (docs/performance.md).
 pub fn vec_dot_prefetches(wtype: DType) -> bool {
     #[cfg(target_arch = "x86_64")]
     return super::has_avx2() && wtype == DType::Q6K;
