@@ -143,7 +143,7 @@ fn prefetch_ahead(p: *const u8, bytes: usize) {
 /// # Safety
 /// AVX2; `p` points at four readable bytes.
 #[inline(always)]
-unsafe fn broadcast_i32(p: *const u8) -> __m256i {
+pub(super) unsafe fn broadcast_i32(p: *const u8) -> __m256i {
     // SAFETY: the caller guarantees AVX2 and four readable bytes at p (unaligned read).
     unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32)) }
 }
@@ -659,7 +659,7 @@ unsafe fn q4_k_x8_sub_block<const N: usize, const HI: bool, const VNNI: bool>(
                 _mm256_and_si256(v, m4)
             };
             for (pr, ar) in p.iter_mut().zip(a) {
-                let y = _mm256_set1_epi32(std::ptr::read_unaligned(ar.add(4 * k) as *const i32));
+                let y = broadcast_i32(ar.add(4 * k));
                 let c = &mut pr[k % chains];
                 *c = if VNNI {
                     _mm256_dpbusd_epi32(*c, w, y)

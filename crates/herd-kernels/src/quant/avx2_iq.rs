@@ -20,7 +20,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{f16_ptr, f32_ptr, hsum_i32, table_nibbles};
+use super::avx2::{broadcast_i32, f16_ptr, f32_ptr, hsum_i32, table_nibbles};
 use super::iq::{self, iq1_m_d};
 use super::iq_tables::*;
 use crate::DType;
@@ -627,8 +627,8 @@ pub(super) unsafe fn rows_unpacked<const N: usize>(
         unsafe { _mm256_loadu_si256(p.add(off) as *const __m256i) }
     };
     let four = |p: *const u8, off: usize| {
-        // SAFETY: callers keep `off + 4` inside the block at `p`.
-        _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(p.add(off) as *const i32) })
+        // SAFETY: AVX2 is enabled here; callers keep `off + 4` inside the block at `p`.
+        unsafe { broadcast_i32(p.add(off)) }
     };
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..nb {
